@@ -1,0 +1,85 @@
+"""The small interface every pretraining method implements, and the batch layout it reads.
+
+A batch is a dict of tensors. Keys (absent when the method or config does not use them):
+    image        (B, 3, H, W)  paired images, intensities in [0, 1]
+    sound        (B, 1, F, T)  paired log-mel spectrograms (F mel bins, T frames)
+    label        (B,)          class ids; only supervised baselines may read them
+    index        (B,)          sample index within its pool
+    usound, usound_aug         (U, 1, F, T) two augmented views of unpaired sounds
+    uimage, uimage_aug         (U, 3, H, W) two augmented views of unpaired images
+
+Legend: B paired batch, U unpaired batch, D feature size, n memory slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a method needs to know about its data to build itself."""
+
+    image_channels: int = 3
+    sound_channels: int = 1
+    image_size: int = 32
+    n_mels: int = 40
+    n_frames: int = 64
+    num_classes: int = 10
+    paired_size: int = 0
+    unpaired_sound_size: int = 0
+    unpaired_image_size: int = 0
+
+
+class Method(nn.Module):
+    """A pretraining method: losses from a batch, and frozen features for evaluation.
+
+    ``forward`` is ``training_step`` so that DistributedDataParallel sees the call; it must not
+    write memories or buffers as a side effect. Explicit state updates go to ``after_step``.
+    """
+
+    name: ClassVar[str]
+    # Which labelled-or-not pool the pretraining epochs iterate; "train" is the labelled split.
+    pretrain_pool: ClassVar[str] = "paired"
+    # Whether the training step reads unpaired pools (usound / uimage keys).
+    uses_unpaired: ClassVar[bool] = False
+
+    def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Return {"loss": total, <term>: value, ...}; every value a scalar tensor."""
+        raise NotImplementedError
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:  # noqa: D102
+        return self.training_step(batch)
+
+    @torch.no_grad()
+    def after_step(self, batch: Batch, outputs: dict[str, torch.Tensor]) -> None:
+        """Explicit state updates after the optimiser step (memory banks, EMA). Default: none."""
+
+    @torch.no_grad()
+    def embed(
+        self, *, images: torch.Tensor | None = None, sounds: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Frozen features for downstream evaluation.
+
+        Keys: for images ``h_v`` (the representation probed for image tasks) and ``z_v`` (the
+        projection used for retrieval); for sounds ``h_s`` and ``z_s``. Methods may add more
+        (e.g. ``f_v``, ``f_s``).
+        """
+        raise NotImplementedError
+
+    def on_epoch_end(self, epoch: int) -> None:
+        """Hook for per-epoch method logic (e.g. refreshing positive sets). Default: none."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """Method state that is not in ``state_dict`` (counters, positive sets)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} has no extra state, got keys {sorted(state)}")

@@ -1,0 +1,167 @@
+"""BMA-Memory: weakly paired associative learning with a bimodal associative memory (paper 001).
+
+Legend: B paired batch, U unpaired batch, c encoder feature size, n memory slots, D projection
+size. f = encoder feature, h = representation [visual part ; sound part] (2c), z = projection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.base import Batch, DataInfo, Method
+from methods.distributed import gather_with_grad
+from methods.encoders import EncoderConfig, build_encoder
+from methods.heads import ProjectionHead
+from methods.losses import paired_associative_loss, unpaired_associative_loss
+
+
+@dataclass(frozen=True)
+class BMAConfig:
+    """BMA-Memory hyperparameters; defaults are the paper's (§4.2)."""
+
+    image_encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig("resnet18", 64))
+    sound_encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig("resnet10", 64))
+    memory_size: int = 1000  # n
+    memory_temperature: float = 0.1  # tau_m
+    loss_temperature: float = 0.1  # tau_l
+    proj_hidden_dim: int = 0  # 0: 2c, the representation size, as in SimCLR
+    proj_dim: int = 128
+    paired_loss: bool = True  # False: L_unpair only (supp. Tables 3-5, first rows)
+    unpaired_weight: float = 1.0  # lambda in L = L_pair + lambda * L_unpair
+
+    def __post_init__(self) -> None:
+        if self.memory_size <= 0:
+            raise ValueError(f"memory_size: must be a positive number of slots, got {self.memory_size}")
+        for name in ("memory_temperature", "loss_temperature"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.proj_hidden_dim < 0 or self.proj_dim <= 0:
+            raise ValueError("proj_hidden_dim / proj_dim: must be positive (proj_hidden_dim 0 = 2c)")
+        if self.unpaired_weight < 0:
+            raise ValueError(f"unpaired_weight: must be >= 0, got {self.unpaired_weight}")
+        if self.image_encoder.out_dim != self.sound_encoder.out_dim:
+            raise ValueError(
+                "image_encoder.base_width / sound_encoder.base_width: the memory needs equal feature "
+                f"sizes, got {self.image_encoder.out_dim} and {self.sound_encoder.out_dim}"
+            )
+
+
+class BimodalAssociativeMemory(nn.Module):
+    """Image and sound sub-memories M^v, M^s in R^{n x c}, learnt by backprop, with key-value
+    switching: the query's own modality is the key, the other one the value (§3.1)."""
+
+    def __init__(self, n: int, c: int, *, temperature: float) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.M_v = nn.Parameter(torch.randn(n, c) / c**0.5)
+        self.M_s = nn.Parameter(torch.randn(n, c) / c**0.5)
+
+    def address(self, query_Bc: torch.Tensor, key_nc: torch.Tensor) -> torch.Tensor:
+        """w_r = softmax_r(cos(f, m_r) / tau_m) (eq. 1-2); returns (B, n)."""
+        cos_Bn = F.normalize(query_Bc, dim=1) @ F.normalize(key_nc, dim=1).T
+        return torch.softmax(cos_Bn / self.temperature, dim=1)
+
+    def image_to_sound(self, f_v_Bc: torch.Tensor) -> torch.Tensor:
+        """f^{s,mem} = sum_r w^v_r m^s_r, addressed by the image memory (eq. 3)."""
+        return self.address(f_v_Bc, self.M_v) @ self.M_s
+
+    def sound_to_image(self, f_s_Bc: torch.Tensor) -> torch.Tensor:
+        """f^{v,mem} = sum_r w^s_r m^v_r, addressed by the sound memory (eq. 3, roles swapped)."""
+        return self.address(f_s_Bc, self.M_s) @ self.M_v
+
+
+class BMAMemory(Method):
+    """Weakly paired associative learning: L = L_pair + lambda * L_unpair (paper 001, §3.2)."""
+
+    name: ClassVar[str] = "bma"
+    uses_unpaired: ClassVar[bool] = True
+
+    def __init__(self, cfg: BMAConfig, data_info: DataInfo) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.E_v = build_encoder(cfg.image_encoder, in_channels=data_info.image_channels)
+        self.E_s = build_encoder(cfg.sound_encoder, in_channels=data_info.sound_channels)
+        c = self.E_v.out_dim
+        self.memory = BimodalAssociativeMemory(cfg.memory_size, c, temperature=cfg.memory_temperature)
+        hidden = cfg.proj_hidden_dim or 2 * c
+        self.head_v = ProjectionHead(2 * c, hidden, cfg.proj_dim)  # image-side representations
+        self.head_s = ProjectionHead(2 * c, hidden, cfg.proj_dim)  # sound-side representations
+
+    # Representations (§3.1): h^v = [f^v ; f^{s,mem}], h^s = [f^{v,mem} ; f^s].
+    def image_representation(self, f_v_Bc: torch.Tensor) -> torch.Tensor:
+        return torch.cat([f_v_Bc, self.memory.image_to_sound(f_v_Bc)], dim=1)
+
+    def sound_representation(self, f_s_Bc: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.memory.sound_to_image(f_s_Bc), f_s_Bc], dim=1)
+
+    def unpaired_sound_projections(
+        self, x_s: torch.Tensor, x_s_aug: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cyclic path S->I->S on view 1 (image-side head) and the sound path on view 2 (§3.2.2)."""
+        f_v_mem = self.memory.sound_to_image(self.E_s(x_s))  # pseudo image query
+        f_s_mem = self.memory.image_to_sound(f_v_mem)
+        z_vs = self.head_v(torch.cat([f_v_mem, f_s_mem], dim=1))
+        z_sv = self.head_s(self.sound_representation(self.E_s(x_s_aug)))
+        return z_vs, z_sv
+
+    def unpaired_image_projections(
+        self, x_v: torch.Tensor, x_v_aug: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cyclic path I->S->I on view 1 (sound-side head) and the image path on view 2."""
+        f_s_mem = self.memory.image_to_sound(self.E_v(x_v))  # pseudo sound query
+        f_v_mem = self.memory.sound_to_image(f_s_mem)
+        z_sv = self.head_s(torch.cat([f_v_mem, f_s_mem], dim=1))
+        z_vs = self.head_v(self.image_representation(self.E_v(x_v_aug)))
+        return z_sv, z_vs
+
+    def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        tau = self.cfg.loss_temperature
+        out: dict[str, torch.Tensor] = {}
+        loss = torch.zeros((), device=self.memory.M_v.device)
+        if self.cfg.paired_loss and "image" in batch:
+            z_v = self.head_v(self.image_representation(self.E_v(batch["image"])))
+            z_s = self.head_s(self.sound_representation(self.E_s(batch["sound"])))
+            out["loss_pair"] = paired_associative_loss(
+                gather_with_grad(z_v), gather_with_grad(z_s), temperature=tau
+            )
+            loss = loss + out["loss_pair"]
+        unpaired = []
+        if "usound" in batch:
+            z_vs, z_sv = self.unpaired_sound_projections(batch["usound"], batch["usound_aug"])
+            out["loss_unpair_sound"] = unpaired_associative_loss(
+                gather_with_grad(z_vs), gather_with_grad(z_sv), temperature=tau
+            )
+            unpaired.append(out["loss_unpair_sound"])
+        if "uimage" in batch:
+            z_sv, z_vs = self.unpaired_image_projections(batch["uimage"], batch["uimage_aug"])
+            out["loss_unpair_image"] = unpaired_associative_loss(
+                gather_with_grad(z_sv), gather_with_grad(z_vs), temperature=tau
+            )
+            unpaired.append(out["loss_unpair_image"])
+        if unpaired:
+            out["loss_unpair"] = torch.stack(unpaired).sum()
+            loss = loss + self.cfg.unpaired_weight * out["loss_unpair"]
+        if not out:
+            raise ValueError("bma: the batch has no paired data and no unpaired data to learn from")
+        out["loss"] = loss
+        return out
+
+    @torch.no_grad()
+    def embed(
+        self, *, images: torch.Tensor | None = None, sounds: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        if images is not None:
+            out["f_v"] = self.E_v(images)
+            out["h_v"] = self.image_representation(out["f_v"])
+            out["z_v"] = self.head_v(out["h_v"])
+        if sounds is not None:
+            out["f_s"] = self.E_s(sounds)
+            out["h_s"] = self.sound_representation(out["f_s"])
+            out["z_s"] = self.head_s(out["h_s"])
+        return out

@@ -1,0 +1,26 @@
+"""The one place that lists the pretraining methods: name -> (config dataclass, method class)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from methods.base import DataInfo, Method
+from methods.bma import BMAConfig, BMAMemory
+from methods.supervised import Supervised, SupervisedConfig
+
+
+class MethodEntry(NamedTuple):
+    config_cls: type
+    method_cls: type[Method]
+
+
+METHODS: dict[str, MethodEntry] = {
+    "bma": MethodEntry(BMAConfig, BMAMemory),
+    "supervised": MethodEntry(SupervisedConfig, Supervised),
+}
+
+
+def build_method(name: str, cfg: Any, data_info: DataInfo) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"method.name: unknown method {name!r}; choose one of {sorted(METHODS)}")
+    return METHODS[name].method_cls(cfg, data_info)

@@ -1,0 +1,96 @@
+"""BMA-Memory method: shapes, both unpaired paths, representations, config validation."""
+
+import pytest
+import torch
+
+from methods.base import DataInfo
+from methods.bma import BMAConfig, BMAMemory
+from methods.encoders import EncoderConfig, build_encoder
+
+TINY = dict(image_encoder=EncoderConfig("resnet18", 8), sound_encoder=EncoderConfig("resnet10", 8))
+
+
+def make_batch(b=6, unpaired=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    batch = {"image": torch.rand(b, 3, 32, 32, generator=g), "sound": torch.randn(b, 1, 40, 64, generator=g)}
+    if unpaired:
+        batch.update(
+            usound=torch.randn(b, 1, 40, 64, generator=g), usound_aug=torch.randn(b, 1, 40, 64, generator=g),
+            uimage=torch.rand(b, 3, 32, 32, generator=g), uimage_aug=torch.rand(b, 3, 32, 32, generator=g),
+        )
+    return batch
+
+
+def test_encoders_have_paper_shapes():
+    r18 = build_encoder(EncoderConfig("resnet18", 64), in_channels=3)
+    r10 = build_encoder(EncoderConfig("resnet10", 64), in_channels=1)
+    assert [len(s) for s in r18.stages] == [2, 2, 2, 2] and [len(s) for s in r10.stages] == [1, 1, 1, 1]
+    assert r10.stem[0].in_channels == 1 and r18.stem[0].kernel_size == (7, 7)
+    assert r18(torch.rand(2, 3, 64, 64)).shape == (2, 512)
+    blocks = r10.forward_blocks(torch.randn(2, 1, 64, 80))
+    assert [blocks[f"block{i}"].shape[1] for i in range(1, 5)] == [64, 128, 256, 512]
+    # ResNet-18 at width 64 is torchvision's resnet18 trunk: same parameter count without the fc.
+    import torchvision
+
+    tv = torchvision.models.resnet18()
+    n_tv = sum(p.numel() for n, p in tv.named_parameters() if not n.startswith("fc."))
+    assert sum(p.numel() for p in r18.parameters()) == n_tv
+
+
+def test_training_step_terms_and_gradients():
+    torch.manual_seed(0)
+    m = BMAMemory(BMAConfig(**TINY, memory_size=20, unpaired_weight=0.5), DataInfo())
+    out = m(make_batch())
+    assert set(out) == {"loss", "loss_pair", "loss_unpair", "loss_unpair_sound", "loss_unpair_image"}
+    expected = out["loss_pair"] + 0.5 * (out["loss_unpair_sound"] + out["loss_unpair_image"])
+    assert torch.allclose(out["loss"], expected)
+    out["loss"].backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None, name
+
+
+def test_paired_only_and_unpaired_only():
+    m = BMAMemory(BMAConfig(**TINY, memory_size=20), DataInfo())
+    assert set(m(make_batch(unpaired=False))) == {"loss", "loss_pair"}
+    m2 = BMAMemory(BMAConfig(**TINY, memory_size=20, paired_loss=False), DataInfo())
+    b = make_batch()
+    out = m2({k: v for k, v in b.items() if k.startswith("u")})
+    assert "loss_pair" not in out and torch.allclose(out["loss"], out["loss_unpair"])
+
+
+def test_unpaired_sound_cyclic_path_reads_only_memories_for_view_one():
+    # h^{v,s} = [f^{v,mem} ; f^{s,mem}] is made of memory reads only: with the memories' value
+    # slots set to one shared vector, z^{v,s} is the same for every unpaired sound.
+    m = BMAMemory(BMAConfig(**TINY, memory_size=5), DataInfo()).eval()
+    with torch.no_grad():
+        m.memory.M_v.copy_(torch.ones_like(m.memory.M_v))
+        m.memory.M_s.copy_(torch.ones_like(m.memory.M_s))
+    b = make_batch()
+    z_vs, z_sv = m.unpaired_sound_projections(b["usound"], b["usound_aug"])
+    assert torch.allclose(z_vs, z_vs[:1].expand_as(z_vs), atol=1e-6)
+    assert not torch.allclose(z_sv, z_sv[:1].expand_as(z_sv), atol=1e-3)
+
+
+def test_embed_representations():
+    m = BMAMemory(BMAConfig(**TINY, memory_size=20), DataInfo()).eval()
+    b = make_batch(unpaired=False)
+    e = m.embed(images=b["image"], sounds=b["sound"])
+    c = m.E_v.out_dim
+    assert e["h_v"].shape == (6, 2 * c) and e["z_s"].shape == (6, 128)
+    assert torch.equal(e["h_v"][:, :c], e["f_v"]) and torch.equal(e["h_s"][:, c:], e["f_s"])
+    assert torch.allclose(e["h_v"][:, c:], m.memory.image_to_sound(e["f_v"]))
+    assert torch.allclose(e["h_s"][:, :c], m.memory.sound_to_image(e["f_s"]))
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(memory_size=0), "memory_size"),
+        (dict(memory_temperature=0.0), "memory_temperature"),
+        (dict(loss_temperature=-1.0), "loss_temperature"),
+        (dict(unpaired_weight=-0.1), "unpaired_weight"),
+    ],
+)
+def test_config_validation_names_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        BMAConfig(**TINY, **kwargs)

@@ -1,0 +1,378 @@
+"""Downstream evaluation: each protocol against an independent loop, closed forms, invariants.
+
+Legend: N samples, D feature size, C classes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+from torch.utils.data import Dataset
+
+from methods.base import Method
+from methods.evaluate import (
+    DownstreamResult,
+    EvalConfig,
+    classification_metrics,
+    confusion_matrix_figure,
+    extract_features,
+    knn_accuracy,
+    knn_predict,
+    linear_probe,
+    retrieval_rank_k,
+    run_downstream,
+    save_figure,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Fakes: a tiny method with BatchNorm and an in-memory paired dataset.
+
+
+class TinyMethod(Method):
+    """Two tiny conv encoders with BatchNorm, projection heads, and a frozen eval-mode part."""
+
+    name: ClassVar[str] = "tiny"
+
+    def __init__(self, *, with_f: bool = True, with_h: bool = True) -> None:
+        super().__init__()
+        self.with_f, self.with_h = with_f, with_h
+        self.image_enc = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.sound_enc = nn.Sequential(
+            nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.head_v = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5))
+        self.head_s = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5))
+        self.teacher = nn.BatchNorm1d(6)  # kept in eval mode by its owner; must stay so
+
+    def embed(
+        self, *, images: torch.Tensor | None = None, sounds: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for x, enc, head, s in ((images, self.image_enc, self.head_v, "v"),
+                                (sounds, self.sound_enc, self.head_s, "s")):
+            if x is None:
+                continue
+            f = enc(x)
+            h = self.teacher(f)
+            if self.with_f:
+                out[f"f_{s}"] = f
+            if self.with_h:
+                out[f"h_{s}"] = h
+            out[f"z_{s}"] = head(h)
+        return out
+
+
+class PairDataset(Dataset):
+    """Class-dependent images and log-mels, so features carry label information."""
+
+    def __init__(self, n: int, *, num_classes: int = 3, seed: int = 0,
+                 modalities: tuple[str, ...] = ("image", "sound")) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.labels = torch.arange(n) % num_classes
+        offset = self.labels.float()[:, None, None, None]
+        self.images = torch.rand(n, 3, 8, 8, generator=g) + offset
+        self.sounds = torch.randn(n, 1, 6, 10, generator=g) + offset
+        self.modalities = modalities
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = {"label": self.labels[i], "index": torch.tensor(i)}
+        if "image" in self.modalities:
+            item["image"] = self.images[i]
+        if "sound" in self.modalities:
+            item["sound"] = self.sounds[i]
+        return item
+
+
+def _trained_looking_method(**kwargs: bool) -> TinyMethod:
+    torch.manual_seed(0)
+    method = TinyMethod(**kwargs)
+    method.train()
+    method.teacher.eval()
+    # Non-trivial running statistics, so that an accidental update would show.
+    with torch.no_grad():
+        for m in method.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.num_batches_tracked.fill_(7)
+    return method
+
+
+def _snapshot(method: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in method.state_dict().items()}
+
+
+def _assert_unchanged(method: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = method.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), f"{key} changed"
+    modes = {name: m.training for name, m in method.named_modules()}
+    assert modes.pop("teacher") is False
+    assert all(modes.values()), "a module did not get its train mode back"
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear probe.
+
+
+def test_linear_probe_separable_clusters_are_perfect() -> None:
+    rng = np.random.default_rng(0)
+    centres_CD = rng.normal(size=(4, 16)) * 10
+    y_train, y_test = np.repeat(np.arange(4), 30), np.repeat(np.arange(4), 10)
+    X_train = centres_CD[y_train] + rng.normal(size=(120, 16)) * 0.1
+    X_test = centres_CD[y_test] + rng.normal(size=(40, 16)) * 0.1
+    result = linear_probe(torch.from_numpy(X_train), torch.from_numpy(y_train), X_test, y_test)
+    assert result.accuracy == 1.0
+    assert result.precision == result.recall == result.f1 == 1.0
+    np.testing.assert_array_equal(result.confusion, np.diag([10, 10, 10, 10]))
+
+
+def test_linear_probe_is_deterministic_and_sizes_confusion() -> None:
+    rng = np.random.default_rng(1)
+    X, y = rng.normal(size=(60, 5)), rng.integers(0, 3, size=60)
+    a = linear_probe(X[:40], y[:40], X[40:], y[40:], seed=3, num_classes=5)
+    b = linear_probe(X[:40], y[:40], X[40:], y[40:], seed=3, num_classes=5)
+    assert a.accuracy == b.accuracy and a.f1 == b.f1
+    np.testing.assert_array_equal(a.confusion, b.confusion)
+    assert a.confusion.shape == (5, 5) and a.confusion.sum() == 20
+
+
+def test_linear_probe_rejects_single_class() -> None:
+    with pytest.raises(ValueError, match="train_y"):
+        linear_probe(np.zeros((4, 2)), np.zeros(4, dtype=int), np.zeros((2, 2)), np.zeros(2, int))
+
+
+def test_classification_metrics_match_hand_loop() -> None:
+    # Class 3 is never predicted (precision 0/0 -> 0); class 2 is predicted but never true.
+    y_true = np.array([0, 0, 0, 1, 1, 3, 3, 1, 0, 3])
+    y_pred = np.array([0, 1, 0, 1, 2, 0, 1, 1, 0, 1])
+    result = classification_metrics(y_true, y_pred, num_classes=4)
+
+    classes = sorted(set(y_true) | set(y_pred))
+    ps, rs, fs = [], [], []
+    for c in classes:
+        tp = sum(1 for t, p in zip(y_true, y_pred) if t == c and p == c)
+        fp = sum(1 for t, p in zip(y_true, y_pred) if t != c and p == c)
+        fn = sum(1 for t, p in zip(y_true, y_pred) if t == c and p != c)
+        p = tp / (tp + fp) if tp + fp else 0.0
+        r = tp / (tp + fn) if tp + fn else 0.0
+        ps.append(p)
+        rs.append(r)
+        fs.append(2 * p * r / (p + r) if p + r else 0.0)
+    assert result.accuracy == pytest.approx(5 / 10)
+    assert result.precision == pytest.approx(sum(ps) / len(classes))
+    assert result.recall == pytest.approx(sum(rs) / len(classes))
+    assert result.f1 == pytest.approx(sum(fs) / len(classes))
+    confusion = np.zeros((4, 4), dtype=int)
+    for t, p in zip(y_true, y_pred):
+        confusion[t, p] += 1
+    np.testing.assert_array_equal(result.confusion, confusion)
+
+
+# ---------------------------------------------------------------------------------------------
+# kNN.
+
+
+def _knn_loop(train_X, train_y, test_X, k, temperature=None):
+    """Brute force: cosine similarity, k best, (weighted) vote, ties -> smallest class id."""
+    preds = []
+    for q in test_X:
+        sims = [float(np.dot(q, x) / (np.linalg.norm(q) * np.linalg.norm(x))) for x in train_X]
+        order = sorted(range(len(sims)), key=lambda i: -sims[i])[:k]
+        votes: dict[int, float] = {}
+        for i in order:
+            w = 1.0 if temperature is None else math.exp(sims[i] / temperature)
+            votes[int(train_y[i])] = votes.get(int(train_y[i]), 0.0) + w
+        best = max(votes.values())
+        preds.append(min(c for c, v in votes.items() if math.isclose(v, best, rel_tol=1e-6)))
+    return np.array(preds)
+
+
+@pytest.mark.parametrize("k", [1, 4, 7, 100])
+@pytest.mark.parametrize("temperature", [None, 0.1])
+def test_knn_matches_loop(k: int, temperature: float | None) -> None:
+    rng = np.random.default_rng(k)
+    train_X = rng.normal(size=(40, 6)).astype(np.float32)
+    train_y = rng.choice([2, 5, 9], size=40)  # non-contiguous class ids
+    test_X = rng.normal(size=(25, 6)).astype(np.float32)
+    expected = _knn_loop(train_X, train_y, test_X, k, temperature)
+    got = knn_predict(train_X, train_y, test_X, k=k, temperature=temperature)
+    np.testing.assert_array_equal(got.numpy(), expected)
+    test_y = rng.choice([2, 5, 9], size=25)
+    assert knn_accuracy(train_X, train_y, test_X, test_y, k=k, temperature=temperature) == (
+        pytest.approx(float(np.mean(expected == test_y)))
+    )
+
+
+def test_knn_chunking_does_not_change_predictions() -> None:
+    g = torch.Generator().manual_seed(0)
+    train_X, test_X = torch.randn(50, 4, generator=g), torch.randn(33, 4, generator=g)
+    train_y = torch.randint(0, 4, (50,), generator=g)
+    whole = knn_predict(train_X, train_y, test_X, k=5)
+    chunked = knn_predict(train_X, train_y, test_X, k=5, chunk_size=7)
+    assert torch.equal(whole, chunked)
+
+
+def test_knn_k1_on_training_points_is_perfect() -> None:
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(30, 8, generator=g), torch.randint(0, 5, (30,), generator=g)
+    assert knn_accuracy(X, y, X, y, k=1) == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Retrieval.
+
+
+def _rank_k_loop(query_Z, query_y, gallery_Z, gallery_y, ks):
+    hits = {k: 0 for k in ks}
+    for q, qy in zip(query_Z, query_y):
+        sims = [float(np.dot(q, g) / (np.linalg.norm(q) * np.linalg.norm(g))) for g in gallery_Z]
+        order = sorted(range(len(sims)), key=lambda i: -sims[i])
+        for k in ks:
+            hits[k] += any(gallery_y[i] == qy for i in order[:k])
+    return {k: hits[k] / len(query_Z) for k in ks}
+
+
+def test_retrieval_matches_loop() -> None:
+    rng = np.random.default_rng(0)
+    query_Z, gallery_Z = rng.normal(size=(30, 5)), rng.normal(size=(45, 5))
+    query_y, gallery_y = rng.integers(0, 6, size=30), rng.integers(0, 6, size=45)
+    ks = (1, 2, 3, 4, 5, 10)
+    got = retrieval_rank_k(query_Z, query_y, gallery_Z, gallery_y, ks=ks)
+    expected = _rank_k_loop(query_Z, query_y, gallery_Z, gallery_y, ks)
+    assert got.keys() == expected.keys()
+    for k in ks:
+        assert got[k] == pytest.approx(expected[k])
+    values = [got[k] for k in ks]
+    assert values == sorted(values), "Rank-k must be non-decreasing in k"
+
+
+def test_retrieval_closed_forms() -> None:
+    g = torch.Generator().manual_seed(0)
+    Z = torch.randn(12, 6, generator=g)
+    unique_y = torch.arange(12)
+    assert retrieval_rank_k(Z, unique_y, Z, unique_y)[1] == 1.0
+    # A collapsed embedding (all items equally similar) must not look perfect.
+    collapsed = torch.ones(12, 6)
+    assert retrieval_rank_k(collapsed, unique_y, collapsed, unique_y, ks=(1,))[1] == 0.0
+    # A query whose class is absent from the gallery never hits.
+    assert retrieval_rank_k(Z[:1], torch.tensor([99]), Z, unique_y, ks=(12,))[12] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature extraction and the suite leave the method untouched.
+
+
+def test_extract_features_keeps_weights_buffers_and_modes() -> None:
+    method = _trained_looking_method()
+    before = _snapshot(method)
+    feats = extract_features(method, PairDataset(10), batch_size=4)
+    _assert_unchanged(method, before)
+    assert set(feats) == {"f_v", "h_v", "z_v", "f_s", "h_s", "z_s", "label"}
+    assert feats["h_v"].shape == (10, 6) and feats["z_s"].shape == (10, 5)
+    assert torch.equal(feats["label"], torch.arange(10) % 3)
+    # In order and independent of batching: eval-mode BatchNorm is per-sample.
+    again = extract_features(method, PairDataset(10), batch_size=3)
+    assert torch.allclose(feats["z_v"], again["z_v"], atol=1e-6)
+
+
+def test_run_downstream_metrics_and_invariance() -> None:
+    method = _trained_looking_method()
+    before = _snapshot(method)
+    cfg = EvalConfig(batch_size=8, features=("f", "h", "z"), knn_k=3, retrieval_ks=3)
+    result = run_downstream(
+        method, train_set=PairDataset(30, seed=1), test_set=PairDataset(12, seed=2),
+        cfg=cfg, prefix="transfer_",
+    )
+    _assert_unchanged(method, before)
+    expected = {f"transfer_retrieval_s2i_rank{k}" for k in (1, 2, 3)}
+    for modality in ("image", "sound"):
+        for fam in ("f", "h", "z"):
+            name = f"transfer_{modality}_{fam}"
+            expected |= {f"{name}_linear_{m}" for m in ("acc", "precision", "recall", "f1")}
+            expected.add(f"{name}_knn_acc")
+    assert set(result.metrics) == expected
+    assert all(0.0 <= v <= 1.0 and isinstance(v, float) for v in result.metrics.values())
+    ranks = [result.metrics[f"transfer_retrieval_s2i_rank{k}"] for k in (1, 2, 3)]
+    assert ranks == sorted(ranks)
+    assert set(result.confusions) == {
+        f"transfer_{m}_{f}_linear" for m in ("image", "sound") for f in ("f", "h", "z")
+    }
+    assert all(c.shape == (3, 3) and c.sum() == 12 for c in result.confusions.values())
+    figs = result.figures(["a", "b", "c", "d"])  # a 4th, absent class is padded
+    assert set(figs) == set(result.confusions)
+    assert all(isinstance(f, Figure) for f in figs.values())
+
+
+def test_run_downstream_skips_missing_f_and_absent_modality() -> None:
+    method = _trained_looking_method(with_f=False)
+    cfg = EvalConfig(batch_size=16, features=("f", "h"), retrieval_ks=2)
+    sound_only = PairDataset(12, modalities=("sound",))
+    result = run_downstream(method, train_set=sound_only, test_set=sound_only, cfg=cfg)
+    assert set(result.metrics) == {
+        "sound_h_linear_acc", "sound_h_linear_precision", "sound_h_linear_recall",
+        "sound_h_linear_f1", "sound_h_knn_acc",
+    }
+
+
+def test_run_downstream_requires_h_and_z() -> None:
+    method = _trained_looking_method(with_h=False)
+    with pytest.raises(ValueError, match="h_v"):
+        run_downstream(method, train_set=PairDataset(9), test_set=PairDataset(6),
+                       cfg=EvalConfig(features=("h",)))
+
+
+def test_downstream_result_figures_need_enough_names() -> None:
+    result = DownstreamResult(metrics={}, confusions={"image_h_linear": np.eye(3, dtype=int)})
+    with pytest.raises(ValueError, match="class_names"):
+        result.figures(["a", "b"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Config validation and figures.
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"features": ("h", "q")}, "features"),
+        ({"features": "h"}, "features"),
+        ({"features": ("h", "h")}, "features"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"knn_k": -1}, "knn_k"),
+        ({"retrieval_ks": 0}, "retrieval_ks"),
+        ({"linear_max_iter": 0}, "linear_max_iter"),
+        ({"linear_C": 0.0}, "linear_C"),
+        ({"knn": "yes"}, "knn"),
+    ],
+)
+def test_eval_config_errors_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{field}:"):
+        EvalConfig(**kwargs)
+
+
+def test_eval_config_accepts_list_features() -> None:
+    assert EvalConfig(features=["z"]).features == ("z",)  # type: ignore[arg-type]
+
+
+def test_confusion_figure_saves_png(tmp_path) -> None:
+    fig = confusion_matrix_figure(np.array([[3, 1], [0, 4]]), ["dog", "cat"], title="image_h")
+    path = tmp_path / "sub" / "confusion.png"
+    save_figure(fig, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="class_names"):
+        confusion_matrix_figure(np.eye(3), ["a", "b"], title="x")
