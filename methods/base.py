@@ -73,6 +73,10 @@ class Method(nn.Module):
         """
         raise NotImplementedError
 
+    def may_leave_parameters_unused(self) -> bool:
+        """Whether some step may not touch every parameter (DDP then looks for unused ones)."""
+        return False
+
     def on_epoch_end(self, epoch: int) -> None:
         """Hook for per-epoch method logic (e.g. refreshing positive sets). Default: none."""
 

@@ -92,6 +92,10 @@ class BMAMemory(Method):
         self.head_v = ProjectionHead(2 * c, hidden, cfg.proj_dim)  # image-side representations
         self.head_s = ProjectionHead(2 * c, hidden, cfg.proj_dim)  # sound-side representations
 
+    def may_leave_parameters_unused(self) -> bool:
+        # Without L_pair, a run with one unpaired modality never uses the other encoder.
+        return not self.cfg.paired_loss
+
     # Representations (§3.1): h^v = [f^v ; f^{s,mem}], h^s = [f^{v,mem} ; f^s].
     def image_representation(self, f_v_Bc: torch.Tensor) -> torch.Tensor:
         return torch.cat([f_v_Bc, self.memory.image_to_sound(f_v_Bc)], dim=1)

@@ -1,0 +1,1 @@
+"""avlab.orchestrator: config, command line, Ray Train / Tune and MLflow around ``methods``."""

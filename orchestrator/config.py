@@ -1,0 +1,399 @@
+"""The typed experiment config: presets, YAML run files, ``key.path=value`` overrides, validation.
+
+Everything is resolved into one frozen ``ExperimentConfig`` before Ray or MLflow start, and every
+error is a ``ConfigError`` whose one-line message starts with the dotted path of the field.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from methods.data import ProceduralConfig
+from methods.evaluate import EvalConfig
+from methods.registry import METHODS
+
+
+class ConfigError(ValueError):
+    """Bad user input in a config, run file or override; the message names the field."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adam"
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.name not in ("adam", "adamw", "sgd"):
+            raise ValueError(f"name: unknown optimiser {self.name!r}; choose adam, adamw or sgd")
+        if self.lr <= 0:
+            raise ValueError(f"lr: must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 256  # global paired batch, split over the workers
+    unpaired_batch_size: int = 0  # global unpaired batch per modality; 0 = batch_size
+    max_steps_per_epoch: int = 0  # 0 = a full pass over the pretraining pool
+    data_workers: int = 0  # DataLoader processes per training worker
+    sync_batchnorm: bool = True  # BatchNorm statistics over the global batch under DDP
+    checkpoints_to_keep: int = 2
+    max_failures: int = 0  # worker failures Ray Train recovers from (from the last checkpoint)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ValueError(f"epochs: must be >= 0 (0 evaluates the initial weights), got {self.epochs}")
+        for name in ("batch_size",):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        for name in ("unpaired_batch_size", "max_steps_per_epoch", "data_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.checkpoints_to_keep < 1:
+            raise ValueError(f"checkpoints_to_keep: must be >= 1, got {self.checkpoints_to_keep}")
+        if self.max_failures < -1:
+            raise ValueError(f"max_failures: must be >= -1 (-1 = retry forever), got {self.max_failures}")
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    workers: int = 1  # DDP training workers (Ray Train)
+    gpu: bool = False  # one GPU per worker, NCCL backend
+    cpus_per_worker: int = 1
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers: must be >= 1, got {self.workers}")
+        if self.cpus_per_worker < 1:
+            raise ValueError(f"cpus_per_worker: must be >= 1, got {self.cpus_per_worker}")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    experiment: str = "avlab"  # MLflow experiment
+    run_name: str = ""  # MLflow run name; empty = <method>-<preset>-<time>
+
+    def __post_init__(self) -> None:
+        if not self.experiment:
+            raise ValueError("experiment: must not be empty")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One fully resolved experiment. ``method`` is the config dataclass of ``method_name``."""
+
+    preset: str
+    method_name: str
+    method: Any
+    seed: int = 0
+    data: ProceduralConfig = field(default_factory=ProceduralConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict that ``from_dict`` turns back into an equal config."""
+        out = {f.name: _to_plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        out["method"] = {"name": out.pop("method_name"), **out["method"]}
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> ExperimentConfig:
+        return _build_experiment(raw)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, for MLflow params."""
+        return flatten(self.to_dict())
+
+    def identity(self) -> str:
+        """Content hash of the resolved config (seed included): equal configs, equal identity."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+# --- presets ---------------------------------------------------------------------------------
+
+_TINY_ENCODERS = {
+    "image_encoder": {"arch": "resnet18", "base_width": 16},
+    "sound_encoder": {"arch": "resnet10", "base_width": 16},
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Runs on two CPU cores in minutes: 32x32 images, 40x64 log-mels, width-16 encoders.
+    "tiny": {
+        "method": {"name": "bma", **_TINY_ENCODERS, "memory_size": 1000},
+        "data": {
+            "image_size": 32, "sample_rate": 8000, "clip_seconds": 2.0, "n_mels": 40, "n_frames": 64,
+            "paired_size": 2048, "unpaired_sound_size": 2048, "unpaired_image_size": 2048,
+            "train_size": 1000, "test_size": 500, "transfer_train_size": 500, "transfer_test_size": 500,
+        },
+        "train": {"epochs": 8, "batch_size": 128},
+        "optim": {"name": "adam", "lr": 1e-3},
+    },
+    # The paper's sizes and hyperparameters (paper 001 §4.2, supp. Tables 6-7), for GPU clusters.
+    "paper": {
+        "method": {
+            "name": "bma",
+            "image_encoder": {"arch": "resnet18", "base_width": 64},
+            "sound_encoder": {"arch": "resnet10", "base_width": 64},
+            "memory_size": 1000, "memory_temperature": 0.1, "loss_temperature": 0.1,
+            "proj_dim": 128, "unpaired_weight": 1.0,
+        },
+        "data": {
+            "image_size": 224, "sample_rate": 16000, "clip_seconds": 2.0, "n_mels": 150, "n_frames": 200,
+            "paired_size": 6300, "unpaired_sound_size": 50000, "unpaired_image_size": 0,
+            "train_size": 1900, "test_size": 800, "transfer_train_size": 1000, "transfer_test_size": 1000,
+            "cache_in_memory": False,
+        },
+        "train": {"epochs": 100, "batch_size": 256, "data_workers": 4},
+        "optim": {"name": "adam", "lr": 2e-4},
+    },
+}
+
+# Sections whose keys are the fields of a dataclass.
+_SECTIONS: dict[str, type] = {
+    "data": ProceduralConfig,
+    "train": TrainConfig,
+    "optim": OptimConfig,
+    "eval": EvalConfig,
+    "resources": ResourcesConfig,
+    "tracking": TrackingConfig,
+}
+_TOP_LEVEL = ("preset", "seed", "method", *_SECTIONS)
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def load_run_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML run file into a nested dict (validation happens in ``resolve``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"run file: {p} not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"run file: {p} is not valid YAML ({_first_line(exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"run file: {p} must hold a mapping of config sections")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b.c=value`` -> ("a.b.c", parsed YAML value)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override: {text!r} is not of the form key.path=value")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key, parsed
+
+
+def resolve(
+    run: Mapping[str, Any] | None = None,
+    *,
+    preset: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> ExperimentConfig:
+    """Preset (``--preset`` > run file ``preset`` > tiny), then the run file, then overrides."""
+    run = dict(run or {})
+    name = preset or run.get("preset") or "tiny"
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    tree = copy.deepcopy(PRESETS[name])
+    _deep_merge(tree, run, "")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(tree, key, value)
+    tree["preset"] = name
+    return _build_experiment(tree)
+
+
+def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any], path: str) -> None:
+    for key, value in extra.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{path or 'config'}: keys must be strings, got {key!r}")
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value, f"{path}{key}.")
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+def _set_path(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build_experiment(raw: Mapping[str, Any]) -> ExperimentConfig:
+    if not isinstance(raw, Mapping):
+        raise ConfigError("config: expected a mapping of sections")
+    _reject_unknown(raw, _TOP_LEVEL, "")
+    preset = raw.get("preset", "tiny")
+    if preset not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    method_raw = dict(raw.get("method") or {})
+    if not isinstance(raw.get("method", {}), Mapping):
+        raise ConfigError("method: expected a mapping with at least `name`")
+    method_name = method_raw.pop("name", "bma")
+    if method_name not in METHODS:
+        raise ConfigError(f"method.name: unknown method {method_name!r}; choose one of {sorted(METHODS)}")
+    method_cfg = build_dataclass(METHODS[method_name].config_cls, method_raw, "method")
+    kwargs: dict[str, Any] = {
+        "preset": preset,
+        "method_name": method_name,
+        "method": method_cfg,
+        "seed": _coerce(int, raw.get("seed", 0), "seed"),
+    }
+    for section, cls in _SECTIONS.items():
+        kwargs[section] = build_dataclass(cls, raw.get(section) or {}, section)
+    cfg = ExperimentConfig(**kwargs)
+    _check_cross_field(cfg)
+    return cfg
+
+
+def _check_cross_field(cfg: ExperimentConfig) -> None:
+    workers = cfg.resources.workers
+    for name in ("batch_size", "unpaired_batch_size"):
+        value = getattr(cfg.train, name)
+        if value % workers:
+            raise ConfigError(
+                f"train.{name}: {value} is not divisible by resources.workers={workers}; "
+                "the global batch is split evenly over the workers"
+            )
+    method_cls = METHODS[cfg.method_name].method_cls
+    pool = method_cls.pretrain_pool
+    pool_size = getattr(cfg.data, f"{pool}_size")
+    if cfg.train.epochs > 0 and pool_size < cfg.train.batch_size:
+        raise ConfigError(
+            f"data.{pool}_size: {pool_size} items is smaller than train.batch_size="
+            f"{cfg.train.batch_size}; an epoch would have no full batch"
+        )
+
+
+def build_dataclass(cls: type, raw: Any, path: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    if dataclasses.is_dataclass(raw) and isinstance(raw, cls):
+        return raw
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{path}: expected a mapping, got {type(raw).__name__} {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    _reject_unknown(raw, tuple(fields), path + ".")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _coerce(hints[name], value, f"{path}.{name}") for name, value in raw.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        message = _first_line(exc)
+        field_name = message.split(":", 1)[0]
+        if field_name.split(".")[0] in fields:
+            raise ConfigError(f"{path}.{message}") from None
+        raise ConfigError(f"{path}: {message}") from None
+
+
+def _reject_unknown(raw: Mapping[str, Any], known: tuple[str, ...], prefix: str) -> None:
+    for key in raw:
+        if key not in known:
+            hint = difflib.get_close_matches(str(key), known, n=1)
+            suggestion = f"; did you mean {prefix}{hint[0]}?" if hint else f"; known keys: {', '.join(known)}"
+            raise ConfigError(f"{prefix}{key}: unknown config key{suggestion}")
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, path)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _coerce(option, value, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{path}: bad value {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        args = typing.get_args(tp)
+        item_tp = args[0] if args else Any
+        return tuple(_coerce(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported config type {tp!r}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def dump_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

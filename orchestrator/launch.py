@@ -1,0 +1,64 @@
+"""Start (or attach to) Ray and run one configuration as a Ray Train ``TorchTrainer``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import ExperimentConfig
+
+
+def init_ray(address: str | None = None) -> None:
+    """Attach to ``address`` or start a local Ray instance bound to 127.0.0.1 (no dashboard)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+    else:
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING",
+                 _node_ip_address="127.0.0.1")
+
+
+def build_trainer(
+    cfg: ExperimentConfig, *, name: str, run_id: str, tracking_uri: str, storage_path: str
+):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from orchestrator.train import train_loop_per_worker
+
+    res = cfg.resources
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": tracking_uri},
+        torch_config=TorchConfig(backend="nccl" if res.gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=res.workers, use_gpu=res.gpu, resources_per_worker={"CPU": res.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            # A fixed name on a fixed storage path is what lets Ray Train find this run again.
+            name=name,
+            storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+    )
+
+
+def launch_run(
+    cfg: ExperimentConfig, *, name: str, run_id: str, tracking_uri: str, home: Path, address: str | None
+) -> dict[str, Any]:
+    init_ray(address)
+    trainer = build_trainer(
+        cfg, name=name, run_id=run_id, tracking_uri=tracking_uri, storage_path=str(home / "ray")
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    # The final report carries no checkpoint, so its metrics are read back from MLflow.
+    from mlflow.tracking import MlflowClient
+
+    return dict(MlflowClient(tracking_uri).get_run(run_id).data.metrics)

@@ -1,0 +1,109 @@
+"""MLflow tracking: one run per ``avlab run`` (a child run per trial in sweeps), found again by id.
+
+The driver creates the run and logs the resolved config; the rank-0 training worker logs per-epoch
+metrics with ``step=epoch`` and the downstream results into the same run id, so a restarted
+worker keeps writing to its own run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+TAG_PREFIX = "avlab."
+
+
+def resolve_home(home: str | os.PathLike[str] | None = None) -> Path:
+    """``--home`` > ``AVLAB_HOME`` > ./avlab-runs."""
+    chosen = home or os.environ.get("AVLAB_HOME") or "avlab-runs"
+    return Path(chosen).expanduser().resolve()
+
+
+def resolve_tracking_uri(home: Path, uri: str | None = None) -> str:
+    """``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > sqlite file in the home folder."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def get_or_create_experiment(client: MlflowClient, name: str, home: Path) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifacts = (home / "mlartifacts" / name).resolve()
+    artifacts.mkdir(parents=True, exist_ok=True)
+    return client.create_experiment(name, artifact_location=artifacts.as_uri())
+
+
+def create_run(
+    *,
+    tracking_uri: str,
+    home: Path,
+    experiment: str,
+    run_name: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
+    config_yaml: str,
+    parent_run_id: str | None = None,
+) -> str:
+    """Create an MLflow run with params, tags and the resolved config; return its id."""
+    client = MlflowClient(tracking_uri)
+    exp_id = get_or_create_experiment(client, experiment, home)
+    all_tags = {f"{TAG_PREFIX}{k}": str(v) for k, v in tags.items()}
+    all_tags[f"{TAG_PREFIX}git_commit"] = git_commit()
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    run_id = run.info.run_id
+    items = [Param(k, _param_value(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+    log_text(client, run_id, config_yaml, "config.yaml")
+    return run_id
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def log_text(client: MlflowClient, run_id: str, text: str, artifact_file: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        path.write_text(text)
+        parent = str(Path(artifact_file).parent)
+        client.log_artifact(run_id, str(path), None if parent == "." else parent)
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], *, step: int) -> None:
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    for i in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[i : i + 500])
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
+    client.log_batch(run_id, tags=[RunTag(f"{TAG_PREFIX}{k}", str(v)) for k, v in tags.items()])
+
+
+def end_run(tracking_uri: str, run_id: str, *, ok: bool) -> None:
+    status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
+    MlflowClient(tracking_uri).set_terminated(run_id, status=status)

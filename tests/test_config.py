@@ -1,0 +1,52 @@
+"""Typed config: presets, run files, overrides, and errors that name the field."""
+
+import pytest
+
+from orchestrator.config import PRESETS, ConfigError, ExperimentConfig, resolve
+
+
+def test_presets_resolve_and_round_trip():
+    for name in PRESETS:
+        cfg = resolve(preset=name)
+        assert cfg.preset == name
+        assert ExperimentConfig.from_dict(cfg.to_dict()) == cfg
+    paper = resolve(preset="paper")
+    assert paper.method.image_encoder.base_width == 64 and paper.data.image_size == 224
+    assert (paper.data.n_mels, paper.data.n_frames) == (150, 200)
+    assert paper.optim.lr == 2e-4 and paper.train.batch_size == 256 and paper.method.memory_size == 1000
+
+
+def test_precedence_preset_run_file_overrides():
+    cfg = resolve({"method": {"memory_size": 50}, "train": {"epochs": 3}}, overrides=["train.epochs=5", "optim.lr=1e-3"])
+    assert cfg.method.memory_size == 50 and cfg.train.epochs == 5 and cfg.optim.lr == 1e-3
+    assert cfg.method.image_encoder.base_width == 16  # from the tiny preset
+
+
+def test_identity_depends_on_config_and_seed():
+    a, b = resolve(), resolve(overrides=["seed=1"])
+    assert a.identity() == resolve().identity() and a.identity() != b.identity()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["method.memmory_size=10"], r"^method\.memmory_size: unknown config key; did you mean method\.memory_size\?"),
+        (["trian.epochs=1"], r"^trian: unknown config key"),
+        (["train.epochs=three"], r"^train\.epochs: expected an integer"),
+        (["method.memory_size=0"], r"^method\.memory_size: must be a positive"),
+        (["method.memory_temperature=0"], r"^method\.memory_temperature: must be positive"),
+        (["method.loss_temperature=-0.1"], r"^method\.loss_temperature: must be positive"),
+        (["method.name=nope"], r"^method\.name: unknown method 'nope'"),
+        (["data.image_size=true"], r"^data\.image_size: expected an integer"),
+        (["resources.workers=3"], r"^train\.batch_size: 128 is not divisible by resources\.workers=3"),
+        (["notakeyvalue"], r"^override: "),
+    ],
+)
+def test_bad_values_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(overrides=overrides)
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match=r"^preset: unknown preset 'huge'"):
+        resolve(preset="huge")
