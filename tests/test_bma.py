@@ -94,3 +94,24 @@ def test_embed_representations():
 def test_config_validation_names_field(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}:"):
         BMAConfig(**TINY, **kwargs)
+
+
+def test_linear_probe_leaves_bma_weights_unchanged():
+    # MoCo's sanity check: downstream evaluation reads frozen features, the backbone, memories
+    # and BatchNorm statistics do not move, and the training mode comes back as it was.
+    from methods.evaluate import EvalConfig, run_downstream
+
+    torch.manual_seed(0)
+    m = BMAMemory(BMAConfig(**TINY, memory_size=20), DataInfo()).train()
+    g = torch.Generator().manual_seed(3)
+    items = [
+        {"image": torch.rand(3, 32, 32, generator=g), "sound": torch.randn(1, 40, 64, generator=g),
+         "label": torch.tensor(i % 4), "index": torch.tensor(i)}
+        for i in range(40)
+    ]
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    result = run_downstream(m, train_set=items[:24], test_set=items[24:], cfg=EvalConfig(batch_size=8))
+    assert "image_h_linear_acc" in result.metrics and "retrieval_s2i_rank1" in result.metrics
+    assert m.training
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
