@@ -182,7 +182,8 @@ class ProceduralConfig:
             )
         for name in POOLS:
             size = getattr(self, f"{name}_size")
-            minimum = 0 if name.startswith("unpaired") else 1
+            # 0 disables a pool: no unpaired data (no L_unpair) or no transfer evaluation.
+            minimum = 0 if name.startswith(("unpaired", "transfer")) else 1
             if not minimum <= size <= _MAX_POOL_SIZE:
                 raise ValueError(
                     f"{name}_size: must be in {minimum}..{_MAX_POOL_SIZE}, got {size}"

@@ -11,17 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from methods.evaluate.knn import ArrayLike, _as_tensor
+
 __all__ = ["first_hit_rank", "retrieval_rank_k"]
 
-ArrayLike = np.ndarray | torch.Tensor
-
-
-def _as_tensor(x: ArrayLike) -> torch.Tensor:
-    return x.detach().cpu() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
 
 
 def first_hit_rank(
