@@ -45,20 +45,22 @@ def main() -> None:
         name = f"baseline-{label.split()[0].lower()}-{time.strftime('%Y%m%d-%H%M%S')}"
         cmd = [avlab, "run", "--preset", "tiny", "--workers", str(args.workers), "--home", str(home),
                f"tracking.run_name={name}", "tracking.experiment=baselines", *overrides]
-        print("$", " ".join(cmd[1:]), flush=True)
+        print("$ avlab", " ".join(cmd[1:]), flush=True)
+        t0 = time.perf_counter()
         subprocess.run(cmd, check=True)
-        names.append((label, name, overrides))
+        names.append((label, name, time.perf_counter() - t0))
 
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     exp = client.get_experiment_by_name("baselines")
     lines = [
-        "| encoder | " + " | ".join(c for _, c in COLUMNS) + " |",
-        "| --- | " + " | ".join("---" for _ in COLUMNS) + " |",
+        "| encoder | " + " | ".join(c for _, c in COLUMNS) + " | wall time |",
+        "| --- | " + " | ".join("---" for _ in COLUMNS) + " | --- |",
     ]
-    for label, name, _ in names:
+    for label, name, wall in names:
         run = client.search_runs([exp.experiment_id], f"tags.`avlab.run_name` = '{name}'")[0]
         m = run.data.metrics
-        lines.append(f"| {label} | " + " | ".join(f"{m.get(k, float('nan')):.3f}" for k, _ in COLUMNS) + " |")
+        cells = " | ".join(f"{m.get(k, float('nan')):.3f}" for k, _ in COLUMNS)
+        lines.append(f"| {label} | {cells} | {wall:.0f} s |")
     table = "\n".join(lines)
     print(table)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()

@@ -153,29 +153,26 @@ _TINY_ENCODERS = {
     "image_encoder": {"arch": "resnet18", "base_width": 16},
     "sound_encoder": {"arch": "resnet10", "base_width": 16},
 }
+_PAPER_ENCODERS = {
+    "image_encoder": {"arch": "resnet18", "base_width": 64},
+    "sound_encoder": {"arch": "resnet10", "base_width": 64},
+}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Runs on two CPU cores in minutes: 32x32 images, 40x64 log-mels, width-16 encoders.
     "tiny": {
-        "method": {"name": "bma", **_TINY_ENCODERS, "memory_size": 1000},
         "data": {
             "image_size": 32, "sample_rate": 8000, "clip_seconds": 2.0, "n_mels": 40, "n_frames": 64,
-            "paired_size": 2048, "unpaired_sound_size": 2048, "unpaired_image_size": 2048,
+            # Many distinct pairs seen few times learn more here than few pairs seen many times.
+            "paired_size": 8192, "unpaired_sound_size": 4096, "unpaired_image_size": 4096,
             "train_size": 1000, "test_size": 500, "transfer_train_size": 500, "transfer_test_size": 500,
         },
         # Per-worker BatchNorm: on gloo the global-batch statistics cost ~40 % of the step here.
-        "train": {"epochs": 8, "batch_size": 128, "sync_batchnorm": False},
+        "train": {"epochs": 4, "batch_size": 128, "sync_batchnorm": False},
         "optim": {"name": "adam", "lr": 1e-3},
     },
     # The paper's sizes and hyperparameters (paper 001 §4.2, supp. Tables 6-7), for GPU clusters.
     "paper": {
-        "method": {
-            "name": "bma",
-            "image_encoder": {"arch": "resnet18", "base_width": 64},
-            "sound_encoder": {"arch": "resnet10", "base_width": 64},
-            "memory_size": 1000, "memory_temperature": 0.1, "loss_temperature": 0.1,
-            "proj_dim": 128, "unpaired_weight": 1.0,
-        },
         "data": {
             "image_size": 224, "sample_rate": 16000, "clip_seconds": 2.0, "n_mels": 150, "n_frames": 200,
             "paired_size": 6300, "unpaired_sound_size": 50000, "unpaired_image_size": 0,
@@ -186,6 +183,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optim": {"name": "adam", "lr": 2e-4},
     },
 }
+
+# Per preset, the method section of each method (only the chosen method's is used, so switching
+# method.name never inherits another method's keys).
+PRESET_METHODS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "bma": {**_TINY_ENCODERS, "memory_size": 1000},
+        "supervised": {**_TINY_ENCODERS},
+    },
+    "paper": {
+        "bma": {
+            **_PAPER_ENCODERS, "memory_size": 1000, "memory_temperature": 0.1, "loss_temperature": 0.1,
+            "proj_dim": 128, "unpaired_weight": 1.0,
+        },
+        "supervised": {**_PAPER_ENCODERS},
+    },
+}
+DEFAULT_METHOD = "bma"
 
 # Sections whose keys are the fields of a dataclass.
 _SECTIONS: dict[str, type] = {
@@ -241,13 +255,27 @@ def resolve(
     name = preset or run.get("preset") or "tiny"
     if not isinstance(name, str) or name not in PRESETS:
         raise ConfigError(f"preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    parsed = [parse_override(text) for text in overrides]
+    method_name = _chosen_method(run, parsed)
     tree = copy.deepcopy(PRESETS[name])
+    defaults = PRESET_METHODS[name].get(method_name, {}) if isinstance(method_name, str) else {}
+    tree["method"] = {"name": method_name, **copy.deepcopy(defaults)}
     _deep_merge(tree, run, "")
-    for text in overrides:
-        key, value = parse_override(text)
+    for key, value in parsed:
         _set_path(tree, key, value)
     tree["preset"] = name
     return _build_experiment(tree)
+
+
+def _chosen_method(run: Mapping[str, Any], parsed: list[tuple[str, Any]]) -> Any:
+    """method.name from the last override, else the run file, else the default."""
+    for key, value in reversed(parsed):
+        if key == "method.name":
+            return value
+    section = run.get("method")
+    if isinstance(section, Mapping) and "name" in section:
+        return section["name"]
+    return DEFAULT_METHOD
 
 
 def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any], path: str) -> None:

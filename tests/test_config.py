@@ -50,3 +50,10 @@ def test_bad_values_name_the_field(overrides, message):
 def test_unknown_preset():
     with pytest.raises(ConfigError, match=r"^preset: unknown preset 'huge'"):
         resolve(preset="huge")
+
+
+def test_switching_method_drops_the_other_methods_preset_keys():
+    cfg = resolve(overrides=["method.name=supervised"])
+    assert cfg.method_name == "supervised" and cfg.method.image_encoder.base_width == 16
+    cfg = resolve({"method": {"name": "supervised"}}, preset="paper")
+    assert cfg.method.image_encoder.base_width == 64
