@@ -1,8 +1,9 @@
 """Supervised baseline: the same encoders trained from random weights with labels.
 
 It is the "Supervised Learning" row of paper 001 Tables 1-2: an upper reference for what the
-self-supervised encoders reach under the linear probe. It pretrains on the labelled ``train``
-split, the only method allowed to read labels.
+self-supervised encoders reach under the linear probe. Like the paper's, it trains with labels on
+the same pretraining clips the self-supervised methods see without them (the ``paired`` pool);
+it is the only method allowed to read labels.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class Supervised(Method):
     """Cross-entropy on image labels and on sound labels, one linear classifier per encoder."""
 
     name: ClassVar[str] = "supervised"
-    pretrain_pool: ClassVar[str] = "train"
+    pretrain_pool: ClassVar[str] = "paired"
 
     def __init__(self, cfg: SupervisedConfig, data_info: DataInfo) -> None:
         super().__init__()

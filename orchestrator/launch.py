@@ -23,7 +23,13 @@ def init_ray(address: str | None = None) -> None:
 
 
 def build_trainer(
-    cfg: ExperimentConfig, *, name: str, run_id: str, tracking_uri: str, storage_path: str
+    cfg: ExperimentConfig,
+    *,
+    name: str,
+    run_id: str,
+    tracking_uri: str,
+    storage_path: str,
+    callbacks: list | None = None,
 ):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -44,6 +50,7 @@ def build_trainer(
             storage_path=storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks or [],
         ),
     )
 

@@ -118,12 +118,20 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every report (all metrics) at INFO from a logger named after its file path;
+    the per-epoch line avlab prints says the same in one line."""
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point that Ray Train runs on every worker."""
     cfg = ExperimentConfig.from_dict(loop_config["config"])
     run_id: str = loop_config["mlflow_run_id"]
     tracking_uri: str = loop_config["tracking_uri"]
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # no per-report INFO lines
+    _quiet_ray_train_reports()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.resources.cpus_per_worker)
