@@ -7,6 +7,7 @@ the field, before Ray starts or an MLflow run is created; 1 anything else.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -83,6 +84,86 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from orchestrator.search_space import load_search_space
+    from orchestrator.sweep import check_supported
+
+    space = load_search_space(args.search_space, seeds=args.seeds)
+    if args.preset or args.overrides:
+        space = dataclasses.replace(
+            space,
+            preset=args.preset or space.preset,
+            base_overrides=(*space.base_overrides, *args.overrides),
+        )
+        for point in space.grid_points() or [{}]:  # re-check every trial config
+            space.config_for(point, space.seeds[0])
+    check_supported(space)
+    max_concurrent = args.max_concurrent or space.max_concurrent
+    if max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent: must be >= 1, got {max_concurrent}")
+
+    from orchestrator import tracking
+    from orchestrator.report import build_report, to_markdown, write_report
+    from orchestrator.sweep import find_sweep_run, run_sweep
+
+    home = tracking.resolve_home(args.home)
+    home.mkdir(parents=True, exist_ok=True)
+    uri = tracking.resolve_tracking_uri(home, args.tracking_uri)
+    name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    if find_sweep_run(client, name) is not None:
+        raise ConfigError(f"--name: a sweep named {name!r} already exists; choose another name")
+    print(f"[avlab] sweep {name}: {space.num_trials()} trials ({space.num_configurations()} configurations x "
+          f"{len(space.seeds)} seeds), metric {space.metric} ({space.mode}), max {max_concurrent} at once", flush=True)
+    t0 = time.perf_counter()
+    run_sweep(space, name=name, home=home, tracking_uri=uri, address=args.address, max_concurrent=max_concurrent)
+    paths = write_report(client, name, home / "reports" / name)
+    print()
+    print(to_markdown(build_report(client, name)))
+    print(f"[avlab] sweep {name} finished in {time.perf_counter() - t0:.0f} s; report: {paths['markdown']}, plot: {paths['png']}")
+    print(f"[avlab] see it in MLflow: {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {uri} --host 127.0.0.1")
+    return 0
+
+
+def _client(args: argparse.Namespace):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import tracking
+
+    home = tracking.resolve_home(args.home)
+    uri = tracking.resolve_tracking_uri(home, args.tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise ConfigError(f"--home: no avlab store at {home}")
+    return home, MlflowClient(uri)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import json
+
+    from orchestrator.report import build_report, to_markdown, write_report
+
+    home, client = _client(args)
+    report = build_report(client, args.name)
+    if args.out:
+        paths = write_report(client, args.name, Path(args.out))
+        print(f"[avlab] wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    if args.format == "json":
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(to_markdown(report))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from orchestrator.report import status_lines
+
+    _, client = _client(args)
+    print("\n".join(status_lines(client, args.name)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--home", default=argparse.SUPPRESS,
@@ -100,12 +181,38 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL (resources.gpu)")
     run.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
     run.set_defaults(func=cmd_run)
+
+    sweep = sub.add_parser("sweep", parents=[common], help="run an ablation: a search space on Ray Tune")
+    sweep.add_argument("search_space", metavar="SEARCH_SPACE.yaml")
+    sweep.add_argument("overrides", nargs="*", metavar="key.path=value", help="applied to every trial")
+    sweep.add_argument("--preset", help="replaces the search space's base preset")
+    sweep.add_argument("--name", help="sweep name (default: <search space>-<time>)")
+    sweep.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    sweep.add_argument("--max-concurrent", type=int, help="trials at once (default: the search space's)")
+    sweep.add_argument("--seeds", type=int, help="seeds per configuration (default: the search space's)")
+    sweep.set_defaults(func=cmd_sweep)
+
+    report = sub.add_parser("report", parents=[common], help="an ablation's table and plot")
+    report.add_argument("name")
+    report.add_argument("--format", choices=("table", "markdown", "json"), default="table")
+    report.add_argument("--out", help="also write report.md / report.json / report.png here")
+    report.set_defaults(func=cmd_report)
+
+    status = sub.add_parser("status", parents=[common], help="trial states of a sweep and the best so far")
+    status.add_argument("name")
+    status.set_defaults(func=cmd_status)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key.path=value overrides may also follow options (argparse stops positionals at them).
+    target = {"run": "items", "sweep": "overrides"}.get(args.command)
+    if extra and target and all("=" in e and not e.startswith("-") for e in extra):
+        setattr(args, target, [*getattr(args, target), *extra])
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     for name in ("home", "tracking_uri"):  # accepted before or after the subcommand
         if not hasattr(args, name):
             setattr(args, name, None)

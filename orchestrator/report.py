@@ -1,0 +1,169 @@
+"""``avlab report`` and ``avlab status``: an ablation as the paper would show it, from MLflow.
+
+Child runs are grouped by configuration; each metric is reported as mean ± 95 % confidence
+interval over seeds (Student t), as a Markdown table, a JSON document and a PNG plot (metric
+against the varied value, log axis when asked, like Fig. 6 of the BMA-Memory paper).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+from mlflow.tracking import MlflowClient
+from scipy import stats
+
+from orchestrator.config import ConfigError
+from orchestrator.sweep import SWEEP_EXPERIMENT, find_sweep_run
+
+REPORT_METRICS = (
+    "image_h_linear_acc", "image_h_knn_acc", "sound_h_linear_acc", "sound_h_knn_acc",
+    "retrieval_s2i_rank1", "retrieval_s2i_rank5",
+)
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % Student-t confidence interval (0 for one value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, 0.0
+    sem = statistics.stdev(values) / math.sqrt(len(values))
+    return mean, float(stats.t.ppf(0.975, len(values) - 1) * sem)
+
+
+def _children(client: MlflowClient, parent_id: str):
+    exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
+    return client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000)
+
+
+def _sweep(client: MlflowClient, name: str):
+    run = find_sweep_run(client, name)
+    if run is None:
+        raise ConfigError(f"sweep: no sweep named {name!r} in this store")
+    return run
+
+
+def build_report(client: MlflowClient, name: str) -> dict[str, Any]:
+    parent = _sweep(client, name)
+    metric = parent.data.params.get("metric", "image_h_linear_acc")
+    mode = parent.data.params.get("mode", "max")
+    metrics = [metric, *(m for m in REPORT_METRICS if m != metric)]
+    groups: dict[str, list] = {}
+    for run in _children(client, parent.info.run_id):
+        if run.info.status == "FINISHED":
+            groups.setdefault(run.data.tags.get("avlab.config_label", "base"), []).append(run)
+    rows = []
+    for label, runs in groups.items():
+        varied = {k.removeprefix("varied."): v for k, v in runs[0].data.params.items() if k.startswith("varied.")}
+        row: dict[str, Any] = {"configuration": label, "varied": varied, "seeds": len(runs), "metrics": {}}
+        for m in metrics:
+            values = [r.data.metrics[m] for r in runs if m in r.data.metrics]
+            if values:
+                mean, ci = mean_ci95(values)
+                row["metrics"][m] = {"mean": mean, "ci95": ci, "n": len(values)}
+        rows.append(row)
+    rows.sort(key=lambda r: _sort_key(r["varied"]))
+    scored = [r for r in rows if metric in r["metrics"]]
+    best = (max if mode == "max" else min)(scored, key=lambda r: r["metrics"][metric]["mean"]) if scored else None
+    return {
+        "sweep": name,
+        "parent_run_id": parent.info.run_id,
+        "search_space": parent.data.params.get("search_space"),
+        "metric": metric,
+        "mode": mode,
+        "rows": rows,
+        "best": best["configuration"] if best else None,
+    }
+
+
+def _sort_key(varied: dict[str, str]) -> tuple:
+    out = []
+    for value in varied.values():
+        try:
+            out.append((0, float(value), ""))
+        except ValueError:
+            out.append((1, 0.0, value))
+    return tuple(out)
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    metrics = list(dict.fromkeys(m for r in report["rows"] for m in r["metrics"]))
+    head = f"| configuration | seeds | " + " | ".join(metrics) + " |"
+    lines = [f"### {report['sweep']} ({report['search_space']}), mean ± 95 % CI over seeds", "",
+             head, "| --- | --- | " + " | ".join("---" for _ in metrics) + " |"]
+    for r in report["rows"]:
+        cells = []
+        for m in metrics:
+            v = r["metrics"].get(m)
+            cells.append(f"{v['mean']:.3f} ± {v['ci95']:.3f}" if v else "–")
+        mark = " **best**" if r["configuration"] == report["best"] else ""
+        lines.append(f"| {r['configuration']}{mark} | {r['seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], *, x: str | None = None, log_x: bool = False) -> Figure:
+    """The sweep metric against the varied value (error bars: 95 % CI), or a bar per configuration."""
+    metric = report["metric"]
+    rows = [r for r in report["rows"] if metric in r["metrics"]]
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    means = [r["metrics"][metric]["mean"] for r in rows]
+    cis = [r["metrics"][metric]["ci95"] for r in rows]
+    xs = None
+    if x and rows and all(x in r["varied"] for r in rows):
+        try:
+            xs = [float(r["varied"][x]) for r in rows]
+        except ValueError:
+            xs = None
+    if xs is not None:
+        ax.errorbar(xs, means, yerr=cis, marker="o", capsize=4)
+        ax.set_xlabel(x)
+        if log_x and all(v > 0 for v in xs):
+            ax.set_xscale("log")
+    else:
+        ax.bar(range(len(rows)), means, yerr=cis, capsize=4)
+        ax.set_xticks(range(len(rows)), [r["configuration"] for r in rows], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{report['sweep']}: {metric} (mean ± 95 % CI)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def write_report(client: MlflowClient, name: str, out_dir: Path) -> dict[str, Path]:
+    """Write report.md, report.json and report.png to ``out_dir`` and log them to the parent run.
+
+    The plot's x axis and scale come from the search space's ``plot`` entry (parent-run params)."""
+    report = build_report(client, name)
+    params = client.get_run(report["parent_run_id"]).data.params
+    x, log_x = params.get("plot.x") or None, params.get("plot.log_x") == "True"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"markdown": out_dir / "report.md", "json": out_dir / "report.json", "png": out_dir / "report.png"}
+    paths["markdown"].write_text(to_markdown(report))
+    paths["json"].write_text(json.dumps(report, indent=2, sort_keys=True))
+    plot(report, x=x, log_x=log_x).savefig(paths["png"], dpi=120)
+    for path in paths.values():
+        client.log_artifact(report["parent_run_id"], str(path), "report")
+    return paths
+
+
+def status_lines(client: MlflowClient, name: str) -> list[str]:
+    parent = _sweep(client, name)
+    metric = parent.data.params.get("metric", "image_h_linear_acc")
+    mode = parent.data.params.get("mode", "max")
+    children = _children(client, parent.info.run_id)
+    lines = [f"sweep {name}: {parent.info.status}, {len(children)} of {parent.data.params.get('num_trials', '?')} trials started"]
+    best = None
+    for run in sorted(children, key=lambda r: r.info.start_time or 0):
+        value = run.data.metrics.get(metric)
+        shown = f"{value:.4f}" if value is not None else "-"
+        lines.append(f"  {run.info.status:<9} {run.data.tags.get('avlab.config_label', '')} seed={run.data.tags.get('avlab.seed', '?')} {metric}={shown}")
+        if value is not None and (best is None or (value > best[0] if mode == "max" else value < best[0])):
+            best = (value, run.data.tags.get("avlab.config_label", ""))
+    if best:
+        lines.append(f"best so far: {best[1]} {metric}={best[0]:.4f}")
+    return lines

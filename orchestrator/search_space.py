@@ -1,0 +1,264 @@
+"""Search spaces: an ablation as data (dotted config paths and their values or distributions).
+
+A search-space YAML names its base run (preset + run-file sections + overrides), a ``grid`` of
+dotted paths with value lists and/or a ``search`` of dotted paths with distributions (for
+Optuna), the seeds, the metric and mode, an optional scheduler, the resources per trial and the
+concurrency. ``load_search_space`` checks every path and every value against the typed config
+(by resolving the base with it), so a bad file fails with a ``ConfigError`` naming the problem
+before anything starts.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.config import ConfigError, ExperimentConfig, resolve
+
+DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
+MODES = ("max", "min")
+SCHEDULERS = ("asha",)
+_KEYS = (
+    "description", "base", "variants", "grid", "search", "num_samples", "seeds", "metric", "mode",
+    "scheduler", "resources", "max_concurrent", "plot",
+)
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """One Optuna dimension: uniform / loguniform floats, int in [low, high], or a choice."""
+
+    type: str
+    low: float = 0.0
+    high: float = 0.0
+    values: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    name: str
+    path: Path
+    description: str
+    base_run: dict[str, Any]
+    preset: str
+    base_overrides: tuple[str, ...]
+    grid: dict[str, tuple[Any, ...]]
+    search: dict[str, Distribution]
+    variants: dict[str, dict[str, Any]]
+    num_samples: int
+    seeds: tuple[int, ...]
+    metric: str
+    mode: str
+    scheduler: dict[str, Any] | None
+    resources: dict[str, int]
+    max_concurrent: int
+    plot: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def uses_optuna(self) -> bool:
+        return bool(self.search)
+
+    def grid_points(self) -> list[dict[str, Any]]:
+        """Every variant crossed with every combination of the grid values, in file order.
+
+        A point maps dotted paths to values; a variant adds its label under ``variant``."""
+        keys = list(self.grid)
+        combos = [dict(zip(keys, c)) for c in itertools.product(*(self.grid[k] for k in keys))]
+        if not self.variants:
+            return combos
+        return [
+            {"variant": label, **settings, **combo}
+            for label, settings in self.variants.items()
+            for combo in combos
+        ]
+
+    def num_configurations(self) -> int:
+        return len(self.grid_points()) * (self.num_samples if self.uses_optuna else 1)
+
+    def num_trials(self) -> int:
+        """Configurations x seeds: each (configuration, seed) is one trial and one MLflow child run."""
+        return self.num_configurations() * len(self.seeds)
+
+    def config_for(self, params: Mapping[str, Any], seed: int) -> ExperimentConfig:
+        """The resolved config of one trial."""
+        settings = {k: v for k, v in params.items() if k != "variant"}
+        overrides = [*self.base_overrides, *(_override(k, v) for k, v in settings.items()), f"seed={seed}"]
+        overrides += [f"resources.{k}={v}" for k, v in self.resources.items()]
+        return resolve(self.base_run, preset=self.preset, overrides=overrides)
+
+
+def _override(path: str, value: Any) -> str:
+    return f"{path}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+
+
+def load_search_space(path: str | Path, *, seeds: int | None = None) -> SearchSpace:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"search space: {p} not found")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"search space: {p} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"search space: {p} must hold a mapping")
+    for key in raw:
+        if key not in _KEYS:
+            raise ConfigError(f"{p.name}: {key}: unknown search-space key; known keys: {', '.join(_KEYS)}")
+
+    base = raw.get("base") or {}
+    if not isinstance(base, Mapping):
+        raise ConfigError(f"{p.name}: base: expected a mapping with preset, config, overrides")
+    for key in base:
+        if key not in ("preset", "config", "overrides"):
+            raise ConfigError(f"{p.name}: base.{key}: unknown key; use preset, config, overrides")
+    preset = base.get("preset", "tiny")
+    base_run = dict(base.get("config") or {})
+    base_overrides = tuple(str(o) for o in base.get("overrides") or ())
+    base_cfg = _resolve(p, base_run, preset, base_overrides, "base")
+
+    variants = _load_variants(p, raw.get("variants") or {}, base_run, preset, base_overrides)
+    grid = _load_grid(p, raw.get("grid") or {}, base_run, preset, base_overrides)
+    search = _load_search(p, raw.get("search") or {}, base_run, preset, base_overrides)
+    if "grid" in raw and not grid:
+        raise ConfigError(f"{p.name}: grid: is empty; list at least one dotted path with values")
+    if not grid and not search and not variants:
+        raise ConfigError(f"{p.name}: grid/search: the space varies nothing; give a grid or a search")
+    overlap = set(grid) & set(search)
+    if overlap:
+        raise ConfigError(f"{p.name}: {sorted(overlap)[0]}: in both grid and search")
+
+    num_samples = _positive_int(p, raw.get("num_samples", 1), "num_samples")
+    seed_spec = raw.get("seeds", 1) if seeds is None else seeds
+    if isinstance(seed_spec, list):
+        if not seed_spec or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seed_spec):
+            raise ConfigError(f"{p.name}: seeds: expected a count or a non-empty list of seeds >= 0")
+        seed_list = tuple(seed_spec)
+    else:
+        seed_list = tuple(range(_positive_int(p, seed_spec, "seeds")))
+
+    metric = raw.get("metric", "image_h_linear_acc")
+    if not isinstance(metric, str) or not _known_metric(metric, base_cfg):
+        raise ConfigError(f"{p.name}: metric: unknown metric {metric!r}; e.g. image_h_linear_acc, "
+                          "sound_h_knn_acc, retrieval_s2i_rank1, loss")
+    mode = raw.get("mode", "max")
+    if mode not in MODES:
+        raise ConfigError(f"{p.name}: mode: must be max or min, got {mode!r}")
+
+    scheduler = raw.get("scheduler")
+    if scheduler is not None:
+        if not isinstance(scheduler, Mapping) or scheduler.get("type") not in SCHEDULERS:
+            raise ConfigError(f"{p.name}: scheduler.type: must be one of {SCHEDULERS} (or no scheduler)")
+        scheduler = dict(scheduler)
+
+    resources = raw.get("resources") or {}
+    if not isinstance(resources, Mapping):
+        raise ConfigError(f"{p.name}: resources: expected a mapping (workers, cpus_per_worker, gpu)")
+    for key, value in resources.items():
+        if key not in ("workers", "cpus_per_worker", "gpu"):
+            raise ConfigError(f"{p.name}: resources.{key}: unknown key; use workers, cpus_per_worker, gpu")
+    _resolve(p, base_run, preset, (*base_overrides, *(f"resources.{k}={v}" for k, v in resources.items())), "resources")
+    max_concurrent = _positive_int(p, raw.get("max_concurrent", 1), "max_concurrent")
+
+    plot = raw.get("plot") or {}
+    if not isinstance(plot, Mapping):
+        raise ConfigError(f"{p.name}: plot: expected a mapping (x, log_x)")
+    return SearchSpace(
+        name=p.stem, path=p.resolve(), description=str(raw.get("description", "")),
+        base_run=base_run, preset=preset, base_overrides=base_overrides, grid=grid, search=search,
+        variants=variants,
+        num_samples=num_samples, seeds=seed_list, metric=metric, mode=mode, scheduler=scheduler,
+        resources=dict(resources), max_concurrent=max_concurrent, plot=dict(plot),
+    )
+
+
+def _resolve(p: Path, run: dict, preset: Any, overrides: tuple[str, ...], where: str) -> ExperimentConfig:
+    try:
+        return resolve(run, preset=preset, overrides=list(overrides))
+    except ConfigError as exc:
+        raise ConfigError(f"{p.name}: {where}: {exc}") from None
+
+
+def _load_variants(p: Path, variants: Any, run: dict, preset: Any, base: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    if not isinstance(variants, Mapping):
+        raise ConfigError(f"{p.name}: variants: expected a mapping of labels to {{dotted path: value}}")
+    out: dict[str, dict[str, Any]] = {}
+    for label, settings in variants.items():
+        if not isinstance(settings, Mapping) or not settings:
+            raise ConfigError(f"{p.name}: variants.{label}: expected a non-empty mapping of dotted paths to values")
+        _resolve(p, run, preset, (*base, *(_override(k, v) for k, v in settings.items())), f"variants.{label}")
+        out[str(label)] = dict(settings)
+    return out
+
+
+def _load_grid(p: Path, grid: Any, run: dict, preset: Any, base: tuple[str, ...]) -> dict[str, tuple[Any, ...]]:
+    if not isinstance(grid, Mapping):
+        raise ConfigError(f"{p.name}: grid: expected a mapping of dotted config paths to value lists")
+    out: dict[str, tuple[Any, ...]] = {}
+    for path, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{p.name}: grid.{path}: expected a non-empty list of values")
+        for value in values:
+            _resolve(p, run, preset, (*base, _override(path, value)), f"grid.{path}")
+        out[str(path)] = tuple(values)
+    return out
+
+
+def _load_search(p: Path, search: Any, run: dict, preset: Any, base: tuple[str, ...]) -> dict[str, Distribution]:
+    if not isinstance(search, Mapping):
+        raise ConfigError(f"{p.name}: search: expected a mapping of dotted config paths to distributions")
+    out: dict[str, Distribution] = {}
+    for path, spec in search.items():
+        where = f"search.{path}"
+        if not isinstance(spec, Mapping) or spec.get("type") not in DISTRIBUTIONS:
+            raise ConfigError(f"{p.name}: {where}.type: must be one of {', '.join(DISTRIBUTIONS)}")
+        kind = spec["type"]
+        if kind == "choice":
+            values = spec.get("values")
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{p.name}: {where}.values: expected a non-empty list")
+            probes = values
+            dist = Distribution(kind, values=tuple(values))
+        else:
+            low, high = spec.get("low"), spec.get("high")
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
+                raise ConfigError(f"{p.name}: {where}: low and high must be numbers")
+            if low > high:
+                raise ConfigError(f"{p.name}: {where}: low {low} is greater than high {high}")
+            if kind == "loguniform" and low <= 0:
+                raise ConfigError(f"{p.name}: {where}: loguniform needs low > 0, got {low}")
+            if kind == "int" and not (float(low).is_integer() and float(high).is_integer()):
+                raise ConfigError(f"{p.name}: {where}: int bounds must be integers")
+            probes = [int(low), int(high)] if kind == "int" else [float(low), float(high)]
+            dist = Distribution(kind, low=low, high=high)
+        for value in probes:
+            _resolve(p, run, preset, (*base, _override(str(path), value)), where)
+        out[str(path)] = dist
+    return out
+
+
+def _positive_int(p: Path, value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{p.name}: {name}: must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _known_metric(metric: str, cfg: ExperimentConfig) -> bool:
+    """Downstream metric names that the run's evaluation produces, and the training losses."""
+    if metric in ("loss", "pairs_per_s") or metric.startswith("loss_"):
+        return True
+    name = metric.removeprefix("transfer_")
+    if name.startswith("retrieval_s2i_rank"):
+        k = name.removeprefix("retrieval_s2i_rank")
+        return k.isdigit() and 1 <= int(k) <= cfg.eval.retrieval_ks
+    parts = name.split("_")
+    if len(parts) != 4:
+        return False
+    modality, family, protocol, stat = parts
+    if modality not in ("image", "sound") or family not in cfg.eval.features:
+        return False
+    return (protocol, stat) in {("linear", s) for s in ("acc", "precision", "recall", "f1")} | {("knn", "acc")}

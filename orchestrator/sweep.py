@@ -1,0 +1,223 @@
+"""``avlab sweep``: a Ray Tune ``Tuner`` over a search space; one trial = one ``TorchTrainer``.
+
+Each trial resolves its config from the search space, opens its MLflow child run under the
+sweep's parent run (found again by trial id, so a re-run trial keeps its run), and runs the
+Ray Train V2 pattern: a ``TorchTrainer`` with a fixed name and ``TuneReportCallback``. Grids go
+through Tune's ``grid_search`` (configurations x seeds); distributions through ``OptunaSearch``
+with a seeded TPE sampler.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from orchestrator import tracking
+from orchestrator.config import ConfigError, dump_yaml
+from orchestrator.search_space import SearchSpace
+
+SWEEP_EXPERIMENT = "avlab-sweeps"
+
+
+def point_label(params: dict[str, Any]) -> str:
+    """Stable, readable label of one configuration, e.g. ``method.memory_size=500``."""
+    if not params:
+        return "base"
+    return ",".join(f"{k}={v}" for k, v in params.items())
+
+
+def find_sweep_run(client: MlflowClient, name: str):
+    exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
+    if exp is None:
+        return None
+    runs = client.search_runs(
+        [exp.experiment_id],
+        f"tags.`avlab.sweep_name` = '{name}' and tags.`avlab.kind` = 'sweep'",
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def _trial_params(space: SearchSpace, config: dict[str, Any]) -> dict[str, Any]:
+    if space.uses_optuna:
+        return {path: config[path] for path in space.search}
+    return dict(space.grid_points()[config["point"]])
+
+
+def _run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, Any]) -> None:
+    """The Tune trial: resolve the config, open the child run, fit one TorchTrainer."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from orchestrator.launch import build_trainer
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    params = _trial_params(space, config)
+    seed = config["seed"]
+    cfg = space.config_for(params, seed)
+    uri, home = sweep["tracking_uri"], Path(sweep["home"])
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
+    found = client.search_runs(
+        [exp.experiment_id],
+        f"tags.`avlab.trial_id` = '{trial_id}' and tags.`mlflow.parentRunId` = '{sweep['parent_run_id']}'",
+        max_results=1,
+    )
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        run_id = tracking.create_run(
+            tracking_uri=uri,
+            home=home,
+            experiment=SWEEP_EXPERIMENT,
+            run_name=f"{sweep['name']}/{point_label(params)}/seed{seed}",
+            params={**cfg.flat(), **{f"varied.{k}": v for k, v in params.items()}},
+            tags={
+                "kind": "trial",
+                "sweep_name": sweep["name"],
+                "trial_id": trial_id,
+                "config_label": point_label(params),
+                "method": cfg.method_name,
+                "preset": cfg.preset,
+                "run_identity": cfg.identity(),
+                "seed": str(seed),
+            },
+            config_yaml=dump_yaml(cfg),
+            parent_run_id=sweep["parent_run_id"],
+        )
+    trainer = build_trainer(
+        cfg,
+        name=f"{sweep['name']}-{trial_id}",
+        run_id=run_id,
+        tracking_uri=uri,
+        storage_path=str(home / "ray" / "trials"),
+        callbacks=[TuneReportCallback()],
+    )
+    ok = False
+    try:
+        trainer.fit()
+        ok = True
+    finally:
+        tracking.end_run(uri, run_id, ok=ok)
+
+
+def _param_space(space: SearchSpace) -> dict[str, Any]:
+    from ray import tune
+
+    if not space.uses_optuna:
+        return {
+            "point": tune.grid_search(list(range(len(space.grid_points())))),
+            "seed": tune.grid_search(list(space.seeds)),
+        }
+    dims: dict[str, Any] = {"seed": space.seeds[0]}
+    for path, d in space.search.items():
+        if d.type == "uniform":
+            dims[path] = tune.uniform(d.low, d.high)
+        elif d.type == "loguniform":
+            dims[path] = tune.loguniform(d.low, d.high)
+        elif d.type == "int":
+            dims[path] = tune.randint(int(d.low), int(d.high) + 1)
+        else:
+            dims[path] = tune.choice(list(d.values))
+    return dims
+
+
+def build_searcher(space: SearchSpace, seed: int = 0):
+    """OptunaSearch with a seeded TPE sampler (same seed, same proposals).
+
+    Downstream metrics arrive only with a trial's final report (after evaluation), so per-epoch
+    reports without the metric are not forwarded to Optuna."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    class FinalMetricOptunaSearch(OptunaSearch):
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if self.metric in result:
+                super().on_trial_result(trial_id, result)
+
+    return FinalMetricOptunaSearch(
+        metric=space.metric, mode=space.mode, sampler=optuna.samplers.TPESampler(seed=seed)
+    )
+
+
+def check_supported(space: SearchSpace) -> None:
+    if space.uses_optuna and (space.grid or space.variants):
+        raise ConfigError(f"{space.path.name}: search: combine it with neither grid nor variants")
+    if space.uses_optuna and len(space.seeds) > 1:
+        raise ConfigError(f"{space.path.name}: seeds: a model-based search runs one seed per proposal; use seeds: 1")
+    if space.scheduler is not None:
+        raise ConfigError(f"{space.path.name}: scheduler: early stopping is not available yet; remove it")
+
+
+def run_sweep(
+    space: SearchSpace,
+    *,
+    name: str,
+    home: Path,
+    tracking_uri: str,
+    address: str | None,
+    max_concurrent: int,
+) -> str:
+    """Run the whole sweep; return the parent MLflow run id."""
+    from ray import tune
+
+    from orchestrator.launch import init_ray
+
+    client = MlflowClient(tracking_uri)
+    tracking.get_or_create_experiment(client, SWEEP_EXPERIMENT, home)
+    parent_id = tracking.create_run(
+        tracking_uri=tracking_uri,
+        home=home,
+        experiment=SWEEP_EXPERIMENT,
+        run_name=name,
+        params={
+            "search_space": space.path.name,
+            "metric": space.metric,
+            "mode": space.mode,
+            "seeds": list(space.seeds),
+            "max_concurrent": max_concurrent,
+            "num_trials": space.num_trials(),
+            "searcher": "optuna-tpe" if space.uses_optuna else "grid",
+            "plot.x": space.plot.get("x", ""),
+            "plot.log_x": bool(space.plot.get("log_x", False)),
+        },
+        tags={"kind": "sweep", "sweep_name": name, "search_space": space.name},
+        config_yaml=space.path.read_text(),
+    )
+    ok = False
+    try:
+        # Per-epoch reports carry losses; the sweep metric comes with the final (evaluated) one.
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+        init_ray(address)
+        sweep = {"name": name, "parent_run_id": parent_id, "tracking_uri": tracking_uri, "home": str(home)}
+        trainable = tune.with_resources(
+            tune.with_parameters(_run_trial, space=space, sweep=sweep),
+            # The trial only drives its TorchTrainer; the training workers hold the CPUs.
+            {"CPU": 0, "memory": 64 * 1024**2},
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space=_param_space(space),
+            tune_config=tune.TuneConfig(
+                metric=space.metric,
+                mode=space.mode,
+                search_alg=build_searcher(space) if space.uses_optuna else None,
+                num_samples=space.num_samples if space.uses_optuna else 1,
+                max_concurrent_trials=max_concurrent,
+            ),
+            run_config=tune.RunConfig(name=name, storage_path=str(home / "ray" / "sweeps"), verbose=1),
+        )
+        t0 = time.perf_counter()
+        results = tuner.fit()
+        tracking.log_metrics(client, parent_id, {"wall_time_s": time.perf_counter() - t0}, step=0)
+        errors = [r.error for r in results if r.error is not None]
+        ok = not errors
+        if errors:
+            raise RuntimeError(f"{len(errors)} of {len(results)} trials failed; first: {errors[0]}")
+    finally:
+        tracking.end_run(tracking_uri, parent_id, ok=ok)
+    return parent_id

@@ -1,0 +1,80 @@
+"""Search spaces: every shipped file loads and expands to the expected number of trials; bad
+files fail with a message naming the problem."""
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import ConfigError
+from orchestrator.search_space import load_search_space
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPECTED = {  # file: (configurations, trials)
+    "memory_size_fig6": (6, 12),
+    "loss_weight_supp_table2": (5, 10),
+    "unpaired_volume_fig5": (5, 10),
+    "paired_volume_table5": (4, 8),
+    "data_types_image_supp_table3": (3, 6),
+    "data_types_sound_supp_table4": (3, 6),
+    "temperatures": (12, 12),
+}
+
+
+def test_every_search_space_loads_and_expands():
+    files = sorted((ROOT / "search_spaces").glob("*.yaml"))
+    assert {f.stem for f in files} == set(EXPECTED)
+    for f in files:
+        space = load_search_space(f)
+        assert (space.num_configurations(), space.num_trials()) == EXPECTED[f.stem], f.name
+        for point in space.grid_points():
+            cfg = space.config_for(point, space.seeds[-1])
+            assert cfg.seed == space.seeds[-1]
+            for path, value in point.items():
+                if path == "variant":
+                    continue
+                section, *rest = path.split(".")
+                node = cfg.method if section == "method" else getattr(cfg, section)
+                for part in rest:
+                    node = getattr(node, part)
+                assert node == value, (f.name, path)
+
+
+def test_seeds_override_and_variants_cross_the_grid(tmp_path):
+    space = load_search_space(ROOT / "search_spaces" / "memory_size_fig6.yaml", seeds=3)
+    assert space.seeds == (0, 1, 2) and space.num_trials() == 18
+    types = load_search_space(ROOT / "search_spaces" / "data_types_image_supp_table3.yaml")
+    points = types.grid_points()
+    assert [p["variant"] for p in points] == ["unpair_images_only", "pair_only", "pair_plus_unpaired_sound"]
+    assert types.config_for(points[0], 0).method.paired_loss is False
+
+
+def write(tmp_path, text):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("grid:\n  method.memmory_size: [10]\n", r"grid\.method\.memmory_size: method\.memmory_size: unknown config key"),
+        ("grid: {}\n", r"grid: is empty"),
+        ("grid:\n  method.memory_size: []\n", r"grid\.method\.memory_size: expected a non-empty list"),
+        ("grid:\n  method.memory_size: [10, 0]\n", r"method\.memory_size: must be a positive"),
+        ("search:\n  method.loss_temperature: {type: uniform, low: 0.5, high: 0.1}\n", r"low 0\.5 is greater than high 0\.1"),
+        ("search:\n  method.loss_temperature: {type: normal, low: 0.1, high: 0.5}\n", r"\.type: must be one of"),
+        ("grid:\n  method.memory_size: [10]\nmetric: image_accuracy\n", r"metric: unknown metric 'image_accuracy'"),
+        ("grid:\n  method.memory_size: [10]\nmode: best\n", r"mode: must be max or min"),
+        ("grid:\n  method.memory_size: [10]\nseeds: 0\n", r"seeds: must be an integer >= 1"),
+        ("gird:\n  method.memory_size: [10]\n", r"gird: unknown search-space key"),
+        ("base:\n  preset: huge\ngrid:\n  method.memory_size: [10]\n", r"base: preset: unknown preset 'huge'"),
+    ],
+)
+def test_bad_search_spaces_name_the_problem(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_search_space(write(tmp_path, text))
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match=r"^search space: .*nope\.yaml not found"):
+        load_search_space("nope.yaml")

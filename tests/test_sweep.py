@@ -1,0 +1,99 @@
+"""`avlab sweep / report / status` on a real local Ray with Tune, Optuna and MLflow."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import main
+from orchestrator.search_space import load_search_space
+from orchestrator.sweep import _param_space, build_searcher
+
+ROOT = Path(__file__).resolve().parent.parent
+AVLAB = str(Path(sys.executable).parent / "avlab")
+SMALL = [
+    "train.epochs=1", "train.batch_size=64", "data.paired_size=128", "data.unpaired_sound_size=64",
+    "data.unpaired_image_size=64", "data.train_size=100", "data.test_size=60",
+    "data.transfer_train_size=0", "data.transfer_test_size=0",
+]
+
+
+def test_optuna_sampler_with_a_fixed_seed_proposes_the_same_configurations():
+    space = load_search_space(ROOT / "search_spaces" / "temperatures.yaml")
+
+    def proposals():
+        searcher = build_searcher(space, seed=3)
+        searcher.set_search_properties(space.metric, space.mode, _param_space(space))
+        return [searcher.suggest(f"trial_{i}") for i in range(5)]
+
+    first, second = proposals(), proposals()
+    assert first == second
+    assert len({round(p["method.memory_temperature"], 12) for p in first}) == 5
+    for p in first:
+        assert 0.02 <= p["method.memory_temperature"] <= 1.0 and 0.02 <= p["method.loss_temperature"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("grid:\n  method.memmory_size: [10]\n", "method.memmory_size: unknown config key"),
+        ("grid: {}\n", "grid: is empty"),
+        ("search:\n  method.loss_temperature: {type: uniform, low: 0.5, high: 0.1}\n", "low 0.5 is greater than high 0.1"),
+        ("grid:\n  method.memory_size: [10]\nmetric: top1\n", "metric: unknown metric 'top1'"),
+    ],
+)
+def test_bad_search_space_exits_2_before_anything_starts(tmp_path, capsys, text, message):
+    import ray
+
+    space = tmp_path / "bad.yaml"
+    space.write_text(text)
+    home = tmp_path / "home"
+    assert main(["sweep", str(space), "--home", str(home)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not home.exists() and not ray.is_initialized()
+
+
+@pytest.mark.slow
+def test_small_sweep_parent_children_report_and_status(tmp_path):
+    space = tmp_path / "mem.yaml"
+    space.write_text(
+        "base:\n  preset: tiny\ngrid:\n  method.memory_size: [10, 100]\nseeds: 2\n"
+        "metric: image_h_linear_acc\nmode: max\nresources: {workers: 1, cpus_per_worker: 1}\n"
+        "max_concurrent: 2\nplot: {x: method.memory_size, log_x: true}\n"
+    )
+    home = tmp_path / "runs"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out = subprocess.run([AVLAB, "sweep", str(space), "--name", "mem", "--home", str(home), *SMALL],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "| method.memory_size=10 " in out.stdout and "| method.memory_size=100" in out.stdout
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("avlab-sweeps")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("avlab.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("avlab.kind") == "trial"]
+    assert len(parents) == 1 and len(children) == 4
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert sorted((r.data.params["varied.method.memory_size"], r.data.params["seed"]) for r in children) == [
+        ("10", "0"), ("10", "1"), ("100", "0"), ("100", "1")]
+    for r in children:
+        assert r.info.status == "FINISHED" and 0 <= r.data.metrics["image_h_linear_acc"] <= 1
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "loss_pair")] == [0]
+
+    report = json.loads(subprocess.run([AVLAB, "report", "mem", "--format", "json", "--home", str(home)],
+                                       capture_output=True, text=True, check=True).stdout)
+    assert [row["configuration"] for row in report["rows"]] == ["method.memory_size=10", "method.memory_size=100"]
+    assert all(row["seeds"] == 2 and row["metrics"]["image_h_linear_acc"]["n"] == 2 for row in report["rows"])
+    assert (home / "reports" / "mem" / "report.png").stat().st_size > 1000
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
+    assert {"report/report.md", "report/report.json", "report/report.png"} <= artifacts
+
+    status = subprocess.run([AVLAB, "status", "mem", "--home", str(home)], capture_output=True, text=True, check=True)
+    assert status.stdout.count("FINISHED") >= 4 and "best so far: method.memory_size=" in status.stdout
