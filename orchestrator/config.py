@@ -216,20 +216,25 @@ _TOP_LEVEL = ("preset", "seed", "method", *_SECTIONS)
 # --- loading ---------------------------------------------------------------------------------
 
 
-def load_run_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML run file into a nested dict (validation happens in ``resolve``)."""
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping (empty file: {}); errors name ``what`` and the file."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"run file: {p} not found")
+        raise ConfigError(f"{what}: {p} not found")
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"run file: {p} is not valid YAML ({_first_line(exc)})") from None
+        raise ConfigError(f"{what}: {p} is not valid YAML ({_first_line(exc)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"run file: {p} must hold a mapping of config sections")
+        raise ConfigError(f"{what}: {p} must hold a mapping")
     return data
+
+
+def load_run_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML run file into a nested dict (validation happens in ``resolve``)."""
+    return read_yaml_mapping(path, "run file")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator.config import ConfigError, ExperimentConfig, resolve
+from orchestrator.config import ConfigError, ExperimentConfig, read_yaml_mapping, resolve
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 MODES = ("max", "min")
@@ -98,14 +98,7 @@ def _override(path: str, value: Any) -> str:
 
 def load_search_space(path: str | Path, *, seeds: int | None = None) -> SearchSpace:
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"search space: {p} not found")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"search space: {p} is not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"search space: {p} must hold a mapping")
+    raw = read_yaml_mapping(p, "search space")
     for key in raw:
         if key not in _KEYS:
             raise ConfigError(f"{p.name}: {key}: unknown search-space key; known keys: {', '.join(_KEYS)}")

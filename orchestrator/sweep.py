@@ -150,7 +150,54 @@ def check_supported(space: SearchSpace) -> None:
     if space.uses_optuna and len(space.seeds) > 1:
         raise ConfigError(f"{space.path.name}: seeds: a model-based search runs one seed per proposal; use seeds: 1")
     if space.scheduler is not None:
-        raise ConfigError(f"{space.path.name}: scheduler: early stopping is not available yet; remove it")
+        sched = space.scheduler
+        for key in sched:
+            if key not in ("type", "metric", "grace_period", "reduction_factor"):
+                raise ConfigError(f"{space.path.name}: scheduler.{key}: unknown key; use type, metric, "
+                                  "grace_period, reduction_factor")
+        for key in ("grace_period", "reduction_factor"):
+            value = sched.get(key, 2)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (key == "reduction_factor" and value < 2):
+                raise ConfigError(f"{space.path.name}: scheduler.{key}: must be an integer >= {2 if key == 'reduction_factor' else 1}")
+        metric = sched.get("metric", scheduler_metric(space))
+        if metric not in ("image_h_knn_acc", "sound_h_knn_acc"):
+            raise ConfigError(f"{space.path.name}: scheduler.metric: must be image_h_knn_acc or sound_h_knn_acc, "
+                              "the metrics measured during pretraining")
+        cfg = space.config_for(space.grid_points()[0] if not space.uses_optuna else {}, space.seeds[0])
+        if cfg.eval.every_epochs < 1:
+            raise ConfigError(f"{space.path.name}: scheduler: needs eval.every_epochs >= 1 in the base config, "
+                              "so trials report a kNN accuracy while they train")
+
+
+def scheduler_metric(space: SearchSpace) -> str:
+    return "sound_h_knn_acc" if space.metric.startswith("sound") else "image_h_knn_acc"
+
+
+def build_scheduler(space: SearchSpace):
+    """ASHA on the kNN accuracy measured every ``eval.every_epochs`` (one Tune iteration = one epoch)."""
+    if space.scheduler is None:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    sched = space.scheduler
+    epochs = space.config_for(space.grid_points()[0] if not space.uses_optuna else {}, space.seeds[0]).train.epochs
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        metric=sched.get("metric", scheduler_metric(space)),
+        mode=space.mode,
+        max_t=epochs + 1,  # + the final evaluation report
+        grace_period=sched.get("grace_period", 2),
+        reduction_factor=sched.get("reduction_factor", 2),
+    )
+
+
+def _close_stopped_trials(client: MlflowClient, parent_id: str) -> None:
+    """Trials a scheduler stopped early never reach their ``finally``: mark their runs KILLED."""
+    exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
+    for run in client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000):
+        if run.info.status == "RUNNING":
+            client.set_tag(run.info.run_id, "avlab.stopped_early", "true")
+            client.set_terminated(run.info.run_id, status="KILLED")
 
 
 def run_sweep(
@@ -207,6 +254,7 @@ def run_sweep(
                 mode=space.mode,
                 search_alg=build_searcher(space) if space.uses_optuna else None,
                 num_samples=space.num_samples if space.uses_optuna else 1,
+                scheduler=build_scheduler(space),
                 max_concurrent_trials=max_concurrent,
             ),
             run_config=tune.RunConfig(name=name, storage_path=str(home / "ray" / "sweeps"), verbose=1),
@@ -214,6 +262,7 @@ def run_sweep(
         t0 = time.perf_counter()
         results = tuner.fit()
         tracking.log_metrics(client, parent_id, {"wall_time_s": time.perf_counter() - t0}, step=0)
+        _close_stopped_trials(client, parent_id)
         errors = [r.error for r in results if r.error is not None]
         ok = not errors
         if errors:

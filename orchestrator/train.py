@@ -7,6 +7,7 @@ rank 0 runs the downstream evaluation on frozen features and logs it to MLflow.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -209,6 +210,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics["pairs_per_s"] = steps * cfg.train.batch_size / elapsed
         metrics["epoch_time_s"] = elapsed
         metrics["epoch"] = epoch
+        every = cfg.eval.every_epochs
+        if rank == 0 and every and (epoch + 1) % every == 0 and epoch + 1 < cfg.train.epochs:
+            metrics.update(quick_knn(cfg, _unwrap(model), data, device))
         if rank == 0:
             tracking.log_metrics(client, run_id, metrics, step=epoch)
             _print_epoch(epoch, cfg.train.epochs, metrics)
@@ -275,6 +279,13 @@ def _report_with_checkpoint(metrics, model, optimizer, epoch, rank, world, run_i
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
             checkpoint_dir_name=f"checkpoint_epoch{epoch:05d}",
         )
+
+
+def quick_knn(cfg: ExperimentConfig, method: Method, data: ProceduralAV, device: torch.device) -> dict[str, float]:
+    """Cosine-kNN accuracy on h during pretraining (for schedulers that stop weak trials early)."""
+    quick = dataclasses.replace(cfg.eval, features=("h",), linear=False, knn=True, retrieval=False)
+    result = run_downstream(method, train_set=data.pool("train"), test_set=data.pool("test"), cfg=quick, device=device)
+    return dict(result.metrics)
 
 
 def evaluate_and_log(

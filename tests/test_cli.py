@@ -66,6 +66,7 @@ def test_run_tiny_two_workers_end_to_end(tmp_path):
         "train.epochs=2", "train.batch_size=64", "data.paired_size=256", "data.unpaired_sound_size=128",
         "data.unpaired_image_size=128", "data.train_size=200", "data.test_size=100",
         "data.transfer_train_size=100", "data.transfer_test_size=100", "method.memory_size=50",
+        "eval.every_epochs=1",
     ]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -82,6 +83,8 @@ def test_run_tiny_two_workers_end_to_end(tmp_path):
     for term in ("loss", "loss_pair", "loss_unpair_sound", "loss_unpair_image"):
         history = client.get_metric_history(run.info.run_id, term)
         assert [m.step for m in history] == [0, 1], term
+    # the quick kNN probe after epoch 0 (eval.every_epochs=1), then the final evaluation
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "image_h_knn_acc")] == [0, 1]
     metrics = run.data.metrics
     for key in ("image_h_linear_acc", "image_h_linear_f1", "image_h_knn_acc", "sound_h_linear_acc",
                 "sound_h_knn_acc", "image_z_linear_acc", "retrieval_s2i_rank1", "retrieval_s2i_rank5",

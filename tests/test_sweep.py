@@ -36,6 +36,22 @@ def test_optuna_sampler_with_a_fixed_seed_proposes_the_same_configurations():
         assert 0.02 <= p["method.memory_temperature"] <= 1.0 and 0.02 <= p["method.loss_temperature"] <= 1.0
 
 
+def test_asha_scheduler_reads_the_knn_accuracy_measured_while_training(tmp_path):
+    from ray.tune.schedulers import ASHAScheduler
+
+    from orchestrator.config import ConfigError
+    from orchestrator.sweep import build_scheduler, check_supported
+
+    space = load_search_space(ROOT / "search_spaces" / "temperatures.yaml")
+    check_supported(space)
+    sched = build_scheduler(space)
+    assert isinstance(sched, ASHAScheduler) and sched._metric == "image_h_knn_acc"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grid:\n  method.memory_size: [10]\nscheduler: {type: asha}\n")
+    with pytest.raises(ConfigError, match="needs eval.every_epochs >= 1"):
+        check_supported(load_search_space(bad))
+
+
 @pytest.mark.parametrize(
     "text, message",
     [

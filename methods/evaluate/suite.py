@@ -52,6 +52,9 @@ class EvalConfig:
     knn_k: int = 20
     retrieval: bool = True
     retrieval_ks: int = 5  # report Rank-1 .. Rank-retrieval_ks
+    # 0: evaluate after the last epoch only; k: also a quick cosine-kNN probe on h every k epochs
+    # (image_h_knn_acc, sound_h_knn_acc), the signal an early-stopping scheduler reads.
+    every_epochs: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.features, str) or not isinstance(self.features, (tuple, list)):
@@ -77,6 +80,8 @@ class EvalConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if isinstance(self.every_epochs, bool) or not isinstance(self.every_epochs, int) or self.every_epochs < 0:
+            raise ValueError(f"every_epochs: expected an integer >= 0, got {self.every_epochs!r}")
         if isinstance(self.linear_C, bool) or not isinstance(self.linear_C, (int, float)) or not (
             self.linear_C > 0
         ):
