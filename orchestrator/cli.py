@@ -142,7 +142,7 @@ def _client(args: argparse.Namespace):
 def cmd_report(args: argparse.Namespace) -> int:
     import json
 
-    from orchestrator.report import build_report, to_markdown, write_report
+    from orchestrator.report import build_report, to_markdown, to_table, write_report
 
     home, client = _client(args)
     report = build_report(client, args.name)
@@ -151,8 +151,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"[avlab] wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
     if args.format == "json":
         print(json.dumps(report, indent=2, sort_keys=True))
-    else:
+    elif args.format == "markdown":
         print(to_markdown(report))
+    else:
+        print(to_table(report))
     return 0
 
 

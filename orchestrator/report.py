@@ -105,6 +105,23 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def to_table(report: dict[str, Any]) -> str:
+    """Plain-text table for the terminal (same content as the Markdown one)."""
+    metrics = list(dict.fromkeys(m for r in report["rows"] for m in r["metrics"]))
+    header = ["configuration", "seeds", *metrics]
+    body = []
+    for r in report["rows"]:
+        cells = [r["configuration"] + (" *" if r["configuration"] == report["best"] else ""), str(r["seeds"])]
+        for m in metrics:
+            v = r["metrics"].get(m)
+            cells.append(f"{v['mean']:.3f} ± {v['ci95']:.3f}" if v else "-")
+        body.append(cells)
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
+    title = f"{report['sweep']} ({report['search_space']}): mean ± 95 % CI over seeds, * = best {report['metric']}"
+    return "\n".join([title, fmt(header), fmt(["-" * w for w in widths]), *map(fmt, body)]) + "\n"
+
+
 def plot(report: dict[str, Any], *, x: str | None = None, log_x: bool = False) -> Figure:
     """The sweep metric against the varied value (error bars: 95 % CI), or a bar per configuration."""
     metric = report["metric"]
@@ -128,7 +145,7 @@ def plot(report: dict[str, Any], *, x: str | None = None, log_x: bool = False) -
         ax.bar(range(len(rows)), means, yerr=cis, capsize=4)
         ax.set_xticks(range(len(rows)), [r["configuration"] for r in rows], rotation=30, ha="right", fontsize=7)
     ax.set_ylabel(metric)
-    ax.set_title(f"{report['sweep']}: {metric} (mean ± 95 % CI)")
+    ax.set_title(f"{report['sweep']}\n{metric}, mean ± 95 % CI over seeds", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig

@@ -113,3 +113,11 @@ def test_small_sweep_parent_children_report_and_status(tmp_path):
 
     status = subprocess.run([AVLAB, "status", "mem", "--home", str(home)], capture_output=True, text=True, check=True)
     assert status.stdout.count("FINISHED") >= 4 and "best so far: method.memory_size=" in status.stdout
+
+
+def test_mean_ci95_closed_form():
+    from orchestrator.report import mean_ci95
+
+    mean, ci = mean_ci95([1.0, 2.0, 3.0])  # sd 1, sem 1/sqrt(3), t_{0.975, 2} = 4.3027
+    assert mean == 2.0 and ci == pytest.approx(4.302653 / 3**0.5, rel=1e-5)
+    assert mean_ci95([0.7]) == (0.7, 0.0)
