@@ -188,14 +188,30 @@ def build_scheduler(space: SearchSpace):
         max_t=epochs + 1,  # + the final evaluation report
         grace_period=sched.get("grace_period", 2),
         reduction_factor=sched.get("reduction_factor", 2),
+        stop_last_trials=False,  # a trial that reached max_t finishes its own evaluation and run
     )
 
 
-def _close_stopped_trials(client: MlflowClient, parent_id: str) -> None:
-    """Trials a scheduler stopped early never reach their ``finally``: mark their runs KILLED."""
+def _close_trial_runs(client: MlflowClient, parent_id: str, results) -> None:
+    """Settle each child run's status from Tune's view of its trial.
+
+    A trial that a scheduler stopped never reaches its ``finally`` (or reaches it through the
+    stop's exception): without an error in Tune it was stopped early (KILLED, tagged), unless it
+    had logged its final evaluation (``eval_time_s``), in which case it finished."""
     exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
+    errored = {(r.metrics or {}).get("trial_id") for r in results if r.error is not None}
+    unknown_errors = None in errored  # an errored trial that never reported: trust FAILED runs
     for run in client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000):
-        if run.info.status == "RUNNING":
+        status = run.info.status
+        if status == "FINISHED" or run.data.tags.get("avlab.trial_id") in errored or (
+            unknown_errors and status == "FAILED"
+        ):
+            if status == "RUNNING":
+                client.set_terminated(run.info.run_id, status="FAILED")
+            continue
+        if "eval_time_s" in run.data.metrics:
+            client.set_terminated(run.info.run_id, status="FINISHED")
+        else:
             client.set_tag(run.info.run_id, "avlab.stopped_early", "true")
             client.set_terminated(run.info.run_id, status="KILLED")
 
@@ -249,9 +265,8 @@ def run_sweep(
         tuner = tune.Tuner(
             trainable,
             param_space=_param_space(space),
+            # metric and mode live on the searcher and the scheduler (Tune refuses them twice).
             tune_config=tune.TuneConfig(
-                metric=space.metric,
-                mode=space.mode,
                 search_alg=build_searcher(space) if space.uses_optuna else None,
                 num_samples=space.num_samples if space.uses_optuna else 1,
                 scheduler=build_scheduler(space),
@@ -262,7 +277,7 @@ def run_sweep(
         t0 = time.perf_counter()
         results = tuner.fit()
         tracking.log_metrics(client, parent_id, {"wall_time_s": time.perf_counter() - t0}, step=0)
-        _close_stopped_trials(client, parent_id)
+        _close_trial_runs(client, parent_id, results)
         errors = [r.error for r in results if r.error is not None]
         ok = not errors
         if errors:

@@ -121,3 +121,43 @@ def test_mean_ci95_closed_form():
     mean, ci = mean_ci95([1.0, 2.0, 3.0])  # sd 1, sem 1/sqrt(3), t_{0.975, 2} = 4.3027
     assert mean == 2.0 and ci == pytest.approx(4.302653 / 3**0.5, rel=1e-5)
     assert mean_ci95([0.7]) == (0.7, 0.0)
+
+
+@pytest.mark.slow
+def test_optuna_asha_sweep_settles_every_trial_run(tmp_path):
+    """Optuna proposals with ASHA on the kNN accuracy measured each epoch: every child run ends
+    FINISHED (with its final evaluation) or KILLED and tagged as stopped early, and the report
+    holds exactly the finished ones."""
+    space = tmp_path / "asha.yaml"
+    space.write_text(
+        "base:\n  preset: tiny\n  config:\n    eval: {every_epochs: 1, features: [h]}\n"
+        "search:\n  method.loss_temperature: {type: loguniform, low: 0.02, high: 1.0}\n"
+        "num_samples: 4\nseeds: 1\nmetric: image_h_linear_acc\n"
+        "scheduler: {type: asha, metric: image_h_knn_acc, grace_period: 1, reduction_factor: 2}\n"
+        "resources: {workers: 1, cpus_per_worker: 1}\nmax_concurrent: 2\n"
+    )
+    home = tmp_path / "runs"
+    small = [o for o in SMALL if not o.startswith("train.epochs")] + ["train.epochs=3"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out = subprocess.run([AVLAB, "sweep", str(space), "--name", "asha", "--home", str(home), *small],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("avlab-sweeps")
+    children = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("avlab.kind") == "trial"]
+    assert len(children) == 4
+    finished = set()
+    for r in children:
+        if r.info.status == "FINISHED":
+            assert "eval_time_s" in r.data.metrics and "image_h_linear_acc" in r.data.metrics
+            finished.add(r.data.tags["avlab.config_label"])
+        else:
+            assert r.info.status == "KILLED" and r.data.tags.get("avlab.stopped_early") == "true"
+            assert "eval_time_s" not in r.data.metrics
+    assert finished  # the first trial at every rung is never stopped
+    report = json.loads(subprocess.run([AVLAB, "report", "asha", "--format", "json", "--home", str(home)],
+                                       capture_output=True, text=True, check=True).stdout)
+    assert {row["configuration"] for row in report["rows"]} == finished
