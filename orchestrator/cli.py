@@ -95,7 +95,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             preset=args.preset or space.preset,
             base_overrides=(*space.base_overrides, *args.overrides),
         )
-        for point in space.grid_points() or [{}]:  # re-check every trial config
+        for point in space.grid_points():  # re-check every trial config
             space.config_for(point, space.seeds[0])
     check_supported(space)
     max_concurrent = args.max_concurrent or space.max_concurrent

@@ -84,6 +84,10 @@ class SearchSpace:
         """Configurations x seeds: each (configuration, seed) is one trial and one MLflow child run."""
         return self.num_configurations() * len(self.seeds)
 
+    def first_config(self) -> ExperimentConfig:
+        """The config of the first trial (a search space without a grid has one empty point)."""
+        return self.config_for(self.grid_points()[0], self.seeds[0])
+
     def config_for(self, params: Mapping[str, Any], seed: int) -> ExperimentConfig:
         """The resolved config of one trial."""
         settings = {k: v for k, v in params.items() if k != "variant"}

@@ -163,7 +163,7 @@ def check_supported(space: SearchSpace) -> None:
         if metric not in ("image_h_knn_acc", "sound_h_knn_acc"):
             raise ConfigError(f"{space.path.name}: scheduler.metric: must be image_h_knn_acc or sound_h_knn_acc, "
                               "the metrics measured during pretraining")
-        cfg = space.config_for(space.grid_points()[0] if not space.uses_optuna else {}, space.seeds[0])
+        cfg = space.first_config()
         if cfg.eval.every_epochs < 1:
             raise ConfigError(f"{space.path.name}: scheduler: needs eval.every_epochs >= 1 in the base config, "
                               "so trials report a kNN accuracy while they train")
@@ -180,7 +180,7 @@ def build_scheduler(space: SearchSpace):
     from ray.tune.schedulers import ASHAScheduler
 
     sched = space.scheduler
-    epochs = space.config_for(space.grid_points()[0] if not space.uses_optuna else {}, space.seeds[0]).train.epochs
+    epochs = space.first_config().train.epochs
     return ASHAScheduler(
         time_attr="training_iteration",
         metric=sched.get("metric", scheduler_metric(space)),
