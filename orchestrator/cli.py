@@ -45,13 +45,17 @@ def resolve_run_config(args: argparse.Namespace) -> ExperimentConfig:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = resolve_run_config(args)  # ConfigError -> exit 2, nothing started yet
 
-    from orchestrator import tracking
-    from orchestrator.launch import launch_run
+    from orchestrator import jobs, tracking
 
     home = tracking.resolve_home(args.home)
+    name = cfg.tracking.run_name or f"{cfg.method_name}-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    jobs.check_name(name, "tracking.run_name")
+    if jobs.exists(home, name):
+        # Ray Train would pick up that run's checkpoints under the same name.
+        raise ConfigError(f"tracking.run_name: a run or sweep named {name!r} already exists in {home}; "
+                          f"`avlab resume {name}` continues it, or choose another name")
     home.mkdir(parents=True, exist_ok=True)
     uri = tracking.resolve_tracking_uri(home, args.tracking_uri)
-    name = cfg.tracking.run_name or f"{cfg.method_name}-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"[avlab] run {name}: method={cfg.method_name} preset={cfg.preset} "
           f"workers={cfg.resources.workers} gpu={cfg.resources.gpu}", flush=True)
     run_id = tracking.create_run(
@@ -69,9 +73,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         },
         config_yaml=dump_yaml(cfg),
     )
+    jobs.write(home, name, {"kind": "run", "config": cfg.to_dict(), "mlflow_run_id": run_id,
+                            "tracking_uri": uri, "address": args.address})
+    return _execute_run(cfg, name=name, run_id=run_id, uri=uri, home=home, address=args.address)
+
+
+def _execute_run(cfg: ExperimentConfig, *, name: str, run_id: str, uri: str, home: Path, address: str | None) -> int:
+    from orchestrator import tracking
+    from orchestrator.launch import launch_run
+
     ok = False
     try:
-        metrics = launch_run(cfg, name=name, run_id=run_id, tracking_uri=uri, home=home, address=args.address)
+        metrics = launch_run(cfg, name=name, run_id=run_id, tracking_uri=uri, home=home, address=address)
         ok = True
     finally:
         tracking.end_run(uri, run_id, ok=ok)
@@ -82,6 +95,54 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"  {key:<22} {metrics[key]:.4f}")
     print(f"[avlab] see it in MLflow: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
     return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Continue a run or sweep whose driver stopped (killed, lost head node) where it stopped."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import jobs, tracking
+
+    home = tracking.resolve_home(args.home)
+    manifest = jobs.read(home, args.name)  # ConfigError -> exit 2
+    uri = args.tracking_uri or manifest["tracking_uri"]
+    address = args.address or manifest.get("address")
+    client = MlflowClient(uri)
+    kind, name = manifest["kind"], args.name
+    run_id = manifest["mlflow_run_id"] if kind == "run" else manifest["parent_run_id"]
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - MLflow raises several types for a missing run
+        raise ConfigError(f"{jobs.manifest_path(home, name)}: its MLflow run {run_id} is not in {uri}") from None
+    if run.info.status == "FINISHED":
+        print(f"[avlab] {kind} {name} already finished (MLflow run {run_id}); nothing to resume")
+        return 0
+    client.update_run(run_id, status="RUNNING")
+    tracking.set_tags(client, run_id, {"resumed": str(int(run.data.tags.get("avlab.resumed", "0")) + 1)})
+    print(f"[avlab] resuming {kind} {name} (MLflow run {run_id}, was {run.info.status})", flush=True)
+    if kind == "run":
+        cfg = ExperimentConfig.from_dict(manifest["config"])
+        return _execute_run(cfg, name=name, run_id=run_id, uri=uri, home=home, address=address)
+
+    from orchestrator.search_space import SearchSpace
+    from orchestrator.sweep import fit_sweep
+
+    space = SearchSpace.from_dict(manifest["space"])
+    t0 = time.perf_counter()
+    fit_sweep(space, name=name, home=home, tracking_uri=uri, address=address,
+              max_concurrent=manifest["max_concurrent"], parent_id=run_id, restore=True)
+    _finish_sweep(client, name, home, uri, time.perf_counter() - t0)
+    return 0
+
+
+def _finish_sweep(client, name: str, home: Path, uri: str, seconds: float) -> None:
+    from orchestrator.report import build_report, to_markdown, write_report
+
+    paths = write_report(client, name, home / "reports" / name)
+    print()
+    print(to_markdown(build_report(client, name)))
+    print(f"[avlab] sweep {name} finished in {seconds:.0f} s; report: {paths['markdown']}, plot: {paths['png']}")
+    print(f"[avlab] see it in MLflow: {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {uri} --host 127.0.0.1")
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -102,14 +163,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if max_concurrent < 1:
         raise ConfigError(f"--max-concurrent: must be >= 1, got {max_concurrent}")
 
-    from orchestrator import tracking
-    from orchestrator.report import build_report, to_markdown, write_report
+    from orchestrator import jobs, tracking
     from orchestrator.sweep import find_sweep_run, run_sweep
 
     home = tracking.resolve_home(args.home)
+    name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    jobs.check_name(name, "--name")
+    if jobs.exists(home, name):
+        raise ConfigError(f"--name: a run or sweep named {name!r} already exists in {home}; "
+                          f"`avlab resume {name}` continues it, or choose another name")
     home.mkdir(parents=True, exist_ok=True)
     uri = tracking.resolve_tracking_uri(home, args.tracking_uri)
-    name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -119,11 +183,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
           f"{len(space.seeds)} seeds), metric {space.metric} ({space.mode}), max {max_concurrent} at once", flush=True)
     t0 = time.perf_counter()
     run_sweep(space, name=name, home=home, tracking_uri=uri, address=args.address, max_concurrent=max_concurrent)
-    paths = write_report(client, name, home / "reports" / name)
-    print()
-    print(to_markdown(build_report(client, name)))
-    print(f"[avlab] sweep {name} finished in {time.perf_counter() - t0:.0f} s; report: {paths['markdown']}, plot: {paths['png']}")
-    print(f"[avlab] see it in MLflow: {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {uri} --host 127.0.0.1")
+    _finish_sweep(client, name, home, uri, time.perf_counter() - t0)
     return 0
 
 
@@ -193,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--max-concurrent", type=int, help="trials at once (default: the search space's)")
     sweep.add_argument("--seeds", type=int, help="seeds per configuration (default: the search space's)")
     sweep.set_defaults(func=cmd_sweep)
+
+    resume = sub.add_parser("resume", parents=[common],
+                            help="continue an interrupted run or sweep where it stopped")
+    resume.add_argument("name", metavar="NAME", help="the run's or sweep's name")
+    resume.add_argument("--address", help="Ray cluster address (default: the one the job started with)")
+    resume.set_defaults(func=cmd_resume)
 
     report = sub.add_parser("report", parents=[common], help="an ablation's table and plot")
     report.add_argument("name")

@@ -34,8 +34,14 @@ class OptimConfig:
     name: str = "adam"
     lr: float = 2e-4
     weight_decay: float = 0.0
+    schedule: str = "constant"  # learning rate per step: constant, or cosine decay to 0
+    warmup_epochs: int = 0  # linear warm-up from 0 over this many epochs, then the schedule
 
     def __post_init__(self) -> None:
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule: unknown schedule {self.schedule!r}; choose constant or cosine")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs: must be >= 0, got {self.warmup_epochs}")
         if self.name not in ("adam", "adamw", "sgd"):
             raise ValueError(f"name: unknown optimiser {self.name!r}; choose adam, adamw or sgd")
         if self.lr <= 0:
@@ -53,7 +59,7 @@ class TrainConfig:
     data_workers: int = 0  # DataLoader processes per training worker
     sync_batchnorm: bool = True  # BatchNorm statistics over the global batch under DDP
     checkpoints_to_keep: int = 2
-    max_failures: int = 0  # worker failures Ray Train recovers from (from the last checkpoint)
+    max_failures: int = 3  # worker-group failures Ray Train restarts from the last checkpoint
 
     def __post_init__(self) -> None:
         if self.epochs < 0:

@@ -10,6 +10,7 @@ before anything starts.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -76,6 +77,24 @@ class SearchSpace:
             for label, settings in self.variants.items()
             for combo in combos
         ]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form that ``from_dict`` turns back into an equal search space."""
+        out = dataclasses.asdict(self)
+        out["path"] = str(self.path)
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> SearchSpace:
+        raw = dict(raw)
+        raw["path"] = Path(raw["path"])
+        raw["base_overrides"] = tuple(raw["base_overrides"])
+        raw["seeds"] = tuple(raw["seeds"])
+        raw["grid"] = {k: tuple(v) for k, v in raw["grid"].items()}
+        raw["search"] = {
+            k: Distribution(d["type"], d["low"], d["high"], tuple(d["values"])) for k, d in raw["search"].items()
+        }
+        return cls(**raw)
 
     def num_configurations(self) -> int:
         return len(self.grid_points()) * (self.num_samples if self.uses_optuna else 1)

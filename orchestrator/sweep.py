@@ -16,7 +16,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from orchestrator import tracking
+from orchestrator import jobs, tracking
 from orchestrator.config import ConfigError, dump_yaml
 from orchestrator.search_space import SearchSpace
 
@@ -62,13 +62,19 @@ def _run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, A
     uri, home = sweep["tracking_uri"], Path(sweep["home"])
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
+    # A grid trial is one (configuration, seed): found by its config's identity even if a restarted
+    # driver gave it a new trial id. A proposal of a model-based search is found by its trial id.
+    key = f"tags.`avlab.trial_id` = '{trial_id}'" if space.uses_optuna else f"tags.`avlab.run_identity` = '{cfg.identity()}'"
     found = client.search_runs(
-        [exp.experiment_id],
-        f"tags.`avlab.trial_id` = '{trial_id}' and tags.`mlflow.parentRunId` = '{sweep['parent_run_id']}'",
-        max_results=1,
+        [exp.experiment_id], f"{key} and tags.`mlflow.parentRunId` = '{sweep['parent_run_id']}'", max_results=1
     )
+    if found and found[0].info.status == "FINISHED" and "eval_time_s" in found[0].data.metrics:
+        # Finished before the sweep's driver died, yet Tune had not recorded it: report, don't rerun.
+        ray.tune.report(dict(found[0].data.metrics))
+        return
     if found:
         run_id = found[0].info.run_id
+        tracking.set_tags(client, run_id, {"trial_id": trial_id})
     else:
         run_id = tracking.create_run(
             tracking_uri=uri,
@@ -91,7 +97,7 @@ def _run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, A
         )
     trainer = build_trainer(
         cfg,
-        name=f"{sweep['name']}-{trial_id}",
+        name=f"{sweep['name']}-{run_id}",  # stable across restarts, so the trainer resumes
         run_id=run_id,
         tracking_uri=uri,
         storage_path=str(home / "ray" / "trials"),
@@ -225,11 +231,7 @@ def run_sweep(
     address: str | None,
     max_concurrent: int,
 ) -> str:
-    """Run the whole sweep; return the parent MLflow run id."""
-    from ray import tune
-
-    from orchestrator.launch import init_ray
-
+    """Create the sweep's parent run and job file, then run the whole sweep; return the parent id."""
     client = MlflowClient(tracking_uri)
     tracking.get_or_create_experiment(client, SWEEP_EXPERIMENT, home)
     parent_id = tracking.create_run(
@@ -251,6 +253,40 @@ def run_sweep(
         tags={"kind": "sweep", "sweep_name": name, "search_space": space.name},
         config_yaml=space.path.read_text(),
     )
+    jobs.write(home, name, {
+        "kind": "sweep", "space": space.to_dict(), "parent_run_id": parent_id, "tracking_uri": tracking_uri,
+        "address": address, "max_concurrent": max_concurrent,
+    })
+    fit_sweep(space, name=name, home=home, tracking_uri=tracking_uri, address=address,
+              max_concurrent=max_concurrent, parent_id=parent_id, restore=False)
+    return parent_id
+
+
+def experiment_path(home: Path, name: str) -> Path:
+    return home / "ray" / "sweeps" / name
+
+
+def fit_sweep(
+    space: SearchSpace,
+    *,
+    name: str,
+    home: Path,
+    tracking_uri: str,
+    address: str | None,
+    max_concurrent: int,
+    parent_id: str,
+    restore: bool,
+) -> None:
+    """Run (or, with ``restore``, continue) the Tune experiment; settle the MLflow runs.
+
+    Restoring keeps trial ids (``resume_errored``, not ``restart_errored``): finished trials are
+    not run again, unfinished and errored ones continue from their trainers' checkpoints, and the
+    search algorithm's state comes back from the experiment folder."""
+    from ray import tune
+
+    from orchestrator.launch import init_ray
+
+    client = MlflowClient(tracking_uri)
     ok = False
     try:
         # Per-epoch reports carry losses; the sweep metric comes with the final (evaluated) one.
@@ -262,21 +298,28 @@ def run_sweep(
             # The trial only drives its TorchTrainer; the training workers hold the CPUs.
             {"CPU": 0, "memory": 64 * 1024**2},
         )
-        tuner = tune.Tuner(
-            trainable,
-            param_space=_param_space(space),
-            # metric and mode live on the searcher and the scheduler (Tune refuses them twice).
-            tune_config=tune.TuneConfig(
-                search_alg=build_searcher(space) if space.uses_optuna else None,
-                num_samples=space.num_samples if space.uses_optuna else 1,
-                scheduler=build_scheduler(space),
-                max_concurrent_trials=max_concurrent,
-            ),
-            run_config=tune.RunConfig(name=name, storage_path=str(home / "ray" / "sweeps"), verbose=1),
-        )
+        path = experiment_path(home, name)
+        if restore and tune.Tuner.can_restore(str(path)):
+            tuner = tune.Tuner.restore(
+                str(path), trainable=trainable, resume_unfinished=True, resume_errored=True, restart_errored=False
+            )
+        else:  # the driver died before Tune saved anything: start the experiment afresh
+            tuner = tune.Tuner(
+                trainable,
+                param_space=_param_space(space),
+                # metric and mode live on the searcher and the scheduler (Tune refuses them twice).
+                tune_config=tune.TuneConfig(
+                    search_alg=build_searcher(space) if space.uses_optuna else None,
+                    num_samples=space.num_samples if space.uses_optuna else 1,
+                    scheduler=build_scheduler(space),
+                    max_concurrent_trials=max_concurrent,
+                ),
+                run_config=tune.RunConfig(name=name, storage_path=str(path.parent), verbose=1),
+            )
         t0 = time.perf_counter()
         results = tuner.fit()
-        tracking.log_metrics(client, parent_id, {"wall_time_s": time.perf_counter() - t0}, step=0)
+        if not any(m.key == "wall_time_s" for m in client.get_metric_history(parent_id, "wall_time_s")):
+            tracking.log_metrics(client, parent_id, {"wall_time_s": time.perf_counter() - t0}, step=0)
         _close_trial_runs(client, parent_id, results)
         errors = [r.error for r in results if r.error is not None]
         ok = not errors
@@ -284,4 +327,3 @@ def run_sweep(
             raise RuntimeError(f"{len(errors)} of {len(results)} trials failed; first: {errors[0]}")
     finally:
         tracking.end_run(tracking_uri, parent_id, ok=ok)
-    return parent_id

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
+import math
+import posixpath
 import random
 import sys
 import tempfile
@@ -32,11 +33,9 @@ from methods.data.augment import SpecAugment, TwoViews, simclr_image_augment
 from methods.distributed import convert_global_batchnorm
 from methods.evaluate import run_downstream
 from methods.registry import build_method
+from orchestrator import checkpoint as ckpt
 from orchestrator import tracking
 from orchestrator.config import ExperimentConfig
-
-CHECKPOINT_FILE = "checkpoint.pt"
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -58,12 +57,29 @@ def build_pretraining_data(cfg: ExperimentConfig, method: Method) -> dict[str, D
     return pools
 
 
+class _ResumableSampler(DistributedSampler):
+    """A DistributedSampler that can start part-way into an epoch (a resumed unpaired pool)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.start = 0  # samples of this rank's shard to skip, once
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        start, self.start = self.start, 0
+        return iter(indices[start:])
+
+
 class _Loader:
-    """A sharded DataLoader over one pool that can be iterated forever (unpaired pools cycle)."""
+    """A sharded DataLoader over one pool that can be iterated forever (unpaired pools cycle).
+
+    Its position (epoch, batches consumed in that epoch) goes into every checkpoint, so a resumed
+    run draws exactly the batches an uninterrupted one would have drawn."""
 
     def __init__(self, dataset: Dataset, *, batch: int, world: int, rank: int, seed: int, workers: int):
         self.dataset = dataset
-        self.sampler = DistributedSampler(
+        self.batch = batch
+        self.sampler = _ResumableSampler(
             dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
         )
         self.loader = DataLoader(
@@ -74,21 +90,36 @@ class _Loader:
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
+            # Worker seeds come from this generator, not from the global RNG that training uses;
+            # samples and their augmentations are functions of (seed, epoch, index) anyway.
+            generator=torch.Generator().manual_seed(seed),
         )
         self.epoch = 0
+        self.consumed = 0  # batches of the current epoch already handed out
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        self.consumed = 0
         self.sampler.set_epoch(epoch)
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.set_epoch(state["epoch"])
+        self.consumed = state["consumed"]
+        self.sampler.start = self.consumed * self.batch
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def forever(self) -> Iterator[Batch]:
         while True:
-            yield from self.loader
+            for batch in self.loader:
+                self.consumed += 1
+                yield batch
             self.set_epoch(self.epoch + 1)
 
 
@@ -109,14 +140,35 @@ def _build_optimizer(cfg: ExperimentConfig, params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=o.lr, momentum=0.9, weight_decay=o.weight_decay)
 
 
+def _build_scheduler(cfg: ExperimentConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """Per-step learning-rate factor: linear warm-up, then constant or cosine decay to 0."""
+    warmup = cfg.optim.warmup_epochs * steps_per_epoch
+    total = max(cfg.train.epochs * steps_per_epoch, 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.optim.schedule == "cosine":
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _quiet_ray_train_reports() -> None:
@@ -167,23 +219,39 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         for i, (key, pool) in enumerate(pools.items())
     }
 
-    start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            state = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location=device, weights_only=False)
-        _unwrap(model).load_state_dict(state["model"])
-        _unwrap(model).load_extra_state(state["extra"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch = state["epoch"] + 1
-        _set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-        for key, loader in loaders.items():
-            loader.set_epoch(state["loader_epochs"].get(key, start_epoch))
-
     client = MlflowClient(tracking_uri) if rank == 0 else None
     steps = len(loaders["main"])
     if cfg.train.max_steps_per_epoch:
         steps = min(steps, cfg.train.max_steps_per_epoch)
+    scheduler = _build_scheduler(cfg, optimizer, steps)
+
+    start_epoch, global_step = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        state = load_latest_checkpoint(checkpoint, device, verbose=rank == 0)
+        if state.get("identity") not in (None, cfg.identity()):
+            raise RuntimeError(f"checkpoint {checkpoint.path}: written by another configuration "
+                               f"(identity {state['identity']}, this run is {cfg.identity()})")
+        if state.get("mlflow_run_id") not in (None, run_id):
+            raise RuntimeError(f"checkpoint {checkpoint.path}: belongs to MLflow run {state['mlflow_run_id']}, "
+                               f"not {run_id}")
+        _unwrap(model).load_state_dict(state["model"])
+        _unwrap(model).load_extra_state(state["extra"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, global_step = state["epoch"] + 1, state["global_step"]
+        _set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        for key, loader in loaders.items():
+            if key in state["loaders"]:
+                loader.load_state(state["loaders"][key])
+        if rank == 0:
+            say(f"resumed from {checkpoint_file(state['_dir'])} (epoch {start_epoch}/{cfg.train.epochs} done)")
+            if state["_skipped"]:
+                tracking.set_tags(client, run_id, {"checkpoint_skipped": " | ".join(state["_skipped"])})
+
+    # Epochs whose metrics are already in MLflow (a restart after the log, before the checkpoint
+    # landed) are trained again but not logged again: the history gets no repeated steps.
+    logged_through = _last_logged_epoch(client, run_id) if client is not None else -1
     unpaired_iters = {k: l.forever() for k, l in loaders.items() if k != "main"}
 
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -201,6 +269,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             optimizer.step()
+            scheduler.step()
+            global_step += 1
             _unwrap(model).after_step(batch, out)
             for k, v in out.items():
                 sums[k] = sums.get(k, 0) + v.detach()
@@ -209,19 +279,87 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics = _epoch_metrics(sums, steps, world)
         metrics["pairs_per_s"] = steps * cfg.train.batch_size / elapsed
         metrics["epoch_time_s"] = elapsed
+        metrics["lr"] = scheduler.get_last_lr()[0]
         metrics["epoch"] = epoch
         every = cfg.eval.every_epochs
         if rank == 0 and every and (epoch + 1) % every == 0 and epoch + 1 < cfg.train.epochs:
             metrics.update(quick_knn(cfg, _unwrap(model), data, device))
         if rank == 0:
-            tracking.log_metrics(client, run_id, metrics, step=epoch)
+            if epoch > logged_through:
+                tracking.log_metrics(client, run_id, metrics, step=epoch)
             _print_epoch(epoch, cfg.train.epochs, metrics)
-        _report_with_checkpoint(metrics, model, optimizer, epoch, rank, world, run_id, loaders)
+        state = {
+            "identity": cfg.identity(),
+            "model": _unwrap(model).state_dict(),
+            "extra": _unwrap(model).extra_state(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "global_step": global_step,
+            "loaders": {k: l.state() for k, l in loaders.items() if k != "main"},
+            "mlflow_run_id": run_id,
+        }
+        _report_with_checkpoint(metrics, state, epoch, rank, world)
 
     final: dict[str, Any] = {"epoch": cfg.train.epochs - 1}
     if rank == 0:
-        final.update(evaluate_and_log(cfg, _unwrap(model), data, client, run_id, device))
+        done = _logged_evaluation(client, run_id)
+        if done is not None:  # evaluated before a restart: report it, don't repeat it
+            say("downstream evaluation already logged; not repeated")
+            final.update(done)
+        else:
+            final.update(evaluate_and_log(cfg, _unwrap(model), data, client, run_id, device))
     ray.train.report(final)
+
+
+def checkpoint_file(directory: str) -> str:
+    return posixpath.join(directory, ckpt.STATE_FILE)
+
+
+def load_latest_checkpoint(checkpoint: ray.train.Checkpoint, device: torch.device, *, verbose: bool = True) -> dict[str, Any]:
+    """The newest readable checkpoint: Ray Train's latest, else the previous ones it kept.
+
+    A damaged checkpoint is reported (naming the file) and skipped; if none is readable the run
+    stops rather than silently starting over."""
+    import pyarrow.fs
+
+    fs, latest = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    parent, latest_name = posixpath.split(latest)
+    candidates = [latest]
+    latest_epoch = ckpt.epoch_of(latest_name)
+    if latest_epoch is not None:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(parent))
+        older = [
+            (ckpt.epoch_of(i.base_name), i.path)
+            for i in infos
+            if i.type == pyarrow.fs.FileType.Directory and ckpt.epoch_of(i.base_name) is not None
+        ]
+        candidates += [path for epoch, path in sorted(older, reverse=True) if epoch < latest_epoch]
+    errors = []
+    for path in candidates:
+        with ray.train.Checkpoint(path, filesystem=fs).as_directory() as local:
+            try:
+                state = ckpt.load(local, map_location=device)
+            except ckpt.CheckpointError as exc:
+                # Name the file where it lives in storage, not in a temporary download.
+                message = str(exc).replace(str(local), path)
+                errors.append(message)
+                if verbose:
+                    say(f"WARNING: unusable checkpoint: {message}; trying the previous one")
+                continue
+        state["_dir"], state["_skipped"] = path, errors
+        return state
+    raise RuntimeError(f"no usable checkpoint in {parent}: " + "; ".join(errors))
+
+
+def _last_logged_epoch(client: MlflowClient, run_id: str) -> int:
+    history = client.get_metric_history(run_id, "loss")
+    return max((m.step for m in history), default=-1)
+
+
+def _logged_evaluation(client: MlflowClient, run_id: str) -> dict[str, float] | None:
+    metrics = client.get_run(run_id).data.metrics
+    return dict(metrics) if "eval_time_s" in metrics else None
 
 
 def _epoch_metrics(sums: dict[str, torch.Tensor], steps: int, world: int) -> dict[str, float]:
@@ -251,8 +389,8 @@ def _print_epoch(epoch: int, epochs: int, metrics: dict[str, float]) -> None:
     )
 
 
-def _report_with_checkpoint(metrics, model, optimizer, epoch, rank, world, run_id, loaders) -> None:
-    """Every worker reports; rank 0 attaches the checkpoint (model, optimiser, RNG, positions)."""
+def _report_with_checkpoint(metrics, state, epoch, rank, world) -> None:
+    """Every worker reports; rank 0 attaches the checkpoint with every rank's RNG states."""
     rng = [None] * world
     if world > 1:
         dist.all_gather_object(rng, _rng_state())
@@ -261,23 +399,12 @@ def _report_with_checkpoint(metrics, model, optimizer, epoch, rank, world, run_i
     if rank != 0:
         ray.train.report(metrics)
         return
-    state = {
-        "model": _unwrap(model).state_dict(),
-        "extra": _unwrap(model).extra_state(),
-        "optimizer": optimizer.state_dict(),
-        "epoch": epoch,
-        "rng": rng,
-        "loader_epochs": {k: l.epoch for k, l in loaders.items() if k != "main"},
-        "mlflow_run_id": run_id,
-    }
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / CHECKPOINT_FILE
-        torch.save(state, path.with_suffix(".tmp"))
-        os.replace(path.with_suffix(".tmp"), path)  # never a half-written checkpoint file
+        ckpt.save(tmp, {**state, "rng": rng})
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=f"checkpoint_epoch{epoch:05d}",
+            checkpoint_dir_name=ckpt.dir_name(epoch),
         )
 
 
@@ -314,10 +441,10 @@ def evaluate_and_log(
         )
         metrics.update(transfer.metrics)
     metrics["eval_time_s"] = time.perf_counter() - t0
-    step = max(cfg.train.epochs - 1, 0)
-    tracking.log_metrics(client, run_id, metrics, step=step)
     for name, fig in figures.items():
         client.log_figure(run_id, fig, f"plots/confusion_{name}.png")
+    # eval_time_s arrives with the metrics, last: a run that has it has finished its evaluation.
+    tracking.log_metrics(client, run_id, metrics, step=max(cfg.train.epochs - 1, 0))
     summary = ", ".join(
         f"{k}={metrics[k]:.3f}"
         for k in ("image_h_linear_acc", "sound_h_linear_acc", "image_h_knn_acc", "retrieval_s2i_rank1")

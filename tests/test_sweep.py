@@ -73,19 +73,32 @@ def test_bad_search_space_exits_2_before_anything_starts(tmp_path, capsys, text,
     assert not home.exists() and not ray.is_initialized()
 
 
-@pytest.mark.slow
-def test_small_sweep_parent_children_report_and_status(tmp_path):
-    space = tmp_path / "mem.yaml"
-    space.write_text(
-        "base:\n  preset: tiny\ngrid:\n  method.memory_size: [10, 100]\nseeds: 2\n"
-        "metric: image_h_linear_acc\nmode: max\nresources: {workers: 1, cpus_per_worker: 1}\n"
-        "max_concurrent: 2\nplot: {x: method.memory_size, log_x: true}\n"
-    )
-    home = tmp_path / "runs"
+MEM_SPACE = (
+    "base:\n  preset: tiny\ngrid:\n  method.memory_size: [10, 100]\nseeds: 2\n"
+    "metric: image_h_linear_acc\nmode: max\nresources: {workers: 1, cpus_per_worker: 1}\n"
+    "max_concurrent: 2\nplot: {x: method.memory_size, log_x: true}\n"
+)
+# Two epochs, so a trial killed in its second epoch has a checkpoint to resume from.
+MEM_RUN = [o for o in SMALL if not o.startswith("train.epochs")] + ["train.epochs=2"]
+
+
+@pytest.fixture(scope="module")
+def mem_sweep(tmp_path_factory):
+    """A 2 configurations x 2 seeds grid, never interrupted."""
+    root = tmp_path_factory.mktemp("mem")
+    space = root / "mem.yaml"
+    space.write_text(MEM_SPACE)
+    home = root / "runs"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    out = subprocess.run([AVLAB, "sweep", str(space), "--name", "mem", "--home", str(home), *SMALL],
+    out = subprocess.run([AVLAB, "sweep", str(space), "--name", "mem", "--home", str(home), *MEM_RUN],
                          capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    return home, out
+
+
+@pytest.mark.slow
+def test_small_sweep_parent_children_report_and_status(mem_sweep):
+    home, out = mem_sweep
     assert "| method.memory_size=10 " in out.stdout and "| method.memory_size=100" in out.stdout
 
     from mlflow.tracking import MlflowClient
@@ -101,7 +114,7 @@ def test_small_sweep_parent_children_report_and_status(tmp_path):
         ("10", "0"), ("10", "1"), ("100", "0"), ("100", "1")]
     for r in children:
         assert r.info.status == "FINISHED" and 0 <= r.data.metrics["image_h_linear_acc"] <= 1
-        assert [m.step for m in client.get_metric_history(r.info.run_id, "loss_pair")] == [0]
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "loss_pair")] == [0, 1]
 
     report = json.loads(subprocess.run([AVLAB, "report", "mem", "--format", "json", "--home", str(home)],
                                        capture_output=True, text=True, check=True).stdout)
@@ -161,3 +174,78 @@ def test_optuna_asha_sweep_settles_every_trial_run(tmp_path):
     report = json.loads(subprocess.run([AVLAB, "report", "asha", "--format", "json", "--home", str(home)],
                                        capture_output=True, text=True, check=True).stdout)
     assert {row["configuration"] for row in report["rows"]} == finished
+
+
+def _trial_runs(home: Path, sweep: str) -> dict[tuple[str, str], object]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("avlab-sweeps").experiment_id])
+    children = [r for r in runs if r.data.tags.get("avlab.kind") == "trial" and r.data.tags["avlab.sweep_name"] == sweep]
+    by_trial = {(r.data.tags["avlab.config_label"], r.data.tags["avlab.seed"]): r for r in children}
+    assert len(by_trial) == len(children)  # one child run per trial, never two
+    return by_trial
+
+
+def _measured(run) -> dict[str, float]:
+    return {k: v for k, v in run.data.metrics.items() if not k.endswith("_s")}  # all but timings
+
+
+@pytest.mark.slow
+def test_resume_of_a_finished_sweep_says_so_and_changes_nothing(mem_sweep):
+    home, _ = mem_sweep
+    before = {k: (r.info.status, r.info.end_time, r.data.metrics) for k, r in _trial_runs(home, "mem").items()}
+    files = {p: p.stat().st_mtime_ns for p in (home / "ray").rglob("*")}
+    out = subprocess.run([AVLAB, "resume", "mem", "--home", str(home)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "sweep mem already finished" in out.stdout, out.stderr
+    after = {k: (r.info.status, r.info.end_time, r.data.metrics) for k, r in _trial_runs(home, "mem").items()}
+    assert after == before
+    assert {p: p.stat().st_mtime_ns for p in (home / "ray").rglob("*")} == files
+
+
+@pytest.mark.slow
+def test_sweep_driver_sigkill_then_resume_finishes_every_trial_once(tmp_path, mem_sweep):
+    """Kill the driver with its node (local Ray head and trial workers) once one trial has
+    finished and another is part-way through; ``avlab resume`` runs only what is left and the
+    sweep ends exactly as the uninterrupted one did."""
+    import faults
+
+    space = tmp_path / "mem.yaml"
+    space.write_text(MEM_SPACE)
+    home, log = tmp_path / "runs", tmp_path / "sweep.log"
+    proc = faults.start(["sweep", str(space), "--name", "cut", "--home", str(home), *MEM_RUN], log, tmp_path)
+    trials = home / "ray" / "trials"
+
+    def one_done_one_midway() -> bool:
+        if not (home / "jobs" / "cut.json").exists():  # written once the MLflow store is set up
+            return False
+        runs = _trial_runs(home, "cut")
+        done = [r for r in runs.values() if r.info.status == "FINISHED"]
+        midway = [r for r in runs.values() if r.info.status == "RUNNING"
+                  and (trials / f"cut-{r.info.run_id}" / "checkpoint_epoch00000").exists()]
+        return bool(done and midway)
+
+    faults.wait_for(one_done_one_midway, timeout=600, what="a finished and a part-way trial", proc=proc, log=log)
+    faults.kill_node(proc)
+    killed = _trial_runs(home, "cut")
+    done_before = {k: (r.info.end_time, r.data.metrics) for k, r in killed.items() if r.info.status == "FINISHED"}
+    assert done_before and len(done_before) < 4
+
+    out = faults.run(["resume", "cut", "--home", str(home)], cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    resumed, reference = _trial_runs(home, "cut"), _trial_runs(mem_sweep[0], "mem")
+    assert resumed.keys() == reference.keys() and len(resumed) == 4
+    for key, run in resumed.items():
+        assert run.info.status == "FINISHED", key
+        if key in done_before:  # not run again: untouched since the kill
+            assert (run.info.end_time, run.data.metrics) == done_before[key], key
+        assert _measured(run) == _measured(reference[key]), key  # identical to the uninterrupted sweep
+
+    def report(home, name):
+        return json.loads(subprocess.run([AVLAB, "report", name, "--format", "json", "--home", str(home)],
+                                         capture_output=True, text=True, check=True).stdout)
+
+    cut, whole = report(home, "cut"), report(mem_sweep[0], "mem")
+    assert [r["configuration"] for r in cut["rows"]] == [r["configuration"] for r in whole["rows"]]
+    assert [(r["seeds"], sorted(r["metrics"])) for r in cut["rows"]] == [
+        (r["seeds"], sorted(r["metrics"])) for r in whole["rows"]]

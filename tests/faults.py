@@ -1,0 +1,89 @@
+"""Fault injection for the preemption tests: start avlab in its own process group (a stand-in for
+a node: the driver, its local Ray head and every Ray worker), find its processes, kill them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+AVLAB = str(Path(sys.executable).parent / "avlab")
+
+
+def env() -> dict[str, str]:
+    out = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    out.pop("MLFLOW_TRACKING_URI", None)
+    return out
+
+
+def start(args: list[str], log: Path, cwd: Path) -> subprocess.Popen:
+    """``avlab ARGS`` in a new session, so its whole process tree shares one process group."""
+    return subprocess.Popen([AVLAB, *args], cwd=cwd, env=env(), stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def run(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([AVLAB, *args], cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, process group, command line) of every live process."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        if fields[0] != "Z":
+            out[int(entry.name)] = (int(fields[1]), int(fields[2]), cmdline)
+    return out
+
+
+def processes(root: int) -> dict[int, str]:
+    """pid -> command line of ``root``, its process group and all their descendants (Ray starts
+    some workers in process groups of their own)."""
+    table = _table()
+    found = {pid for pid, (_, group, _) in table.items() if pid == root or group == root}
+    grew = True
+    while grew:
+        children = {pid for pid, (parent, _, _) in table.items() if parent in found} - found
+        found |= children
+        grew = bool(children)
+    return {pid: table[pid][2] for pid in found}
+
+
+def training_workers(root: int) -> list[int]:
+    return sorted(pid for pid, cmd in processes(root).items() if cmd.startswith("ray::RayTrainWorker"))
+
+
+def wait_for(condition: Callable[[], bool], *, timeout: float, what: str, proc: subprocess.Popen | None = None,
+              log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-3000:] if log else ""
+            raise AssertionError(f"avlab exited ({proc.returncode}) before {what}:\n{tail}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def kill_node(proc: subprocess.Popen, *, timeout: float = 60) -> None:
+    """SIGKILL the driver and everything in its process group (the node is gone), and wait until
+    nothing of it is left."""
+    doomed = processes(proc.pid)
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    wait_for(lambda: not (set(doomed) & set(_table())), timeout=timeout, what="the killed processes to vanish")

@@ -1,0 +1,153 @@
+"""cluster.yaml: Ray's own offline schema validation and the properties avlab relies on.
+
+Nothing here talks to AWS: ``prepare_config`` only merges the bundled AWS defaults
+(ray/autoscaler/aws/defaults.yaml) and fills per-node-type worker counts, and
+``validate_config`` checks the result against ray/autoscaler/ray-schema.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+CLUSTER_YAML = Path(__file__).resolve().parent.parent / "cluster.yaml"
+SHARED_MOUNT = "/mnt/avlab"
+
+
+@pytest.fixture(scope="module")
+def raw_text() -> str:
+    return CLUSTER_YAML.read_text()
+
+
+@pytest.fixture
+def cfg(raw_text: str) -> dict:
+    return yaml.safe_load(raw_text)
+
+
+def _is_spot(node_type: dict) -> bool:
+    market = node_type["node_config"].get("InstanceMarketOptions") or {}
+    return str(market.get("MarketType", "")).lower() == "spot"
+
+
+def _is_gpu(node_type: dict) -> bool:
+    instance = str(node_type["node_config"].get("InstanceType", ""))
+    return node_type.get("resources", {}).get("GPU", 0) > 0 or instance.startswith(("g", "p"))
+
+
+def _worker_types(cfg: dict) -> dict:
+    return {name: nt for name, nt in cfg["available_node_types"].items() if name != cfg["head_node_type"]}
+
+
+def test_passes_ray_validation(cfg: dict) -> None:
+    prepared = prepare_config(copy.deepcopy(cfg))
+    validate_config(prepared)
+    assert prepared["provider"]["type"] == "aws"
+    assert prepared["cluster_name"] == "avlab"
+    assert prepared["head_node_type"] in prepared["available_node_types"]
+    # Everything avlab needs is set here rather than inherited from Ray's defaults.
+    for key in ("max_workers", "idle_timeout_minutes", "available_node_types", "head_node_type",
+                "setup_commands", "head_setup_commands", "head_start_ray_commands",
+                "worker_start_ray_commands"):
+        assert key in cfg, key
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        "drop_resources",
+        "misspelled_key",
+        "fractional_resource",
+        "unknown_head_type",
+        "min_workers_over_max",
+    ],
+)
+def test_invalid_copies_fail_validation(cfg: dict, breakage: str) -> None:
+    broken = copy.deepcopy(cfg)
+    worker_name = next(iter(_worker_types(broken)))
+    worker = broken["available_node_types"][worker_name]
+    if breakage == "drop_resources":
+        del worker["resources"]
+    elif breakage == "misspelled_key":
+        worker["min_worker"] = worker.pop("min_workers")
+    elif breakage == "fractional_resource":
+        worker["resources"]["GPU"] = 0.5
+    elif breakage == "unknown_head_type":
+        broken["head_node_type"] = "no.such.type"
+    elif breakage == "min_workers_over_max":
+        worker["min_workers"] = broken["max_workers"] + 1
+    with pytest.raises((jsonschema.ValidationError, ValueError)):
+        validate_config(prepare_config(broken))
+
+
+def test_every_node_type_declares_resources(cfg: dict) -> None:
+    for name, node_type in cfg["available_node_types"].items():
+        assert "resources" in node_type, name
+        assert isinstance(node_type["resources"], dict), name
+
+
+def test_head_is_on_demand_and_takes_no_training(cfg: dict) -> None:
+    head = cfg["available_node_types"][cfg["head_node_type"]]
+    assert not _is_spot(head)
+    assert "InstanceMarketOptions" not in head["node_config"]
+    assert not _is_gpu(head)
+    # No CPU advertised: Ray Train workers (which ask for CPUs) never land on the head,
+    # while the 0-CPU Tune trial drivers still can.
+    assert head["resources"].get("CPU") == 0
+
+
+def test_gpu_workers_are_spot_and_scale_from_zero(cfg: dict) -> None:
+    workers = _worker_types(cfg)
+    gpu_workers = {name: nt for name, nt in workers.items() if _is_gpu(nt)}
+    assert gpu_workers, "no GPU worker type"
+    for name, node_type in gpu_workers.items():
+        assert _is_spot(node_type), name
+        assert node_type.get("min_workers", 0) == 0, name
+        assert 0 < node_type["max_workers"] <= cfg["max_workers"], name
+    assert any(nt["resources"].get("GPU", 0) >= 4 for nt in gpu_workers.values()), "no multi-GPU type"
+
+
+def test_dashboard_bound_to_localhost_and_token_auth_kept(cfg: dict) -> None:
+    head_start = [c for c in cfg["head_start_ray_commands"] if "ray start" in c]
+    assert len(head_start) == 1
+    cmd = head_start[0]
+    assert "--head" in cmd and "--port=6379" in cmd
+    assert "--dashboard-host=127.0.0.1" in cmd
+    assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in cmd
+    worker_start = [c for c in cfg["worker_start_ray_commands"] if "ray start" in c]
+    assert len(worker_start) == 1 and "--address=$RAY_HEAD_IP:6379" in worker_start[0]
+    assert cfg["head_start_ray_commands"][0] == "ray stop"
+    assert cfg["worker_start_ray_commands"][0] == "ray stop"
+    for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]:
+        assert "0.0.0.0" not in c
+        assert not re.search(r"RAY_AUTH_MODE=(?!token\b)", c), c
+
+
+def test_shared_storage_and_avlab_home_on_every_node(cfg: dict) -> None:
+    setup = cfg["setup_commands"]  # run on the head and on every worker
+    assert any(re.search(r"\bmount\b.*\s" + re.escape(SHARED_MOUNT) + r"\b", c) for c in setup)
+    assert any(f"export AVLAB_HOME={SHARED_MOUNT}" in c for c in setup)
+    assert any("make -C ~/avlab install" in c for c in setup)
+    assert any("avlab/.venv/bin" in c and "PATH" in c for c in setup)
+    # AVLAB_HOME must not be pointed elsewhere for some nodes only.
+    for c in cfg["head_setup_commands"] + cfg["worker_setup_commands"]:
+        assert "AVLAB_HOME" not in c
+    assert cfg["file_mounts"].get("~/avlab") is not None
+    assert ".venv" in cfg["rsync_exclude"]
+
+
+def test_no_credentials_in_file(raw_text: str, cfg: dict) -> None:
+    lowered = raw_text.lower()
+    for needle in ("aws_secret_access_key", "aws_access_key_id", "aws_session_token"):
+        assert needle not in lowered, needle
+    assert not re.search(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b", raw_text)
+    # A bare 40-character secret-key-shaped string.
+    assert not re.search(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])", raw_text)
+    assert "aws_credentials" not in cfg["provider"]
+    for local in cfg["file_mounts"].values():
+        assert ".aws" not in local and not local.endswith((".pem", ".key"))

@@ -1,0 +1,187 @@
+"""Preemption: checkpoints that prove they are whole, data loaders that resume mid-epoch, and real
+faults (SIGKILL of a training worker, of the driver with its whole node, a damaged checkpoint)
+after which a run ends exactly where an uninterrupted one ends, in one MLflow run."""
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+import faults
+from orchestrator import checkpoint as ckpt
+from orchestrator.cli import main
+
+# Three epochs on two DDP workers; 16 steps per epoch, the unpaired pools (6 batches) wrap mid-epoch.
+RUN = [
+    "--preset", "tiny", "--workers", "2",
+    "train.epochs=3", "train.batch_size=64", "data.paired_size=1024", "data.unpaired_sound_size=384",
+    "data.unpaired_image_size=384", "data.train_size=200", "data.test_size=100",
+    "data.transfer_train_size=0", "data.transfer_test_size=0", "method.memory_size=50", "eval.every_epochs=1",
+]
+TIMINGS = ("epoch_time_s", "pairs_per_s", "eval_time_s")
+
+
+# --- units ---------------------------------------------------------------------------------------
+
+def test_checkpoint_round_trip_and_every_kind_of_damage(tmp_path):
+    state = {"model": {"w": torch.arange(6.0)}, "optimizer": {}, "epoch": 4, "rng": [torch.get_rng_state()],
+             "loaders": {"usound": {"epoch": 2, "consumed": 3}}}
+    path = ckpt.save(tmp_path / "c", state)
+    loaded = ckpt.load(tmp_path / "c")
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"]) and loaded["loaders"] == state["loaders"]
+
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(ckpt.CheckpointError, match=f"{path}: truncated"):
+        ckpt.load(tmp_path / "c")
+    path.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])  # same size, one bit flipped
+    with pytest.raises(ckpt.CheckpointError, match=f"{path}: damaged"):
+        ckpt.load(tmp_path / "c")
+    path.write_bytes(data)
+    (tmp_path / "c" / ckpt.MANIFEST_FILE).unlink()  # the writer died before the manifest
+    with pytest.raises(ckpt.CheckpointError, match="checkpoint.json: missing"):
+        ckpt.load(tmp_path / "c")
+    ckpt.save(tmp_path / "d", {"model": {}, "epoch": 0})
+    with pytest.raises(ckpt.CheckpointError, match="lacks optimizer, rng, loaders"):
+        ckpt.load(tmp_path / "d")
+
+
+class _Indices(Dataset):
+    def __init__(self, n):
+        self.n, self.epoch = n, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"index": torch.tensor(i), "epoch": torch.tensor(self.epoch)}
+
+
+@pytest.mark.parametrize("taken", [0, 3, 5, 7, 11])
+def test_unpaired_loader_resumes_at_the_same_batch(taken):
+    from orchestrator.train import _Loader
+
+    def loader():
+        return _Loader(_Indices(50), batch=4, world=2, rank=1, seed=7, workers=0)
+
+    whole = loader().forever()
+    expected = [next(whole) for _ in range(taken + 8)]
+    first = loader()
+    it = first.forever()
+    for _ in range(taken):
+        next(it)
+    resumed = loader()
+    resumed.load_state(json.loads(json.dumps(first.state())))  # through the checkpoint's format
+    it = resumed.forever()
+    for want in expected[taken:]:
+        got = next(it)
+        assert torch.equal(got["index"], want["index"]) and torch.equal(got["epoch"], want["epoch"])
+
+
+def test_resume_names_bad_input_before_anything_starts(tmp_path, capsys):
+    home = tmp_path / "home"
+    assert main(["resume", "nothing-here", "--home", str(home)]) == 2
+    assert "NAME: no run or sweep named 'nothing-here'" in capsys.readouterr().err
+    (home / "jobs").mkdir(parents=True)
+    (home / "jobs" / "broken.json").write_text("{not json")
+    assert main(["resume", "broken", "--home", str(home)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "broken.json: unreadable" in err
+    assert main(["run", "tracking.run_name=a/b", "--home", str(home)]) == 2
+    assert "tracking.run_name: 'a/b' is not a valid name" in capsys.readouterr().err
+    assert sorted(p.name for p in home.iterdir()) == ["jobs"]
+
+
+# --- real faults ----------------------------------------------------------------------------------
+
+def _only_run(home: Path, name: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("avlab").experiment_id])
+    assert [r.info.run_name for r in runs] == [name]  # exactly one MLflow run
+    return client, runs[0]
+
+
+def _history(client, run, key="loss"):
+    return [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+
+
+def _results(client, run) -> dict[str, float]:
+    """Everything a run measured except wall-clock timings."""
+    return {k: v for k, v in run.data.metrics.items() if k not in TIMINGS}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The same run, never interrupted."""
+    home = tmp_path_factory.mktemp("reference")
+    out = faults.run(["run", "--home", str(home), "tracking.run_name=ref", *RUN], cwd=home)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    client, run = _only_run(home, "ref")
+    assert run.info.status == "FINISHED" and [s for s, _ in _history(client, run)] == [0, 1, 2]
+    return _history(client, run), _results(client, run)
+
+
+@pytest.mark.slow
+def test_worker_sigkill_mid_epoch_restarts_from_checkpoint_and_ends_identical(tmp_path, reference):
+    home, log = tmp_path / "home", tmp_path / "run.log"
+    proc = faults.start(["run", "--home", str(home), "tracking.run_name=wk", *RUN], log, tmp_path)
+    run_dir = home / "ray" / "wk"
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    faults.wait_for(lambda: snapshot.exists() and "checkpoint_epoch00000" in snapshot.read_text(),
+                    timeout=300, what="Ray Train to register the first checkpoint", proc=proc, log=log)
+    time.sleep(1.0)  # into epoch 2 (about 5 s long)
+    workers = faults.training_workers(proc.pid)
+    assert len(workers) == 2, faults.processes(proc.pid)
+    assert not (run_dir / "checkpoint_epoch00001").exists()  # epoch 2 is under way
+    os.kill(workers[-1], signal.SIGKILL)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+
+    text = log.read_text()
+    assert "resumed from" in text and "checkpoint_epoch00000/checkpoint.pt (epoch 1/3 done)" in text
+    client, run = _only_run(home, "wk")
+    history, results = reference
+    assert run.info.status == "FINISHED"
+    assert _history(client, run) == history  # no gap, no repeated step, same values
+    assert _results(client, run) == results  # bit-identical downstream metrics
+
+
+@pytest.mark.slow
+def test_driver_sigkill_then_damaged_newest_checkpoint_resume_falls_back(tmp_path, reference):
+    home, log = tmp_path / "home", tmp_path / "run.log"
+    proc = faults.start(["run", "--home", str(home), "tracking.run_name=dk", *RUN], log, tmp_path)
+    snapshot = home / "ray" / "dk" / "checkpoint_manager_snapshot.json"
+    faults.wait_for(lambda: snapshot.exists() and "checkpoint_epoch00001" in snapshot.read_text(),
+                    timeout=300, what="Ray Train to register the second checkpoint", proc=proc, log=log)
+    faults.kill_node(proc)  # the driver, its local Ray and both training workers
+
+    client, run = _only_run(home, "dk")
+    assert run.info.status == "RUNNING" and [s for s, _ in _history(client, run)][:2] == [0, 1]
+    newest = home / "ray" / "dk" / "checkpoint_epoch00001" / ckpt.STATE_FILE
+    newest.write_bytes(newest.read_bytes()[:4096])  # a truncated copy, as a dying disk leaves it
+
+    out = faults.run(["resume", "dk", "--home", str(home)], cwd=tmp_path)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-4000:]
+    assert f"WARNING: unusable checkpoint: {newest}: truncated" in text
+    assert "checkpoint_epoch00000/checkpoint.pt (epoch 1/3 done)" in text
+    client, run = _only_run(home, "dk")
+    history, results = reference
+    assert run.info.status == "FINISHED" and run.data.tags["avlab.resumed"] == "1"
+    assert str(newest) in run.data.tags["avlab.checkpoint_skipped"]
+    assert _history(client, run) == history
+    assert _results(client, run) == results
+
+    again = faults.run(["resume", "dk", "--home", str(home)], cwd=tmp_path)
+    assert again.returncode == 0 and "run dk already finished" in again.stdout
+    _, same = _only_run(home, "dk")
+    assert same.info.end_time == run.info.end_time and same.data.tags == run.data.tags
