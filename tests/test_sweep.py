@@ -249,3 +249,46 @@ def test_sweep_driver_sigkill_then_resume_finishes_every_trial_once(tmp_path, me
     assert [r["configuration"] for r in cut["rows"]] == [r["configuration"] for r in whole["rows"]]
     assert [(r["seeds"], sorted(r["metrics"])) for r in cut["rows"]] == [
         (r["seeds"], sorted(r["metrics"])) for r in whole["rows"]]
+
+
+@pytest.mark.slow
+def test_optuna_sweep_driver_sigkill_then_resume_keeps_trial_ids_and_proposals(tmp_path):
+    """Optuna through a lost driver: the study comes back from the experiment folder, trials keep
+    their ids (no KeyError in the restored searcher), and the proposals are the ones the seeded
+    sampler makes without interruption."""
+    import faults
+
+    space_file = tmp_path / "opt.yaml"
+    space_file.write_text(
+        "base:\n  preset: tiny\nsearch:\n  method.loss_temperature: {type: loguniform, low: 0.02, high: 1.0}\n"
+        "num_samples: 3\nseeds: 1\nmetric: image_h_linear_acc\nresources: {workers: 1, cpus_per_worker: 1}\n"
+        "max_concurrent: 1\n"
+    )
+    home, log = tmp_path / "runs", tmp_path / "sweep.log"
+    proc = faults.start(["sweep", str(space_file), "--name", "opt", "--home", str(home), *MEM_RUN], log, tmp_path)
+
+    def one_done_one_midway() -> bool:
+        if not (home / "jobs" / "opt.json").exists():
+            return False
+        runs = _trial_runs(home, "opt").values()
+        return any(r.info.status == "FINISHED" for r in runs) and any(
+            r.info.status == "RUNNING" and (home / "ray" / "trials" / f"opt-{r.info.run_id}" / "checkpoint_epoch00000").exists()
+            for r in runs)
+
+    faults.wait_for(one_done_one_midway, timeout=600, what="a finished and a part-way trial", proc=proc, log=log)
+    faults.kill_node(proc)
+    before = {r.data.tags["avlab.trial_id"]: r.info.status for r in _trial_runs(home, "opt").values()}
+
+    out = faults.run(["resume", "opt", "--home", str(home)], cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    runs = list(_trial_runs(home, "opt").values())
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
+    after = {r.data.tags["avlab.trial_id"] for r in runs}
+    assert set(before) <= after  # the trials alive at the kill kept their ids and runs
+
+    space = load_search_space(space_file)
+    searcher = build_searcher(space)
+    searcher.set_search_properties(space.metric, space.mode, _param_space(space))
+    expected = sorted(searcher.suggest(f"t{i}")["method.loss_temperature"] for i in range(3))
+    got = sorted(float(r.data.params["varied.method.loss_temperature"]) for r in runs)
+    assert got == pytest.approx(expected, rel=1e-12)
