@@ -14,6 +14,7 @@ Legend: B paired batch, U unpaired batch, D feature size, n memory slots.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -50,8 +51,14 @@ class Method(nn.Module):
     # Whether the training step reads unpaired pools (usound / uimage keys).
     uses_unpaired: ClassVar[bool] = False
 
+    @classmethod
+    def check_data(cls, cfg: Any, data_info: DataInfo) -> None:
+        """Reject a config the data cannot serve (ValueError "field: message"), before any
+        compute starts; e.g. more memory-bank negatives than the pool holds. Default: none."""
+
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Return {"loss": total, <term>: value, ...}; every value a scalar tensor."""
+        """Return {"loss": total, <term>: value, ...}; every loss term a scalar tensor. Keys that
+        start with "_" carry tensors for ``after_step`` and are not averaged as metrics."""
         raise NotImplementedError
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:  # noqa: D102
@@ -73,9 +80,33 @@ class Method(nn.Module):
         """
         raise NotImplementedError
 
+    def embed_encoders(
+        self,
+        images: torch.Tensor | None,
+        sounds: torch.Tensor | None,
+        *,
+        z_v: Callable[[torch.Tensor], torch.Tensor],
+        z_s: Callable[[torch.Tensor], torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """``embed`` for methods whose representation is the encoder output: f = h = E(x), and
+        z = ``z_v(f_v)`` / ``z_s(f_s)``. Needs encoders ``E_v`` and ``E_s``."""
+        out: dict[str, torch.Tensor] = {}
+        if images is not None:
+            out["f_v"] = out["h_v"] = self.E_v(images)
+            out["z_v"] = z_v(out["f_v"])
+        if sounds is not None:
+            out["f_s"] = out["h_s"] = self.E_s(sounds)
+            out["z_s"] = z_s(out["f_s"])
+        return out
+
     def may_leave_parameters_unused(self) -> bool:
         """Whether some step may not touch every parameter (DDP then looks for unused ones)."""
         return False
+
+    def ddp_broadcast_buffers(self) -> bool:
+        """Whether DDP copies rank 0's buffers to all workers every step. A method whose buffers
+        every rank updates identically (memory banks from gathered features) turns it off."""
+        return True
 
     def on_epoch_end(self, epoch: int) -> None:
         """Hook for per-epoch method logic (e.g. refreshing positive sets). Default: none."""

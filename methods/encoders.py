@@ -6,6 +6,9 @@ widths at 64-128-256-512, so the encoder is composed here from torchvision's ``B
 a ``base_width`` setting: 64 gives the paper's exact layers, 16 gives the CPU-sized ``tiny``
 preset.
 
+L3 (paper 003, after Arandjelovic & Zisserman's L3-Net) uses a VGG-style trunk for both
+modalities (``arch="vgg"``), with the same ``base_width`` setting and the same output size.
+
 Legend: B batch, C channels, H/W height/width (for sounds: mel bins / frames), D feature size.
 """
 
@@ -23,24 +26,41 @@ RESNET_LAYERS: dict[str, tuple[int, int, int, int]] = {
     "resnet18": (2, 2, 2, 2),
     "resnet34": (3, 4, 6, 3),
 }
+# Non-residual trunks; each has four stages like the ResNets, so per-block probes apply to all.
+PLAIN_ARCHS: tuple[str, ...] = ("vgg",)
+ENCODER_ARCHS: tuple[str, ...] = (*RESNET_LAYERS, *PLAIN_ARCHS)
 
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    """One encoder's shape. ``base_width`` 64 is the paper; the output size is 8 * base_width."""
+    """One encoder's shape. ``base_width`` 64 is the paper; the output size is 8 * base_width.
+
+    ``arch`` is a ResNet (``resnet10`` / ``resnet18`` / ``resnet34``) or ``vgg`` (L3's trunk);
+    every arch ends in a stage of 8 * base_width channels.
+    """
 
     arch: str = "resnet18"
     base_width: int = 64
 
     def __post_init__(self) -> None:
-        if self.arch not in RESNET_LAYERS:
-            raise ValueError(f"arch: unknown encoder {self.arch!r}; choose one of {sorted(RESNET_LAYERS)}")
+        if self.arch not in ENCODER_ARCHS:
+            raise ValueError(f"arch: unknown encoder {self.arch!r}; choose one of {sorted(ENCODER_ARCHS)}")
         if self.base_width <= 0:
             raise ValueError(f"base_width: must be positive, got {self.base_width}")
 
     @property
     def out_dim(self) -> int:
         return 8 * self.base_width
+
+
+def init_conv_bn(module: nn.Module) -> None:
+    """torchvision's ResNet initialisation: Kaiming-normal convolutions, BatchNorm at (1, 0)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
 
 
 class ResNetEncoder(nn.Module):
@@ -52,6 +72,8 @@ class ResNetEncoder(nn.Module):
 
     def __init__(self, cfg: EncoderConfig, *, in_channels: int) -> None:
         super().__init__()
+        if cfg.arch not in RESNET_LAYERS:
+            raise ValueError(f"arch: ResNetEncoder builds {sorted(RESNET_LAYERS)}, got {cfg.arch!r}")
         w = cfg.base_width
         self.out_dim = cfg.out_dim
         self.stem = nn.Sequential(
@@ -81,13 +103,7 @@ class ResNetEncoder(nn.Module):
         return nn.Sequential(*layers)
 
     def _init_weights(self) -> None:
-        # Same initialisation as torchvision's ResNet.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        init_conv_bn(self)
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         h = self.stem(x_BCHW)
@@ -105,5 +121,70 @@ class ResNetEncoder(nn.Module):
         return out
 
 
-def build_encoder(cfg: EncoderConfig, *, in_channels: int) -> ResNetEncoder:
+class VGGEncoder(nn.Module):
+    """VGG-style trunk of L3 (paper 003 §3.1, Fig. 1): four stages of [conv3x3-BN-ReLU] x 2 and a
+    2x2/2 max-pool, widths base_width * (1, 2, 4, 8), then a global max-pool to 8 * base_width.
+
+    The global pool is a max, as in L3-Net, whose vision and audio subnetworks max-pool their last
+    conv maps (14x14 for a 224x224 image) to one 512-d vector each. ``forward_blocks`` returns
+    each stage's (B, C, H, W) feature map unpooled, so that the per-block probes apply their own
+    protocol's pooling (a global average for AVID's, as for the ResNets' stage outputs) rather
+    than L3's max.
+    """
+
+    def __init__(self, cfg: EncoderConfig, *, in_channels: int) -> None:
+        super().__init__()
+        if cfg.arch not in PLAIN_ARCHS:
+            raise ValueError(f"arch: VGGEncoder builds {PLAIN_ARCHS}, got {cfg.arch!r}")
+        w = cfg.base_width
+        self.out_dim = cfg.out_dim
+        stages: list[nn.Module] = []
+        c_in = in_channels
+        for i in range(4):
+            c_out = w * 2**i
+            stages.append(self._make_stage(c_in, c_out))
+            c_in = c_out
+        self.stages = nn.ModuleList(stages)
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self._init_weights()
+
+    @staticmethod
+    def _make_stage(c_in: int, c_out: int) -> nn.Sequential:
+        # No conv bias: the BatchNorm after each conv has its own shift.
+        return nn.Sequential(
+            nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c_out, c_out, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=2, stride=2),
+        )
+
+    def _init_weights(self) -> None:
+        init_conv_bn(self)
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        h = x_BCHW
+        for stage in self.stages:
+            h = stage(h)
+        return torch.flatten(self.pool(h), 1)
+
+    def forward_blocks(self, x_BCHW: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Feature maps (B, C, H, W) after each stage (after its max-pool), keyed block1..block4;
+        the global max-pool of block4 is ``forward``."""
+        out: dict[str, torch.Tensor] = {}
+        h = x_BCHW
+        for i, stage in enumerate(self.stages, start=1):
+            h = stage(h)
+            out[f"block{i}"] = h
+        return out
+
+
+Encoder = ResNetEncoder | VGGEncoder
+
+
+def build_encoder(cfg: EncoderConfig, *, in_channels: int) -> Encoder:
+    if cfg.arch in PLAIN_ARCHS:
+        return VGGEncoder(cfg, in_channels=in_channels)
     return ResNetEncoder(cfg, in_channels=in_channels)

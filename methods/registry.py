@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from methods.avid import AVID, AVIDConfig
 from methods.base import DataInfo, Method
 from methods.bma import BMAConfig, BMAMemory
+from methods.l3 import L3, L3Config
 from methods.supervised import Supervised, SupervisedConfig
 
 
@@ -17,6 +19,8 @@ class MethodEntry(NamedTuple):
 METHODS: dict[str, MethodEntry] = {
     "bma": MethodEntry(BMAConfig, BMAMemory),
     "supervised": MethodEntry(SupervisedConfig, Supervised),
+    "l3": MethodEntry(L3Config, L3),
+    "avid": MethodEntry(AVIDConfig, AVID),
 }
 
 

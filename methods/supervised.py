@@ -4,6 +4,10 @@ It is the "Supervised Learning" row of paper 001 Tables 1-2: an upper reference 
 self-supervised encoders reach under the linear probe. Like the paper's, it trains with labels on
 the same pretraining clips the self-supervised methods see without them (the ``paired`` pool);
 it is the only method allowed to read labels.
+
+Fine-tuning (paper 001 supp. Table 1) is the same method on the labelled ``train`` split
+(``method.pool=train``), started from a pretrained run's encoders (``train.init_from=NAME``): every
+weight trains. From random weights, the same run is the supervised-from-scratch baseline.
 """
 
 from __future__ import annotations
@@ -23,6 +27,13 @@ from methods.encoders import EncoderConfig, build_encoder
 class SupervisedConfig:
     image_encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig("resnet18", 64))
     sound_encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig("resnet10", 64))
+    # "paired": the pretraining clips with their labels (supervised pretraining, paper 001);
+    # "train": the labelled split, the fine-tuning protocol of supp. Table 1 with train.init_from.
+    pool: str = "paired"
+
+    def __post_init__(self) -> None:
+        if self.pool not in ("paired", "train"):
+            raise ValueError(f"pool: must be paired or train, got {self.pool!r}")
 
 
 class Supervised(Method):
@@ -34,6 +45,7 @@ class Supervised(Method):
     def __init__(self, cfg: SupervisedConfig, data_info: DataInfo) -> None:
         super().__init__()
         self.cfg = cfg
+        self.pretrain_pool = cfg.pool
         self.E_v = build_encoder(cfg.image_encoder, in_channels=data_info.image_channels)
         self.E_s = build_encoder(cfg.sound_encoder, in_channels=data_info.sound_channels)
         self.classifier_v = nn.Linear(self.E_v.out_dim, data_info.num_classes)
@@ -50,11 +62,5 @@ class Supervised(Method):
     ) -> dict[str, torch.Tensor]:
         # h is the encoder feature; z is the class posterior, a space both modalities share,
         # so sound->image retrieval is meaningful for this baseline too.
-        out: dict[str, torch.Tensor] = {}
-        if images is not None:
-            out["f_v"] = out["h_v"] = self.E_v(images)
-            out["z_v"] = torch.softmax(self.classifier_v(out["h_v"]), dim=1)
-        if sounds is not None:
-            out["f_s"] = out["h_s"] = self.E_s(sounds)
-            out["z_s"] = torch.softmax(self.classifier_s(out["h_s"]), dim=1)
-        return out
+        return self.embed_encoders(images, sounds, z_v=lambda h: torch.softmax(self.classifier_v(h), dim=1),
+                                   z_s=lambda h: torch.softmax(self.classifier_s(h), dim=1))

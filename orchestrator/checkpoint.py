@@ -94,3 +94,37 @@ def load(directory: str | os.PathLike[str], *, map_location: Any = "cpu") -> dic
 def epoch_of(name: str) -> int | None:
     match = DIR_PATTERN.match(name)
     return int(match.group(1)) if match else None
+
+
+def resolve_init(value: str, home: Path) -> Path:
+    """The checkpoint folder that ``train.init_from`` names, verified: the name of a run under
+    ``<home>/ray`` (its newest usable checkpoint), a run's folder, a checkpoint folder, or its
+    ``checkpoint.pt``. Raises ``ConfigError`` naming the field before any compute starts."""
+    from orchestrator.config import ConfigError
+
+    path = Path(value).expanduser()
+    if path.is_file():
+        candidates = [path.parent]
+    elif (path / STATE_FILE).exists():
+        candidates = [path]
+    else:
+        run_dir = path if path.is_dir() else home / "ray" / value
+        candidates = sorted((p for p in run_dir.glob("checkpoint_epoch*") if epoch_of(p.name) is not None),
+                            key=lambda p: epoch_of(p.name), reverse=True) if run_dir.is_dir() else []
+        if not candidates:
+            raise ConfigError(f"train.init_from: {value!r} is neither a checkpoint nor a run with checkpoints "
+                              f"in {home / 'ray'}")
+    errors = []
+    for directory in candidates:
+        try:
+            load(directory)
+        except CheckpointError as exc:
+            errors.append(str(exc))
+            continue
+        return directory.resolve()
+    raise ConfigError(f"train.init_from: no usable checkpoint: {'; '.join(errors)}")
+
+
+def matching_weights(own: dict[str, Any], weights: dict[str, Any]) -> dict[str, Any]:
+    """The tensors of ``weights`` that ``own`` (a state_dict) has under the same name and shape."""
+    return {k: v for k, v in weights.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}

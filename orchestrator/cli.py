@@ -50,6 +50,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     home = tracking.resolve_home(args.home)
     name = cfg.tracking.run_name or f"{cfg.method_name}-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     jobs.check_name(name, "tracking.run_name")
+    if cfg.train.init_from:
+        from orchestrator.checkpoint import resolve_init
+
+        resolve_init(cfg.train.init_from, home)  # a bad path or run name stops here, exit 2
     if jobs.exists(home, name):
         # Ray Train would pick up that run's checkpoints under the same name.
         raise ConfigError(f"tracking.run_name: a run or sweep named {name!r} already exists in {home}; "
@@ -169,6 +173,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     home = tracking.resolve_home(args.home)
     name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     jobs.check_name(name, "--name")
+    from orchestrator.checkpoint import resolve_init
+
+    for init in {space.config_for(p, space.seeds[0]).train.init_from for p in space.grid_points()} - {""}:
+        resolve_init(init, home)  # every trial's starting weights exist before anything starts
     if jobs.exists(home, name):
         raise ConfigError(f"--name: a run or sweep named {name!r} already exists in {home}; "
                           f"`avlab resume {name}` continues it, or choose another name")

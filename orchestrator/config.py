@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from methods.data import ProceduralConfig
+from methods.data import ProceduralAV, ProceduralConfig
 from methods.evaluate import EvalConfig
 from methods.registry import METHODS
 
@@ -60,6 +60,7 @@ class TrainConfig:
     sync_batchnorm: bool = True  # BatchNorm statistics over the global batch under DDP
     checkpoints_to_keep: int = 2
     max_failures: int = 3  # worker-group failures Ray Train restarts from the last checkpoint
+    init_from: str = ""  # start from these weights: a finished run's name, or a checkpoint folder/file
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -196,6 +197,10 @@ PRESET_METHODS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
         "bma": {**_TINY_ENCODERS, "memory_size": 1000},
         "supervised": {**_TINY_ENCODERS},
+        "l3": {"image_encoder": {"arch": "vgg", "base_width": 16}, "sound_encoder": {"arch": "vgg", "base_width": 16}},
+        # K = 1024 negatives as in the paper (the tiny pool holds 8192 pairs); CMA refreshes its
+        # positive sets every epoch of a short run.
+        "avid": {**_TINY_ENCODERS, "cma_refresh_epochs": 1},
     },
     "paper": {
         "bma": {
@@ -203,6 +208,11 @@ PRESET_METHODS: dict[str, dict[str, dict[str, Any]]] = {
             "proj_dim": 128, "unpaired_weight": 1.0,
         },
         "supervised": {**_PAPER_ENCODERS},
+        # Paper 003: two VGG-style subnetworks, 64-128-256-512 channels.
+        "l3": {"image_encoder": {"arch": "vgg", "base_width": 64}, "sound_encoder": {"arch": "vgg", "base_width": 64}},
+        # Paper 002 §4.2: tau 0.07, K 1024, m 0.5, 128-d; CMA with K_p 32, lambda 1, E 50.
+        "avid": {**_PAPER_ENCODERS, "temperature": 0.07, "num_negatives": 1024, "memory_momentum": 0.5,
+                 "proj_dim": 128, "cma_positives": 32, "cma_weight": 1.0, "cma_refresh_epochs": 50},
     },
 }
 DEFAULT_METHOD = "bma"
@@ -347,7 +357,14 @@ def _check_cross_field(cfg: ExperimentConfig) -> None:
                 "the global batch is split evenly over the workers"
             )
     method_cls = METHODS[cfg.method_name].method_cls
-    pool = method_cls.pretrain_pool
+    try:
+        method_cls.check_data(cfg.method, ProceduralAV(cfg.data).info())
+    except ValueError as exc:
+        message = _first_line(exc)
+        field_name = message.split(":", 1)[0]
+        section = "data" if field_name in {f.name for f in dataclasses.fields(cfg.data)} else "method"
+        raise ConfigError(f"{section}.{message}") from None
+    pool = getattr(cfg.method, "pool", method_cls.pretrain_pool)
     pool_size = getattr(cfg.data, f"{pool}_size")
     if cfg.train.epochs > 0 and pool_size < cfg.train.batch_size:
         raise ConfigError(

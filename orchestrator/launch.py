@@ -29,17 +29,22 @@ def build_trainer(
     run_id: str,
     tracking_uri: str,
     storage_path: str,
+    home: Path,
     callbacks: list | None = None,
 ):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from orchestrator.checkpoint import resolve_init
     from orchestrator.train import train_loop_per_worker
 
+    init = str(resolve_init(cfg.train.init_from, home)) if cfg.train.init_from else ""
     res = cfg.resources
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": tracking_uri},
+        train_loop_config={
+            "config": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": tracking_uri, "init_checkpoint": init,
+        },
         torch_config=TorchConfig(backend="nccl" if res.gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=res.workers, use_gpu=res.gpu, resources_per_worker={"CPU": res.cpus_per_worker}
@@ -60,7 +65,7 @@ def launch_run(
 ) -> dict[str, Any]:
     init_ray(address)
     trainer = build_trainer(
-        cfg, name=name, run_id=run_id, tracking_uri=tracking_uri, storage_path=str(home / "ray")
+        cfg, name=name, run_id=run_id, tracking_uri=tracking_uri, storage_path=str(home / "ray"), home=home
     )
     result = trainer.fit()
     if result.error is not None:

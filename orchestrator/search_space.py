@@ -271,10 +271,24 @@ def _known_metric(metric: str, cfg: ExperimentConfig) -> bool:
     if name.startswith("retrieval_s2i_rank"):
         k = name.removeprefix("retrieval_s2i_rank")
         return k.isdigit() and 1 <= int(k) <= cfg.eval.retrieval_ks
+    stats = ("acc", "precision", "recall", "f1")
     parts = name.split("_")
+    if len(parts) == 4 and parts[1].startswith("block"):  # image_block3_linear_acc
+        modality, block, protocol, stat = parts
+        return (cfg.eval.block_probes and modality in ("image", "sound") and block in ("block1", "block2", "block3", "block4")
+                and protocol == "linear" and stat in stats)
+    clip = len(parts) == 5 and parts[3] == "clip"  # sound_h_svm_clip_acc
+    if clip:
+        if cfg.eval.sound_crops < 2:
+            return False
+        parts = [*parts[:3], parts[4]]
     if len(parts) != 4:
         return False
     modality, family, protocol, stat = parts
     if modality not in ("image", "sound") or family not in cfg.eval.features:
         return False
-    return (protocol, stat) in {("linear", s) for s in ("acc", "precision", "recall", "f1")} | {("knn", "acc")}
+    if protocol == "svm":
+        return modality == "sound" and cfg.eval.sound_svm and stat in stats
+    if clip:
+        return modality == "sound" and protocol == "linear" and stat in stats
+    return (protocol, stat) in {("linear", s) for s in stats} | {("knn", "acc")}

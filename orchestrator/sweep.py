@@ -101,6 +101,7 @@ def _run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, A
         run_id=run_id,
         tracking_uri=uri,
         storage_path=str(home / "ray" / "trials"),
+        home=home,
         callbacks=[TuneReportCallback()],
     )
     ok = False

@@ -201,7 +201,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             method = convert_global_batchnorm(method)
     model = ray.train.torch.prepare_model(
         method,
-        parallel_strategy_kwargs={"find_unused_parameters": method.may_leave_parameters_unused()},
+        parallel_strategy_kwargs={
+            "find_unused_parameters": method.may_leave_parameters_unused(),
+            "broadcast_buffers": method.ddp_broadcast_buffers(),
+        },
     )
     optimizer = _build_optimizer(cfg, model.parameters())
 
@@ -249,6 +252,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if state["_skipped"]:
                 tracking.set_tags(client, run_id, {"checkpoint_skipped": " | ".join(state["_skipped"])})
 
+    elif loop_config.get("init_checkpoint"):
+        _initialise_from(_unwrap(model), loop_config["init_checkpoint"], device, verbose=rank == 0)
+
     # Epochs whose metrics are already in MLflow (a restart after the log, before the checkpoint
     # landed) are trained again but not logged again: the history gets no repeated steps.
     logged_through = _last_logged_epoch(client, run_id) if client is not None else -1
@@ -273,7 +279,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             global_step += 1
             _unwrap(model).after_step(batch, out)
             for k, v in out.items():
-                sums[k] = sums.get(k, 0) + v.detach()
+                if not k.startswith("_"):  # "_"-keys carry tensors for after_step, not metrics
+                    sums[k] = sums.get(k, 0) + v.detach()
         elapsed = time.perf_counter() - t0
         _unwrap(model).on_epoch_end(epoch)
         metrics = _epoch_metrics(sums, steps, world)
@@ -310,6 +317,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         else:
             final.update(evaluate_and_log(cfg, _unwrap(model), data, client, run_id, device))
     ray.train.report(final)
+
+
+def _initialise_from(method: Method, directory: str, device: torch.device, *, verbose: bool) -> None:
+    """``train.init_from``: copy every tensor whose name and shape match (encoders, heads)."""
+    weights = ckpt.load(directory, map_location=device)["model"]
+    own = method.state_dict()
+    matched = ckpt.matching_weights(own, weights)
+    if not matched:
+        raise RuntimeError(f"train.init_from: {directory} shares no weights with method {method.name}")
+    method.load_state_dict(matched, strict=False)
+    if verbose:
+        say(f"initialised {len(matched)} of {len(own)} tensors from {checkpoint_file(directory)}")
 
 
 def checkpoint_file(directory: str) -> str:
@@ -410,7 +429,8 @@ def _report_with_checkpoint(metrics, state, epoch, rank, world) -> None:
 
 def quick_knn(cfg: ExperimentConfig, method: Method, data: ProceduralAV, device: torch.device) -> dict[str, float]:
     """Cosine-kNN accuracy on h during pretraining (for schedulers that stop weak trials early)."""
-    quick = dataclasses.replace(cfg.eval, features=("h",), linear=False, knn=True, retrieval=False)
+    quick = dataclasses.replace(cfg.eval, features=("h",), linear=False, knn=True, retrieval=False,
+                                block_probes=False, sound_svm=False, sound_crops=1)
     result = run_downstream(method, train_set=data.pool("train"), test_set=data.pool("test"), cfg=quick, device=device)
     return dict(result.metrics)
 

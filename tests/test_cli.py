@@ -26,6 +26,12 @@ ROOT = Path(__file__).resolve().parent.parent
         (["run", "--preset", "huge"], "preset"),
         (["run", "missing-run-file.yaml"], "run file"),
         (["run", "--workers", "0"], "resources.workers"),
+        (["run", "method.name=avid", "data.paired_size=500"], "method.num_negatives"),
+        (["run", "method.name=avid", "method.variant=self", "method.cma=true"], "method.variant"),
+        (["run", "method.name=supervised", "method.pool=unpaired"], "method.pool"),
+        (["run", "optim.schedule=linear"], "optim.schedule"),
+        (["run", "eval.sound_crops=0"], "eval.sound_crops"),
+        (["run", "train.init_from=no-such-run"], "train.init_from"),
     ],
 )
 def test_bad_input_exits_2_before_anything_starts(tmp_path, capsys, argv, field):

@@ -5,26 +5,40 @@ Legend: N samples, D feature size, C classes.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from matplotlib.figure import Figure
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import LinearSVC
 from torch import nn
 from torch.utils.data import Dataset
 
 from methods.base import Method
+from methods.encoders import EncoderConfig, build_encoder
 from methods.evaluate import (
     DownstreamResult,
     EvalConfig,
     classification_metrics,
     confusion_matrix_figure,
+    crop_windows,
+    extract_block_features,
     extract_features,
+    extract_sound_crop_features,
+    fit_linear_svm,
+    fit_logistic_probe,
     knn_accuracy,
     knn_predict,
     linear_probe,
+    linear_svm,
+    predict_clips,
     retrieval_rank_k,
     run_downstream,
     save_figure,
@@ -376,3 +390,286 @@ def test_confusion_figure_saves_png(tmp_path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="class_names"):
         confusion_matrix_figure(np.eye(3), ["a", "b"], title="x")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-block linear probes (AVID Table 1) on the stages of E_v / E_s.
+
+
+@pytest.fixture
+def one_thread():
+    # Tiny convolutions run fastest on one thread, and the test machine's cores are shared.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class ResNetMethod(Method):
+    """Tiny ResNet encoders E_v (ResNet-18) and E_s (ResNet-10) of width 8, as the methods use."""
+
+    name: ClassVar[str] = "resnet_toy"
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.E_v = build_encoder(EncoderConfig("resnet18", 8), in_channels=3)
+        self.E_s = build_encoder(EncoderConfig("resnet10", 8), in_channels=1)
+        self.g_v = nn.Linear(64, 4)
+        self.g_s = nn.Linear(64, 4)
+
+    def embed(
+        self, *, images: torch.Tensor | None = None, sounds: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for x, enc, head, s in ((images, self.E_v, self.g_v, "v"), (sounds, self.E_s, self.g_s, "s")):
+            if x is not None:
+                out[f"h_{s}"] = enc(x)
+                out[f"z_{s}"] = F.normalize(head(out[f"h_{s}"]), dim=1)
+        return out
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_block_features_have_per_block_channels_and_leave_method_unchanged() -> None:
+    method = ResNetMethod().train()
+    before = _snapshot(method)
+    feats = extract_block_features(method, PairDataset(6), batch_size=4)
+    assert all(m.training for m in method.modules()), "train modes not restored"
+    for key, value in before.items():
+        assert torch.equal(method.state_dict()[key], value), f"{key} changed"
+    widths = {"block1": 8, "block2": 16, "block3": 32, "block4": 64}
+    assert set(feats) == {f"{b}_{s}" for b in widths for s in ("v", "s")} | {"label"}
+    for block, C in widths.items():
+        assert feats[f"{block}_v"].shape == (6, C) and feats[f"{block}_s"].shape == (6, C)
+    # block4 is the encoder output h, computed with frozen BatchNorm statistics.
+    h = extract_features(method, PairDataset(6), batch_size=6)
+    assert torch.allclose(feats["block4_v"], h["h_v"], atol=1e-6)
+    assert torch.allclose(feats["block4_s"], h["h_s"], atol=1e-6)
+
+
+class _MapEncoder(nn.Module):
+    """forward_blocks returns unpooled (B, C, H, W) maps: the input and its square."""
+
+    def forward_blocks(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"block1": x, "block2": x**2}
+
+
+def test_block_features_average_pool_feature_maps() -> None:
+    method = TinyMethod()
+    method.E_v, method.E_s = _MapEncoder(), _MapEncoder()
+    data = PairDataset(5)
+    feats = extract_block_features(method, data, batch_size=2)
+    assert torch.allclose(feats["block1_v"], data.images.mean(dim=(2, 3)))
+    assert torch.allclose(feats["block2_s"], (data.sounds**2).mean(dim=(2, 3)))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_run_downstream_block_probes() -> None:
+    method = ResNetMethod().train()
+    before = _snapshot(method)
+    cfg = EvalConfig(batch_size=8, features=("h",), knn=False, retrieval=False, block_probes=True)
+    result = run_downstream(method, train_set=PairDataset(24, seed=1), test_set=PairDataset(9, seed=2),
+                            cfg=cfg, prefix="t_")
+    for key, value in before.items():
+        assert torch.equal(method.state_dict()[key], value), f"{key} changed"
+    stats = ("acc", "precision", "recall", "f1")
+    expected = {f"t_{m}_h_linear_{x}" for m in ("image", "sound") for x in stats}
+    expected |= {
+        f"t_{m}_block{k}_linear_{x}" for m in ("image", "sound") for k in range(1, 5) for x in stats
+    }
+    assert set(result.metrics) == expected
+    assert "t_sound_block2_linear" in result.confusions
+    # block4 pooled is h itself, so its probe is the h probe.
+    for m in ("image", "sound"):
+        for x in stats:
+            assert result.metrics[f"t_{m}_block4_linear_{x}"] == result.metrics[f"t_{m}_h_linear_{x}"]
+
+
+def test_block_probes_need_encoders_with_forward_blocks() -> None:
+    cfg = EvalConfig(features=("h",), block_probes=True)
+    with pytest.raises(ValueError, match=r"^eval\.block_probes: TinyMethod has no image encoder E_v"):
+        run_downstream(
+            _trained_looking_method(), train_set=PairDataset(9), test_set=PairDataset(6), cfg=cfg
+        )
+    method = _trained_looking_method()
+    method.E_v = nn.Identity()  # an encoder, but without forward_blocks
+    with pytest.raises(ValueError, match=r"^eval\.block_probes:"):
+        extract_block_features(method, PairDataset(3))
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear SVM and per-clip averaging.
+
+
+def _clusters(num_classes: int, n: int, *, seed: int, crops: int | None = None):
+    """Overlapping Gaussian clusters (so classifiers err), optionally with per-clip crops.
+
+    The class centres are the same for every ``seed``; only the noise differs.
+    """
+    centres_CD = np.random.default_rng(1234).normal(size=(num_classes, 6))
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % num_classes
+    shape = (n, 6) if crops is None else (n, crops, 6)
+    noise = rng.normal(size=shape) * 1.5
+    X = centres_CD[y] + noise if crops is None else centres_CD[y][:, None, :] + noise
+    return X, y
+
+
+@pytest.mark.parametrize("num_classes", [2, 4])
+def test_linear_svm_equals_hand_pipeline(num_classes: int) -> None:
+    train_X, train_y = _clusters(num_classes, 60, seed=0)
+    test_X, test_y = _clusters(num_classes, 40, seed=1)
+    hand = make_pipeline(StandardScaler(), LinearSVC(C=0.3, random_state=0)).fit(train_X, train_y)
+    expected = hand.predict(test_X)
+    got = predict_clips(fit_linear_svm(train_X, train_y, C=0.3), test_X)
+    np.testing.assert_array_equal(got, expected)
+    assert 0.3 < np.mean(expected == test_y) < 1.0  # a non-trivial case
+    result = linear_svm(train_X, train_y, test_X, test_y, C=0.3, num_classes=5)
+    assert result.accuracy == pytest.approx(np.mean(expected == test_y))
+    hand_result = classification_metrics(test_y, expected, num_classes=5)
+    np.testing.assert_array_equal(result.confusion, hand_result.confusion)
+
+
+@pytest.mark.parametrize("classify", [linear_svm, linear_probe])
+def test_standardisation_uses_train_statistics_only(classify) -> None:
+    # 1-D: train classes at -1 and +1; the test set is the train set shifted by +100. With the
+    # train mean and scale every test point lies far on the class-1 side (accuracy 1/2); a scaler
+    # refitted on the test split would undo the shift and score 1.
+    train_X = np.array([[-1.2], [-1.0], [-0.8], [0.8], [1.0], [1.2]])
+    y = np.array([0, 0, 0, 1, 1, 1])
+    test_X = train_X + 100.0
+    assert classify(train_X, y, test_X, y).accuracy == 0.5
+    leaked = LinearSVC().fit(StandardScaler().fit_transform(train_X), y)
+    assert np.mean(leaked.predict(StandardScaler().fit_transform(test_X)) == y) == 1.0
+
+
+def _crop_average_loop(classifier, test_NKD: np.ndarray) -> np.ndarray:
+    """Average each clip's per-crop scores one crop at a time, then take the best class."""
+    preds = []
+    for clip in test_NKD:
+        total = 0.0
+        for crop in clip:
+            if hasattr(classifier, "predict_proba"):
+                total = total + classifier.predict_proba(crop[None])[0]
+            else:
+                total = total + classifier.decision_function(crop[None])[0]
+        mean = total / len(clip)
+        if np.ndim(mean) == 0:  # binary SVM: one score, positive means classes_[1]
+            preds.append(classifier.classes_[int(mean > 0)])
+        else:
+            preds.append(classifier.classes_[int(np.argmax(mean))])
+    return np.array(preds)
+
+
+@pytest.mark.parametrize("num_classes", [2, 3])
+@pytest.mark.parametrize("fit", [fit_linear_svm, fit_logistic_probe])
+def test_per_clip_averaging_matches_crop_loop(num_classes: int, fit) -> None:
+    train_X, train_y = _clusters(num_classes, 45, seed=2)
+    test_NKD, test_y = _clusters(num_classes, 20, seed=3, crops=4)
+    classifier = fit(train_X, train_y)
+    expected = _crop_average_loop(classifier, test_NKD)
+    np.testing.assert_array_equal(predict_clips(classifier, test_NKD), expected)
+    # Averaging over crops is not the same as classifying the crops one by one.
+    per_crop_NK = predict_clips(classifier, test_NKD.reshape(-1, 6)).reshape(20, 4)
+    assert not np.array_equal(expected[:, None].repeat(4, 1), per_crop_NK)
+    classify = linear_svm if fit is fit_linear_svm else linear_probe
+    accuracy = classify(train_X, train_y, test_NKD, test_y).accuracy
+    assert accuracy == pytest.approx(np.mean(expected == test_y))
+
+
+def test_logistic_probe_classifier_is_the_linear_probe() -> None:
+    train_X, train_y = _clusters(3, 45, seed=4)
+    test_X, test_y = _clusters(3, 30, seed=5)
+    hand = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=1000, random_state=0))
+    expected = hand.fit(train_X, train_y).predict(test_X)
+    got = predict_clips(fit_logistic_probe(train_X, train_y, C=0.5), test_X)
+    np.testing.assert_array_equal(got, expected)
+    assert linear_probe(train_X, train_y, test_X, test_y, C=0.5).accuracy == np.mean(expected == test_y)
+
+
+def test_crop_windows_closed_forms() -> None:
+    assert crop_windows(10, 1) == [(0, 10)]
+    assert crop_windows(10, 2) == [(0, 5), (5, 10)]
+    assert crop_windows(10, 3) == [(0, 5), (2, 7), (5, 10)]
+    assert crop_windows(3, 4) == [(0, 1), (0, 1), (1, 2), (2, 3)]  # L = 1; more crops than starts
+    assert crop_windows(1, 3) == [(0, 1)] * 3
+    with pytest.raises(ValueError, match="crops"):
+        crop_windows(10, 0)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_sound_crop_features_match_embed_loop() -> None:
+    method = _trained_looking_method()
+    before = _snapshot(method)
+    data = PairDataset(7)
+    feats = extract_sound_crop_features(method, data, crops=3, batch_size=4)
+    _assert_unchanged(method, before)
+    assert set(feats) == {"f_s", "h_s", "z_s", "label"}
+    assert feats["z_s"].shape == (7, 3, 5)
+    frozen = copy.deepcopy(method).eval()
+    with torch.no_grad():
+        for i in range(7):
+            for k, (a, b) in enumerate([(0, 5), (2, 7), (5, 10)]):
+                out = frozen.embed(sounds=data.sounds[i : i + 1, :, :, a:b])
+                assert torch.allclose(feats["h_s"][i, k], out["h_s"][0], atol=1e-5)
+                assert torch.allclose(feats["z_s"][i, k], out["z_s"][0], atol=1e-5)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_run_downstream_svm_and_clip_metrics_match_hand_pipelines() -> None:
+    method = _trained_looking_method()
+    before = _snapshot(method)
+    train_set, test_set = PairDataset(30, seed=1), PairDataset(12, seed=2)
+    cfg = EvalConfig(batch_size=8, features=("h",), knn=False, retrieval=False, sound_svm=True,
+                     svm_C=0.5, sound_crops=3)
+    result = run_downstream(method, train_set=train_set, test_set=test_set, cfg=cfg)
+    _assert_unchanged(method, before)
+    stats = ("acc", "precision", "recall", "f1")
+    protocols = ("linear", "svm", "linear_clip", "svm_clip")
+    expected = {f"sound_h_{p}_{x}" for p in protocols for x in stats}
+    expected |= {f"image_h_linear_{x}" for x in stats}
+    assert set(result.metrics) == expected
+    assert set(result.confusions) == {f"sound_h_{p}" for p in protocols} | {"image_h_linear"}
+
+    # Full clips: a hand StandardScaler + LinearSVC on the extracted h_s.
+    train, test = extract_features(method, train_set), extract_features(method, test_set)
+    hand = make_pipeline(StandardScaler(), LinearSVC(C=0.5, random_state=0))
+    pred = hand.fit(train["h_s"].numpy(), train["label"].numpy()).predict(test["h_s"].numpy())
+    truth = test["label"].numpy()
+    assert result.metrics["sound_h_svm_acc"] == pytest.approx(np.mean(pred == truth))
+    # Crops: train on each clip's mean crop feature, average the test crops' scores.
+    train_c = extract_sound_crop_features(method, train_set, crops=3)
+    test_c = extract_sound_crop_features(method, test_set, crops=3)
+    for proto, estimator in (("svm_clip", LinearSVC(C=0.5, random_state=0)),
+                             ("linear_clip", LogisticRegression(C=1.0, max_iter=1000, random_state=0))):
+        hand = make_pipeline(StandardScaler(), estimator)
+        hand.fit(train_c["h_s"].mean(dim=1).numpy(), train_c["label"].numpy())
+        pred = _crop_average_loop(hand, test_c["h_s"].numpy().astype(np.float64))
+        assert result.metrics[f"sound_h_{proto}_acc"] == pytest.approx(np.mean(pred == truth))
+        np.testing.assert_array_equal(
+            result.confusions[f"sound_h_{proto}"],
+            classification_metrics(truth, pred, num_classes=3).confusion,
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"sound_crops": 0}, "sound_crops"),
+        ({"sound_crops": 2.5}, "sound_crops"),
+        ({"svm_C": 0.0}, "svm_C"),
+        ({"svm_C": -1}, "svm_C"),
+        ({"svm_C": True}, "svm_C"),
+        ({"svm_max_iter": 0}, "svm_max_iter"),
+        ({"block_probes": "yes"}, "block_probes"),
+        ({"sound_svm": 1}, "sound_svm"),
+    ],
+)
+def test_eval_config_new_fields_errors_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{field}:"):
+        EvalConfig(**kwargs)
+
+
+def test_eval_config_new_protocols_are_off_by_default() -> None:
+    cfg = EvalConfig()
+    assert (cfg.block_probes, cfg.sound_svm, cfg.sound_crops) == (False, False, 1)

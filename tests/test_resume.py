@@ -128,7 +128,7 @@ def reference(tmp_path_factory):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     client, run = _only_run(home, "ref")
     assert run.info.status == "FINISHED" and [s for s, _ in _history(client, run)] == [0, 1, 2]
-    return _history(client, run), _results(client, run)
+    return _history(client, run), _results(client, run), home
 
 
 @pytest.mark.slow
@@ -149,7 +149,7 @@ def test_worker_sigkill_mid_epoch_restarts_from_checkpoint_and_ends_identical(tm
     text = log.read_text()
     assert "resumed from" in text and "checkpoint_epoch00000/checkpoint.pt (epoch 1/3 done)" in text
     client, run = _only_run(home, "wk")
-    history, results = reference
+    history, results, _ = reference
     assert run.info.status == "FINISHED"
     assert _history(client, run) == history  # no gap, no repeated step, same values
     assert _results(client, run) == results  # bit-identical downstream metrics
@@ -175,7 +175,7 @@ def test_driver_sigkill_then_damaged_newest_checkpoint_resume_falls_back(tmp_pat
     assert f"WARNING: unusable checkpoint: {newest}: truncated" in text
     assert "checkpoint_epoch00000/checkpoint.pt (epoch 1/3 done)" in text
     client, run = _only_run(home, "dk")
-    history, results = reference
+    history, results, _ = reference
     assert run.info.status == "FINISHED" and run.data.tags["avlab.resumed"] == "1"
     assert str(newest) in run.data.tags["avlab.checkpoint_skipped"]
     assert _history(client, run) == history
@@ -185,3 +185,40 @@ def test_driver_sigkill_then_damaged_newest_checkpoint_resume_falls_back(tmp_pat
     assert again.returncode == 0 and "run dk already finished" in again.stdout
     _, same = _only_run(home, "dk")
     assert same.info.end_time == run.info.end_time and same.data.tags == run.data.tags
+
+
+def test_init_from_resolves_runs_and_checkpoints_and_names_bad_ones(tmp_path):
+    from orchestrator.config import ConfigError
+
+    home = tmp_path / "home"
+    for epoch in (0, 1):
+        ckpt.save(home / "ray" / "pre" / ckpt.dir_name(epoch),
+                  {"model": {"E_v.w": torch.ones(2)}, "optimizer": {}, "epoch": epoch, "rng": [], "loaders": {}})
+    newest = home / "ray" / "pre" / ckpt.dir_name(1)
+    assert ckpt.resolve_init("pre", home) == newest.resolve()
+    assert ckpt.resolve_init(str(newest / ckpt.STATE_FILE), home) == newest.resolve()
+    (newest / ckpt.STATE_FILE).write_bytes(b"not a checkpoint")
+    assert ckpt.resolve_init("pre", home) == (home / "ray" / "pre" / ckpt.dir_name(0)).resolve()  # skips it
+    with pytest.raises(ConfigError, match="train.init_from: 'nope' is neither a checkpoint nor a run"):
+        ckpt.resolve_init("nope", home)
+    with pytest.raises(ConfigError, match="train.init_from: no usable checkpoint"):
+        ckpt.resolve_init(str(newest), home)
+    own = {"E_v.w": torch.zeros(2), "E_v.b": torch.zeros(3), "head.w": torch.zeros(4)}
+    assert ckpt.matching_weights(own, {"E_v.w": torch.ones(2), "E_v.b": torch.ones(5), "x": torch.ones(1)}).keys() == {"E_v.w"}
+    assert main(["run", "train.init_from=nope", "--home", str(home)]) == 2
+
+
+@pytest.mark.slow
+def test_fine_tuning_trains_every_weight_from_a_finished_run(reference):
+    """Supp. Table 1's protocol: the supervised method on the labelled split, started from the
+    encoders of a finished self-supervised run (found by its name)."""
+    *_, home = reference
+    out = faults.run(["run", "--home", str(home), "tracking.run_name=ft", "tracking.experiment=finetune",
+                      "method.name=supervised", "method.pool=train", "train.init_from=ref", "train.epochs=1",
+                      *[o for o in RUN[4:] if not o.startswith(("train.epochs", "method.memory", "eval.every"))]],
+                     cwd=home)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    assert f"from {home / 'ray' / 'ref' / 'checkpoint_epoch00002' / 'checkpoint.pt'}" in text
+    initialised = int(text.split("initialised ")[1].split(" of ")[0])
+    assert initialised > 100  # both encoders, not the classifiers the pretrained run lacks

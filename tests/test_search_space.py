@@ -17,6 +17,10 @@ EXPECTED = {  # file: (configurations, trials)
     "data_types_image_supp_table3": (3, 6),
     "data_types_sound_supp_table4": (3, 6),
     "temperatures": (12, 12),
+    "avid_variants_table1": (3, 6),
+    "cma_weight_fig3": (4, 8),
+    "cma_positive_rule_fig4": (4, 8),
+    "method_comparison": (7, 7),
 }
 
 
@@ -31,6 +35,9 @@ def test_every_search_space_loads_and_expands():
             assert cfg.seed == space.seeds[-1]
             for path, value in point.items():
                 if path == "variant":
+                    continue
+                if path == "method.name":
+                    assert cfg.method_name == value
                     continue
                 section, *rest = path.split(".")
                 node = cfg.method if section == "method" else getattr(cfg, section)

@@ -1,12 +1,21 @@
-"""Linear evaluation on frozen features (paper 001 §4.3, "linear evaluation").
+"""Linear classifiers on frozen features (paper 001 §4.3 "linear evaluation"; SPEC §6).
 
 BMA-Memory measures representation quality by training a linear classifier on the frozen
 representation h^v (image tasks) or h^s (sound tasks) and reporting top-1 accuracy, macro
-precision / recall / F1 and the confusion matrix. The classifier is multinomial logistic
-regression on standardised features, which is convex: a fixed ``seed`` and the same features give
-the same numbers on every machine.
+precision / recall / F1 and the confusion matrix. Two classifiers, both on features standardised
+with the statistics of the train split only:
 
-Legend: N samples, D feature size, C classes.
+- ``linear_probe``: multinomial logistic regression, the paper's linear layer trained to
+  convergence. It is convex: a fixed ``seed`` and the same features give the same numbers on
+  every machine.
+- ``linear_svm``: one-vs-rest linear SVM (squared hinge, liblinear), the classic protocol for
+  sound classification on frozen audio features (AVID, L3).
+
+Per-clip averaging (SPEC §6): a test split given as (N, K, D), K crops of each clip, is classified
+by averaging the per-crop class probabilities (logistic probe) or decision scores (SVM) over the
+K crops of a clip before the argmax (``predict_clips``).
+
+Legend: N samples (clips), K crops per clip, D feature size, C classes.
 """
 
 from __future__ import annotations
@@ -17,10 +26,19 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
+from sklearn.svm import LinearSVC
 
-__all__ = ["ProbeResult", "classification_metrics", "linear_probe"]
+__all__ = [
+    "ProbeResult",
+    "classification_metrics",
+    "fit_linear_svm",
+    "fit_logistic_probe",
+    "linear_probe",
+    "linear_svm",
+    "predict_clips",
+]
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -84,6 +102,97 @@ def classification_metrics(
     )
 
 
+
+def _train_split(train_X: ArrayLike, train_y: ArrayLike, *, C: float) -> tuple[np.ndarray, np.ndarray]:
+    train_ND = _to_numpy(train_X).astype(np.float64, copy=False)
+    train_N = _check_labels("train_y", _to_numpy(train_y))
+    if train_ND.ndim != 2 or train_ND.shape[0] != train_N.shape[0]:
+        raise ValueError(f"train_X: expected ({train_N.shape[0]}, D), got {train_ND.shape}")
+    if np.unique(train_N).size < 2:
+        raise ValueError("train_y: a linear probe needs at least two classes in the train split")
+    if C <= 0:
+        raise ValueError(f"C: must be positive, got {C}")
+    return train_ND, train_N
+
+
+def fit_logistic_probe(
+    train_X: ArrayLike, train_y: ArrayLike, *, C: float = 1.0, max_iter: int = 1000, seed: int = 0
+) -> Pipeline:
+    """StandardScaler + L2 logistic regression (inverse strength ``C``, L-BFGS), fitted on train.
+
+    With two classes scikit-learn fits the equivalent binomial model.
+    """
+    train_ND, train_N = _train_split(train_X, train_y, C=C)
+    classifier = make_pipeline(
+        StandardScaler(),
+        LogisticRegression(C=C, max_iter=max_iter, random_state=seed, solver="lbfgs"),
+    )
+    return classifier.fit(train_ND, train_N)
+
+
+def fit_linear_svm(
+    train_X: ArrayLike, train_y: ArrayLike, *, C: float = 1.0, max_iter: int = 10000, seed: int = 0
+) -> Pipeline:
+    """StandardScaler + one-vs-rest linear SVM (L2 penalty, squared hinge), fitted on train.
+
+    ``C`` is the SVM's inverse regularisation strength. scikit-learn picks the primal or dual
+    liblinear solver from the data shape; ``seed`` fixes the dual solver's coordinate order.
+    """
+    train_ND, train_N = _train_split(train_X, train_y, C=C)
+    classifier = make_pipeline(
+        StandardScaler(),
+        LinearSVC(C=C, max_iter=max_iter, random_state=seed, multi_class="ovr"),
+    )
+    return classifier.fit(train_ND, train_N)
+
+
+def _class_scores(classifier: Pipeline, X_MD: np.ndarray) -> np.ndarray:
+    """(M, C) per-class scores: probabilities when the classifier has them, else decision scores.
+
+    A binary SVM returns one score s per sample (positive means ``classes_[1]``); it becomes
+    (-s, s), whose argmax is sklearn's own binary decision, ties going to ``classes_[0]``.
+    """
+    if hasattr(classifier, "predict_proba"):
+        return classifier.predict_proba(X_MD)
+    score = classifier.decision_function(X_MD)
+    return np.stack([-score, score], axis=1) if score.ndim == 1 else score
+
+
+def predict_clips(classifier: Pipeline, test_X: ArrayLike) -> np.ndarray:
+    """Class ids for (N, D) features, or for (N, K, D) crops averaged per clip.
+
+    For crops, the per-crop scores of :func:`_class_scores` (probabilities of the logistic probe,
+    decision scores of the SVM) are averaged over the K crops of each clip, then argmax. For the
+    SVM this equals scoring the clip's mean crop feature, since scaler and SVM are affine.
+    """
+    X = _to_numpy(test_X).astype(np.float64, copy=False)
+    if X.ndim == 2:
+        return classifier.predict(X)
+    if X.ndim != 3 or X.shape[1] == 0:
+        raise ValueError(f"test_X: expected (N, D) features or (N, K, D) crops, got {X.shape}")
+    N, K, D = X.shape
+    scores_NC = _class_scores(classifier, X.reshape(N * K, D)).reshape(N, K, -1).mean(axis=1)
+    return classifier.classes_[scores_NC.argmax(axis=1)]
+
+
+def _score(
+    classifier: Pipeline, test_X: ArrayLike, test_y: ArrayLike, *, train_y: ArrayLike,
+    num_classes: int | None,
+) -> ProbeResult:
+    test_N = _check_labels("test_y", _to_numpy(test_y))
+    X = _to_numpy(test_X)
+    D = classifier.n_features_in_
+    if X.ndim not in (2, 3) or X.shape[0] != test_N.shape[0] or X.shape[-1] != D or 0 in X.shape:
+        raise ValueError(
+            f"test_X: expected ({test_N.shape[0]}, {D}) or ({test_N.shape[0]}, K, {D}), "
+            f"got {X.shape}"
+        )
+    pred_N = predict_clips(classifier, X)
+    if num_classes is None:
+        num_classes = int(max(_to_numpy(train_y).max(), test_N.max())) + 1
+    return classification_metrics(test_N, pred_N, num_classes=num_classes)
+
+
 def linear_probe(
     train_X: ArrayLike,
     train_y: ArrayLike,
@@ -99,33 +208,31 @@ def linear_probe(
 
     Paper 001 §4.3 trains a linear layer on frozen h^v / h^s; L2-regularised logistic regression
     (inverse strength ``C``, L-BFGS) is that layer trained to convergence. The scaler is fitted on
-    the train split only, so no test statistics leak into the classifier. With two classes
-    scikit-learn fits the equivalent binomial model.
+    the train split only, so no test statistics leak into the classifier.
 
     Args:
-        train_X, test_X: (N, D) features; train_y, test_y: (N,) class ids in ``0..C-1``.
+        train_X: (N, D) features; train_y, test_y: (N,) class ids in ``0..C-1``.
+        test_X: (N, D) features, or (N, K, D) crops whose probabilities are averaged per clip.
         num_classes: size of the confusion matrix (default: largest class id seen + 1).
     """
-    train_ND = _to_numpy(train_X).astype(np.float64, copy=False)
-    test_ND = _to_numpy(test_X).astype(np.float64, copy=False)
-    train_N = _check_labels("train_y", _to_numpy(train_y))
-    test_N = _check_labels("test_y", _to_numpy(test_y))
-    if train_ND.ndim != 2 or train_ND.shape[0] != train_N.shape[0]:
-        raise ValueError(f"train_X: expected ({train_N.shape[0]}, D), got {train_ND.shape}")
-    if test_ND.ndim != 2 or test_ND.shape != (test_N.shape[0], train_ND.shape[1]):
-        raise ValueError(
-            f"test_X: expected ({test_N.shape[0]}, {train_ND.shape[1]}), got {test_ND.shape}"
-        )
-    if np.unique(train_N).size < 2:
-        raise ValueError("train_y: a linear probe needs at least two classes in the train split")
-    if C <= 0:
-        raise ValueError(f"C: must be positive, got {C}")
-    classifier = make_pipeline(
-        StandardScaler(),
-        LogisticRegression(C=C, max_iter=max_iter, random_state=seed, solver="lbfgs"),
-    )
-    classifier.fit(train_ND, train_N)
-    pred_N = classifier.predict(test_ND)
-    if num_classes is None:
-        num_classes = int(max(train_N.max(), test_N.max())) + 1
-    return classification_metrics(test_N, pred_N, num_classes=num_classes)
+    classifier = fit_logistic_probe(train_X, train_y, C=C, max_iter=max_iter, seed=seed)
+    return _score(classifier, test_X, test_y, train_y=train_y, num_classes=num_classes)
+
+
+def linear_svm(
+    train_X: ArrayLike,
+    train_y: ArrayLike,
+    test_X: ArrayLike,
+    test_y: ArrayLike,
+    *,
+    C: float = 1.0,
+    max_iter: int = 10000,
+    seed: int = 0,
+    num_classes: int | None = None,
+) -> ProbeResult:
+    """Fit a one-vs-rest linear SVM on standardised train features, score on test.
+
+    Same contract as :func:`linear_probe`; (N, K, D) test crops average decision scores per clip.
+    """
+    classifier = fit_linear_svm(train_X, train_y, C=C, max_iter=max_iter, seed=seed)
+    return _score(classifier, test_X, test_y, train_y=train_y, num_classes=num_classes)

@@ -10,12 +10,30 @@ once with the frozen method and returns flat, tracker-ready metric names:
     {prefix}retrieval_s2i_rank{k}                          k = 1..retrieval_ks
 
 where ``fam`` is an embed family (``f`` encoder output, ``h`` representation, ``z`` projection);
-image tasks read ``{fam}_v`` and sound tasks ``{fam}_s``.
+image tasks read ``{fam}_v`` and sound tasks ``{fam}_s``. Optional protocols, off by default:
+
+    {prefix}{image,sound}_block{k}_linear_{acc,precision,recall,f1}   block_probes; k = 1..4
+    {prefix}sound_{fam}_svm_{acc,precision,recall,f1}                sound_svm
+    {prefix}sound_{fam}_linear_clip_{acc,precision,recall,f1}        sound_crops > 1 and linear
+    {prefix}sound_{fam}_svm_clip_{acc,precision,recall,f1}           sound_crops > 1 and sound_svm
+
+- Per-block probes (AVID, paper 002, Table 1): the logistic probe on the globally average-pooled
+  output of each stage of ``E_v`` / ``E_s`` (``forward_blocks``), not on ``embed``.
+- Linear SVM: one-vs-rest, on features standardised with train statistics only.
+- Per-clip averaging (SPEC §6): each test sound is cut into ``sound_crops`` evenly spaced crops
+  of T // 2 frames, each crop is embedded, and the classifier's probabilities (logistic) or
+  decision scores (SVM) are averaged over a clip's crops before the argmax. The ``*_clip``
+  classifiers are trained on the same kind of input: each training clip contributes the mean of
+  its own crop features, so train and test features come from crops of the same length (and for
+  the SVM, averaging crop scores equals scoring the mean crop feature). The metrics without
+  ``_clip`` keep meaning one full-clip feature per test sound.
+
+Every probe (``*_linear``, ``*_svm``, ``*_clip``) also stores its confusion matrix under its name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,9 +42,14 @@ from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import Dataset
 
-from methods.evaluate.features import extract_features
+from methods.evaluate.features import (
+    block_encoder,
+    extract_block_features,
+    extract_features,
+    extract_sound_crop_features,
+)
 from methods.evaluate.knn import knn_accuracy
-from methods.evaluate.linear_probe import linear_probe
+from methods.evaluate.linear_probe import ProbeResult, linear_probe, linear_svm
 from methods.evaluate.plots import confusion_matrix_figure
 from methods.evaluate.retrieval import retrieval_rank_k
 
@@ -55,6 +78,15 @@ class EvalConfig:
     # 0: evaluate after the last epoch only; k: also a quick cosine-kNN probe on h every k epochs
     # (image_h_knn_acc, sound_h_knn_acc), the signal an early-stopping scheduler reads.
     every_epochs: int = 0
+    # Logistic probe on each encoder stage block1..block4 of E_v / E_s, globally average-pooled
+    # (AVID Table 1); uses linear_C and linear_max_iter. Needs encoders with forward_blocks.
+    block_probes: bool = False
+    sound_svm: bool = False  # one-vs-rest linear SVM on standardised sound features
+    svm_C: float = 1.0  # inverse regularisation strength of the SVM
+    svm_max_iter: int = 10000
+    # > 1: also classify each test sound by averaging over this many time crops of T // 2 frames
+    # (the *_clip metrics of the linear probe and the SVM); 1: full clips only.
+    sound_crops: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.features, str) or not isinstance(self.features, (tuple, list)):
@@ -73,19 +105,21 @@ class EvalConfig:
             raise ValueError(
                 f"features: duplicate families in {list(self.features)}; list each once"
             )
-        for name in ("linear", "knn", "retrieval"):
+        for name in ("linear", "knn", "retrieval", "block_probes", "sound_svm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
-        for name in ("batch_size", "linear_max_iter", "knn_k", "retrieval_ks"):
+        for name in (
+            "batch_size", "linear_max_iter", "knn_k", "retrieval_ks", "svm_max_iter", "sound_crops"
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         if isinstance(self.every_epochs, bool) or not isinstance(self.every_epochs, int) or self.every_epochs < 0:
             raise ValueError(f"every_epochs: expected an integer >= 0, got {self.every_epochs!r}")
-        if isinstance(self.linear_C, bool) or not isinstance(self.linear_C, (int, float)) or not (
-            self.linear_C > 0
-        ):
-            raise ValueError(f"linear_C: expected a positive number, got {self.linear_C!r}")
+        for name in ("linear_C", "svm_C"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0):
+                raise ValueError(f"{name}: expected a positive number, got {value!r}")
 
 
 @dataclass
@@ -134,6 +168,14 @@ def _family_features(
     return None
 
 
+def _record(result: DownstreamResult, name: str, probe: ProbeResult) -> None:
+    result.metrics[f"{name}_acc"] = probe.accuracy
+    result.metrics[f"{name}_precision"] = probe.precision
+    result.metrics[f"{name}_recall"] = probe.recall
+    result.metrics[f"{name}_f1"] = probe.f1
+    result.confusions[name] = probe.confusion
+
+
 def run_downstream(
     method: nn.Module,
     *,
@@ -149,29 +191,21 @@ def run_downstream(
     The probes and kNN fit on ``train_set`` and score on ``test_set``; retrieval uses only
     ``test_set`` (its sounds query its images). A modality absent from the dataset items (e.g. a
     sound-only transfer set) skips its tasks, and retrieval needs both modalities. The method's
-    weights, buffers and per-module train/eval modes are unchanged afterwards.
+    weights, buffers and per-module train/eval modes are unchanged afterwards. With
+    ``cfg.block_probes`` the method must expose ``E_v`` / ``E_s`` with ``forward_blocks`` for
+    the modalities probed; otherwise a ValueError naming ``eval.block_probes`` comes before any
+    extraction.
 
     Args:
         device: where the method already lives; ``None`` means its parameters' device.
         prefix: prepended to every metric and confusion name, e.g. ``"transfer_"``.
         num_classes: confusion matrix size (default: largest class id seen + 1).
     """
-    needs_train = (cfg.linear or cfg.knn) and bool(cfg.features)
+    family_probes = (cfg.linear or cfg.knn or cfg.sound_svm) and bool(cfg.features)
+    needs_train = family_probes or cfg.block_probes
     test_keys = _item_keys(test_set, "test_set")
     train_keys = _item_keys(train_set, "train_set") if needs_train else test_keys
-    test = extract_features(method, test_set, batch_size=cfg.batch_size, device=device)
-    train = (
-        extract_features(method, train_set, batch_size=cfg.batch_size, device=device)
-        if needs_train
-        else {}
-    )
-    for split, feats in (("test_set", test), ("train_set", train)):
-        if feats and "label" not in feats:
-            raise ValueError(f"{split}: items carry no 'label'; downstream evaluation needs labels")
-    if num_classes is None:
-        num_classes = int(max(int(f["label"].max()) for f in (test, train) if f)) + 1
-
-    result = DownstreamResult()
+    modalities: list[tuple[str, str]] = []
     if needs_train:
         for modality, suffix in _MODALITIES:
             if modality not in test_keys:
@@ -181,34 +215,81 @@ def run_downstream(
                     f"train_set: items carry no '{modality}' but test_set does; "
                     f"probe on a train split with the same modalities"
                 )
-            for fam in cfg.features:
-                key = f"{fam}_{suffix}"
-                test_X = _family_features(test, key=key, split="test_set", method=method)
-                train_X = _family_features(train, key=key, split="train_set", method=method)
-                if test_X is None or train_X is None:
+            modalities.append((modality, suffix))
+    if cfg.block_probes:
+        for modality, _ in modalities:
+            block_encoder(method, modality)  # fail before any extraction
+    clip_probes = (
+        cfg.sound_crops > 1 and (cfg.linear or cfg.sound_svm) and bool(cfg.features)
+        and "sound" in test_keys
+    )
+
+    def extract(
+        fn: Callable[..., dict[str, torch.Tensor]], dataset: Dataset, run: bool, **kwargs: int
+    ) -> dict[str, torch.Tensor]:
+        if not run:
+            return {}
+        return fn(method, dataset, batch_size=cfg.batch_size, device=device, **kwargs)
+
+    test = extract(extract_features, test_set, True)
+    train = extract(extract_features, train_set, family_probes)
+    test_blocks = extract(extract_block_features, test_set, cfg.block_probes)
+    train_blocks = extract(extract_block_features, train_set, cfg.block_probes)
+    test_crops = extract(extract_sound_crop_features, test_set, clip_probes, crops=cfg.sound_crops)
+    train_crops = extract(
+        extract_sound_crop_features, train_set, clip_probes, crops=cfg.sound_crops
+    )
+    for split, feats in (("test_set", test), ("train_set", train), ("train_set", train_blocks)):
+        if feats and "label" not in feats:
+            raise ValueError(f"{split}: items carry no 'label'; downstream evaluation needs labels")
+    test_y = test["label"]
+    train_y = (train or train_blocks).get("label")
+    if num_classes is None:
+        num_classes = int(max(int(y.max()) for y in (test_y, train_y) if y is not None)) + 1
+    linear_kwargs = {"C": cfg.linear_C, "max_iter": cfg.linear_max_iter, "num_classes": num_classes}
+    svm_kwargs = {"C": cfg.svm_C, "max_iter": cfg.svm_max_iter, "num_classes": num_classes}
+
+    result = DownstreamResult()
+    for modality, suffix in modalities if family_probes else ():
+        for fam in cfg.features:
+            key = f"{fam}_{suffix}"
+            test_X = _family_features(test, key=key, split="test_set", method=method)
+            train_X = _family_features(train, key=key, split="train_set", method=method)
+            if test_X is None or train_X is None:
+                continue
+            name = f"{prefix}{modality}_{fam}"
+            if cfg.linear:
+                _record(result, f"{name}_linear",
+                        linear_probe(train_X, train_y, test_X, test_y, **linear_kwargs))
+            if cfg.knn:
+                result.metrics[f"{name}_knn_acc"] = knn_accuracy(
+                    train_X, train_y, test_X, test_y, k=cfg.knn_k
+                )
+            if modality == "sound" and cfg.sound_svm:
+                _record(result, f"{name}_svm",
+                        linear_svm(train_X, train_y, test_X, test_y, **svm_kwargs))
+            if modality == "sound" and clip_probes:
+                test_NKD = _family_features(test_crops, key=key, split="test_set", method=method)
+                train_NKD = _family_features(train_crops, key=key, split="train_set", method=method)
+                if test_NKD is None or train_NKD is None:
                     continue
-                name = f"{prefix}{modality}_{fam}"
+                train_ND = train_NKD.mean(dim=1)
                 if cfg.linear:
-                    probe = linear_probe(
-                        train_X, train["label"], test_X, test["label"],
-                        C=cfg.linear_C, max_iter=cfg.linear_max_iter, num_classes=num_classes,
-                    )
-                    result.metrics[f"{name}_linear_acc"] = probe.accuracy
-                    result.metrics[f"{name}_linear_precision"] = probe.precision
-                    result.metrics[f"{name}_linear_recall"] = probe.recall
-                    result.metrics[f"{name}_linear_f1"] = probe.f1
-                    result.confusions[f"{name}_linear"] = probe.confusion
-                if cfg.knn:
-                    result.metrics[f"{name}_knn_acc"] = knn_accuracy(
-                        train_X, train["label"], test_X, test["label"], k=cfg.knn_k
-                    )
+                    _record(result, f"{name}_linear_clip",
+                            linear_probe(train_ND, train_y, test_NKD, test_y, **linear_kwargs))
+                if cfg.sound_svm:
+                    _record(result, f"{name}_svm_clip",
+                            linear_svm(train_ND, train_y, test_NKD, test_y, **svm_kwargs))
+    for modality, suffix in modalities if cfg.block_probes else ():
+        for key in sorted(k for k in test_blocks if k.endswith(f"_{suffix}")):
+            block = key.removesuffix(f"_{suffix}")
+            probe = linear_probe(train_blocks[key], train_y, test_blocks[key], test_y, **linear_kwargs)
+            _record(result, f"{prefix}{modality}_{block}_linear", probe)
 
     if cfg.retrieval and {"image", "sound"} <= test_keys:
         z_s = _family_features(test, key="z_s", split="test_set", method=method)
         z_v = _family_features(test, key="z_v", split="test_set", method=method)
-        ranks = retrieval_rank_k(
-            z_s, test["label"], z_v, test["label"], ks=tuple(range(1, cfg.retrieval_ks + 1))
-        )
+        ranks = retrieval_rank_k(z_s, test_y, z_v, test_y, ks=tuple(range(1, cfg.retrieval_ks + 1)))
         for k, accuracy in ranks.items():
             result.metrics[f"{prefix}retrieval_s2i_rank{k}"] = accuracy
     return result
