@@ -23,10 +23,13 @@ from orchestrator.search_space import SearchSpace
 SWEEP_EXPERIMENT = "avlab-sweeps"
 
 
-def point_label(params: dict[str, Any]) -> str:
-    """Stable, readable label of one configuration, e.g. ``method.memory_size=500``."""
+def point_label(params: dict[str, Any], grid: tuple[str, ...] = ()) -> str:
+    """Stable, readable label of one configuration, e.g. ``method.memory_size=500``; a variant
+    is named by its label (its settings are in the run's params), then the grid values."""
     if not params:
         return "base"
+    if "variant" in params:
+        return ",".join([str(params["variant"]), *(f"{k}={params[k]}" for k in grid if k in params)])
     return ",".join(f"{k}={v}" for k, v in params.items())
 
 
@@ -80,13 +83,13 @@ def _run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, A
             tracking_uri=uri,
             home=home,
             experiment=SWEEP_EXPERIMENT,
-            run_name=f"{sweep['name']}/{point_label(params)}/seed{seed}",
+            run_name=f"{sweep['name']}/{point_label(params, tuple(space.grid))}/seed{seed}",
             params={**cfg.flat(), **{f"varied.{k}": v for k, v in params.items()}},
             tags={
                 "kind": "trial",
                 "sweep_name": sweep["name"],
                 "trial_id": trial_id,
-                "config_label": point_label(params),
+                "config_label": point_label(params, tuple(space.grid)),
                 "method": cfg.method_name,
                 "preset": cfg.preset,
                 "run_identity": cfg.identity(),

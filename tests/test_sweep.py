@@ -292,3 +292,13 @@ def test_optuna_sweep_driver_sigkill_then_resume_keeps_trial_ids_and_proposals(t
     expected = sorted(searcher.suggest(f"t{i}")["method.loss_temperature"] for i in range(3))
     got = sorted(float(r.data.params["varied.method.loss_temperature"]) for r in runs)
     assert got == pytest.approx(expected, rel=1e-12)
+
+
+def test_variant_trials_are_labelled_by_their_variant_then_the_grid():
+    from orchestrator.sweep import point_label
+
+    space = load_search_space(ROOT / "search_spaces" / "method_comparison.yaml")
+    labels = [point_label(p, tuple(space.grid)) for p in space.grid_points()]
+    assert labels == list(space.variants)  # bma, bma_pair_only, avid_cross, ...
+    assert point_label({"variant": "a", "method.x": 1, "g": 2}, ("g",)) == "a,g=2"
+    assert point_label({"method.memory_size": 10}) == "method.memory_size=10"
