@@ -56,6 +56,15 @@ class Method(nn.Module):
         """Reject a config the data cannot serve (ValueError "field: message"), before any
         compute starts; e.g. more memory-bank negatives than the pool holds. Default: none."""
 
+    @classmethod
+    def check_schedule(cls, cfg: Any, epochs: int) -> None:
+        """Reject a training length the method cannot use (ValueError "epochs: message"), before
+        any compute starts; e.g. fewer epochs than stages. Default: any length."""
+
+    def configure_training(self, epochs: int) -> None:
+        """Called once by the trainer after construction, before any checkpoint is loaded, with
+        the run's total number of epochs (for methods whose schedule depends on it)."""
+
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Return {"loss": total, <term>: value, ...}; every loss term a scalar tensor. Keys that
         start with "_" carry tensors for ``after_step`` and are not averaged as metrics."""

@@ -105,11 +105,15 @@ class ResNetEncoder(nn.Module):
     def _init_weights(self) -> None:
         init_conv_bn(self)
 
-    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+    def forward_map(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        """The last stage's feature map (B, 8 * base_width, H / 32, W / 32), before pooling."""
         h = self.stem(x_BCHW)
         for stage in self.stages:
             h = stage(h)
-        return torch.flatten(self.pool(h), 1)
+        return h
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pool(self.forward_map(x_BCHW)), 1)
 
     def forward_blocks(self, x_BCHW: torch.Tensor) -> dict[str, torch.Tensor]:
         """Pooled features after each stage, keyed block1..block4 (block4 equals ``forward``)."""
@@ -164,11 +168,15 @@ class VGGEncoder(nn.Module):
     def _init_weights(self) -> None:
         init_conv_bn(self)
 
-    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+    def forward_map(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        """The last stage's feature map (B, 8 * base_width, H / 16, W / 16), before pooling."""
         h = x_BCHW
         for stage in self.stages:
             h = stage(h)
-        return torch.flatten(self.pool(h), 1)
+        return h
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pool(self.forward_map(x_BCHW)), 1)
 
     def forward_blocks(self, x_BCHW: torch.Tensor) -> dict[str, torch.Tensor]:
         """Feature maps (B, C, H, W) after each stage (after its max-pool), keyed block1..block4;

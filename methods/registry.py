@@ -8,6 +8,7 @@ from methods.avid import AVID, AVIDConfig
 from methods.base import DataInfo, Method
 from methods.bma import BMAConfig, BMAMemory
 from methods.l3 import L3, L3Config
+from methods.multissl import MultiSSL, MultiSSLConfig
 from methods.supervised import Supervised, SupervisedConfig
 
 
@@ -21,6 +22,7 @@ METHODS: dict[str, MethodEntry] = {
     "supervised": MethodEntry(SupervisedConfig, Supervised),
     "l3": MethodEntry(L3Config, L3),
     "avid": MethodEntry(AVIDConfig, AVID),
+    "multissl": MethodEntry(MultiSSLConfig, MultiSSL),
 }
 
 

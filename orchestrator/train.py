@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from methods.base import Batch, Method
-from methods.data import CLASS_NAMES, ProceduralAV
+from methods.data import CLASS_NAMES, BinauralScenes, ProceduralAV, build_dataset
 from methods.data.augment import SpecAugment, TwoViews, simclr_image_augment
 from methods.distributed import convert_global_batchnorm
 from methods.evaluate import run_downstream
@@ -45,7 +45,7 @@ def seed_everything(seed: int) -> None:
 
 def build_pretraining_data(cfg: ExperimentConfig, method: Method) -> dict[str, Dataset]:
     """The pools one training step draws from: the pretraining pool and the unpaired views."""
-    data = ProceduralAV(cfg.data)
+    data = build_dataset(cfg.data)
     pools: dict[str, Dataset] = {"main": data.pool(method.pretrain_pool)}
     if method.uses_unpaired and cfg.data.unpaired_sound_size > 0:
         n_mels, n_frames = cfg.data.n_mels, cfg.data.n_frames
@@ -191,8 +191,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     seed_everything(cfg.seed * 1000 + rank)
     device = ray.train.torch.get_device()
 
-    data = ProceduralAV(cfg.data)
+    data = build_dataset(cfg.data)
     method = build_method(cfg.method_name, cfg.method, data.info())
+    method.configure_training(cfg.train.epochs)
     if world > 1 and cfg.train.sync_batchnorm:
         # BatchNorm over the global batch: torch's SyncBatchNorm on GPUs, ours on CPU workers.
         if cfg.resources.gpu:
@@ -427,7 +428,7 @@ def _report_with_checkpoint(metrics, state, epoch, rank, world) -> None:
         )
 
 
-def quick_knn(cfg: ExperimentConfig, method: Method, data: ProceduralAV, device: torch.device) -> dict[str, float]:
+def quick_knn(cfg: ExperimentConfig, method: Method, data: ProceduralAV | BinauralScenes, device: torch.device) -> dict[str, float]:
     """Cosine-kNN accuracy on h during pretraining (for schedulers that stop weak trials early)."""
     quick = dataclasses.replace(cfg.eval, features=("h",), linear=False, knn=True, retrieval=False,
                                 block_probes=False, sound_svm=False, sound_crops=1)
@@ -438,7 +439,7 @@ def quick_knn(cfg: ExperimentConfig, method: Method, data: ProceduralAV, device:
 def evaluate_and_log(
     cfg: ExperimentConfig,
     method: Method,
-    data: ProceduralAV,
+    data: ProceduralAV | BinauralScenes,
     client: MlflowClient,
     run_id: str,
     device: torch.device,

@@ -673,3 +673,74 @@ def test_eval_config_new_fields_errors_name_the_field(kwargs: dict, field: str) 
 def test_eval_config_new_protocols_are_off_by_default() -> None:
     cfg = EvalConfig()
     assert (cfg.block_probes, cfg.sound_svm, cfg.sound_crops) == (False, False, 1)
+
+
+# --- binaural protocols: spatial probe and clip retrieval -------------------------------------
+
+
+class _SceneSet(Dataset):
+    """Items whose image and sound share a random code (so each sound's partner is findable)
+    and whose features shift with an azimuth sector. ``shuffle_partners`` pairs each sound
+    with another item's image."""
+
+    def __init__(self, n: int, *, seed: int, sectors: int = 4, shuffle_partners: bool = False,
+                 with_sector: bool = True) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.code = torch.randn(n, 16, generator=g)
+        self.sector = torch.arange(n) % sectors
+        self.label = (torch.arange(n) // sectors) % 3
+        self.partner = torch.randperm(n, generator=g) if shuffle_partners else torch.arange(n)
+        self.with_sector = with_sector
+
+    def __len__(self) -> int:
+        return len(self.code)
+
+    def _x(self, i: int, size: int) -> torch.Tensor:
+        x = torch.zeros(size)
+        x[:16] = self.code[i]
+        x[16 + int(self.sector[i])] = 8.0  # a sector indicator a linear probe can read
+        return x
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = {"image": self._x(int(self.partner[i]), 3 * 8 * 8).view(3, 8, 8),
+                "sound": self._x(i, 60).view(1, 6, 10), "label": self.label[i], "index": torch.tensor(i)}
+        if self.with_sector:
+            item["sector"] = self.sector[i]
+        return item
+
+
+class _CodeMethod(Method):
+    name: ClassVar[str] = "code"
+
+    def embed(self, *, images=None, sounds=None):
+        out = {}
+        for x, s in ((images, "v"), (sounds, "s")):
+            if x is not None:
+                flat = x.flatten(1)
+                out[f"h_{s}"] = flat[:, :24]
+                out[f"z_{s}"] = F.normalize(flat[:, :16], dim=1)
+        return out
+
+
+def test_spatial_probe_reads_sectors_and_clip_retrieval_finds_the_partner() -> None:
+    cfg = EvalConfig(features=("h",), knn=False, retrieval=False, spatial_probe=True, clip_retrieval=True,
+                     retrieval_ks=3)
+    result = run_downstream(_CodeMethod(), train_set=_SceneSet(48, seed=1), test_set=_SceneSet(24, seed=2), cfg=cfg)
+    for modality in ("image", "sound"):
+        assert result.metrics[f"{modality}_h_spatial_acc"] == 1.0
+        assert result.metrics[f"{modality}_h_spatial_f1"] == 1.0
+    assert [result.metrics[f"retrieval_s2i_clip_rank{k}"] for k in (1, 2, 3)] == [1.0, 1.0, 1.0]
+    assert "retrieval_s2i_rank1" not in result.metrics
+
+    shuffled = run_downstream(_CodeMethod(), train_set=_SceneSet(48, seed=1),
+                              test_set=_SceneSet(24, seed=2, shuffle_partners=True), cfg=cfg)
+    hits = [int(p) == i for i, p in enumerate(_SceneSet(24, seed=2, shuffle_partners=True).partner)]
+    # Only the sounds whose partner happens to be their own index can still find their image.
+    assert shuffled.metrics["retrieval_s2i_clip_rank1"] == pytest.approx(sum(hits) / 24)
+
+
+def test_spatial_probe_needs_sector_labels() -> None:
+    cfg = EvalConfig(features=("h",), spatial_probe=True)
+    with pytest.raises(ValueError, match="eval.spatial_probe"):
+        run_downstream(_CodeMethod(), train_set=_SceneSet(12, seed=1, with_sector=False),
+                       test_set=_SceneSet(12, seed=2, with_sector=False), cfg=cfg)

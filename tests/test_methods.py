@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from methods.data import ProceduralAV
+from methods.data import build_dataset
 from methods.registry import METHODS, build_method
 from orchestrator.config import resolve
 from orchestrator.train import build_pretraining_data
@@ -15,7 +15,8 @@ SMALL = ["data.paired_size=128", "data.unpaired_sound_size=32", "data.unpaired_i
 
 
 def _small_overrides(name):
-    extra = {"avid": ["method.num_negatives=32", "method.cma_negatives=32", "method.cma_positives=4"]}
+    extra = {"avid": ["method.num_negatives=32", "method.cma_negatives=32", "method.cma_positives=4"],
+             "multissl": ["data.paired_size=32", "data.train_size=16", "data.test_size=16"]}
     return [o for o in SMALL if name == "bma" or not o.startswith("method.")] + extra.get(name, [])
 
 
@@ -23,11 +24,12 @@ def _small_overrides(name):
     *[(n, []) for n in METHODS],
     ("avid", ["method.variant=joint"]),
     ("avid", ["method.cma=true", "method.cma_start_epoch=0", "method.cma_rule=either"]),
+    ("multissl", ["method.combination=incremental"]),
 ])
 def test_every_method_trains_from_its_tiny_preset(name, overrides):
     torch.manual_seed(0)
     cfg = resolve({}, preset="tiny", overrides=[f"method.name={name}", *_small_overrides(name), *overrides])
-    data = ProceduralAV(cfg.data)
+    data = build_dataset(cfg.data)
     method = build_method(name, cfg.method, data.info())
     pools = build_pretraining_data(cfg, method)
     loaders = {k: iter(DataLoader(p, batch_size=16, shuffle=True)) for k, p in pools.items()}

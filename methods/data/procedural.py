@@ -36,7 +36,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -123,6 +123,11 @@ class ProceduralConfig:
     The paper preset uses ``image_size=224, sample_rate=16000, n_mels=150, n_frames=200``.
     ``cache_in_memory`` memoises generated samples per process: right for pools of a few
     thousand items, wasteful for pools of hundreds of thousands.
+
+    ``binaural`` switches to binaural scenes (``methods.data.binaural``): a 360° image strip of
+    ``image_size`` x ``panorama_width`` pixels, two-channel sound, up to ``max_objects`` objects
+    per scene, and an azimuth ``sector`` label out of ``azimuth_sectors``. The three scene
+    fields are ignored when ``binaural`` is false.
     """
 
     seed: int = 0
@@ -140,13 +145,17 @@ class ProceduralConfig:
     transfer_train_size: int = 500
     transfer_test_size: int = 500
     cache_in_memory: bool = True
+    binaural: bool = False
+    panorama_width: int = 128
+    azimuth_sectors: int = 8
+    max_objects: int = 2
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "cache_in_memory":
+            if f.name in ("cache_in_memory", "binaural"):
                 if not isinstance(value, bool):
-                    raise ValueError(f"cache_in_memory: must be true or false, got {value!r}")
+                    raise ValueError(f"{f.name}: must be true or false, got {value!r}")
             elif f.name == "clip_seconds":
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise ValueError(f"clip_seconds: must be a number of seconds, got {value!r}")
@@ -188,6 +197,23 @@ class ProceduralConfig:
                 raise ValueError(
                     f"{name}_size: must be in {minimum}..{_MAX_POOL_SIZE}, got {size}"
                 )
+        # Multiples of 8 columns keep rotations by 360/R degrees, R in 2, 4, 8, whole columns.
+        if self.panorama_width < 16 or self.panorama_width % 8:
+            raise ValueError(
+                f"panorama_width: must be a multiple of 8 and >= 16, got {self.panorama_width}"
+            )
+        if self.binaural and self.panorama_width < self.image_size:
+            raise ValueError(
+                f"panorama_width: must be >= image_size={self.image_size} for binaural scenes, "
+                f"got {self.panorama_width}"
+            )
+        if not 2 <= self.azimuth_sectors <= 36 or self.panorama_width % self.azimuth_sectors:
+            raise ValueError(
+                f"azimuth_sectors: must be in 2..36 and divide panorama_width="
+                f"{self.panorama_width}, got {self.azimuth_sectors}"
+            )
+        if not 1 <= self.max_objects <= 4:
+            raise ValueError(f"max_objects: must be in 1..4, got {self.max_objects}")
 
     @property
     def clip_samples(self) -> int:
@@ -449,6 +475,11 @@ def _texture(kind: str, u: np.ndarray, v: np.ndarray, freq: float, phase: float)
     return np.zeros_like(u)
 
 
+def _object_radius(latent: dict[str, float]) -> float:
+    """Object radius in half-sides of the image (or of a panorama's square tile)."""
+    return _RADIUS[0] + (_RADIUS[1] - _RADIUS[0]) * latent["size"]
+
+
 def _hsv(h: float, s: float, v: float) -> np.ndarray:
     rgb = colorsys.hsv_to_rgb(h % 1.0, min(max(s, 0.0), 1.0), min(max(v, 0.0), 1.0))
     return np.asarray(rgb, dtype=np.float32)
@@ -494,13 +525,24 @@ class _ImageRenderer:
         img_3SS = self._background(rng, dom)
         img_3SS = self._clutter(rng, dom, img_3SS)
 
-        # The object: scale from the size latent, colour value from the brightness latent,
-        # texture frequency from the texture latent.
-        proto = _VISUAL[cls]
         q = rng.random(10).tolist()
-        radius = _RADIUS[0] + (_RADIUS[1] - _RADIUS[0]) * latent["size"]
-        margin = 1.0 - 0.7 * radius
+        margin = 1.0 - 0.7 * _object_radius(latent)
         cx, cy = (2 * q[0] - 1) * margin, (2 * q[1] - 1) * margin
+        cover_SS, obj_3SS = self.object_layer(cls, latent, dom, q, cx, cy)
+        img_3SS += cover_SS * (obj_3SS - img_3SS)
+
+        img_3SS += (rng.random(img_3SS.shape, dtype=np.float32) - 0.5) * (dom.pixel_noise * 3.46)
+        return np.clip(img_3SS, 0.0, 1.0, out=img_3SS)
+
+    def object_layer(self, cls: int, latent: dict[str, float], dom: _Domain, q: list[float],
+                     cx: float, cy: float) -> tuple[np.ndarray, np.ndarray]:
+        """(coverage (S, S) in [0, 1], colour (3, S, S)) of one object centred at (cx, cy).
+
+        Scale from the size latent, colour value from the brightness latent, texture frequency
+        from the texture latent; ``q`` holds the instance's uniform draws (q[2:9] are read).
+        """
+        proto = _VISUAL[cls]
+        radius = _object_radius(latent)
         angle = _MAX_ROTATION * (2 * q[2] - 1)
         aspect = math.exp(0.3 * q[3] - 0.15)
         u, v = self._frame(cx, cy, radius, angle, aspect)
@@ -513,10 +555,7 @@ class _ImageRenderer:
         freq = 1.2 + 2.0 * latent["texture"]
         tex_SS = proto.texture_depth * _texture(proto.texture, u, v, freq, 2 * np.pi * q[8])
         obj_3SS = col[:, None, None] + (col2 - col)[:, None, None] * tex_SS
-        img_3SS += cover_SS * (obj_3SS - img_3SS)
-
-        img_3SS += (rng.random(img_3SS.shape, dtype=np.float32) - 0.5) * (dom.pixel_noise * 3.46)
-        return np.clip(img_3SS, 0.0, 1.0, out=img_3SS)
+        return cover_SS, obj_3SS
 
     def _background(self, rng: np.random.Generator, dom: _Domain) -> np.ndarray:
         q = rng.random(10).tolist()
@@ -607,12 +646,30 @@ class _SoundSynth:
 
     def render(self, rng: np.random.Generator, cls: int, latent: dict[str, float],
                dom_name: str) -> np.ndarray:
-        """One waveform (T,) float32."""
-        p = _SOUND[cls]
+        """One waveform (T,) float32: the object's sound, then the domain's clutter and room."""
         dom = _DOMAINS[dom_name]
+        q = rng.random(24).tolist()
+        x_T = self.source(rng, cls, latent, q)
+
+        # Clutter: unrelated events, then the domain's background noise.
+        self._distractors(rng, x_T, dom)
+        bank = self.domain_bank[dom_name][int(q[13] * _BANK_CLIPS)]
+        start = int(q[14] * (bank.shape[0] - self.n))
+        level = dom.noise_level[0] + (dom.noise_level[1] - dom.noise_level[0]) * q[15]
+        x_T += bank[start:start + self.n] * np.float32(level)
+        self.room(x_T, dom, q[16:])
+        return x_T
+
+    def source(self, rng: np.random.Generator, cls: int, latent: dict[str, float],
+               q: list[float]) -> np.ndarray:
+        """The dry sound of one object (T,) float32, before clutter and room.
+
+        ``q`` holds the instance's uniform draws (at least 12 are read); ``rng`` draws the
+        harmonic amplitudes.
+        """
+        p = _SOUND[cls]
         t = self.t_T
         nyquist = self.sr / 2
-        q = rng.random(24).tolist()
         # Shared latents: bigger objects are louder and lower; brighter ones have more high
         # harmonics; finer textures modulate faster.
         shift = 2.0 ** ((4.0 - 8.0 * latent["size"]) / 12.0)
@@ -720,25 +777,20 @@ class _SoundSynth:
         # (darker, low-pass) to 0.6 (brighter, high-pass).
         c = 1.2 * latent["brightness"] - 0.6
         x_T[1:] -= c * x_T[:-1]
+        return x_T
 
-        # Clutter: unrelated events, then the domain's background noise.
-        self._distractors(rng, x_T, dom)
-        bank = self.domain_bank[dom_name][int(q[13] * _BANK_CLIPS)]
-        start = int(q[14] * (bank.shape[0] - self.n))
-        level = dom.noise_level[0] + (dom.noise_level[1] - dom.noise_level[0]) * q[15]
-        np.multiply(bank[start:start + self.n], level, out=tmp_T)
-        x_T += tmp_T
-
+    def room(self, x_CT: np.ndarray, dom: _Domain, q_echo: list[float]) -> None:
+        """The domain's reverberation taps and pre-emphasis, in place along the last axis, the
+        same on every channel. ``q_echo`` holds one uniform draw per tap."""
         if dom.echoes:
-            dry_T = x_T.copy()
+            dry_CT = x_CT.copy()
             g = 0.5
             for i in range(dom.echoes):
-                d = int((0.01 + 0.11 * q[16 + i]) * self.sr)
-                x_T[d:] += g * dry_T[:-d]
+                d = int((0.01 + 0.11 * q_echo[i]) * self.sr)
+                x_CT[..., d:] += g * dry_CT[..., :-d]
                 g *= 0.6
         if dom.preemphasis:
-            x_T[1:] -= dom.preemphasis * x_T[:-1]
-        return x_T
+            x_CT[..., 1:] -= dom.preemphasis * x_CT[..., :-1]
 
     def _distractors(self, rng: np.random.Generator, x_T: np.ndarray, dom: _Domain) -> None:
         """Add unrelated events in place: steady tones, glides, click trains, noise bursts.
@@ -805,14 +857,24 @@ def _draw_latents(image_rng: np.random.Generator) -> dict[str, float]:
     return {"size": u[0], "brightness": u[1], "texture": u[2]}
 
 
+class _SampleSource(Protocol):
+    """What a _Pool needs from its dataset: ProceduralAV or binaural.BinauralScenes."""
+
+    cfg: ProceduralConfig
+
+    def _generate(self, pool: str, index: int, keys: tuple[str, ...]
+                  ) -> dict[str, torch.Tensor]: ...
+
+
 class _Pool(Dataset):
     """One pool of a ProceduralAV; items are dicts of tensors (see ``ProceduralAV.pool``)."""
 
-    def __init__(self, owner: ProceduralAV, name: str, size: int) -> None:
+    def __init__(self, owner: _SampleSource, name: str, size: int,
+                 keys: tuple[str, ...] | None = None) -> None:
         self.owner = owner
         self.name = name
         self.size = size
-        self.keys = _POOL_KEYS[name]
+        self.keys = _POOL_KEYS[name] if keys is None else keys
         self._cache: dict[int, dict[str, torch.Tensor]] | None = (
             {} if owner.cfg.cache_in_memory else None
         )
@@ -832,6 +894,21 @@ class _Pool(Dataset):
                 self._cache[index] = item
         # Clones keep the cache safe from in-place edits by the caller.
         return {k: v.clone() for k, v in item.items()}
+
+
+def data_info(c: ProceduralConfig, *, sound_channels: int) -> DataInfo:
+    """What a method needs to know about the data ``c`` describes (RGB images)."""
+    return DataInfo(
+        image_channels=3,
+        sound_channels=sound_channels,
+        image_size=c.image_size,
+        n_mels=c.n_mels,
+        n_frames=c.n_frames,
+        num_classes=c.num_classes,
+        paired_size=c.paired_size,
+        unpaired_sound_size=c.unpaired_sound_size,
+        unpaired_image_size=c.unpaired_image_size,
+    )
 
 
 class ProceduralAV:
@@ -859,18 +936,7 @@ class ProceduralAV:
         return self._pools[name]
 
     def info(self) -> DataInfo:
-        c = self.cfg
-        return DataInfo(
-            image_channels=3,
-            sound_channels=1,
-            image_size=c.image_size,
-            n_mels=c.n_mels,
-            n_frames=c.n_frames,
-            num_classes=c.num_classes,
-            paired_size=c.paired_size,
-            unpaired_sound_size=c.unpaired_sound_size,
-            unpaired_image_size=c.unpaired_image_size,
-        )
+        return data_info(self.cfg, sound_channels=1)
 
     # Ground truth for evaluation, tests and analysis; pretraining never reads it.
 

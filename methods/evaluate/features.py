@@ -86,8 +86,9 @@ def _extract(
                 raise ValueError("dataset: items carry neither 'image' nor 'sound'")
             for key, value in batch_features(batch, target).items():
                 chunks.setdefault(key, []).append(value.detach().float().cpu())
-            if "label" in batch:
-                chunks.setdefault("label", []).append(torch.as_tensor(batch["label"]).long().cpu())
+            for key in ("label", "sector"):  # class ids; azimuth sectors of binaural scenes
+                if key in batch:
+                    chunks.setdefault(key, []).append(torch.as_tensor(batch[key]).long().cpu())
     if not chunks:
         raise ValueError("dataset: is empty, nothing to embed")
     return {key: torch.cat(parts, dim=0) for key, parts in chunks.items()}

@@ -87,6 +87,12 @@ class EvalConfig:
     # > 1: also classify each test sound by averaging over this many time crops of T // 2 frames
     # (the *_clip metrics of the linear probe and the SVM); 1: full clips only.
     sound_crops: int = 1
+    # Binaural scenes: a logistic probe predicting the main object's azimuth sector from each
+    # feature family (``{modality}_{family}_spatial_acc`` / ``_f1``), and clip retrieval: each
+    # test sound queries the test images and must find its own clip's image among the top k
+    # (``retrieval_s2i_clip_rank{k}``). The spatial probe needs items with a ``sector``.
+    spatial_probe: bool = False
+    clip_retrieval: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.features, str) or not isinstance(self.features, (tuple, list)):
@@ -105,7 +111,7 @@ class EvalConfig:
             raise ValueError(
                 f"features: duplicate families in {list(self.features)}; list each once"
             )
-        for name in ("linear", "knn", "retrieval", "block_probes", "sound_svm"):
+        for name in ("linear", "knn", "retrieval", "block_probes", "sound_svm", "spatial_probe", "clip_retrieval"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         for name in (
@@ -201,9 +207,12 @@ def run_downstream(
         prefix: prepended to every metric and confusion name, e.g. ``"transfer_"``.
         num_classes: confusion matrix size (default: largest class id seen + 1).
     """
-    family_probes = (cfg.linear or cfg.knn or cfg.sound_svm) and bool(cfg.features)
-    needs_train = family_probes or cfg.block_probes
     test_keys = _item_keys(test_set, "test_set")
+    spatial = cfg.spatial_probe and bool(cfg.features)
+    if spatial and "sector" not in test_keys:
+        raise ValueError("eval.spatial_probe: test items carry no 'sector' (azimuth sector); it needs binaural scenes")
+    family_probes = (cfg.linear or cfg.knn or cfg.sound_svm or spatial) and bool(cfg.features)
+    needs_train = family_probes or cfg.block_probes
     train_keys = _item_keys(train_set, "train_set") if needs_train else test_keys
     modalities: list[tuple[str, str]] = []
     if needs_train:
@@ -268,6 +277,11 @@ def run_downstream(
             if modality == "sound" and cfg.sound_svm:
                 _record(result, f"{name}_svm",
                         linear_svm(train_X, train_y, test_X, test_y, **svm_kwargs))
+            if spatial:
+                probe = linear_probe(train_X, train["sector"], test_X, test["sector"],
+                                     C=cfg.linear_C, max_iter=cfg.linear_max_iter)
+                result.metrics[f"{name}_spatial_acc"] = probe.accuracy
+                result.metrics[f"{name}_spatial_f1"] = probe.f1
             if modality == "sound" and clip_probes:
                 test_NKD = _family_features(test_crops, key=key, split="test_set", method=method)
                 train_NKD = _family_features(train_crops, key=key, split="train_set", method=method)
@@ -292,4 +306,11 @@ def run_downstream(
         ranks = retrieval_rank_k(z_s, test_y, z_v, test_y, ks=tuple(range(1, cfg.retrieval_ks + 1)))
         for k, accuracy in ranks.items():
             result.metrics[f"{prefix}retrieval_s2i_rank{k}"] = accuracy
+    if cfg.clip_retrieval and {"image", "sound"} <= test_keys:
+        z_s = _family_features(test, key="z_s", split="test_set", method=method)
+        z_v = _family_features(test, key="z_v", split="test_set", method=method)
+        clip_N = torch.arange(z_s.shape[0])  # each clip is its own class: find the exact partner
+        ranks = retrieval_rank_k(z_s, clip_N, z_v, clip_N, ks=tuple(range(1, cfg.retrieval_ks + 1)))
+        for k, accuracy in ranks.items():
+            result.metrics[f"{prefix}retrieval_s2i_clip_rank{k}"] = accuracy
     return result

@@ -1,0 +1,404 @@
+"""Multi-SSL on binaural sound: three pretext tasks and five ways of combining them (paper 004,
+Vasudevan, Dai and Van Gool; SPEC §5).
+
+Tasks, on binaural scenes (a 360° panorama, its foreground mask, a 2-channel clip):
+
+- ``spatial``: rotate the panorama by one of R angles k·360/R and predict k from the rotated
+  image and the (unrotated) sound, cross-entropy (supp. eq. 1). k = 0 is the aligned scene.
+- ``foreground``: InfoNCE between the sound feature a_i and the feature of its aligned masked
+  foreground v_p, against misaligned ones (supp. eq. 2): the other clips' foregrounds and, with
+  ``fa_rotated_negatives``, its own foreground rotated by the R - 1 other angles.
+- ``gap``: two slices of one sound clip at random times, predict their normalised gap
+  δ = (t2 - t1) / (T - L) in [-1, 1]; Huber loss with ε = ``huber_delta`` = 1.5 (supp. eq. 3-4).
+
+Image features that must know where things are (spatial, foreground) read the encoder's last
+feature map average-pooled to R azimuth bins (height pooled away): a (C·R) "azimuth feature".
+Rotating the panorama by 360/R moves it by exactly one bin when the map width is a multiple of
+R, so the misaligned foregrounds are that feature rolled along its bins, not R - 1 more forward
+passes. The representation that downstream protocols probe is the global-average-pooled
+encoder output h, as for every method.
+
+Combinations (``combination``; the main paper's Fig. 2 and supp. Fig. 1), in one run each so a
+single search space compares them:
+
+- ``multitask``: one encoder pair, L = Σ_t w_t L_t over ``tasks`` (one task: single-task SSL).
+- ``concat``: one encoder pair per task, trained one after the other (one stage per task);
+  h is the concatenation of the task encoders' features.
+- ``incremental``: one encoder pair trained on the tasks in order; from the second stage on, the
+  encoders are also pulled towards a frozen copy of themselves taken at the end of the previous
+  stage, λ·MSE(f, f_prev) (``distill_weight``), so earlier tasks are not forgotten.
+- ``euclidean``: the task encoders of ``concat`` as teachers, then a last stage trains a fresh
+  student pair to regress each teacher's features through a linear map (MSE).
+- ``contrastive``: the same, with an InfoNCE between the student's and each teacher's projected
+  features over the batch (temperature ``distill_temperature``) instead of the MSE.
+
+Stages split ``train.epochs`` evenly (``configure_training``); the stage is a function of the
+epoch counter, a buffer, so a resumed run continues in the right stage. A finished stage's
+encoders are never in a later stage's graph with gradients (teachers run under ``no_grad`` and in
+eval mode, so their BatchNorm statistics stay as their stage left them); they are checkpointed
+with the model.
+
+Legend: B batch, C encoder width, R rotations, F mel bins, T frames, L slice frames, D sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.base import Batch, DataInfo, Method
+from methods.data.binaural import rotate_panorama
+from methods.encoders import Encoder, EncoderConfig, build_encoder
+
+TASKS = ("spatial", "foreground", "gap")
+COMBINATIONS = ("multitask", "concat", "incremental", "euclidean", "contrastive")
+
+
+@dataclass(frozen=True)
+class MultiSSLConfig:
+    """Multi-SSL hyperparameters; ε = 1.5 is the paper's, the rest are this implementation's."""
+
+    image_encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig("resnet18", 64))
+    sound_encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig("resnet10", 64))
+    tasks: tuple[str, ...] = TASKS  # in training order for the staged combinations
+    combination: str = "multitask"
+    spatial_weight: float = 1.0  # w_t of the multi-task sum
+    foreground_weight: float = 1.0
+    gap_weight: float = 1.0
+    rotations: int = 4  # R: the panorama turns by k * 360 / R, k = 0 .. R-1
+    head_hidden_dim: int = 512  # hidden units of the spatial and gap prediction heads
+    fa_dim: int = 128  # foreground-alignment embedding size
+    fa_temperature: float = 0.07  # tau of supp. eq. 2
+    fa_rotated_negatives: bool = True  # the clip's own foreground at the R-1 wrong angles
+    gap_slice_frames: int = 32  # L: frames per sound slice
+    huber_delta: float = 1.5  # epsilon of the Huber loss (supp. §1)
+    distill_weight: float = 1.0  # incremental: lambda of the feature distillation
+    distill_dim: int = 128  # contrastive distillation: projection size
+    distill_temperature: float = 0.1  # contrastive distillation: InfoNCE temperature
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tasks, str) or not isinstance(self.tasks, (tuple, list)) or not self.tasks:
+            raise ValueError(f"tasks: expected a non-empty list from {list(TASKS)}, got {self.tasks!r}")
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"tasks: unknown task(s) {unknown}; choose from {list(TASKS)}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks: list each task once, got {list(self.tasks)}")
+        if self.combination not in COMBINATIONS:
+            raise ValueError(f"combination: unknown {self.combination!r}; choose one of {list(COMBINATIONS)}")
+        for name in ("spatial_weight", "foreground_weight", "gap_weight", "distill_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.rotations < 2:
+            raise ValueError(f"rotations: need at least 2 angles, got {self.rotations}")
+        for name in ("head_hidden_dim", "fa_dim", "gap_slice_frames", "distill_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        for name in ("fa_temperature", "huber_delta", "distill_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+
+    @property
+    def num_stages(self) -> int:
+        if self.combination == "multitask":
+            return 1
+        if self.combination in ("concat", "incremental"):
+            return len(self.tasks)
+        return len(self.tasks) + 1  # teachers, then the student
+
+
+# --- pure functions -------------------------------------------------------------------------
+
+
+def huber(pred: torch.Tensor, target: torch.Tensor, *, delta: float) -> torch.Tensor:
+    """Mean Huber loss: ½x² where |x| <= ε, ε|x| - ½ε² elsewhere (x = pred - target)."""
+    return F.huber_loss(pred, target, delta=delta, reduction="mean")
+
+
+def azimuth_feature(map_BCHW: torch.Tensor, bins: int) -> torch.Tensor:
+    """(B, C, H, W) feature map -> (B, C, bins): height averaged away, width averaged into
+    ``bins`` equal azimuth sectors (exact sectors when W is a multiple of ``bins``)."""
+    return F.adaptive_avg_pool2d(map_BCHW, (1, bins)).squeeze(2)
+
+
+def foreground_nce(
+    a_BD: torch.Tensor, v_pos_BD: torch.Tensor, v_rot_BJD: torch.Tensor | None, *, temperature: float
+) -> torch.Tensor:
+    """Supp. eq. 2: -log e^{v_p·a_i/τ} / (e^{v_p·a_i/τ} + Σ_{v_n ∈ P_i} e^{v_n·a_i/τ}), averaged over
+    i. P_i holds the other clips' aligned foregrounds and, if given, the clip's own foreground at
+    the J wrong angles (``v_rot_BJD``). Inputs are unit vectors."""
+    logits_BB = a_BD @ v_pos_BD.T / temperature  # column j: clip j's aligned foreground
+    if v_rot_BJD is not None:
+        logits_BJ = torch.einsum("bd,bjd->bj", a_BD, v_rot_BJD) / temperature
+        logits_BB = torch.cat([logits_BB, logits_BJ], dim=1)
+    target_B = torch.arange(a_BD.shape[0], device=a_BD.device)
+    return F.cross_entropy(logits_BB, target_B)
+
+
+def info_nce(q_BD: torch.Tensor, k_BD: torch.Tensor, *, temperature: float) -> torch.Tensor:
+    """Symmetric-free InfoNCE over the batch: q_i must pick k_i among all k (unit vectors)."""
+    logits_BB = q_BD @ k_BD.T / temperature
+    return F.cross_entropy(logits_BB, torch.arange(q_BD.shape[0], device=q_BD.device))
+
+
+def cut_slices(
+    sound_BCFT: torch.Tensor, length: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two slices of L frames per clip at independent uniform start frames t1, t2, and the
+    normalised gap δ = (t2 - t1) / (T - L) in [-1, 1]."""
+    b, _, _, t = sound_BCFT.shape
+    if not 0 < length < t:
+        raise ValueError(f"gap_slice_frames: need 0 < L < T = {t} frames, got {length}")
+    starts_2B = torch.randint(0, t - length + 1, (2, b), generator=generator).to(sound_BCFT.device)
+    frames_L = torch.arange(length, device=sound_BCFT.device)
+    slices = []
+    for starts_B in starts_2B:
+        idx_BL = starts_B[:, None] + frames_L[None, :]
+        idx = idx_BL[:, None, None, :].expand(-1, sound_BCFT.shape[1], sound_BCFT.shape[2], -1)
+        slices.append(torch.gather(sound_BCFT, 3, idx))
+    gap_B = (starts_2B[1] - starts_2B[0]).to(sound_BCFT.dtype) / (t - length)
+    return slices[0], slices[1], gap_B
+
+
+@torch.no_grad()
+def _teacher(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A frozen encoder's features: no gradients, BatchNorm on its running statistics."""
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        return encoder(x)
+    finally:
+        encoder.train(was_training)
+
+
+def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+
+
+# --- the method -----------------------------------------------------------------------------
+
+
+class TaskHeads(nn.Module):
+    """The prediction heads of the tasks trained on one encoder pair."""
+
+    def __init__(self, tasks: tuple[str, ...], c_v: int, c_s: int, cfg: MultiSSLConfig) -> None:
+        super().__init__()
+        r = cfg.rotations
+        if "spatial" in tasks:
+            self.spatial = _mlp(c_v * r + c_s, cfg.head_hidden_dim, r)
+        if "foreground" in tasks:
+            self.fa_v = _mlp(c_v * r, cfg.head_hidden_dim, cfg.fa_dim)
+            self.fa_s = _mlp(c_s, cfg.head_hidden_dim, cfg.fa_dim)
+        if "gap" in tasks:
+            self.gap = _mlp(2 * c_s, cfg.head_hidden_dim, 1)
+
+
+class EncoderPair(nn.Module):
+    def __init__(self, cfg: MultiSSLConfig, data_info: DataInfo) -> None:
+        super().__init__()
+        self.E_v: Encoder = build_encoder(cfg.image_encoder, in_channels=data_info.image_channels)
+        self.E_s: Encoder = build_encoder(cfg.sound_encoder, in_channels=data_info.sound_channels)
+
+
+class MultiSSL(Method):
+    """Spatial alignment, foreground alignment and temporal-gap prediction on binaural scenes,
+    alone or combined (see the module docstring for the five combinations)."""
+
+    name: ClassVar[str] = "multissl"
+    pretrain_pool: ClassVar[str] = "paired"
+
+    def __init__(self, cfg: MultiSSLConfig, data_info: DataInfo) -> None:
+        super().__init__()
+        self.check_data(cfg, data_info)
+        self.cfg = cfg
+        c_v, c_s = cfg.image_encoder.out_dim, cfg.sound_encoder.out_dim
+        combo = cfg.combination
+        if combo in ("multitask", "incremental"):
+            pair = EncoderPair(cfg, data_info)
+            self.E_v, self.E_s = pair.E_v, pair.E_s
+            self.heads = TaskHeads(cfg.tasks, c_v, c_s, cfg)
+        else:  # one encoder pair and its heads per task
+            self.task_pairs = nn.ModuleDict({t: EncoderPair(cfg, data_info) for t in cfg.tasks})
+            self.task_heads = nn.ModuleDict({t: TaskHeads((t,), c_v, c_s, cfg) for t in cfg.tasks})
+        if combo in ("euclidean", "contrastive"):
+            student = EncoderPair(cfg, data_info)
+            self.E_v, self.E_s = student.E_v, student.E_s
+            out = c_v if combo == "euclidean" else cfg.distill_dim
+            out_s = c_s if combo == "euclidean" else cfg.distill_dim
+            # Student -> teacher-t maps (the regressors of the MSE, or the student projections).
+            self.student_v = nn.ModuleDict({t: nn.Linear(c_v, out) for t in cfg.tasks})
+            self.student_s = nn.ModuleDict({t: nn.Linear(c_s, out_s) for t in cfg.tasks})
+            if combo == "contrastive":
+                self.teacher_v = nn.ModuleDict({t: nn.Linear(c_v, cfg.distill_dim) for t in cfg.tasks})
+                self.teacher_s = nn.ModuleDict({t: nn.Linear(c_s, cfg.distill_dim) for t in cfg.tasks})
+        if combo == "incremental":
+            # Frozen copy of the encoders from the end of the previous stage (filled at the stage
+            # boundary; unused in stage 0).
+            self.prev = EncoderPair(cfg, data_info)
+            self.prev.requires_grad_(False)
+        self.register_buffer("epoch", torch.tensor(0, dtype=torch.int64))  # epochs finished
+        self.register_buffer("total_epochs", torch.tensor(cfg.num_stages, dtype=torch.int64))
+
+    @classmethod
+    def check_data(cls, cfg: MultiSSLConfig, data_info: DataInfo) -> None:
+        if data_info.sound_channels != 2:
+            raise ValueError(
+                f"binaural: multissl needs binaural scenes (2-channel sound, panoramas); "
+                f"set data.binaural=true (got {data_info.sound_channels}-channel sound)"
+            )
+        if "gap" in cfg.tasks and not 0 < cfg.gap_slice_frames < data_info.n_frames:
+            raise ValueError(
+                f"gap_slice_frames: need 0 < L < n_frames = {data_info.n_frames}, got {cfg.gap_slice_frames}"
+            )
+
+    @classmethod
+    def check_schedule(cls, cfg: MultiSSLConfig, epochs: int) -> None:
+        if 0 < epochs < cfg.num_stages:
+            raise ValueError(
+                f"epochs: combination {cfg.combination!r} trains {cfg.num_stages} stages one after the "
+                f"other and needs at least {cfg.num_stages} epochs, got {epochs}"
+            )
+
+    def configure_training(self, epochs: int) -> None:
+        self.check_schedule(self.cfg, epochs)
+        self.total_epochs.fill_(max(epochs, 1))
+
+    def may_leave_parameters_unused(self) -> bool:
+        # Staged combinations leave the other stages' modules out; temporal gap alone never
+        # touches the image encoder.
+        return self.cfg.combination != "multitask" or self.cfg.tasks == ("gap",)
+
+    # -- stages --
+
+    @property
+    def stage(self) -> int:
+        """Stage of the current epoch: ``train.epochs`` split evenly over the stages."""
+        n, total = self.cfg.num_stages, int(self.total_epochs)
+        return min(int(self.epoch) * n // total, n - 1)
+
+    def on_epoch_end(self, epoch: int) -> None:
+        before = self.stage
+        self.epoch.fill_(epoch + 1)
+        if self.stage != before and self.cfg.combination == "incremental":
+            # The encoders as the finished stage left them become the distillation target.
+            self.prev.E_v.load_state_dict(self.E_v.state_dict())
+            self.prev.E_s.load_state_dict(self.E_s.state_dict())
+
+    # -- tasks --
+
+    def _task_loss(
+        self, task: str, E_v: Encoder, E_s: Encoder, heads: TaskHeads, batch: Batch
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg, r = self.cfg, self.cfg.rotations
+        image, sound = batch["image"], batch["sound"]
+        if task == "spatial":
+            k_B = torch.randint(0, r, (image.shape[0],)).to(image.device)
+            v_BD = azimuth_feature(E_v.forward_map(rotate_panorama(image, k_B, r)), r).flatten(1)
+            logits = heads.spatial(torch.cat([v_BD, E_s(sound)], dim=1))
+            loss = F.cross_entropy(logits, k_B)
+            return loss, {"spatial_acc": (logits.argmax(1) == k_B).float().mean()}
+        if task == "foreground":
+            v_BCR = azimuth_feature(E_v.forward_map(image * batch["mask"]), r)
+            v_pos = F.normalize(heads.fa_v(v_BCR.flatten(1)), dim=1)
+            a = F.normalize(heads.fa_s(E_s(sound)), dim=1)
+            v_rot = None
+            if cfg.fa_rotated_negatives:  # the same foreground at the R-1 wrong angles
+                rolled = [torch.roll(v_BCR, shifts=j, dims=2).flatten(1) for j in range(1, r)]
+                v_rot = F.normalize(heads.fa_v(torch.stack(rolled, dim=1)), dim=2)
+            loss = foreground_nce(a, v_pos, v_rot, temperature=cfg.fa_temperature)
+            return loss, {}
+        # gap
+        first, second, gap_B = cut_slices(sound, cfg.gap_slice_frames)
+        pred_B = heads.gap(torch.cat([E_s(first), E_s(second)], dim=1)).squeeze(1)
+        loss = huber(pred_B, gap_B, delta=cfg.huber_delta)
+        return loss, {"gap_abs_err": (pred_B - gap_B).abs().mean().detach()}
+
+    def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        cfg, stage = self.cfg, self.stage
+        out: dict[str, torch.Tensor] = {}
+        weights = {"spatial": cfg.spatial_weight, "foreground": cfg.foreground_weight, "gap": cfg.gap_weight}
+        loss = torch.zeros((), device=batch["image"].device)
+        if cfg.combination == "multitask":
+            for t in cfg.tasks:
+                term, extra = self._task_loss(t, self.E_v, self.E_s, self.heads, batch)
+                out[f"loss_{t}"] = term
+                out.update(extra)
+                loss = loss + weights[t] * term
+        elif cfg.combination == "incremental":
+            t = cfg.tasks[stage]
+            term, extra = self._task_loss(t, self.E_v, self.E_s, self.heads, batch)
+            out[f"loss_{t}"] = term
+            out.update(extra)
+            loss = loss + term
+            if stage > 0:
+                f_v_prev, f_s_prev = _teacher(self.prev.E_v, batch["image"]), _teacher(self.prev.E_s, batch["sound"])
+                distill = F.mse_loss(self.E_v(batch["image"]), f_v_prev) + F.mse_loss(
+                    self.E_s(batch["sound"]), f_s_prev
+                )
+                out["loss_distill"] = distill
+                loss = loss + cfg.distill_weight * distill
+        elif stage < len(cfg.tasks):  # concat, or the teacher stages of the distillations
+            t = cfg.tasks[stage]
+            pair, heads = self.task_pairs[t], self.task_heads[t]
+            term, extra = self._task_loss(t, pair.E_v, pair.E_s, heads, batch)
+            out[f"loss_{t}"] = term
+            out.update(extra)
+            loss = loss + term
+        else:  # the student stage of euclidean / contrastive distillation
+            f_v, f_s = self.E_v(batch["image"]), self.E_s(batch["sound"])
+            distill = torch.zeros((), device=f_v.device)
+            for t in cfg.tasks:
+                pair = self.task_pairs[t]
+                g_v, g_s = _teacher(pair.E_v, batch["image"]), _teacher(pair.E_s, batch["sound"])
+                if cfg.combination == "euclidean":
+                    distill = distill + F.mse_loss(self.student_v[t](f_v), g_v) + F.mse_loss(self.student_s[t](f_s), g_s)
+                else:
+                    tau = cfg.distill_temperature
+                    for q, k in (
+                        (self.student_v[t](f_v), self.teacher_v[t](g_v)),
+                        (self.student_s[t](f_s), self.teacher_s[t](g_s)),
+                    ):
+                        distill = distill + info_nce(F.normalize(q, dim=1), F.normalize(k, dim=1), temperature=tau)
+            out["loss_distill"] = distill
+            loss = loss + distill
+        out["loss"] = loss
+        return out
+
+    # -- evaluation --
+
+    @torch.no_grad()
+    def embed(
+        self, *, images: torch.Tensor | None = None, sounds: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """h: the global-average-pooled encoder output (for ``concat``, the task encoders'
+        concatenated); z: the foreground-alignment embeddings when the encoders that give h were
+        trained on that task, else h normalised (then sound->image retrieval is not meaningful)."""
+        cfg, r = self.cfg, self.cfg.rotations
+        out: dict[str, torch.Tensor] = {}
+        if cfg.combination == "concat":
+            pairs = [(self.task_pairs[t], self.task_heads[t]) for t in cfg.tasks]
+            fa_pair = (self.task_pairs["foreground"], self.task_heads["foreground"]) if "foreground" in cfg.tasks else None
+        else:
+            pairs = [(self, getattr(self, "heads", None))]  # the shared (or student) encoders
+            fa_pair = pairs[0] if cfg.combination in ("multitask", "incremental") and "foreground" in cfg.tasks else None
+        if images is not None:
+            maps = [p.E_v.forward_map(images) for p, _ in pairs]
+            out["f_v"] = out["h_v"] = torch.cat([m.mean(dim=(2, 3)) for m in maps], dim=1)
+            if fa_pair is not None:
+                pair, heads = fa_pair
+                out["z_v"] = F.normalize(heads.fa_v(azimuth_feature(pair.E_v.forward_map(images), r).flatten(1)), dim=1)
+            else:
+                out["z_v"] = F.normalize(out["h_v"], dim=1)
+        if sounds is not None:
+            out["f_s"] = out["h_s"] = torch.cat([p.E_s(sounds) for p, _ in pairs], dim=1)
+            if fa_pair is not None:
+                pair, heads = fa_pair
+                out["z_s"] = F.normalize(heads.fa_s(pair.E_s(sounds)), dim=1)
+            else:
+                out["z_s"] = F.normalize(out["h_s"], dim=1)
+        return out
