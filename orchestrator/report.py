@@ -24,6 +24,8 @@ REPORT_METRICS = (
     "image_h_linear_acc", "image_h_knn_acc", "sound_h_linear_acc", "sound_h_knn_acc",
     "retrieval_s2i_rank1", "retrieval_s2i_rank5",
 )
+# Reported too when the sweep's runs logged them (binaural scenes: spatial probe, clip retrieval).
+OPTIONAL_REPORT_METRICS = ("sound_h_spatial_acc", "image_h_spatial_acc", "retrieval_s2i_clip_rank1")
 
 
 def mean_ci95(values: list[float]) -> tuple[float, float]:
@@ -56,6 +58,8 @@ def build_report(client: MlflowClient, name: str) -> dict[str, Any]:
     for run in _children(client, parent.info.run_id):
         if run.info.status == "FINISHED":
             groups.setdefault(run.data.tags.get("avlab.config_label", "base"), []).append(run)
+    logged = {m for runs in groups.values() for r in runs for m in r.data.metrics}
+    metrics += [m for m in OPTIONAL_REPORT_METRICS if m in logged and m not in metrics]
     rows = []
     for label, runs in groups.items():
         varied = {k.removeprefix("varied."): v for k, v in runs[0].data.params.items() if k.startswith("varied.")}

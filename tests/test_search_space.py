@@ -21,7 +21,7 @@ EXPECTED = {  # file: (configurations, trials)
     "cma_weight_fig3": (4, 8),
     "cma_positive_rule_fig4": (4, 8),
     "method_comparison": (7, 7),
-    "multissl_combinations": (8, 8),
+    "multissl_combinations": (9, 9),
 }
 
 
