@@ -381,7 +381,11 @@ def _check_cross_field(cfg: ExperimentConfig) -> None:
             )
     method_cls = METHODS[cfg.method_name].method_cls
     try:
-        method_cls.check_data(cfg.method, build_dataset(cfg.data).info())
+        info = build_dataset(cfg.data).info()  # a manifest is read and validated here
+    except ValueError as exc:  # ManifestError: the message names the file, row and column
+        raise ConfigError(f"data.manifest: {_first_line(exc)}") from None
+    try:
+        method_cls.check_data(cfg.method, info)
     except ValueError as exc:
         message = _first_line(exc)
         field_name = message.split(":", 1)[0]
@@ -392,7 +396,19 @@ def _check_cross_field(cfg: ExperimentConfig) -> None:
     except ValueError as exc:
         raise ConfigError(f"train.{_first_line(exc)}") from None
     pool = getattr(cfg.method, "pool", method_cls.pretrain_pool)
-    pool_size = getattr(cfg.data, f"{pool}_size")
+    pool_size = getattr(info, f"{pool}_size", None)
+    if pool_size is None or not cfg.data.manifest:
+        pool_size = getattr(cfg.data, f"{pool}_size")
+    unpaired_batch = cfg.train.unpaired_batch_size or cfg.train.batch_size
+    if cfg.train.epochs > 0 and method_cls.uses_unpaired:
+        for kind in ("sound", "image"):
+            size = getattr(info, f"unpaired_{kind}_size")
+            if 0 < size < unpaired_batch:
+                field_name = f"unpaired_{kind}_count" if cfg.data.manifest else f"unpaired_{kind}_size"
+                raise ConfigError(
+                    f"data.{field_name}: the unpaired {kind} pool holds {size} items, fewer than one unpaired "
+                    f"batch (train.unpaired_batch_size or train.batch_size = {unpaired_batch}); use 0 for none"
+                )
     if cfg.train.epochs > 0 and pool_size < cfg.train.batch_size:
         raise ConfigError(
             f"data.{pool}_size: {pool_size} items is smaller than train.batch_size="

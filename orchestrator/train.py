@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray.train
@@ -28,7 +28,10 @@ from mlflow.tracking import MlflowClient
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from methods.base import Batch, Method
-from methods.data import CLASS_NAMES, BinauralScenes, ProceduralAV, build_dataset
+from methods.data import BinauralScenes, ProceduralAV, build_dataset
+
+if TYPE_CHECKING:
+    from methods.data.real import ManifestAV
 from methods.data.augment import SpecAugment, TwoViews, simclr_image_augment
 from methods.distributed import convert_global_batchnorm
 from methods.evaluate import run_downstream
@@ -47,11 +50,12 @@ def build_pretraining_data(cfg: ExperimentConfig, method: Method) -> dict[str, D
     """The pools one training step draws from: the pretraining pool and the unpaired views."""
     data = build_dataset(cfg.data)
     pools: dict[str, Dataset] = {"main": data.pool(method.pretrain_pool)}
-    if method.uses_unpaired and cfg.data.unpaired_sound_size > 0:
+    info = data.info()
+    if method.uses_unpaired and info.unpaired_sound_size > 0:
         n_mels, n_frames = cfg.data.n_mels, cfg.data.n_frames
         spec = SpecAugment(freq_mask=max(1, n_mels // 5), time_mask=max(1, n_frames // 5))
         pools["usound"] = TwoViews(data.pool("unpaired_sound"), "sound", "usound", spec, seed=cfg.seed)
-    if method.uses_unpaired and cfg.data.unpaired_image_size > 0:
+    if method.uses_unpaired and info.unpaired_image_size > 0:
         aug = simclr_image_augment(cfg.data.image_size)
         pools["uimage"] = TwoViews(data.pool("unpaired_image"), "image", "uimage", aug, seed=cfg.seed)
     return pools
@@ -117,9 +121,14 @@ class _Loader:
 
     def forever(self) -> Iterator[Batch]:
         while True:
+            empty = True
             for batch in self.loader:
+                empty = False
                 self.consumed += 1
                 yield batch
+            if empty:  # a pool smaller than one batch would otherwise spin here forever
+                raise RuntimeError(f"a pool of {len(self.loader.dataset)} items yields no full batch of "
+                                   f"{self.loader.batch_size} per worker")
             self.set_epoch(self.epoch + 1)
 
 
@@ -428,7 +437,7 @@ def _report_with_checkpoint(metrics, state, epoch, rank, world) -> None:
         )
 
 
-def quick_knn(cfg: ExperimentConfig, method: Method, data: ProceduralAV | BinauralScenes, device: torch.device) -> dict[str, float]:
+def quick_knn(cfg: ExperimentConfig, method: Method, data: ProceduralAV | BinauralScenes | ManifestAV, device: torch.device) -> dict[str, float]:
     """Cosine-kNN accuracy on h during pretraining (for schedulers that stop weak trials early)."""
     quick = dataclasses.replace(cfg.eval, features=("h",), linear=False, knn=True, retrieval=False,
                                 block_probes=False, sound_svm=False, sound_crops=1)
@@ -439,7 +448,7 @@ def quick_knn(cfg: ExperimentConfig, method: Method, data: ProceduralAV | Binaur
 def evaluate_and_log(
     cfg: ExperimentConfig,
     method: Method,
-    data: ProceduralAV | BinauralScenes,
+    data: ProceduralAV | BinauralScenes | ManifestAV,
     client: MlflowClient,
     run_id: str,
     device: torch.device,
@@ -450,8 +459,8 @@ def evaluate_and_log(
         method, train_set=data.pool("train"), test_set=data.pool("test"), cfg=cfg.eval, device=device
     )
     metrics = dict(result.metrics)
-    figures = result.figures(CLASS_NAMES[: cfg.data.num_classes])
-    if cfg.data.transfer_train_size > 0 and cfg.data.transfer_test_size > 0:
+    figures = result.figures(data.class_names)
+    if len(data.pool("transfer_train")) > 0 and len(data.pool("transfer_test")) > 0:
         transfer = run_downstream(
             method,
             train_set=data.pool("transfer_train"),

@@ -1,6 +1,8 @@
 """Data for avlab: the procedural audio-visual dataset, its binaural scenes and the
 augmentations methods use."""
 
+from typing import Any
+
 from methods.data.augment import SpecAugment, TwoViews, simclr_image_augment
 from methods.data.binaural import (
     BinauralScenes,
@@ -41,6 +43,12 @@ __all__ = [
 ]
 
 
-def build_dataset(cfg: ProceduralConfig) -> BinauralScenes | ProceduralAV:
-    """The dataset ``cfg`` describes: binaural scenes when ``cfg.binaural``, else mono pairs."""
+def build_dataset(cfg: ProceduralConfig) -> Any:
+    """The dataset ``cfg`` describes: a real dataset's manifest when ``cfg.manifest`` is set
+    (``methods.data.real.ManifestAV``), else binaural scenes when ``cfg.binaural``, else the
+    procedural mono pairs. All three have ``pool(name)``, ``info()`` and ``class_names``."""
+    if cfg.manifest:
+        from methods.data.real import ManifestAV  # decoding libraries load only when needed
+
+        return ManifestAV(cfg)
     return BinauralScenes(cfg) if cfg.binaural else ProceduralAV(cfg)

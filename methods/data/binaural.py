@@ -384,6 +384,10 @@ class BinauralScenes:
             self._pools[name] = _Pool(self, name, getattr(self.cfg, f"{name}_size"), _KEYS[name])
         return self._pools[name]
 
+    @property
+    def class_names(self) -> list[str]:
+        return list(CLASS_NAMES[: self.cfg.num_classes])
+
     def info(self) -> DataInfo:
         return data_info(self.cfg, sound_channels=2)
 

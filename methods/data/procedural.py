@@ -128,6 +128,16 @@ class ProceduralConfig:
     ``image_size`` x ``panorama_width`` pixels, two-channel sound, up to ``max_objects`` objects
     per scene, and an azimuth ``sector`` label out of ``azimuth_sectors``. The three scene
     fields are ignored when ``binaural`` is false.
+
+    ``manifest`` switches to a real dataset described by a manifest CSV
+    (``methods.data.manifest``; ``avlab data index`` writes one). Its pools come from the
+    manifest, decoded once into a feature cache (``cache_dir``; empty = ``.avlab-cache`` next to
+    the manifest) with the feature fields above (image_size, sample_rate, clip_seconds, n_mels,
+    n_frames; two channels when ``binaural``). The procedural pool sizes are then ignored;
+    ``paired_fraction`` keeps that share of the pairs and ``unpaired_sound_count`` /
+    ``unpaired_image_count`` that many unpaired items (-1 = all), chosen by ``seed``.
+    ``skip_bad`` drops unusable files (listed once) instead of stopping; ``cache_workers``
+    decoding processes build the cache (0 = one per CPU core).
     """
 
     seed: int = 0
@@ -149,11 +159,24 @@ class ProceduralConfig:
     panorama_width: int = 128
     azimuth_sectors: int = 8
     max_objects: int = 2
+    manifest: str = ""
+    paired_fraction: float = 1.0
+    unpaired_sound_count: int = -1
+    unpaired_image_count: int = -1
+    cache_dir: str = ""
+    skip_bad: bool = False
+    cache_workers: int = 0
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("cache_in_memory", "binaural"):
+            if f.name in ("manifest", "cache_dir"):
+                if not isinstance(value, str):
+                    raise ValueError(f"{f.name}: must be a path (text), got {value!r}")
+            elif f.name == "paired_fraction":
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                    raise ValueError(f"paired_fraction: must be in (0, 1], got {value!r}")
+            elif f.name in ("cache_in_memory", "binaural", "skip_bad"):
                 if not isinstance(value, bool):
                     raise ValueError(f"{f.name}: must be true or false, got {value!r}")
             elif f.name == "clip_seconds":
@@ -163,6 +186,11 @@ class ProceduralConfig:
                 raise ValueError(f"{f.name}: must be an integer, got {value!r}")
         if self.seed < 0:
             raise ValueError(f"seed: must be >= 0, got {self.seed}")
+        for name in ("unpaired_sound_count", "unpaired_image_count"):
+            if getattr(self, name) < -1:
+                raise ValueError(f"{name}: must be -1 (all) or a count >= 0, got {getattr(self, name)}")
+        if self.cache_workers < 0:
+            raise ValueError(f"cache_workers: must be >= 0 (0 = one per CPU core), got {self.cache_workers}")
         if not 16 <= self.image_size <= 1024:
             raise ValueError(f"image_size: must be in 16..1024 pixels, got {self.image_size}")
         if not 4000 <= self.sample_rate <= 96000:
@@ -934,6 +962,10 @@ class ProceduralAV:
         if name not in self._pools:
             self._pools[name] = _Pool(self, name, getattr(self.cfg, f"{name}_size"))
         return self._pools[name]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(CLASS_NAMES[: self.cfg.num_classes])
 
     def info(self) -> DataInfo:
         return data_info(self.cfg, sound_channels=1)

@@ -1,0 +1,628 @@
+"""The feature cache: every item of a manifest decoded once into memory-mapped arrays on local
+disk, shared by all training workers of a node.
+
+Decoding real files (reading, resampling, log-mels, resizing) costs far more than a training step
+spends reading a row, so it happens once per (manifest content, feature settings): ``cache_key``
+names that pair, ``get_or_build_cache`` builds the directory under a file lock (one builder per
+node, the others wait) and renames it into place atomically, and ``FeatureCache`` / ``CachedPool``
+read rows back through read-only memmaps opened lazily in each process, so a dataset pickles into
+DataLoader or Ray workers as a list of ids and a path rather than as the data.
+
+On disk, ``<root>/<key>/``:
+    images.npy     uint8 (I, 3, S, S)    only if some item has an image; zeros where it has none
+    sounds.npy     float16 (I, C, F, N)  only if some item has a sound; zeros where it has none
+    has_image.npy  bool (I,)
+    has_sound.npy  bool (I,)
+    labels.npy     int64 (I,)            -1 = unlabelled
+    meta.json      written last: format version, key, settings, ids, skipped items, counts, time
+A directory is a cache only when its meta.json parses and names its key and format version.
+Builds happen in ``<root>/.<key>.tmp-<pid>-<random>/``, so a killed build never leaves anything
+that looks complete; later builds of the key delete temp dirs whose process is gone.
+
+Legend: I items, C channels, F mel bins, N frames, S image side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import re
+import secrets
+import shutil
+import sys
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from filelock import FileLock, Timeout
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from methods.data.decode import DataError, FeatureSettings, load_image, load_sound, sound_features
+from methods.data.manifest import Item
+from methods.data.procedural import LogMel
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CachedPool",
+    "FeatureCache",
+    "build_cache",
+    "cache_key",
+    "decoded_item_count",
+    "get_or_build_cache",
+    "open_cache",
+]
+
+FORMAT_VERSION = 1  # bump when the layout or the decoding changes: old caches then miss
+TEST_DELAY_ENV = "AVLAB_CACHE_TEST_DELAY"  # seconds slept per item, so tests can kill a build midway
+MAX_LISTED = 3  # offending files named in a DataError or a skip summary
+ITEM_KEYS = ("image", "sound", "label", "index")
+_KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_ROWS_PER_COPY = 4096  # rows per step when compacting arrays after skipped items
+
+_decoded_items = 0  # items decoded by builds in this process (see decoded_item_count)
+
+
+def cache_key(content_hash: str, settings: FeatureSettings) -> str:
+    """20 hex digits naming (manifest content, feature settings, cache format): equal inputs give
+    the same key, a changed file hash, setting or format version a different one."""
+    text = f"avlab-feature-cache/{FORMAT_VERSION}\n{content_hash}\n{settings.key()}"
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def decoded_item_count() -> int:
+    """How many items builds in this process have decoded: a cache hit leaves it unchanged."""
+    return _decoded_items
+
+
+# --- decoding (in the builder, or in pool workers) -------------------------------------------
+
+Decoded = tuple[np.ndarray | None, np.ndarray | None, str | None]  # image_3SS, sound_CFN, error
+
+_LOGMELS: dict[FeatureSettings, LogMel] = {}
+
+
+def _logmel(settings: FeatureSettings) -> LogMel:
+    if settings not in _LOGMELS:
+        _LOGMELS[settings] = LogMel(sample_rate=settings.sample_rate, n_mels=settings.n_mels,
+                                    n_frames=settings.n_frames, clip_seconds=settings.clip_seconds)
+    return _LOGMELS[settings]
+
+
+def _decode_item(item: Item, settings: FeatureSettings) -> Decoded:
+    """The item's uint8 image and float16 log-mel, or the DataError message that makes it unusable.
+    Any other exception is a bug and propagates, tagged with the item id."""
+    try:
+        image_3SS = None if item.image is None else load_image(item.image, settings, time=item.image_time).numpy()
+        sound_CFN = None
+        if item.sound is not None:
+            wave_CT = load_sound(item.sound, settings, offset=item.sound_offset, duration=item.sound_duration)
+            sound_CFN = sound_features(wave_CT, settings, _logmel(settings)).numpy().astype(np.float16)
+    except DataError as exc:
+        return None, None, " ".join(str(exc).split())  # one line, whatever the decoder wrote
+    except Exception as exc:
+        exc.add_note(f"while decoding item {item.id!r} for the feature cache")
+        raise
+    return image_3SS, sound_CFN, None
+
+
+def _decode_chunk(items: Sequence[Item], settings: FeatureSettings) -> list[Decoded]:
+    delay = float(os.environ.get(TEST_DELAY_ENV) or 0.0)
+    out = []
+    for item in items:
+        if delay > 0:
+            time.sleep(delay)
+        out.append(_decode_item(item, settings))
+    return out
+
+
+def _init_worker(parent_pid: int) -> None:
+    # The workers already share the cores between them; intra-op threads would oversubscribe.
+    torch.set_num_threads(1)
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    # A SIGKILLed builder cannot shut its pool down; its workers would wait on the call queue forever.
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _decoded_in_order(items: Sequence[Item], settings: FeatureSettings, workers: int) -> Iterator[Decoded]:
+    """Each item's decoding, in item order: inline for one worker, else chunks on a process pool
+    with at most two chunks per worker in flight (bounded memory whatever the dataset size)."""
+    if workers <= 1:
+        # One item's tensors are small: intra-op threads only add overhead (measured ~20x slower
+        # resampling with 2 threads on a busy 2-core node), so decode on one, as pool workers do.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for item in items:
+                yield from _decode_chunk([item], settings)
+        finally:
+            torch.set_num_threads(threads)
+        return
+    size = max(1, min(64, math.ceil(len(items) / (4 * workers))))
+    chunks = [items[i:i + size] for i in range(0, len(items), size)]
+    # fork on Linux, as DataLoader workers do (and, like them, one torch thread per worker, which
+    # keeps the forked child out of the parent's OpenMP pool): spawn would re-run the caller's
+    # unguarded __main__ in every worker, whose get_or_build_cache would then wait for our lock.
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),))
+    try:
+        pending: deque = deque()
+        next_chunk = 0
+        while pending or next_chunk < len(chunks):
+            while next_chunk < len(chunks) and len(pending) < 2 * workers:
+                pending.append(pool.submit(_decode_chunk, chunks[next_chunk], settings))
+                next_chunk += 1
+            yield from pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --- building ---------------------------------------------------------------------------------
+
+
+def build_cache(
+    items: Sequence[Item],
+    settings: FeatureSettings,
+    *,
+    root: str | Path,
+    key: str,
+    workers: int = 1,
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Decode ``items`` into ``<root>/<key>/`` unless a complete cache is already there; returns
+    that directory.
+
+    Holds ``<root>/<key>.lock`` from the check to the rename, so concurrent callers on a node
+    build once and the others wait. Items whose files raise a ``DataError`` stop the build with
+    one DataError naming the first few files and the count (nothing is left behind), or with
+    ``skip_bad`` are dropped and listed in meta.json's "skipped" and in a line on stderr.
+    """
+    _check_key(key)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers: must be an integer >= 1, got {workers!r}")
+    items = list(items)
+    if not items:
+        raise ValueError("items: nothing to cache (empty item list)")
+    dupes = [item_id for item_id, n in Counter(item.id for item in items).items() if n > 1]
+    if dupes:
+        raise ValueError(f"items: ids must be unique; {len(dupes)} repeated, first {dupes[:MAX_LISTED]}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / key
+    with _locked(root, key):
+        if _read_meta(final, key) is not None:
+            return final
+        _remove_stale_temps(root, key)
+        if final.exists():  # a directory without a valid meta.json is not a cache: discard it
+            _discard(final, root, key)
+        tmp = root / f".{key}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        try:
+            meta = _write_arrays(tmp, items, settings, key=key, workers=workers, skip_bad=skip_bad,
+                                 progress=progress)
+            _write_durably(tmp / "meta.json", json.dumps(meta, indent=1).encode())
+            _fsync_dir(tmp)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    rate = meta["requested"] / max(meta["build_seconds"], 1e-9)
+    print(f"feature cache {key}: built {meta['count']} items ({meta['images']} images, {meta['sounds']} "
+          f"sounds) in {meta['build_seconds']:.1f} s, {rate:.0f} items/s -> {final}", file=sys.stderr, flush=True)
+    return final
+
+
+def _write_arrays(
+    tmp: Path, items: list[Item], settings: FeatureSettings, *, key: str, workers: int, skip_bad: bool,
+    progress: bool,
+) -> dict[str, Any]:
+    """Fill the arrays of ``tmp`` (row i = item i), compact them if items were skipped, fsync
+    them, and return meta.json's content."""
+    global _decoded_items
+    n_I = len(items)
+    S, C, F, N = settings.image_size, settings.channels, settings.n_mels, settings.n_frames
+    images_I3SS = (np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n_I, 3, S, S))
+                   if any(item.image is not None for item in items) else None)
+    sounds_ICFN = (np.lib.format.open_memmap(tmp / "sounds.npy", mode="w+", dtype=np.float16, shape=(n_I, C, F, N))
+                   if any(item.sound is not None for item in items) else None)
+    has_image_I = np.zeros(n_I, dtype=bool)
+    has_sound_I = np.zeros(n_I, dtype=bool)
+    labels_I = np.array([item.label for item in items], dtype=np.int64)
+    errors: list[tuple[int, str]] = []
+    start = time.monotonic()
+    with tqdm(total=n_I, desc=f"feature cache {key[:8]}", unit="item", file=sys.stderr, disable=not progress,
+              dynamic_ncols=True) as bar:
+        for i, (image_3SS, sound_CFN, error) in enumerate(_decoded_in_order(items, settings, workers)):
+            _decoded_items += 1
+            if error is not None:
+                errors.append((i, error))
+            else:
+                if image_3SS is not None:
+                    images_I3SS[i] = image_3SS
+                    has_image_I[i] = True
+                if sound_CFN is not None:
+                    sounds_ICFN[i] = sound_CFN
+                    has_sound_I[i] = True
+            bar.update(1)
+    build_seconds = time.monotonic() - start
+
+    first = "; ".join(reason for _, reason in errors[:MAX_LISTED])
+    if errors and (not skip_bad or len(errors) == n_I):
+        hint = "" if skip_bad else " (fix or remove them, or pass skip_bad=True to drop them from the cache)"
+        raise DataError(f"{len(errors)} of {n_I} items unusable; first: {first}{hint}")
+    skipped = [{"id": items[i].id, "reason": reason} for i, reason in errors]
+    arrays = {"images.npy": images_I3SS, "sounds.npy": sounds_ICFN}
+    del images_I3SS, sounds_ICFN
+    if errors:
+        keep_K = np.setdiff1d(np.arange(n_I), [i for i, _ in errors])
+        for name, old in arrays.items():
+            arrays[name] = None if old is None else _compact(tmp / name, old, keep_K)
+        has_image_I, has_sound_I, labels_I = has_image_I[keep_K], has_sound_I[keep_K], labels_I[keep_K]
+        items = [items[k] for k in keep_K]
+        print(f"feature cache {key}: skipped {len(errors)} of {n_I} unusable items; first: {first}",
+              file=sys.stderr, flush=True)
+    for (name, array), present_I in zip(arrays.items(), (has_image_I, has_sound_I)):
+        if array is None:
+            continue
+        array.flush()
+        if present_I.any():
+            _fsync_file(tmp / name)
+        else:  # every item with this modality was skipped
+            (tmp / name).unlink()
+    for name, small in (("has_image.npy", has_image_I), ("has_sound.npy", has_sound_I), ("labels.npy", labels_I)):
+        _save_durably(tmp / name, small)
+    return {
+        "format_version": FORMAT_VERSION,
+        "key": key,
+        "settings": asdict(settings),
+        "created": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+        "build_seconds": round(build_seconds, 3),
+        "workers": workers,
+        "requested": n_I,
+        "count": len(items),
+        "images": int(has_image_I.sum()),
+        "sounds": int(has_sound_I.sum()),
+        "arrays": sorted(p.name for p in tmp.glob("*.npy")),
+        "skipped": skipped,
+        "ids": [item.id for item in items],
+    }
+
+
+def _compact(path: Path, old: np.memmap, keep_K: np.ndarray) -> np.memmap:
+    """A copy of ``old``'s rows ``keep_K`` that replaces the file at ``path``, copied in blocks
+    so it never holds the array in memory."""
+    part = path.with_name(path.stem + ".compact.npy")
+    new = np.lib.format.open_memmap(part, mode="w+", dtype=old.dtype, shape=(len(keep_K), *old.shape[1:]))
+    for j in range(0, len(keep_K), _ROWS_PER_COPY):
+        new[j:j + _ROWS_PER_COPY] = old[keep_K[j:j + _ROWS_PER_COPY]]
+    del old
+    os.replace(part, path)
+    return new
+
+
+# --- files, locks, temp dirs ------------------------------------------------------------------
+
+
+def _check_key(key: str) -> None:
+    if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
+        raise ValueError(f"key: must be 1-128 letters, digits, '-' or '_' (use cache_key(...)), got {key!r}")
+
+
+@contextmanager
+def _locked(root: Path, key: str) -> Iterator[None]:
+    """``<root>/<key>.lock`` held for the block; says on stderr when it has to wait. The kernel
+    drops the lock of a killed holder, so a dead build never blocks the next one."""
+    lock = FileLock(root / f"{key}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"feature cache {key}: another process is building it; waiting", file=sys.stderr, flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temps(root: Path, key: str) -> None:
+    """Delete the temp dirs of builds of ``key`` whose process is gone. Called under the key's
+    lock, so no live build on this node owns them; a live pid (another node sharing the
+    directory, or a reused pid) keeps its dir, which is then merely ignored."""
+    pattern = re.compile(rf"\.{re.escape(key)}\.tmp-(\d+)-[0-9a-f]+")
+    for path in root.glob(f".{key}.tmp-*"):
+        match = pattern.fullmatch(path.name)
+        if match and (int(match[1]) == os.getpid() or not _pid_alive(int(match[1]))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _discard(path: Path, root: Path, key: str) -> None:
+    # Renamed to a temp name first so that a crash halfway through the delete is cleaned up later.
+    trash = root / f".{key}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        _fsync_file(path)
+    except OSError:  # some filesystems cannot fsync a directory; the rename is still atomic
+        pass
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _save_durably(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_meta(path: Path, key: str) -> dict[str, Any] | None:
+    """meta.json of a complete cache of ``key`` in ``path``, else None."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("key") != key or meta.get("format_version") != FORMAT_VERSION:
+        return None
+    if not all((path / name).is_file() for name in meta.get("arrays", ())):
+        return None
+    return meta
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+def open_cache(root: str | Path, key: str) -> FeatureCache | None:
+    """The complete cache ``<root>/<key>``, or None when it is missing or incomplete."""
+    _check_key(key)
+    meta = _read_meta(Path(root) / key, key)
+    return None if meta is None else FeatureCache(Path(root), key, meta)
+
+
+def get_or_build_cache(
+    items: Sequence[Item],
+    settings: FeatureSettings,
+    *,
+    root: str | Path,
+    key: str,
+    workers: int = 1,
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> FeatureCache:
+    """The cache of ``items`` under ``key``: opened if complete (no lock, so a read-only shared
+    root works), else built by ``build_cache`` (or waited for, if another process builds it).
+    Raises ValueError if the cache found under ``key`` holds other items or other settings."""
+    items = list(items)
+    cache = open_cache(root, key)
+    if cache is None:
+        build_cache(items, settings, root=root, key=key, workers=workers, skip_bad=skip_bad, progress=progress)
+        cache = open_cache(root, key)
+        if cache is None:
+            raise RuntimeError(f"feature cache {key}: built, but {Path(root) / key} does not open as a cache")
+    cache.check_matches(items, settings)
+    return cache
+
+
+class FeatureCache:
+    """A complete cache directory: ids, settings and skipped items from meta.json, arrays as
+    read-only memmaps opened on first use in each process (pickling drops them)."""
+
+    def __init__(self, root: Path, key: str, meta: dict[str, Any]) -> None:
+        self.root = Path(root)
+        self.key = key
+        self.path = self.root / key
+        self.settings = FeatureSettings(**meta["settings"])
+        self.ids: list[str] = list(meta["ids"])
+        self.skipped: list[dict[str, str]] = list(meta["skipped"])
+        self.created: str = meta["created"]
+        self._array_names: tuple[str, ...] = tuple(meta["arrays"])
+        self._arrays: dict[str, np.ndarray] | None = None
+        self._arrays_pid = -1
+        self._row_of: dict[str, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __repr__(self) -> str:
+        return f"FeatureCache({str(self.path)!r}, {len(self)} items, {len(self.skipped)} skipped)"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_arrays"] = None  # memmaps are reopened by the process that reads them
+        state["_row_of"] = None
+        return state
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """{"images", "sounds" (those present), "has_image", "has_sound", "labels"}: read-only
+        memmaps of this process."""
+        if self._arrays is None or self._arrays_pid != os.getpid():
+            self._arrays = {name.removesuffix(".npy"): np.load(self.path / name, mmap_mode="r")
+                            for name in self._array_names}
+            self._arrays_pid = os.getpid()
+        return self._arrays
+
+    @property
+    def has_image(self) -> np.ndarray:
+        return self.arrays()["has_image"]
+
+    @property
+    def has_sound(self) -> np.ndarray:
+        return self.arrays()["has_sound"]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.arrays()["labels"]
+
+    def index_of(self, item_id: str) -> int:
+        """Row of ``item_id``; KeyError if it is not in the cache (say whether it was skipped)."""
+        if self._row_of is None:
+            self._row_of = {item_id: i for i, item_id in enumerate(self.ids)}
+        try:
+            return self._row_of[item_id]
+        except KeyError:
+            why = "skipped as unusable" if any(s["id"] == item_id for s in self.skipped) else "not in it"
+            raise KeyError(f"feature cache {self.key}: item {item_id!r} {why}") from None
+
+    def item(self, i: int, keys: Sequence[str] = ITEM_KEYS) -> dict[str, torch.Tensor]:
+        """Row ``i`` as tensors: "image" float32 (3, S, S) in [0, 1] and "sound" float32 (C, F, N)
+        when the item has them, "label" and "index" (= i) int64 scalars; only ``keys``."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"feature cache {self.key}: index {i} out of range 0..{len(self) - 1}")
+        a = self.arrays()
+        out: dict[str, torch.Tensor] = {}
+        for k in keys:
+            if k == "image" and a["has_image"][i]:
+                out["image"] = torch.from_numpy(np.array(a["images"][i])).float().div_(255.0)
+            elif k == "sound" and a["has_sound"][i]:
+                out["sound"] = torch.from_numpy(a["sounds"][i].astype(np.float32))
+            elif k == "label":
+                out["label"] = torch.tensor(int(a["labels"][i]), dtype=torch.int64)
+            elif k == "index":
+                out["index"] = torch.tensor(i, dtype=torch.int64)
+        return out
+
+    def check_matches(self, items: Sequence[Item], settings: FeatureSettings) -> None:
+        """ValueError unless this cache was built from ``items`` (in order, less skipped ones)
+        with ``settings``: a key computed from another manifest or settings lands here."""
+        fix = "compute the key with cache_key(<manifest content hash>, settings)"
+        if settings != self.settings:
+            raise ValueError(f"feature cache {self.key}: built with {self.settings}, asked for {settings}; {fix}")
+        skipped = {s["id"] for s in self.skipped}
+        expected = [item.id for item in items if item.id not in skipped]
+        if expected != self.ids:
+            raise ValueError(f"feature cache {self.key}: holds {len(self.ids)} items (+{len(skipped)} skipped) "
+                             f"that differ from the {len(items)} items asked for; {fix}")
+
+
+class CachedPool(Dataset):
+    """The items ``ids`` of a cache, in that order (all of it when None), as dicts of ``keys``;
+    "index" is the position in the pool. Ids the cache skipped as unusable are dropped and
+    counted in ``missing``; ids it never had are a KeyError. A modality absent from every item of
+    the pool is left out (``self.keys`` lists what items hold); one that only some items have is
+    a ValueError, since such items would not collate into a batch. ``transform`` is applied to
+    each item dict at every access (random augmentations)."""
+
+    def __init__(
+        self,
+        cache: FeatureCache,
+        ids: Sequence[str] | None = None,
+        *,
+        keys: tuple[str, ...] = ITEM_KEYS,
+        transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    ) -> None:
+        unknown = [k for k in keys if k not in ITEM_KEYS]
+        if unknown:
+            raise ValueError(f"keys: unknown {unknown}; choose from {ITEM_KEYS}")
+        self.cache = cache
+        self.transform = transform
+        self.missing = 0
+        if ids is None:
+            rows = np.arange(len(cache), dtype=np.int64)
+        else:
+            skipped = {s["id"] for s in cache.skipped}
+            found, absent = [], []
+            for item_id in ids:
+                if item_id in skipped:
+                    self.missing += 1
+                    continue
+                try:
+                    found.append(cache.index_of(item_id))
+                except KeyError:
+                    absent.append(item_id)
+            if absent:
+                raise KeyError(f"feature cache {cache.key}: {len(absent)} ids not in it, first {absent[:MAX_LISTED]}; "
+                               "was it built from another manifest?")
+            rows = np.asarray(found, dtype=np.int64)
+        self.rows = rows
+        kept = []
+        for k, present_I in (("image", cache.has_image), ("sound", cache.has_sound)):
+            if k not in keys:
+                continue
+            present_P = present_I[rows]
+            if present_P.all() and len(rows):
+                kept.append(k)
+            elif present_P.any():
+                first = cache.ids[int(rows[np.flatnonzero(~present_P)[0]])]
+                raise ValueError(f"keys: {int((~present_P).sum())} of {len(rows)} pool items have no {k} "
+                                 f"(first {first!r}); drop {k!r} from keys or split the pool")
+        self.keys = tuple(k for k in keys if k in kept or k in ("label", "index"))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def ids(self) -> list[str]:
+        return [self.cache.ids[int(r)] for r in self.rows]
+
+    def __getitems__(self, js: Sequence[int]) -> list[dict[str, torch.Tensor]]:
+        """A whole batch at once (DataLoader calls this when it exists): one gather per array
+        and one dtype conversion per batch instead of per item; items equal ``self[j]``."""
+        js = [int(j) for j in js]
+        if any(not 0 <= j < len(self.rows) for j in js):
+            return [self[j] for j in js]  # raises the IndexError of the first bad index
+        rows = np.asarray(self.rows)[js]
+        a = self.cache.arrays()
+        columns: dict[str, torch.Tensor] = {}
+        if "image" in self.keys:
+            columns["image"] = torch.from_numpy(a["images"][rows]).float().div_(255.0)
+        if "sound" in self.keys:
+            columns["sound"] = torch.from_numpy(a["sounds"][rows].astype(np.float32))
+        if "label" in self.keys:
+            columns["label"] = torch.from_numpy(a["labels"][rows].astype(np.int64))
+        if "index" in self.keys:
+            columns["index"] = torch.tensor(js, dtype=torch.int64)
+        items = [{k: v[b] for k, v in columns.items()} for b in range(len(js))]
+        return items if self.transform is None else [self.transform(item) for item in items]
+
+    def __getitem__(self, j: int) -> dict[str, torch.Tensor]:
+        j = int(j)
+        if not 0 <= j < len(self.rows):
+            raise IndexError(f"pool index {j} out of range 0..{len(self.rows) - 1}")
+        item = self.cache.item(int(self.rows[j]), self.keys)
+        if "index" in self.keys:
+            item["index"] = torch.tensor(j, dtype=torch.int64)
+        return item if self.transform is None else self.transform(item)

@@ -1,0 +1,81 @@
+"""Real datasets: the pools of a manifest, served from its feature cache.
+
+``ManifestAV(cfg)`` has the interface of the procedural dataset (``pool``, ``info``,
+``class_names``), so every method, the trainer and the evaluation run on real data unchanged.
+The manifest is read and validated at construction (cheap: a CSV); the feature cache is opened,
+or built once with a lock shared by the node's workers, on the first ``pool`` call.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from methods.base import DataInfo
+from methods.data.cache import CachedPool, FeatureCache, cache_key, get_or_build_cache
+from methods.data.decode import FeatureSettings
+from methods.data.manifest import Item, read_manifest
+from methods.data.procedural import POOLS, ProceduralConfig
+
+# What each pool's items carry; labelled splits carry whichever modalities all their items have.
+_POOL_KEYS = {
+    "paired": ("image", "sound", "index"),
+    "unpaired_sound": ("sound", "index"),
+    "unpaired_image": ("image", "index"),
+}
+
+
+class ManifestAV:
+    """Pools of a manifest CSV (``cfg.manifest``) with the feature settings of ``cfg``."""
+
+    def __init__(self, cfg: ProceduralConfig) -> None:
+        if not cfg.manifest:
+            raise ValueError("manifest: no manifest given (data.manifest is empty)")
+        self.cfg = cfg
+        self.manifest = read_manifest(cfg.manifest)
+        self.settings = FeatureSettings.from_config(cfg)
+        self.items: dict[str, list[Item]] = self.manifest.pools(
+            paired_fraction=cfg.paired_fraction, unpaired_sound_count=cfg.unpaired_sound_count,
+            unpaired_image_count=cfg.unpaired_image_count, seed=cfg.seed,
+        )
+        root = Path(cfg.cache_dir) if cfg.cache_dir else Path(self.manifest.path).parent / ".avlab-cache"
+        self.cache_root = root
+        self.cache_key = cache_key(self.manifest.content_hash, self.settings)
+        self._cache: FeatureCache | None = None
+        self._pools: dict[str, Dataset] = {}
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.manifest.classes)
+
+    @property
+    def cache(self) -> FeatureCache:
+        if self._cache is None:
+            self._cache = get_or_build_cache(
+                self.manifest.items(), self.settings, root=self.cache_root, key=self.cache_key,
+                workers=self.cfg.cache_workers or os.cpu_count() or 1, skip_bad=self.cfg.skip_bad,
+            )
+        return self._cache
+
+    def pool(self, name: str) -> Dataset:
+        if name not in POOLS:
+            raise ValueError(f"pool: unknown pool {name!r}; choose one of {', '.join(POOLS)}")
+        if name not in self._pools:
+            items = self.items[name]
+            keys = _POOL_KEYS.get(name)
+            if keys is None:  # a labelled split
+                keys = tuple(k for k, attr in (("image", "image"), ("sound", "sound"))
+                             if items and all(getattr(it, attr) for it in items)) + ("label", "index")
+            self._pools[name] = CachedPool(self.cache, [it.id for it in items], keys=keys)
+        return self._pools[name]
+
+    def info(self) -> DataInfo:
+        return DataInfo(
+            image_channels=3, sound_channels=self.settings.channels, image_size=self.settings.image_size,
+            n_mels=self.settings.n_mels, n_frames=self.settings.n_frames,
+            num_classes=max(len(self.manifest.classes), 1), paired_size=len(self.items["paired"]),
+            unpaired_sound_size=len(self.items["unpaired_sound"]),
+            unpaired_image_size=len(self.items["unpaired_image"]),
+        )
