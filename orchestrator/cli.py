@@ -58,6 +58,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         # Ray Train would pick up that run's checkpoints under the same name.
         raise ConfigError(f"tracking.run_name: a run or sweep named {name!r} already exists in {home}; "
                           f"`avlab resume {name}` continues it, or choose another name")
+    if cfg.data.manifest and args.address is None:
+        # A local run decodes its dataset into the feature cache first, so an unusable file stops
+        # it with exit 2 before Ray, MLflow or training start; the workers then reuse the cache.
+        from methods.data.decode import DataError
+        from methods.data.real import ManifestAV
+
+        try:
+            ManifestAV(cfg.data).cache
+        except DataError as exc:
+            raise ConfigError(f"data.manifest: {str(exc).splitlines()[0]}") from None
     home.mkdir(parents=True, exist_ok=True)
     uri = tracking.resolve_tracking_uri(home, args.tracking_uri)
     print(f"[avlab] run {name}: method={cfg.method_name} preset={cfg.preset} "

@@ -277,7 +277,7 @@ def test_unusable_items_fail_in_one_line_or_are_skipped(tmp_path, capsys):
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith(f"2 of 6 items unusable; first: {garbage}: unreadable audio")
-    assert f"; {short}: clip of 0.400 s" in message and "skip_bad=True" in message
+    assert f"; {short}: clip of 0.400 s" in message and "data.skip_bad=true" in message
     assert open_cache(root, key) is None and not (root / key).exists() and temp_dirs(root) == []
 
     capsys.readouterr()

@@ -112,6 +112,13 @@ def test_bad_manifest_exits_2_before_anything_starts(tmp_path, capsys):
     assert main(["--home", str(home), "run", f"data.manifest={manifest}", "train.batch_size=32"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("avlab: error: data.unpaired_sound_count:") and "16 items" in err
+    # An unusable file stops a local run with exit 2 too, before Ray and MLflow: the cache is
+    # built (and fails) first.
+    broken = next((tmp_path / "raw" / "clips" / "pairs").glob("*.wav"))
+    broken.write_bytes(b"RIFF not really")
+    assert main(["--home", str(home), "run", f"data.manifest={manifest}", "train.batch_size=16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("avlab: error: data.manifest:") and broken.name in err and "--skip-bad" in err
     assert not home.exists() or not any(home.iterdir())
     assert not ray.is_initialized()
 

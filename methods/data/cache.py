@@ -267,7 +267,7 @@ def _write_arrays(
 
     first = "; ".join(reason for _, reason in errors[:MAX_LISTED])
     if errors and (not skip_bad or len(errors) == n_I):
-        hint = "" if skip_bad else " (fix or remove them, or pass skip_bad=True to drop them from the cache)"
+        hint = "" if skip_bad else " (fix or remove them, or skip them: data.skip_bad=true, --skip-bad)"
         raise DataError(f"{len(errors)} of {n_I} items unusable; first: {first}{hint}")
     skipped = [{"id": items[i].id, "reason": reason} for i, reason in errors]
     arrays = {"images.npy": images_I3SS, "sounds.npy": sounds_ICFN}
