@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from orchestrator.config import ConfigError, ExperimentConfig, dump_yaml, load_run_file, resolve
+from orchestrator.config import ConfigError, ExperimentConfig, dump_yaml, load_run_file, parse_override, resolve
 
 EXIT_BAD_INPUT = 2
 
@@ -277,7 +277,11 @@ def cmd_data(args: argparse.Namespace) -> int:
             out = Path(args.out)
             if out.exists() and not (args.force or args.append):
                 raise ConfigError(f"--out: {out} exists; pass --append to add rows to it or --force to replace it")
-            rows = index_layout(args.layout, args.path, seed=args.seed)
+            options = dict(parse_override(text) for text in args.option)
+            try:
+                rows = index_layout(args.layout, args.path, seed=args.seed, **options)
+            except TypeError as exc:  # an option the layout does not have
+                raise ConfigError(f"--option: {exc}") from None
             if args.append and out.exists():
                 old = read_manifest(out)  # validated: a broken manifest is not extended
                 rows = [*(_absolute_paths(row, out.parent) for row in old.rows), *rows]
@@ -366,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--seed", type=int, default=0, help="seed of split assignments that are random")
     index.add_argument("--force", action="store_true", help="replace an existing --out")
     index.add_argument("--append", action="store_true", help="add the rows to an existing --out (ids stay unique)")
+    index.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                       help="a layout option, e.g. test_fold=1 (esc50), labelled=true split=train (folder), "
+                            "as_unpaired=false (kinetics), split_fractions=[0.7,0.2,0.1] (acivw)")
     index.set_defaults(func=cmd_data, overrides=[])
     for name, text in (("check", "decode every item and list the unusable ones"),
                        ("cache", "decode everything once into the memory-mapped feature cache")):

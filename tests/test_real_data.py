@@ -72,6 +72,14 @@ def test_data_index_check_cache_from_the_command_line(tmp_path, capsys):
     assert sum(1 for r in rows if r["image"] and r["sound"]) == 8  # the stems paired up
     assert sum(1 for r in rows if r["split"] == "test") == 8  # ESC-50 fold 5
 
+    # Layout options: a labelled folder as an extra evaluation split; an unknown option is refused.
+    labelled = tmp_path / "m2.csv"
+    assert main(["data", "index", "folder", str(folder), "--out", str(labelled),
+                 "--option", "labelled=true", "--option", "split=train"]) == 0
+    assert {r["label"] for r in csv.DictReader(open(labelled))} == {"pairs", "sounds"}
+    assert main(["data", "index", "esc50", str(esc), "--out", str(labelled), "--force", "--option", "folds=3"]) == 2
+    assert "--option" in capsys.readouterr().err
+
     assert main(["data", "check", str(manifest), "--workers", "1"]) == 0
     assert "64" in capsys.readouterr().out
     assert main(["data", "cache", str(manifest), "--workers", "1"]) == 0
