@@ -108,12 +108,17 @@ def resolve_init(value: str, home: Path) -> Path:
     elif (path / STATE_FILE).exists():
         candidates = [path]
     else:
-        run_dir = path if path.is_dir() else home / "ray" / value
+        from orchestrator.tracking import storage_root
+
+        # Runs are found by name in a local storage root; with s3:// storage give a local copy.
+        root = storage_root(home)
+        runs = Path(root) if "://" not in root else home / "ray"
+        run_dir = path if path.is_dir() else runs / value
         candidates = sorted((p for p in run_dir.glob("checkpoint_epoch*") if epoch_of(p.name) is not None),
                             key=lambda p: epoch_of(p.name), reverse=True) if run_dir.is_dir() else []
         if not candidates:
             raise ConfigError(f"train.init_from: {value!r} is neither a checkpoint nor a run with checkpoints "
-                              f"in {home / 'ray'}")
+                              f"in {runs}")
     errors = []
     for directory in candidates:
         try:

@@ -88,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         config_yaml=dump_yaml(cfg),
     )
     jobs.write(home, name, {"kind": "run", "config": cfg.to_dict(), "mlflow_run_id": run_id,
-                            "tracking_uri": uri, "address": args.address})
+                            "tracking_uri": uri, "address": args.address, "storage": tracking.storage_root(home)})
     return _execute_run(cfg, name=name, run_id=run_id, uri=uri, home=home, address=args.address)
 
 
@@ -133,6 +133,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
         return 0
     client.update_run(run_id, status="RUNNING")
     tracking.set_tags(client, run_id, {"resumed": str(int(run.data.tags.get("avlab.resumed", "0")) + 1)})
+    if manifest.get("storage"):  # checkpoints and Tune state are where the job first put them
+        os.environ["AVLAB_STORAGE"] = manifest["storage"]
     print(f"[avlab] resuming {kind} {name} (MLflow run {run_id}, was {run.info.status})", flush=True)
     if kind == "run":
         cfg = ExperimentConfig.from_dict(manifest["config"])
@@ -360,6 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", parents=[common], help="trial states of a sweep and the best so far")
     status.add_argument("name")
     status.set_defaults(func=cmd_status)
+
+    from orchestrator import submit, ui
+
+    ui.register(sub, common)
+    submit.register(sub, common)
 
     data = sub.add_parser("data", parents=[common], help="real datasets: index a layout, check it, cache its features")
     data_sub = data.add_subparsers(dest="data_command", required=True)

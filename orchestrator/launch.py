@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from orchestrator import tracking
 from orchestrator.config import ExperimentConfig
 
 
@@ -65,7 +66,8 @@ def launch_run(
 ) -> dict[str, Any]:
     init_ray(address)
     trainer = build_trainer(
-        cfg, name=name, run_id=run_id, tracking_uri=tracking_uri, storage_path=str(home / "ray"), home=home
+        cfg, name=name, run_id=run_id, tracking_uri=tracking_uri, storage_path=tracking.storage_root(home),
+        home=home,
     )
     result = trainer.fit()
     if result.error is not None:

@@ -103,7 +103,7 @@ def _run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, A
         name=f"{sweep['name']}-{run_id}",  # stable across restarts, so the trainer resumes
         run_id=run_id,
         tracking_uri=uri,
-        storage_path=str(home / "ray" / "trials"),
+        storage_path=f"{sweep.get('storage') or home / 'ray'}/trials",
         home=home,
         callbacks=[TuneReportCallback()],
     )
@@ -259,15 +259,16 @@ def run_sweep(
     )
     jobs.write(home, name, {
         "kind": "sweep", "space": space.to_dict(), "parent_run_id": parent_id, "tracking_uri": tracking_uri,
-        "address": address, "max_concurrent": max_concurrent,
+        "address": address, "max_concurrent": max_concurrent, "storage": tracking.storage_root(home),
     })
     fit_sweep(space, name=name, home=home, tracking_uri=tracking_uri, address=address,
               max_concurrent=max_concurrent, parent_id=parent_id, restore=False)
     return parent_id
 
 
-def experiment_path(home: Path, name: str) -> Path:
-    return home / "ray" / "sweeps" / name
+def experiment_path(home: Path, name: str) -> str:
+    """The Tune experiment folder (or URI) of sweep ``name``."""
+    return f"{tracking.storage_root(home)}/sweeps/{name}"
 
 
 def fit_sweep(
@@ -296,16 +297,17 @@ def fit_sweep(
         # Per-epoch reports carry losses; the sweep metric comes with the final (evaluated) one.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         init_ray(address)
-        sweep = {"name": name, "parent_run_id": parent_id, "tracking_uri": tracking_uri, "home": str(home)}
+        sweep = {"name": name, "parent_run_id": parent_id, "tracking_uri": tracking_uri, "home": str(home),
+                 "storage": tracking.storage_root(home)}
         trainable = tune.with_resources(
             tune.with_parameters(_run_trial, space=space, sweep=sweep),
             # The trial only drives its TorchTrainer; the training workers hold the CPUs.
             {"CPU": 0, "memory": 64 * 1024**2},
         )
         path = experiment_path(home, name)
-        if restore and tune.Tuner.can_restore(str(path)):
+        if restore and tune.Tuner.can_restore(path):
             tuner = tune.Tuner.restore(
-                str(path), trainable=trainable, resume_unfinished=True, resume_errored=True, restart_errored=False
+                path, trainable=trainable, resume_unfinished=True, resume_errored=True, restart_errored=False
             )
         else:  # the driver died before Tune saved anything: start the experiment afresh
             tuner = tune.Tuner(
@@ -318,7 +320,7 @@ def fit_sweep(
                     scheduler=build_scheduler(space),
                     max_concurrent_trials=max_concurrent,
                 ),
-                run_config=tune.RunConfig(name=name, storage_path=str(path.parent), verbose=1),
+                run_config=tune.RunConfig(name=name, storage_path=path.rsplit("/", 1)[0], verbose=1),
             )
         t0 = time.perf_counter()
         results = tuner.fit()

@@ -28,6 +28,17 @@ def resolve_home(home: str | os.PathLike[str] | None = None) -> Path:
     return Path(chosen).expanduser().resolve()
 
 
+def storage_root(home: Path) -> str:
+    """Where Ray Train and Tune keep checkpoints and experiment state: ``AVLAB_STORAGE`` (a
+    shared folder or an ``s3://`` / ``gs://`` URI every node can reach) > ``<home>/ray``."""
+    chosen = os.environ.get("AVLAB_STORAGE", "").strip()
+    if not chosen:
+        return str(home / "ray")
+    if "://" in chosen:
+        return chosen.rstrip("/")
+    return str(Path(chosen).expanduser().resolve())
+
+
 def resolve_tracking_uri(home: Path, uri: str | None = None) -> str:
     """``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > sqlite file in the home folder."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"

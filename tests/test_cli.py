@@ -103,3 +103,25 @@ def test_run_tiny_two_workers_end_to_end(tmp_path):
     # Ray Train kept per-epoch checkpoints under the run's fixed name.
     ckpts = list((home / "ray").glob("bma-tiny-*/checkpoint_epoch*"))
     assert ckpts, list((home / "ray").rglob("*"))[:20]
+
+
+@pytest.mark.slow
+def test_avlab_storage_moves_checkpoints_to_shared_storage(tmp_path):
+    """AVLAB_STORAGE (a shared folder or an s3:// URI on a cluster) holds Ray Train's checkpoints;
+    the home keeps only MLflow and the job file, which records where the run's state lives."""
+    import json
+
+    home, storage = tmp_path / "home", tmp_path / "shared-storage"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "AVLAB_STORAGE": str(storage)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [
+        str(Path(sys.executable).parent / "avlab"), "run", "--home", str(home), "tracking.run_name=st",
+        "train.epochs=1", "train.batch_size=64", "data.paired_size=128", "data.unpaired_sound_size=64",
+        "data.unpaired_image_size=64", "data.train_size=100", "data.test_size=50", "data.transfer_train_size=0",
+        "data.transfer_test_size=0", "method.memory_size=16",
+    ]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert list((storage / "st").glob("checkpoint_epoch*/checkpoint.pt"))
+    assert not (home / "ray").exists() or not list((home / "ray").rglob("checkpoint.pt"))
+    assert json.loads((home / "jobs" / "st.json").read_text())["storage"] == str(storage)

@@ -101,15 +101,25 @@ def test_head_is_on_demand_and_takes_no_training(cfg: dict) -> None:
     assert head["resources"].get("CPU") == 0
 
 
-def test_gpu_workers_are_spot_and_scale_from_zero(cfg: dict) -> None:
+def test_gpu_workers_are_spot_with_an_on_demand_fallback_and_scale_from_zero(cfg: dict) -> None:
     workers = _worker_types(cfg)
     gpu_workers = {name: nt for name, nt in workers.items() if _is_gpu(nt)}
     assert gpu_workers, "no GPU worker type"
     for name, node_type in gpu_workers.items():
-        assert _is_spot(node_type), name
         assert node_type.get("min_workers", 0) == 0, name
         assert 0 < node_type["max_workers"] <= cfg["max_workers"], name
-    assert any(nt["resources"].get("GPU", 0) >= 4 for nt in gpu_workers.values()), "no multi-GPU type"
+    spot = {n: nt for n, nt in gpu_workers.items() if _is_spot(nt)}
+    on_demand = {n: nt for n, nt in gpu_workers.items() if not _is_spot(nt)}
+    assert spot and on_demand, (sorted(spot), sorted(on_demand))
+    # Every on-demand type is a fallback for a spot type with the same instance and resources,
+    # and never allows more nodes than that spot type.
+    for name, nt in on_demand.items():
+        twins = [s for s in spot.values() if s["node_config"]["InstanceType"] == nt["node_config"]["InstanceType"]
+                 and s["resources"] == nt["resources"]]
+        assert twins and nt["max_workers"] <= min(t["max_workers"] for t in twins), name
+    assert any(nt["resources"].get("GPU", 0) >= 4 for nt in spot.values()), "no multi-GPU type"
+    # Falling back on failed spot allocations needs the v2 autoscaler.
+    assert "RAY_enable_autoscaler_v2=1" in cfg["head_start_ray_commands"][-1]
 
 
 def test_dashboard_bound_to_localhost_and_token_auth_kept(cfg: dict) -> None:
