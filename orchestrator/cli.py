@@ -92,6 +92,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _execute_run(cfg, name=name, run_id=run_id, uri=uri, home=home, address=args.address)
 
 
+def _ui_hint(uri: str) -> str:
+    """The command that shows ``uri``: ``avlab ui`` for a local store, the server itself otherwise."""
+    if uri.startswith(("http://", "https://")):
+        return uri
+    home = uri.removeprefix("sqlite:///").removesuffix("/mlflow.db")
+    return f"{Path(sys.executable).parent / 'avlab'} ui --home {home}"
+
+
 def _execute_run(cfg: ExperimentConfig, *, name: str, run_id: str, uri: str, home: Path, address: str | None) -> int:
     from orchestrator import tracking
     from orchestrator.launch import launch_run
@@ -107,7 +115,7 @@ def _execute_run(cfg: ExperimentConfig, *, name: str, run_id: str, uri: str, hom
                 "retrieval_s2i_rank1", "retrieval_s2i_rank5"):
         if key in metrics:
             print(f"  {key:<22} {metrics[key]:.4f}")
-    print(f"[avlab] see it in MLflow: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
+    print(f"[avlab] see it in MLflow: {_ui_hint(uri)}")
     return 0
 
 
@@ -158,7 +166,7 @@ def _finish_sweep(client, name: str, home: Path, uri: str, seconds: float) -> No
     print()
     print(to_markdown(build_report(client, name)))
     print(f"[avlab] sweep {name} finished in {seconds:.0f} s; report: {paths['markdown']}, plot: {paths['png']}")
-    print(f"[avlab] see it in MLflow: {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {uri} --host 127.0.0.1")
+    print(f"[avlab] see it in MLflow: {_ui_hint(uri)}")
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -239,10 +247,20 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from orchestrator import tracking
     from orchestrator.report import status_lines
+    from orchestrator.submit import job_status_lines
 
-    _, client = _client(args)
-    print("\n".join(status_lines(client, args.name)))
+    job = job_status_lines(tracking.resolve_home(args.home), args.name)  # a sweep sent by `avlab submit`
+    if job is not None:
+        print("\n".join(job))
+    try:
+        _, client = _client(args)
+        print("\n".join(status_lines(client, args.name)))
+    except ConfigError:
+        if job is None:
+            raise
+        print(f"no trials of {args.name} in this MLflow store yet (the cluster's store may be elsewhere)")
     return 0
 
 

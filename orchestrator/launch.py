@@ -19,7 +19,9 @@ def init_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, logging_level="WARNING")
     else:
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING",
+        # address="local": always a new instance, even when a `ray start` cluster runs on this
+        # machine (ray.init() would otherwise attach to it); --address auto attaches on purpose.
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING",
                  _node_ip_address="127.0.0.1")
 
 

@@ -1,9 +1,182 @@
-"""`avlab ui`: the MLflow UI on the project's store (to be written)."""
+"""`avlab ui`: the MLflow UI (tracking server) on the project's store.
+
+Runs ``mlflow server`` on ``<home>/mlflow.db``, bound to 127.0.0.1 unless ``--host`` says
+otherwise, and waits for it; Ctrl-C stops it (exit 0). Experiments that avlab creates keep their
+artifacts under ``<home>/mlartifacts/<experiment>`` as file:// URIs, which the server reads
+directly, so plots and reports open in the UI. Bad input (no store yet, a busy port, a host that
+cannot be bound) exits 2 with one line before the server starts.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from orchestrator.config import ConfigError
+
+STOP_TIMEOUT_S = 15.0
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Add the `ui` subcommand to the avlab parser."""
+    ui = sub.add_parser("ui", parents=[common],
+                        help="browse runs, sweeps, metrics and plots in the MLflow UI (Ctrl-C stops it)")
+    ui.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default: 127.0.0.1, this machine only; the UI has no login)")
+    ui.add_argument("--port", type=int, default=5000, help="port to listen on (default: 5000)")
+    ui.set_defaults(func=cmd_ui)
+
+
+def backend_store_uri(home: Path, tracking_uri: str | None) -> str:
+    """The store the server reads: ``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > ``<home>/mlflow.db``.
+    A server URI is refused (it already has a UI); a sqlite file must exist."""
+    from orchestrator.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(home, tracking_uri)
+    source = "--tracking-uri" if tracking_uri else ("MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "--home")
+    if uri.startswith(("http://", "https://", "databricks")):
+        raise ConfigError(f"{source}: {uri} is an MLflow server already; open it in a browser instead")
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        if not db.is_file():
+            where = f"no avlab store at {home} (no mlflow.db yet)" if source == "--home" else f"no such database {db}"
+            raise ConfigError(f"{source}: {where}; `avlab run` or `avlab sweep` creates it")
+    return uri
+
+
+def check_port_free(host: str, port: int) -> list[str]:
+    """Bind ``host:port`` once, as the server will, so a busy port is reported before it starts;
+    return the addresses ``host`` resolves to."""
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port: must be between 1 and 65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"--host: cannot resolve {host!r}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is free
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
+                raise ConfigError(f"--port: {port} is already in use on {host}; choose another "
+                                  f"(--port {port % 65535 + 1}) or stop what listens there") from None
+            raise ConfigError(f"--host: cannot listen on {host}:{port}: {exc.strerror}") from None
+    return [info[4][0] for info in infos]
+
+
+def is_loopback(addresses: list[str]) -> bool:
+    return all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+def url_for(host: str, port: int) -> str:
+    """The address to open: a wildcard bind is reached on loopback; IPv6 literals need brackets."""
+    shown = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
+
+
+def server_command(store_uri: str, home: Path, host: str, port: int) -> list[str]:
+    """``mlflow server`` on the avlab store.
+
+    ``--serve-artifacts --artifacts-destination <home>/mlartifacts``: avlab's experiments carry
+    file:// artifact locations that the server reads directly (plots, reports, config.yaml);
+    anything created through the UI itself gets its artifacts in the home too, not in the
+    current directory. ``--workers 1``: one person browsing needs one process (each costs a
+    second of CPU and ~200 MB); ``--log-level warning`` keeps the access log off the terminal.
+    """
+    mlflow = Path(sys.executable).parent / "mlflow"
+    launcher = [str(mlflow)] if mlflow.is_file() else [sys.executable, "-m", "mlflow"]
+    return [
+        *launcher, "server",
+        "--backend-store-uri", store_uri,
+        "--serve-artifacts", "--artifacts-destination", (home / "mlartifacts").as_uri(),
+        "--host", host, "--port", str(port),
+        "--workers", "1",
+        "--uvicorn-opts", "--log-level warning",
+    ]
+
+
+def _answers(url: str) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # a local address: never through a proxy
+    try:
+        with opener.open(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+class _Stop(Exception):
+    """SIGTERM, handled like Ctrl-C."""
+
+
+def _raise_stop(signum, frame) -> None:
+    raise _Stop
+
+
+def _stop(server: subprocess.Popen) -> None:
+    """SIGTERM to the server (it forwards it to its uvicorn process), then SIGKILL to its process
+    group if it has not exited in time."""
+    if server.poll() is None:
+        server.terminate()
+        try:
+            server.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(server.pid, signal.SIGKILL)  # whatever of its group is left
+    except (ProcessLookupError, PermissionError):
+        pass
+    server.wait()
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from orchestrator.tracking import resolve_home
+
+    home = resolve_home(args.home)
+    store_uri = backend_store_uri(home, args.tracking_uri)
+    addresses = check_port_free(args.host, args.port)
+    if not is_loopback(addresses):
+        print(f"[avlab] warning: --host {args.host} is not a loopback address: anyone who can reach this "
+              f"machine on port {args.port} can read and change the runs (the MLflow UI has no login)",
+              file=sys.stderr, flush=True)
+    url = url_for(args.host, args.port)
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)  # the server's store is --backend-store-uri
+    # The GenAI job runner (a huey consumer with 5 workers) is of no use to avlab's runs, and a
+    # local viewer has no reason to send usage data out; an explicit setting in the environment wins.
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    print(f"[avlab] starting the MLflow server on {store_uri}", flush=True)
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    # Its own session: Ctrl-C reaches avlab only, which then stops the server in order.
+    server = subprocess.Popen(server_command(store_uri, home, args.host, args.port), env=env,
+                              stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        while not _answers(url):
+            if server.poll() is not None:
+                print(f"avlab: error: the MLflow server exited with code {server.returncode} before it "
+                      "answered (its output is above)", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        print(f"[avlab] MLflow UI at {url} (Ctrl-C stops it)", flush=True)
+        code = server.wait()
+        print(f"avlab: error: the MLflow server stopped with exit code {code}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, _Stop):
+        _stop(server)
+        print("[avlab] MLflow UI stopped", flush=True)
+        return 0
+    finally:
+        if server.poll() is None:  # any other way out
+            _stop(server)
+        signal.signal(signal.SIGTERM, previous)
