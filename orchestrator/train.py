@@ -114,6 +114,11 @@ class _Loader:
     def load_state(self, state: dict[str, int]) -> None:
         self.set_epoch(state["epoch"])
         self.consumed = state["consumed"]
+        # [resume fix] Saved right after the last batch of an epoch (the generator had not yet
+        # moved on): continue with the next epoch, as the uninterrupted run does, instead of an
+        # empty remainder of this one.
+        if self.consumed >= len(self.loader):
+            self.set_epoch(self.epoch + 1)
         self.sampler.start = self.consumed * self.batch
 
     def __len__(self) -> int:
@@ -233,6 +238,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     }
 
     client = MlflowClient(tracking_uri) if rank == 0 else None
+    # [multi-node] Record which Ray nodes this attempt's workers run on (tags avlab.nodes and
+    # avlab.node_history), so a sweep on a cluster shows where each trial ran and was restarted.
+    nodes = _worker_nodes(world)
+    if rank == 0:
+        _tag_nodes(client, run_id, nodes)
     steps = len(loaders["main"])
     if cfg.train.max_steps_per_epoch:
         steps = min(steps, cfg.train.max_steps_per_epoch)
@@ -327,6 +337,30 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         else:
             final.update(evaluate_and_log(cfg, _unwrap(model), data, client, run_id, device))
     ray.train.report(final)
+
+
+# [multi-node] --------------------------------------------------------------------------------
+def _worker_nodes(world: int) -> list[str]:
+    """The Ray node id of every worker, in rank order (one collective across the workers)."""
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return [node]
+    nodes: list[Any] = [None] * world
+    dist.all_gather_object(nodes, node)
+    return nodes
+
+
+def _tag_nodes(client: MlflowClient, run_id: str, nodes: list[str]) -> None:
+    """``avlab.nodes``: the distinct nodes of this attempt's workers (in rank order);
+    ``avlab.node_history``: every attempt's nodes, oldest first, joined by " | " (a restarted
+    run shows where it ran before). Kept under MLflow's tag length by dropping the oldest."""
+    here = ",".join(dict.fromkeys(nodes))
+    previous = client.get_run(run_id).data.tags.get(f"{tracking.TAG_PREFIX}node_history", "")
+    history = [*(h for h in previous.split(" | ") if h), here]
+    while len(" | ".join(history)) > 4000 and len(history) > 1:
+        history.pop(0)
+    tracking.set_tags(client, run_id, {"nodes": here, "node_history": " | ".join(history)})
+# -----------------------------------------------------------------------------------------------
 
 
 def _initialise_from(method: Method, directory: str, device: torch.device, *, verbose: bool) -> None:

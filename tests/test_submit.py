@@ -1,0 +1,456 @@
+"""`avlab submit` / `avlab logs`: sweeps as Ray jobs on a running cluster.
+
+Fast tests check the bad-input contract (exit 2, one line, nothing sent). The slow test starts a
+two-node Ray cluster on this machine (two `ray start` processes, 1 CPU each, told apart by the
+custom resources node_a / node_b), submits a 2-trial sweep through the Jobs API, checks that the
+trials ran on both nodes, kills the second node mid-trial and checks that the sweep still finishes
+on the first: Ray Train restarts the interrupted trial from its checkpoint (train.max_failures).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from orchestrator import submit
+from orchestrator.cli import main
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import faults  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+class FakeDashboard:
+    """A port that records every connection and closes it at once (a client that gets this far
+    fails fast instead of waiting for an answer)."""
+
+    def __init__(self):
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.address = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.contacts = 0
+        self.running = True
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while self.running:
+            try:
+                conn, _ = self.sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            self.contacts += 1
+            conn.close()
+
+    def __enter__(self) -> FakeDashboard:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.running = False
+        self.thread.join()
+        self.sock.close()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("grid:\n  method.memmory_size: [10]\n", "method.memmory_size: unknown config key"),
+        ("grid:\n  method.memory_size: [10]\nmetric: top1\n", "metric: unknown metric 'top1'"),
+    ],
+)
+def test_bad_search_space_exits_2_before_contacting_the_cluster(tmp_path, capsys, text, message):
+    space = tmp_path / "bad.yaml"
+    space.write_text(text)
+    home = tmp_path / "home"
+    with FakeDashboard() as dashboard:
+        assert main(["submit", str(space), "--address", dashboard.address, "--home", str(home)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert dashboard.contacts == 0 and not home.exists()
+
+
+def test_bad_name_override_or_existing_submission_exits_2_before_contacting_the_cluster(tmp_path, capsys):
+    space = tmp_path / "ok.yaml"
+    space.write_text("grid:\n  method.memory_size: [10]\n")
+    home = tmp_path / "home"
+    submit._write_record(home, "taken", {"address": "http://127.0.0.1:1", "job_id": "raysubmit_x"})
+    cases = [
+        (["--name", "a/b"], "--name: 'a/b' is not a valid name"),
+        (["method.memory_temperature=0"], "method.memory_temperature"),
+        (["--max-concurrent", "0"], "--max-concurrent: must be >= 1"),
+        (["--name", "taken"], "--name: a run, sweep or submission named 'taken' already exists"),
+    ]
+    with FakeDashboard() as dashboard:
+        for extra, message in cases:
+            assert main(["submit", str(space), *extra, "--address", dashboard.address, "--home", str(home)]) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and message in err, err
+    assert dashboard.contacts == 0
+
+
+def test_logs_of_an_unknown_name_exits_2(tmp_path, capsys):
+    assert main(["logs", "nothing-here", "--home", str(tmp_path / "home")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "NAME: no submitted sweep named 'nothing-here'" in err, err
+    assert submit.job_status_lines(tmp_path / "home", "nothing-here") is None
+
+
+def test_unreachable_cluster_is_one_line_and_exit_1(tmp_path, capsys):
+    with FakeDashboard() as dashboard:  # hangs up on every request
+        assert main(["logs", "raysubmit_x", "--address", dashboard.address, "--home", str(tmp_path)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "cannot reach the Ray dashboard" in err, err
+        submit._write_record(tmp_path, "gone", {"address": dashboard.address, "job_id": "raysubmit_x"})
+        lines = submit.job_status_lines(tmp_path, "gone")
+    assert lines and "status unknown" in lines[0] and dashboard.contacts >= 2
+
+
+def test_entrypoint_runs_the_sweep_on_the_cluster(tmp_path, monkeypatch):
+    import argparse
+
+    args = argparse.Namespace(overrides=["train.epochs=1"], preset="tiny", max_concurrent=3, seeds=None,
+                              home=None, tracking_uri=None)
+    monkeypatch.delenv(submit.JOB_PYTHON_ENV, raising=False)
+    command = submit.entrypoint(args, "search_spaces/memory_size_fig6.yaml", "fig6")
+    # Without --home the cluster's AVLAB_HOME decides, and its absence stops the job at once.
+    assert command.startswith('if [ -z "$AVLAB_HOME" ]; then')
+    assert command.endswith("exec python -m orchestrator.cli sweep search_spaces/memory_size_fig6.yaml "
+                            "train.epochs=1 --name fig6 --address auto --preset tiny --max-concurrent 3")
+    monkeypatch.setenv(submit.JOB_PYTHON_ENV, "/opt/venv/bin/python")
+    args.home, args.tracking_uri = str(tmp_path / "shared home"), "http://mlflow:5000"
+    command = submit.entrypoint(args, "submitted/x.yaml", "x")
+    assert command.startswith("/opt/venv/bin/python -m orchestrator.cli sweep submitted/x.yaml")
+    assert f"--home '{tmp_path / 'shared home'}' --tracking-uri http://mlflow:5000" in command
+
+
+def test_a_search_space_from_elsewhere_travels_in_a_copy_of_the_project(tmp_path):
+    space = tmp_path / "my_ablation.yaml"
+    space.write_text("grid:\n  method.memory_size: [10]\n")
+    with submit._working_dir(space, "x") as (folder, path):
+        assert path == "submitted/my_ablation.yaml" and (folder / path).read_text() == space.read_text()
+        assert (folder / "orchestrator" / "cli.py").exists() and (folder / "methods").is_dir()
+        for name in (".venv", ".git", "avlab-runs"):
+            assert not (folder / name).exists()
+    assert not folder.exists()
+    inside = ROOT / "search_spaces" / "memory_size_fig6.yaml"
+    with submit._working_dir(inside, "y") as (folder, path):
+        assert folder == ROOT and path == "search_spaces/memory_size_fig6.yaml"
+
+
+@pytest.mark.parametrize("taken", [6, 12])
+def test_unpaired_loader_resumes_after_the_last_batch_of_an_epoch(taken):
+    """Found by the two-node test: a checkpoint taken right after an unpaired pool's last batch
+    of an epoch resumed into an empty remainder ("yields no full batch"). Belongs beside
+    test_resume.py::test_unpaired_loader_resumes_at_the_same_batch (6 batches per epoch there)."""
+    import torch
+
+    from orchestrator.train import _Loader
+    from test_resume import _Indices
+
+    def loader():
+        return _Loader(_Indices(50), batch=4, world=2, rank=1, seed=7, workers=0)
+
+    whole = loader().forever()
+    expected = [next(whole) for _ in range(taken + 8)]
+    first = loader()
+    it = first.forever()
+    for _ in range(taken):
+        next(it)
+    resumed = loader()
+    resumed.load_state(json.loads(json.dumps(first.state())))
+    it = resumed.forever()
+    for want in expected[taken:]:
+        got = next(it)
+        assert torch.equal(got["index"], want["index"]) and torch.equal(got["epoch"], want["epoch"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Two nodes on one machine
+
+MARK = "AVLAB_TEST_NODE"  # in the environment of every process of a node (Ray passes it on)
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _marked(value: str) -> list[int]:
+    """Processes whose environment carries MARK=value: one node and everything it started."""
+    needle = f"{MARK}={value}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def _kill_marked(value: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while pids := _marked(value):
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"processes of node {value} survive SIGKILL: {pids}")
+        time.sleep(0.2)
+
+
+def _wait(condition, *, timeout: float, what: str, every: float = 1.0) -> None:
+    """faults.wait_for at a gentler pace: each poll here is an HTTP or MLflow query."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(every)
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class TwoNodeCluster:
+    """`ray start --head` (node_a, dashboard) and `ray start --address` (node_b), 1 CPU each.
+
+    Each node gets its own --temp-dir (short, for Unix socket paths): sharing one makes both
+    runtime-env agents own the same working_dir copy, and the one on the node that finishes
+    first deletes it under the other's running job driver. Every fixed default port (GCS,
+    dashboard, dashboard agent, Ray client) is set, so another Ray on this machine is left alone;
+    stopping kills only the processes carrying this cluster's marker (no `ray stop`, which would
+    stop every Ray instance of the user)."""
+
+    def __init__(self, logs: Path):
+        self.logs = logs
+        self.tag = uuid.uuid4().hex[:8]
+        self.temp = Path(tempfile.mkdtemp(prefix="avr-", dir="/tmp"))
+        self.gcs, self.dashboard, agent_a, agent_b, client = _free_ports(5)
+        self.address = f"http://127.0.0.1:{self.dashboard}"
+        common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+        self.nodes = {
+            "a": ["--head", "--port", str(self.gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port",
+                  str(self.dashboard), "--include-dashboard=true", "--ray-client-server-port", str(client),
+                  "--dashboard-agent-listen-port", str(agent_a), "--resources", '{"node_a": 1}'],
+            "b": ["--address", f"127.0.0.1:{self.gcs}", "--dashboard-agent-listen-port", str(agent_b),
+                  "--resources", '{"node_b": 1}'],
+        }
+        self.agents = {"a": agent_a, "b": agent_b}
+        self.common = common
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def env(self, node: str) -> dict[str, str]:
+        # RAY_ADDRESS: Ray's own helpers in workers (Train's placement-group cleaner) otherwise
+        # look for "the" local cluster and find two when another Ray runs on this machine.
+        return {**faults.env(), "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": f"127.0.0.1:{self.gcs}",
+                MARK: f"{self.tag}-{node}"}
+
+    def start(self) -> None:
+        for node in ("a", "b"):
+            (self.temp / node).mkdir()
+            log = (self.logs / f"ray-node-{node}.log").open("w")
+            self.procs[node] = subprocess.Popen(
+                [str(BIN / "ray"), "start", *self.nodes[node], *self.common, "--temp-dir", str(self.temp / node)],
+                env=self.env(node), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+            faults.wait_for(lambda: _port_open(self.agents[node]), timeout=180, proc=self.procs[node],
+                            log=self.logs / f"ray-node-{node}.log", what=f"node {node}'s dashboard agent")
+        _wait(lambda: len(self.node_ids()) == 2, timeout=120, what="both nodes alive")
+
+    def node_ids(self) -> dict[str, str]:
+        """{"a": node id, "b": node id} of the nodes alive now."""
+        from ray.util.state import list_nodes
+
+        out = {}
+        for n in list_nodes(address=self.address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False):
+            for node in ("a", "b"):
+                if f"node_{node}" in (n.resources_total or {}):
+                    out[node] = n.node_id
+        return out
+
+    def actor_nodes(self, class_name: str) -> list[str]:
+        from ray.util.state import list_actors
+
+        return [a.node_id for a in list_actors(address=self.address, filters=[("state", "=", "ALIVE"),
+                                                                               ("class_name", "=", class_name)])]
+
+    def kill(self, node: str) -> None:
+        """The node is gone: its raylet, agents and workers, all at once (SIGKILL)."""
+        _kill_marked(f"{self.tag}-{node}")
+
+    def stop(self) -> None:
+        for node in ("b", "a"):
+            _kill_marked(f"{self.tag}-{node}")
+        for proc in self.procs.values():
+            proc.wait(timeout=30)
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+SPACE = """\
+base:
+  preset: tiny
+  overrides: [data.paired_size=512, data.unpaired_sound_size=128, data.unpaired_image_size=128,
+              data.train_size=100, data.test_size=60, data.transfer_train_size=0, data.transfer_test_size=0,
+              train.epochs=3, train.batch_size=64, method.memory_size=16]
+grid:
+  method.memory_temperature: [0.1, 0.2]
+seeds: 1
+metric: image_h_linear_acc
+mode: max
+resources: {workers: 1, cpus_per_worker: 1}
+max_concurrent: 2
+"""
+
+
+def _children(client, name: str) -> list:
+    exp = client.get_experiment_by_name("avlab-sweeps")
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id],
+                              f"tags.`avlab.sweep_name` = '{name}' and tags.`avlab.kind` = 'trial'")
+
+
+def _history(run) -> list[str]:
+    return [h for h in run.data.tags.get("avlab.node_history", "").split(" | ") if h]
+
+
+@pytest.mark.slow
+def test_sweep_on_two_nodes_survives_losing_one(tmp_path):
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+    from ray.job_submission import JobSubmissionClient
+
+    space = tmp_path / "two_nodes.yaml"
+    space.write_text(SPACE)
+    home, name = tmp_path / "home", "two-nodes"
+    cluster = TwoNodeCluster(tmp_path)
+    times: dict[str, float] = {}
+    try:
+        t0 = time.monotonic()
+        cluster.start()
+        times["cluster_start_s"] = time.monotonic() - t0
+        nodes = cluster.node_ids()
+        env = {**faults.env(), "RAY_AUTH_MODE": "disabled", submit.JOB_PYTHON_ENV: sys.executable}
+        out = subprocess.run([str(BIN / "avlab"), "submit", str(space), "--address", cluster.address,
+                              "--name", name, "--home", str(home)], env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+        t_submit = time.monotonic()
+        record = submit.read_record(home, name)
+        assert record["kind"] == "submitted" and record["address"] == cluster.address
+        assert record["job_id"] in out.stdout and f"avlab logs {name} --follow" in out.stdout
+        jobs = JobSubmissionClient(cluster.address)
+        job_id = record["job_id"]
+
+        def job_status() -> str:
+            status = str(jobs.get_job_status(job_id).value)
+            assert status not in ("FAILED", "STOPPED"), jobs.get_job_logs(job_id)[-6000:]
+            return status
+
+        # The sweep's own job file exists once its parent run (and mlflow.db) does.
+        _wait(lambda: job_status() and (home / "jobs" / f"{name}.json").exists(), timeout=300,
+              what="the sweep to start on the cluster")
+        client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+        on_b: dict = {}
+
+        def both_nodes_training() -> bool:
+            job_status()
+            try:
+                runs = {r.data.tags.get("avlab.nodes"): r for r in _children(client, name)}
+            except MlflowException:  # sqlite busy with the trials' writes: ask again
+                return False
+            if set(runs) != set(nodes.values()):
+                return False
+            on_b["run"] = runs[nodes["b"]]
+            return bool(client.get_metric_history(on_b["run"].info.run_id, "loss"))  # a checkpoint exists
+
+        _wait(both_nodes_training, timeout=600, what="a trial on each node, node b's past its first epoch")
+        times["until_both_training_s"] = time.monotonic() - t_submit
+        drivers = cluster.actor_nodes("ImplicitFunc")  # Tune's trial actors, each holding a TrainController
+        assert drivers and set(drivers) == {nodes["a"]}, f"trial drivers on {drivers}, head is {nodes['a']}"
+
+        t_kill = time.monotonic()
+        wall_kill = time.time()
+        cluster.kill("b")
+        times["kill_s"] = time.monotonic() - t_kill
+        interrupted = on_b["run"].info.run_id
+        events: dict[str, float] = {}
+        while (status := job_status()) not in ("SUCCEEDED",):
+            now = time.monotonic()
+            if now - t_kill > 900:
+                raise AssertionError(f"sweep not finished 15 min after the kill (job {status})")
+            if "node_dead" not in events and "b" not in cluster.node_ids():
+                events["node_dead"] = now - t_kill
+            try:
+                if "restarted" not in events and len(_history(client.get_run(interrupted))) > 1:
+                    events["restarted"] = now - t_kill
+            except MlflowException:
+                pass
+            time.sleep(1)
+        times["sweep_wall_s"] = time.monotonic() - t_submit
+        info = jobs.get_job_info(job_id)
+        times["job_runtime_s"] = (info.end_time - info.start_time) / 1000
+
+        logs = subprocess.run([str(BIN / "avlab"), "logs", name, "--home", str(home)], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert logs.returncode == 0 and f"[avlab] sweep {name} finished" in logs.stdout, logs.stderr[-3000:]
+        assert "SUCCEEDED" in submit.job_status_lines(home, name)[0]
+
+        # Every trial finished, in its own child run; the interrupted one resumed on node a.
+        children = _children(client, name)
+        assert len(children) == 2
+        for run in children:
+            assert run.info.status == "FINISHED" and "eval_time_s" in run.data.metrics, run.data.tags
+            assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1, 2]
+        by_id = {r.info.run_id: r for r in children}
+        assert _history(by_id[interrupted])[0] == nodes["b"] and _history(by_id[interrupted])[-1] == nodes["a"]
+        assert by_id[interrupted].data.tags["avlab.nodes"] == nodes["a"]
+        other = next(r for r in children if r.info.run_id != interrupted)
+        assert _history(other) == [nodes["a"]]
+        assert {n for r in children for n in _history(r)} == set(nodes.values())
+        parent = client.get_run(children[0].data.tags["mlflow.parentRunId"])
+        assert parent.info.status == "FINISHED"
+
+        loss_1 = next(m for m in client.get_metric_history(interrupted, "loss") if m.step == 1)
+        measured = {
+            **{k: round(v, 1) for k, v in times.items()},
+            **{f"after_kill_{k}_s": round(v, 1) for k, v in events.items()},
+            "after_kill_next_epoch_logged_s": round(loss_1.timestamp / 1000 - wall_kill, 1),
+            "other_trial_ended_after_kill_s": round(other.info.end_time / 1000 - wall_kill, 1),
+            "trials": {r.info.run_name: {"node_history": " | ".join(n[:8] for n in _history(r)),
+                                         "runtime_s": round((r.info.end_time - r.info.start_time) / 1000, 1)}
+                       for r in children},
+            "nodes": {k: v[:8] for k, v in nodes.items()},
+        }
+        (tmp_path / "measurements.json").write_text(json.dumps(measured, indent=2))
+        print("\n[two-node sweep]", json.dumps(measured, indent=2))
+    finally:
+        cluster.stop()
