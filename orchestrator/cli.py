@@ -416,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key.path=value overrides may also follow options (argparse stops positionals at them).
-    target = {"run": "items", "sweep": "overrides", "data": "overrides"}.get(args.command)
+    target = {"run": "items", "sweep": "overrides", "submit": "overrides", "data": "overrides"}.get(args.command)
     if extra and target and all("=" in e and not e.startswith("-") for e in extra):
         setattr(args, target, [*getattr(args, target), *extra])
     elif extra:

@@ -277,13 +277,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if home.is_relative_to(working_dir):  # a local home inside the project stays here
             excludes.append(f"/{home.relative_to(working_dir).as_posix()}/")
         runtime_env = {"working_dir": str(working_dir), "excludes": excludes}
+        # .git stays here, so the trials' avlab.git_commit tag reads "unknown" on the cluster; the
+        # commit submitted is kept with the job (dashboard metadata) and in the record.
+        commit = tracking.git_commit()
+        metadata = {"avlab.name": name, "avlab.search_space": space.name, "avlab.git_commit": commit}
         job_id = _job_call("submitting sweep", name, lambda: client.submit_job(
-            entrypoint=command, runtime_env=runtime_env, metadata={"avlab.name": name, "avlab.search_space": space.name}
+            entrypoint=command, runtime_env=runtime_env, metadata=metadata
         ), unknown_is_bad_input=False)
     _write_record(home, name, {
         "address": address, "job_id": job_id, "entrypoint": command, "search_space": str(Path(args.search_space).resolve()),
         "home": str(Path(args.home).expanduser().resolve()) if args.home else None, "tracking_uri": args.tracking_uri,
-        "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "git_commit": commit, "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
     print(f"[avlab] submitted sweep {name} ({space.num_trials()} trials) to {address} as Ray job {job_id}")
     print(f"[avlab] follow it: avlab logs {name} --follow   |   avlab status {name}   |   dashboard: {address}")
