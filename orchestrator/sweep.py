@@ -301,8 +301,10 @@ def fit_sweep(
                  "storage": tracking.storage_root(home)}
         trainable = tune.with_resources(
             tune.with_parameters(_run_trial, space=space, sweep=sweep),
-            # The trial only drives its TorchTrainer; the training workers hold the CPUs.
-            {"CPU": 0, "memory": 64 * 1024**2},
+            # The trial only drives its TorchTrainer; the training workers hold the CPUs. It stays on
+            # the head node (on-demand on a cluster): a driver on a spot node that dies would
+            # fail its trial instead of letting Ray Train restart the workers elsewhere.
+            {"CPU": 0, "memory": 64 * 1024**2, "node:__internal_head__": 0.001},
         )
         path = experiment_path(home, name)
         if restore and tune.Tuner.can_restore(path):
