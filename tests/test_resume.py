@@ -65,7 +65,9 @@ class _Indices(Dataset):
         return {"index": torch.tensor(i), "epoch": torch.tensor(self.epoch)}
 
 
-@pytest.mark.parametrize("taken", [0, 3, 5, 7, 11])
+# 6 and 12: right after the last batch of an epoch (6 batches per epoch here): the resumed
+# loader must go on with the next epoch, not an empty remainder of this one.
+@pytest.mark.parametrize("taken", [0, 3, 5, 6, 7, 11, 12])
 def test_unpaired_loader_resumes_at_the_same_batch(taken):
     from orchestrator.train import _Loader
 

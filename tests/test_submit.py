@@ -154,33 +154,6 @@ def test_a_search_space_from_elsewhere_travels_in_a_copy_of_the_project(tmp_path
         assert folder == ROOT and path == "search_spaces/memory_size_fig6.yaml"
 
 
-@pytest.mark.parametrize("taken", [6, 12])
-def test_unpaired_loader_resumes_after_the_last_batch_of_an_epoch(taken):
-    """Found by the two-node test: a checkpoint taken right after an unpaired pool's last batch
-    of an epoch resumed into an empty remainder ("yields no full batch"). Belongs beside
-    test_resume.py::test_unpaired_loader_resumes_at_the_same_batch (6 batches per epoch there)."""
-    import torch
-
-    from orchestrator.train import _Loader
-    from test_resume import _Indices
-
-    def loader():
-        return _Loader(_Indices(50), batch=4, world=2, rank=1, seed=7, workers=0)
-
-    whole = loader().forever()
-    expected = [next(whole) for _ in range(taken + 8)]
-    first = loader()
-    it = first.forever()
-    for _ in range(taken):
-        next(it)
-    resumed = loader()
-    resumed.load_state(json.loads(json.dumps(first.state())))
-    it = resumed.forever()
-    for want in expected[taken:]:
-        got = next(it)
-        assert torch.equal(got["index"], want["index"]) and torch.equal(got["epoch"], want["epoch"])
-
-
 # ---------------------------------------------------------------------------------------------
 # Two nodes on one machine
 
