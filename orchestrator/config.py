@@ -61,6 +61,8 @@ class TrainConfig:
     checkpoints_to_keep: int = 2
     max_failures: int = 3  # worker-group failures Ray Train restarts from the last checkpoint
     init_from: str = ""  # start from these weights: a finished run's name, or a checkpoint folder/file
+    precision: str = "fp32"  # fp32, or bf16: the forward pass under bfloat16 autocast (weights stay fp32)
+    channels_last: bool = False  # images and convolution weights in NHWC memory layout (GPU tensor cores)
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -73,6 +75,8 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.checkpoints_to_keep < 1:
             raise ValueError(f"checkpoints_to_keep: must be >= 1, got {self.checkpoints_to_keep}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision: unknown precision {self.precision!r}; choose fp32 or bf16")
         if self.max_failures < -1:
             raise ValueError(f"max_failures: must be >= -1 (-1 = retry forever), got {self.max_failures}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,12 +11,28 @@ from orchestrator import tracking
 from orchestrator.config import ExperimentConfig
 
 
+# Ray Train settings that avlab changes; a value already in the environment wins. They reach
+# Ray Train's controller and workers from the process that calls ``TorchTrainer.fit``.
+RAY_TRAIN_ENV = {
+    # The controller notices a finished (or failed) worker group at its next poll of the workers:
+    # every 2 s by default, which a short trial waits for at its end and on every restart.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}
+# Only for a Ray that avlab starts on this machine: no cloud drains its one node, so the
+# preemption watcher (an actor process per trial) has nothing to watch.
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 def init_ray(address: str | None = None) -> None:
-    """Attach to ``address`` or start a local Ray instance bound to 127.0.0.1 (no dashboard)."""
+    """Attach to ``address`` or start a local Ray instance bound to 127.0.0.1."""
     import ray
 
     if ray.is_initialized():
         return
+    if not address:
+        # Set before Ray starts: its processes (Tune's trial actors among them) inherit them.
+        for key, value in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(key, value)
     if address:
         ray.init(address=address, logging_level="WARNING")
     else:
@@ -42,11 +59,15 @@ def build_trainer(
     from orchestrator.train import train_loop_per_worker
 
     init = str(resolve_init(cfg.train.init_from, home)) if cfg.train.init_from else ""
+    for key, value in RAY_TRAIN_ENV.items():
+        os.environ.setdefault(key, value)
     res = cfg.resources
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": tracking_uri, "init_checkpoint": init,
+            # Wall-clock time of the launch: the worker logs how long it took to get going.
+            "launched_at": time.time(),
         },
         torch_config=TorchConfig(backend="nccl" if res.gpu else "gloo"),
         scaling_config=ScalingConfig(

@@ -26,6 +26,16 @@ REPORT_METRICS = (
 )
 # Reported too when the sweep's runs logged them (binaural scenes: spatial probe, clip retrieval).
 OPTIONAL_REPORT_METRICS = ("sound_h_spatial_acc", "image_h_spatial_acc", "retrieval_s2i_clip_rank1")
+# What each configuration cost, next to what it scored: training throughput and time (logged by
+# every run with its evaluation).
+COST_METRICS = ("train_pairs_per_s", "train_time_s")
+
+
+def _cell(metric: str, value: dict[str, float] | None, missing: str) -> str:
+    if not value:
+        return missing
+    digits = 0 if metric in COST_METRICS else 3
+    return f"{value['mean']:.{digits}f} ± {value['ci95']:.{digits}f}"
 
 
 def mean_ci95(values: list[float]) -> tuple[float, float]:
@@ -60,6 +70,7 @@ def build_report(client: MlflowClient, name: str) -> dict[str, Any]:
             groups.setdefault(run.data.tags.get("avlab.config_label", "base"), []).append(run)
     logged = {m for runs in groups.values() for r in runs for m in r.data.metrics}
     metrics += [m for m in OPTIONAL_REPORT_METRICS if m in logged and m not in metrics]
+    metrics += [m for m in COST_METRICS if m in logged and m not in metrics]
     rows = []
     for label, runs in groups.items():
         varied = {k.removeprefix("varied."): v for k, v in runs[0].data.params.items() if k.startswith("varied.")}
@@ -100,10 +111,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines = [f"### {report['sweep']} ({report['search_space']}), mean ± 95 % CI over seeds", "",
              head, "| --- | --- | " + " | ".join("---" for _ in metrics) + " |"]
     for r in report["rows"]:
-        cells = []
-        for m in metrics:
-            v = r["metrics"].get(m)
-            cells.append(f"{v['mean']:.3f} ± {v['ci95']:.3f}" if v else "–")
+        cells = [_cell(m, r["metrics"].get(m), "–") for m in metrics]
         mark = " **best**" if r["configuration"] == report["best"] else ""
         lines.append(f"| {r['configuration']}{mark} | {r['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -116,9 +124,7 @@ def to_table(report: dict[str, Any]) -> str:
     body = []
     for r in report["rows"]:
         cells = [r["configuration"] + (" *" if r["configuration"] == report["best"] else ""), str(r["seeds"])]
-        for m in metrics:
-            v = r["metrics"].get(m)
-            cells.append(f"{v['mean']:.3f} ± {v['ci95']:.3f}" if v else "-")
+        cells += [_cell(m, r["metrics"].get(m), "-") for m in metrics]
         body.append(cells)
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731

@@ -58,6 +58,7 @@ def _run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, A
 
     from orchestrator.launch import build_trainer
 
+    started = time.perf_counter()
     trial_id = ray.tune.get_context().get_trial_id()
     params = _trial_params(space, config)
     seed = config["seed"]
@@ -110,6 +111,9 @@ def _run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, A
     ok = False
     try:
         trainer.fit()
+        # The trial's wall time, next to the training and evaluation time the worker logged.
+        tracking.log_metrics(client, run_id, {"trial_time_s": time.perf_counter() - started},
+                             step=max(cfg.train.epochs - 1, 0))
         ok = True
     finally:
         tracking.end_run(uri, run_id, ok=ok)
@@ -321,6 +325,11 @@ def fit_sweep(
                     num_samples=space.num_samples if space.uses_optuna else 1,
                     scheduler=build_scheduler(space),
                     max_concurrent_trials=max_concurrent,
+                    # A finished trial's actor runs the next trial: no new process and no second
+                    # import of torch, MLflow and avlab per trial (its TorchTrainer is new anyway).
+                    # Not under a scheduler: a trial it stops is still inside fit() when Tune
+                    # resets the actor for the next one, and Tune fails that next trial.
+                    reuse_actors=space.scheduler is None,
                 ),
                 run_config=tune.RunConfig(name=name, storage_path=path.rsplit("/", 1)[0], verbose=1),
             )

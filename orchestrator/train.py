@@ -7,6 +7,10 @@ rank 0 runs the downstream evaluation on frozen features and logs it to MLflow.
 
 from __future__ import annotations
 
+import time
+
+_IMPORTED_AT = time.time()  # before the imports below: the worker's import time starts here
+
 import dataclasses
 import logging
 import math
@@ -14,7 +18,6 @@ import posixpath
 import random
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -137,8 +140,14 @@ class _Loader:
             self.set_epoch(self.epoch + 1)
 
 
-def _to_device(batch: Batch, device: torch.device) -> Batch:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def _to_device(batch: Batch, device: torch.device, *, channels_last: bool = False) -> Batch:
+    """Copy a batch to the device (asynchronously from pinned memory); with ``channels_last``,
+    image and log-mel batches (N, C, H, W) arrive in NHWC layout."""
+    return {
+        k: v.to(device, non_blocking=True, memory_format=torch.channels_last)
+        if channels_last and v.dim() == 4 else v.to(device, non_blocking=True)
+        for k, v in batch.items()
+    }
 
 
 def _unwrap(model: torch.nn.Module) -> Method:
@@ -195,6 +204,7 @@ def _quiet_ray_train_reports() -> None:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point that Ray Train runs on every worker."""
+    entered = time.time()
     cfg = ExperimentConfig.from_dict(loop_config["config"])
     run_id: str = loop_config["mlflow_run_id"]
     tracking_uri: str = loop_config["tracking_uri"]
@@ -208,6 +218,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     data = build_dataset(cfg.data)
     method = build_method(cfg.method_name, cfg.method, data.info())
     method.configure_training(cfg.train.epochs)
+    if cfg.train.channels_last:
+        method = method.to(memory_format=torch.channels_last)
     if world > 1 and cfg.train.sync_batchnorm:
         # BatchNorm over the global batch: torch's SyncBatchNorm on GPUs, ours on CPU workers.
         if cfg.resources.gpu:
@@ -279,6 +291,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # landed) are trained again but not logged again: the history gets no repeated steps.
     logged_through = _last_logged_epoch(client, run_id) if client is not None else -1
     unpaired_iters = {k: l.forever() for k, l in loaders.items() if k != "main"}
+    # Where this attempt's wall time goes (logged with the evaluation, so users see cost next to
+    # accuracy): launch -> worker process -> function entered -> training starts.
+    timing = _startup_timing(loop_config.get("launched_at"), entered)
+    timing["setup_time_s"] = time.time() - entered
+    timing["checkpoint_time_s"] = 0.0
+    # bf16: the forward pass (losses included) under autocast; backward follows the forward's dtypes,
+    # and weights, gradients and optimiser state stay fp32, so no loss scaling is needed.
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
 
     for epoch in range(start_epoch, cfg.train.epochs):
         model.train()
@@ -290,8 +310,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 break
             for it in unpaired_iters.values():
                 batch.update(next(it))
-            batch = _to_device(batch, device)
-            out = model(batch)
+            batch = _to_device(batch, device, channels_last=cfg.train.channels_last)
+            with autocast:
+                out = model(batch)
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             optimizer.step()
@@ -326,7 +347,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "loaders": {k: l.state() for k, l in loaders.items() if k != "main"},
             "mlflow_run_id": run_id,
         }
+        t_report = time.perf_counter()
         _report_with_checkpoint(metrics, state, epoch, rank, world)
+        timing["checkpoint_time_s"] += time.perf_counter() - t_report
 
     final: dict[str, Any] = {"epoch": cfg.train.epochs - 1}
     if rank == 0:
@@ -335,7 +358,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             say("downstream evaluation already logged; not repeated")
             final.update(done)
         else:
-            final.update(evaluate_and_log(cfg, _unwrap(model), data, client, run_id, device))
+            timing.update(_training_cost(client, run_id))
+            final.update(evaluate_and_log(cfg, _unwrap(model), data, client, run_id, device, extra=timing))
     ray.train.report(final)
 
 
@@ -415,6 +439,25 @@ def load_latest_checkpoint(checkpoint: ray.train.Checkpoint, device: torch.devic
     raise RuntimeError(f"no usable checkpoint in {parent}: " + "; ".join(errors))
 
 
+def _startup_timing(launched_at: float | None, entered: float) -> dict[str, float]:
+    """``launch_time_s``: launch -> this module starts importing on the worker (Ray Train's
+    controller, worker processes, process group); ``import_time_s``: -> training function entered."""
+    out = {"import_time_s": max(entered - _IMPORTED_AT, 0.0)}
+    if launched_at is not None:
+        out["launch_time_s"] = max(_IMPORTED_AT - launched_at, 0.0)
+    return out
+
+
+def _training_cost(client: MlflowClient, run_id: str) -> dict[str, float]:
+    """Time spent in training steps over every epoch of the run (restarts included) and the
+    throughput it gives: ``train_time_s``, ``train_pairs_per_s``."""
+    epochs = {m.step: m.value for m in client.get_metric_history(run_id, "epoch_time_s")}
+    rates = {m.step: m.value for m in client.get_metric_history(run_id, "pairs_per_s")}
+    total = sum(epochs.values())
+    pairs = sum(epochs[e] * rates[e] for e in epochs if e in rates)
+    return {"train_time_s": total, "train_pairs_per_s": pairs / total if total > 0 else 0.0}
+
+
 def _last_logged_epoch(client: MlflowClient, run_id: str) -> int:
     history = client.get_metric_history(run_id, "loss")
     return max((m.step for m in history), default=-1)
@@ -486,8 +529,10 @@ def evaluate_and_log(
     client: MlflowClient,
     run_id: str,
     device: torch.device,
+    extra: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """Downstream evaluation on frozen features (SPEC §6); logs metrics and confusion matrices."""
+    """Downstream evaluation on frozen features (SPEC §6); logs metrics and confusion matrices,
+    with ``extra`` (the run's cost) in the same batch."""
     t0 = time.perf_counter()
     result = run_downstream(
         method, train_set=data.pool("train"), test_set=data.pool("test"), cfg=cfg.eval, device=device
@@ -504,6 +549,7 @@ def evaluate_and_log(
             prefix="transfer_",
         )
         metrics.update(transfer.metrics)
+    metrics.update(extra or {})
     metrics["eval_time_s"] = time.perf_counter() - t0
     for name, fig in figures.items():
         client.log_figure(run_id, fig, f"plots/confusion_{name}.png")

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
         (["run", "optim.schedule=linear"], "optim.schedule"),
         (["run", "eval.sound_crops=0"], "eval.sound_crops"),
         (["run", "train.init_from=no-such-run"], "train.init_from"),
+        (["run", "train.precision=fp16"], "train.precision"),
     ],
 )
 def test_bad_input_exits_2_before_anything_starts(tmp_path, capsys, argv, field):
@@ -119,9 +120,12 @@ def test_avlab_storage_moves_checkpoints_to_shared_storage(tmp_path):
         "train.epochs=1", "train.batch_size=64", "data.paired_size=128", "data.unpaired_sound_size=64",
         "data.unpaired_image_size=64", "data.train_size=100", "data.test_size=50", "data.transfer_train_size=0",
         "data.transfer_test_size=0", "method.memory_size=16",
+        # The GPU settings also run on CPU: bf16 autocast and NHWC layout through a whole run.
+        "train.precision=bf16", "train.channels_last=true",
     ]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "[avlab] finished st" in out.stdout + out.stderr
     assert list((storage / "st").glob("checkpoint_epoch*/checkpoint.pt"))
     assert not (home / "ray").exists() or not list((home / "ray").rglob("checkpoint.pt"))
     assert json.loads((home / "jobs" / "st.json").read_text())["storage"] == str(storage)

@@ -92,6 +92,32 @@ def test_memory_addressing_matches_loop(tau):
         assert torch.allclose(s2i[b], out_loop, atol=1e-12)
 
 
+@pytest.mark.parametrize("tau", [0.1, 1.0])
+def test_shared_keys_give_the_same_reads_and_gradients(tau):
+    # One step's reads share keys normalised once (methods/bma.py, for speed); the loss is a chain of
+    # reads like the unpaired cycle, and its value and gradients must not change.
+    torch.manual_seed(3)
+    mem = BimodalAssociativeMemory(9, 6, temperature=tau).double()
+    f = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+
+    def step():
+        return (mem.image_to_sound(mem.sound_to_image(f)) ** 2).sum() + mem.sound_to_image(f).sum()
+
+    mem.zero_grad()
+    plain = step()
+    plain.backward()
+    grads = [mem.M_v.grad.clone(), mem.M_s.grad.clone(), f.grad.clone()]
+    mem.zero_grad()
+    f.grad = None
+    with mem.shared_keys():
+        shared = step()
+    shared.backward()
+    assert torch.allclose(plain, shared, rtol=1e-12)
+    for a, b in zip(grads, [mem.M_v.grad, mem.M_s.grad, f.grad]):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    assert mem._unit_keys is None  # the block does not leak normalised keys into later steps
+
+
 def test_one_hot_addressing_reads_the_matching_value_slot():
     # Orthonormal keys and a very low temperature: addressing is one-hot on the key the query
     # points to, so the read is exactly that slot of the value memory.

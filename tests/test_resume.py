@@ -23,7 +23,8 @@ RUN = [
     "data.unpaired_image_size=384", "data.train_size=200", "data.test_size=100",
     "data.transfer_train_size=0", "data.transfer_test_size=0", "method.memory_size=50", "eval.every_epochs=1",
 ]
-TIMINGS = ("epoch_time_s", "pairs_per_s", "eval_time_s")
+TIMINGS = ("epoch_time_s", "pairs_per_s", "eval_time_s", "launch_time_s", "import_time_s", "setup_time_s",
+           "checkpoint_time_s", "train_time_s", "train_pairs_per_s", "trial_time_s")
 
 
 # --- units ---------------------------------------------------------------------------------------

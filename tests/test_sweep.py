@@ -115,11 +115,20 @@ def test_small_sweep_parent_children_report_and_status(mem_sweep):
     for r in children:
         assert r.info.status == "FINISHED" and 0 <= r.data.metrics["image_h_linear_acc"] <= 1
         assert [m.step for m in client.get_metric_history(r.info.run_id, "loss_pair")] == [0, 1]
+        # What the trial cost, next to what it scored: throughput and where its time went.
+        m = r.data.metrics
+        epochs = client.get_metric_history(r.info.run_id, "epoch_time_s")
+        assert m["train_time_s"] == pytest.approx(sum(e.value for e in epochs))
+        assert 0 < m["train_pairs_per_s"] <= max(x.value for x in client.get_metric_history(r.info.run_id, "pairs_per_s"))
+        assert all(m[k] >= 0 for k in ("launch_time_s", "import_time_s", "setup_time_s", "checkpoint_time_s"))
+        assert m["trial_time_s"] > m["launch_time_s"] + m["setup_time_s"] + m["train_time_s"] + m["eval_time_s"]
 
     report = json.loads(subprocess.run([AVLAB, "report", "mem", "--format", "json", "--home", str(home)],
                                        capture_output=True, text=True, check=True).stdout)
     assert [row["configuration"] for row in report["rows"]] == ["method.memory_size=10", "method.memory_size=100"]
     assert all(row["seeds"] == 2 and row["metrics"]["image_h_linear_acc"]["n"] == 2 for row in report["rows"])
+    assert all(row["metrics"]["train_pairs_per_s"]["mean"] > 0 for row in report["rows"])
+    assert "train_pairs_per_s" in out.stdout  # the cost column of the printed report
     assert (home / "reports" / "mem" / "report.png").stat().st_size > 1000
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
     assert {"report/report.md", "report/report.json", "report/report.png"} <= artifacts

@@ -1,0 +1,142 @@
+"""Sweep efficiency: where the wall time of the demo sweep goes.
+
+It runs the exact command of ``make demo`` (``avlab sweep search_spaces/memory_size_fig6.yaml``
+with the demo's overrides: 12 trials, 2 at once, 1 CPU each) in a temporary home, times the
+whole command, and reads back from MLflow what every trial logged about its own time:
+
+- ``launch_time_s``: the trial's TorchTrainer launched -> the training module starts importing on
+  the worker (Ray Train's controller, the worker process, the process group);
+- ``import_time_s``: imports on the worker;
+- ``setup_time_s``: data pools, model, DDP wrapper, checkpoint restore;
+- ``train_time_s``: the training epochs (steps and data loading);
+- ``checkpoint_time_s``: per-epoch reports and checkpoints;
+- ``eval_time_s``: the downstream evaluation;
+- ``trial_time_s``: the whole trial function; what the phases above leave of it is the MLflow run
+  creation and the trainer's teardown.
+
+The sweep's slot time is wall time × ``max_concurrent``; it is split into Ray's start-up (before
+the first trial), the phases of every trial, the gaps between trials (Tune scheduling the next),
+and the end (report). "Trial compute" is training plus evaluation: the work the user asked for.
+Target (issue 9): ≥ 80 % of the demo sweep's slot time inside trial compute.
+
+    .venv/bin/python benchmarks/sweep_efficiency.py            # the demo sweep, ~5 min on 2 cores
+
+``--space`` and ``--override`` run another sweep the same way. It prints a table and appends it
+to ``benchmarks/RESULTS.md`` (``--no-append`` to skip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import results  # benchmarks/results.py, next to this script
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASES = ("launch_time_s", "import_time_s", "setup_time_s", "train_time_s", "checkpoint_time_s", "eval_time_s")
+
+
+def demo_overrides() -> list[str]:
+    """The overrides of ``make demo``, read from the Makefile so the two never drift apart."""
+    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    match = re.search(r"^DEMO_OVERRIDES := (.*)$", text, re.MULTILINE)
+    if match is None:
+        raise SystemExit("Makefile: DEMO_OVERRIDES not found")
+    return match.group(1).split()
+
+
+def run_sweep(space: str, overrides: list[str], home: Path) -> float:
+    """Run ``avlab sweep`` as the user does; return its wall time in seconds."""
+    cmd = [str(ROOT / ".venv" / "bin" / "avlab"), "sweep", space, "--name", "bench", "--home", str(home), *overrides]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "AVLAB_HOME": str(home)})
+    wall = time.perf_counter() - t0
+    if out.returncode != 0:
+        sys.stderr.write(out.stdout[-3000:] + out.stderr[-5000:])
+        raise SystemExit(f"avlab sweep failed with exit code {out.returncode}")
+    return wall
+
+
+def breakdown(home: Path, wall: float) -> tuple[dict[str, float], dict[str, float]]:
+    """Slot-seconds per phase over the whole sweep, and facts about it."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("avlab-sweeps")
+    parent = client.search_runs([exp.experiment_id], "tags.`avlab.kind` = 'sweep'")[0]
+    trials = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    slots = int(parent.data.params["max_concurrent"])
+    first = min(r.info.start_time for r in trials) / 1e3
+    last = max(r.info.end_time for r in trials) / 1e3
+    parent_start = parent.info.start_time / 1e3
+    out = dict.fromkeys(PHASES, 0.0)
+    out["trial residual (MLflow run, trainer teardown)"] = 0.0
+    in_trials = 0.0
+    for r in trials:
+        m = r.data.metrics
+        span = (r.info.end_time - r.info.start_time) / 1e3  # the trial's MLflow run: created -> ended
+        in_trials += span
+        for k in PHASES:
+            out[k] += m.get(k, 0.0)
+        out["trial residual (MLflow run, trainer teardown)"] += span - sum(m.get(k, 0.0) for k in PHASES)
+    # Parent run -> first trial: Ray and Tune start, the first trial actors (all slots wait).
+    head = (first - parent_start) * slots
+    # After the last trial: the report, Ray's shutdown.
+    tail = (parent.info.end_time / 1e3 - last) * slots
+    before_parent = max(wall - (parent.info.end_time - parent.info.start_time) / 1e3, 0.0) * slots
+    # Before the parent run exists: interpreter, imports, the checks of every trial's config.
+    out["driver start (imports, config checks)"] = before_parent
+    out["Ray and Tune start (to the first trial)"] = head
+    out["gaps between trials (scheduling)"] = (last - first) * slots - in_trials
+    out["end (report, Ray shutdown)"] = tail
+    facts = {"wall_s": wall, "slots": slots, "trials": len(trials)}
+    return out, facts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--space", default="search_spaces/memory_size_fig6.yaml")
+    parser.add_argument("--override", action="append", default=None,
+                        help="key=value for the sweep (default: the demo's overrides)")
+    parser.add_argument("--no-append", action="store_true")
+    args = parser.parse_args()
+    overrides = args.override if args.override is not None else demo_overrides()
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        wall = run_sweep(args.space, overrides, home)
+        phases, facts = breakdown(home, wall)
+    total = facts["wall_s"] * facts["slots"]
+    compute = phases["train_time_s"] + phases["eval_time_s"]
+    rows = sorted(phases.items(), key=lambda kv: -kv[1])
+    commit = results.commit()
+    command = f"benchmarks/sweep_efficiency.py --space {args.space}" + (
+        "" if args.override is None else "".join(f" --override {o}" for o in overrides))
+    lines = [
+        f"{dt.date.today().isoformat()}, {platform.machine()}, {os.cpu_count()} CPUs, commit {commit}, "
+        f"`{command}`: {facts['trials']} trials, {facts['slots']} at once, wall {facts['wall_s']:.0f} s "
+        f"= {total:.0f} slot-seconds.",
+        "",
+        "| phase | slot-seconds | share |",
+        "| --- | --- | --- |",
+        *[f"| {k.removesuffix('_s').replace('_', ' ')} | {v:.1f} | {v / total:.1%} |" for k, v in rows],
+        "",
+        f"Trial compute (training + evaluation): {compute:.0f} of {total:.0f} slot-seconds = "
+        f"**{compute / total:.1%}** (target ≥ 80 %: {'met' if compute / total >= 0.8 else 'not met'}).",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_append:
+        results.append("Sweep efficiency (demo sweep)", text)
+
+
+if __name__ == "__main__":
+    main()
