@@ -168,7 +168,7 @@ def main() -> None:
     batches = tuple(sorted(set(args.batches)))
 
     t0 = time.perf_counter()
-    results = {b: measure(sizes, b, args.steps, args.rounds) for b in batches}
+    timings = {b: measure(sizes, b, args.steps, args.rounds) for b in batches}
     elapsed = time.perf_counter() - t0
 
     commit = results.commit()
@@ -185,7 +185,7 @@ def main() -> None:
         "| B | n | step ms | memory ms | encoders ms | memory GFLOP | encoders GFLOP | memory share of step | overhead vs n=10 |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for b, per_n in results.items():
+    for b, per_n in timings.items():
         base = per_n.get(10, {}).get("step")
         for n, r in per_n.items():
             overhead = f"{100 * (r['step'] / base - 1):+.1f} %" if base else "-"
@@ -193,7 +193,7 @@ def main() -> None:
                          f"{r['memory_gflop']:.2f} | {r['encoders_gflop']:.2f} | "
                          f"{100 * r['memory'] / r['step']:.1f} % | {overhead} |")
     lines.append("")
-    target = results.get(TARGET_B, {})
+    target = timings.get(TARGET_B, {})
     if TARGET_N in target and 10 in target:
         r, ref = target[TARGET_N], target[10]
         overhead = r["step"] / ref["step"] - 1  # the verdict: end to end, against a near-free memory

@@ -136,6 +136,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2, help="avlab and plain take turns this often")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--override", action="append", default=[], help="key=value for both loops, e.g. train.data_workers=1")
     parser.add_argument("--skip-ddp", action="store_true")
     parser.add_argument("--no-append", action="store_true")
     parser.add_argument("--plain-worker", help=argparse.SUPPRESS)
@@ -145,7 +146,7 @@ def main() -> None:
         return
 
     base = [f"preset={args.preset}", f"train.epochs={args.epochs}", f"train.max_steps_per_epoch={args.steps}",
-            *SMALL_EVAL]
+            *SMALL_EVAL, *args.override]
     if args.gpu:
         base += ["resources.gpu=true"]
     single = [*base, "resources.workers=1", f"resources.cpus_per_worker={args.threads}"]
@@ -168,7 +169,8 @@ def main() -> None:
     commit = results.commit()
     device = "1 GPU per worker" if args.gpu else f"{os.cpu_count()} CPUs"
     command = (f"benchmarks/step_throughput.py --preset {args.preset}{' --gpu' if args.gpu else ''} "
-               f"--steps {args.steps} --epochs {args.epochs} --rounds {args.rounds} --threads {args.threads}")
+               f"--steps {args.steps} --epochs {args.epochs} --rounds {args.rounds} --threads {args.threads}"
+               + "".join(f" --override {o}" for o in args.override) + (" --skip-ddp" if args.skip_ddp else ""))
     lines = [
         f"{dt.date.today().isoformat()}, {platform.machine()}, {device}, commit {commit}, `{command}` "
         f"(BMA, {args.preset} preset; median pairs/s of epochs 2-{args.epochs}, {args.steps} steps each).",

@@ -337,6 +337,9 @@ def cmd_data(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
 
 
+RAY_DASHBOARD_HELP = "with a local Ray: also start its dashboard, on 127.0.0.1 (or set AVLAB_RAY_DASHBOARD=1)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--home", default=argparse.SUPPRESS,
@@ -353,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, help="DDP training workers (resources.workers)")
     run.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL (resources.gpu)")
     run.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    run.add_argument("--ray-dashboard", action="store_true", help=RAY_DASHBOARD_HELP)
     run.set_defaults(func=cmd_run)
 
     sweep = sub.add_parser("sweep", parents=[common], help="run an ablation: a search space on Ray Tune")
@@ -363,12 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
     sweep.add_argument("--max-concurrent", type=int, help="trials at once (default: the search space's)")
     sweep.add_argument("--seeds", type=int, help="seeds per configuration (default: the search space's)")
+    sweep.add_argument("--ray-dashboard", action="store_true", help=RAY_DASHBOARD_HELP)
     sweep.set_defaults(func=cmd_sweep)
 
     resume = sub.add_parser("resume", parents=[common],
                             help="continue an interrupted run or sweep where it stopped")
     resume.add_argument("name", metavar="NAME", help="the run's or sweep's name")
     resume.add_argument("--address", help="Ray cluster address (default: the one the job started with)")
+    resume.add_argument("--ray-dashboard", action="store_true", help=RAY_DASHBOARD_HELP)
     resume.set_defaults(func=cmd_resume)
 
     report = sub.add_parser("report", parents=[common], help="an ablation's table and plot")
@@ -424,6 +430,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("home", "tracking_uri"):  # accepted before or after the subcommand
         if not hasattr(args, name):
             setattr(args, name, None)
+    if getattr(args, "ray_dashboard", False):
+        os.environ["AVLAB_RAY_DASHBOARD"] = "1"  # read where the local Ray starts (launch.init_ray)
     try:
         return args.func(args)
     except ConfigError as exc:

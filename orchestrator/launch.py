@@ -38,8 +38,13 @@ def init_ray(address: str | None = None) -> None:
     else:
         # address="local": always a new instance, even when a `ray start` cluster runs on this
         # machine (ray.init() would otherwise attach to it); --address auto attaches on purpose.
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING",
-                 _node_ip_address="127.0.0.1")
+        # The dashboard only when asked (--ray-dashboard): its processes take ~8 % of a 2-core
+        # machine's training throughput (benchmarks/RESULTS.md).
+        dashboard = os.environ.get("AVLAB_RAY_DASHBOARD", "") not in ("", "0")
+        context = ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                           logging_level="WARNING", _node_ip_address="127.0.0.1")
+        if dashboard and context.dashboard_url:
+            print(f"[avlab] Ray dashboard: http://{context.dashboard_url}", flush=True)
 
 
 def build_trainer(

@@ -78,6 +78,7 @@ def test_run_tiny_two_workers_end_to_end(tmp_path):
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "[avlab] epoch 2/2" in out.stdout + out.stderr
+    assert "Ray dashboard" not in out.stdout  # not started unless asked (--ray-dashboard)
 
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     exp = client.get_experiment_by_name("avlab")
@@ -116,7 +117,7 @@ def test_avlab_storage_moves_checkpoints_to_shared_storage(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "AVLAB_STORAGE": str(storage)}
     env.pop("MLFLOW_TRACKING_URI", None)
     cmd = [
-        str(Path(sys.executable).parent / "avlab"), "run", "--home", str(home), "tracking.run_name=st",
+        str(Path(sys.executable).parent / "avlab"), "run", "--home", str(home), "--ray-dashboard", "tracking.run_name=st",
         "train.epochs=1", "train.batch_size=64", "data.paired_size=128", "data.unpaired_sound_size=64",
         "data.unpaired_image_size=64", "data.train_size=100", "data.test_size=50", "data.transfer_train_size=0",
         "data.transfer_test_size=0", "method.memory_size=16",
@@ -126,6 +127,8 @@ def test_avlab_storage_moves_checkpoints_to_shared_storage(tmp_path):
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "[avlab] finished st" in out.stdout + out.stderr
+    # Asked for, the local Ray's dashboard starts, on the loopback interface only.
+    assert "[avlab] Ray dashboard: http://127.0.0.1:" in out.stdout
     assert list((storage / "st").glob("checkpoint_epoch*/checkpoint.pt"))
     assert not (home / "ray").exists() or not list((home / "ray").rglob("checkpoint.pt"))
     assert json.loads((home / "jobs" / "st.json").read_text())["storage"] == str(storage)
