@@ -12,7 +12,7 @@ median over the rest; the two take turns for ``--rounds`` rounds.
 Then DDP on CPU (gloo): ``avlab run`` with 1 worker × 1 thread and 2 workers × 1 thread; the
 scaling efficiency is 2-worker pairs/s over twice the 1-worker pairs/s.
 
-    .venv/bin/python benchmarks/step_throughput.py              # tiny preset, ~6 min on 2 cores
+    .venv/bin/python benchmarks/step_throughput.py              # tiny preset, ~10 min on 2 cores
     .venv/bin/python benchmarks/step_throughput.py --preset paper --gpu   # on a GPU machine
 
 Target (issue 9): avlab ≥ 0.95 × the plain loop. It prints the tables and appends them to
