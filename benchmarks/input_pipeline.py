@@ -25,13 +25,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import results  # benchmarks/results.py, next to this script
 import soundfile as sf
 import torch
 from PIL import Image
@@ -49,7 +49,6 @@ from methods.data.procedural import LogMel  # noqa: E402
 from methods.registry import build_method  # noqa: E402
 from orchestrator.config import resolve  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 BATCH = 128
 
 
@@ -165,8 +164,7 @@ def main() -> None:
         rates = step_rates({"cache": cached_pool, "memory": memory_pool}, args.steps, args.rounds, len(items))
         step_cached, step_memory = rates["cache"], rates["memory"]
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
+    commit = results.commit()
     rows = [
         ("decode on the fly (Pillow + soundfile + resample + log-mel)", f"{decode:.0f}", "1.0×"),
         ("feature cache, build (2 processes)", f"{build:.0f}", "-"),
@@ -187,8 +185,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_append:
-        with RESULTS.open("a") as f:
-            f.write(f"\n## Input pipeline for real data (feature cache)\n\n{text}\n")
+        results.append("Input pipeline for real data (feature cache)", text)
 
 
 if __name__ == "__main__":

@@ -62,18 +62,18 @@ class BimodalAssociativeMemory(nn.Module):
         self.temperature = temperature
         self.M_v = nn.Parameter(torch.randn(n, c) / c**0.5)
         self.M_s = nn.Parameter(torch.randn(n, c) / c**0.5)
-        self._unit_keys: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._unit_keys: dict[str, torch.Tensor] = {}  # "M_v"/"M_s" -> normalised, inside shared_keys()
 
     @contextmanager
     def shared_keys(self) -> Iterator[None]:
         """Within the block, every read uses keys normalised once: one training step reads the
         memory up to 8 times with the same M^v, M^s, and normalising (forward and backward) an
         n x c matrix per read costs a fifth of the reads at n = 5000."""
-        self._unit_keys = (F.normalize(self.M_v, dim=1), F.normalize(self.M_s, dim=1))
+        self._unit_keys = {"M_v": F.normalize(self.M_v, dim=1), "M_s": F.normalize(self.M_s, dim=1)}
         try:
             yield
         finally:
-            self._unit_keys = None
+            self._unit_keys = {}
 
     def address(self, query_Bc: torch.Tensor, key_nc: torch.Tensor, *, unit_key_nc: torch.Tensor | None = None) -> torch.Tensor:
         """w_r = softmax_r(cos(f, m_r) / tau_m) (eq. 1-2); returns (B, n).
@@ -84,16 +84,13 @@ class BimodalAssociativeMemory(nn.Module):
         logits_Bn = (F.normalize(query_Bc, dim=1) / self.temperature) @ unit_key.T
         return torch.softmax(logits_Bn, dim=1)
 
-    def _unit(self, index: int) -> torch.Tensor | None:
-        return None if self._unit_keys is None else self._unit_keys[index]
-
     def image_to_sound(self, f_v_Bc: torch.Tensor) -> torch.Tensor:
         """f^{s,mem} = sum_r w^v_r m^s_r, addressed by the image memory (eq. 3)."""
-        return self.address(f_v_Bc, self.M_v, unit_key_nc=self._unit(0)) @ self.M_s
+        return self.address(f_v_Bc, self.M_v, unit_key_nc=self._unit_keys.get("M_v")) @ self.M_s
 
     def sound_to_image(self, f_s_Bc: torch.Tensor) -> torch.Tensor:
         """f^{v,mem} = sum_r w^s_r m^v_r, addressed by the sound memory (eq. 3, roles swapped)."""
-        return self.address(f_s_Bc, self.M_s, unit_key_nc=self._unit(1)) @ self.M_v
+        return self.address(f_s_Bc, self.M_s, unit_key_nc=self._unit_keys.get("M_s")) @ self.M_v
 
 
 class BMAMemory(Method):

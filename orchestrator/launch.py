@@ -29,13 +29,12 @@ def init_ray(address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    if not address:
-        # Set before Ray starts: its processes (Tune's trial actors among them) inherit them.
-        for key, value in LOCAL_RAY_ENV.items():
-            os.environ.setdefault(key, value)
     if address:
         ray.init(address=address, logging_level="WARNING")
     else:
+        # Set before Ray starts: its processes (Tune's trial actors among them) inherit them.
+        for key, value in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(key, value)
         # address="local": always a new instance, even when a `ray start` cluster runs on this
         # machine (ray.init() would otherwise attach to it); --address auto attaches on purpose.
         # The dashboard only when asked (--ray-dashboard): its processes take ~8 % of a 2-core

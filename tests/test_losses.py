@@ -115,7 +115,7 @@ def test_shared_keys_give_the_same_reads_and_gradients(tau):
     assert torch.allclose(plain, shared, rtol=1e-12)
     for a, b in zip(grads, [mem.M_v.grad, mem.M_s.grad, f.grad]):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
-    assert mem._unit_keys is None  # the block does not leak normalised keys into later steps
+    assert not mem._unit_keys  # the block does not leak normalised keys into later steps
 
 
 def test_one_hot_addressing_reads_the_matching_value_slot():
