@@ -23,8 +23,14 @@ RAY_TRAIN_ENV = {
 LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
-def init_ray(address: str | None = None) -> None:
-    """Attach to ``address`` or start a local Ray instance bound to 127.0.0.1."""
+def init_ray(address: str | None = None, *, dashboard: bool = False) -> None:
+    """Attach to ``address`` or start a local Ray instance bound to 127.0.0.1.
+
+    A local Ray runs its dashboard when ``dashboard`` is set or the user asked for it
+    (``--ray-dashboard``). ``dashboard`` is for callers that need Ray's state API: Ray Train
+    removes the workers' placement group of a Tune trial stopped early (its controller dies
+    with the trial's actor) only once the state API confirms the controller is dead; without
+    it the stopped trial's CPUs or GPUs stay reserved and later trials wait for them forever."""
     import ray
 
     if ray.is_initialized():
@@ -37,9 +43,9 @@ def init_ray(address: str | None = None) -> None:
             os.environ.setdefault(key, value)
         # address="local": always a new instance, even when a `ray start` cluster runs on this
         # machine (ray.init() would otherwise attach to it); --address auto attaches on purpose.
-        # The dashboard only when asked (--ray-dashboard): its processes take ~8 % of a 2-core
+        # The dashboard only when asked or needed: its processes take ~8 % of a 2-core
         # machine's training throughput (benchmarks/RESULTS.md).
-        dashboard = os.environ.get("AVLAB_RAY_DASHBOARD", "") not in ("", "0")
+        dashboard = dashboard or os.environ.get("AVLAB_RAY_DASHBOARD", "") not in ("", "0")
         context = ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
                            logging_level="WARNING", _node_ip_address="127.0.0.1")
         if dashboard and context.dashboard_url:

@@ -300,7 +300,9 @@ def fit_sweep(
     try:
         # Per-epoch reports carry losses; the sweep metric comes with the final (evaluated) one.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-        init_ray(address)
+        # A scheduler stops trials early: Ray Train frees a stopped trial's workers through
+        # Ray's state API, which only runs with the dashboard.
+        init_ray(address, dashboard=space.scheduler is not None)
         sweep = {"name": name, "parent_run_id": parent_id, "tracking_uri": tracking_uri, "home": str(home),
                  "storage": tracking.storage_root(home)}
         trainable = tune.with_resources(

@@ -149,21 +149,23 @@ def test_mean_ci95_closed_form():
 def test_optuna_asha_sweep_settles_every_trial_run(tmp_path):
     """Optuna proposals with ASHA on the kNN accuracy measured each epoch: every child run ends
     FINISHED (with its final evaluation) or KILLED and tagged as stopped early, and the report
-    holds exactly the finished ones."""
+    holds exactly the finished ones. One trial at a time on both CPUs: a trial stopped early
+    must give its workers' CPUs back, or the next trial waits for them until the timeout."""
     space = tmp_path / "asha.yaml"
     space.write_text(
         "base:\n  preset: tiny\n  config:\n    eval: {every_epochs: 1, features: [h]}\n"
         "search:\n  method.loss_temperature: {type: loguniform, low: 0.02, high: 1.0}\n"
         "num_samples: 4\nseeds: 1\nmetric: image_h_linear_acc\n"
         "scheduler: {type: asha, metric: image_h_knn_acc, grace_period: 1, reduction_factor: 2}\n"
-        "resources: {workers: 1, cpus_per_worker: 1}\nmax_concurrent: 2\n"
+        "resources: {workers: 1, cpus_per_worker: 2}\nmax_concurrent: 1\n"
     )
     home = tmp_path / "runs"
     small = [o for o in SMALL if not o.startswith("train.epochs")] + ["train.epochs=3"]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     out = subprocess.run([AVLAB, "sweep", str(space), "--name", "asha", "--home", str(home), *small],
-                         capture_output=True, text=True, env=env, timeout=900)
+                         capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "[avlab] Ray dashboard: http://127.0.0.1:" in out.stdout  # Ray Train needs its state API
 
     from mlflow.tracking import MlflowClient
 
