@@ -50,6 +50,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     home = tracking.resolve_home(args.home)
     name = cfg.tracking.run_name or f"{cfg.method_name}-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     jobs.check_name(name, "tracking.run_name")
+    if args.address is None:
+        from orchestrator.launch import check_local_resources
+
+        check_local_resources(cfg.resources)
     if cfg.train.init_from:
         from orchestrator.checkpoint import resolve_init
 
@@ -139,6 +143,14 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if run.info.status == "FINISHED":
         print(f"[avlab] {kind} {name} already finished (MLflow run {run_id}); nothing to resume")
         return 0
+    if address is None:  # this machine may be smaller than the one the job started on
+        from orchestrator.launch import check_local_resources
+        from orchestrator.search_space import SearchSpace
+
+        if kind == "run":
+            check_local_resources(ExperimentConfig.from_dict(manifest["config"]).resources)
+        else:
+            _check_sweep_resources(SearchSpace.from_dict(manifest["space"]))
     client.update_run(run_id, status="RUNNING")
     tracking.set_tags(client, run_id, {"resumed": str(int(run.data.tags.get("avlab.resumed", "0")) + 1)})
     if manifest.get("storage"):  # checkpoints and Tune state are where the job first put them
@@ -169,6 +181,16 @@ def _finish_sweep(client, name: str, home: Path, uri: str, seconds: float) -> No
     print(f"[avlab] see it in MLflow: {_ui_hint(uri)}")
 
 
+def _check_sweep_resources(space) -> None:
+    from orchestrator.launch import check_local_resources
+
+    for resources in {space.config_for(p, space.seeds[0]).resources for p in space.grid_points()}:
+        try:
+            check_local_resources(resources)
+        except ConfigError as exc:
+            raise ConfigError(f"{space.path.name}: {exc}") from None
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from orchestrator.search_space import load_search_space
     from orchestrator.sweep import check_supported
@@ -183,6 +205,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         for point in space.grid_points():  # re-check every trial config
             space.config_for(point, space.seeds[0])
     check_supported(space)
+    if args.address is None:
+        _check_sweep_resources(space)
     max_concurrent = args.max_concurrent or space.max_concurrent
     if max_concurrent < 1:
         raise ConfigError(f"--max-concurrent: must be >= 1, got {max_concurrent}")

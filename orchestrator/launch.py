@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import tracking
-from orchestrator.config import ExperimentConfig
+from orchestrator.config import ConfigError, ExperimentConfig, ResourcesConfig
 
 
 # Ray Train settings that avlab changes; a value already in the environment wins. They reach
@@ -21,6 +21,39 @@ RAY_TRAIN_ENV = {
 # Only for a Ray that avlab starts on this machine: no cloud drains its one node, so the
 # preemption watcher (an actor process per trial) has nothing to watch.
 LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def local_cpus() -> int:
+    """The CPUs a Ray started here will have: Ray's own count (it honours a container's quota)."""
+    try:
+        from ray._private.utils import get_num_cpus
+
+        return int(get_num_cpus())
+    except (ImportError, AttributeError):  # Ray moved its helper: the plain count
+        return os.cpu_count() or 1
+
+
+def check_local_resources(resources: ResourcesConfig, *, what: str = "resources") -> None:
+    """A Ray that avlab starts here has this machine's CPUs and GPUs and no more: a run that asks
+    for more would wait for its workers forever, so it stops before anything starts."""
+    cpus = local_cpus()
+    need = resources.workers * resources.cpus_per_worker
+    if need > cpus:
+        field = "cpus_per_worker" if resources.cpus_per_worker > cpus else "workers"
+        raise ConfigError(
+            f"{what}.{field}: {resources.workers} workers x {resources.cpus_per_worker} CPUs need {need} CPUs and "
+            f"this machine has {cpus}; lower {what}.workers or {what}.cpus_per_worker, or run on a cluster "
+            f"(--address)"
+        )
+    if resources.gpu:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if resources.workers > gpus:
+            raise ConfigError(
+                f"{what}.gpu: {resources.workers} workers need one GPU each and this machine has {gpus}; "
+                f"lower {what}.workers, set {what}.gpu=false, or run on a cluster (--address)"
+            )
 
 
 def init_ray(address: str | None = None, *, dashboard: bool = False) -> None:

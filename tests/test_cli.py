@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from orchestrator.cli import main
 
@@ -33,6 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
         (["run", "eval.sound_crops=0"], "eval.sound_crops"),
         (["run", "train.init_from=no-such-run"], "train.init_from"),
         (["run", "train.precision=fp16"], "train.precision"),
+        # More than a local Ray on this machine has: the workers would wait for them forever.
+        (["run", "resources.workers=64"], "resources.workers"),
+        (["run", "resources.cpus_per_worker=4096"], "resources.cpus_per_worker"),
+        pytest.param(["run", "resources.gpu=true"], "resources.gpu",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
     ],
 )
 def test_bad_input_exits_2_before_anything_starts(tmp_path, capsys, argv, field):

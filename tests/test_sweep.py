@@ -59,6 +59,8 @@ def test_asha_scheduler_reads_the_knn_accuracy_measured_while_training(tmp_path)
         ("grid: {}\n", "grid: is empty"),
         ("search:\n  method.loss_temperature: {type: uniform, low: 0.5, high: 0.1}\n", "low 0.5 is greater than high 0.1"),
         ("grid:\n  method.memory_size: [10]\nmetric: top1\n", "metric: unknown metric 'top1'"),
+        # More than this machine has: the trials would wait for their workers forever.
+        ("grid:\n  method.memory_size: [10]\nresources: {workers: 64}\n", "bad.yaml: resources.workers: 64 workers x 1 CPUs need 64"),
     ],
 )
 def test_bad_search_space_exits_2_before_anything_starts(tmp_path, capsys, text, message):
