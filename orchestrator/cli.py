@@ -14,7 +14,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from orchestrator.config import ConfigError, ExperimentConfig, dump_yaml, load_run_file, parse_override, resolve
+from typing import TYPE_CHECKING
+
+# The config (and with it torch, torchvision, scikit-learn) is imported by the commands that
+# need it, so `--help`, `status`, `report` and `ui` start in a fraction of the time.
+from orchestrator.errors import ConfigError
+
+if TYPE_CHECKING:
+    from orchestrator.config import ExperimentConfig
 
 EXIT_BAD_INPUT = 2
 
@@ -33,6 +40,8 @@ def _split_run_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
 
 
 def resolve_run_config(args: argparse.Namespace) -> ExperimentConfig:
+    from orchestrator.config import load_run_file, resolve
+
     run_file, overrides = _split_run_args(args.items)
     run = load_run_file(run_file) if run_file else {}
     if args.workers is not None:
@@ -46,6 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = resolve_run_config(args)  # ConfigError -> exit 2, nothing started yet
 
     from orchestrator import jobs, tracking
+    from orchestrator.config import dump_yaml
 
     home = tracking.resolve_home(args.home)
     name = cfg.tracking.run_name or f"{cfg.method_name}-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -128,6 +138,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
     from orchestrator import jobs, tracking
+    from orchestrator.config import ExperimentConfig
 
     home = tracking.resolve_home(args.home)
     manifest = jobs.read(home, args.name)  # ConfigError -> exit 2
@@ -296,6 +307,8 @@ def _data_config(args: argparse.Namespace):
         overrides.append("data.skip_bad=true")
     if getattr(args, "workers", None) is not None:
         overrides.append(f"data.cache_workers={args.workers}")
+    from orchestrator.config import resolve
+
     # Only the data section is used: no training, so no batch-size check against the pools.
     return resolve({}, preset=args.preset, overrides=[*overrides, "train.epochs=0"]).data
 
@@ -312,6 +325,7 @@ def _absolute_paths(row: dict, folder: Path) -> dict:
 def cmd_data(args: argparse.Namespace) -> int:
     from methods.data.decode import DataError, FeatureSettings
     from methods.data.manifest import ManifestError
+    from orchestrator.config import parse_override
 
     try:
         if args.data_command == "index":

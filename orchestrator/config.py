@@ -23,10 +23,7 @@ import yaml
 from methods.data import ProceduralConfig, build_dataset
 from methods.evaluate import EvalConfig
 from methods.registry import METHODS
-
-
-class ConfigError(ValueError):
-    """Bad user input in a config, run file or override; the message names the field."""
+from orchestrator.errors import ConfigError  # noqa: F401 - also imported from here
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-from orchestrator.config import ConfigError
+from orchestrator.errors import ConfigError
 from orchestrator.sweep import SWEEP_EXPERIMENT, find_sweep_run
 
 REPORT_METRICS = (

@@ -42,7 +42,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import ConfigError
+from orchestrator.errors import ConfigError
 
 FORMAT = 1
 KIND = "submitted"

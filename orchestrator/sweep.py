@@ -12,13 +12,15 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow.tracking import MlflowClient
 
 from orchestrator import jobs, tracking
-from orchestrator.config import ConfigError, dump_yaml
-from orchestrator.search_space import SearchSpace
+from orchestrator.errors import ConfigError
+
+if TYPE_CHECKING:  # the config is imported where it is used: `avlab report` and `status` need none
+    from orchestrator.search_space import SearchSpace
 
 SWEEP_EXPERIMENT = "avlab-sweeps"
 
@@ -56,6 +58,7 @@ def _run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, A
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from orchestrator.config import dump_yaml
     from orchestrator.launch import build_trainer
 
     started = time.perf_counter()

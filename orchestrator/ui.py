@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from orchestrator.config import ConfigError
+from orchestrator.errors import ConfigError
 
 STOP_TIMEOUT_S = 15.0
 

@@ -53,6 +53,18 @@ def test_bad_input_exits_2_before_anything_starts(tmp_path, capsys, argv, field)
     assert not ray.is_initialized()
 
 
+def test_commands_that_need_no_config_do_not_import_torch():
+    """`--help`, `status`, `report` and `ui` read no experiment config: they start without torch,
+    torchvision, scikit-learn or the config module (seconds on a small machine)."""
+    code = (
+        "import sys, orchestrator.cli, orchestrator.report, orchestrator.jobs, orchestrator.submit, orchestrator.ui\n"
+        "orchestrator.cli.build_parser()\n"
+        "print(sorted(m for m in ('torch', 'torchvision', 'sklearn', 'methods', 'orchestrator.config') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_bad_run_file_contents(tmp_path, capsys):
     run_file = tmp_path / "run.yaml"
     run_file.write_text("method:\n  memory_size: 100\n  loss_temperatur: 0.2\n")
