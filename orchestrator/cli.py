@@ -13,7 +13,6 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 # The config (and with it torch, torchvision, scikit-learn) is imported by the commands that
@@ -154,29 +153,28 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if run.info.status == "FINISHED":
         print(f"[avlab] {kind} {name} already finished (MLflow run {run_id}); nothing to resume")
         return 0
+    from orchestrator.search_space import SearchSpace
+
+    job = ExperimentConfig.from_dict(manifest["config"]) if kind == "run" else SearchSpace.from_dict(manifest["space"])
     if address is None:  # this machine may be smaller than the one the job started on
         from orchestrator.launch import check_local_resources
-        from orchestrator.search_space import SearchSpace
 
         if kind == "run":
-            check_local_resources(ExperimentConfig.from_dict(manifest["config"]).resources)
+            check_local_resources(job.resources)
         else:
-            _check_sweep_resources(SearchSpace.from_dict(manifest["space"]))
+            _check_sweep_resources(job)
     client.update_run(run_id, status="RUNNING")
     tracking.set_tags(client, run_id, {"resumed": str(int(run.data.tags.get("avlab.resumed", "0")) + 1)})
     if manifest.get("storage"):  # checkpoints and Tune state are where the job first put them
         os.environ["AVLAB_STORAGE"] = manifest["storage"]
     print(f"[avlab] resuming {kind} {name} (MLflow run {run_id}, was {run.info.status})", flush=True)
     if kind == "run":
-        cfg = ExperimentConfig.from_dict(manifest["config"])
-        return _execute_run(cfg, name=name, run_id=run_id, uri=uri, home=home, address=address)
+        return _execute_run(job, name=name, run_id=run_id, uri=uri, home=home, address=address)
 
-    from orchestrator.search_space import SearchSpace
     from orchestrator.sweep import fit_sweep
 
-    space = SearchSpace.from_dict(manifest["space"])
     t0 = time.perf_counter()
-    fit_sweep(space, name=name, home=home, tracking_uri=uri, address=address,
+    fit_sweep(job, name=name, home=home, tracking_uri=uri, address=address,
               max_concurrent=manifest["max_concurrent"], parent_id=run_id, restore=True)
     _finish_sweep(client, name, home, uri, time.perf_counter() - t0)
     return 0

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import tracking
-from orchestrator.config import ConfigError, ExperimentConfig, ResourcesConfig
+from orchestrator.config import ExperimentConfig, ResourcesConfig
+from orchestrator.errors import ConfigError
 
 
 # Ray Train settings that avlab changes; a value already in the environment wins. They reach
@@ -33,7 +34,7 @@ def local_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def check_local_resources(resources: ResourcesConfig, *, what: str = "resources") -> None:
+def check_local_resources(resources: ResourcesConfig) -> None:
     """A Ray that avlab starts here has this machine's CPUs and GPUs and no more: a run that asks
     for more would wait for its workers forever, so it stops before anything starts."""
     cpus = local_cpus()
@@ -41,9 +42,9 @@ def check_local_resources(resources: ResourcesConfig, *, what: str = "resources"
     if need > cpus:
         field = "cpus_per_worker" if resources.cpus_per_worker > cpus else "workers"
         raise ConfigError(
-            f"{what}.{field}: {resources.workers} workers x {resources.cpus_per_worker} CPUs need {need} CPUs and "
-            f"this machine has {cpus}; lower {what}.workers or {what}.cpus_per_worker, or run on a cluster "
-            f"(--address)"
+            f"resources.{field}: {resources.workers} workers x {resources.cpus_per_worker} CPUs need {need} CPUs "
+            f"and this machine has {cpus}; lower resources.workers or resources.cpus_per_worker, or run on a "
+            f"cluster (--address)"
         )
     if resources.gpu:
         import torch
@@ -51,8 +52,8 @@ def check_local_resources(resources: ResourcesConfig, *, what: str = "resources"
         gpus = torch.cuda.device_count()
         if resources.workers > gpus:
             raise ConfigError(
-                f"{what}.gpu: {resources.workers} workers need one GPU each and this machine has {gpus}; "
-                f"lower {what}.workers, set {what}.gpu=false, or run on a cluster (--address)"
+                f"resources.gpu: {resources.workers} workers need one GPU each and this machine has {gpus}; "
+                f"lower resources.workers, set resources.gpu=false, or run on a cluster (--address)"
             )
 
 
