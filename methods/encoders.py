@@ -29,6 +29,10 @@ RESNET_LAYERS: dict[str, tuple[int, int, int, int]] = {
 # Non-residual trunks; each has four stages like the ResNets, so per-block probes apply to all.
 PLAIN_ARCHS: tuple[str, ...] = ("vgg",)
 ENCODER_ARCHS: tuple[str, ...] = (*RESNET_LAYERS, *PLAIN_ARCHS)
+# ResNet stems: "imagenet" is the papers' 7x7/2 conv + 3x3/2 max-pool (input / 4); "small" is the
+# 3x3/1 conv without max-pool that small-image SSL work uses on 32-px inputs (SimCLR's CIFAR
+# variant), which keeps stage 4 at input / 8 instead of input / 32 (4x4 rather than 1x1 at 32 px).
+STEMS: tuple[str, ...] = ("imagenet", "small")
 
 
 @dataclass(frozen=True)
@@ -41,10 +45,13 @@ class EncoderConfig:
 
     arch: str = "resnet18"
     base_width: int = 64
+    stem: str = "imagenet"
 
     def __post_init__(self) -> None:
         if self.arch not in ENCODER_ARCHS:
             raise ValueError(f"arch: unknown encoder {self.arch!r}; choose one of {sorted(ENCODER_ARCHS)}")
+        if self.stem not in STEMS:
+            raise ValueError(f"stem: unknown stem {self.stem!r}; choose one of {list(STEMS)}")
         if self.base_width <= 0:
             raise ValueError(f"base_width: must be positive, got {self.base_width}")
 
@@ -64,7 +71,8 @@ def init_conv_bn(module: nn.Module) -> None:
 
 
 class ResNetEncoder(nn.Module):
-    """ResNet trunk: 7x7/2 conv stem, 3x3/2 max-pool, four BasicBlock stages, global average pool.
+    """ResNet trunk: a stem (7x7/2 conv + 3x3/2 max-pool, or the ``small`` 3x3/1 conv), four
+    BasicBlock stages, global average pool.
 
     ``forward`` returns the pooled feature f in R^{8*base_width}; ``forward_blocks`` also returns
     the pooled output of every stage (block1..block4) for per-block linear probes.
@@ -76,12 +84,19 @@ class ResNetEncoder(nn.Module):
             raise ValueError(f"arch: ResNetEncoder builds {sorted(RESNET_LAYERS)}, got {cfg.arch!r}")
         w = cfg.base_width
         self.out_dim = cfg.out_dim
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, w, kernel_size=7, stride=2, padding=3, bias=False),
-            nn.BatchNorm2d(w),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
-        )
+        if cfg.stem == "small":
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, w, kernel_size=3, stride=1, padding=1, bias=False),
+                nn.BatchNorm2d(w),
+                nn.ReLU(inplace=True),
+            )
+        else:
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, w, kernel_size=7, stride=2, padding=3, bias=False),
+                nn.BatchNorm2d(w),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+            )
         stages: list[nn.Module] = []
         in_planes = w
         for i, blocks in enumerate(RESNET_LAYERS[cfg.arch]):
@@ -106,7 +121,8 @@ class ResNetEncoder(nn.Module):
         init_conv_bn(self)
 
     def forward_map(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        """The last stage's feature map (B, 8 * base_width, H / 32, W / 32), before pooling."""
+        """The last stage's feature map (B, 8 * base_width, H / 32, W / 32) (H / 8, W / 8 with the
+        small stem), before pooling."""
         h = self.stem(x_BCHW)
         for stage in self.stages:
             h = stage(h)
