@@ -79,7 +79,7 @@ def plain_worker(spec: dict) -> None:
 
     from methods.registry import build_method
     from orchestrator.config import resolve
-    from orchestrator.train import build_pretraining_data
+    from orchestrator.train import DeviceAugment, build_pretraining_data
     from methods.data import build_dataset
 
     torch.set_num_threads(spec["threads"])
@@ -88,6 +88,7 @@ def plain_worker(spec: dict) -> None:
     device = torch.device("cuda" if spec["gpu"] else "cpu")
     model = build_method(cfg.method_name, cfg.method, build_dataset(cfg.data).info()).to(device)
     pools = build_pretraining_data(cfg, model)
+    augment = DeviceAugment(cfg)
     batch = cfg.train.batch_size
     loaders = {k: DataLoader(p, batch_size=batch if k == "main" else (cfg.train.unpaired_batch_size or batch),
                              shuffle=True, drop_last=True, num_workers=cfg.train.data_workers,
@@ -110,9 +111,10 @@ def plain_worker(spec: dict) -> None:
         for step, b in enumerate(loaders["main"]):
             if step >= steps:
                 break
-            for it in unpaired.values():
-                b.update(next(it))
-            b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+            b = augment.paired_batch({k: v.to(device, non_blocking=True) for k, v in b.items()}, 0)
+            for key, it in unpaired.items():
+                raw = {k: v.to(device, non_blocking=True) for k, v in next(it).items()}
+                b.update(augment.unpaired_views(key, raw, 0))
             loss = model(b)["loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -35,7 +35,7 @@ from methods.data import BinauralScenes, ProceduralAV, build_dataset
 
 if TYPE_CHECKING:
     from methods.data.real import ManifestAV
-from methods.data.augment import SpecAugment, TwoViews, simclr_image_augment
+from methods.data.batch_augment import BatchSimCLRAugment, BatchSpecAugment, PairedAugment, hashed_uniform
 from methods.distributed import convert_global_batchnorm
 from methods.evaluate import run_downstream
 from methods.registry import build_method
@@ -50,18 +50,59 @@ def seed_everything(seed: int) -> None:
 
 
 def build_pretraining_data(cfg: ExperimentConfig, method: Method) -> dict[str, Dataset]:
-    """The pools one training step draws from: the pretraining pool and the unpaired views."""
+    """The pools one training step draws from: the pretraining pool ("main") and, for methods
+    that use them, the raw unpaired pools ("usound", "uimage"), whose two views
+    ``DeviceAugment`` makes on the training device."""
     data = build_dataset(cfg.data)
     pools: dict[str, Dataset] = {"main": data.pool(method.pretrain_pool)}
     info = data.info()
     if method.uses_unpaired and info.unpaired_sound_size > 0:
-        n_mels, n_frames = cfg.data.n_mels, cfg.data.n_frames
-        spec = SpecAugment(freq_mask=max(1, n_mels // 5), time_mask=max(1, n_frames // 5))
-        pools["usound"] = TwoViews(data.pool("unpaired_sound"), "sound", "usound", spec, seed=cfg.seed)
+        pools["usound"] = data.pool("unpaired_sound")
     if method.uses_unpaired and info.unpaired_image_size > 0:
-        aug = simclr_image_augment(cfg.data.image_size)
-        pools["uimage"] = TwoViews(data.pool("unpaired_image"), "image", "uimage", aug, seed=cfg.seed)
+        pools["uimage"] = data.pool("unpaired_image")
     return pools
+
+
+class DeviceAugment:
+    """Augmentations applied to whole batches on the training device, each view a pure function
+    of (seed, stream, epoch, index) (``methods.data.batch_augment``):
+
+    - unpaired sounds: two SpecAugment views (masks up to a fifth of the bins and frames);
+    - unpaired images: two SimCLR views;
+    - paired data with ``train.paired_augment=light``: shifted / flipped images and a random gain.
+    """
+
+    STREAMS = {"image": 1, "sound": 2, "usound": 3, "uimage": 5}  # second views use stream + 1
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.seed = cfg.seed
+        self.spec = BatchSpecAugment(freq_mask=max(1, cfg.data.n_mels // 5), time_mask=max(1, cfg.data.n_frames // 5))
+        self.simclr = BatchSimCLRAugment(cfg.data.image_size)
+        self.paired = PairedAugment() if cfg.train.paired_augment == "light" else None
+
+    def _u(self, stream: int, epoch: int, index: torch.Tensor, k: int) -> torch.Tensor:
+        return hashed_uniform(self.seed, stream, epoch, index, k)
+
+    def unpaired_views(self, key: str, raw: Batch, epoch: int) -> Batch:
+        """{"usound"/"uimage": view 1, "..._aug": view 2} from a raw unpaired batch."""
+        x, index = (raw["sound"], raw["index"]) if key == "usound" else (raw["image"], raw["index"])
+        aug = self.spec if key == "usound" else self.simclr
+        s = self.STREAMS[key]
+        return {
+            key: aug(x, self._u(s, epoch, index, aug.draws())),
+            f"{key}_aug": aug(x, self._u(s + 1, epoch, index, aug.draws())),
+        }
+
+    def paired_batch(self, batch: Batch, epoch: int) -> Batch:
+        if self.paired is None:
+            return batch
+        index = batch["index"]
+        out = dict(batch)
+        if "image" in batch:
+            out["image"] = self.paired.image(batch["image"], self._u(1, epoch, index, PairedAugment.DRAWS))
+        if "sound" in batch:
+            out["sound"] = self.paired.sound(batch["sound"], self._u(2, epoch, index, PairedAugment.DRAWS))
+        return out
 
 
 class _ResumableSampler(DistributedSampler):
@@ -291,6 +332,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # landed) are trained again but not logged again: the history gets no repeated steps.
     logged_through = _last_logged_epoch(client, run_id) if client is not None else -1
     unpaired_iters = {k: l.forever() for k, l in loaders.items() if k != "main"}
+    augment = DeviceAugment(cfg)
     # Where this attempt's wall time goes (logged with the evaluation, so users see cost next to
     # accuracy): launch -> worker process -> function entered -> training starts.
     timing = _startup_timing(loop_config.get("launched_at"), entered)
@@ -308,9 +350,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         for step, batch in enumerate(loaders["main"].loader):
             if step >= steps:
                 break
-            for it in unpaired_iters.values():
-                batch.update(next(it))
-            batch = _to_device(batch, device, channels_last=cfg.train.channels_last)
+            batch = augment.paired_batch(_to_device(batch, device), epoch)
+            for key, it in unpaired_iters.items():
+                raw = _to_device(next(it), device)  # its loader's epoch is the batch's epoch
+                batch.update(augment.unpaired_views(key, raw, loaders[key].epoch))
+            if cfg.train.channels_last:
+                batch = _to_device(batch, device, channels_last=True)
             with autocast:
                 out = model(batch)
             optimizer.zero_grad(set_to_none=True)

@@ -20,7 +20,6 @@ from methods.data import (
     ProceduralAV,
     ProceduralConfig,
     SpecAugment,
-    TwoViews,
     simclr_image_augment,
 )
 
@@ -270,41 +269,3 @@ def test_image_augment_keeps_shape_and_range() -> None:
     assert simclr_image_augment(224)(torch.rand(3, 224, 224)).shape == (3, 224, 224)
 
 
-def _views(seed: int = 5) -> dict[str, TwoViews]:
-    data = ProceduralAV(SMALL)
-    return {
-        "usound": TwoViews(data.pool("unpaired_sound"), "sound", "usound",
-                           SpecAugment(8, 12), seed=seed),
-        "uimage": TwoViews(data.pool("unpaired_image"), "image", "uimage",
-                           simclr_image_augment(32), seed=seed),
-    }
-
-
-@pytest.mark.parametrize("key", ["usound", "uimage"])
-def test_two_views_are_deterministic_per_seed_epoch_index(key: str) -> None:
-    views, again = _views()[key], _views()[key]
-    item = views[3]
-    assert set(item) == {key, f"{key}_aug", "index"} and int(item["index"]) == 3
-    assert item[key].shape == item[f"{key}_aug"].shape
-    assert not torch.equal(item[key], item[f"{key}_aug"])
-
-    torch.manual_seed(123)  # the global RNG must not matter ...
-    state = torch.get_rng_state()
-    _assert_items_equal(item, again[3])
-    assert torch.equal(torch.get_rng_state(), state)  # ... and must not move
-
-    views.set_epoch(1)
-    moved = views[3]
-    assert not torch.equal(moved[key], item[key])
-    views.set_epoch(0)
-    _assert_items_equal(views[3], item)
-    assert not torch.equal(views[4][key], item[key])
-    assert not torch.equal(_views(seed=6)[key][3][key], item[key])
-
-
-def test_two_views_do_not_depend_on_workers() -> None:
-    views = _views()["usound"]
-    views.set_epoch(2)
-    ref = next(iter(DataLoader(views, batch_size=8, num_workers=0)))
-    par = next(iter(DataLoader(views, batch_size=8, num_workers=2)))
-    _assert_items_equal(ref, par)

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 from methods.data import build_dataset
 from methods.registry import METHODS, build_method
 from orchestrator.config import resolve
-from orchestrator.train import build_pretraining_data
+from orchestrator.train import DeviceAugment, build_pretraining_data
 
 SMALL = ["data.paired_size=128", "data.unpaired_sound_size=32", "data.unpaired_image_size=32",
          "train.batch_size=16", "method.memory_size=16"]
@@ -32,14 +32,15 @@ def test_every_method_trains_from_its_tiny_preset(name, overrides):
     data = build_dataset(cfg.data)
     method = build_method(name, cfg.method, data.info())
     pools = build_pretraining_data(cfg, method)
+    augment = DeviceAugment(cfg)
     loaders = {k: iter(DataLoader(p, batch_size=16, shuffle=True)) for k, p in pools.items()}
     opt = torch.optim.Adam(method.parameters(), lr=1e-3)
     before = {k: v.clone() for k, v in method.state_dict().items()}
     for _ in range(2):
-        batch = next(loaders["main"])
+        batch = augment.paired_batch(next(loaders["main"]), 0)
         for key in ("usound", "uimage"):
             if key in loaders:
-                batch.update(next(loaders[key]))
+                batch.update(augment.unpaired_views(key, next(loaders[key]), 0))
         out = method(batch)
         assert torch.isfinite(out["loss"]) and out["loss"].requires_grad
         assert all(v.dim() == 0 for k, v in out.items() if not k.startswith("_"))  # loss terms are scalars

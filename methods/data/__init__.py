@@ -3,7 +3,7 @@ augmentations methods use."""
 
 from typing import Any
 
-from methods.data.augment import SpecAugment, TwoViews, simclr_image_augment
+from methods.data.augment import SpecAugment, simclr_image_augment
 from methods.data.binaural import (
     BinauralScenes,
     Scene,
@@ -35,7 +35,6 @@ __all__ = [
     "Scene",
     "SceneObject",
     "SpecAugment",
-    "TwoViews",
     "binaural_render",
     "build_dataset",
     "rotate_panorama",

@@ -2,28 +2,23 @@
 
 L_unpair contrasts two differently augmented views of one unpaired sample: SpecAugment (random
 frequency and time masks) for sounds, SimCLR-style augmentations (random resized crop, flip,
-colour jitter, grayscale, blur) for images. ``TwoViews`` turns an unpaired pool into a dataset
-of such view pairs whose randomness is a pure function of (seed, epoch, index), so results do
-not depend on DataLoader workers or on the global RNG.
+colour jitter, grayscale, blur) for images. These per-sample transforms are the reference
+definitions; training applies their batched equivalents on the device
+(``methods.data.batch_augment``), which tests compare against them.
 
 Legend: B batch, C channels, F mel bins, T frames, S image side.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
 
-import numpy as np
 import torch
 import torchaudio
 from torch import nn
-from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-__all__ = ["SpecAugment", "TwoViews", "simclr_image_augment"]
+__all__ = ["SpecAugment", "simclr_image_augment"]
 
-Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
 class SpecAugment(nn.Module):
@@ -82,68 +77,3 @@ def simclr_image_augment(image_size: int) -> v2.Compose:
         v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, sigma_max))], p=0.5),
         _ClampUnit(),
     ])
-
-
-class TwoViews(Dataset):
-    """Two independently augmented views of each sample of an unpaired pool.
-
-    ``__getitem__(i)`` returns ``{out_key: view1, out_key + "_aug": view2, "index": i}``, both
-    views made by ``transform`` from ``dataset[i][base_key]``. The augmentation randomness is
-    seeded from (seed, epoch, index) on the CPU generator, whose state is saved and restored
-    around the call, so a view depends neither on the worker that draws it nor on the global RNG,
-    and the global RNG is left untouched (transforms must draw from the default CPU generator,
-    as torchvision's and torchaudio's do). Call ``set_epoch`` before each epoch (before creating
-    the DataLoader iterator, as with ``DistributedSampler``) to get fresh views.
-    """
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        base_key: str,
-        out_key: str,
-        transform: Transform,
-        *,
-        seed: int,
-    ) -> None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed: must be an integer >= 0, got {seed!r}")
-        self.dataset = dataset
-        self.base_key = base_key
-        self.out_key = out_key
-        self.transform = transform
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch < 0:
-            raise ValueError(f"epoch: must be >= 0, got {epoch}")
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def view_seed(self, index: int) -> int:
-        """The torch seed of sample ``index``'s views in the current epoch."""
-        ss = np.random.SeedSequence([self.seed, self.epoch, int(index)])
-        return int(ss.generate_state(1, np.uint64)[0] >> 1)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.dataset[index]
-        if self.base_key not in item:
-            raise KeyError(f"base_key: {self.base_key!r} not in the dataset's items "
-                           f"(keys: {sorted(item)})")
-        x = item[self.base_key]
-        # Fork the CPU generator by hand: torch.random.fork_rng + torch.manual_seed also visit
-        # every accelerator backend and cost ~50x more than the augmentation's own draws.
-        state = torch.get_rng_state()
-        try:
-            torch.default_generator.manual_seed(self.view_seed(index))
-            view1 = self.transform(x)
-            view2 = self.transform(x)
-        finally:
-            torch.set_rng_state(state)
-        return {
-            self.out_key: view1,
-            f"{self.out_key}_aug": view2,
-            "index": torch.tensor(int(index), dtype=torch.int64),
-        }
