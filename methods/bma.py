@@ -35,6 +35,11 @@ class BMAConfig:
     proj_dim: int = 128
     paired_loss: bool = True  # False: L_unpair only (supp. Tables 3-5, first rows)
     unpaired_weight: float = 1.0  # lambda in L = L_pair + lambda * L_unpair
+    # Initial slot norm of M^v, M^s. The paper does not say; 1.0 gives unit-norm slots in
+    # expectation (N(0, 1/c) entries). Pooled ReLU features of a fresh encoder are far longer
+    # (|f| ~ 1e2 at width 16), so the memory read-out starts as a tiny part of h; see the
+    # mem_read_ratio_* metrics.
+    memory_init_norm: float = 1.0
 
     def __post_init__(self) -> None:
         if self.memory_size <= 0:
@@ -44,6 +49,8 @@ class BMAConfig:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.proj_hidden_dim < 0 or self.proj_dim <= 0:
             raise ValueError("proj_hidden_dim / proj_dim: must be positive (proj_hidden_dim 0 = 2c)")
+        if not 0 < self.memory_init_norm <= 1e4:
+            raise ValueError(f"memory_init_norm: must be in (0, 1e4], got {self.memory_init_norm}")
         if self.unpaired_weight < 0:
             raise ValueError(f"unpaired_weight: must be >= 0, got {self.unpaired_weight}")
         if self.image_encoder.out_dim != self.sound_encoder.out_dim:
@@ -57,11 +64,11 @@ class BimodalAssociativeMemory(nn.Module):
     """Image and sound sub-memories M^v, M^s in R^{n x c}, learnt by backprop, with key-value
     switching: the query's own modality is the key, the other one the value (§3.1)."""
 
-    def __init__(self, n: int, c: int, *, temperature: float) -> None:
+    def __init__(self, n: int, c: int, *, temperature: float, init_norm: float = 1.0) -> None:
         super().__init__()
         self.temperature = temperature
-        self.M_v = nn.Parameter(torch.randn(n, c) / c**0.5)
-        self.M_s = nn.Parameter(torch.randn(n, c) / c**0.5)
+        self.M_v = nn.Parameter(torch.randn(n, c) * (init_norm / c**0.5))
+        self.M_s = nn.Parameter(torch.randn(n, c) * (init_norm / c**0.5))
         self._unit_keys: dict[str, torch.Tensor] = {}  # "M_v"/"M_s" -> normalised, inside shared_keys()
 
     @contextmanager
@@ -105,7 +112,9 @@ class BMAMemory(Method):
         self.E_v = build_encoder(cfg.image_encoder, in_channels=data_info.image_channels)
         self.E_s = build_encoder(cfg.sound_encoder, in_channels=data_info.sound_channels)
         c = self.E_v.out_dim
-        self.memory = BimodalAssociativeMemory(cfg.memory_size, c, temperature=cfg.memory_temperature)
+        self.memory = BimodalAssociativeMemory(
+            cfg.memory_size, c, temperature=cfg.memory_temperature, init_norm=cfg.memory_init_norm
+        )
         hidden = cfg.proj_hidden_dim or 2 * c
         self.head_v = ProjectionHead(2 * c, hidden, cfg.proj_dim)  # image-side representations
         self.head_s = ProjectionHead(2 * c, hidden, cfg.proj_dim)  # sound-side representations
@@ -150,12 +159,14 @@ class BMAMemory(Method):
         out: dict[str, torch.Tensor] = {}
         loss = torch.zeros((), device=self.memory.M_v.device)
         if self.cfg.paired_loss and "image" in batch:
-            z_v = self.head_v(self.image_representation(self.E_v(batch["image"])))
-            z_s = self.head_s(self.sound_representation(self.E_s(batch["sound"])))
+            f_v, f_s = self.E_v(batch["image"]), self.E_s(batch["sound"])
+            z_v = self.head_v(self.image_representation(f_v))
+            z_s = self.head_s(self.sound_representation(f_s))
             out["loss_pair"] = paired_associative_loss(
                 gather_with_grad(z_v), gather_with_grad(z_s), temperature=tau
             )
             loss = loss + out["loss_pair"]
+            out.update(self.memory_diagnostics(f_v.detach(), f_s.detach()))
         unpaired = []
         if "usound" in batch:
             z_vs, z_sv = self.unpaired_sound_projections(batch["usound"], batch["usound_aug"])
@@ -175,6 +186,27 @@ class BMAMemory(Method):
         if not out:
             raise ValueError("bma: the batch has no paired data and no unpaired data to learn from")
         out["loss"] = loss
+        return out
+
+    @torch.no_grad()
+    def memory_diagnostics(self, f_v_Bc: torch.Tensor, f_s_Bc: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Whether the memory is used (logged per epoch, not losses):
+
+        - ``mem_read_ratio_v``: |f^{s,mem}| / |f^v|, the read-out an image query adds to h^v,
+          relative to the image feature (``_s``: |f^{v,mem}| / |f^s|). Near 0, h ~ [f ; 0] and
+          the memory half of the representation carries nothing.
+        - ``mem_slots_v``: effective number of slots an image query addresses, exp(entropy of
+          w^v), averaged over the batch (``_s`` for sound queries). n means uniform reads (every
+          query reads the same mean slot), 1 means one slot per query.
+        """
+        m = self.memory
+        out: dict[str, torch.Tensor] = {}
+        for tag, f, key, value in (("v", f_v_Bc, m.M_v, m.M_s), ("s", f_s_Bc, m.M_s, m.M_v)):
+            w_Bn = m.address(f, key.detach())
+            read = w_Bn @ value.detach()
+            out[f"mem_read_ratio_{tag}"] = (read.norm(dim=1) / f.norm(dim=1).clamp_min(1e-12)).mean()
+            entropy_B = -(w_Bn * torch.log(w_Bn.clamp_min(1e-30))).sum(1)
+            out[f"mem_slots_{tag}"] = torch.exp(entropy_B).mean()
         return out
 
     @torch.no_grad()

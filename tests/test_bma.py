@@ -41,7 +41,9 @@ def test_training_step_terms_and_gradients():
     torch.manual_seed(0)
     m = BMAMemory(BMAConfig(**TINY, memory_size=20, unpaired_weight=0.5), DataInfo())
     out = m(make_batch())
-    assert set(out) == {"loss", "loss_pair", "loss_unpair", "loss_unpair_sound", "loss_unpair_image"}
+    diagnostics = {"mem_read_ratio_v", "mem_read_ratio_s", "mem_slots_v", "mem_slots_s"}
+    assert set(out) == {"loss", "loss_pair", "loss_unpair", "loss_unpair_sound", "loss_unpair_image", *diagnostics}
+    assert not any(out[k].requires_grad for k in diagnostics)
     expected = out["loss_pair"] + 0.5 * (out["loss_unpair_sound"] + out["loss_unpair_image"])
     assert torch.allclose(out["loss"], expected)
     out["loss"].backward()
@@ -51,7 +53,7 @@ def test_training_step_terms_and_gradients():
 
 def test_paired_only_and_unpaired_only():
     m = BMAMemory(BMAConfig(**TINY, memory_size=20), DataInfo())
-    assert set(m(make_batch(unpaired=False))) == {"loss", "loss_pair"}
+    assert {k for k in m(make_batch(unpaired=False)) if k.startswith("loss")} == {"loss", "loss_pair"}
     m2 = BMAMemory(BMAConfig(**TINY, memory_size=20, paired_loss=False), DataInfo())
     b = make_batch()
     out = m2({k: v for k, v in b.items() if k.startswith("u")})
@@ -115,3 +117,26 @@ def test_linear_probe_leaves_bma_weights_unchanged():
     assert m.training
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_memory_diagnostics_against_a_loop():
+    """mem_read_ratio_* = mean |read-out| / |f|, mem_slots_* = mean exp(entropy of w), computed
+    here slot by slot from eq. 1-3."""
+    torch.manual_seed(1)
+    m = BMAMemory(BMAConfig(**TINY, memory_size=7, memory_temperature=0.5, memory_init_norm=3.0), DataInfo())
+    assert torch.allclose(m.memory.M_v.norm(dim=1).mean(), torch.tensor(3.0), rtol=0.3)
+    f_v, f_s = torch.randn(5, 64), torch.randn(5, 64)
+    out = m.memory_diagnostics(f_v, f_s)
+    for tag, f, key, value in (("v", f_v, m.memory.M_v, m.memory.M_s), ("s", f_s, m.memory.M_s, m.memory.M_v)):
+        ratios, slots = [], []
+        for b in range(5):
+            cos = [torch.dot(f[b], key[r]) / (f[b].norm() * key[r].norm()) for r in range(7)]
+            w = torch.softmax(torch.stack(cos) / 0.5, 0)
+            read = sum(w[r] * value[r] for r in range(7))
+            ratios.append(read.norm() / f[b].norm())
+            slots.append(torch.exp(-(w * w.log()).sum()))
+        assert torch.allclose(out[f"mem_read_ratio_{tag}"], torch.stack(ratios).mean(), rtol=1e-5)
+        assert torch.allclose(out[f"mem_slots_{tag}"], torch.stack(slots).mean(), rtol=1e-5)
+        assert 1 <= out[f"mem_slots_{tag}"] <= 7
+    with pytest.raises(ValueError, match="memory_init_norm"):
+        BMAConfig(**TINY, memory_init_norm=0.0)
