@@ -13,10 +13,24 @@ Tasks, on binaural scenes (a 360° panorama, its foreground mask, a 2-channel cl
 
 Image features that must know where things are (spatial, foreground) read the encoder's last
 feature map average-pooled to R azimuth bins (height pooled away): a (C·R) "azimuth feature".
-Rotating the panorama by 360/R moves it by exactly one bin when the map width is a multiple of
-R, so the misaligned foregrounds are that feature rolled along its bins, not R - 1 more forward
-passes. The representation that downstream protocols probe is the global-average-pooled
-encoder output h, as for every method.
+The representation that downstream protocols probe is the global-average-pooled encoder output
+h, as for every method.
+
+The rotated negatives of foreground alignment (misaligned segments in P_i of supp. eq. 2: the
+clip's own foreground turned to the R - 1 wrong angles) are the features of the truly rotated
+foreground panoramas E_v(rotate(x ⊙ m, k)), k = 1 .. R-1, whichever way they are computed.
+Rolling is used only where it is exact (``rolls_exactly``): the image encoder pads circularly
+along the width (``image_encoder.padding: circular``, the default here, see
+``PanoramaEncoderConfig``) and a rotation step of W / R panorama columns is a multiple of the
+encoder's total stride (``map_stride``: 32 for the ImageNet stem, 8 for the small one, 16 for
+VGG). Then the encoder is exactly roll-equivariant, E_v(rotate(x, k)) = roll(E_v(x), k·W'/R) on
+its W'-column map, each of the R azimuth bins is W'/R whole columns, and the rotated features
+are the azimuth feature rolled by k bins: one forward pass. Elsewhere the R rotated panoramas
+are encoded, in one batch of B·R: R - 1 more forward passes' worth of compute, and the same
+loss. That is with ``padding: zeros``, where the strip's two borders are not neighbours and the
+rolled feature is not the rotated one's (0.56-0.70 of its norm apart for a fresh tiny-preset
+encoder in eval mode on tiny-preset scenes), and with a step that is not whole feature columns.
+In training mode the two ways agree too: rolled maps have the same BatchNorm batch statistics.
 
 Combinations (``combination``; the main paper's Fig. 2 and supp. Fig. 1), in one run each so a
 single search space compares them:
@@ -38,7 +52,8 @@ encoders are never in a later stage's graph with gradients (teachers run under `
 eval mode, so their BatchNorm statistics stay as their stage left them); they are checkpointed
 with the model.
 
-Legend: B batch, C encoder width, R rotations, F mel bins, T frames, L slice frames, D sizes.
+Legend: B batch, C encoder width, R rotations (and azimuth bins), K the R angles k = 0 .. R-1,
+J the R - 1 wrong ones, H/W panorama height/width, F mel bins, T frames, L slice frames, D sizes.
 """
 
 from __future__ import annotations
@@ -59,10 +74,20 @@ COMBINATIONS = ("multitask", "concat", "incremental", "euclidean", "contrastive"
 
 
 @dataclass(frozen=True)
+class PanoramaEncoderConfig(EncoderConfig):
+    """The image encoder of Multi-SSL: an ``EncoderConfig`` whose padding defaults to
+    ``circular``, since its inputs are 360° panoramas (see the module docstring). The config
+    loader builds ``method.image_encoder`` as this class, so the default holds under every
+    preset; ``method.image_encoder.padding=zeros`` gives the zero-padded encoder back."""
+
+    padding: str = "circular"
+
+
+@dataclass(frozen=True)
 class MultiSSLConfig:
     """Multi-SSL hyperparameters; ε = 1.5 is the paper's, the rest are this implementation's."""
 
-    image_encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig("resnet18", 64))
+    image_encoder: PanoramaEncoderConfig = field(default_factory=lambda: PanoramaEncoderConfig("resnet18", 64))
     sound_encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig("resnet10", 64))
     tasks: tuple[str, ...] = TASKS  # in training order for the staged combinations
     combination: str = "multitask"
@@ -73,7 +98,7 @@ class MultiSSLConfig:
     head_hidden_dim: int = 512  # hidden units of the spatial and gap prediction heads
     fa_dim: int = 128  # foreground-alignment embedding size
     fa_temperature: float = 0.07  # tau of supp. eq. 2
-    fa_rotated_negatives: bool = True  # the clip's own foreground at the R-1 wrong angles
+    fa_rotated_negatives: bool = True  # the clip's own foreground turned to the R-1 wrong angles
     gap_slice_frames: int = 32  # L: frames per sound slice
     huber_delta: float = 1.5  # epsilon of the Huber loss (supp. §1)
     distill_weight: float = 1.0  # incremental: lambda of the feature distillation
@@ -126,12 +151,38 @@ def azimuth_feature(map_BCHW: torch.Tensor, bins: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(map_BCHW, (1, bins)).squeeze(2)
 
 
+def rolls_exactly(encoder: EncoderConfig, width: int, rotations: int) -> bool:
+    """Whether turning a ``width``-column panorama by 360/R rolls the encoder's feature map by
+    whole columns, exactly: circular width padding, and a step of W / R columns that is a
+    multiple of the encoder's total stride (so W is too, and every layer's width divides)."""
+    if encoder.padding != "circular" or width % rotations:
+        return False
+    return (width // rotations) % encoder.map_stride == 0
+
+
+def rotated_azimuth_features(
+    E_v: Encoder, x_BCHW: torch.Tensor, rotations: int, *, roll: bool
+) -> torch.Tensor:
+    """(B, K, C, R): the azimuth feature of panorama x turned by k·360/R, for k = 0 .. R-1.
+
+    ``roll=True`` encodes x once and rolls its azimuth feature by k bins, which equals encoding
+    ``rotate_panorama(x, k)`` only where ``rolls_exactly`` holds (``rotate_panorama`` rolls the
+    columns by +k·W/R, so the map rolls by +k·W'/R and the bins by +k). ``roll=False`` encodes
+    the R turned panoramas, in one batch of B·R so that all share BatchNorm statistics."""
+    if roll:
+        v_BCR = azimuth_feature(E_v.forward_map(x_BCHW), rotations)
+        return torch.stack([torch.roll(v_BCR, shifts=k, dims=2) for k in range(rotations)], dim=1)
+    x_KBCHW = torch.stack([rotate_panorama(x_BCHW, k, rotations) for k in range(rotations)])
+    v_KBCR = azimuth_feature(E_v.forward_map(x_KBCHW.flatten(0, 1)), rotations).unflatten(0, x_KBCHW.shape[:2])
+    return v_KBCR.transpose(0, 1)
+
+
 def foreground_nce(
     a_BD: torch.Tensor, v_pos_BD: torch.Tensor, v_rot_BJD: torch.Tensor | None, *, temperature: float
 ) -> torch.Tensor:
     """Supp. eq. 2: -log e^{v_p·a_i/τ} / (e^{v_p·a_i/τ} + Σ_{v_n ∈ P_i} e^{v_n·a_i/τ}), averaged over
-    i. P_i holds the other clips' aligned foregrounds and, if given, the clip's own foreground at
-    the J wrong angles (``v_rot_BJD``). Inputs are unit vectors."""
+    i. P_i holds the other clips' aligned foregrounds and, if given, the clip's own foreground
+    turned to the J wrong angles (``v_rot_BJD``). Inputs are unit vectors."""
     logits_BB = a_BD @ v_pos_BD.T / temperature  # column j: clip j's aligned foreground
     if v_rot_BJD is not None:
         logits_BJ = torch.einsum("bd,bjd->bj", a_BD, v_rot_BJD) / temperature
@@ -303,13 +354,15 @@ class MultiSSL(Method):
             loss = F.cross_entropy(logits, k_B)
             return loss, {"spatial_acc": (logits.argmax(1) == k_B).float().mean()}
         if task == "foreground":
-            v_BCR = azimuth_feature(E_v.forward_map(image * batch["mask"]), r)
-            v_pos = F.normalize(heads.fa_v(v_BCR.flatten(1)), dim=1)
+            fg_BCHW = image * batch["mask"]
+            if cfg.fa_rotated_negatives:  # k = 0 the aligned foreground, k >= 1 the negatives
+                roll = rolls_exactly(cfg.image_encoder, fg_BCHW.shape[-1], r)
+                v_BKCR = rotated_azimuth_features(E_v, fg_BCHW, r, roll=roll)
+            else:
+                v_BKCR = azimuth_feature(E_v.forward_map(fg_BCHW), r)[:, None]
+            v_pos = F.normalize(heads.fa_v(v_BKCR[:, 0].flatten(1)), dim=1)
+            v_rot = F.normalize(heads.fa_v(v_BKCR[:, 1:].flatten(2)), dim=2) if cfg.fa_rotated_negatives else None
             a = F.normalize(heads.fa_s(E_s(sound)), dim=1)
-            v_rot = None
-            if cfg.fa_rotated_negatives:  # the same foreground at the R-1 wrong angles
-                rolled = [torch.roll(v_BCR, shifts=j, dims=2).flatten(1) for j in range(1, r)]
-                v_rot = F.normalize(heads.fa_v(torch.stack(rolled, dim=1)), dim=2)
             loss = foreground_nce(a, v_pos, v_rot, temperature=cfg.fa_temperature)
             return loss, {}
         # gap
