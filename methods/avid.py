@@ -64,6 +64,10 @@ class AVIDConfig:
     sound_encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig("resnet10", 64))
     variant: str = "cross"  # self | cross | joint (Table 1)
     proj_hidden_dim: int = 512  # MLP of three FC layers with 512 hidden units (§3.3)
+    # BatchNorm after each hidden layer of the head (SimCLR's head). The paper's and the authors'
+    # heads have none; without it the projections of a fresh encoder share one direction and
+    # Adam collapses them (benchmarks/RESULTS.md, "AVID collapse").
+    head_batchnorm: bool = False
     proj_dim: int = 128
     temperature: float = 0.07  # tau
     num_negatives: int = 1024  # K
@@ -236,16 +240,16 @@ def _all_gather(x: torch.Tensor) -> torch.Tensor:
 
 class AVIDHead(nn.Sequential):
     """Projection MLP: three FC layers with ReLU between them (paper 002 §3.3: "three fully
-    connected layers with 512 hidden units"), c -> hidden -> hidden -> D."""
+    connected layers with 512 hidden units"), c -> hidden -> hidden -> D; with ``batchnorm``, a
+    BatchNorm after each hidden FC layer (the hidden layers then carry no bias)."""
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
-        super().__init__(
-            nn.Linear(in_dim, hidden_dim),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, out_dim),
-        )
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, *, batchnorm: bool = False) -> None:
+        def hidden(d_in: int) -> list[nn.Module]:
+            if batchnorm:
+                return [nn.Linear(d_in, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+            return [nn.Linear(d_in, hidden_dim), nn.ReLU(inplace=True)]
+
+        super().__init__(*hidden(in_dim), *hidden(hidden_dim), nn.Linear(hidden_dim, out_dim))
 
 
 class AVID(Method):
@@ -269,8 +273,8 @@ class AVID(Method):
         self.check_data(cfg, data_info)
         self.E_v = build_encoder(cfg.image_encoder, in_channels=data_info.image_channels)
         self.E_s = build_encoder(cfg.sound_encoder, in_channels=data_info.sound_channels)
-        self.head_v = AVIDHead(self.E_v.out_dim, cfg.proj_hidden_dim, cfg.proj_dim)
-        self.head_a = AVIDHead(self.E_s.out_dim, cfg.proj_hidden_dim, cfg.proj_dim)
+        self.head_v = AVIDHead(self.E_v.out_dim, cfg.proj_hidden_dim, cfg.proj_dim, batchnorm=cfg.head_batchnorm)
+        self.head_a = AVIDHead(self.E_s.out_dim, cfg.proj_hidden_dim, cfg.proj_dim, batchnorm=cfg.head_batchnorm)
 
         # One draw from the global RNG (seeded by the trainer) fixes the banks' initial values
         # and every later negative draw; DDP broadcasts rank 0's buffers, so workers agree.
