@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common], help="pretrain one configuration, then evaluate it downstream")
     run.add_argument("items", nargs="*", metavar="[RUN.yaml] [key.path=value ...]",
                      help="an optional YAML run file, then config overrides")
-    run.add_argument("--preset", help="tiny (2 CPU cores, minutes) or paper (the papers' sizes)")
+    run.add_argument("--preset", help="tiny (2 CPU cores, minutes; for tests), small (2 CPU cores, minutes; the methods learn) or paper (the papers' sizes)")
     run.add_argument("--workers", type=int, help="DDP training workers (resources.workers)")
     run.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL (resources.gpu)")
     run.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
@@ -447,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("manifest", metavar="MANIFEST")
         p.add_argument("overrides", nargs="*", metavar="key.path=value",
                        help="feature settings, e.g. data.image_size=64 data.sample_rate=16000")
-        p.add_argument("--preset", help="tiny or paper: the feature settings to use")
+        p.add_argument("--preset", help="tiny, small or paper: the feature settings to use")
         p.add_argument("--skip-bad", action="store_true", help="skip unusable items (listed once) instead of failing")
         p.add_argument("--workers", type=int, help="decoding processes (default: one per CPU core)")
         p.set_defaults(func=cmd_data, overrides=[])

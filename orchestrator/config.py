@@ -60,6 +60,11 @@ class TrainConfig:
     init_from: str = ""  # start from these weights: a finished run's name, or a checkpoint folder/file
     precision: str = "fp32"  # fp32, or bf16: the forward pass under bfloat16 autocast (weights stay fp32)
     channels_last: bool = False  # images and convolution weights in NHWC memory layout (GPU tensor cores)
+    # Augmentation of the paired data, on the training device: none (the papers' recipe for
+    # BMA-Memory's L_pair), or light: images shifted by up to 1/8 of the side and flipped, sounds
+    # louder or quieter by up to 6 dB. Without it a method can tell pairs apart by their exact
+    # pixels and levels and memorise a small pool instead of learning what they share.
+    paired_augment: str = "none"
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -72,6 +77,8 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.checkpoints_to_keep < 1:
             raise ValueError(f"checkpoints_to_keep: must be >= 1, got {self.checkpoints_to_keep}")
+        if self.paired_augment not in ("none", "light"):
+            raise ValueError(f"paired_augment: unknown recipe {self.paired_augment!r}; choose none or light")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision: unknown precision {self.precision!r}; choose fp32 or bf16")
         if self.max_failures < -1:
@@ -179,6 +186,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"epochs": 4, "batch_size": 128, "sync_batchnorm": False},
         "optim": {"name": "adam", "lr": 1e-3},
     },
+    # The tiny shapes and encoders with a budget at which the methods learn (benchmarks/RESULTS.md,
+    # "small preset"): a run takes minutes on two CPU cores. Four times the tiny paired pool, and
+    # the light paired augmentation: few, unaugmented pairs are memorised, not understood.
+    "small": {
+        "data": {
+            "image_size": 32, "sample_rate": 8000, "clip_seconds": 2.0, "n_mels": 40, "n_frames": 64,
+            "paired_size": 16384, "unpaired_sound_size": 4096, "unpaired_image_size": 4096,
+            "train_size": 1000, "test_size": 500, "transfer_train_size": 500, "transfer_test_size": 500,
+        },
+        "train": {"epochs": 4, "batch_size": 128, "sync_batchnorm": False, "paired_augment": "light"},
+        "optim": {"name": "adam", "lr": 1e-3},
+    },
     # The paper's sizes and hyperparameters (paper 001 §4.2, supp. Tables 6-7), for GPU clusters.
     "paper": {
         "data": {
@@ -201,6 +220,13 @@ PRESET_METHODS: dict[str, dict[str, dict[str, Any]]] = {
         "l3": {"image_encoder": {"arch": "vgg", "base_width": 16}, "sound_encoder": {"arch": "vgg", "base_width": 16}},
         # K = 1024 negatives as in the paper (the tiny pool holds 8192 pairs); CMA refreshes its
         # positive sets every epoch of a short run.
+        "avid": {**_TINY_ENCODERS, "cma_refresh_epochs": 1},
+        "multissl": {**_TINY_ENCODERS},
+    },
+    "small": {
+        "bma": {**_TINY_ENCODERS},
+        "supervised": {**_TINY_ENCODERS},
+        "l3": {"image_encoder": {"arch": "vgg", "base_width": 16}, "sound_encoder": {"arch": "vgg", "base_width": 16}},
         "avid": {**_TINY_ENCODERS, "cma_refresh_epochs": 1},
         "multissl": {**_TINY_ENCODERS},
     },
@@ -230,6 +256,10 @@ _BINAURAL_TINY = {
 }
 PRESET_METHOD_SECTIONS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
     "tiny": {"multissl": _BINAURAL_TINY},
+    # Binaural panoramas cannot take the light paired augmentation (a shift or flip turns the scene
+    # against the ears).
+    "small": {"multissl": {"data": {**_BINAURAL_TINY["data"], "paired_size": 4096},
+                           "eval": _BINAURAL_TINY["eval"], "train": {"paired_augment": "none", "epochs": 8}}},
     "paper": {
         "multissl": {
             "data": {"binaural": True, "clip_seconds": 4.0, "n_frames": 400, "panorama_width": 896},
@@ -373,6 +403,11 @@ def _build_experiment(raw: Mapping[str, Any]) -> ExperimentConfig:
 
 def _check_cross_field(cfg: ExperimentConfig) -> None:
     workers = cfg.resources.workers
+    if cfg.train.paired_augment != "none" and cfg.data.binaural:
+        raise ConfigError(
+            "train.paired_augment: shifting and flipping a binaural panorama breaks its alignment with "
+            "the two ears; use none with data.binaural=true"
+        )
     for name in ("batch_size", "unpaired_batch_size"):
         value = getattr(cfg.train, name)
         if value % workers:
