@@ -314,13 +314,14 @@ def test_run_downstream_metrics_and_invariance() -> None:
     )
     _assert_unchanged(method, before)
     expected = {f"transfer_retrieval_s2i_rank{k}" for k in (1, 2, 3)}
+    expected |= {"transfer_image_z_mean_cos", "transfer_sound_z_mean_cos"}
     for modality in ("image", "sound"):
         for fam in ("f", "h", "z"):
             name = f"transfer_{modality}_{fam}"
             expected |= {f"{name}_linear_{m}" for m in ("acc", "precision", "recall", "f1")}
             expected.add(f"{name}_knn_acc")
     assert set(result.metrics) == expected
-    assert all(0.0 <= v <= 1.0 and isinstance(v, float) for v in result.metrics.values())
+    assert all(-1.0 <= v <= 1.0 and isinstance(v, float) for v in result.metrics.values())
     ranks = [result.metrics[f"transfer_retrieval_s2i_rank{k}"] for k in (1, 2, 3)]
     assert ranks == sorted(ranks)
     assert set(result.confusions) == {
@@ -744,3 +745,14 @@ def test_spatial_probe_needs_sector_labels() -> None:
     with pytest.raises(ValueError, match="eval.spatial_probe"):
         run_downstream(_CodeMethod(), train_set=_SceneSet(12, seed=1, with_sector=False),
                        test_set=_SceneSet(12, seed=2, with_sector=False), cfg=cfg)
+
+
+def test_mean_pairwise_cosine_against_a_loop() -> None:
+    from methods.evaluate.suite import mean_pairwise_cosine
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(9, 5, generator=g)
+    u = torch.nn.functional.normalize(z, dim=1)
+    loop = [float(u[i] @ u[j]) for i in range(9) for j in range(9) if i != j]
+    assert abs(mean_pairwise_cosine(z) - sum(loop) / len(loop)) < 1e-6
+    assert abs(mean_pairwise_cosine(torch.ones(4, 3) * torch.tensor([1.0, 2.0, 3.0])) - 1.0) < 1e-9  # collapsed

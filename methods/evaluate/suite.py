@@ -8,6 +8,7 @@ once with the frozen method and returns flat, tracker-ready metric names:
     {prefix}image_{fam}_linear_{acc,precision,recall,f1}   {prefix}image_{fam}_knn_acc
     {prefix}sound_{fam}_linear_{acc,precision,recall,f1}   {prefix}sound_{fam}_knn_acc
     {prefix}retrieval_s2i_rank{k}                          k = 1..retrieval_ks
+    {prefix}{image,sound}_z_mean_cos                       with retrieval: the projections' spread
 
 where ``fam`` is an embed family (``f`` encoder output, ``h`` representation, ``z`` projection);
 image tasks read ``{fam}_v`` and sound tasks ``{fam}_s``. Optional protocols, off by default:
@@ -152,6 +153,17 @@ class DownstreamResult:
             padded[:C, :C] = confusion_CC
             figs[name] = confusion_matrix_figure(padded, class_names, title=name)
         return figs
+
+
+def mean_pairwise_cosine(z_ND: torch.Tensor) -> float:
+    """Mean cosine similarity over all pairs of distinct rows: 1 when every sample maps to one
+    point (a collapsed projection), about 0 for directions spread over the sphere."""
+    n = z_ND.shape[0]
+    if n < 2:
+        return float("nan")
+    u = torch.nn.functional.normalize(z_ND.double(), dim=1)
+    total = u.sum(0)
+    return float((total @ total - n) / (n * (n - 1)))  # sum_{i != j} u_i . u_j = |sum u|^2 - n
 
 
 def _item_keys(dataset: Dataset, split: str) -> set[str]:
@@ -306,6 +318,8 @@ def run_downstream(
         ranks = retrieval_rank_k(z_s, test_y, z_v, test_y, ks=tuple(range(1, cfg.retrieval_ks + 1)))
         for k, accuracy in ranks.items():
             result.metrics[f"{prefix}retrieval_s2i_rank{k}"] = accuracy
+        for modality, z in (("image", z_v), ("sound", z_s)):
+            result.metrics[f"{prefix}{modality}_z_mean_cos"] = mean_pairwise_cosine(z)
     if cfg.clip_retrieval and {"image", "sound"} <= test_keys:
         z_s = _family_features(test, key="z_s", split="test_set", method=method)
         z_v = _family_features(test, key="z_v", split="test_set", method=method)
