@@ -227,7 +227,8 @@ PRESET_METHODS: dict[str, dict[str, dict[str, Any]]] = {
         "bma": {**_TINY_ENCODERS},
         "supervised": {**_TINY_ENCODERS},
         "l3": {"image_encoder": {"arch": "vgg", "base_width": 16}, "sound_encoder": {"arch": "vgg", "base_width": 16}},
-        "avid": {**_TINY_ENCODERS, "cma_refresh_epochs": 1},
+        # BatchNorm in AVID's head: without it the projections collapse (RESULTS.md, "AVID collapse").
+        "avid": {**_TINY_ENCODERS, "cma_refresh_epochs": 1, "head_batchnorm": True},
         "multissl": {**_TINY_ENCODERS},
     },
     "paper": {

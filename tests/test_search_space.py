@@ -22,6 +22,7 @@ EXPECTED = {  # file: (configurations, trials)
     "cma_positive_rule_fig4": (4, 8),
     "method_comparison": (7, 7),
     "multissl_combinations": (9, 9),
+    "demo_learning": (2, 6),
 }
 
 
