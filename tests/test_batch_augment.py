@@ -165,3 +165,20 @@ def test_device_augment_views_depend_on_seed_epoch_index_only() -> None:
     assert not torch.equal(out["image"], paired["image"]) and not torch.equal(out["sound"], paired["sound"])
     plain = DeviceAugment(resolve({}, preset="tiny"))
     assert plain.paired_batch(paired, epoch=0) is paired
+
+
+def test_color_jitter_applies_each_samples_ops_in_its_own_order() -> None:
+    """The batched jitter equals torchvision's four adjustments applied to each sample in the
+    order its draws give, with its factors (or untouched when its p = 0.8 gate is off)."""
+    aug = BatchSimCLRAugment(16)
+    img = torch.rand(40, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    u = hashed_uniform(0, 9, 0, torch.arange(40), 9)
+    out = aug._color_jitter(img, u)
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for i in range(40):
+        ref = img[i]
+        if u[i, 0] < 0.8:
+            factors = [float(0.6 + 0.8 * u[i, 1 + j]) for j in range(3)] + [float(-0.1 + 0.2 * u[i, 4])]
+            for op in u[i, 5:9].argsort().tolist():
+                ref = ops[op](ref, factors[op])
+        assert torch.allclose(out[i], ref, atol=1e-5), i

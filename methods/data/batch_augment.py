@@ -111,57 +111,44 @@ def _blend(a: torch.Tensor, b: torch.Tensor, ratio_B: torch.Tensor) -> torch.Ten
 
 
 def _shift_hue(img_B3HW: torch.Tensor, shift_B: torch.Tensor) -> torch.Tensor:
-    """RGB -> HSV, hue += shift (mod 1), HSV -> RGB, as torchvision's adjust_hue per sample."""
+    """RGB -> HSV, hue += shift (mod 1), HSV -> RGB, as torchvision's adjust_hue per sample.
+
+    HSV -> RGB uses the closed form channel_n = v - v s clamp(min(k, 4 - k), 0, 1) with
+    k = (n + 6 h) mod 6 and n = 5, 3, 1 for R, G, B (no six-way table)."""
+    maxc, arg = img_B3HW.max(1)  # ties go to the first channel, as in torchvision (r, then g)
+    cr = maxc - img_B3HW.min(1).values
     r, g, b = img_B3HW.unbind(1)
-    maxc, _ = img_B3HW.max(1)
-    minc, _ = img_B3HW.min(1)
-    eqc = maxc == minc
-    cr = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = cr / torch.where(eqc, ones, maxc)
-    cr_div = torch.where(eqc, ones, cr)
-    rc, gc, bc = (maxc - r) / cr_div, (maxc - g) / cr_div, (maxc - b) / cr_div
-    hr = (maxc == r) * (bc - gc)
-    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
-    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
-    h = torch.fmod(h + shift_B.view(-1, 1, 1) + 1.0, 1.0)
-    v = maxc
-    i = torch.floor(h * 6.0)
-    fr = h * 6.0 - i
-    i = i.long() % 6
-    p = (v * (1 - s)).clamp(0, 1)
-    q = (v * (1 - s * fr)).clamp(0, 1)
-    tt = (v * (1 - s * (1 - fr))).clamp(0, 1)
-    table = torch.stack([
-        torch.stack([v, q, p, p, tt, v], 1),
-        torch.stack([tt, v, v, q, p, p], 1),
-        torch.stack([p, p, tt, v, v, q], 1),
-    ], 1)  # (B, 3, 6, H, W)
-    return table.gather(2, i.unsqueeze(1).unsqueeze(2).expand(-1, 3, 1, -1, -1)).squeeze(2)
+    # Hue in sixths: (g - b) / cr from red, 2 + (b - r) / cr from green, 4 + (r - g) / cr from blue.
+    num = torch.stack([g - b, b - r, r - g], 1).gather(1, arg.unsqueeze(1)).squeeze(1)
+    safe_cr = torch.where(cr > 0, cr, torch.ones_like(cr))
+    h = torch.fmod((num / safe_cr + 2.0 * arg) / 6.0 + 1.0, 1.0)
+    h6 = torch.fmod(h + shift_B.view(-1, 1, 1) + 1.0, 1.0) * 6.0
+    # v s = max * (max - min) / max = max - min.
+    out = [maxc - cr * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
+           for k in (torch.fmod(h6 + n, 6.0) for n in (5.0, 3.0, 1.0))]
+    return torch.stack(out, 1)
 
 
 def _crop_flip_grid(box_B4: torch.Tensor, flip_B: torch.Tensor, size: int, h_in: int, w_in: int,
                     *, clamp: bool = True) -> torch.Tensor:
-    """Sampling grid that resizes the box (top, left, height, width in input pixels) of every
-    sample to ``size`` x ``size`` with half-pixel centres, mirrored where ``flip_B``. With
-    ``clamp``, sample positions stay within the box's pixel centres, as when the crop is cut out
-    first and then resized (torchvision's resized_crop)."""
-    top, left, hh, ww = box_B4.unbind(1)
-    sx = ww / w_in * torch.where(flip_B, -1.0, 1.0)
-    sy = hh / h_in
-    theta = torch.zeros(len(box_B4), 2, 3, device=box_B4.device, dtype=box_B4.dtype)
-    theta[:, 0, 0], theta[:, 0, 2] = sx, (2 * left + ww) / w_in - 1
-    theta[:, 1, 1], theta[:, 1, 2] = sy, (2 * top + hh) / h_in - 1
-    grid = F.affine_grid(theta, [len(box_B4), 1, size, size], align_corners=False)
-    if not clamp:
-        return grid
-    # Normalised coordinate of pixel centre p: (2p + 1) / size - 1.
-    lo_x, hi_x = (2 * left + 1) / w_in - 1, (2 * (left + ww - 1) + 1) / w_in - 1
-    lo_y, hi_y = (2 * top + 1) / h_in - 1, (2 * (top + hh - 1) + 1) / h_in - 1
-    gx = torch.maximum(torch.minimum(grid[..., 0], hi_x.view(-1, 1, 1)), lo_x.view(-1, 1, 1))
-    gy = torch.maximum(torch.minimum(grid[..., 1], hi_y.view(-1, 1, 1)), lo_y.view(-1, 1, 1))
-    return torch.stack([gx, gy], -1)
+    """Sampling grid (B, size, size, 2) that resizes the box (top, left, height, width in input
+    pixels) of every sample to ``size`` x ``size`` with half-pixel centres, mirrored where
+    ``flip_B``. With ``clamp``, sample positions stay within the box's pixel centres, as when the
+    crop is cut out first and then resized (torchvision's resized_crop). The grid is separable:
+    x depends on the output column only, y on the row."""
+    top, left, hh, ww = (t.unsqueeze(1) for t in box_B4.unbind(1))
+    # Output pixel centre p in [0, size) -> input pixel coordinate, then grid_sample's [-1, 1].
+    p = (torch.arange(size, device=box_B4.device, dtype=box_B4.dtype) + 0.5).unsqueeze(0) / size
+    p_x = torch.where(flip_B.unsqueeze(1), 1.0 - p, p)
+    x = left + p_x * ww - 0.5  # (B, size) input pixel coordinates
+    y = top + p * hh - 0.5
+    if clamp:
+        x = torch.maximum(torch.minimum(x, left + ww - 1), left)
+        y = torch.maximum(torch.minimum(y, top + hh - 1), top)
+    gx = (2 * x + 1) / w_in - 1
+    gy = (2 * y + 1) / h_in - 1
+    b = box_B4.shape[0]
+    return torch.stack([gx.unsqueeze(1).expand(b, size, size), gy.unsqueeze(2).expand(b, size, size)], -1)
 
 
 class BatchSimCLRAugment:
@@ -225,22 +212,28 @@ class BatchSimCLRAugment:
 
     def _color_jitter(self, x: torch.Tensor, u_B9: torch.Tensor) -> torch.Tensor:
         """ColorJitter(0.4, 0.4, 0.4, 0.1) with p = 0.8: brightness, contrast, saturation and hue
-        in a random order per sample (the order keys' argsort)."""
+        in a random order per sample (the order keys' argsort). At each of the four positions
+        every op runs only on the samples that apply it there."""
         apply = u_B9[:, 0] < 0.8
         factors = 0.6 + 0.8 * u_B9[:, 1:4]  # brightness, contrast, saturation in [0.6, 1.4]
         hue = -0.1 + 0.2 * u_B9[:, 4]
         order = u_B9[:, 5:9].argsort(1)  # (B, 4): op applied at each position
-        out = x
+        out = x.clone()
         for pos in range(4):
-            op = order[:, pos]
-            cand = [
-                (out * factors[:, 0].view(-1, 1, 1, 1)).clamp(0, 1),
-                _blend(out, _rgb_to_gray(out).mean((1, 2, 3), keepdim=True), factors[:, 1]),
-                _blend(out, _rgb_to_gray(out), factors[:, 2]),
-                _shift_hue(out, hue),
-            ]
-            new = torch.stack(cand, 0).gather(0, op.view(1, -1, 1, 1, 1).expand(1, *out.shape)).squeeze(0)
-            out = torch.where(apply.view(-1, 1, 1, 1), new, out)
+            for op in range(4):
+                sel = torch.nonzero(apply & (order[:, pos] == op)).squeeze(1)
+                if sel.numel() == 0:
+                    continue
+                y = out.index_select(0, sel)
+                if op == 0:
+                    y = (y * factors.index_select(0, sel)[:, 0].view(-1, 1, 1, 1)).clamp(0, 1)
+                elif op == 1:
+                    y = _blend(y, _rgb_to_gray(y).mean((1, 2, 3), keepdim=True), factors.index_select(0, sel)[:, 1])
+                elif op == 2:
+                    y = _blend(y, _rgb_to_gray(y), factors.index_select(0, sel)[:, 2])
+                else:
+                    y = _shift_hue(y, hue.index_select(0, sel))
+                out.index_copy_(0, sel, y)
         return out
 
     def _blur(self, x: torch.Tensor, sigma_B: torch.Tensor) -> torch.Tensor:
