@@ -1,0 +1,143 @@
+"""Recipe lab: train one method in this process on pre-rendered procedural pools and probe it.
+
+A run through `avlab run` pays for Ray, MLflow and checkpoints; trying a recipe (an augmentation,
+a pool size, a head, a learning rate) only needs the training step and the probes. This script
+renders the pools once (kept in a temporary file keyed by their sizes, so the next call starts
+at once), trains with Adam on batches drawn from them, applies the same device-side augmentations
+as avlab (``orchestrator.train.DeviceAugment``), and reports the linear probes on h, sound →
+image Rank-1 and the projections' mean pairwise cosine (1 = collapse) before and after, with the
+per-epoch losses. Nothing is appended to RESULTS.md: it is for exploring, and what it finds
+belongs in a preset and a sweep.
+
+    .venv/bin/python benchmarks/recipe_lab.py --pairs 16384 --epochs 4 --paired-augment light
+    .venv/bin/python benchmarks/recipe_lab.py --method avid --override method.head_batchnorm=true
+    .venv/bin/python benchmarks/recipe_lab.py --pairs 4096 --epochs 20 --paired-augment none   # memorises
+
+Legend: N pool size, B batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from methods.data import build_dataset  # noqa: E402
+from methods.evaluate.linear_probe import linear_probe  # noqa: E402
+from methods.evaluate.suite import mean_pairwise_cosine  # noqa: E402
+from methods.registry import build_method  # noqa: E402
+from orchestrator.config import resolve  # noqa: E402
+from orchestrator.train import DeviceAugment  # noqa: E402
+
+
+def rendered(cfg, pools: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
+    """Every item of ``pools`` stacked into tensors; cached in the temp folder by config."""
+    key = cfg.identity()
+    path = Path(tempfile.gettempdir()) / f"avlab-recipe-lab-{key}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    data = build_dataset(cfg.data)
+    out = {}
+    for name in pools:
+        pool = data.pool(name)
+        if len(pool) == 0:
+            continue
+        batches = list(DataLoader(pool, batch_size=512))
+        out[name] = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    torch.save(out, path)
+    return out
+
+
+@torch.no_grad()
+def probe(method, pools) -> dict[str, float]:
+    method.eval()
+    res: dict[str, float] = {}
+    z = {}
+    for modality, key, arg in (("image", "v", "images"), ("sound", "s", "sounds")):
+        feats = {}
+        for split in ("train", "test"):
+            x = pools[split][modality]
+            parts = [method.embed(**{arg: x[i : i + 256]}) for i in range(0, len(x), 256)]
+            feats[split] = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        r = linear_probe(feats["train"][f"h_{key}"], pools["train"]["label"], feats["test"][f"h_{key}"],
+                         pools["test"]["label"])
+        res[f"{modality}_h_linear"] = round(r.accuracy, 3)
+        z[key] = feats["test"][f"z_{key}"]
+        res[f"{modality}_z_mean_cos"] = round(mean_pairwise_cosine(z[key]), 3)
+    top = (F.normalize(z["s"], dim=1) @ F.normalize(z["v"], dim=1).T).argmax(1)
+    labels = pools["test"]["label"]
+    res["retrieval_s2i_rank1"] = round((labels[top] == labels).float().mean().item(), 3)
+    method.train()
+    return res
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", default="bma")
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--pairs", type=int, default=16384)
+    parser.add_argument("--unpaired", type=int, default=0, help="unpaired sounds and images (0: L_pair only)")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--paired-augment", default="light", choices=("none", "light"))
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--override", action="append", default=[], help="key.path=value, e.g. method.memory_size=10")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = resolve({}, preset=args.preset, overrides=[
+        f"method.name={args.method}", f"seed={args.seed}", f"data.paired_size={args.pairs}",
+        f"data.unpaired_sound_size={args.unpaired}", f"data.unpaired_image_size={args.unpaired}",
+        f"train.paired_augment={args.paired_augment}", "data.transfer_train_size=0", "data.transfer_test_size=0",
+        *args.override,
+    ])
+    t0 = time.perf_counter()
+    pools = rendered(cfg, ("paired", "unpaired_sound", "unpaired_image", "train", "test"))
+    print(f"pools ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    torch.manual_seed(args.seed)
+    method = build_method(cfg.method_name, cfg.method, build_dataset(cfg.data).info())
+    method.configure_training(args.epochs)
+    opt = torch.optim.Adam(method.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    augment = DeviceAugment(cfg)
+    print("init", json.dumps(probe(method, pools)), flush=True)
+    paired, b = pools["paired"], cfg.train.batch_size
+    g = torch.Generator().manual_seed(args.seed)
+    t0 = time.perf_counter()
+    for epoch in range(args.epochs):
+        perm, sums = torch.randperm(len(paired["index"]), generator=g), {}
+        steps = len(perm) // b
+        for step in range(steps):
+            idx = perm[step * b : (step + 1) * b]
+            batch = augment.paired_batch({k: v[idx] for k, v in paired.items()}, epoch)
+            for key, pool in (("usound", "unpaired_sound"), ("uimage", "unpaired_image")):
+                if method.uses_unpaired and pool in pools:
+                    j = torch.randint(0, len(pools[pool]["index"]), (b,), generator=g)
+                    batch.update(augment.unpaired_views(key, {k: v[j] for k, v in pools[pool].items()}, epoch))
+            out = method.training_step(batch)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            opt.step()
+            method.after_step(batch, out)
+            for k, v in out.items():
+                if not k.startswith("_"):
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+        method.on_epoch_end(epoch)
+        means = {k: round(v / steps, 4) for k, v in sums.items()}
+        print(f"epoch {epoch + 1}/{args.epochs} ({time.perf_counter() - t0:.0f} s)", json.dumps(means), flush=True)
+    print("final", json.dumps(probe(method, pools)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
