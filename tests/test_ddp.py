@@ -65,7 +65,8 @@ def test_two_workers_equal_one_worker_on_the_global_batch():
         mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
         ddp = torch.load(os.path.join(tmp, "ddp.pt"))
     for k, v in out.items():
-        assert torch.allclose(ddp["loss"][k], v.detach(), rtol=1e-9, atol=1e-10), k
+        if k.startswith("loss"):  # the mem_* diagnostics are per-worker means, averaged when logged
+            assert torch.allclose(ddp["loss"][k], v.detach(), rtol=1e-9, atol=1e-10), k
     assert ddp["grads"].keys() == ref_grads.keys()
     for name, g in ref_grads.items():
         assert torch.allclose(ddp["grads"][name], g, rtol=1e-7, atol=1e-10), name
