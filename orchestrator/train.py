@@ -99,9 +99,10 @@ class DeviceAugment:
         index = batch["index"]
         out = dict(batch)
         if "image" in batch:
-            out["image"] = self.paired.image(batch["image"], self._u(1, epoch, index, PairedAugment.DRAWS))
+            u = self._u(self.STREAMS["image"], epoch, index, PairedAugment.DRAWS)
+            out["image"] = self.paired.image(batch["image"], u)
         if "sound" in batch:
-            out["sound"] = self.paired.sound(batch["sound"], self._u(2, epoch, index, PairedAugment.DRAWS))
+            out["sound"] = self.paired.sound(batch["sound"], self._u(self.STREAMS["sound"], epoch, index, PairedAugment.DRAWS))
         return out
 
 
