@@ -36,8 +36,8 @@ class BMAConfig:
     paired_loss: bool = True  # False: L_unpair only (supp. Tables 3-5, first rows)
     unpaired_weight: float = 1.0  # lambda in L = L_pair + lambda * L_unpair
     # Initial slot norm of M^v, M^s. The paper does not say; 1.0 gives unit-norm slots in
-    # expectation (N(0, 1/c) entries). Pooled ReLU features of a fresh encoder are far longer
-    # (|f| ~ 1e2 at width 16), so the memory read-out starts as a tiny part of h; see the
+    # expectation (N(0, 1/c) entries). A fresh encoder's features are longer and its queries read
+    # hundreds of slots nearly uniformly, so the read-out starts at under 1 % of |f|; see the
     # mem_read_ratio_* metrics.
     memory_init_norm: float = 1.0
 

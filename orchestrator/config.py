@@ -173,11 +173,14 @@ _PAPER_ENCODERS = {
     "sound_encoder": {"arch": "resnet10", "base_width": 64},
 }
 
+# Input shapes of the tiny and small presets: 32x32 images, 2 s at 8 kHz as 40x64 log-mels.
+_TINY_DATA_SHAPES = {"image_size": 32, "sample_rate": 8000, "clip_seconds": 2.0, "n_mels": 40, "n_frames": 64}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Runs on two CPU cores in minutes: 32x32 images, 40x64 log-mels, width-16 encoders.
     "tiny": {
         "data": {
-            "image_size": 32, "sample_rate": 8000, "clip_seconds": 2.0, "n_mels": 40, "n_frames": 64,
+            **_TINY_DATA_SHAPES,
             # Many distinct pairs seen few times learn more here than few pairs seen many times.
             "paired_size": 8192, "unpaired_sound_size": 4096, "unpaired_image_size": 4096,
             "train_size": 1000, "test_size": 500, "transfer_train_size": 500, "transfer_test_size": 500,
@@ -191,7 +194,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the light paired augmentation: few, unaugmented pairs are memorised, not understood.
     "small": {
         "data": {
-            "image_size": 32, "sample_rate": 8000, "clip_seconds": 2.0, "n_mels": 40, "n_frames": 64,
+            **_TINY_DATA_SHAPES,
             "paired_size": 16384, "unpaired_sound_size": 4096, "unpaired_image_size": 4096,
             "train_size": 1000, "test_size": 500, "transfer_train_size": 500, "transfer_test_size": 500,
         },
