@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -82,13 +83,57 @@ def load(directory: str | os.PathLike[str], *, map_location: Any = "cpu") -> dic
     if _sha256(path) != manifest.get("sha256"):
         raise CheckpointError(f"{path}: damaged (SHA-256 does not match its manifest)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = _load_weights_only(path, map_location)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing here
-        raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+        raise CheckpointError(f"{path}: not a loadable avlab checkpoint ({type(exc).__name__}: {first})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (holds a {type(state).__name__}, not a dict)")
     missing = [k for k in ("model", "optimizer", "epoch", "rng", "loaders") if k not in state]
     if missing:
         raise CheckpointError(f"{path}: lacks {', '.join(missing)}")
+    problem = _shape_problem(state)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
     return state
+
+
+def _shape_problem(state: dict[str, Any]) -> str:
+    """What is wrong with the types of a checkpoint's fields, or "" when they are what avlab
+    writes: the right keys with garbage values must fail here, not inside a training worker."""
+    model = state["model"]
+    if not isinstance(model, dict) or not model:
+        return "'model' is not a non-empty mapping of tensor names to tensors"
+    bad = next((k for k, v in model.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        return f"'model' entry {bad!r} is not a named tensor"
+    if not all(v.is_floating_point() or v.dtype in (torch.int64, torch.int32, torch.bool) for v in model.values()):
+        return "'model' holds tensors of an unexpected dtype"
+    epoch = state["epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        return f"'epoch' is {epoch!r}, not a non-negative integer"
+    for key, kind in (("optimizer", dict), ("rng", list), ("loaders", dict)):
+        if not isinstance(state[key], kind):
+            return f"{key!r} is of type {type(state[key]).__name__}, not {kind.__name__}"
+    return ""
+
+
+def _load_weights_only(path: Path, map_location: Any) -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors, containers and numbers only, so a
+    checkpoint from elsewhere cannot run code when it is read (the manifest cannot vouch for
+    that: whoever writes the file writes its manifest)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "numpy" not in str(exc):
+            raise
+    # Checkpoints written before the numpy RNG state became a tensor hold one uint32 array: allow
+    # exactly what rebuilds a plain numeric array, nothing that runs code.
+    import numpy as np
+
+    allowed = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def epoch_of(name: str) -> int | None:

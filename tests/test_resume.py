@@ -211,6 +211,79 @@ def test_init_from_resolves_runs_and_checkpoints_and_names_bad_ones(tmp_path):
     assert main(["run", "train.init_from=nope", "--home", str(home)]) == 2
 
 
+class _RunsACommand:
+    """Unpickling this runs ``touch <marker>``: what a hostile checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path, capsys):
+    """A pickle that calls os.system, with a manifest that matches it (whoever writes the file
+    writes the manifest), must not run its command, neither when read nor through the CLI."""
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "bad"
+    ckpt.save(bad, {"model": {"E_v.w": torch.ones(2)}, "optimizer": {}, "epoch": 1, "rng": [],
+                    "loaders": {}, "payload": _RunsACommand(marker)})
+    with pytest.raises(ckpt.CheckpointError, match="not a loadable avlab checkpoint"):
+        ckpt.load(bad)
+    assert main(["run", f"train.init_from={bad}", "--home", str(tmp_path / "home")]) == 2
+    err = capsys.readouterr().err
+    assert "train.init_from" in err and str(bad) in err and "Traceback" not in err
+    assert not marker.exists()
+    assert not (tmp_path / "home" / "jobs").exists()  # refused before any run was created
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("model", {"E_v.w": "weights"}, "'model' entry 'E_v.w' is not a named tensor"),
+    ("model", {}, "'model' is not a non-empty mapping"),
+    ("model", [torch.ones(2)], "'model' is not a non-empty mapping"),
+    ("epoch", -3, "'epoch' is -3"),
+    ("epoch", "one", "'epoch' is 'one'"),
+    ("rng", {"python": 1}, "'rng' is of type dict, not list"),
+    ("loaders", 7, "'loaders' is of type int, not dict"),
+])
+def test_init_from_with_the_right_keys_but_garbage_values_exits_2(tmp_path, capsys, field, value, problem):
+    state = {"model": {"E_v.w": torch.ones(2)}, "optimizer": {}, "epoch": 1, "rng": [], "loaders": {}}
+    ckpt.save(tmp_path / "c", {**state, field: value})
+    with pytest.raises(ckpt.CheckpointError, match=problem.replace("(", r"\(")):
+        ckpt.load(tmp_path / "c")
+    assert main(["run", f"train.init_from={tmp_path / 'c'}", "--home", str(tmp_path / "home")]) == 2
+    err = capsys.readouterr().err
+    assert "train.init_from: no usable checkpoint" in err and problem in err
+    assert not (tmp_path / "home" / "jobs").exists()
+
+
+def test_checkpoints_hold_no_numpy_objects_and_older_ones_still_load(tmp_path):
+    """The RNG states are stored as tensors and numbers, so ``weights_only`` needs no allow-list;
+    a checkpoint from before (numpy's state as an array) still loads, with exactly numpy's
+    plain-array globals allowed."""
+    import random
+
+    import numpy as np
+
+    from orchestrator.train import _rng_state, _set_rng_state
+
+    np.random.seed(5), random.seed(5), torch.manual_seed(5)
+    state = _rng_state()
+    ckpt.save(tmp_path / "new", {"model": {"w": torch.ones(1)}, "optimizer": {}, "epoch": 0, "rng": [state],
+                                 "loaders": {}})
+    expected = (np.random.rand(3), random.random(), torch.rand(2))
+    _set_rng_state(torch.load(tmp_path / "new" / ckpt.STATE_FILE, weights_only=True)["rng"][0])
+    assert (np.random.rand(3) == expected[0]).all() and random.random() == expected[1]
+    assert torch.equal(torch.rand(2), expected[2])
+
+    np.random.seed(5)
+    old = {**state, "numpy": np.random.get_state()}
+    ckpt.save(tmp_path / "old", {"model": {"w": torch.ones(1)}, "optimizer": {}, "epoch": 0, "rng": [old],
+                                 "loaders": {}})
+    _set_rng_state(ckpt.load(tmp_path / "old")["rng"][0])
+    assert (np.random.rand(3) == expected[0]).all()
+
+
 @pytest.mark.slow
 def test_fine_tuning_trains_every_weight_from_a_finished_run(reference):
     """Supp. Table 1's protocol: the supervised method on the labelled split, started from the
