@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator.config import ConfigError, ExperimentConfig, read_yaml_mapping, resolve
+from orchestrator.config import ConfigError, ExperimentConfig, as_float, read_yaml_mapping, resolve
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 MODES = ("max", "min")
@@ -243,6 +244,8 @@ def _load_search(p: Path, search: Any, run: dict, preset: Any, base: tuple[str, 
             low, high = spec.get("low"), spec.get("high")
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
                 raise ConfigError(f"{p.name}: {where}: low and high must be numbers")
+            if not all(math.isfinite(as_float(v)) for v in (low, high)):
+                raise ConfigError(f"{p.name}: {where}: low and high must be finite, got {low!r} and {high!r}")
             if low > high:
                 raise ConfigError(f"{p.name}: {where}: low {low} is greater than high {high}")
             if kind == "loguniform" and low <= 0:

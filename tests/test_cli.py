@@ -34,6 +34,15 @@ ROOT = Path(__file__).resolve().parent.parent
         (["run", "eval.sound_crops=0"], "eval.sound_crops"),
         (["run", "train.init_from=no-such-run"], "train.init_from"),
         (["run", "train.precision=fp16"], "train.precision"),
+        # Non-finite numbers: NaN trains on NaN losses, infinity overflows the softmax.
+        (["run", "method.memory_temperature=.nan"], "method.memory_temperature"),
+        (["run", "method.memory_temperature=nan"], "method.memory_temperature"),
+        (["run", "method.loss_temperature=.inf"], "method.loss_temperature"),
+        (["run", "method.unpaired_weight=-.inf"], "method.unpaired_weight"),
+        (["run", "optim.lr=1e999"], "optim.lr"),
+        (["run", "optim.lr=inf"], "optim.lr"),
+        (["run", f"optim.lr={10**400}"], "optim.lr"),
+        (["run", "eval.linear_C=.nan"], "eval.linear_C"),
         # More than a local Ray on this machine has: the workers would wait for them forever.
         (["run", "resources.workers=64"], "resources.workers"),
         (["run", "resources.cpus_per_worker=4096"], "resources.cpus_per_worker"),
