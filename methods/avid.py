@@ -278,12 +278,14 @@ class AVID(Method):
 
         # One draw from the global RNG (seeded by the trainer) fixes the banks' initial values
         # and every later negative draw; DDP broadcasts rank 0's buffers, so workers agree.
-        seed = int(torch.randint(0, 2**62, (1,)))
+        # (The draw is on the CPU and the banks are filled in place, so that the method can also be
+        # built on the meta device, where avlab estimates a run's memory before starting it.)
+        seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
         g = torch.Generator().manual_seed(seed)
         self.register_buffer("sampling_seed", torch.tensor(seed, dtype=torch.int64))
         self.register_buffer("step", torch.tensor(0, dtype=torch.int64))  # after_step calls so far
-        self.register_buffer("bank_v", F.normalize(torch.randn(n, cfg.proj_dim, generator=g), dim=1))
-        self.register_buffer("bank_a", F.normalize(torch.randn(n, cfg.proj_dim, generator=g), dim=1))
+        self.register_buffer("bank_v", F.normalize(torch.empty(n, cfg.proj_dim).normal_(generator=g), dim=1))
+        self.register_buffer("bank_a", F.normalize(torch.empty(n, cfg.proj_dim).normal_(generator=g), dim=1))
         self.register_buffer("z_bar", torch.tensor(0.0))
         self.register_buffer("z_bar_ready", torch.tensor(False))
         if cfg.cma:

@@ -36,6 +36,9 @@ class DataInfo:
     paired_size: int = 0
     unpaired_sound_size: int = 0
     unpaired_image_size: int = 0
+    # Whether the paired (pretraining) pool's items carry class labels: the embedded datasets'
+    # do; a manifest's pretraining rows do not (only its labelled splits do).
+    paired_labelled: bool = True
 
 
 class Method(nn.Module):

@@ -42,6 +42,12 @@ class Supervised(Method):
     name: ClassVar[str] = "supervised"
     pretrain_pool: ClassVar[str] = "paired"
 
+    @classmethod
+    def check_data(cls, cfg: SupervisedConfig, data_info: DataInfo) -> None:
+        if cfg.pool == "paired" and not data_info.paired_labelled:
+            raise ValueError("pool: this dataset's pretraining pairs carry no labels (a manifest labels only its "
+                             "train and test splits); use method.pool=train")
+
     def __init__(self, cfg: SupervisedConfig, data_info: DataInfo) -> None:
         super().__init__()
         self.cfg = cfg

@@ -7,7 +7,6 @@ the field, before Ray starts or an MLflow run is created; 1 anything else.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING
 
 # The config (and with it torch, torchvision, scikit-learn) is imported by the commands that
 # need it, so `--help`, `status`, `report` and `ui` start in a fraction of the time.
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, RunFailed
 
 if TYPE_CHECKING:
     from orchestrator.config import ExperimentConfig
@@ -57,12 +56,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.config import dump_yaml
 
     home = tracking.resolve_home(args.home)
+    uri = tracking.resolve_tracking_uri(home, args.tracking_uri)
     name = cfg.tracking.run_name or f"{cfg.method_name}-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     jobs.check_name(name, "tracking.run_name")
     if args.address is None:
+        from orchestrator.footprint import check_fits, local_budget
         from orchestrator.launch import check_local_resources
 
         check_local_resources(cfg.resources)
+        budget, where = local_budget(cfg)
+        check_fits(cfg, per_worker_bytes=budget, where=where)  # a run that cannot fit stops here
+    else:
+        from orchestrator.launch import check_ray_address
+
+        check_ray_address(args.address)
     if cfg.train.init_from:
         from orchestrator.checkpoint import resolve_init
 
@@ -82,7 +89,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         except DataError as exc:
             raise ConfigError(f"data.manifest: {str(exc).splitlines()[0]}") from None
     home.mkdir(parents=True, exist_ok=True)
-    uri = tracking.resolve_tracking_uri(home, args.tracking_uri)
     print(f"[avlab] run {name}: method={cfg.method_name} preset={cfg.preset} "
           f"workers={cfg.resources.workers} gpu={cfg.resources.gpu}", flush=True)
     run_id = tracking.create_run(
@@ -140,9 +146,15 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from orchestrator.config import ExperimentConfig
 
     home = tracking.resolve_home(args.home)
+    jobs.check_name(args.name, "NAME")
     manifest = jobs.read(home, args.name)  # ConfigError -> exit 2
-    uri = args.tracking_uri or manifest["tracking_uri"]
+    uri = tracking.check_tracking_uri(args.tracking_uri, "--tracking-uri") if args.tracking_uri else manifest["tracking_uri"]
     address = args.address or manifest.get("address")
+    if address is not None:  # before the MLflow run is touched: a dead cluster leaves it as it was
+        from orchestrator.launch import check_ray_address
+
+        recorded = "" if args.address else f" (from {jobs.manifest_path(home, args.name)})"
+        check_ray_address(address, f"--address{recorded}")
     client = MlflowClient(uri)
     kind, name = manifest["kind"], args.name
     run_id = manifest["mlflow_run_id"] if kind == "run" else manifest["parent_run_id"]
@@ -191,11 +203,16 @@ def _finish_sweep(client, name: str, home: Path, uri: str, seconds: float) -> No
 
 
 def _check_sweep_resources(space) -> None:
+    """Every configuration of a local sweep fits this machine's CPUs, GPUs and memory."""
+    from orchestrator.footprint import check_fits, local_budget
     from orchestrator.launch import check_local_resources
 
-    for resources in {space.config_for(p, space.seeds[0]).resources for p in space.grid_points()}:
+    configs = {cfg.identity(): cfg for cfg in (space.config_for(p, space.seeds[0]) for p in space.grid_points())}
+    for cfg in configs.values():
         try:
-            check_local_resources(resources)
+            check_local_resources(cfg.resources)
+            budget, where = local_budget(cfg)
+            check_fits(cfg, per_worker_bytes=budget, where=where)
         except ConfigError as exc:
             raise ConfigError(f"{space.path.name}: {exc}") from None
 
@@ -204,18 +221,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from orchestrator.search_space import load_search_space
     from orchestrator.sweep import check_supported
 
-    space = load_search_space(args.search_space, seeds=args.seeds)
-    if args.preset or args.overrides:
-        space = dataclasses.replace(
-            space,
-            preset=args.preset or space.preset,
-            base_overrides=(*space.base_overrides, *args.overrides),
-        )
-        for point in space.grid_points():  # re-check every trial config
-            space.config_for(point, space.seeds[0])
+    space = load_search_space(args.search_space, seeds=args.seeds).with_overrides(args.preset, args.overrides)
     check_supported(space)
     if args.address is None:
         _check_sweep_resources(space)
+    else:
+        from orchestrator.launch import check_ray_address
+
+        check_ray_address(args.address)
     max_concurrent = args.max_concurrent or space.max_concurrent
     if max_concurrent < 1:
         raise ConfigError(f"--max-concurrent: must be >= 1, got {max_concurrent}")
@@ -224,6 +237,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from orchestrator.sweep import find_sweep_run, run_sweep
 
     home = tracking.resolve_home(args.home)
+    uri = tracking.resolve_tracking_uri(home, args.tracking_uri)
     name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     jobs.check_name(name, "--name")
     from orchestrator.checkpoint import resolve_init
@@ -234,7 +248,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise ConfigError(f"--name: a run or sweep named {name!r} already exists in {home}; "
                           f"`avlab resume {name}` continues it, or choose another name")
     home.mkdir(parents=True, exist_ok=True)
-    uri = tracking.resolve_tracking_uri(home, args.tracking_uri)
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -331,6 +344,8 @@ def cmd_data(args: argparse.Namespace) -> int:
             from methods.data.manifest import read_manifest, write_manifest
 
             out = Path(args.out)
+            if out.is_dir():
+                raise ConfigError(f"--out: {out} is a folder; give the path of the manifest CSV to write")
             if out.exists() and not (args.force or args.append):
                 raise ConfigError(f"--out: {out} exists; pass --append to add rows to it or --force to replace it")
             options = dict(parse_override(text) for text in args.option)
@@ -473,6 +488,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"avlab: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RunFailed as exc:  # deterministic: not retried, one line, the run is marked FAILED
+        print(f"avlab: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("avlab: interrupted", file=sys.stderr)
         return 130

@@ -25,6 +25,10 @@ from methods.data import ProceduralConfig, build_dataset
 from methods.evaluate import EvalConfig
 from methods.registry import METHODS
 from orchestrator.errors import ConfigError  # noqa: F401 - also imported from here
+from orchestrator.jobs import check_name
+
+
+MAX_DATA_WORKERS = 64
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,9 @@ class TrainConfig:
         for name in ("unpaired_batch_size", "max_steps_per_epoch", "data_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.data_workers > MAX_DATA_WORKERS:
+            raise ValueError(f"data_workers: at most {MAX_DATA_WORKERS} DataLoader processes per training worker "
+                             f"(each is a process with its own copy of the loader), got {self.data_workers}")
         if self.checkpoints_to_keep < 1:
             raise ValueError(f"checkpoints_to_keep: must be >= 1, got {self.checkpoints_to_keep}")
         if self.paired_augment not in ("none", "light"):
@@ -107,6 +114,10 @@ class TrackingConfig:
     def __post_init__(self) -> None:
         if not self.experiment:
             raise ValueError("experiment: must not be empty")
+        # Both name folders under the home (artifacts, Ray storage), so neither may leave it.
+        check_name(self.experiment, "experiment")
+        if self.run_name:
+            check_name(self.run_name, "run_name")
 
 
 @dataclass(frozen=True)
@@ -284,9 +295,31 @@ _SECTIONS: dict[str, type] = {
     "tracking": TrackingConfig,
 }
 _TOP_LEVEL = ("preset", "seed", "method", *_SECTIONS)
+SEED_LIMIT = 2**32  # numpy takes no negative seed, and the hashed augmentations keep 32 bits of it
 
 
 # --- loading ---------------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden on purpose
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class names that problem
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} on line {key_node.start_mark.line + 1}", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
 
 
 def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
@@ -295,7 +328,13 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"{what}: {p} not found")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what}: {p} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise ConfigError(f"{what}: {p} cannot be read ({exc.strerror})") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"{what}: {p} is not valid YAML ({_first_line(exc)})") from None
     if data is None:
@@ -399,6 +438,8 @@ def _build_experiment(raw: Mapping[str, Any]) -> ExperimentConfig:
         "method": method_cfg,
         "seed": _coerce(int, raw.get("seed", 0), "seed"),
     }
+    if not 0 <= kwargs["seed"] < SEED_LIMIT:
+        raise ConfigError(f"seed: must be an integer >= 0 and < 2**32, got {kwargs['seed']}")
     for section, cls in _SECTIONS.items():
         kwargs[section] = build_dataclass(cls, raw.get(section) or {}, section)
     cfg = ExperimentConfig(**kwargs)

@@ -5,3 +5,7 @@
 
 class ConfigError(ValueError):
     """Bad user input in a config, run file or override; the message names the field."""
+
+
+class RunFailed(RuntimeError):
+    """A run stopped by an error that a retry would raise again; the message is its one line."""

@@ -9,7 +9,7 @@ from typing import Any
 
 from orchestrator import tracking
 from orchestrator.config import ExperimentConfig, ResourcesConfig
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, RunFailed
 
 
 # Ray Train settings that avlab changes; a value already in the environment wins. They reach
@@ -22,6 +22,8 @@ RAY_TRAIN_ENV = {
 # Only for a Ray that avlab starts on this machine: no cloud drains its one node, so the
 # preemption watcher (an actor process per trial) has nothing to watch.
 LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# "0" when avlab started this machine's Ray without its dashboard, so without Ray's state API.
+STATE_API_ENV = "AVLAB_RAY_STATE_API"
 
 
 def local_cpus() -> int:
@@ -80,6 +82,8 @@ def init_ray(address: str | None = None, *, dashboard: bool = False) -> None:
         # The dashboard only when asked or needed: its processes take ~8 % of a 2-core
         # machine's training throughput (benchmarks/RESULTS.md).
         dashboard = dashboard or os.environ.get("AVLAB_RAY_DASHBOARD", "") not in ("", "0")
+        # Read by build_trainer in this process and in Tune's trial actors (they inherit it).
+        os.environ[STATE_API_ENV] = "1" if dashboard else "0"
         context = ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
                            logging_level="WARNING", _node_ip_address="127.0.0.1")
         if dashboard and context.dashboard_url:
@@ -98,6 +102,9 @@ def build_trainer(
 ):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    if os.environ.get(STATE_API_ENV) == "0":
+        TorchTrainer = _trainer_without_state_api()  # noqa: N806
 
     from orchestrator.checkpoint import resolve_init
     from orchestrator.train import train_loop_per_worker
@@ -128,6 +135,29 @@ def build_trainer(
     )
 
 
+def _trainer_without_state_api() -> type:
+    """``TorchTrainer`` without Ray Train's placement-group cleaner, for a local Ray started
+    without the dashboard. The cleaner asks Ray's state API whether the controller still lives;
+    without the dashboard every query fails (a warning every few seconds), and with a second Ray
+    on the machine it dies on "Found multiple active Ray instances" with a traceback. It would
+    free a controller's workers if the controller died abruptly; a local Ray ends with its
+    driver, and a sweep that stops trials early starts the dashboard (``init_ray``)."""
+    from ray.train.torch import TorchTrainer
+
+    global _QUIET_TRAINER
+    if _QUIET_TRAINER is None:
+        class QuietLocalTorchTrainer(TorchTrainer):
+            def _create_default_callbacks(self):
+                return [c for c in super()._create_default_callbacks()
+                        if type(c).__name__ != "PlacementGroupCleanerCallback"]
+
+        _QUIET_TRAINER = QuietLocalTorchTrainer
+    return _QUIET_TRAINER
+
+
+_QUIET_TRAINER: type | None = None
+
+
 def launch_run(
     cfg: ExperimentConfig, *, name: str, run_id: str, tracking_uri: str, home: Path, address: str | None
 ) -> dict[str, Any]:
@@ -137,9 +167,33 @@ def launch_run(
         home=home,
     )
     result = trainer.fit()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    failure = tracking.recorded_failure(client, run_id)
+    if failure:
+        raise RunFailed(f"run {name} failed: {failure}")
     if result.error is not None:
         raise result.error
     # The final report carries no checkpoint, so its metrics are read back from MLflow.
-    from mlflow.tracking import MlflowClient
+    return dict(client.get_run(run_id).data.metrics)
 
-    return dict(MlflowClient(tracking_uri).get_run(run_id).data.metrics)
+
+def check_ray_address(address: str, field: str = "--address", *, timeout_s: float = 5.0) -> None:
+    """A Ray cluster answers at ``address`` (``HOST:PORT`` or ``ray://HOST:PORT``), checked by one
+    TCP connection: ``ray.init`` retries a dead address for minutes, after the run was created.
+    ``auto`` (the cluster that ``ray start`` runs on this machine) is left to Ray."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    host, sep, port = address.removeprefix("ray://").rstrip("/").rpartition(":")
+    host = host.strip("[]")  # an IPv6 literal, [::1]:6379
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{field}: {address!r} is not a Ray address; use HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except TimeoutError:
+        raise ConfigError(f"{field}: no Ray cluster answers at {address} (nothing in {timeout_s:.0f} s)") from None
+    except OSError as exc:  # refused, unreachable, unknown host
+        raise ConfigError(f"{field}: no Ray cluster answers at {address} ({exc.strerror or exc})") from None

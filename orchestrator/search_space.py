@@ -20,7 +20,9 @@ from typing import Any
 
 import yaml
 
-from orchestrator.config import ConfigError, ExperimentConfig, as_float, read_yaml_mapping, resolve
+from orchestrator.config import (
+    SEED_LIMIT, ConfigError, ExperimentConfig, as_float, parse_override, read_yaml_mapping, resolve,
+)
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 MODES = ("max", "min")
@@ -108,6 +110,32 @@ class SearchSpace:
         """The config of the first trial (a search space without a grid has one empty point)."""
         return self.config_for(self.grid_points()[0], self.seeds[0])
 
+    def with_overrides(self, preset: str | None, overrides: list[str] | tuple[str, ...]) -> SearchSpace:
+        """This space with the command line's ``--preset`` and ``key.path=value`` overrides applied
+        to every trial, each trial's config checked again.
+
+        A trial's grid, search and variant values, its seed and the space's resources come after
+        the overrides, so an override of one of them would be dropped without a word: refused."""
+        if not preset and not overrides:
+            return self
+        varied = {*self.grid, *self.search, *(k for v in self.variants.values() for k in v)}
+        for text in overrides:
+            key, _ = parse_override(text)
+            if key in varied:
+                raise ConfigError(f"{key}: set on the command line and varied by {self.path.name}; "
+                                  "drop the override, or change the grid, search or variants")
+            if key == "seed":
+                raise ConfigError(f"seed: set on the command line, but each trial's seed comes from "
+                                  f"{self.path.name}'s seeds; use --seeds or edit seeds there")
+            if key.startswith("resources.") and key.removeprefix("resources.") in self.resources:
+                raise ConfigError(f"{key}: set on the command line and in {self.path.name}'s resources; "
+                                  "drop one of them")
+        space = dataclasses.replace(self, preset=preset or self.preset,
+                                    base_overrides=(*self.base_overrides, *overrides))
+        for point in space.grid_points():
+            space.config_for(point, space.seeds[0])
+        return space
+
     def config_for(self, params: Mapping[str, Any], seed: int) -> ExperimentConfig:
         """The resolved config of one trial."""
         settings = {k: v for k, v in params.items() if k != "variant"}
@@ -152,8 +180,10 @@ def load_search_space(path: str | Path, *, seeds: int | None = None) -> SearchSp
     num_samples = _positive_int(p, raw.get("num_samples", 1), "num_samples")
     seed_spec = raw.get("seeds", 1) if seeds is None else seeds
     if isinstance(seed_spec, list):
-        if not seed_spec or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seed_spec):
-            raise ConfigError(f"{p.name}: seeds: expected a count or a non-empty list of seeds >= 0")
+        if not seed_spec or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < SEED_LIMIT
+                                    for s in seed_spec):
+            raise ConfigError(f"{p.name}: seeds: expected a count or a non-empty list of seeds >= 0 and < 2**32")
+        _reject_repeats(p, seed_spec, "seeds")
         seed_list = tuple(seed_spec)
     else:
         seed_list = tuple(range(_positive_int(p, seed_spec, "seeds")))
@@ -181,9 +211,7 @@ def load_search_space(path: str | Path, *, seeds: int | None = None) -> SearchSp
     _resolve(p, base_run, preset, (*base_overrides, *(f"resources.{k}={v}" for k, v in resources.items())), "resources")
     max_concurrent = _positive_int(p, raw.get("max_concurrent", 1), "max_concurrent")
 
-    plot = raw.get("plot") or {}
-    if not isinstance(plot, Mapping):
-        raise ConfigError(f"{p.name}: plot: expected a mapping (x, log_x)")
+    plot = _load_plot(p, raw.get("plot") or {}, [*grid, *search])
     return SearchSpace(
         name=p.stem, path=p.resolve(), description=str(raw.get("description", "")),
         base_run=base_run, preset=preset, base_overrides=base_overrides, grid=grid, search=search,
@@ -219,6 +247,7 @@ def _load_grid(p: Path, grid: Any, run: dict, preset: Any, base: tuple[str, ...]
     for path, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{p.name}: grid.{path}: expected a non-empty list of values")
+        _reject_repeats(p, values, f"grid.{path}")
         for value in values:
             _resolve(p, run, preset, (*base, _override(path, value)), f"grid.{path}")
         out[str(path)] = tuple(values)
@@ -238,6 +267,7 @@ def _load_search(p: Path, search: Any, run: dict, preset: Any, base: tuple[str, 
             values = spec.get("values")
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{p.name}: {where}.values: expected a non-empty list")
+            _reject_repeats(p, values, f"{where}.values")
             probes = values
             dist = Distribution(kind, values=tuple(values))
         else:
@@ -258,6 +288,29 @@ def _load_search(p: Path, search: Any, run: dict, preset: Any, base: tuple[str, 
             _resolve(p, run, preset, (*base, _override(str(path), value)), where)
         out[str(path)] = dist
     return out
+
+
+def _reject_repeats(p: Path, values: list[Any], where: str) -> None:
+    """A value listed twice would run the same trials twice (and average them as two seeds)."""
+    for i, value in enumerate(values):
+        if value in values[:i]:
+            raise ConfigError(f"{p.name}: {where}: {value!r} is listed twice")
+
+
+def _load_plot(p: Path, plot: Any, varied: list[str]) -> dict[str, Any]:
+    """``x``: the grid or search path that the report plots the metric against; ``log_x``: a log
+    scale for it."""
+    if not isinstance(plot, Mapping):
+        raise ConfigError(f"{p.name}: plot: expected a mapping (x, log_x)")
+    for key in plot:
+        if key not in ("x", "log_x"):
+            raise ConfigError(f"{p.name}: plot.{key}: unknown key; use x, log_x")
+    if "x" in plot and plot["x"] not in varied:
+        hint = f"; use one of {', '.join(varied)}" if varied else "; this space has no grid or search path"
+        raise ConfigError(f"{p.name}: plot.x: {plot['x']!r} is not a grid or search path of this space{hint}")
+    if not isinstance(plot.get("log_x", False), bool):
+        raise ConfigError(f"{p.name}: plot.log_x: expected true or false, got {plot['log_x']!r}")
+    return dict(plot)
 
 
 def _positive_int(p: Path, value: Any, name: str) -> int:

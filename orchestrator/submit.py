@@ -192,18 +192,10 @@ def job_status_lines(home: Path, name: str) -> list[str] | None:
 
 def _check_search_space(args: argparse.Namespace):
     """What ``avlab sweep`` checks before it starts anything, here, before anything is sent."""
-    import dataclasses
-
     from orchestrator.search_space import load_search_space
     from orchestrator.sweep import check_supported
 
-    space = load_search_space(args.search_space, seeds=args.seeds)
-    if args.preset or args.overrides:
-        space = dataclasses.replace(
-            space, preset=args.preset or space.preset, base_overrides=(*space.base_overrides, *args.overrides)
-        )
-        for point in space.grid_points():
-            space.config_for(point, space.seeds[0])
+    space = load_search_space(args.search_space, seeds=args.seeds).with_overrides(args.preset, args.overrides)
     check_supported(space)
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent: must be >= 1, got {args.max_concurrent}")
@@ -260,6 +252,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from orchestrator import jobs, tracking
 
     home = tracking.resolve_home(args.home)
+    if args.tracking_uri:
+        tracking.check_tracking_uri(args.tracking_uri, "--tracking-uri")
     name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     jobs.check_name(name, "--name")
     if read_record(home, name) is not None or jobs.exists(home, name):

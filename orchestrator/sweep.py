@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from mlflow.tracking import MlflowClient
 
 from orchestrator import jobs, tracking
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, RunFailed
 
 if TYPE_CHECKING:  # the config is imported where it is used: `avlab report` and `status` need none
     from orchestrator.search_space import SearchSpace
@@ -114,6 +114,9 @@ def _run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, A
     ok = False
     try:
         trainer.fit()
+        failure = tracking.recorded_failure(client, run_id)
+        if failure:
+            raise RunFailed(f"trial {trial_id} failed: {failure}")
         # The trial's wall time, next to the training and evaluation time the worker logged.
         tracking.log_metrics(client, run_id, {"trial_time_s": time.perf_counter() - started},
                              step=max(cfg.train.epochs - 1, 0))
@@ -346,6 +349,8 @@ def fit_sweep(
         errors = [r.error for r in results if r.error is not None]
         ok = not errors
         if errors:
-            raise RuntimeError(f"{len(errors)} of {len(results)} trials failed; first: {errors[0]}")
+            lines = [line for line in str(errors[0]).splitlines() if line.strip()]
+            raise RunFailed(f"sweep {name}: {len(errors)} of {len(results)} trials failed; first: "
+                            f"{lines[-1].strip() if lines else type(errors[0]).__name__}")
     finally:
         tracking.end_run(tracking_uri, parent_id, ok=ok)

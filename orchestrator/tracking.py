@@ -11,6 +11,7 @@ import os
 import subprocess
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,14 +19,23 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
+from orchestrator.errors import ConfigError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TAG_PREFIX = "avlab."
+# MLflow's tracking stores: a local folder (no scheme or file), a database through SQLAlchemy
+# (``postgresql+psycopg2://`` names a driver too), a tracking server, Databricks.
+TRACKING_SCHEMES = ("", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
 
 
 def resolve_home(home: str | os.PathLike[str] | None = None) -> Path:
     """``--home`` > ``AVLAB_HOME`` > ./avlab-runs."""
     chosen = home or os.environ.get("AVLAB_HOME") or "avlab-runs"
-    return Path(chosen).expanduser().resolve()
+    path = Path(chosen).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        source = "AVLAB_HOME" if not home and os.environ.get("AVLAB_HOME") else "--home"
+        raise ConfigError(f"{source}: {path} is a file; the home is a folder (it holds mlflow.db, jobs/ and ray/)")
+    return path
 
 
 def storage_root(home: Path) -> str:
@@ -41,7 +51,23 @@ def storage_root(home: Path) -> str:
 
 def resolve_tracking_uri(home: Path, uri: str | None = None) -> str:
     """``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > sqlite file in the home folder."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
+    if uri:
+        return check_tracking_uri(uri, "--tracking-uri")
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return check_tracking_uri(os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI")
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def check_tracking_uri(uri: str, field: str) -> str:
+    """``uri`` if MLflow has a tracking store for its scheme; else a ConfigError naming ``field``."""
+    try:
+        scheme = urllib.parse.urlparse(uri).scheme.lower().split("+", 1)[0]
+    except ValueError as exc:  # e.g. an unclosed [ of an IPv6 host
+        raise ConfigError(f"{field}: {uri!r} is not a URI ({exc})") from None
+    if scheme not in TRACKING_SCHEMES:
+        raise ConfigError(f"{field}: unknown scheme {scheme!r} in {uri!r}; use one of "
+                          f"{', '.join(s + '://' for s in TRACKING_SCHEMES if s)} or a folder path")
+    return uri
 
 
 def git_commit() -> str:
@@ -113,6 +139,23 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float],
 
 def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
     client.log_batch(run_id, tags=[RunTag(f"{TAG_PREFIX}{k}", str(v)) for k, v in tags.items()])
+
+
+FAILED_TAG = "failed"
+
+
+def record_failure(client: MlflowClient, run_id: str, line: str, *, details: str = "") -> None:
+    """Mark ``run_id`` as failed for good by a deterministic error (``line``; its traceback,
+    ``details``, goes to the run's ``failure.txt``): a restarted attempt does not train again,
+    and the driver reports the line."""
+    if details:
+        client.log_text(run_id, details, "failure.txt")
+    set_tags(client, run_id, {FAILED_TAG: line[:4000]})
+
+
+def recorded_failure(client: MlflowClient, run_id: str) -> str:
+    """The deterministic error an attempt of ``run_id`` recorded, or ""."""
+    return client.get_run(run_id).data.tags.get(f"{TAG_PREFIX}{FAILED_TAG}", "")
 
 
 def end_run(tracking_uri: str, run_id: str, *, ok: bool) -> None:

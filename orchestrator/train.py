@@ -18,6 +18,7 @@ import posixpath
 import random
 import sys
 import tempfile
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -248,9 +249,49 @@ def _quiet_ray_train_reports() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
+class NonFiniteLoss(ArithmeticError):
+    """The training loss became NaN or infinite: training diverged."""
+
+
+def is_deterministic(exc: BaseException) -> bool:
+    """Whether a retry would raise ``exc`` again: errors of the code or the data (a missing key,
+    a wrong type or value, a diverged loss), not of a lost peer, connection or file system."""
+    if isinstance(exc, (dist.DistError, OSError, ConnectionError, TimeoutError)):
+        return False
+    return isinstance(exc, (LookupError, TypeError, ValueError, AttributeError, ArithmeticError,
+                            AssertionError, NotImplementedError, ckpt.CheckpointError))
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Entry point that Ray Train runs on every worker."""
+    """Entry point that Ray Train runs on every worker.
+
+    An error that the same code raises again on the same data ends the run at once. Ray Train
+    restarts a worker group whatever the error, so the failing attempt records it on the MLflow
+    run (``tracking.record_failure``); the restarted workers find it and return without training,
+    and the driver fails the run with that line. Lost workers, nodes and connections are retried
+    from the last checkpoint as before."""
     entered = time.time()
+    client = MlflowClient(loop_config["tracking_uri"])
+    run_id = loop_config["mlflow_run_id"]
+    if tracking.recorded_failure(client, run_id):
+        return  # a previous attempt failed deterministically; the driver reports it
+    try:
+        _train_loop(loop_config, entered)
+    except Exception as exc:
+        if not is_deterministic(exc):
+            raise
+        ctx = ray.train.get_context()
+        lines = str(exc).strip().splitlines()
+        line = f"{type(exc).__name__}: {lines[0] if lines else ''}".strip().removesuffix(":")
+        tracking.record_failure(client, run_id, f"{line} (rank {ctx.get_world_rank()})",
+                                details="".join(traceback.format_exception(exc)))
+        if ctx.get_world_size() > 1:
+            raise  # Ray Train stops the other ranks; the restarted group returns at once
+        # One worker: return, so that Ray Train neither restarts it nor prints the traceback
+        # (it is in the run's failure.txt); the driver fails the run with the recorded line.
+
+
+def _train_loop(loop_config: dict[str, Any], entered: float) -> None:
     cfg = ExperimentConfig.from_dict(loop_config["config"])
     run_id: str = loop_config["mlflow_run_id"]
     tracking_uri: str = loop_config["tracking_uri"]
@@ -375,6 +416,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         elapsed = time.perf_counter() - t0
         _unwrap(model).on_epoch_end(epoch)
         metrics = _epoch_metrics(sums, steps, world)
+        if not math.isfinite(metrics.get("loss", 0.0)):
+            # Checked once an epoch (the sums are already on the host), before anything is saved.
+            raise NonFiniteLoss(f"the training loss is {metrics['loss']} in epoch {epoch}: training diverged; "
+                                f"lower optim.lr (now {cfg.optim.lr:g}) or check the data")
         metrics["pairs_per_s"] = steps * cfg.train.batch_size / elapsed
         metrics["epoch_time_s"] = elapsed
         metrics["lr"] = scheduler.get_last_lr()[0]

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from methods.data.manifest import COLUMNS
 from orchestrator.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
+SPACE = str(ROOT / "search_spaces" / "memory_size_fig6.yaml")  # a grid over method.memory_size
 
 
 @pytest.mark.parametrize(
@@ -43,11 +45,35 @@ ROOT = Path(__file__).resolve().parent.parent
         (["run", "optim.lr=inf"], "optim.lr"),
         (["run", f"optim.lr={10**400}"], "optim.lr"),
         (["run", "eval.linear_C=.nan"], "eval.linear_C"),
+        # Sizes that cannot fit this machine (the estimate runs on the meta device, allocating nothing).
+        (["run", "method.memory_size=1000000000"], "method.memory_size"),
+        (["run", "train.batch_size=10000000", "data.paired_size=10000000", "data.unpaired_sound_size=0",
+          "data.unpaired_image_size=0"], "train.batch_size"),
+        (["run", "method.image_encoder.base_width=100000", "method.sound_encoder.base_width=100000"],
+         "method.image_encoder.base_width"),
+        (["run", "train.data_workers=100000"], "train.data_workers"),
         # More than a local Ray on this machine has: the workers would wait for them forever.
         (["run", "resources.workers=64"], "resources.workers"),
         (["run", "resources.cpus_per_worker=4096"], "resources.cpus_per_worker"),
         pytest.param(["run", "resources.gpu=true"], "resources.gpu",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+        # Names that become folders stay inside the home.
+        (["run", "tracking.experiment=../../../x"], "tracking.experiment"),
+        (["run", "tracking.run_name=../ray/base"], "tracking.run_name"),
+        (["sweep", SPACE, "--name", "../ray/base"], "--name"),
+        (["resume", "../ray/base"], "NAME"),
+        (["run", "seed=-1"], "seed"),
+        (["run", f"seed={2**32}"], "seed"),
+        (["run", "--tracking-uri", "foo://x"], "--tracking-uri"),
+        (["sweep", SPACE, "--tracking-uri", "foo://x"], "--tracking-uri"),
+        # Nothing listens there: Ray would retry it for minutes after the run was created.
+        (["run", "--address", "127.0.0.1:1"], "--address"),
+        (["sweep", SPACE, "--address", "127.0.0.1:1"], "--address"),
+        (["run", "--address", "head-node"], "--address"),
+        # The grid sets method.memory_size in every trial: the override would vanish without a word.
+        (["sweep", SPACE, "method.memory_size=-5"], "method.memory_size"),
+        (["sweep", SPACE, "seed=3"], "seed"),
+        (["sweep", SPACE, "optim.lr=-1"], "optim.lr"),
     ],
 )
 def test_bad_input_exits_2_before_anything_starts(tmp_path, capsys, argv, field):
@@ -60,6 +86,40 @@ def test_bad_input_exits_2_before_anything_starts(tmp_path, capsys, argv, field)
     assert len(err.splitlines()) == 1 and err.startswith(f"avlab: error: {field}"), err
     assert not home.exists() or not any(home.iterdir())  # no MLflow store, no Ray results
     assert not ray.is_initialized()
+
+
+HEADER = (",".join(COLUMNS) + "\n").encode()  # a manifest without rows
+
+
+@pytest.mark.parametrize(
+    "content, argv, start",
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", ["run", "FILE"], "run file: FILE is not UTF-8 text"),
+        ("tracking:\n  experiment: café\n".encode("latin-1"), ["run", "FILE"], "run file: FILE is not UTF-8 text"),
+        ("description: café\ngrid:\n  method.memory_size: [10]\n".encode("latin-1"), ["sweep", "FILE"],
+         "search space: FILE is not UTF-8 text"),
+        (b"seed: 1\nmethod: {name: bma}\nseed: 2\n", ["run", "FILE"],
+         "run file: FILE is not valid YAML (duplicate key 'seed' on line 3)"),
+        (b"grid:\n  method.memory_size: [10]\n  method.memory_size: [20]\n", ["sweep", "FILE"],
+         "search space: FILE is not valid YAML (duplicate key 'method.memory_size' on line 3)"),
+        (b"", ["run", "--home", "FILE"], "--home: FILE is a file"),
+        (b"", ["data", "index", "folder", "FILE", "--out", "DIR", "--force"], "--out: DIR is a folder"),
+        (HEADER, ["data", "check", "FILE"], "data.manifest: FILE: no rows"),
+    ],
+)
+def test_bad_files_exit_2_naming_the_file(tmp_path, capsys, content, argv, start):
+    """Binary, Latin-1 or ambiguous (a key given twice) run files and search spaces, a home that is
+    a file, a manifest that is a folder or has no rows: one line naming the file, nothing created."""
+    tmp_path = tmp_path.resolve()
+    path = tmp_path / "input"
+    path.write_bytes(content)
+    names = {"FILE": str(path), "DIR": str(tmp_path)}
+    code = main(["--home", str(tmp_path / "home"), *(names.get(a, a) for a in argv)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    expected = start.replace("FILE", str(path)).replace("DIR", str(tmp_path))
+    assert len(err.splitlines()) == 1 and err.startswith(f"avlab: error: {expected}"), err
+    assert list(tmp_path.iterdir()) == [path]
 
 
 def test_commands_that_need_no_config_do_not_import_torch():
@@ -159,3 +219,53 @@ def test_avlab_storage_moves_checkpoints_to_shared_storage(tmp_path):
     assert list((storage / "st").glob("checkpoint_epoch*/checkpoint.pt"))
     assert not (home / "ray").exists() or not list((home / "ray").rglob("checkpoint.pt"))
     assert json.loads((home / "jobs" / "st.json").read_text())["storage"] == str(storage)
+
+
+def test_deterministic_errors_are_told_apart_from_lost_workers():
+    import torch.distributed as dist
+
+    from orchestrator.train import NonFiniteLoss, is_deterministic
+
+    for exc in (KeyError("label"), ValueError("x"), TypeError("x"), NonFiniteLoss("nan"), IndexError("i")):
+        assert is_deterministic(exc), exc
+    for exc in (dist.DistNetworkError("Connection closed by peer"), ConnectionResetError(), OSError("disk"),
+                TimeoutError(), RuntimeError("[gloo] Connection closed by peer")):
+        assert not is_deterministic(exc), exc
+
+
+@pytest.mark.slow
+def test_a_deterministic_error_fails_the_run_once_with_one_line(tmp_path):
+    """A loss that diverges to NaN raises the same error on every attempt: the run fails at the
+    first, with one line naming the cause and exit 1, is marked FAILED, keeps the traceback in
+    failure.txt, and is not retried (one attempt tagged its nodes; one epoch line at most)."""
+    from mlflow.tracking import MlflowClient
+
+    home = tmp_path / "runs"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [
+        str(Path(sys.executable).parent / "avlab"), "run", "--home", str(home), "tracking.run_name=diverges",
+        "optim.name=sgd", "optim.lr=1e30", "train.epochs=2", "train.batch_size=64", "data.paired_size=128",
+        "data.unpaired_sound_size=64", "data.unpaired_image_size=64", "data.train_size=100", "data.test_size=100",
+        "data.transfer_train_size=0", "data.transfer_test_size=0", "method.memory_size=50",
+    ]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text[-3000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("avlab: run diverges failed: NonFiniteLoss: the training loss is nan")
+    # No traceback of the error and no retry (Ray may print its own tracebacks on a loaded machine).
+    assert text.count("NonFiniteLoss") == 1 and "RETRY" not in text and "[avlab] epoch" not in text
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("avlab").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["avlab.failed"].startswith("NonFiniteLoss: the training loss is nan in epoch 0")
+    assert "|" not in run.data.tags["avlab.node_history"]  # one attempt
+    failure = client.download_artifacts(run.info.run_id, "failure.txt", str(tmp_path))
+    assert "Traceback" in Path(failure).read_text()
+
+    # Resuming it fails the same way at once, without training again.
+    again = subprocess.run([cmd[0], "resume", "diverges", "--home", str(home)], cwd=tmp_path, capture_output=True,
+                           text=True, env=env, timeout=600)
+    assert again.returncode == 1 and "NonFiniteLoss" in again.stderr.strip().splitlines()[-1], again.stderr[-2000:]
+    assert "[avlab] epoch" not in again.stdout + again.stderr

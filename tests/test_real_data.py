@@ -161,3 +161,18 @@ def test_bma_run_on_a_real_data_manifest_end_to_end(tmp_path):
     assert runs[0].data.params["data.manifest"] == str(manifest)
     # The cache was built once, next to the manifest, and reused by the evaluation.
     assert len([p for p in (tmp_path / ".avlab-cache").iterdir() if p.is_dir() and not p.name.startswith(".")]) == 1
+
+
+def test_supervised_on_a_manifest_needs_its_labelled_split(tmp_path, capsys):
+    """A manifest labels only its train and test splits: supervised pretraining on its unlabelled
+    pairs is refused at the edge (it used to fail on a missing key in every retried attempt)."""
+    folder, _ = make_trees(tmp_path / "raw", pairs=32)
+    manifest = tmp_path / "m.csv"
+    assert main(["data", "index", "folder", str(folder), "--out", str(manifest)]) == 0
+    capsys.readouterr()
+    home = tmp_path / "home"
+    assert main(["--home", str(home), "run", f"data.manifest={manifest}", "method.name=supervised",
+                 "train.batch_size=16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("avlab: error: method.pool:") and "method.pool=train" in err
+    assert not home.exists() or not any(home.iterdir())

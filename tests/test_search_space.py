@@ -81,11 +81,49 @@ def write(tmp_path, text):
         ("grid:\n  method.memory_size: [10]\nseeds: 0\n", r"seeds: must be an integer >= 1"),
         ("gird:\n  method.memory_size: [10]\n", r"gird: unknown search-space key"),
         ("base:\n  preset: huge\ngrid:\n  method.memory_size: [10]\n", r"base: preset: unknown preset 'huge'"),
+        # A value or seed listed twice would run the same trials twice.
+        ("grid:\n  method.memory_size: [10, 10]\n", r"grid\.method\.memory_size: 10 is listed twice"),
+        ("search:\n  method.loss_temperature: {type: choice, values: [0.1, 0.1]}\n",
+         r"search\.method\.loss_temperature\.values: 0\.1 is listed twice"),
+        ("grid:\n  method.memory_size: [10]\nseeds: [0, 1, 0]\n", r"seeds: 0 is listed twice"),
+        ("grid:\n  method.memory_size: [10]\nseeds: [4294967296]\n", r"seeds: .* seeds >= 0 and < 2\*\*32"),
+        ("base:\n  config: {seed: -1}\ngrid:\n  method.memory_size: [10]\n", r"base: seed: must be an integer >= 0"),
+        ("grid:\n  method.memory_size: [10]\n  method.memory_size: [20]\n",
+         r"space\.yaml is not valid YAML \(duplicate key 'method\.memory_size' on line 3\)"),
+        ("grid:\n  method.memory_size: [10]\nplot: {x: method.memmory_size}\n",
+         r"plot\.x: 'method\.memmory_size' is not a grid or search path of this space; use one of method\.memory_size"),
+        ("grid:\n  method.memory_size: [10]\nplot: {x: method.memory_size, logx: true}\n", r"plot\.logx: unknown key"),
     ],
 )
 def test_bad_search_spaces_name_the_problem(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load_search_space(write(tmp_path, text))
+
+
+def test_not_utf8(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_bytes("description: café\ngrid:\n  method.memory_size: [10]\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"^search space: .*space\.yaml is not UTF-8 text"):
+        load_search_space(path)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("method.memory_size=-5", r"^method\.memory_size: set on the command line and varied by memory_size_fig6\.yaml"),
+        ("method.memory_size=50", r"^method\.memory_size: set on the command line"),
+        ("seed=3", r"^seed: set on the command line"),
+        ("resources.workers=2", r"^resources\.workers: set on the command line and in memory_size_fig6\.yaml's resources"),
+        ("optim.lr=-1", r"^optim\.lr: must be positive"),
+    ],
+)
+def test_command_line_overrides_are_checked_and_never_silently_dropped(override, message):
+    """A trial's grid values, seed and resources come after the command line's overrides: an
+    override of one of them would vanish, so it is refused; any other is checked in every trial."""
+    space = load_search_space(ROOT / "search_spaces" / "memory_size_fig6.yaml")
+    with pytest.raises(ConfigError, match=message):
+        space.with_overrides(None, [override])
+    assert space.with_overrides(None, ["optim.lr=0.01"]).first_config().optim.lr == 0.01
 
 
 def test_missing_file():

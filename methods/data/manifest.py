@@ -263,6 +263,8 @@ def read_manifest(path: str | Path) -> Manifest:
     if missing:
         raise ManifestError(f"{path}: header lacks columns {', '.join(missing)} (a manifest has exactly: "
                             f"{', '.join(COLUMNS)})")
+    if len(table) == 1:
+        raise ManifestError(f"{path}: no rows, only the header (`avlab data index` writes the rows)")
     folder = Path(os.path.abspath(path.parent))
     rows: list[dict[str, str]] = []
     parsed: list[_Row] = []

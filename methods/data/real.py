@@ -77,5 +77,5 @@ class ManifestAV:
             n_mels=self.settings.n_mels, n_frames=self.settings.n_frames,
             num_classes=max(len(self.manifest.classes), 1), paired_size=len(self.items["paired"]),
             unpaired_sound_size=len(self.items["unpaired_sound"]),
-            unpaired_image_size=len(self.items["unpaired_image"]),
+            unpaired_image_size=len(self.items["unpaired_image"]), paired_labelled=False,
         )

@@ -1,0 +1,156 @@
+"""How much memory a run needs, estimated before anything starts.
+
+A config can ask for more than any machine holds (``method.memory_size=1e9`` is a terabyte of
+memory slots; ``train.batch_size=1e7`` or ``base_width=1e5`` likewise). The method is built on
+PyTorch's meta device, which records shapes and allocates nothing, and its encoders run one
+per-worker batch there, so the estimate costs a fraction of a second whatever the sizes:
+
+- parameters, their gradients and the optimiser's state (Adam: two moments; SGD: one buffer);
+- buffers (memory banks, AVID's bank rows);
+- the activations kept for the backward pass: every encoder layer's output for one worker's
+  batch, counted once per encoder pass of a training step (BMA-Memory encodes the paired batch
+  and two views of each unpaired pool).
+
+The estimate is a lower bound (no allocator slack, no framework overhead), so a run it refuses
+cannot fit; the error names the field that dominates the footprint.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from methods.data import build_dataset
+from methods.registry import METHODS, build_method
+from orchestrator.config import ExperimentConfig
+from orchestrator.errors import ConfigError
+
+GIB = 1024**3
+
+
+# Where a method's tensors come from, by the name of the top-level module or parameter.
+_FIELD_OF = {"E_v": "method.image_encoder.base_width", "E_s": "method.sound_encoder.base_width",
+             "M_v": "method.memory_size", "M_s": "method.memory_size",
+             "bank_v": "data.paired_size", "bank_a": "data.paired_size", "positives": "data.paired_size"}
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Bytes one training worker needs, by term and by the config field that drives them."""
+
+    parameters: int  # weights + gradients + optimiser state
+    buffers: int
+    activations: int
+    by_field: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.buffers + self.activations
+
+    @property
+    def dominant_field(self) -> str:
+        return max(self.by_field, key=self.by_field.get)
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _activation_bytes(encoder: torch.nn.Module, shape: tuple[int, ...]) -> int:
+    """Sum of every leaf module's output for one meta batch of ``shape``."""
+    total = 0
+
+    def hook(_module, _inputs, output):
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += _tensor_bytes(output)
+
+    # An in-place layer (ReLU(inplace=True)) writes over its input: no new memory.
+    handles = [m.register_forward_hook(hook) for m in encoder.modules()
+               if not list(m.children()) and not getattr(m, "inplace", False)]
+    try:
+        encoder(torch.empty(shape, device="meta"))
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def estimate(cfg: ExperimentConfig) -> Footprint:
+    """The memory one training worker of ``cfg`` needs (see the module docstring)."""
+    info = build_dataset(cfg.data).info()
+    with torch.device("meta"):
+        method = build_method(cfg.method_name, cfg.method, info)
+    by_field: dict[str, int] = {}
+
+    def add(name: str, n: int) -> None:
+        field = next((_FIELD_OF[part] for part in name.split(".") if part in _FIELD_OF), "method")
+        by_field[field] = by_field.get(field, 0) + n
+
+    # Weights and gradients, plus Adam's two moments or SGD's momentum buffer.
+    per_weight = 2 + (2 if cfg.optim.name in ("adam", "adamw") else 1)
+    parameters = 0
+    for name, p in method.named_parameters():
+        parameters += per_weight * _tensor_bytes(p)
+        add(name, per_weight * _tensor_bytes(p))
+    buffers = 0
+    for name, b in method.named_buffers():
+        buffers += _tensor_bytes(b)
+        add(name, _tensor_bytes(b))
+
+    workers = cfg.resources.workers
+    batch = max(cfg.train.batch_size // workers, 1)
+    unpaired_batch = max((cfg.train.unpaired_batch_size or cfg.train.batch_size) // workers, 1)
+    uses_unpaired = METHODS[cfg.method_name].method_cls.uses_unpaired
+    shapes = {"E_v": ((info.image_channels, info.image_size, info.image_size), info.unpaired_image_size),
+              "E_s": ((info.sound_channels, info.n_mels, info.n_frames), info.unpaired_sound_size)}
+    activations = 0
+    method.train()
+    for name, (sample_shape, unpaired_size) in shapes.items():
+        encoder = getattr(method, name, None)
+        if not isinstance(encoder, torch.nn.Module):
+            continue
+        nbytes = _activation_bytes(encoder, (batch, *sample_shape))
+        if cfg.train.precision == "bf16":
+            nbytes //= 2  # autocast keeps the layers' outputs in bfloat16
+        if uses_unpaired and unpaired_size > 0:
+            nbytes += 2 * nbytes * unpaired_batch // batch  # two views of the unpaired pool
+        activations += nbytes
+        by_field["train.batch_size"] = by_field.get("train.batch_size", 0) + nbytes
+    return Footprint(parameters=parameters, buffers=buffers, activations=activations, by_field=by_field)
+
+
+def check_fits(cfg: ExperimentConfig, *, per_worker_bytes: int, where: str) -> Footprint:
+    """Refuse ``cfg`` (ConfigError naming the dominant field and the estimate) when one worker
+    needs more than ``per_worker_bytes``, the memory it can have ``where``."""
+    fp = estimate(cfg)
+    if fp.total > per_worker_bytes:
+        raise ConfigError(
+            f"{fp.dominant_field}: the run needs at least {fp.total / GIB:.1f} GiB per worker (weights, gradients "
+            f"and optimiser state {fp.parameters / GIB:.1f}, buffers {fp.buffers / GIB:.1f}, activations "
+            f"{fp.activations / GIB:.1f}) and {where} has {per_worker_bytes / GIB:.1f} GiB per worker"
+        )
+    return fp
+
+
+def machine_memory() -> int:
+    """This machine's memory in bytes, or its container's limit when that is lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = open(limit_file).read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def local_budget(cfg: ExperimentConfig) -> tuple[int, str]:
+    """Memory per worker on this machine: a GPU's with ``resources.gpu``, else the RAM, shared by
+    the workers."""
+    if cfg.resources.gpu and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory, "this machine's GPU"
+    return machine_memory() // cfg.resources.workers, "this machine"
