@@ -7,6 +7,7 @@ the field, before Ray starts or an MLflow run is created; 1 anything else.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -119,13 +120,30 @@ def _ui_hint(uri: str) -> str:
     return f"{Path(sys.executable).parent / 'avlab'} ui --home {home}"
 
 
+@contextlib.contextmanager
+def _one_line_when_ray_stops(kind: str, name: str):
+    """Ray stopped underneath a job (its raylet or GCS killed, the node lost): one line that says
+    so and how to continue, instead of Ray's traceback. The job's checkpoints are intact."""
+    try:
+        yield
+    except Exception as exc:
+        from ray.exceptions import RayActorError, RaySystemError
+
+        if not isinstance(exc, (RayActorError, RaySystemError)):
+            raise
+        lines = str(exc).strip().splitlines()
+        raise RunFailed(f"Ray stopped under {kind} {name} ({type(exc).__name__}: {lines[0] if lines else ''}); "
+                        f"`avlab resume {name}` continues it from its last checkpoint") from None
+
+
 def _execute_run(cfg: ExperimentConfig, *, name: str, run_id: str, uri: str, home: Path, address: str | None) -> int:
     from orchestrator import tracking
     from orchestrator.launch import launch_run
 
     ok = False
     try:
-        metrics = launch_run(cfg, name=name, run_id=run_id, tracking_uri=uri, home=home, address=address)
+        with _one_line_when_ray_stops("run", name):
+            metrics = launch_run(cfg, name=name, run_id=run_id, tracking_uri=uri, home=home, address=address)
         ok = True
     finally:
         tracking.end_run(uri, run_id, ok=ok)
@@ -186,8 +204,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from orchestrator.sweep import fit_sweep
 
     t0 = time.perf_counter()
-    fit_sweep(job, name=name, home=home, tracking_uri=uri, address=address,
-              max_concurrent=manifest["max_concurrent"], parent_id=run_id, restore=True)
+    with _one_line_when_ray_stops("sweep", name):
+        fit_sweep(job, name=name, home=home, tracking_uri=uri, address=address,
+                  max_concurrent=manifest["max_concurrent"], parent_id=run_id, restore=True)
     _finish_sweep(client, name, home, uri, time.perf_counter() - t0)
     return 0
 
@@ -256,7 +275,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"[avlab] sweep {name}: {space.num_trials()} trials ({space.num_configurations()} configurations x "
           f"{len(space.seeds)} seeds), metric {space.metric} ({space.mode}), max {max_concurrent} at once", flush=True)
     t0 = time.perf_counter()
-    run_sweep(space, name=name, home=home, tracking_uri=uri, address=args.address, max_concurrent=max_concurrent)
+    with _one_line_when_ray_stops("sweep", name):
+        run_sweep(space, name=name, home=home, tracking_uri=uri, address=args.address, max_concurrent=max_concurrent)
     _finish_sweep(client, name, home, uri, time.perf_counter() - t0)
     return 0
 

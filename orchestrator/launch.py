@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -84,10 +85,29 @@ def init_ray(address: str | None = None, *, dashboard: bool = False) -> None:
         dashboard = dashboard or os.environ.get("AVLAB_RAY_DASHBOARD", "") not in ("", "0")
         # Read by build_trainer in this process and in Tune's trial actors (they inherit it).
         os.environ[STATE_API_ENV] = "1" if dashboard else "0"
-        context = ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                           logging_level="WARNING", _node_ip_address="127.0.0.1")
+        with _loopback_node():
+            context = ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                               logging_level="WARNING", _node_ip_address="127.0.0.1")
         if dashboard and context.dashboard_url:
             print(f"[avlab] Ray dashboard: http://{context.dashboard_url}", flush=True)
+
+
+@contextlib.contextmanager
+def _loopback_node():
+    """While a local Ray starts: its node address is 127.0.0.1, so that its GCS, raylet, object
+    manager, workers and agents listen on loopback only. Ray turns a ``_node_ip_address`` of
+    127.0.0.1 into the machine's external address (its servers bind to the node address) unless
+    multi-node clusters are off, its setting for laptops (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``),
+    which is what a Ray that lives and dies with one avlab command is. Read when the node starts,
+    so it is switched for the start only (this process may later join a real cluster)."""
+    import ray._private.ray_constants as ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 def build_trainer(

@@ -87,3 +87,43 @@ def kill_node(proc: subprocess.Popen, *, timeout: float = 60) -> None:
             pass
     proc.wait()
     wait_for(lambda: not (set(doomed) & set(_table())), timeout=timeout, what="the killed processes to vanish")
+
+
+def _hex_address(text: str) -> str:
+    """/proc/net/tcp's "0100007F:1F90" or tcp6's 32-hex-digit form -> an IP address string."""
+    import ipaddress
+
+    raw = bytes.fromhex(text)
+    if len(raw) == 4:
+        return str(ipaddress.IPv4Address(raw[::-1]))
+    # tcp6: four 32-bit words, each in host (little-endian) order
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+    address = ipaddress.IPv6Address(words)
+    return str(address.ipv4_mapped or address)
+
+
+def listening_sockets(pids) -> list[tuple[str, int, int]]:
+    """(address, port, pid) of every TCP socket in LISTEN state owned by one of ``pids``, read
+    from /proc (the socket table `ss -ltnp` shows)."""
+    inode_pid = {}
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inode_pid[target[8:-1]] = pid
+        except OSError:
+            continue
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and inode in inode_pid:  # 0A: LISTEN
+                host, port = local.split(":")
+                found.append((_hex_address(host), int(port, 16), inode_pid[inode]))
+    return found

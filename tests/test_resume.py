@@ -190,6 +190,34 @@ def test_driver_sigkill_then_damaged_newest_checkpoint_resume_falls_back(tmp_pat
     assert same.info.end_time == run.info.end_time and same.data.tags == run.data.tags
 
 
+@pytest.mark.slow
+def test_ray_stopped_underneath_ends_with_one_line_and_resume_continues(tmp_path, reference):
+    """The raylet killed mid-run: the driver says so in one line with the command that continues
+    it (no Ray traceback), and that command ends where an uninterrupted run ends."""
+    home, log = tmp_path / "home", tmp_path / "run.log"
+    proc = faults.start(["run", "--home", str(home), "tracking.run_name=rk", *RUN], log, tmp_path)
+    snapshot = home / "ray" / "rk" / "checkpoint_manager_snapshot.json"
+    faults.wait_for(lambda: snapshot.exists() and "checkpoint_epoch00000" in snapshot.read_text(),
+                    timeout=300, what="Ray Train to register the first checkpoint", proc=proc, log=log)
+    (raylet,) = [pid for pid, cmd in faults.processes(proc.pid).items() if "/raylet/raylet " in cmd]
+    os.kill(raylet, signal.SIGKILL)
+    assert proc.wait(timeout=300) == 1, log.read_text()[-3000:]
+    text = log.read_text()
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("avlab: Ray stopped under run rk (") and last.endswith(
+        "`avlab resume rk` continues it from its last checkpoint"), last
+    assert "File \"" + str(Path(ckpt.__file__).parent / "cli.py") not in text  # not avlab's own traceback
+    faults.kill_node(proc)  # whatever of that Ray is left
+
+    out = faults.run(["resume", "rk", "--home", str(home)], cwd=tmp_path)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    client, run = _only_run(home, "rk")
+    history, results, _ = reference
+    assert run.info.status == "FINISHED"
+    assert _history(client, run) == history
+    assert _results(client, run) == results
+
+
 def test_init_from_resolves_runs_and_checkpoints_and_names_bad_ones(tmp_path):
     from orchestrator.config import ConfigError
 
