@@ -90,6 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         except DataError as exc:
             raise ConfigError(f"data.manifest: {str(exc).splitlines()[0]}") from None
     home.mkdir(parents=True, exist_ok=True)
+    tracking.prepare_store(uri)
     print(f"[avlab] run {name}: method={cfg.method_name} preset={cfg.preset} "
           f"workers={cfg.resources.workers} gpu={cfg.resources.gpu}", flush=True)
     run_id = tracking.create_run(
@@ -267,6 +268,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise ConfigError(f"--name: a run or sweep named {name!r} already exists in {home}; "
                           f"`avlab resume {name}` continues it, or choose another name")
     home.mkdir(parents=True, exist_ok=True)
+    tracking.prepare_store(uri)
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)

@@ -59,15 +59,40 @@ def resolve_tracking_uri(home: Path, uri: str | None = None) -> str:
 
 
 def check_tracking_uri(uri: str, field: str) -> str:
-    """``uri`` if MLflow has a tracking store for its scheme; else a ConfigError naming ``field``."""
+    """``uri`` if MLflow has a tracking store for its scheme and it carries no credentials; else
+    a ConfigError naming ``field``."""
     try:
-        scheme = urllib.parse.urlparse(uri).scheme.lower().split("+", 1)[0]
+        parsed = urllib.parse.urlparse(uri)
+        scheme = parsed.scheme.lower().split("+", 1)[0]
+        password = parsed.password
     except ValueError as exc:  # e.g. an unclosed [ of an IPv6 host
         raise ConfigError(f"{field}: {uri!r} is not a URI ({exc})") from None
+    if password is not None or (scheme in ("http", "https") and parsed.username):
+        # The URI is written into <home>/jobs/NAME.json (and shown in logs): no secrets in it.
+        raise ConfigError(f"{field}: the URI carries credentials, and avlab writes it into <home>/jobs/*.json; "
+                          f"give them through MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (a tracking "
+                          f"server) or the database's own client configuration instead")
     if scheme not in TRACKING_SCHEMES:
         raise ConfigError(f"{field}: unknown scheme {scheme!r} in {uri!r}; use one of "
                           f"{', '.join(s + '://' for s in TRACKING_SCHEMES if s)} or a folder path")
     return uri
+
+
+def prepare_store(uri: str) -> None:
+    """Create the SQLite store of ``uri`` (if it is one) under a file lock beside it: two avlab
+    commands that create one fresh store at once otherwise race in MLflow's schema migration."""
+    if not uri.startswith("sqlite:///"):
+        return
+    import fcntl
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)  # creates and migrates the tables
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def git_commit() -> str:

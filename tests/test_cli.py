@@ -4,6 +4,7 @@ MLflow start; a real run on two DDP workers under a local Ray lands in exactly o
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,9 @@ SPACE = str(ROOT / "search_spaces" / "memory_size_fig6.yaml")  # a grid over met
         (["run", "optim.lr=inf"], "optim.lr"),
         (["run", f"optim.lr={10**400}"], "optim.lr"),
         (["run", "eval.linear_C=.nan"], "eval.linear_C"),
+        # Credentials in a tracking URI would be written into <home>/jobs/*.json.
+        (["run", "--tracking-uri", "http://alice:secret@127.0.0.1:5000"], "--tracking-uri"),
+        (["run", "--tracking-uri", "postgresql://alice:secret@127.0.0.1/mlflow"], "--tracking-uri"),
         # Sizes that cannot fit this machine (the estimate runs on the meta device, allocating nothing).
         (["run", "method.memory_size=1000000000"], "method.memory_size"),
         (["run", "train.batch_size=10000000", "data.paired_size=10000000", "data.unpaired_sound_size=0",
@@ -296,3 +300,21 @@ def test_a_local_run_listens_on_loopback_only(tmp_path):
     # TCPStore on the rank-0 training worker) binds every interface; torch offers no bind address.
     store = [s for s in exposed if s[2].startswith("ray::RayTrainWorker")]
     assert len(store) <= 1 and not [s for s in exposed if s not in store], exposed
+
+
+def test_two_commands_creating_one_fresh_store_at_once_both_succeed(tmp_path):
+    """MLflow's schema migration of a new SQLite store is not safe against a second process doing
+    the same; avlab creates the store under a file lock."""
+    uri = f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
+    code = ("import sys, time; from orchestrator.tracking import prepare_store; "
+            "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); prepare_store(sys.argv[1]); "
+            "from mlflow.tracking import MlflowClient; MlflowClient(sys.argv[1]).create_experiment(sys.argv[3])")
+    start = time.time() + 8  # both import MLflow first, then create the store at the same moment
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri, str(start), f"e{i}"], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(3)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    from mlflow.tracking import MlflowClient
+
+    names = {e.name for e in MlflowClient(uri).search_experiments()}
+    assert {"e0", "e1", "e2"} <= names
