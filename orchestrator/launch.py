@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from pathlib import Path
@@ -155,6 +156,7 @@ def build_trainer(
     )
 
 
+@functools.cache
 def _trainer_without_state_api() -> type:
     """``TorchTrainer`` without Ray Train's placement-group cleaner, for a local Ray started
     without the dashboard. The cleaner asks Ray's state API whether the controller still lives;
@@ -164,18 +166,12 @@ def _trainer_without_state_api() -> type:
     driver, and a sweep that stops trials early starts the dashboard (``init_ray``)."""
     from ray.train.torch import TorchTrainer
 
-    global _QUIET_TRAINER
-    if _QUIET_TRAINER is None:
-        class QuietLocalTorchTrainer(TorchTrainer):
-            def _create_default_callbacks(self):
-                return [c for c in super()._create_default_callbacks()
-                        if type(c).__name__ != "PlacementGroupCleanerCallback"]
+    class QuietLocalTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks()
+                    if type(c).__name__ != "PlacementGroupCleanerCallback"]
 
-        _QUIET_TRAINER = QuietLocalTorchTrainer
-    return _QUIET_TRAINER
-
-
-_QUIET_TRAINER: type | None = None
+    return QuietLocalTorchTrainer
 
 
 def launch_run(
