@@ -7,16 +7,22 @@ worker keeps writing to its own run.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from orchestrator.errors import ConfigError
@@ -186,3 +192,140 @@ def recorded_failure(client: MlflowClient, run_id: str) -> str:
 def end_run(tracking_uri: str, run_id: str, *, ok: bool) -> None:
     status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
     MlflowClient(tracking_uri).set_terminated(run_id, status=status)
+
+
+# Tracking-server outages ------------------------------------------------------------------------
+# A training run must not stop, nor print a line per step, because the tracking server is away
+# for a while: its per-epoch metrics wait in an ``Outbox`` (saved with every checkpoint, so a
+# restart keeps them too) and go out, in order and exactly once, when the server answers again.
+
+OUTAGE_PATIENCE_S = 1800.0  # how long the end of training waits for the server before failing the attempt
+_RETRYABLE_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "ENDPOINT_NOT_FOUND"}
+_ENV_LOCK = threading.Lock()
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server did not come back within ``OUTAGE_PATIENCE_S``; the attempt is retried
+    from its last checkpoint, which holds the metrics not yet sent."""
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` says the tracking store could not be reached (try again later), rather
+    than that the request itself is wrong (a deleted run, an invalid value: fail now)."""
+    if isinstance(exc, MlflowException):
+        return exc.error_code in _RETRYABLE_CODES
+    return isinstance(exc, (OSError, TimeoutError)) or type(exc).__module__.startswith(("requests", "urllib3"))
+
+
+@contextlib.contextmanager
+def _fail_fast() -> Iterator[None]:
+    """MLflow's HTTP client without its retries (7, with back-off up to 2 minutes each) and with
+    a short timeout, and urllib3's per-retry warnings silenced: the ``Outbox`` retries itself."""
+    names = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    urllib3_log = logging.getLogger("urllib3.connectionpool")
+    with _ENV_LOCK:
+        saved = {k: os.environ.get(k) for k in names}
+        level = urllib3_log.level
+        os.environ.update(names)
+        urllib3_log.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            urllib3_log.setLevel(level)
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def _where(uri: str) -> str:
+    parts = urllib.parse.urlsplit(uri)
+    return parts.netloc or uri
+
+
+class Outbox:
+    """Per-epoch metrics of one run on their way to the tracking store.
+
+    ``log`` stamps the metrics with their step and wall time and tries to send everything
+    waiting, in order. When the store cannot be reached it says so once and keeps the
+    metrics; the next ``log`` (or ``flush``) sends them, and says once that the store is back.
+    A resent batch carries the same (key, value, timestamp, step), which MLflow stores only
+    once, so a batch whose reply was lost is not duplicated. ``pending`` goes into the
+    checkpoint, so that metrics still waiting when a worker is lost are sent by its restart.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, pending: Any = ()) -> None:
+        self._client, self._run_id = client, run_id
+        self._pending = [entry for entry in (pending if isinstance(pending, list) else []) if _valid_entry(entry)]
+        self._down_since: float | None = None
+        self._where = _where(client.tracking_uri)
+
+    @property
+    def pending(self) -> list[dict[str, Any]]:
+        """The batches not yet sent, as plain data (a checkpoint holds them)."""
+        return [{"metrics": dict(e["metrics"]), "step": e["step"], "timestamp": e["timestamp"]}
+                for e in self._pending]
+
+    def log(self, metrics: Mapping[str, float], *, step: int) -> None:
+        self._pending.append({"metrics": {k: float(v) for k, v in metrics.items()}, "step": int(step),
+                              "timestamp": int(time.time() * 1000)})
+        self.send()
+
+    def send(self) -> bool:
+        """Send what waits, oldest first; False when the store is (still) unreachable."""
+        sent = 0
+        try:
+            with _fail_fast():
+                while self._pending:
+                    entry = self._pending[0]
+                    items = [Metric(k, v, entry["timestamp"], entry["step"]) for k, v in entry["metrics"].items()]
+                    for i in range(0, len(items), 500):
+                        self._client.log_batch(self._run_id, metrics=items[i : i + 500])
+                    self._pending.pop(0)
+                    sent += 1
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+                _say(f"tracking server {self._where} unreachable ({_reason(exc)}); training goes on and its "
+                     f"metrics are sent when it is back")
+            return False
+        if self._down_since is not None:
+            _say(f"tracking server {self._where} is back after {time.monotonic() - self._down_since:.0f} s; "
+                 f"{sent} held metric batch{'es' if sent != 1 else ''} sent")
+            self._down_since = None
+        return True
+
+    def flush(self, patience_s: float = OUTAGE_PATIENCE_S, poll_s: float = 5.0) -> None:
+        """Block until everything is sent; ``TrackingUnavailable`` after ``patience_s``."""
+        deadline = time.monotonic() + patience_s
+        while not self.send():
+            if time.monotonic() >= deadline:
+                raise TrackingUnavailable(f"tracking server {self._where} unreachable for {patience_s:.0f} s; "
+                                          f"{len(self._pending)} metric batches wait in the checkpoint")
+            time.sleep(poll_s)
+
+
+def _reason(exc: BaseException) -> str:
+    """The cause of a failed request in a few words: "connection refused", "timed out"..."""
+    text = str(exc)
+    errno = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
+    if errno:
+        return errno.group(1).strip().lower()
+    if "timeout" in text.lower() or "timed out" in text.lower():
+        return "timed out"
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return first[:120]
+
+
+def _valid_entry(entry: Any) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("metrics"), dict)
+            and isinstance(entry.get("step"), int) and isinstance(entry.get("timestamp"), int)
+            and all(isinstance(k, str) and isinstance(v, float) for k, v in entry["metrics"].items()))
+
+
+def _say(message: str) -> None:
+    sys.stderr.write(f"[avlab] {message}\n")
+    sys.stderr.flush()

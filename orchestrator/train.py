@@ -347,7 +347,7 @@ def _train_loop(loop_config: dict[str, Any], entered: float) -> None:
         steps = min(steps, cfg.train.max_steps_per_epoch)
     scheduler = _build_scheduler(cfg, optimizer, steps)
 
-    start_epoch, global_step = 0, 0
+    start_epoch, global_step, held_metrics = 0, 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         state = load_latest_checkpoint(checkpoint, device, verbose=rank == 0)
@@ -362,6 +362,7 @@ def _train_loop(loop_config: dict[str, Any], entered: float) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, global_step = state["epoch"] + 1, state["global_step"]
+        held_metrics = state.get("tracking_outbox", [])
         _set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         for key, loader in loaders.items():
             if key in state["loaders"]:
@@ -377,6 +378,9 @@ def _train_loop(loop_config: dict[str, Any], entered: float) -> None:
     # Epochs whose metrics are already in MLflow (a restart after the log, before the checkpoint
     # landed) are trained again but not logged again: the history gets no repeated steps.
     logged_through = _last_logged_epoch(client, run_id) if client is not None else -1
+    # Epoch metrics go through an outbox: a tracking server that is away holds up neither the
+    # training nor the checkpoints, and what it missed is sent when it is back (or by a restart).
+    outbox = tracking.Outbox(client, run_id, held_metrics) if client is not None else None
     unpaired_iters = {k: l.forever() for k, l in loaders.items() if k != "main"}
     augment = DeviceAugment(cfg)
     # Where this attempt's wall time goes (logged with the evaluation, so users see cost next to
@@ -429,7 +433,7 @@ def _train_loop(loop_config: dict[str, Any], entered: float) -> None:
             metrics.update(quick_knn(cfg, _unwrap(model), data, device))
         if rank == 0:
             if epoch > logged_through:
-                tracking.log_metrics(client, run_id, metrics, step=epoch)
+                outbox.log(metrics, step=epoch)
             _print_epoch(epoch, cfg.train.epochs, metrics)
         state = {
             "identity": cfg.identity(),
@@ -441,6 +445,7 @@ def _train_loop(loop_config: dict[str, Any], entered: float) -> None:
             "global_step": global_step,
             "loaders": {k: l.state() for k, l in loaders.items() if k != "main"},
             "mlflow_run_id": run_id,
+            "tracking_outbox": outbox.pending if outbox is not None else [],
         }
         t_report = time.perf_counter()
         _report_with_checkpoint(metrics, state, epoch, rank, world)
@@ -448,6 +453,7 @@ def _train_loop(loop_config: dict[str, Any], entered: float) -> None:
 
     final: dict[str, Any] = {"epoch": cfg.train.epochs - 1}
     if rank == 0:
+        outbox.flush()  # every epoch's metrics are in the store before the evaluation is looked up
         done = _logged_evaluation(client, run_id)
         if done is not None:  # evaluated before a restart: report it, don't repeat it
             say("downstream evaluation already logged; not repeated")
