@@ -506,6 +506,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "ray_dashboard", False):
         os.environ["AVLAB_RAY_DASHBOARD"] = "1"  # read where the local Ray starts (launch.init_ray)
     try:
+        if args.command in ("run", "sweep", "resume"):
+            from orchestrator.launch import worker_wait_s
+
+            worker_wait_s()  # AVLAB_WORKER_WAIT_S, checked before anything starts
         return args.func(args)
     except ConfigError as exc:
         print(f"avlab: error: {exc}", file=sys.stderr)

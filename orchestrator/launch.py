@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import functools
+import math
 import os
 import time
 from pathlib import Path
@@ -24,8 +24,63 @@ RAY_TRAIN_ENV = {
 # Only for a Ray that avlab starts on this machine: no cloud drains its one node, so the
 # preemption watcher (an actor process per trial) has nothing to watch.
 LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
-# "0" when avlab started this machine's Ray without its dashboard, so without Ray's state API.
-STATE_API_ENV = "AVLAB_RAY_STATE_API"
+
+# How long a run waits, in all, for the cluster to give it its workers before it fails with a
+# clear line (Ray Train would wait forever: it retries its worker-group start every
+# RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S seconds with no limit). 0 = wait forever.
+WORKER_WAIT_ENV = "AVLAB_WORKER_WAIT_S"
+DEFAULT_WORKER_WAIT_S = 1800.0
+_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+def worker_wait_s() -> float:
+    """``AVLAB_WORKER_WAIT_S`` checked like a config number: finite, 0 (no limit) to 7 days."""
+    raw = os.environ.get(WORKER_WAIT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_WORKER_WAIT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{WORKER_WAIT_ENV}: {raw!r} is not a number of seconds") from None
+    if not math.isfinite(value) or not 0 <= value <= 7 * 86400:
+        raise ConfigError(f"{WORKER_WAIT_ENV}: must be between 0 (wait forever) and 604800 s (7 days), got {raw}")
+    return value
+
+
+def _worker_start_timeout_s() -> float:
+    try:
+        value = float(os.environ.get(_START_TIMEOUT_ENV, "60"))
+    except ValueError:
+        return 60.0
+    return value if math.isfinite(value) and value > 0 else 60.0
+
+
+def _controller_failure_limit() -> int:
+    """Worker-group start attempts (each waits ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``) that fit
+    in ``worker_wait_s``; -1 = Ray Train's unlimited retries."""
+    wait = worker_wait_s()
+    if wait == 0:
+        return -1
+    return max(0, math.ceil(wait / _worker_start_timeout_s()) - 1)
+
+
+def workers_never_started(error: BaseException | None) -> bool:
+    """Whether a run failed because its worker group could not get its resources in time."""
+    seen = 0
+    while error is not None and seen < 10:
+        if type(error).__name__ in ("WorkerGroupStartupTimeoutError", "WorkerGroupStartupFailedError"):
+            return True
+        error = getattr(error, "controller_failure", None) or error.__cause__
+        seen += 1
+    return False
+
+
+def no_workers_line(cfg: ExperimentConfig, kind: str, name: str) -> str:
+    res = cfg.resources
+    each = f"{res.cpus_per_worker} CPU{'s' if res.cpus_per_worker > 1 else ''}" + (" and 1 GPU" if res.gpu else "")
+    return (f"{kind} {name}: its {res.workers} worker{'s' if res.workers > 1 else ''} ({each} each) did not start "
+            f"within {worker_wait_s():.0f} s: the cluster does not have those resources free (`ray status` "
+            f"shows what it has; {WORKER_WAIT_ENV} sets the wait); `avlab resume {name}` tries again")
 
 
 def local_cpus() -> int:
@@ -65,10 +120,8 @@ def init_ray(address: str | None = None, *, dashboard: bool = False) -> None:
     """Attach to ``address`` or start a local Ray instance bound to 127.0.0.1.
 
     A local Ray runs its dashboard when ``dashboard`` is set or the user asked for it
-    (``--ray-dashboard``). ``dashboard`` is for callers that need Ray's state API: Ray Train
-    removes the workers' placement group of a Tune trial stopped early (its controller dies
-    with the trial's actor) only once the state API confirms the controller is dead; without
-    it the stopped trial's CPUs or GPUs stay reserved and later trials wait for them forever."""
+    (``--ray-dashboard``). Nothing in avlab needs it: the workers of a trial whose controller
+    died are freed through the GCS (``orchestrator.pg_cleanup``)."""
     import ray
 
     if ray.is_initialized():
@@ -81,11 +134,9 @@ def init_ray(address: str | None = None, *, dashboard: bool = False) -> None:
             os.environ.setdefault(key, value)
         # address="local": always a new instance, even when a `ray start` cluster runs on this
         # machine (ray.init() would otherwise attach to it); --address auto attaches on purpose.
-        # The dashboard only when asked or needed: its processes take ~8 % of a 2-core
-        # machine's training throughput (benchmarks/RESULTS.md).
+        # The dashboard only when asked: its processes take ~8 % of a 2-core machine's
+        # training throughput (benchmarks/RESULTS.md).
         dashboard = dashboard or os.environ.get("AVLAB_RAY_DASHBOARD", "") not in ("", "0")
-        # Read by build_trainer in this process and in Tune's trial actors (they inherit it).
-        os.environ[STATE_API_ENV] = "1" if dashboard else "0"
         with _loopback_node():
             context = ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
                                logging_level="WARNING", _node_ip_address="127.0.0.1")
@@ -122,11 +173,9 @@ def build_trainer(
     callbacks: list | None = None,
 ):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
-    if os.environ.get(STATE_API_ENV) == "0":
-        TorchTrainer = _trainer_without_state_api()  # noqa: N806
-
+    from orchestrator.pg_cleanup import AvlabTorchTrainer
     from orchestrator.checkpoint import resolve_init
     from orchestrator.train import train_loop_per_worker
 
@@ -134,7 +183,7 @@ def build_trainer(
     for key, value in RAY_TRAIN_ENV.items():
         os.environ.setdefault(key, value)
     res = cfg.resources
-    return TorchTrainer(
+    return AvlabTorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": tracking_uri, "init_checkpoint": init,
@@ -150,28 +199,11 @@ def build_trainer(
             name=name,
             storage_path=storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures,
+                                         controller_failure_limit=_controller_failure_limit()),
             callbacks=callbacks or [],
         ),
     )
-
-
-@functools.cache
-def _trainer_without_state_api() -> type:
-    """``TorchTrainer`` without Ray Train's placement-group cleaner, for a local Ray started
-    without the dashboard. The cleaner asks Ray's state API whether the controller still lives;
-    without the dashboard every query fails (a warning every few seconds), and with a second Ray
-    on the machine it dies on "Found multiple active Ray instances" with a traceback. It would
-    free a controller's workers if the controller died abruptly; a local Ray ends with its
-    driver, and a sweep that stops trials early starts the dashboard (``init_ray``)."""
-    from ray.train.torch import TorchTrainer
-
-    class QuietLocalTorchTrainer(TorchTrainer):
-        def _create_default_callbacks(self):
-            return [c for c in super()._create_default_callbacks()
-                    if type(c).__name__ != "PlacementGroupCleanerCallback"]
-
-    return QuietLocalTorchTrainer
 
 
 def launch_run(
@@ -182,13 +214,20 @@ def launch_run(
         cfg, name=name, run_id=run_id, tracking_uri=tracking_uri, storage_path=tracking.storage_root(home),
         home=home,
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        if workers_never_started(exc):
+            raise RunFailed(no_workers_line(cfg, "run", name)) from None
+        raise
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     failure = tracking.recorded_failure(client, run_id)
     if failure:
         raise RunFailed(f"run {name} failed: {failure}")
+    if workers_never_started(result.error):
+        raise RunFailed(no_workers_line(cfg, "run", name))
     if result.error is not None:
         raise result.error
     # The final report carries no checkpoint, so its metrics are read back from MLflow.

@@ -59,7 +59,7 @@ def _run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, A
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from orchestrator.config import dump_yaml
-    from orchestrator.launch import build_trainer
+    from orchestrator.launch import build_trainer, no_workers_line, workers_never_started
 
     started = time.perf_counter()
     trial_id = ray.tune.get_context().get_trial_id()
@@ -113,7 +113,12 @@ def _run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, A
     )
     ok = False
     try:
-        trainer.fit()
+        try:
+            trainer.fit()
+        except Exception as exc:
+            if workers_never_started(exc):
+                raise RunFailed(no_workers_line(cfg, "trial", trial_id)) from None
+            raise
         failure = tracking.recorded_failure(client, run_id)
         if failure:
             raise RunFailed(f"trial {trial_id} failed: {failure}")
@@ -306,9 +311,7 @@ def fit_sweep(
     try:
         # Per-epoch reports carry losses; the sweep metric comes with the final (evaluated) one.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-        # A scheduler stops trials early: Ray Train frees a stopped trial's workers through
-        # Ray's state API, which only runs with the dashboard.
-        init_ray(address, dashboard=space.scheduler is not None)
+        init_ray(address)
         sweep = {"name": name, "parent_run_id": parent_id, "tracking_uri": tracking_uri, "home": str(home),
                  "storage": tracking.storage_root(home)}
         trainable = tune.with_resources(
