@@ -276,30 +276,58 @@ def test_a_deterministic_error_fails_the_run_once_with_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_local_run_listens_on_loopback_only(tmp_path):
-    """Every process of a local run (driver, GCS, raylet, workers, agents, the dashboard when
-    asked for) listens on 127.0.0.1 only, as the socket table shows during training; before,
-    Ray's servers listened on every interface."""
+def test_a_run_beside_a_sweep_listens_on_loopback_only_and_both_finish_quietly(tmp_path):
+    """Two avlab commands at once on one machine, each with its own local Ray: a run (with its
+    dashboard) and a one-trial sweep. While both train, every process of both (driver, GCS,
+    raylet, workers, agents, dashboard) listens on 127.0.0.1 only, as the socket table shows
+    (before, Ray's servers listened on every interface). Both finish, each frees its own
+    workers, and neither prints Ray Train's placement-group cleaner errors ("Found multiple
+    active Ray instances", "Failed to query ... actor state") or a traceback."""
     import faults
 
-    log = tmp_path / "run.log"
-    proc = faults.start(["run", "--home", str(tmp_path / "home"), "--ray-dashboard", "tracking.run_name=lo",
-                         "train.epochs=3", "train.batch_size=64", "data.paired_size=256",
-                         "data.unpaired_sound_size=128", "data.unpaired_image_size=128", "data.train_size=100",
-                         "data.test_size=100", "data.transfer_train_size=0", "data.transfer_test_size=0",
-                         "method.memory_size=50"], log, tmp_path)
-    faults.wait_for(lambda: "[avlab] epoch 1/3" in log.read_text(), timeout=400, what="the first epoch",
-                    proc=proc, log=log)
-    processes = faults.processes(proc.pid)
-    sockets = faults.listening_sockets(processes)
-    assert proc.wait(timeout=400) == 0, log.read_text()[-3000:]
-    assert any("raylet" in processes[pid] for _, _, pid in sockets)  # the table was read
+    small = ["train.epochs=3", "train.batch_size=64", "data.paired_size=256", "data.unpaired_sound_size=128",
+             "data.unpaired_image_size=128", "data.train_size=100", "data.test_size=100",
+             "data.transfer_train_size=0", "data.transfer_test_size=0"]
+    space = tmp_path / "one.yaml"
+    space.write_text("base:\n  preset: tiny\ngrid:\n  method.memory_size: [20]\nseeds: 1\n"
+                     "metric: image_h_linear_acc\nmode: max\nresources: {workers: 1, cpus_per_worker: 1}\n")
+    logs = {"run": tmp_path / "run.log", "sweep": tmp_path / "sweep.log"}
+    procs = {
+        "run": faults.start(["run", "--home", str(tmp_path / "a"), "--ray-dashboard", "tracking.run_name=lo",
+                             "method.memory_size=50", *small], logs["run"], tmp_path),
+        "sweep": faults.start(["sweep", str(space), "--name", "beside", "--home", str(tmp_path / "b"), *small],
+                              logs["sweep"], tmp_path),
+    }
+    try:
+        for key, proc in procs.items():
+            faults.wait_for(lambda k=key: "[avlab] epoch 1/3" in logs[k].read_text(), timeout=600,
+                            what=f"the {key}'s first epoch", proc=proc, log=logs[key])
+        processes = {**faults.processes(procs["run"].pid), **faults.processes(procs["sweep"].pid)}
+        sockets = faults.listening_sockets(processes)
+        codes = {k: p.wait(timeout=600) for k, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                faults.kill_node(p)
+    texts = {k: log.read_text() for k, log in logs.items()}
+    assert codes == {"run": 0, "sweep": 0}, {k: t[-3000:] for k, t in texts.items()}
+    for text in texts.values():
+        assert "multiple active Ray instances" not in text and "Failed to query" not in text
+        assert "Traceback" not in text, text[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    for home, experiment in ((tmp_path / "a", "avlab"), (tmp_path / "b", "avlab-sweeps")):
+        client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+        runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+        assert runs and all(r.info.status == "FINISHED" for r in runs)
+
+    assert sum("raylet" in processes[pid] for _, _, pid in sockets) >= 2  # the table was read, both Rays
     assert any("gcs_server" in processes[pid] for _, _, pid in sockets)
     exposed = [(host, port, processes[pid][:60]) for host, port, pid in sockets if host not in ("127.0.0.1", "::1")]
     # One known exception, documented in the README: torch.distributed's rendezvous store (a
     # TCPStore on the rank-0 training worker) binds every interface; torch offers no bind address.
     store = [s for s in exposed if s[2].startswith("ray::RayTrainWorker")]
-    assert len(store) <= 1 and not [s for s in exposed if s not in store], exposed
+    assert len(store) <= 2 and not [s for s in exposed if s not in store], exposed
 
 
 def test_two_commands_creating_one_fresh_store_at_once_both_succeed(tmp_path):

@@ -57,3 +57,16 @@ def test_switching_method_drops_the_other_methods_preset_keys():
     assert cfg.method_name == "supervised" and cfg.method.image_encoder.base_width == 16
     cfg = resolve({"method": {"name": "supervised"}}, preset="paper")
     assert cfg.method.image_encoder.base_width == 64
+
+
+def test_the_small_preset_tunes_bma_only_and_overrides_still_win():
+    """BMA-Memory's small-preset settings (τ_l 0.2, no paired augmentation) stay with BMA: the
+    other methods keep the preset's light augmentation, and the command line still decides."""
+    bma = resolve(preset="small", overrides=["method.name=bma"])
+    assert bma.method.loss_temperature == 0.2 and bma.train.paired_augment == "none"
+    for other in ("avid", "l3", "supervised"):
+        assert resolve(preset="small", overrides=[f"method.name={other}"]).train.paired_augment == "light"
+    mine = resolve(preset="small", overrides=["method.name=bma", "train.paired_augment=light",
+                                             "method.loss_temperature=0.1"])
+    assert mine.method.loss_temperature == 0.1 and mine.train.paired_augment == "light"
+    assert resolve(preset="tiny").method.loss_temperature == 0.1  # the paper's value elsewhere

@@ -51,7 +51,7 @@ class Server:
              "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
              "--artifacts-destination", str(self.root / "artifacts")],
             cwd=self.root, env=faults.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        faults.wait_for(self.answers, timeout=120, what="the MLflow server to answer")
+        faults.wait_for(self.answers, timeout=300, what="the MLflow server to answer")
 
     def answers(self) -> bool:
         try:

@@ -144,7 +144,7 @@ def _show_metric_column(page, metric: str) -> None:
     page.get_by_placeholder("Search columns").fill(metric)
     page.get_by_role("dialog").get_by_text(metric, exact=True).click()
     page.keyboard.press("Escape")
-    expect(page.get_by_role("columnheader", name=metric).first).to_be_visible()
+    expect(page.get_by_role("columnheader", name=metric).first).to_be_visible(timeout=TIMEOUT_MS)
 
 
 @pytest.mark.slow
@@ -176,7 +176,7 @@ def test_ui_shows_the_sweep_its_trials_metrics_and_plots_in_a_browser(chromium, 
             page.get_by_text("Model training", exact=True).click()  # runs, not GenAI traces
             page.get_by_role("link", name=SWEEP_EXPERIMENT, exact=True).first.click()
             parent = page.get_by_role("link", name=SWEEP, exact=True)
-            expect(parent).to_be_visible()
+            expect(parent).to_be_visible(timeout=TIMEOUT_MS)
             close = page.get_by_role("button", name="Close").first  # the Assistant side panel
             if close.is_visible():
                 close.click()
@@ -184,13 +184,13 @@ def test_ui_shows_the_sweep_its_trials_metrics_and_plots_in_a_browser(chromium, 
             # The parent row expands into the trials' child runs.
             page.get_by_role("row").filter(has=parent).get_by_role("button").first.click()
             for name in children:
-                expect(page.get_by_role("link", name=name, exact=True)).to_be_visible()
+                expect(page.get_by_role("link", name=name, exact=True)).to_be_visible(timeout=TIMEOUT_MS)
 
             # Downstream metrics as columns, with a value on each trial's row.
             for metric in METRICS:
                 _show_metric_column(page, metric)
             cells = page.locator(f'[role="gridcell"][col-id="metrics.`{METRICS[0]}`"]')
-            expect(cells).to_have_count(3)  # parent (no value) + 2 trials
+            expect(cells).to_have_count(3, timeout=TIMEOUT_MS)  # parent (no value) + 2 trials
             values = [t.strip() for t in cells.all_inner_texts()]
             numbers = [float(v) for v in values if re.fullmatch(r"[0-9.]+", v)]
             assert len(numbers) == 2 and all(0 <= v <= 1 for v in numbers), values
@@ -202,7 +202,7 @@ def test_ui_shows_the_sweep_its_trials_metrics_and_plots_in_a_browser(chromium, 
             page.get_by_text("plots", exact=True).click()
             page.get_by_text(Path(plot).name, exact=True).click()
             image = page.get_by_role("img", name=plot, exact=True)
-            expect(image).to_be_visible()
+            expect(image).to_be_visible(timeout=TIMEOUT_MS)
             page.wait_for_function("img => img.complete && img.naturalWidth > 100", arg=image.element_handle())
             page.screenshot(path=str(SCREENSHOT.with_name("mlflow-ui-artifact.png")))
         finally:
