@@ -75,6 +75,19 @@ def workers_never_started(error: BaseException | None) -> bool:
     return False
 
 
+def fit(trainer: Any, cfg: ExperimentConfig, kind: str, name: str) -> Any:
+    """``trainer.fit()``; a run whose workers never got their resources ends with one line."""
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        if workers_never_started(exc):
+            raise RunFailed(no_workers_line(cfg, kind, name)) from None
+        raise
+    if workers_never_started(getattr(result, "error", None)):
+        raise RunFailed(no_workers_line(cfg, kind, name))
+    return result
+
+
 def no_workers_line(cfg: ExperimentConfig, kind: str, name: str) -> str:
     res = cfg.resources
     each = f"{res.cpus_per_worker} CPU{'s' if res.cpus_per_worker > 1 else ''}" + (" and 1 GPU" if res.gpu else "")
@@ -214,20 +227,13 @@ def launch_run(
         cfg, name=name, run_id=run_id, tracking_uri=tracking_uri, storage_path=tracking.storage_root(home),
         home=home,
     )
-    try:
-        result = trainer.fit()
-    except Exception as exc:
-        if workers_never_started(exc):
-            raise RunFailed(no_workers_line(cfg, "run", name)) from None
-        raise
+    result = fit(trainer, cfg, "run", name)
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     failure = tracking.recorded_failure(client, run_id)
     if failure:
         raise RunFailed(f"run {name} failed: {failure}")
-    if workers_never_started(result.error):
-        raise RunFailed(no_workers_line(cfg, "run", name))
     if result.error is not None:
         raise result.error
     # The final report carries no checkpoint, so its metrics are read back from MLflow.

@@ -59,7 +59,7 @@ def _run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, A
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from orchestrator.config import dump_yaml
-    from orchestrator.launch import build_trainer, no_workers_line, workers_never_started
+    from orchestrator.launch import build_trainer, fit
 
     started = time.perf_counter()
     trial_id = ray.tune.get_context().get_trial_id()
@@ -113,12 +113,7 @@ def _run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, A
     )
     ok = False
     try:
-        try:
-            trainer.fit()
-        except Exception as exc:
-            if workers_never_started(exc):
-                raise RunFailed(no_workers_line(cfg, "trial", trial_id)) from None
-            raise
+        fit(trainer, cfg, "trial", trial_id)
         failure = tracking.recorded_failure(client, run_id)
         if failure:
             raise RunFailed(f"trial {trial_id} failed: {failure}")

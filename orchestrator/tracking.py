@@ -289,11 +289,11 @@ class Outbox:
                 raise
             if self._down_since is None:
                 self._down_since = time.monotonic()
-                _say(f"tracking server {self._where} unreachable ({_reason(exc)}); training goes on and its "
+                say(f"tracking server {self._where} unreachable ({_reason(exc)}); training goes on and its "
                      f"metrics are sent when it is back")
             return False
         if self._down_since is not None:
-            _say(f"tracking server {self._where} is back after {time.monotonic() - self._down_since:.0f} s; "
+            say(f"tracking server {self._where} is back after {time.monotonic() - self._down_since:.0f} s; "
                  f"{sent} held metric batch{'es' if sent != 1 else ''} sent")
             self._down_since = None
         return True
@@ -326,6 +326,7 @@ def _valid_entry(entry: Any) -> bool:
             and all(isinstance(k, str) and isinstance(v, float) for k, v in entry["metrics"].items()))
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
+    """One progress line to the driver (Ray forwards a worker's stdout prints twice)."""
     sys.stderr.write(f"[avlab] {message}\n")
     sys.stderr.flush()

@@ -16,7 +16,6 @@ import logging
 import math
 import posixpath
 import random
-import sys
 import tempfile
 import traceback
 from collections.abc import Iterator
@@ -582,10 +581,7 @@ def _epoch_metrics(sums: dict[str, torch.Tensor], steps: int, world: int) -> dic
     return {k: float(v) for k, v in zip(keys, vec.cpu())}
 
 
-def say(message: str) -> None:
-    """One progress line to the driver (Ray forwards a worker's stdout prints twice)."""
-    sys.stderr.write(f"[avlab] {message}\n")
-    sys.stderr.flush()
+say = tracking.say  # one progress line to the driver
 
 
 def _print_epoch(epoch: int, epochs: int, metrics: dict[str, float]) -> None:
