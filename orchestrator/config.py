@@ -96,7 +96,9 @@ class TrainConfig:
 @dataclass(frozen=True)
 class ResourcesConfig:
     workers: int = 1  # DDP training workers (Ray Train)
-    gpu: bool = False  # one GPU per worker, NCCL backend
+    # true: one GPU per worker, NCCL backend. A fraction (0 < gpu < 1) for a single-worker run or
+    # trial: that share of one GPU, so several small trials of a sweep train on one GPU at once.
+    gpu: bool | float = False
     cpus_per_worker: int = 1
 
     def __post_init__(self) -> None:
@@ -104,6 +106,17 @@ class ResourcesConfig:
             raise ValueError(f"workers: must be >= 1, got {self.workers}")
         if self.cpus_per_worker < 1:
             raise ValueError(f"cpus_per_worker: must be >= 1, got {self.cpus_per_worker}")
+        if not isinstance(self.gpu, bool):
+            if not 0 < self.gpu <= 1:
+                raise ValueError(f"gpu: must be true, false or a share of one GPU in (0, 1], got {self.gpu:g}")
+            if self.gpu < 1 and self.workers > 1:
+                raise ValueError(f"gpu: a share of a GPU ({self.gpu:g}) is for single-worker trials; with "
+                                 f"workers={self.workers} each DDP worker needs a whole GPU (gpu: true)")
+
+    @property
+    def gpu_share(self) -> float:
+        """GPUs per worker: 0, a fraction of one, or 1."""
+        return float(self.gpu) if not isinstance(self.gpu, bool) else (1.0 if self.gpu else 0.0)
 
 
 @dataclass(frozen=True)
@@ -546,7 +559,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
                 return _coerce(option, value, path)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{path}: bad value {value!r}")
+        # The last option's reason: for ``bool | float`` a number's, more telling than "true or false".
+        raise ConfigError(errors[-1] if errors else f"{path}: bad value {value!r}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")

@@ -90,7 +90,8 @@ def fit(trainer: Any, cfg: ExperimentConfig, kind: str, name: str) -> Any:
 
 def no_workers_line(cfg: ExperimentConfig, kind: str, name: str) -> str:
     res = cfg.resources
-    each = f"{res.cpus_per_worker} CPU{'s' if res.cpus_per_worker > 1 else ''}" + (" and 1 GPU" if res.gpu else "")
+    each = f"{res.cpus_per_worker} CPU{'s' if res.cpus_per_worker > 1 else ''}" + (
+        f" and {res.gpu_share:g} GPU" if res.gpu else "")
     return (f"{kind} {name}: its {res.workers} worker{'s' if res.workers > 1 else ''} ({each} each) did not start "
             f"within {worker_wait_s():.0f} s: the cluster does not have those resources free (`ray status` "
             f"shows what it has; {WORKER_WAIT_ENV} sets the wait); `avlab resume {name}` tries again")
@@ -122,9 +123,10 @@ def check_local_resources(resources: ResourcesConfig) -> None:
         import torch
 
         gpus = torch.cuda.device_count()
-        if resources.workers > gpus:
+        if gpus == 0 or resources.workers * resources.gpu_share > gpus:
             raise ConfigError(
-                f"resources.gpu: {resources.workers} workers need one GPU each and this machine has {gpus}; "
+                f"resources.gpu: {resources.workers} worker(s) x {resources.gpu_share:g} GPU need "
+                f"{resources.workers * resources.gpu_share:g} GPU(s) and this machine has {gpus}; "
                 f"lower resources.workers, set resources.gpu=false, or run on a cluster (--address)"
             )
 
@@ -205,7 +207,8 @@ def build_trainer(
         },
         torch_config=TorchConfig(backend="nccl" if res.gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=res.workers, use_gpu=res.gpu, resources_per_worker={"CPU": res.cpus_per_worker}
+            num_workers=res.workers, use_gpu=bool(res.gpu),
+            resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": res.gpu_share} if res.gpu else {})},
         ),
         run_config=RunConfig(
             # A fixed name on a fixed storage path is what lets Ray Train find this run again.

@@ -1,15 +1,18 @@
-"""``avlab sweep``: a Ray Tune ``Tuner`` over a search space; one trial = one ``TorchTrainer``.
+"""``avlab sweep``: a Ray Tune ``Tuner`` over a search space.
 
-Each trial resolves its config from the search space, opens its MLflow child run under the
-sweep's parent run (found again by trial id, so a re-run trial keeps its run), and runs the
-Ray Train V2 pattern: a ``TorchTrainer`` with a fixed name and ``TuneReportCallback``. Grids go
-through Tune's ``grid_search`` (configurations x seeds); distributions through ``OptunaSearch``
-with a seeded TPE sampler.
+Each trial resolves its config from the search space and opens its MLflow child run under the
+sweep's parent run (found again by trial id, so a re-run trial keeps its run). A single-worker
+trial then runs the training loop in its own process, holding its CPUs (and GPU share) itself;
+a multi-worker trial runs the Ray Train V2 pattern: a ``TorchTrainer`` with a fixed name and
+``TuneReportCallback``. Both write their checkpoints to ``<storage>/trials/<sweep>-<run id>``,
+so a restarted trial continues where it was. Grids go through Tune's ``grid_search``
+(configurations x seeds); distributions through ``OptunaSearch`` with a seeded TPE sampler.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,24 +50,80 @@ def find_sweep_run(client: MlflowClient, name: str):
     return runs[0] if runs else None
 
 
-def _trial_params(space: SearchSpace, config: dict[str, Any]) -> dict[str, Any]:
+def _trial_params(space: SearchSpace, config: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """The varied settings and the seed of the trial whose Tune config is ``config``."""
     if space.uses_optuna:
-        return {path: config[path] for path in space.search}
-    return dict(space.grid_points()[config["point"]])
+        return {path: config[path] for path in space.search}, config["seed"]
+    if "trial" in config:
+        point, seed = grid_trials(space)[config["trial"]]
+    else:  # a sweep started before grid trials were ordered: one Tune dimension each
+        point, seed = config["point"], config["seed"]
+    return dict(space.grid_points()[point]), seed
+
+
+def grid_trials(space: SearchSpace) -> list[tuple[int, int]]:
+    """The grid's trials as (configuration index, seed), in the order they start: every seed of a
+    configuration in a row, the longest configurations first. Trials of a grid differ in length
+    (a random-init variant only evaluates); started longest first, the short ones fill the slots
+    at the end instead of one long trial running alone while the other slots idle."""
+    return [(point, seed) for point in longest_first(space) for seed in space.seeds]
+
+
+# When this process ran its last trial: Tune reuses a trial's actor for the next trial, which then
+# starts warm (nothing to import, data already rendered).
+_LAST_TRIAL_END: float | None = None
+
+
+def _launch_delay() -> float:
+    """Seconds from this actor's process start to now for its first trial (process start-up,
+    imports of the trial module), 0 for a trial that Tune gave a reused actor."""
+    if _LAST_TRIAL_END is not None:
+        return 0.0
+    try:  # the process start time from /proc (Linux): clock ticks after boot
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return max(time.time() - (boot + start_ticks / os.sysconf("SC_CLK_TCK")), 0.0)
+    except (OSError, ValueError, IndexError, StopIteration):  # not Linux: the timing is lost, nothing else
+        return 0.0
+
+
+def trial_resources(space: SearchSpace, config: dict[str, Any]):
+    """What one trial holds. A single-worker trial trains in its own process: its worker's CPUs
+    and GPU share. A multi-worker trial only drives its TorchTrainer (the workers hold the
+    resources); it stays on the head node (on-demand on a cluster): a driver on a spot node that
+    dies would fail its trial instead of letting Ray Train restart the workers elsewhere."""
+    from ray.tune import PlacementGroupFactory
+
+    return PlacementGroupFactory(trial_bundles(space.config_for(*_trial_params(space, config)).resources))
+
+
+def trial_bundles(res) -> list[dict[str, float]]:
+    if res.workers == 1:
+        return [{"CPU": res.cpus_per_worker, **({"GPU": res.gpu_share} if res.gpu else {})}]
+    return [{"CPU": 0, "memory": 64 * 1024**2, "node:__internal_head__": 0.001}]
 
 
 def _run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, Any]) -> None:
-    """The Tune trial: resolve the config, open the child run, fit one TorchTrainer."""
+    """The Tune trial: resolve the config, open (or find) the child run, train."""
+    global _LAST_TRIAL_END
+    started = time.perf_counter()
+    launch_s = _launch_delay()
+    try:
+        _trial(config, space=space, sweep=sweep, started=started, launch_s=launch_s)
+    finally:
+        _LAST_TRIAL_END = time.time()
+
+
+def _trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, Any], started: float,
+           launch_s: float) -> None:
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from orchestrator.config import dump_yaml
-    from orchestrator.launch import build_trainer, fit
 
-    started = time.perf_counter()
     trial_id = ray.tune.get_context().get_trial_id()
-    params = _trial_params(space, config)
-    seed = config["seed"]
+    params, seed = _trial_params(space, config)
     cfg = space.config_for(params, seed)
     uri, home = sweep["tracking_uri"], Path(sweep["home"])
     client = MlflowClient(uri)
@@ -79,9 +138,11 @@ def _run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, A
         # Finished before the sweep's driver died, yet Tune had not recorded it: report, don't rerun.
         ray.tune.report(dict(found[0].data.metrics))
         return
+    # Which launcher trains it: this trial's own process, or a TorchTrainer's workers.
+    launcher = "trial" if cfg.resources.workers == 1 else "ray-train"
     if found:
         run_id = found[0].info.run_id
-        tracking.set_tags(client, run_id, {"trial_id": trial_id})
+        tracking.set_tags(client, run_id, {"trial_id": trial_id, "launcher": launcher})
     else:
         run_id = tracking.create_run(
             tracking_uri=uri,
@@ -98,41 +159,64 @@ def _run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, A
                 "preset": cfg.preset,
                 "run_identity": cfg.identity(),
                 "seed": str(seed),
+                "launcher": launcher,
             },
             config_yaml=dump_yaml(cfg),
             parent_run_id=sweep["parent_run_id"],
         )
-    trainer = build_trainer(
-        cfg,
-        name=f"{sweep['name']}-{run_id}",  # stable across restarts, so the trainer resumes
-        run_id=run_id,
-        tracking_uri=uri,
-        storage_path=f"{sweep.get('storage') or home / 'ray'}/trials",
-        home=home,
-        callbacks=[TuneReportCallback()],
-    )
+    if tracking.recorded_failure(client, run_id):
+        # A deterministic error ended an earlier attempt: the trial is over, not retried (Tune
+        # restarts a trial whatever its error). The sweep counts it among the failed ones.
+        tracking.end_run(uri, run_id, ok=False)
+        return
+    # Stable across restarts, so a restarted trial finds its checkpoints.
+    name = f"{sweep['name']}-{run_id}"
+    trials_path = f"{sweep.get('storage') or home / 'ray'}/trials"
     ok = False
     try:
-        fit(trainer, cfg, "trial", trial_id)
-        failure = tracking.recorded_failure(client, run_id)
-        if failure:
-            raise RunFailed(f"trial {trial_id} failed: {failure}")
-        # The trial's wall time, next to the training and evaluation time the worker logged.
-        tracking.log_metrics(client, run_id, {"trial_time_s": time.perf_counter() - started},
+        if cfg.resources.workers == 1:
+            _train_here(cfg, run_id=run_id, uri=uri, home=home, run_dir=f"{trials_path}/{name}", launch_s=launch_s)
+        else:
+            from ray.tune.integration.ray_train import TuneReportCallback
+
+            from orchestrator.launch import build_trainer, fit
+
+            trainer = build_trainer(cfg, name=name, run_id=run_id, tracking_uri=uri, storage_path=trials_path,
+                                    home=home, callbacks=[TuneReportCallback()])
+            fit(trainer, cfg, "trial", trial_id)
+        if tracking.recorded_failure(client, run_id):
+            return  # failed for good; the sweep reports the recorded line
+        # The trial's wall time (with its process's start for a trial that trains in it), next to
+        # the training and evaluation time the loop logged.
+        wall = time.perf_counter() - started + (launch_s if launcher == "trial" else 0.0)
+        tracking.log_metrics(client, run_id, {"trial_time_s": wall},
                              step=max(cfg.train.epochs - 1, 0))
         ok = True
     finally:
         tracking.end_run(uri, run_id, ok=ok)
 
 
+def _train_here(cfg, *, run_id: str, uri: str, home: Path, run_dir: str, launch_s: float) -> None:
+    """A single-worker trial: the training loop in this process (``orchestrator.hosts.TrialHost``)."""
+    from orchestrator.checkpoint import resolve_init
+
+    t0 = time.perf_counter()
+    warm = "orchestrator.train" in sys.modules
+    from orchestrator.train import train_in_trial
+
+    loop_config = {
+        "config": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri,
+        "init_checkpoint": str(resolve_init(cfg.train.init_from, home)) if cfg.train.init_from else "",
+        "launch_time_s": launch_s, "import_time_s": 0.0 if warm else time.perf_counter() - t0,
+    }
+    train_in_trial(loop_config, run_dir)
+
+
 def _param_space(space: SearchSpace) -> dict[str, Any]:
     from ray import tune
 
     if not space.uses_optuna:
-        return {
-            "point": tune.grid_search(list(range(len(space.grid_points())))),
-            "seed": tune.grid_search(list(space.seeds)),
-        }
+        return {"trial": tune.grid_search(list(range(len(grid_trials(space)))))}
     dims: dict[str, Any] = {"seed": space.seeds[0]}
     for path, d in space.search.items():
         if d.type == "uniform":
@@ -144,6 +228,20 @@ def _param_space(space: SearchSpace) -> dict[str, Any]:
         else:
             dims[path] = tune.choice(list(d.values))
     return dims
+
+
+def longest_first(space: SearchSpace) -> list[int]:
+    """Indices of the grid's configurations by decreasing training work (epochs x steps per
+    epoch x batch; ties keep the search space's order)."""
+    def work(index: int) -> int:
+        cfg = space.config_for(space.grid_points()[index], space.seeds[0])
+        pool = getattr(cfg.data, f"{getattr(cfg.method, 'pool', 'paired')}_size", cfg.data.paired_size)
+        steps = max(pool // cfg.train.batch_size, 1)
+        if cfg.train.max_steps_per_epoch:
+            steps = min(steps, cfg.train.max_steps_per_epoch)
+        return cfg.train.epochs * steps * cfg.train.batch_size
+
+    return sorted(range(len(space.grid_points())), key=lambda i: -work(i))
 
 
 def build_searcher(space: SearchSpace, seed: int = 0):
@@ -212,8 +310,9 @@ def build_scheduler(space: SearchSpace):
     )
 
 
-def _close_trial_runs(client: MlflowClient, parent_id: str, results) -> None:
-    """Settle each child run's status from Tune's view of its trial.
+def _close_trial_runs(client: MlflowClient, parent_id: str, results) -> list[str]:
+    """Settle each child run's status from Tune's view of its trial; return the lines of the
+    trials that a deterministic error ended (Tune saw them return).
 
     A trial that a scheduler stopped never reaches its ``finally`` (or reaches it through the
     stop's exception): without an error in Tune it was stopped early (KILLED, tagged), unless it
@@ -221,8 +320,16 @@ def _close_trial_runs(client: MlflowClient, parent_id: str, results) -> None:
     exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
     errored = {(r.metrics or {}).get("trial_id") for r in results if r.error is not None}
     unknown_errors = None in errored  # an errored trial that never reported: trust FAILED runs
+    failed = []
     for run in client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000):
         status = run.info.status
+        line = run.data.tags.get(f"{tracking.TAG_PREFIX}{tracking.FAILED_TAG}")
+        if line:
+            if status != "FAILED":
+                client.set_terminated(run.info.run_id, status="FAILED")
+            if run.data.tags.get("avlab.trial_id") not in errored:
+                failed.append(f"trial {run.data.tags.get('avlab.trial_id', '?')}: {line}")
+            continue
         if status == "FINISHED" or run.data.tags.get("avlab.trial_id") in errored or (
             unknown_errors and status == "FAILED"
         ):
@@ -234,6 +341,7 @@ def _close_trial_runs(client: MlflowClient, parent_id: str, results) -> None:
         else:
             client.set_tag(run.info.run_id, "avlab.stopped_early", "true")
             client.set_terminated(run.info.run_id, status="KILLED")
+    return failed
 
 
 def run_sweep(
@@ -295,8 +403,9 @@ def fit_sweep(
     """Run (or, with ``restore``, continue) the Tune experiment; settle the MLflow runs.
 
     Restoring keeps trial ids (``resume_errored``, not ``restart_errored``): finished trials are
-    not run again, unfinished and errored ones continue from their trainers' checkpoints, and the
-    search algorithm's state comes back from the experiment folder."""
+    not run again, unfinished and errored ones continue from their checkpoints, and the search
+    algorithm's state comes back from the experiment folder. A trial whose process or node is lost
+    is restarted from its checkpoint up to ``train.max_failures`` times (the base config's)."""
     from ray import tune
 
     from orchestrator.launch import init_ray
@@ -306,15 +415,16 @@ def fit_sweep(
     try:
         # Per-epoch reports carry losses; the sweep metric comes with the final (evaluated) one.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+        # A single-worker trial trains in its Tune actor: it keeps the sweep's working directory
+        # (relative paths in a config, such as a manifest, mean what they mean to the driver)
+        # instead of Tune's trial folder.
+        os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
         init_ray(address)
         sweep = {"name": name, "parent_run_id": parent_id, "tracking_uri": tracking_uri, "home": str(home),
                  "storage": tracking.storage_root(home)}
         trainable = tune.with_resources(
             tune.with_parameters(_run_trial, space=space, sweep=sweep),
-            # The trial only drives its TorchTrainer; the training workers hold the CPUs. It stays on
-            # the head node (on-demand on a cluster): a driver on a spot node that dies would
-            # fail its trial instead of letting Ray Train restart the workers elsewhere.
-            {"CPU": 0, "memory": 64 * 1024**2, "node:__internal_head__": 0.001},
+            lambda config: trial_resources(space, config),
         )
         path = experiment_path(home, name)
         if restore and tune.Tuner.can_restore(path):
@@ -337,18 +447,25 @@ def fit_sweep(
                     # resets the actor for the next one, and Tune fails that next trial.
                     reuse_actors=space.scheduler is None,
                 ),
-                run_config=tune.RunConfig(name=name, storage_path=path.rsplit("/", 1)[0], verbose=1),
+                run_config=tune.RunConfig(
+                    name=name, storage_path=path.rsplit("/", 1)[0], verbose=1,
+                    failure_config=tune.FailureConfig(max_failures=space.first_config().train.max_failures),
+                ),
             )
         t0 = time.perf_counter()
         results = tuner.fit()
         if not any(m.key == "wall_time_s" for m in client.get_metric_history(parent_id, "wall_time_s")):
             tracking.log_metrics(client, parent_id, {"wall_time_s": time.perf_counter() - t0}, step=0)
-        _close_trial_runs(client, parent_id, results)
+        failed = _close_trial_runs(client, parent_id, results)
         errors = [r.error for r in results if r.error is not None]
-        ok = not errors
-        if errors:
-            lines = [line for line in str(errors[0]).splitlines() if line.strip()]
-            raise RunFailed(f"sweep {name}: {len(errors)} of {len(results)} trials failed; first: "
-                            f"{lines[-1].strip() if lines else type(errors[0]).__name__}")
+        ok = not errors and not failed
+        if not ok:
+            if errors:
+                lines = [line for line in str(errors[0]).splitlines() if line.strip()]
+                first = lines[-1].strip() if lines else type(errors[0]).__name__
+            else:
+                first = failed[0]
+            raise RunFailed(f"sweep {name}: {len(errors) + len(failed)} of {len(results)} trials failed; "
+                            f"first: {first}")
     finally:
         tracking.end_run(tracking_uri, parent_id, ok=ok)

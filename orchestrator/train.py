@@ -1,8 +1,10 @@
-"""The per-worker training loop that Ray Train runs on each DDP worker, and its launcher.
+"""The training loop: one function, run by Ray Train on each DDP worker or by a single-worker
+Tune trial in its own process (``orchestrator.hosts`` says how each launcher differs).
 
 Per worker: build the data pools and the method, shard the pools with DistributedSampler,
-train with DDP (gloo on CPU, NCCL on GPU), report losses and a checkpoint every epoch, then
-rank 0 runs the downstream evaluation on frozen features and logs it to MLflow.
+train with DDP (gloo on CPU, NCCL on GPU; no wrapper for one worker), report losses and a
+checkpoint every epoch, then rank 0 runs the downstream evaluation on frozen features and logs
+it to MLflow.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import time
 _IMPORTED_AT = time.time()  # before the imports below: the worker's import time starts here
 
 import dataclasses
-import logging
 import math
 import posixpath
 import random
@@ -23,8 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import ray
 import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
 from mlflow.tracking import MlflowClient
@@ -42,6 +43,7 @@ from methods.registry import build_method
 from orchestrator import checkpoint as ckpt
 from orchestrator import tracking
 from orchestrator.config import ExperimentConfig
+from orchestrator.hosts import RayTrainHost, TrialHost
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -49,11 +51,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_pretraining_data(cfg: ExperimentConfig, method: Method) -> dict[str, Dataset]:
+def build_pretraining_data(cfg: ExperimentConfig, method: Method, data: Any = None) -> dict[str, Dataset]:
     """The pools one training step draws from: the pretraining pool ("main") and, for methods
     that use them, the raw unpaired pools ("usound", "uimage"), whose two views
     ``DeviceAugment`` makes on the training device."""
-    data = build_dataset(cfg.data)
+    data = data if data is not None else build_dataset(cfg.data)
     pools: dict[str, Dataset] = {"main": data.pool(method.pretrain_pool)}
     info = data.info()
     if method.uses_unpaired and info.unpaired_sound_size > 0:
@@ -145,6 +147,7 @@ class _Loader:
         )
         self.epoch = 0
         self.consumed = 0  # batches of the current epoch already handed out
+        self.set_epoch(0)  # a dataset kept warm from an earlier trial starts like a new one
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -240,14 +243,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _quiet_ray_train_reports() -> None:
-    """Ray Train logs every report (all metrics) at INFO from a logger named after its file path;
-    the per-epoch line avlab prints says the same in one line."""
-    from ray.train.v2._internal.execution import context as train_context
-
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-
-
 class NonFiniteLoss(ArithmeticError):
     """The training loss became NaN or infinite: training diverged."""
 
@@ -262,46 +257,73 @@ def is_deterministic(exc: BaseException) -> bool:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Entry point that Ray Train runs on every worker.
+    """Entry point that Ray Train runs on every worker."""
+    run_loop(loop_config, RayTrainHost, entered=time.time())
+
+
+def train_in_trial(loop_config: dict[str, Any], run_dir: str) -> None:
+    """Entry point of a single-worker Tune trial: the loop in the trial's process, its
+    checkpoints in ``run_dir``."""
+    cfg = loop_config["config"]
+    run_loop(loop_config, lambda: TrialHost(run_dir, keep=cfg["train"]["checkpoints_to_keep"],
+                                            gpu=bool(cfg["resources"]["gpu"])), entered=time.time())
+
+
+def run_loop(loop_config: dict[str, Any], make_host, *, entered: float) -> None:
+    """Train one run (or one worker's part of it) with the host ``make_host()`` builds.
 
     An error that the same code raises again on the same data ends the run at once. Ray Train
-    restarts a worker group whatever the error, so the failing attempt records it on the MLflow
-    run (``tracking.record_failure``); the restarted workers find it and return without training,
-    and the driver fails the run with that line. Lost workers, nodes and connections are retried
-    from the last checkpoint as before."""
-    entered = time.time()
+    and Tune restart a worker group or a trial whatever the error, so the failing attempt records
+    it on the MLflow run (``tracking.record_failure``); a restarted attempt finds it and returns
+    without training, and the driver fails the run with that line. Lost workers, nodes and
+    connections are retried from the last checkpoint as before."""
     client = MlflowClient(loop_config["tracking_uri"])
     run_id = loop_config["mlflow_run_id"]
     if tracking.recorded_failure(client, run_id):
         return  # a previous attempt failed deterministically; the driver reports it
+    host = None
     try:
-        _train_loop(loop_config, entered)
+        host = make_host()
+        _train_loop(loop_config, host, entered)
     except Exception as exc:
         if not is_deterministic(exc):
             raise
-        ctx = ray.train.get_context()
+        rank, world = (host.rank, host.world) if host is not None else (0, 1)
         lines = str(exc).strip().splitlines()
         line = f"{type(exc).__name__}: {lines[0] if lines else ''}".strip().removesuffix(":")
-        tracking.record_failure(client, run_id, f"{line} (rank {ctx.get_world_rank()})",
+        tracking.record_failure(client, run_id, f"{line} (rank {rank})",
                                 details="".join(traceback.format_exception(exc)))
-        if ctx.get_world_size() > 1:
+        if world > 1:
             raise  # Ray Train stops the other ranks; the restarted group returns at once
-        # One worker: return, so that Ray Train neither restarts it nor prints the traceback
-        # (it is in the run's failure.txt); the driver fails the run with the recorded line.
+        # One worker: return, so that nothing restarts it or prints the traceback (it is in the
+        # run's failure.txt); the driver fails the run with the recorded line.
 
 
-def _train_loop(loop_config: dict[str, Any], entered: float) -> None:
+# Procedural datasets render each item once per process and keep it (``cache_in_memory``); a
+# trial actor that Tune reuses for the next trial keeps the last dataset, so a sweep's trials on
+# the same data do not render it again. Items are pure functions of (config, pool, index).
+_WARM_DATA: dict[Any, Any] = {}
+
+
+def warm_dataset(data_cfg: Any) -> Any:
+    if data_cfg.manifest or not data_cfg.cache_in_memory:
+        return build_dataset(data_cfg)
+    if data_cfg not in _WARM_DATA:
+        _WARM_DATA.clear()  # one dataset at a time: a pool can take a good part of the memory
+        _WARM_DATA[data_cfg] = build_dataset(data_cfg)
+    return _WARM_DATA[data_cfg]
+
+
+def _train_loop(loop_config: dict[str, Any], host: RayTrainHost | TrialHost, entered: float) -> None:
     cfg = ExperimentConfig.from_dict(loop_config["config"])
     run_id: str = loop_config["mlflow_run_id"]
     tracking_uri: str = loop_config["tracking_uri"]
-    _quiet_ray_train_reports()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = host.rank, host.world
     torch.set_num_threads(cfg.resources.cpus_per_worker)
     seed_everything(cfg.seed * 1000 + rank)
-    device = ray.train.torch.get_device()
+    device = host.device
 
-    data = build_dataset(cfg.data)
+    data = warm_dataset(cfg.data)
     method = build_method(cfg.method_name, cfg.method, data.info())
     method.configure_training(cfg.train.epochs)
     if cfg.train.channels_last:
@@ -312,16 +334,14 @@ def _train_loop(loop_config: dict[str, Any], entered: float) -> None:
             method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
         else:
             method = convert_global_batchnorm(method)
-    model = ray.train.torch.prepare_model(
+    model = host.prepare_model(
         method,
-        parallel_strategy_kwargs={
-            "find_unused_parameters": method.may_leave_parameters_unused(),
-            "broadcast_buffers": method.ddp_broadcast_buffers(),
-        },
+        find_unused_parameters=method.may_leave_parameters_unused(),
+        broadcast_buffers=method.ddp_broadcast_buffers(),
     )
     optimizer = _build_optimizer(cfg, model.parameters())
 
-    pools = build_pretraining_data(cfg, _unwrap(model))
+    pools = build_pretraining_data(cfg, _unwrap(model), data)
     unpaired_batch = cfg.train.unpaired_batch_size or cfg.train.batch_size
     loaders = {
         key: _Loader(
@@ -347,7 +367,7 @@ def _train_loop(loop_config: dict[str, Any], entered: float) -> None:
     scheduler = _build_scheduler(cfg, optimizer, steps)
 
     start_epoch, global_step, held_metrics = 0, 0, []
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = host.latest_checkpoint()
     if checkpoint is not None:
         state = load_latest_checkpoint(checkpoint, device, verbose=rank == 0)
         if state.get("identity") not in (None, cfg.identity()):
@@ -384,7 +404,7 @@ def _train_loop(loop_config: dict[str, Any], entered: float) -> None:
     augment = DeviceAugment(cfg)
     # Where this attempt's wall time goes (logged with the evaluation, so users see cost next to
     # accuracy): launch -> worker process -> function entered -> training starts.
-    timing = _startup_timing(loop_config.get("launched_at"), entered)
+    timing = _startup_timing(loop_config, entered)
     timing["setup_time_s"] = time.time() - entered
     timing["checkpoint_time_s"] = 0.0
     # bf16: the forward pass (losses included) under autocast; backward follows the forward's dtypes,
@@ -447,7 +467,7 @@ def _train_loop(loop_config: dict[str, Any], entered: float) -> None:
             "tracking_outbox": outbox.pending if outbox is not None else [],
         }
         t_report = time.perf_counter()
-        _report_with_checkpoint(metrics, state, epoch, rank, world)
+        _report_with_checkpoint(host, metrics, state, epoch)
         timing["checkpoint_time_s"] += time.perf_counter() - t_report
 
     final: dict[str, Any] = {"epoch": cfg.train.epochs - 1}
@@ -460,7 +480,7 @@ def _train_loop(loop_config: dict[str, Any], entered: float) -> None:
         else:
             timing.update(_training_cost(client, run_id))
             final.update(evaluate_and_log(cfg, _unwrap(model), data, client, run_id, device, extra=timing))
-    ray.train.report(final)
+    host.report(final)
 
 
 # [multi-node] --------------------------------------------------------------------------------
@@ -539,12 +559,16 @@ def load_latest_checkpoint(checkpoint: ray.train.Checkpoint, device: torch.devic
     raise RuntimeError(f"no usable checkpoint in {parent}: " + "; ".join(errors))
 
 
-def _startup_timing(launched_at: float | None, entered: float) -> dict[str, float]:
-    """``launch_time_s``: launch -> this module starts importing on the worker (Ray Train's
-    controller, worker processes, process group); ``import_time_s``: -> training function entered."""
+def _startup_timing(loop_config: dict[str, Any], entered: float) -> dict[str, float]:
+    """Under Ray Train, ``launch_time_s``: launch -> this module starts importing on the worker
+    (Ray Train's controller, worker processes, process group); ``import_time_s``: -> training
+    function entered. In a trial's own process the trial measured both itself (its actor's start
+    and its imports: zero for a trial that Tune gave a reused, warm actor)."""
+    if "import_time_s" in loop_config:
+        return {"launch_time_s": loop_config.get("launch_time_s", 0.0), "import_time_s": loop_config["import_time_s"]}
     out = {"import_time_s": max(entered - _IMPORTED_AT, 0.0)}
-    if launched_at is not None:
-        out["launch_time_s"] = max(_IMPORTED_AT - launched_at, 0.0)
+    if loop_config.get("launched_at") is not None:
+        out["launch_time_s"] = max(_IMPORTED_AT - loop_config["launched_at"], 0.0)
     return out
 
 
@@ -592,23 +616,19 @@ def _print_epoch(epoch: int, epochs: int, metrics: dict[str, float]) -> None:
     )
 
 
-def _report_with_checkpoint(metrics, state, epoch, rank, world) -> None:
+def _report_with_checkpoint(host: RayTrainHost | TrialHost, metrics, state, epoch) -> None:
     """Every worker reports; rank 0 attaches the checkpoint with every rank's RNG states."""
-    rng = [None] * world
-    if world > 1:
+    rng = [None] * host.world
+    if host.world > 1:
         dist.all_gather_object(rng, _rng_state())
     else:
         rng[0] = _rng_state()
-    if rank != 0:
-        ray.train.report(metrics)
+    if host.rank != 0:
+        host.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
         ckpt.save(tmp, {**state, "rng": rng})
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=ckpt.dir_name(epoch),
-        )
+        host.report(metrics, tmp, ckpt.dir_name(epoch))
 
 
 def quick_knn(cfg: ExperimentConfig, method: Method, data: ProceduralAV | BinauralScenes | ManifestAV, device: torch.device) -> dict[str, float]:

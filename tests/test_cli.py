@@ -61,6 +61,11 @@ SPACE = str(ROOT / "search_spaces" / "memory_size_fig6.yaml")  # a grid over met
         (["run", "resources.cpus_per_worker=4096"], "resources.cpus_per_worker"),
         pytest.param(["run", "resources.gpu=true"], "resources.gpu",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+        pytest.param(["run", "resources.gpu=0.25"], "resources.gpu",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+        # A share of a GPU is for one worker; DDP workers each need a whole one.
+        (["run", "resources.gpu=0.5", "resources.workers=2"], "resources.gpu"),
+        (["run", "resources.gpu=1.5"], "resources.gpu"),
         # Names that become folders stay inside the home.
         (["run", "tracking.experiment=../../../x"], "tracking.experiment"),
         (["run", "tracking.run_name=../ray/base"], "tracking.run_name"),

@@ -40,6 +40,11 @@ def test_identity_depends_on_config_and_seed():
         (["data.image_size=true"], r"^data\.image_size: expected an integer"),
         (["resources.workers=3"], r"^train\.batch_size: 128 is not divisible by resources\.workers=3"),
         (["notakeyvalue"], r"^override: "),
+        (["resources.gpu=2"], r"^resources\.gpu: must be true, false or a share of one GPU in \(0, 1\], got 2"),
+        (["resources.gpu=0"], r"^resources\.gpu: must be true, false or a share"),
+        (["resources.gpu=nan"], r"^resources\.gpu: expected a finite number"),
+        (["resources.gpu=0.25", "resources.workers=2"],
+         r"^resources\.gpu: a share of a GPU \(0\.25\) is for single-worker trials; with workers=2"),
     ],
 )
 def test_bad_values_name_the_field(overrides, message):
@@ -70,3 +75,12 @@ def test_the_small_preset_tunes_bma_only_and_overrides_still_win():
                                              "method.loss_temperature=0.1"])
     assert mine.method.loss_temperature == 0.1 and mine.train.paired_augment == "light"
     assert resolve(preset="tiny").method.loss_temperature == 0.1  # the paper's value elsewhere
+
+
+def test_a_gpu_share_is_per_worker_and_true_is_one_whole_gpu():
+    assert resolve(overrides=["resources.gpu=0.25"]).resources.gpu_share == 0.25
+    assert resolve(overrides=["resources.gpu=true", "resources.workers=2"]).resources.gpu_share == 1.0
+    assert resolve().resources.gpu_share == 0.0 and resolve().resources.gpu is False
+    # A whole config round-trips with its share (a sweep's trial rebuilds it from the dict).
+    cfg = resolve(overrides=["resources.gpu=0.5"])
+    assert ExperimentConfig.from_dict(cfg.to_dict()).resources.gpu == 0.5

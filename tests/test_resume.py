@@ -52,6 +52,39 @@ def test_checkpoint_round_trip_and_every_kind_of_damage(tmp_path):
         ckpt.load(tmp_path / "d")
 
 
+def _state(epoch: int) -> dict:
+    return {"model": {"w": torch.full((3,), float(epoch))}, "optimizer": {}, "epoch": epoch,
+            "rng": [torch.get_rng_state()], "loaders": {}}
+
+
+def test_a_single_worker_trial_keeps_whole_checkpoints_and_falls_back_past_a_damaged_one(tmp_path):
+    """The checkpoints a single-worker trial writes itself (``TrialHost``): whole folders under the
+    names Ray Train uses, the newest ``keep`` kept, and on resume the newest usable one, found by
+    the loader that multi-worker runs use."""
+    from orchestrator.hosts import TrialHost
+    from orchestrator.train import load_latest_checkpoint
+
+    run_dir = tmp_path / "trials" / "sw-abc"
+    host = TrialHost(str(run_dir), keep=2, gpu=False)
+    assert host.latest_checkpoint() is None and host.device == torch.device("cpu")
+    (run_dir / ".checkpoint_epoch00000.tmp-dead").mkdir()  # what a copy killed midway leaves
+    for epoch in range(3):
+        with __import__("tempfile").TemporaryDirectory() as tmp:
+            ckpt.save(tmp, _state(epoch))
+            host._persist(tmp, ckpt.dir_name(epoch))
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint_epoch00001", "checkpoint_epoch00002"]
+    latest = host.latest_checkpoint()
+    assert latest.path.endswith("checkpoint_epoch00002")
+    assert load_latest_checkpoint(latest, torch.device("cpu"), verbose=False)["epoch"] == 2
+
+    newest = run_dir / "checkpoint_epoch00002" / ckpt.STATE_FILE
+    newest.write_bytes(newest.read_bytes()[:100])
+    state = load_latest_checkpoint(host.latest_checkpoint(), torch.device("cpu"), verbose=False)
+    assert state["epoch"] == 1 and str(newest) in state["_skipped"][0] and "truncated" in state["_skipped"][0]
+    with pytest.raises(ValueError, match="does not match"):
+        host._persist(str(run_dir / "checkpoint_epoch00001"), "latest")
+
+
 class _Indices(Dataset):
     def __init__(self, n):
         self.n, self.epoch = n, 0

@@ -365,14 +365,14 @@ def test_sweep_on_two_nodes_survives_losing_one(tmp_path):
             if set(runs) != set(nodes.values()):
                 return False
             on_b["run"] = runs[nodes["b"]]
-            # Ray Train has registered node b's trial's first checkpoint (what a restart resumes from).
-            snapshots = list((home / "ray" / "trials").glob(f"*-{on_b['run'].info.run_id}/checkpoint_manager_snapshot.json"))
-            return bool(snapshots) and "checkpoint_epoch" in snapshots[0].read_text()
+            # Node b's trial has written its first checkpoint (what a restart resumes from).
+            return any((home / "ray" / "trials").glob(f"*-{on_b['run'].info.run_id}/checkpoint_epoch*"))
 
         _wait(both_nodes_training, timeout=600, what="a trial on each node, node b's past its first epoch")
         times["until_both_training_s"] = time.monotonic() - t_submit
-        drivers = cluster.actor_nodes("ImplicitFunc")  # Tune's trial actors, each holding a TrainController
-        assert drivers and set(drivers) == {nodes["a"]}, f"trial drivers on {drivers}, head is {nodes['a']}"
+        # Single-worker trials train in Tune's trial actors, wherever their CPU is: one per node.
+        trials = cluster.actor_nodes("ImplicitFunc")
+        assert sorted(trials) == sorted(nodes.values()), f"trial actors on {trials}, nodes {nodes}"
 
         t_kill = time.monotonic()
         wall_kill = time.time()

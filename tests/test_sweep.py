@@ -125,6 +125,9 @@ def test_small_sweep_parent_children_report_and_status(mem_sweep):
         assert 0 < m["train_pairs_per_s"] <= max(x.value for x in client.get_metric_history(r.info.run_id, "pairs_per_s"))
         assert all(m[k] >= 0 for k in ("launch_time_s", "import_time_s", "setup_time_s", "checkpoint_time_s"))
         assert m["trial_time_s"] > m["launch_time_s"] + m["setup_time_s"] + m["train_time_s"] + m["eval_time_s"]
+        assert r.data.tags["avlab.launcher"] == "trial"  # one worker: trained in the trial's own process
+    # Tune reused the first trials' processes for the last ones: nothing imported there again.
+    assert sum(r.data.metrics["import_time_s"] == 0 and r.data.metrics["launch_time_s"] == 0 for r in children) >= 1
 
     report = json.loads(subprocess.run([AVLAB, "report", "mem", "--format", "json", "--home", str(home)],
                                        capture_output=True, text=True, check=True).stdout)
@@ -193,43 +196,84 @@ def test_optuna_asha_sweep_settles_every_trial_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_trial_whose_actor_is_killed_gives_its_workers_back(tmp_path):
-    """SIGKILL of a trial's actor mid-training, as the OOM killer does: its controller dies with
-    it, and the placement group that holds its workers' CPUs must be removed, or the next trial,
-    which needs the same two CPUs, waits for them forever. The killed trial fails (``avlab
-    resume`` would continue it from its checkpoint); the other one runs to the end."""
+def test_a_single_worker_trial_whose_process_is_killed_is_restarted_and_ends_identical(tmp_path, mem_sweep):
+    """SIGKILL of a single-worker trial's process mid-training, as the OOM killer or a lost spot
+    node does: Tune starts the trial again, it continues from its own last checkpoint, and the
+    sweep ends exactly as the uninterrupted one, one MLflow run per trial, no repeated step."""
+    import faults
+
+    space = tmp_path / "mem.yaml"
+    space.write_text(MEM_SPACE.replace("max_concurrent: 2", "max_concurrent: 1"))  # one trial process
+    home, log = tmp_path / "runs", tmp_path / "sweep.log"
+    proc = faults.start(["sweep", str(space), "--name", "kt", "--home", str(home), *MEM_RUN], log, tmp_path)
+    trials = home / "ray" / "trials"
+
+    def midway() -> bool:
+        if not (home / "jobs" / "kt.json").exists():
+            return False
+        return any(r.info.status == "RUNNING" and (trials / f"kt-{r.info.run_id}" / "checkpoint_epoch00000").exists()
+                   for r in _trial_runs(home, "kt").values())
+
+    # The trial trains in its actor's process: no Ray Train controller or worker exists.
+    code, text = _kill_the_trial_actor(proc, log, midway, without=("ray::RayTrainWorker", "ray::TrainController"))
+    assert code == 0 and "resumed from" in text, text[-4000:]
+    runs, reference = _trial_runs(home, "kt"), _trial_runs(mem_sweep[0], "mem")
+    assert runs.keys() == reference.keys()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    for key, run in runs.items():
+        assert run.info.status == "FINISHED", key
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss_pair")] == [0, 1], key
+        assert _measured(run) == _measured(reference[key]), key
+
+
+@pytest.mark.slow
+def test_a_ddp_trial_whose_actor_is_killed_gives_its_workers_back_and_is_restarted(tmp_path):
+    """SIGKILL of a two-worker trial's actor mid-training: its TorchTrainer controller dies with
+    it, and the placement group that holds its workers' CPUs must be removed, or the restarted
+    trial (and the next one), which need the same two CPUs, wait for them forever. Tune restarts
+    the trial, whose new TorchTrainer continues from the checkpoint; both trials finish."""
     import faults
 
     space = tmp_path / "two.yaml"
     space.write_text(
         "base:\n  preset: tiny\ngrid:\n  method.memory_size: [10, 20]\nseeds: 1\n"
-        "metric: image_h_linear_acc\nmode: max\nresources: {workers: 1, cpus_per_worker: 2}\nmax_concurrent: 1\n"
+        "metric: image_h_linear_acc\nmode: max\nresources: {workers: 2, cpus_per_worker: 1}\nmax_concurrent: 1\n"
     )
     home, log = tmp_path / "runs", tmp_path / "sweep.log"
     proc = faults.start(["sweep", str(space), "--name", "oom", "--home", str(home), *MEM_RUN], log, tmp_path)
     trials = home / "ray" / "trials"
 
-    def trial_actor_training() -> list[int]:
-        if not any(trials.glob("oom-*/checkpoint_epoch00000")):
+    code, text = _kill_the_trial_actor(proc, log, lambda: any(trials.glob("oom-*/checkpoint_epoch00000")))
+    assert code == 0, text[-4000:]
+    runs = _trial_runs(home, "oom")
+    assert sorted(r.info.status for r in runs.values()) == ["FINISHED", "FINISHED"]
+    assert "is dead. Cleaning up placement group" in text  # what freed the CPUs: avlab's cleaner, via the GCS
+    assert "Failed to query" not in text and "multiple active Ray instances" not in text
+
+
+def _kill_the_trial_actor(proc, log: Path, ready, without: tuple[str, ...] = ()) -> tuple[int, str]:
+    """Once ``ready()``, SIGKILL the sweep's one Tune trial actor (no process of ``without`` may
+    exist beside it); wait for the sweep to end; its exit code and log."""
+    import faults
+
+    def actors() -> list[int]:
+        if not ready():
             return []
         return [pid for pid, cmd in faults.processes(proc.pid).items() if cmd.startswith("ray::ImplicitFunc")]
 
-    faults.wait_for(lambda: bool(trial_actor_training()), timeout=600, what="a trial with a checkpoint",
-                    proc=proc, log=log)
-    actors = trial_actor_training()
-    assert len(actors) == 1, faults.processes(proc.pid)
-    os.kill(actors[0], signal.SIGKILL)
+    faults.wait_for(lambda: bool(actors()), timeout=600, what="a trial with a checkpoint", proc=proc, log=log)
+    found, table = actors(), faults.processes(proc.pid)
+    assert len(found) == 1, table
+    assert not [cmd for cmd in table.values() if without and cmd.startswith(without)], table
+    os.kill(found[0], signal.SIGKILL)
     try:
         code = proc.wait(timeout=600)
     finally:
         if proc.poll() is None:
             faults.kill_node(proc)
-    text = log.read_text()
-    assert code == 1 and "avlab: sweep oom: 1 of 2 trials failed" in text, text[-4000:]
-    runs = _trial_runs(home, "oom")
-    assert sorted(r.info.status for r in runs.values()) == ["FAILED", "FINISHED"]
-    assert "is dead. Cleaning up placement group" in text  # what freed the CPUs: avlab's cleaner, via the GCS
-    assert "Failed to query" not in text and "multiple active Ray instances" not in text
+    return code, log.read_text()
 
 
 def _trial_runs(home: Path, sweep: str) -> dict[tuple[str, str], object]:
@@ -358,3 +402,71 @@ def test_variant_trials_are_labelled_by_their_variant_then_the_grid():
     assert labels == list(space.variants)  # bma, bma_pair_only, avid_cross, ...
     assert point_label({"variant": "a", "method.x": 1, "g": 2}, ("g",)) == "a,g=2"
     assert point_label({"method.memory_size": 10}) == "method.memory_size=10"
+
+
+def test_a_single_worker_trial_holds_its_cpus_and_gpu_share_and_a_ddp_trial_only_drives(tmp_path):
+    """What Tune reserves per trial: the training itself for a one-worker trial (its CPUs and GPU
+    share, anywhere in the cluster), a head-node slot with no CPU for a multi-worker trial whose
+    TorchTrainer workers hold the resources."""
+    from orchestrator.sweep import trial_resources
+
+    def bundles(text):
+        path = tmp_path / "s.yaml"
+        path.write_text(text)
+        space = load_search_space(path)
+        return [trial_resources(space, {"trial": i}).bundles for i in range(space.num_trials())]
+
+    assert bundles("grid:\n  method.memory_size: [10]\nresources: {workers: 1, cpus_per_worker: 2}\n") == [
+        [{"CPU": 2}]]
+    # A share of a GPU (it passes the edge checks only on a machine that has a GPU).
+    from orchestrator.config import ResourcesConfig
+    from orchestrator.sweep import trial_bundles
+
+    assert trial_bundles(ResourcesConfig(gpu=0.25)) == [{"CPU": 1, "GPU": 0.25}]
+    assert trial_bundles(ResourcesConfig(gpu=True, cpus_per_worker=4)) == [{"CPU": 4, "GPU": 1.0}]
+    (bundle,) = trial_bundles(ResourcesConfig(workers=2))
+    assert bundle.get("CPU", 0) == 0 and "node:__internal_head__" in bundle
+
+
+@pytest.mark.slow
+def test_a_trial_that_diverges_fails_once_and_the_others_finish(tmp_path):
+    """A deterministic error in a single-worker trial (its loss diverges) ends that trial at its
+    first attempt, FAILED with the line in ``avlab.failed``: Tune does not restart it, although it
+    restarts trials whatever their error. The other trial finishes; the sweep exits 1 naming it."""
+    space = tmp_path / "lr.yaml"
+    space.write_text(
+        "base:\n  preset: tiny\n  config:\n    optim: {name: sgd}\ngrid:\n  optim.lr: [0.01, 1.0e+30]\nseeds: 1\n"
+        "metric: image_h_linear_acc\nmode: max\nresources: {workers: 1, cpus_per_worker: 1}\nmax_concurrent: 2\n"
+    )
+    home = tmp_path / "runs"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out = subprocess.run([AVLAB, "sweep", str(space), "--name", "lr", "--home", str(home), *MEM_RUN],
+                         capture_output=True, text=True, env=env, timeout=600)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text[-4000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("avlab: sweep lr: 1 of 2 trials failed; first: trial ") and (
+        "NonFiniteLoss: the training loss is nan in epoch 0" in last), last
+    runs = _trial_runs(home, "lr")
+    by_lr = {r.data.params["optim.lr"]: r for r in runs.values()}
+    assert by_lr["0.01"].info.status == "FINISHED"
+    failed = by_lr["1e+30"]
+    assert failed.info.status == "FAILED" and failed.data.tags["avlab.failed"].startswith("NonFiniteLoss")
+    assert "|" not in failed.data.tags["avlab.node_history"]  # one attempt: not restarted
+    assert "resumed from" not in text
+
+
+def test_a_grid_starts_its_longest_configurations_first():
+    """Every seed of a configuration in a row, the longest configurations first (a random-init
+    variant, which only evaluates, last), so short trials fill the slots at the end."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    from orchestrator.sweep import _trial_params
+
+    space = load_search_space(ROOT / "search_spaces" / "demo_learning.yaml")
+    order = [_trial_params(space, v) for _, v in generate_variants(_param_space(space))]
+    order = [(params["variant"], seed) for params, seed in order]
+    assert order == [("l_pair", 0), ("l_pair", 1), ("l_pair", 2),
+                     ("random_init", 0), ("random_init", 1), ("random_init", 2)]
+    # A sweep started before this order (one Tune dimension per index) still resolves its trials.
+    assert _trial_params(space, {"point": 0, "seed": 2}) == (space.grid_points()[0], 2)

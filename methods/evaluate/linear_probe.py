@@ -21,14 +21,15 @@ Legend: N samples (clips), K crops per clip, D feature size, C classes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
-from sklearn.svm import LinearSVC
+
+# scikit-learn loads when a probe is fitted or scored: a command that only resolves configs
+# (every `avlab` driver) does not pay its import (about 2 s on two cores).
+if TYPE_CHECKING:
+    from sklearn.pipeline import Pipeline
 
 __all__ = [
     "ProbeResult",
@@ -90,6 +91,8 @@ def classification_metrics(
     C = seen if num_classes is None else num_classes
     if C < seen:
         raise ValueError(f"num_classes: {C} is smaller than the largest class id + 1 ({seen})")
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
     precision, recall, f1, _ = precision_recall_fscore_support(
         true_N, pred_N, average="macro", zero_division=0
     )
@@ -122,6 +125,10 @@ def fit_logistic_probe(
 
     With two classes scikit-learn fits the equivalent binomial model.
     """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     train_ND, train_N = _train_split(train_X, train_y, C=C)
     classifier = make_pipeline(
         StandardScaler(),
@@ -138,6 +145,10 @@ def fit_linear_svm(
     ``C`` is the SVM's inverse regularisation strength. scikit-learn picks the primal or dual
     liblinear solver from the data shape; ``seed`` fixes the dual solver's coordinate order.
     """
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
     train_ND, train_N = _train_split(train_X, train_y, C=C)
     classifier = make_pipeline(
         StandardScaler(),
