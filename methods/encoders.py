@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.resnet import BasicBlock, conv1x1
 
 # Blocks per stage (conv2_x .. conv5_x).
 RESNET_LAYERS: dict[str, tuple[int, int, int, int]] = {
@@ -212,6 +211,10 @@ class ResNetEncoder(nn.Module):
 
     @staticmethod
     def _make_stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        # Imported here: torchvision's import (it loads torch._dynamo) costs about 2.5 s on two
+        # cores, which a command that only resolves configs does not need to pay.
+        from torchvision.models.resnet import BasicBlock, conv1x1
+
         downsample = None
         if stride != 1 or in_planes != planes:
             downsample = nn.Sequential(conv1x1(in_planes, planes, stride), nn.BatchNorm2d(planes))

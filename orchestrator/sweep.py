@@ -12,6 +12,7 @@ so a restarted trial continues where it was. Grids go through Tune's ``grid_sear
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -131,9 +132,15 @@ def _trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, Any],
     # A grid trial is one (configuration, seed): found by its config's identity even if a restarted
     # driver gave it a new trial id. A proposal of a model-based search is found by its trial id.
     key = f"tags.`avlab.trial_id` = '{trial_id}'" if space.uses_optuna else f"tags.`avlab.run_identity` = '{cfg.identity()}'"
-    found = client.search_runs(
-        [exp.experiment_id], f"{key} and tags.`mlflow.parentRunId` = '{sweep['parent_run_id']}'", max_results=1
-    )
+    parent = f"tags.`mlflow.parentRunId` = '{sweep['parent_run_id']}'"
+    found = client.search_runs([exp.experiment_id], f"{key} and {parent}", max_results=1)
+    if not found and space.uses_optuna:
+        # A proposal that Tune had not yet recorded when an earlier driver died is made again by
+        # the restored, seeded searcher, under a new trial id: it takes over that proposal's run
+        # (one left by an earlier driver, never one of this driver's trials).
+        same = client.search_runs([exp.experiment_id], f"tags.`avlab.run_identity` = '{cfg.identity()}' and {parent}",
+                                  max_results=100)
+        found = [r for r in same if r.data.tags.get(f"{tracking.TAG_PREFIX}driver") != sweep["driver"]][:1]
     if found and found[0].info.status == "FINISHED" and "eval_time_s" in found[0].data.metrics:
         # Finished before the sweep's driver died, yet Tune had not recorded it: report, don't rerun.
         ray.tune.report(dict(found[0].data.metrics))
@@ -142,7 +149,7 @@ def _trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, Any],
     launcher = "trial" if cfg.resources.workers == 1 else "ray-train"
     if found:
         run_id = found[0].info.run_id
-        tracking.set_tags(client, run_id, {"trial_id": trial_id, "launcher": launcher})
+        tracking.set_tags(client, run_id, {"trial_id": trial_id, "launcher": launcher, "driver": sweep["driver"]})
     else:
         run_id = tracking.create_run(
             tracking_uri=uri,
@@ -160,6 +167,7 @@ def _trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, Any],
                 "run_identity": cfg.identity(),
                 "seed": str(seed),
                 "launcher": launcher,
+                "driver": sweep["driver"],  # which driver process started it
             },
             config_yaml=dump_yaml(cfg),
             parent_run_id=sweep["parent_run_id"],
@@ -421,7 +429,7 @@ def fit_sweep(
         os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
         init_ray(address)
         sweep = {"name": name, "parent_run_id": parent_id, "tracking_uri": tracking_uri, "home": str(home),
-                 "storage": tracking.storage_root(home)}
+                 "storage": tracking.storage_root(home), "driver": secrets.token_hex(6)}
         trainable = tune.with_resources(
             tune.with_parameters(_run_trial, space=space, sweep=sweep),
             lambda config: trial_resources(space, config),

@@ -192,16 +192,37 @@ def test_worker_sigkill_mid_epoch_restarts_from_checkpoint_and_ends_identical(tm
 
 
 @pytest.mark.slow
-def test_driver_sigkill_then_damaged_newest_checkpoint_resume_falls_back(tmp_path, reference):
+def test_ray_stopped_then_node_lost_then_damaged_newest_checkpoint_resume_falls_back(tmp_path, reference):
+    """Ray goes away under a run, then the whole node, then the disk damages the newest checkpoint.
+
+    The raylet is killed mid-run (after the second checkpoint): the driver ends without avlab's
+    traceback (when Ray raises, with one line and the command that continues it). The rest of
+    the node is killed (driver, GCS, workers: what a lost head node leaves), and the newest
+    checkpoint is truncated. ``avlab resume`` names the damaged file, falls back to the previous
+    checkpoint and ends where an uninterrupted run ends; resuming the finished run changes nothing."""
     home, log = tmp_path / "home", tmp_path / "run.log"
     proc = faults.start(["run", "--home", str(home), "tracking.run_name=dk", *RUN], log, tmp_path)
     snapshot = home / "ray" / "dk" / "checkpoint_manager_snapshot.json"
     faults.wait_for(lambda: snapshot.exists() and "checkpoint_epoch00001" in snapshot.read_text(),
                     timeout=300, what="Ray Train to register the second checkpoint", proc=proc, log=log)
-    faults.kill_node(proc)  # the driver, its local Ray and both training workers
+    (raylet,) = [pid for pid, cmd in faults.processes(proc.pid).items() if "/raylet/raylet " in cmd]
+    os.kill(raylet, signal.SIGKILL)
+    assert proc.wait(timeout=300) == 1, log.read_text()[-3000:]
+    text = log.read_text()
+    # When Ray raises in the driver, avlab says what happened in one line (Ray's core worker may
+    # still log after it). Ray's core worker may also end the driver process itself, with no
+    # Python exception to catch; either way no avlab traceback is printed.
+    ours = [line for line in text.splitlines() if line.startswith("avlab:")]
+    assert len(ours) <= 1, ours
+    if ours:
+        assert ours[0].startswith("avlab: Ray stopped under run dk (") and ours[0].endswith(
+            "`avlab resume dk` continues it from its last checkpoint"), ours
+    assert "File \"" + str(Path(ckpt.__file__).parent / "cli.py") not in text, text[-3000:]
+    faults.kill_node(proc)  # whatever of that Ray and node is left
 
     client, run = _only_run(home, "dk")
-    assert run.info.status == "RUNNING" and [s for s, _ in _history(client, run)][:2] == [0, 1]
+    # FAILED when the driver saw Ray stop, RUNNING when Ray's core worker ended it first.
+    assert run.info.status in ("FAILED", "RUNNING") and [s for s, _ in _history(client, run)][:2] == [0, 1]
     newest = home / "ray" / "dk" / "checkpoint_epoch00001" / ckpt.STATE_FILE
     newest.write_bytes(newest.read_bytes()[:4096])  # a truncated copy, as a dying disk leaves it
 
@@ -214,47 +235,13 @@ def test_driver_sigkill_then_damaged_newest_checkpoint_resume_falls_back(tmp_pat
     history, results, _ = reference
     assert run.info.status == "FINISHED" and run.data.tags["avlab.resumed"] == "1"
     assert str(newest) in run.data.tags["avlab.checkpoint_skipped"]
-    assert _history(client, run) == history
-    assert _results(client, run) == results
+    assert _history(client, run) == history  # no gap, no repeated step, same values
+    assert _results(client, run) == results  # bit-identical downstream metrics
 
     again = faults.run(["resume", "dk", "--home", str(home)], cwd=tmp_path)
     assert again.returncode == 0 and "run dk already finished" in again.stdout
     _, same = _only_run(home, "dk")
     assert same.info.end_time == run.info.end_time and same.data.tags == run.data.tags
-
-
-@pytest.mark.slow
-def test_ray_stopped_underneath_ends_with_one_line_and_resume_continues(tmp_path, reference):
-    """The raylet killed mid-run: the driver ends without avlab's traceback (when Ray raises, with
-    one line and the command that continues it), and that command ends where an uninterrupted
-    run ends."""
-    home, log = tmp_path / "home", tmp_path / "run.log"
-    proc = faults.start(["run", "--home", str(home), "tracking.run_name=rk", *RUN], log, tmp_path)
-    snapshot = home / "ray" / "rk" / "checkpoint_manager_snapshot.json"
-    faults.wait_for(lambda: snapshot.exists() and "checkpoint_epoch00000" in snapshot.read_text(),
-                    timeout=300, what="Ray Train to register the first checkpoint", proc=proc, log=log)
-    (raylet,) = [pid for pid, cmd in faults.processes(proc.pid).items() if "/raylet/raylet " in cmd]
-    os.kill(raylet, signal.SIGKILL)
-    assert proc.wait(timeout=300) == 1, log.read_text()[-3000:]
-    text = log.read_text()
-    # When Ray raises in the driver, avlab says what happened in one line (Ray's core worker may
-    # still log after it). Ray's core worker may also end the driver process itself, with no
-    # Python exception to catch; either way no avlab traceback is printed.
-    ours = [line for line in text.splitlines() if line.startswith("avlab:")]
-    assert len(ours) <= 1, ours
-    if ours:
-        assert ours[0].startswith("avlab: Ray stopped under run rk (") and ours[0].endswith(
-            "`avlab resume rk` continues it from its last checkpoint"), ours
-    assert "File \"" + str(Path(ckpt.__file__).parent / "cli.py") not in text, text[-3000:]
-    faults.kill_node(proc)  # whatever of that Ray is left
-
-    out = faults.run(["resume", "rk", "--home", str(home)], cwd=tmp_path)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    client, run = _only_run(home, "rk")
-    history, results, _ = reference
-    assert run.info.status == "FINISHED"
-    assert _history(client, run) == history
-    assert _results(client, run) == results
 
 
 def test_init_from_resolves_runs_and_checkpoints_and_names_bad_ones(tmp_path):

@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import torch
 import torchaudio
+from typing import TYPE_CHECKING
+
 from torch import nn
-from torchvision.transforms import v2
+
+if TYPE_CHECKING:  # imported where used: torchvision's import costs seconds a config check does not need
+    from torchvision.transforms import v2
 
 __all__ = ["SpecAugment", "simclr_image_augment"]
 
@@ -69,6 +73,8 @@ def simclr_image_augment(image_size: int) -> v2.Compose:
         raise ValueError(f"image_size: must be an integer >= 8, got {image_size!r}")
     kernel = max(3, 2 * (int(0.1 * image_size) // 2) + 1)
     sigma_max = max(0.5, 2.0 * image_size / 224)
+    from torchvision.transforms import v2
+
     return v2.Compose([
         v2.RandomResizedCrop(image_size, scale=(0.2, 1.0), antialias=True),
         v2.RandomHorizontalFlip(),
