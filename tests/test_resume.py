@@ -206,7 +206,10 @@ def test_ray_stopped_then_node_lost_then_damaged_newest_checkpoint_resume_falls_
     faults.wait_for(lambda: snapshot.exists() and "checkpoint_epoch00001" in snapshot.read_text(),
                     timeout=300, what="Ray Train to register the second checkpoint", proc=proc, log=log)
     (raylet,) = [pid for pid, cmd in faults.processes(proc.pid).items() if "/raylet/raylet " in cmd]
-    os.kill(raylet, signal.SIGKILL)
+    # The raylet and the training workers go at once (without their raylet the workers would
+    # train on, and finish, for a while).
+    for pid in (raylet, *faults.training_workers(proc.pid)):
+        os.kill(pid, signal.SIGKILL)
     assert proc.wait(timeout=300) == 1, log.read_text()[-3000:]
     text = log.read_text()
     # When Ray raises in the driver, avlab says what happened in one line (Ray's core worker may
@@ -218,6 +221,7 @@ def test_ray_stopped_then_node_lost_then_damaged_newest_checkpoint_resume_falls_
         assert ours[0].startswith("avlab: Ray stopped under run dk (") and ours[0].endswith(
             "`avlab resume dk` continues it from its last checkpoint"), ours
     assert "File \"" + str(Path(ckpt.__file__).parent / "cli.py") not in text, text[-3000:]
+    assert "checkpoint_epoch00002" not in text  # stopped in its third epoch
     faults.kill_node(proc)  # whatever of that Ray and node is left
 
     client, run = _only_run(home, "dk")

@@ -143,6 +143,35 @@ def test_small_sweep_parent_children_report_and_status(mem_sweep):
     assert status.stdout.count("FINISHED") >= 4 and "best so far: method.memory_size=" in status.stdout
 
 
+@pytest.mark.slow
+def test_a_trial_and_a_run_of_one_configuration_measure_the_same(tmp_path, mem_sweep):
+    """One training loop for both launchers: ``avlab run`` (a Ray Train ``TorchTrainer`` with one
+    worker) of a sweep trial's configuration logs the same losses and downstream metrics as the
+    trial, which trained in its own Tune trial process."""
+    home = tmp_path / "runs"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out = subprocess.run([AVLAB, "run", "--preset", "tiny", "--home", str(home), "tracking.run_name=same",
+                          "method.memory_size=10", "seed=1", *MEM_RUN], capture_output=True, text=True, env=env,
+                         timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("avlab").experiment_id])
+    trial = _trial_runs(mem_sweep[0], "mem")[("method.memory_size=10", "1")]
+    assert trial.data.tags["avlab.launcher"] == "trial"
+
+    def config(r):  # the whole resolved config but the run's name
+        return {k: v for k, v in r.data.params.items() if k != "tracking.run_name" and not k.startswith("varied.")}
+
+    assert config(run) == config(trial)
+    assert _measured(run) == _measured(trial)
+    trial_client = MlflowClient(f"sqlite:///{mem_sweep[0] / 'mlflow.db'}")
+    for key in ("loss", "loss_pair"):
+        assert [m.value for m in client.get_metric_history(run.info.run_id, key)] == [
+            m.value for m in trial_client.get_metric_history(trial.info.run_id, key)], key
+
+
 def test_mean_ci95_closed_form():
     from orchestrator.report import mean_ci95
 
@@ -245,7 +274,11 @@ def test_a_ddp_trial_whose_actor_is_killed_gives_its_workers_back_and_is_restart
     proc = faults.start(["sweep", str(space), "--name", "oom", "--home", str(home), *MEM_RUN], log, tmp_path)
     trials = home / "ray" / "trials"
 
-    code, text = _kill_the_trial_actor(proc, log, lambda: any(trials.glob("oom-*/checkpoint_epoch00000")))
+    def registered() -> bool:  # Ray Train has registered the first checkpoint (what a restart resumes from)
+        return any("checkpoint_epoch00000" in p.read_text()
+                   for p in trials.glob("oom-*/checkpoint_manager_snapshot.json"))
+
+    code, text = _kill_the_trial_actor(proc, log, registered)
     assert code == 0, text[-4000:]
     runs = _trial_runs(home, "oom")
     assert [r.info.status for r in runs.values()] == ["FINISHED"]
