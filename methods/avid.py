@@ -354,6 +354,11 @@ class AVID(Method):
 
     # -- the Method interface --
 
+    @classmethod
+    def training_metrics(cls, cfg: AVIDConfig) -> tuple[str, ...]:
+        terms = {"self": ("loss_self",), "cross": ("loss_cross",), "joint": ("loss_self", "loss_cross")}[cfg.variant]
+        return ("loss", *terms, *(("loss_cma",) if cfg.cma else ()))
+
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         cfg, tau = self.cfg, self.cfg.temperature
         index_B = batch["index"].long()

@@ -55,6 +55,13 @@ class Method(nn.Module):
     uses_unpaired: ClassVar[bool] = False
 
     @classmethod
+    def training_metrics(cls, cfg: Any) -> tuple[str, ...]:
+        """Every name ``training_step`` may return as a metric under ``cfg`` (its per-epoch mean
+        is logged; keys starting with "_" are not metrics). Search spaces may optimise any of
+        them; a test checks each method's steps against this list. Default: the total loss."""
+        return ("loss",)
+
+    @classmethod
     def check_data(cls, cfg: Any, data_info: DataInfo) -> None:
         """Reject a config the data cannot serve (ValueError "field: message"), before any
         compute starts; e.g. more memory-bank negatives than the pool holds. Default: none."""

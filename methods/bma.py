@@ -119,6 +119,12 @@ class BMAMemory(Method):
         self.head_v = ProjectionHead(2 * c, hidden, cfg.proj_dim)  # image-side representations
         self.head_s = ProjectionHead(2 * c, hidden, cfg.proj_dim)  # sound-side representations
 
+    @classmethod
+    def training_metrics(cls, cfg: BMAConfig) -> tuple[str, ...]:
+        paired = ("loss_pair", "mem_read_ratio_v", "mem_read_ratio_s", "mem_slots_v", "mem_slots_s")
+        unpaired = ("loss_unpair", "loss_unpair_sound", "loss_unpair_image")
+        return ("loss", *(paired if cfg.paired_loss else ()), *unpaired)
+
     def may_leave_parameters_unused(self) -> bool:
         # Without L_pair, a run with one unpaired modality never uses the other encoder.
         return not self.cfg.paired_loss

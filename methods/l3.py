@@ -120,6 +120,10 @@ class L3(Method):
         """Fusion head on [f^v ; f^s]: logits (B, 2), column 1 = "same clip"."""
         return self.fusion(torch.cat([f_v_Bc, f_s_Bc], dim=1))
 
+    @classmethod
+    def training_metrics(cls, cfg: L3Config) -> tuple[str, ...]:
+        return ("loss", "l3_acc")  # l3_acc: the correspondence accuracy on the training pairs
+
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         x_v, x_s = batch["image"], batch["sound"]
         if x_v.shape[0] != x_s.shape[0]:

@@ -371,6 +371,14 @@ class MultiSSL(Method):
         loss = huber(pred_B, gap_B, delta=cfg.huber_delta)
         return loss, {"gap_abs_err": (pred_B - gap_B).abs().mean().detach()}
 
+    @classmethod
+    def training_metrics(cls, cfg: MultiSSLConfig) -> tuple[str, ...]:
+        extra = {"spatial": ("spatial_acc",), "foreground": (), "gap": ("gap_abs_err",)}
+        names = ["loss", *(f"loss_{t}" for t in cfg.tasks), *(x for t in cfg.tasks for x in extra[t])]
+        if cfg.combination in ("incremental", "euclidean", "contrastive"):
+            names.append("loss_distill")
+        return tuple(names)
+
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         cfg, stage = self.cfg, self.stage
         out: dict[str, torch.Tensor] = {}

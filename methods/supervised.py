@@ -57,6 +57,10 @@ class Supervised(Method):
         self.classifier_v = nn.Linear(self.E_v.out_dim, data_info.num_classes)
         self.classifier_s = nn.Linear(self.E_s.out_dim, data_info.num_classes)
 
+    @classmethod
+    def training_metrics(cls, cfg: SupervisedConfig) -> tuple[str, ...]:
+        return ("loss", "loss_image_ce", "loss_sound_ce")
+
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         loss_image = F.cross_entropy(self.classifier_v(self.E_v(batch["image"])), batch["label"])
         loss_sound = F.cross_entropy(self.classifier_s(self.E_s(batch["sound"])), batch["label"])

@@ -149,8 +149,9 @@ def _execute_run(cfg: ExperimentConfig, *, name: str, run_id: str, uri: str, hom
     finally:
         tracking.end_run(uri, run_id, ok=ok)
     print(f"[avlab] finished {name} (MLflow run {run_id})")
-    for key in ("image_h_linear_acc", "image_h_knn_acc", "sound_h_linear_acc", "sound_h_knn_acc",
-                "retrieval_s2i_rank1", "retrieval_s2i_rank5"):
+    from methods.metric_names import HEADLINE_METRICS, OPTIONAL_HEADLINE_METRICS
+
+    for key in (*HEADLINE_METRICS, *OPTIONAL_HEADLINE_METRICS):
         if key in metrics:
             print(f"  {key:<22} {metrics[key]:.4f}")
     print(f"[avlab] see it in MLflow: {_ui_hint(uri)}")
@@ -460,10 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("name")
     status.set_defaults(func=cmd_status)
 
-    from orchestrator import submit, ui
+    from orchestrator import metrics, submit, ui
 
     ui.register(sub, common)
     submit.register(sub, common)
+    metrics.register(sub, common)
 
     data = sub.add_parser("data", parents=[common], help="real datasets: index a layout, check it, cache its features")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -495,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key.path=value overrides may also follow options (argparse stops positionals at them).
-    target = {"run": "items", "sweep": "overrides", "submit": "overrides", "data": "overrides"}.get(args.command)
+    target = {"run": "items", "metrics": "items", "sweep": "overrides", "submit": "overrides", "data": "overrides"}.get(args.command)
     if extra and target and all("=" in e and not e.startswith("-") for e in extra):
         setattr(args, target, [*getattr(args, target), *extra])
     elif extra:

@@ -443,9 +443,12 @@ def _build_experiment(raw: Mapping[str, Any]) -> ExperimentConfig:
     preset = raw.get("preset", "tiny")
     if preset not in PRESETS:
         raise ConfigError(f"preset: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    for section in ("method", *_SECTIONS):
+        value = raw.get(section)
+        if value is not None and not isinstance(value, Mapping):
+            example = " such as {name: bma}" if section == "method" else ""
+            raise ConfigError(f"{section}: expected a section of key: value settings{example}, got {value!r}")
     method_raw = dict(raw.get("method") or {})
-    if not isinstance(raw.get("method", {}), Mapping):
-        raise ConfigError("method: expected a mapping with at least `name`")
     method_name = method_raw.pop("name", "bma")
     if method_name not in METHODS:
         raise ConfigError(f"method.name: unknown method {method_name!r}; choose one of {sorted(METHODS)}")

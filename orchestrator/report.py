@@ -18,17 +18,9 @@ from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from orchestrator.errors import ConfigError
+from orchestrator.metrics import COST_METRICS
 from orchestrator.sweep import SWEEP_EXPERIMENT, find_sweep_run
 
-REPORT_METRICS = (
-    "image_h_linear_acc", "image_h_knn_acc", "sound_h_linear_acc", "sound_h_knn_acc",
-    "retrieval_s2i_rank1", "retrieval_s2i_rank5",
-)
-# Reported too when the sweep's runs logged them (binaural scenes: spatial probe, clip retrieval).
-OPTIONAL_REPORT_METRICS = ("sound_h_spatial_acc", "image_h_spatial_acc", "retrieval_s2i_clip_rank1")
-# What each configuration cost, next to what it scored: training throughput and time (logged by
-# every run with its evaluation).
-COST_METRICS = ("train_pairs_per_s", "train_time_s")
 
 
 def _cell(metric: str, value: dict[str, float] | None, missing: str) -> str:
@@ -60,16 +52,20 @@ def _sweep(client: MlflowClient, name: str):
 
 
 def build_report(client: MlflowClient, name: str) -> dict[str, Any]:
+    """The sweep's headline metrics, then the binaural ones when its runs logged them, then what
+    each configuration cost next to what it scored."""
+    from methods.metric_names import HEADLINE_METRICS, OPTIONAL_HEADLINE_METRICS
+
     parent = _sweep(client, name)
     metric = parent.data.params.get("metric", "image_h_linear_acc")
     mode = parent.data.params.get("mode", "max")
-    metrics = [metric, *(m for m in REPORT_METRICS if m != metric)]
+    metrics = [metric, *(m for m in HEADLINE_METRICS if m != metric)]
     groups: dict[str, list] = {}
     for run in _children(client, parent.info.run_id):
         if run.info.status == "FINISHED":
             groups.setdefault(run.data.tags.get("avlab.config_label", "base"), []).append(run)
     logged = {m for runs in groups.values() for r in runs for m in r.data.metrics}
-    metrics += [m for m in OPTIONAL_REPORT_METRICS if m in logged and m not in metrics]
+    metrics += [m for m in OPTIONAL_HEADLINE_METRICS if m in logged and m not in metrics]
     metrics += [m for m in COST_METRICS if m in logged and m not in metrics]
     rows = []
     for label, runs in groups.items():

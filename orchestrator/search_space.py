@@ -20,9 +20,11 @@ from typing import Any
 
 import yaml
 
+from methods.metric_names import HEADLINE_METRICS
 from orchestrator.config import (
     SEED_LIMIT, ConfigError, ExperimentConfig, as_float, parse_override, read_yaml_mapping, resolve,
 )
+from orchestrator.metrics import run_metrics
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 MODES = ("max", "min")
@@ -166,7 +168,7 @@ def load_search_space(path: str | Path, *, seeds: int | None = None) -> SearchSp
     base_overrides = tuple(str(o) for o in base.get("overrides") or ())
     base_cfg = _resolve(p, base_run, preset, base_overrides, "base")
 
-    variants = _load_variants(p, raw.get("variants") or {}, base_run, preset, base_overrides)
+    variants, variant_cfgs = _load_variants(p, raw.get("variants") or {}, base_run, preset, base_overrides)
     grid = _load_grid(p, raw.get("grid") or {}, base_run, preset, base_overrides)
     search = _load_search(p, raw.get("search") or {}, base_run, preset, base_overrides)
     if "grid" in raw and not grid:
@@ -189,9 +191,11 @@ def load_search_space(path: str | Path, *, seeds: int | None = None) -> SearchSp
         seed_list = tuple(range(_positive_int(p, seed_spec, "seeds")))
 
     metric = raw.get("metric", "image_h_linear_acc")
-    if not isinstance(metric, str) or not _known_metric(metric, base_cfg):
-        raise ConfigError(f"{p.name}: metric: unknown metric {metric!r}; e.g. image_h_linear_acc, "
-                          "sound_h_knn_acc, retrieval_s2i_rank1, loss")
+    logged = frozenset().union(*(run_metrics(cfg) for cfg in (base_cfg, *variant_cfgs)))
+    if not isinstance(metric, str) or metric not in logged:
+        examples = ", ".join(m for m in (*HEADLINE_METRICS, "loss") if m in logged)
+        raise ConfigError(f"{p.name}: metric: unknown metric {metric!r}: the runs of this space do not log it; "
+                          f"e.g. {examples}; `avlab metrics` lists what a configuration logs")
     mode = raw.get("mode", "max")
     if mode not in MODES:
         raise ConfigError(f"{p.name}: mode: must be max or min, got {mode!r}")
@@ -228,16 +232,20 @@ def _resolve(p: Path, run: dict, preset: Any, overrides: tuple[str, ...], where:
         raise ConfigError(f"{p.name}: {where}: {exc}") from None
 
 
-def _load_variants(p: Path, variants: Any, run: dict, preset: Any, base: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+def _load_variants(
+    p: Path, variants: Any, run: dict, preset: Any, base: tuple[str, ...]
+) -> tuple[dict[str, dict[str, Any]], list[ExperimentConfig]]:
+    """The variants' settings by label, and their resolved configurations."""
     if not isinstance(variants, Mapping):
         raise ConfigError(f"{p.name}: variants: expected a mapping of labels to {{dotted path: value}}")
     out: dict[str, dict[str, Any]] = {}
+    cfgs: list[ExperimentConfig] = []
     for label, settings in variants.items():
         if not isinstance(settings, Mapping) or not settings:
             raise ConfigError(f"{p.name}: variants.{label}: expected a non-empty mapping of dotted paths to values")
-        _resolve(p, run, preset, (*base, *(_override(k, v) for k, v in settings.items())), f"variants.{label}")
+        cfgs.append(_resolve(p, run, preset, (*base, *(_override(k, v) for k, v in settings.items())), f"variants.{label}"))
         out[str(label)] = dict(settings)
-    return out
+    return out, cfgs
 
 
 def _load_grid(p: Path, grid: Any, run: dict, preset: Any, base: tuple[str, ...]) -> dict[str, tuple[Any, ...]]:
@@ -317,34 +325,3 @@ def _positive_int(p: Path, value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{p.name}: {name}: must be an integer >= 1, got {value!r}")
     return value
-
-
-def _known_metric(metric: str, cfg: ExperimentConfig) -> bool:
-    """Downstream metric names that the run's evaluation produces, and the training losses."""
-    if metric in ("loss", "pairs_per_s") or metric.startswith("loss_"):
-        return True
-    name = metric.removeprefix("transfer_")
-    if name.startswith("retrieval_s2i_rank"):
-        k = name.removeprefix("retrieval_s2i_rank")
-        return k.isdigit() and 1 <= int(k) <= cfg.eval.retrieval_ks
-    stats = ("acc", "precision", "recall", "f1")
-    parts = name.split("_")
-    if len(parts) == 4 and parts[1].startswith("block"):  # image_block3_linear_acc
-        modality, block, protocol, stat = parts
-        return (cfg.eval.block_probes and modality in ("image", "sound") and block in ("block1", "block2", "block3", "block4")
-                and protocol == "linear" and stat in stats)
-    clip = len(parts) == 5 and parts[3] == "clip"  # sound_h_svm_clip_acc
-    if clip:
-        if cfg.eval.sound_crops < 2:
-            return False
-        parts = [*parts[:3], parts[4]]
-    if len(parts) != 4:
-        return False
-    modality, family, protocol, stat = parts
-    if modality not in ("image", "sound") or family not in cfg.eval.features:
-        return False
-    if protocol == "svm":
-        return modality == "sound" and cfg.eval.sound_svm and stat in stats
-    if clip:
-        return modality == "sound" and protocol == "linear" and stat in stats
-    return (protocol, stat) in {("linear", s) for s in stats} | {("knn", "acc")}

@@ -286,13 +286,18 @@ def check_supported(space: SearchSpace) -> None:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (key == "reduction_factor" and value < 2):
                 raise ConfigError(f"{space.path.name}: scheduler.{key}: must be an integer >= {2 if key == 'reduction_factor' else 1}")
         metric = sched.get("metric", scheduler_metric(space))
-        if metric not in ("image_h_knn_acc", "sound_h_knn_acc"):
-            raise ConfigError(f"{space.path.name}: scheduler.metric: must be image_h_knn_acc or sound_h_knn_acc, "
-                              "the metrics measured during pretraining")
         cfg = space.first_config()
         if cfg.eval.every_epochs < 1:
             raise ConfigError(f"{space.path.name}: scheduler: needs eval.every_epochs >= 1 in the base config, "
                               "so trials report a kNN accuracy while they train")
+        from methods.metric_names import metric_names
+        from methods.evaluate.suite import quick_probe_config
+
+        # What the quick probe measures while trials train (accuracies: higher is better).
+        probed = metric_names(quick_probe_config(cfg.eval))
+        if metric not in probed:
+            raise ConfigError(f"{space.path.name}: scheduler.metric: must be one of {', '.join(probed)}, "
+                              "the metrics measured during pretraining")
 
 
 def scheduler_metric(space: SearchSpace) -> str:

@@ -13,7 +13,6 @@ import time
 
 _IMPORTED_AT = time.time()  # before the imports below: the worker's import time starts here
 
-import dataclasses
 import math
 import posixpath
 import random
@@ -39,6 +38,8 @@ if TYPE_CHECKING:
 from methods.data.batch_augment import BatchSimCLRAugment, BatchSpecAugment, PairedAugment, hashed_uniform
 from methods.distributed import convert_global_batchnorm
 from methods.evaluate import run_downstream
+from methods.evaluate.suite import quick_probe_config
+from methods.metric_names import HEADLINE_METRICS, OPTIONAL_HEADLINE_METRICS
 from methods.registry import build_method
 from orchestrator import checkpoint as ckpt
 from orchestrator import tracking
@@ -633,9 +634,8 @@ def _report_with_checkpoint(host: RayTrainHost | TrialHost, metrics, state, epoc
 
 def quick_knn(cfg: ExperimentConfig, method: Method, data: ProceduralAV | BinauralScenes | ManifestAV, device: torch.device) -> dict[str, float]:
     """Cosine-kNN accuracy on h during pretraining (for schedulers that stop weak trials early)."""
-    quick = dataclasses.replace(cfg.eval, features=("h",), linear=False, knn=True, retrieval=False,
-                                block_probes=False, sound_svm=False, sound_crops=1)
-    result = run_downstream(method, train_set=data.pool("train"), test_set=data.pool("test"), cfg=quick, device=device)
+    result = run_downstream(method, train_set=data.pool("train"), test_set=data.pool("test"),
+                            cfg=quick_probe_config(cfg.eval), device=device)
     return dict(result.metrics)
 
 
@@ -672,10 +672,6 @@ def evaluate_and_log(
         client.log_figure(run_id, fig, f"plots/confusion_{name}.png")
     # eval_time_s arrives with the metrics, last: a run that has it has finished its evaluation.
     tracking.log_metrics(client, run_id, metrics, step=max(cfg.train.epochs - 1, 0))
-    summary = ", ".join(
-        f"{k}={metrics[k]:.3f}"
-        for k in ("image_h_linear_acc", "sound_h_linear_acc", "image_h_knn_acc", "retrieval_s2i_rank1")
-        if k in metrics
-    )
+    summary = ", ".join(f"{k}={metrics[k]:.3f}" for k in (*HEADLINE_METRICS, *OPTIONAL_HEADLINE_METRICS) if k in metrics)
     say(f"downstream: {summary}")
     return metrics

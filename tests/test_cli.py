@@ -114,6 +114,9 @@ HEADER = (",".join(COLUMNS) + "\n").encode()  # a manifest without rows
         (b"", ["run", "--home", "FILE"], "--home: FILE is a file"),
         (b"", ["data", "index", "folder", "FILE", "--out", "DIR", "--force"], "--out: DIR is a folder"),
         (HEADER, ["data", "check", "FILE"], "data.manifest: FILE: no rows"),
+        # A value where a section belongs.
+        (b"method: bma\n", ["run", "FILE"], "method: expected a section of key: value settings such as {name: bma}"),
+        (b"train: 5\n", ["run", "FILE"], "train: expected a section of key: value settings, got 5"),
     ],
 )
 def test_bad_files_exit_2_naming_the_file(tmp_path, capsys, content, argv, start):
@@ -141,6 +144,17 @@ def test_commands_that_need_no_config_do_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_metrics_lists_what_a_configuration_logs(capsys):
+    assert main(["metrics", "--preset", "tiny", "method.name=multissl"]) == 0
+    names = capsys.readouterr().out.split()
+    for name in ("loss_gap", "sound_h_spatial_acc", "retrieval_s2i_clip_rank1", "train_time_s", "pairs_per_s"):
+        assert name in names
+    assert "loss_pair" not in names and "l3_acc" not in names
+    assert main(["metrics", "method.nme=l3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("avlab: error: method.nme: unknown config key"), err
 
 
 def test_bad_run_file_contents(tmp_path, capsys):

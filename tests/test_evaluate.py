@@ -43,6 +43,7 @@ from methods.evaluate import (
     run_downstream,
     save_figure,
 )
+from methods.metric_names import metric_names
 
 # ---------------------------------------------------------------------------------------------
 # Fakes: a tiny method with BatchNorm and an in-memory paired dataset.
@@ -320,7 +321,7 @@ def test_run_downstream_metrics_and_invariance() -> None:
             name = f"transfer_{modality}_{fam}"
             expected |= {f"{name}_linear_{m}" for m in ("acc", "precision", "recall", "f1")}
             expected.add(f"{name}_knn_acc")
-    assert set(result.metrics) == expected
+    assert set(result.metrics) == expected == set(metric_names(cfg, prefix="transfer_"))  # the declared names
     assert all(-1.0 <= v <= 1.0 and isinstance(v, float) for v in result.metrics.values())
     ranks = [result.metrics[f"transfer_retrieval_s2i_rank{k}"] for k in (1, 2, 3)]
     assert ranks == sorted(ranks)
@@ -342,6 +343,9 @@ def test_run_downstream_skips_missing_f_and_absent_modality() -> None:
         "sound_h_linear_acc", "sound_h_linear_precision", "sound_h_linear_recall",
         "sound_h_linear_f1", "sound_h_knn_acc",
     }
+    # Declared: the sound names of both families (a method without f logs the h ones only).
+    assert set(result.metrics) < set(metric_names(cfg, modalities=("sound",)))
+    assert {m.replace("_f_", "_h_") for m in metric_names(cfg, modalities=("sound",))} == set(result.metrics)
 
 
 def test_run_downstream_requires_h_and_z() -> None:
@@ -478,7 +482,7 @@ def test_run_downstream_block_probes() -> None:
     expected |= {
         f"t_{m}_block{k}_linear_{x}" for m in ("image", "sound") for k in range(1, 5) for x in stats
     }
-    assert set(result.metrics) == expected
+    assert set(result.metrics) == expected == set(metric_names(cfg, prefix="t_"))
     assert "t_sound_block2_linear" in result.confusions
     # block4 pooled is h itself, so its probe is the h probe.
     for m in ("image", "sound"):
@@ -629,7 +633,7 @@ def test_run_downstream_svm_and_clip_metrics_match_hand_pipelines() -> None:
     protocols = ("linear", "svm", "linear_clip", "svm_clip")
     expected = {f"sound_h_{p}_{x}" for p in protocols for x in stats}
     expected |= {f"image_h_linear_{x}" for x in stats}
-    assert set(result.metrics) == expected
+    assert set(result.metrics) == expected == set(metric_names(cfg))
     assert set(result.confusions) == {f"sound_h_{p}" for p in protocols} | {"image_h_linear"}
 
     # Full clips: a hand StandardScaler + LinearSVC on the extracted h_s.
@@ -732,6 +736,7 @@ def test_spatial_probe_reads_sectors_and_clip_retrieval_finds_the_partner() -> N
         assert result.metrics[f"{modality}_h_spatial_f1"] == 1.0
     assert [result.metrics[f"retrieval_s2i_clip_rank{k}"] for k in (1, 2, 3)] == [1.0, 1.0, 1.0]
     assert "retrieval_s2i_rank1" not in result.metrics
+    assert set(result.metrics) == set(metric_names(cfg))
 
     shuffled = run_downstream(_CodeMethod(), train_set=_SceneSet(48, seed=1),
                               test_set=_SceneSet(24, seed=2, shuffle_partners=True), cfg=cfg)

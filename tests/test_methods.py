@@ -36,6 +36,7 @@ def test_every_method_trains_from_its_tiny_preset(name, overrides):
     loaders = {k: iter(DataLoader(p, batch_size=16, shuffle=True)) for k, p in pools.items()}
     opt = torch.optim.Adam(method.parameters(), lr=1e-3)
     before = {k: v.clone() for k, v in method.state_dict().items()}
+    logged = set()
     for _ in range(2):
         batch = augment.paired_batch(next(loaders["main"]), 0)
         for key in ("usound", "uimage"):
@@ -44,11 +45,15 @@ def test_every_method_trains_from_its_tiny_preset(name, overrides):
         out = method(batch)
         assert torch.isfinite(out["loss"]) and out["loss"].requires_grad
         assert all(v.dim() == 0 for k, v in out.items() if not k.startswith("_"))  # loss terms are scalars
+        logged |= {k for k in out if not k.startswith("_")}
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
         method.after_step(batch, out)
     method.on_epoch_end(0)
+    # Every metric a step logs is declared, so a search space may optimise it.
+    declared = METHODS[name].method_cls.training_metrics(cfg.method)
+    assert "loss" in logged and logged <= set(declared), logged - set(declared)
     changed = [k for k, v in method.state_dict().items() if not torch.equal(v, before[k])]
     assert any(k.startswith("E_v.") for k in changed) and any(k.startswith("E_s.") for k in changed)
     test = next(iter(DataLoader(data.pool("test"), batch_size=8)))

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import ConfigError
+from orchestrator.metrics import run_metrics
 from orchestrator.search_space import load_search_space
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,6 +23,7 @@ EXPECTED = {  # file: (configurations, trials)
     "cma_positive_rule_fig4": (4, 8),
     "method_comparison": (7, 7),
     "multissl_combinations": (9, 9),
+    "multissl_tasks_small": (5, 15),
     "demo_learning": (2, 6),
 }
 
@@ -77,6 +79,12 @@ def write(tmp_path, text):
         ("grid:\n  method.memory_temperature: [0.1, .nan]\n", r"method\.memory_temperature: expected a finite number"),
         ("search:\n  method.loss_temperature: {type: choice, values: [0.1, .inf]}\n", r"expected a finite number"),
         ("grid:\n  method.memory_size: [10]\nmetric: image_accuracy\n", r"metric: unknown metric 'image_accuracy'"),
+        # Names the runs of this space do not log: no spatial probe without binaural scenes, no
+        # L_pair term without L_pair, no Rank-9 with retrieval_ks 5.
+        ("grid:\n  method.memory_size: [10]\nmetric: sound_h_spatial_acc\n", r"metric: unknown metric 'sound_h_spatial_acc'"),
+        ("base:\n  config: {method: {name: bma, paired_loss: false}}\ngrid:\n  method.memory_size: [10]\nmetric: loss_pair\n",
+         r"metric: unknown metric 'loss_pair'"),
+        ("grid:\n  method.memory_size: [10]\nmetric: retrieval_s2i_rank9\n", r"metric: unknown metric 'retrieval_s2i_rank9'"),
         ("grid:\n  method.memory_size: [10]\nmode: best\n", r"mode: must be max or min"),
         ("grid:\n  method.memory_size: [10]\nseeds: 0\n", r"seeds: must be an integer >= 1"),
         ("gird:\n  method.memory_size: [10]\n", r"gird: unknown search-space key"),
@@ -98,6 +106,32 @@ def write(tmp_path, text):
 def test_bad_search_spaces_name_the_problem(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load_search_space(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("method, metric", [
+    ("multissl", "sound_h_spatial_acc"), ("multissl", "retrieval_s2i_clip_rank1"), ("multissl", "loss_gap"),
+    ("l3", "l3_acc"), ("bma", "mem_slots_v"), ("bma", "transfer_image_h_linear_acc"), ("avid", "loss_cross"),
+    ("supervised", "train_pairs_per_s"),
+])
+def test_every_metric_a_method_logs_can_be_the_objective(tmp_path, method, metric):
+    space = load_search_space(write(tmp_path, f"base:\n  config: {{method: {{name: {method}}}}}\n"
+                                              f"grid:\n  optim.lr: [0.001]\nmetric: {metric}\n"))
+    assert space.metric == metric
+    assert metric in run_metrics(space.first_config())
+
+
+def test_a_variant_may_log_the_objective_that_the_base_does_not(tmp_path):
+    text = "variants:\n  l3: {method.name: l3}\n  bma: {method.name: bma}\nmetric: l3_acc\n"
+    assert load_search_space(write(tmp_path, text)).metric == "l3_acc"
+
+
+def test_asha_may_stop_trials_on_any_metric_the_quick_probe_measures(tmp_path):
+    from orchestrator.sweep import check_supported
+
+    base = "base:\n  config: {method: {name: multissl}, eval: {every_epochs: 1}}\ngrid:\n  optim.lr: [0.001]\n"
+    check_supported(load_search_space(write(tmp_path, base + "scheduler: {type: asha, metric: sound_h_spatial_acc}\n")))
+    with pytest.raises(ConfigError, match=r"scheduler\.metric: must be one of image_h_knn_acc, .*sound_h_spatial_acc"):
+        check_supported(load_search_space(write(tmp_path, base + "scheduler: {type: asha, metric: sound_h_linear_acc}\n")))
 
 
 def test_not_utf8(tmp_path):

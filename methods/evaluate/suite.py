@@ -34,6 +34,7 @@ Every probe (``*_linear``, ``*_svm``, ``*_clip``) also stores its confusion matr
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -51,10 +52,11 @@ from methods.evaluate.features import (
 )
 from methods.evaluate.knn import knn_accuracy
 from methods.evaluate.linear_probe import ProbeResult, linear_probe, linear_svm
+from methods.metric_names import PROBE_STATS, rank_names
 from methods.evaluate.plots import confusion_matrix_figure
 from methods.evaluate.retrieval import retrieval_rank_k
 
-__all__ = ["FEATURE_FAMILIES", "DownstreamResult", "EvalConfig", "run_downstream"]
+__all__ = ["FEATURE_FAMILIES", "DownstreamResult", "EvalConfig", "quick_probe_config", "run_downstream"]
 
 FEATURE_FAMILIES = ("f", "h", "z")
 # Families every Method.embed must return for a modality it is given (methods/base.py); "f" is
@@ -187,11 +189,16 @@ def _family_features(
 
 
 def _record(result: DownstreamResult, name: str, probe: ProbeResult) -> None:
-    result.metrics[f"{name}_acc"] = probe.accuracy
-    result.metrics[f"{name}_precision"] = probe.precision
-    result.metrics[f"{name}_recall"] = probe.recall
-    result.metrics[f"{name}_f1"] = probe.f1
+    values = (probe.accuracy, probe.precision, probe.recall, probe.f1)
+    result.metrics.update({f"{name}_{stat}": value for stat, value in zip(PROBE_STATS, values, strict=True)})
     result.confusions[name] = probe.confusion
+
+
+def quick_probe_config(cfg: EvalConfig) -> EvalConfig:
+    """The cosine-kNN probe on h run every ``cfg.every_epochs`` epochs during pretraining (the
+    signal an early-stopping scheduler reads): ``cfg`` with the other protocols off."""
+    return dataclasses.replace(cfg, features=("h",), linear=False, knn=True, retrieval=False,
+                               block_probes=False, sound_svm=False, sound_crops=1)
 
 
 def run_downstream(
@@ -316,8 +323,7 @@ def run_downstream(
         z_s = _family_features(test, key="z_s", split="test_set", method=method)
         z_v = _family_features(test, key="z_v", split="test_set", method=method)
         ranks = retrieval_rank_k(z_s, test_y, z_v, test_y, ks=tuple(range(1, cfg.retrieval_ks + 1)))
-        for k, accuracy in ranks.items():
-            result.metrics[f"{prefix}retrieval_s2i_rank{k}"] = accuracy
+        result.metrics.update(zip(rank_names(prefix, cfg.retrieval_ks), ranks.values(), strict=True))
         for modality, z in (("image", z_v), ("sound", z_s)):
             result.metrics[f"{prefix}{modality}_z_mean_cos"] = mean_pairwise_cosine(z)
     if cfg.clip_retrieval and {"image", "sound"} <= test_keys:
@@ -325,6 +331,5 @@ def run_downstream(
         z_v = _family_features(test, key="z_v", split="test_set", method=method)
         clip_N = torch.arange(z_s.shape[0])  # each clip is its own class: find the exact partner
         ranks = retrieval_rank_k(z_s, clip_N, z_v, clip_N, ks=tuple(range(1, cfg.retrieval_ks + 1)))
-        for k, accuracy in ranks.items():
-            result.metrics[f"{prefix}retrieval_s2i_clip_rank{k}"] = accuracy
+        result.metrics.update(zip(rank_names(prefix, cfg.retrieval_ks, clip=True), ranks.values(), strict=True))
     return result

@@ -1,0 +1,82 @@
+"""The one declaration of the downstream metric names (imports nothing, so commands that read no
+config can use it without loading torch).
+
+``run_downstream`` (``methods/evaluate/suite.py``) builds its metric names with the helpers here, and
+``metric_names`` lists every name it can return for an evaluation config. Search-space
+validation, the sweep's scheduler check, the report and the run summaries read these names
+instead of spelling them again; each method declares its own training metrics
+(``Method.training_metrics``). A test checks that what the suite logs is what is declared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+PROBE_STATS = ("acc", "precision", "recall", "f1")  # of every classifier probe (linear, SVM)
+SPATIAL_STATS = ("acc", "f1")  # of the azimuth-sector probe
+ENCODER_BLOCKS = ("block1", "block2", "block3", "block4")  # per-block probes (AVID Table 1)
+MODALITIES = ("image", "sound")
+TRANSFER_PREFIX = "transfer_"
+
+# What the report and the run summaries show first, in this order.
+HEADLINE_METRICS = (
+    "image_h_linear_acc", "image_h_knn_acc", "sound_h_linear_acc", "sound_h_knn_acc",
+    "retrieval_s2i_rank1", "retrieval_s2i_rank5",
+)
+# Shown too when a run logged them (binaural scenes: the spatial probe, clip retrieval).
+OPTIONAL_HEADLINE_METRICS = ("sound_h_spatial_acc", "image_h_spatial_acc", "retrieval_s2i_clip_rank1")
+
+
+def probe_names(name: str) -> tuple[str, ...]:
+    """``{name}_acc``, ``_precision``, ``_recall``, ``_f1``: what one classifier probe logs."""
+    return tuple(f"{name}_{stat}" for stat in PROBE_STATS)
+
+
+def rank_names(prefix: str, ks: int, *, clip: bool = False) -> tuple[str, ...]:
+    """Sound -> image retrieval Rank-1..Rank-ks (by class, or ``clip``: the clip's own image)."""
+    kind = "s2i_clip" if clip else "s2i"
+    return tuple(f"{prefix}retrieval_{kind}_rank{k}" for k in range(1, ks + 1))
+
+
+def metric_names(cfg: Any, *, prefix: str = "", modalities: Iterable[str] = MODALITIES) -> tuple[str, ...]:
+    """Every name ``run_downstream(..., cfg=cfg, prefix=prefix)`` can return when the evaluation
+    items carry ``modalities`` (``cfg`` is an ``EvalConfig``). The ``f`` family is listed when
+    ``cfg.features`` asks for it, though a method that exposes no ``f`` skips it."""
+    present = [m for m in MODALITIES if m in set(modalities)]
+    features = tuple(cfg.features)
+    spatial = cfg.spatial_probe and bool(features)
+    clip = cfg.sound_crops > 1 and (cfg.linear or cfg.sound_svm) and bool(features)
+    names: list[str] = []
+    for modality in present:
+        for family in features:
+            name = f"{prefix}{modality}_{family}"
+            if cfg.linear:
+                names += probe_names(f"{name}_linear")
+            if cfg.knn:
+                names.append(f"{name}_knn_acc")
+            if modality == "sound" and cfg.sound_svm:
+                names += probe_names(f"{name}_svm")
+            if spatial:
+                names += [f"{name}_spatial_{stat}" for stat in SPATIAL_STATS]
+            if modality == "sound" and clip:
+                if cfg.linear:
+                    names += probe_names(f"{name}_linear_clip")
+                if cfg.sound_svm:
+                    names += probe_names(f"{name}_svm_clip")
+        if cfg.block_probes:
+            for block in ENCODER_BLOCKS:
+                names += probe_names(f"{prefix}{modality}_{block}_linear")
+    if set(MODALITIES) <= set(present):
+        if cfg.retrieval:
+            names += rank_names(prefix, cfg.retrieval_ks)
+            names += [f"{prefix}{modality}_z_mean_cos" for modality in MODALITIES]
+        if cfg.clip_retrieval:
+            names += rank_names(prefix, cfg.retrieval_ks, clip=True)
+    return tuple(names)
+
+
+def ordered(names: Sequence[str], first: Sequence[str] = HEADLINE_METRICS) -> list[str]:
+    """``first`` (those in ``names``), then the rest of ``names`` in their order."""
+    head = [n for n in first if n in names]
+    return head + [n for n in names if n not in head]

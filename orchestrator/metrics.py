@@ -1,0 +1,82 @@
+"""Every metric name a run logs, from the owners that declare them.
+
+- the evaluation suite: ``methods.metric_names.metric_names`` (after training, and the quick
+  kNN probe every ``eval.every_epochs`` epochs);
+- the method: ``Method.training_metrics`` (its loss terms and training diagnostics);
+- the training loop and the launchers (below): throughput, timings and cost.
+
+Search-space validation, the sweep's scheduler check, the report and the run summaries read
+these names; none of them spells a metric name of its own. The declarations of ``methods`` are
+imported when asked for, so that commands which read no config (`avlab report`) start without
+torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from orchestrator.config import ExperimentConfig
+
+# Logged by the training loop every epoch, beside the method's training metrics.
+EPOCH_METRICS = ("pairs_per_s", "epoch_time_s", "lr", "epoch")
+# What a run cost, logged with its evaluation: throughput and time over the whole run, then where
+# the wall time of its last attempt went (``trial_time_s``: a sweep trial, end to end).
+COST_METRICS = ("train_pairs_per_s", "train_time_s")
+TIMING_METRICS = ("eval_time_s", "launch_time_s", "import_time_s", "setup_time_s", "checkpoint_time_s",
+                  "trial_time_s")
+
+
+def training_metrics(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """What the run's method logs while it trains."""
+    from methods.registry import METHODS
+
+    return METHODS[cfg.method_name].method_cls.training_metrics(cfg.method)
+
+
+def epoch_metrics(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """Everything logged once per epoch (what an early-stopping scheduler can read)."""
+    from methods.metric_names import metric_names
+    from methods.evaluate.suite import quick_probe_config
+
+    probe = metric_names(quick_probe_config(cfg.eval)) if cfg.eval.every_epochs else ()
+    return (*training_metrics(cfg), *EPOCH_METRICS, *probe)
+
+
+def downstream_metrics(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """The evaluation after training, on the labelled split and on the transfer split."""
+    from methods.metric_names import TRANSFER_PREFIX, metric_names
+
+    return (*metric_names(cfg.eval), *metric_names(cfg.eval, prefix=TRANSFER_PREFIX))
+
+
+def run_metrics(cfg: ExperimentConfig) -> frozenset[str]:
+    """Every name a run of ``cfg`` may log: any of them may be a sweep's objective."""
+    return frozenset((*epoch_metrics(cfg), *downstream_metrics(cfg), *COST_METRICS, *TIMING_METRICS))
+
+
+def register(sub, common) -> None:
+    """``avlab metrics [RUN.yaml] [key.path=value ...] [--preset P]``: what such a run logs."""
+    cmd = sub.add_parser("metrics", parents=[common],
+                         help="every metric a run of this configuration logs (any may be a sweep's metric)")
+    cmd.add_argument("items", nargs="*", metavar="[RUN.yaml] [key.path=value ...]",
+                     help="an optional YAML run file, then config overrides")
+    cmd.add_argument("--preset", help="tiny, small or paper")
+    cmd.set_defaults(func=cmd_metrics, workers=None, gpu=False)
+
+
+def cmd_metrics(args) -> int:
+    from orchestrator.cli import resolve_run_config
+
+    cfg = resolve_run_config(args)  # ConfigError -> exit 2
+    downstream = downstream_metrics(cfg)
+    groups = (
+        (f"training, every epoch ({cfg.method_name})", epoch_metrics(cfg)),
+        ("downstream evaluation", [m for m in downstream if not m.startswith("transfer_")]),
+        ("transfer evaluation (with transfer splits)", [m for m in downstream if m.startswith("transfer_")]),
+        ("cost and timings", (*COST_METRICS, *TIMING_METRICS)),
+    )
+    for title, names in groups:
+        print(f"# {title}")
+        print("\n".join(names))
+    return 0
