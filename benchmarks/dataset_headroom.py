@@ -1,7 +1,7 @@
 """Headroom of the procedural dataset: how far a supervised encoder sits above a random one.
 
 Self-supervised methods are judged by how much of the gap between a randomly initialised
-encoder and a supervised one they close under the linear probe (SPEC §6). This script measures
+encoder and a supervised one they close under the linear probe (docs/spec.md §6). This script measures
 both ends on the default ``ProceduralConfig``:
 
 (a) random-init ResNet-18 (width 16) image features and ResNet-10 (width 16, one channel) sound

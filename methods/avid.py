@@ -8,7 +8,7 @@ Self-AVID uses the same modality's memories, Cross-AVID the other modality's, Jo
 (eq. 3-5). AVID+CMA adds within-modal discrimination of the instances that agree with i in both
 memory spaces (eq. 6-9).
 
-Numbers follow the authors' code where the paper leaves them open (SPEC §3): Z̄ is the mean of
+Numbers follow the authors' code where the paper leaves them open (docs/spec.md §3): Z̄ is the mean of
 exp(score) over the negatives of the very first batch (averaged over workers) and then frozen;
 each direction (v→a, a→v) carries weight ½; negatives never include the sample itself; memories
 are updated with the features of the whole global batch after the scores were computed.
@@ -41,7 +41,20 @@ from torch import nn
 
 from methods.base import Batch, DataInfo, Method
 from methods.distributed import world_size
-from methods.encoders import EncoderConfig, build_encoder
+from methods.encoders import PAPER_ENCODERS, TINY_ENCODERS, EncoderConfig, build_encoder
+
+# Per avlab preset: this method's section, and what it changes in the other sections (data,
+# train, eval), applied under the run file and the overrides. Values equal to the config's
+# defaults (the paper's) are not repeated.
+# Paper 002 §4.2 (the defaults): tau 0.07, K 1024, m 0.5, 128-d; CMA with K_p 32, lambda 1, E 50.
+PRESETS = {
+    # K = 1024 negatives as in the paper (the tiny pool holds 8192 pairs); CMA refreshes its
+    # positive sets every epoch of a short run.
+    "tiny": {"method": {**TINY_ENCODERS, "cma_refresh_epochs": 1}},
+    # BatchNorm in the head: without it the projections collapse (RESULTS.md, "AVID collapse").
+    "small": {"method": {**TINY_ENCODERS, "cma_refresh_epochs": 1, "head_batchnorm": True}},
+    "paper": {"method": PAPER_ENCODERS},
+}
 
 VARIANTS = ("self", "cross", "joint")
 CMA_RULES = ("agreement", "video", "audio", "either")

@@ -55,6 +55,12 @@ class Method(nn.Module):
     uses_unpaired: ClassVar[bool] = False
 
     @classmethod
+    def pretraining_pool(cls, cfg: Any) -> str:
+        """The pool a run of ``cfg`` pretrains on, known before the method is built (for
+        validation and for ordering a sweep's trials by their work). Default: ``pretrain_pool``."""
+        return cls.pretrain_pool
+
+    @classmethod
     def training_metrics(cls, cfg: Any) -> tuple[str, ...]:
         """Every name ``training_step`` may return as a metric under ``cfg`` (its per-epoch mean
         is logged; keys starting with "_" are not metrics). Search spaces may optimise any of

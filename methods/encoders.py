@@ -46,6 +46,18 @@ STEMS: tuple[str, ...] = ("imagenet", "small")
 # panorama's azimuth), zeros along the height.
 PADDINGS: tuple[str, ...] = ("zeros", "circular")
 
+# The encoders of avlab's presets (each method's PRESETS): width 16 on two CPU cores (tiny,
+# small), the papers' width 64 (paper). Written in full so that a run file that changes one field
+# of an encoder keeps the preset's other fields.
+TINY_ENCODERS = {
+    "image_encoder": {"arch": "resnet18", "base_width": 16},
+    "sound_encoder": {"arch": "resnet10", "base_width": 16},
+}
+PAPER_ENCODERS = {
+    "image_encoder": {"arch": "resnet18", "base_width": 64},
+    "sound_encoder": {"arch": "resnet10", "base_width": 64},
+}
+
 
 @dataclass(frozen=True)
 class EncoderConfig:

@@ -28,6 +28,17 @@ from torch import nn
 from methods.base import Batch, DataInfo, Method
 from methods.encoders import EncoderConfig, build_encoder
 
+# Per avlab preset: this method's section, and what it changes in the other sections (data,
+# train, eval), applied under the run file and the overrides. Values equal to the config's
+# defaults (the paper's) are not repeated.
+# Paper 003: two VGG-style subnetworks, 64-128-256-512 channels (16-32-64-128 on CPU).
+_VGG16 = {"image_encoder": {"arch": "vgg", "base_width": 16}, "sound_encoder": {"arch": "vgg", "base_width": 16}}
+PRESETS = {
+    "tiny": {"method": _VGG16},
+    "small": {"method": _VGG16},
+    "paper": {"method": {"image_encoder": {"arch": "vgg", "base_width": 64}, "sound_encoder": {"arch": "vgg", "base_width": 64}}},
+}
+
 
 @dataclass(frozen=True)
 class L3Config:

@@ -1,5 +1,5 @@
 """Multi-SSL on binaural sound: three pretext tasks and five ways of combining them (paper 004,
-Vasudevan, Dai and Van Gool; SPEC §5).
+Vasudevan, Dai and Van Gool; docs/spec.md §5).
 
 Tasks, on binaural scenes (a 360° panorama, its foreground mask, a 2-channel clip):
 
@@ -67,10 +67,29 @@ from torch import nn
 
 from methods.base import Batch, DataInfo, Method
 from methods.data.binaural import rotate_panorama
-from methods.encoders import Encoder, EncoderConfig, build_encoder
+from methods.encoders import PAPER_ENCODERS, TINY_ENCODERS, Encoder, EncoderConfig, build_encoder
 
 TASKS = ("spatial", "foreground", "gap")
 COMBINATIONS = ("multitask", "concat", "incremental", "euclidean", "contrastive")
+
+# Per avlab preset: this method's section, and what it changes in the other sections (data,
+# train, eval), applied under the run file and the overrides. Values equal to the config's
+# defaults (the paper's) are not repeated.
+# Multi-SSL runs on binaural scenes: 360° panoramas and 4 s two-channel clips, long enough for
+# several temporal slices, and adds the spatial probe and clip retrieval to the evaluation.
+_BINAURAL_TINY_DATA = {"binaural": True, "clip_seconds": 4.0, "n_frames": 128, "panorama_width": 128, "paired_size": 2048}
+_BINAURAL_EVAL = {"spatial_probe": True, "clip_retrieval": True}
+PRESETS = {
+    "tiny": {"method": TINY_ENCODERS, "data": _BINAURAL_TINY_DATA, "eval": _BINAURAL_EVAL},
+    # Binaural panoramas cannot take the light paired augmentation (a shift or flip turns the scene
+    # against the ears).
+    "small": {"method": TINY_ENCODERS, "data": {**_BINAURAL_TINY_DATA, "paired_size": 4096}, "eval": _BINAURAL_EVAL,
+              "train": {"paired_augment": "none", "epochs": 8}},
+    # Paper 004 uses a ResNet-50 for images; the encoders here stay those of the other methods.
+    "paper": {"method": PAPER_ENCODERS,
+              "data": {"binaural": True, "clip_seconds": 4.0, "n_frames": 400, "panorama_width": 896},
+              "eval": _BINAURAL_EVAL},
+}
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import Batch, DataInfo, Method
-from methods.encoders import EncoderConfig, build_encoder
+from methods.encoders import PAPER_ENCODERS, TINY_ENCODERS, EncoderConfig, build_encoder
+
+# Per avlab preset: this method's section, and what it changes in the other sections (data,
+# train, eval), applied under the run file and the overrides. Values equal to the config's
+# defaults (the paper's) are not repeated.
+PRESETS = {
+    "tiny": {"method": TINY_ENCODERS},
+    "small": {"method": TINY_ENCODERS},
+    "paper": {"method": PAPER_ENCODERS},
+}
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,10 @@ class Supervised(Method):
 
     name: ClassVar[str] = "supervised"
     pretrain_pool: ClassVar[str] = "paired"
+
+    @classmethod
+    def pretraining_pool(cls, cfg: SupervisedConfig) -> str:
+        return cfg.pool
 
     @classmethod
     def check_data(cls, cfg: SupervisedConfig, data_info: DataInfo) -> None:

@@ -189,15 +189,6 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 # --- presets ---------------------------------------------------------------------------------
 
-_TINY_ENCODERS = {
-    "image_encoder": {"arch": "resnet18", "base_width": 16},
-    "sound_encoder": {"arch": "resnet10", "base_width": 16},
-}
-_PAPER_ENCODERS = {
-    "image_encoder": {"arch": "resnet18", "base_width": 64},
-    "sound_encoder": {"arch": "resnet10", "base_width": 64},
-}
-
 # Input shapes of the tiny and small presets: 32x32 images, 2 s at 8 kHz as 40x64 log-mels.
 _TINY_DATA_SHAPES = {"image_size": 32, "sample_rate": 8000, "clip_seconds": 2.0, "n_mels": 40, "n_frames": 64}
 
@@ -239,68 +230,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-# Per preset, the method section of each method (only the chosen method's is used, so switching
-# method.name never inherits another method's keys).
-PRESET_METHODS: dict[str, dict[str, dict[str, Any]]] = {
-    "tiny": {
-        "bma": {**_TINY_ENCODERS, "memory_size": 1000},
-        "supervised": {**_TINY_ENCODERS},
-        "l3": {"image_encoder": {"arch": "vgg", "base_width": 16}, "sound_encoder": {"arch": "vgg", "base_width": 16}},
-        # K = 1024 negatives as in the paper (the tiny pool holds 8192 pairs); CMA refreshes its
-        # positive sets every epoch of a short run.
-        "avid": {**_TINY_ENCODERS, "cma_refresh_epochs": 1},
-        "multissl": {**_TINY_ENCODERS},
-    },
-    "small": {
-        # τ_l 0.2 (paper 0.1): at this budget it spreads the projections (mean cosine 0.64 -> 0.31)
-        # and lifts image linear and Rank-1 on every seed (RESULTS.md, "BMA-Memory at the small budget").
-        "bma": {**_TINY_ENCODERS, "loss_temperature": 0.2},
-        "supervised": {**_TINY_ENCODERS},
-        "l3": {"image_encoder": {"arch": "vgg", "base_width": 16}, "sound_encoder": {"arch": "vgg", "base_width": 16}},
-        # BatchNorm in AVID's head: without it the projections collapse (RESULTS.md, "AVID collapse").
-        "avid": {**_TINY_ENCODERS, "cma_refresh_epochs": 1, "head_batchnorm": True},
-        "multissl": {**_TINY_ENCODERS},
-    },
-    "paper": {
-        "bma": {
-            **_PAPER_ENCODERS, "memory_size": 1000, "memory_temperature": 0.1, "loss_temperature": 0.1,
-            "proj_dim": 128, "unpaired_weight": 1.0,
-        },
-        "supervised": {**_PAPER_ENCODERS},
-        # Paper 003: two VGG-style subnetworks, 64-128-256-512 channels.
-        "l3": {"image_encoder": {"arch": "vgg", "base_width": 64}, "sound_encoder": {"arch": "vgg", "base_width": 64}},
-        # Paper 002 §4.2: tau 0.07, K 1024, m 0.5, 128-d; CMA with K_p 32, lambda 1, E 50.
-        "avid": {**_PAPER_ENCODERS, "temperature": 0.07, "num_negatives": 1024, "memory_momentum": 0.5,
-                 "proj_dim": 128, "cma_positives": 32, "cma_weight": 1.0, "cma_refresh_epochs": 50},
-        # Paper 004 uses a ResNet-50 for images; the encoders here stay those of the other methods.
-        "multissl": {**_PAPER_ENCODERS},
-    },
-}
-
-# Per preset, what a method changes in the other sections (under the run file and overrides).
-# Multi-SSL runs on binaural scenes: 360° panoramas and 4 s two-channel clips, long enough for
-# several temporal slices, and adds the spatial probe and clip retrieval to the evaluation.
-_BINAURAL_TINY = {
-    "data": {"binaural": True, "clip_seconds": 4.0, "n_frames": 128, "panorama_width": 128,
-             "paired_size": 2048},
-    "eval": {"spatial_probe": True, "clip_retrieval": True},
-}
-PRESET_METHOD_SECTIONS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
-    "tiny": {"multissl": _BINAURAL_TINY},
-    # Binaural panoramas cannot take the light paired augmentation (a shift or flip turns the scene
-    # against the ears).
-    "small": {"multissl": {"data": {**_BINAURAL_TINY["data"], "paired_size": 4096},
-                           "eval": _BINAURAL_TINY["eval"], "train": {"paired_augment": "none", "epochs": 8}},
-              # BMA-Memory's L_pair on 16384 pairs x 4 epochs does not memorise the pool, and the
-              # paired augmentation only costs it (image linear 0.376 vs 0.294, same seed; RESULTS.md).
-              "bma": {"train": {"paired_augment": "none"}}},
-    "paper": {
-        "multissl": {
-            "data": {"binaural": True, "clip_seconds": 4.0, "n_frames": 400, "panorama_width": 896},
-            "eval": {"spatial_probe": True, "clip_retrieval": True},
-        },
-    },
-}
 DEFAULT_METHOD = "bma"
 
 # Sections whose keys are the fields of a dataclass.
@@ -393,10 +322,9 @@ def resolve(
     parsed = [parse_override(text) for text in overrides]
     method_name = _chosen_method(run, parsed)
     tree = copy.deepcopy(PRESETS[name])
-    defaults = PRESET_METHODS[name].get(method_name, {}) if isinstance(method_name, str) else {}
-    tree["method"] = {"name": method_name, **copy.deepcopy(defaults)}
-    if isinstance(method_name, str):
-        _deep_merge(tree, PRESET_METHOD_SECTIONS[name].get(method_name, {}), "")
+    tree["method"] = {"name": method_name}
+    if isinstance(method_name, str) and method_name in METHODS:  # else _build_experiment names it
+        _deep_merge(tree, METHODS[method_name].presets[name], "")
     _deep_merge(tree, run, "")
     for key, value in parsed:
         _set_path(tree, key, value)
@@ -498,7 +426,7 @@ def _check_cross_field(cfg: ExperimentConfig) -> None:
         method_cls.check_schedule(cfg.method, cfg.train.epochs)
     except ValueError as exc:
         raise ConfigError(f"train.{_first_line(exc)}") from None
-    pool = getattr(cfg.method, "pool", method_cls.pretrain_pool)
+    pool = method_cls.pretraining_pool(cfg.method)
     pool_size = getattr(info, f"{pool}_size", None)
     if pool_size is None or not cfg.data.manifest:
         pool_size = getattr(cfg.data, f"{pool}_size")

@@ -243,7 +243,9 @@ def longest_first(space: SearchSpace) -> list[int]:
     epoch x batch; ties keep the search space's order)."""
     def work(index: int) -> int:
         cfg = space.config_for(space.grid_points()[index], space.seeds[0])
-        pool = getattr(cfg.data, f"{getattr(cfg.method, 'pool', 'paired')}_size", cfg.data.paired_size)
+        from methods.registry import METHODS
+
+        pool = getattr(cfg.data, f"{METHODS[cfg.method_name].method_cls.pretraining_pool(cfg.method)}_size")
         steps = max(pool // cfg.train.batch_size, 1)
         if cfg.train.max_steps_per_epoch:
             steps = min(steps, cfg.train.max_steps_per_epoch)

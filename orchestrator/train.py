@@ -648,7 +648,7 @@ def evaluate_and_log(
     device: torch.device,
     extra: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """Downstream evaluation on frozen features (SPEC §6); logs metrics and confusion matrices,
+    """Downstream evaluation on frozen features (docs/spec.md §6); logs metrics and confusion matrices,
     with ``extra`` (the run's cost) in the same batch."""
     t0 = time.perf_counter()
     result = run_downstream(

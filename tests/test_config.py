@@ -64,6 +64,23 @@ def test_switching_method_drops_the_other_methods_preset_keys():
     assert cfg.method.image_encoder.base_width == 64
 
 
+def test_every_method_owns_its_presets_and_the_registry_refuses_one_without_them():
+    """Each method module gives its tiny / small / paper values (methods/<name>.py PRESETS): a
+    method without them would train the paper's encoders under --preset tiny."""
+    from methods.bma import BMAConfig, BMAMemory
+    from methods.registry import METHODS, PRESET_NAMES, _entry
+
+    assert tuple(PRESETS) == PRESET_NAMES
+    for name, entry in METHODS.items():
+        assert set(entry.presets) == set(PRESET_NAMES), name
+        width = {p: resolve(preset=p, overrides=[f"method.name={name}"]).method.image_encoder.base_width for p in PRESET_NAMES}
+        assert width == {"tiny": 16, "small": 16, "paper": 64}, name
+    with pytest.raises(TypeError, match=r"^bma: PRESETS must give exactly the presets \['tiny', 'small', 'paper'\]"):
+        _entry(BMAConfig, BMAMemory, {"tiny": {}, "paper": {}})
+    with pytest.raises(TypeError, match=r"PRESETS\['tiny'\]: sections must be among"):
+        _entry(BMAConfig, BMAMemory, {"tiny": {"methd": {}}, "small": {}, "paper": {}})
+
+
 def test_the_small_preset_tunes_bma_only_and_overrides_still_win():
     """BMA-Memory's small-preset settings (τ_l 0.2, no paired augmentation) stay with BMA: the
     other methods keep the preset's light augmentation, and the command line still decides."""

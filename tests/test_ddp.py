@@ -1,7 +1,7 @@
 """Under 2 DDP workers (gloo) the loss and gradients equal those of 1 worker on the global batch.
 
 Negatives come from the global batch (projections gathered with gradients) and BatchNorm is
-synchronised, so the number of workers does not change what is optimised (SPEC §2).
+synchronised, so the number of workers does not change what is optimised (docs/spec.md §2).
 """
 
 import os

@@ -1,4 +1,4 @@
-"""The one dependency rule (DESIGN.md): methods/ never imports ray, mlflow, optuna or orchestrator."""
+"""The one dependency rule (docs/architecture.md): methods/ never imports ray, mlflow, optuna or orchestrator."""
 
 import ast
 import subprocess

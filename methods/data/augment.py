@@ -1,4 +1,4 @@
-"""Augmentations for the unpaired associative loss (paper 001, eq. 5; SPEC §2).
+"""Augmentations for the unpaired associative loss (paper 001, eq. 5; docs/spec.md §2).
 
 L_unpair contrasts two differently augmented views of one unpaired sample: SpecAugment (random
 frequency and time masks) for sounds, SimCLR-style augmentations (random resized crop, flip,

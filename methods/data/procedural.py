@@ -15,7 +15,7 @@ colour ranges overlap and pitch ranges overlap, so mean colour or mean loudness 
 class lives in shape and texture, and in the temporal structure of the sound (pulses, sweeps,
 chirps, modulation), under clutter that a representation has to learn to ignore.
 
-Pools mirror the papers' data (SPEC §1, §2, §6): ``paired`` clips of the "main" domain, unpaired
+Pools mirror the papers' data (docs/spec.md §1, §2, §6): ``paired`` clips of the "main" domain, unpaired
 sounds and images from a shifted "other source" domain (background statistics, reverberation,
 noise colour, palette), labelled ``train`` / ``test`` splits of the main domain for linear
 probing, kNN and retrieval, and ``transfer_train`` / ``transfer_test`` from a third domain for

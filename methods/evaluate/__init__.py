@@ -1,4 +1,4 @@
-"""Downstream evaluation on frozen features (paper 001 §4.3 and Table 3; SPEC §6).
+"""Downstream evaluation on frozen features (paper 001 §4.3 and Table 3; docs/spec.md §6).
 
 Linear probe and kNN on h^v / h^s, sound → image retrieval Rank-k on z^s, z^v, confusion-matrix
 figures, and ``run_downstream`` that runs them all with flat metric names; optionally per-block

@@ -11,7 +11,7 @@ Two more passes serve the optional protocols of ``EvalConfig``:
   (block1..block4) of ``E_v`` / ``E_s``, for the per-block linear probes of AVID (paper 002,
   Table 1), which pool each stage's feature map and then probe it.
 - ``extract_sound_crop_features``: ``embed`` of K evenly spaced time crops of every sound, for
-  per-clip averaging (SPEC §6).
+  per-clip averaging (docs/spec.md §6).
 
 Legend: N dataset size, B batch, K crops per clip, D feature size, C channels, F mel bins,
 T frames, L crop frames.

@@ -1,4 +1,4 @@
-"""Linear classifiers on frozen features (paper 001 §4.3 "linear evaluation"; SPEC §6).
+"""Linear classifiers on frozen features (paper 001 §4.3 "linear evaluation"; docs/spec.md §6).
 
 BMA-Memory measures representation quality by training a linear classifier on the frozen
 representation h^v (image tasks) or h^s (sound tasks) and reporting top-1 accuracy, macro
@@ -11,7 +11,7 @@ with the statistics of the train split only:
 - ``linear_svm``: one-vs-rest linear SVM (squared hinge, liblinear), the classic protocol for
   sound classification on frozen audio features (AVID, L3).
 
-Per-clip averaging (SPEC §6): a test split given as (N, K, D), K crops of each clip, is classified
+Per-clip averaging (docs/spec.md §6): a test split given as (N, K, D), K crops of each clip, is classified
 by averaging the per-crop class probabilities (logistic probe) or decision scores (SVM) over the
 K crops of a clip before the argmax (``predict_clips``).
 

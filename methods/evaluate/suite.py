@@ -21,7 +21,7 @@ image tasks read ``{fam}_v`` and sound tasks ``{fam}_s``. Optional protocols, of
 - Per-block probes (AVID, paper 002, Table 1): the logistic probe on the globally average-pooled
   output of each stage of ``E_v`` / ``E_s`` (``forward_blocks``), not on ``embed``.
 - Linear SVM: one-vs-rest, on features standardised with train statistics only.
-- Per-clip averaging (SPEC §6): each test sound is cut into ``sound_crops`` evenly spaced crops
+- Per-clip averaging (docs/spec.md §6): each test sound is cut into ``sound_crops`` evenly spaced crops
   of T // 2 frames, each crop is embedded, and the classifier's probabilities (logistic) or
   decision scores (SVM) are averaged over a clip's crops before the argmax. The ``*_clip``
   classifiers are trained on the same kind of input: each training clip contributes the mean of
