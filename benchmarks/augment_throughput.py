@@ -43,7 +43,7 @@ from methods.data import build_dataset  # noqa: E402
 from methods.data.augment import SpecAugment, simclr_image_augment  # noqa: E402
 from methods.registry import build_method  # noqa: E402
 from orchestrator.config import resolve  # noqa: E402
-from orchestrator.train import DeviceAugment, build_pretraining_data  # noqa: E402
+from orchestrator.loaders import DeviceAugment, build_pretraining_data  # noqa: E402
 
 
 def cycle(loader: DataLoader):

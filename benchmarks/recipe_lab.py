@@ -4,7 +4,7 @@ A run through `avlab run` pays for Ray, MLflow and checkpoints; trying a recipe 
 a pool size, a head, a learning rate) only needs the training step and the probes. This script
 renders the pools once (kept in a temporary file keyed by their sizes, so the next call starts
 at once), trains with Adam on batches drawn from them, applies the same device-side augmentations
-as avlab (``orchestrator.train.DeviceAugment``), and reports the linear probes on h, sound →
+as avlab (``orchestrator.loaders.DeviceAugment``), and reports the linear probes on h, sound →
 image Rank-1 and the projections' mean pairwise cosine (1 = collapse) before and after, with the
 per-epoch losses. Nothing is appended to RESULTS.md: it is for exploring, and what it finds
 belongs in a preset and a sweep.
@@ -38,7 +38,7 @@ from methods.evaluate.linear_probe import linear_probe  # noqa: E402
 from methods.evaluate.suite import mean_pairwise_cosine  # noqa: E402
 from methods.registry import build_method  # noqa: E402
 from orchestrator.config import resolve  # noqa: E402
-from orchestrator.train import DeviceAugment  # noqa: E402
+from orchestrator.loaders import DeviceAugment  # noqa: E402
 
 
 def rendered(cfg, pools: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:

@@ -79,7 +79,7 @@ def plain_worker(spec: dict) -> None:
 
     from methods.registry import build_method
     from orchestrator.config import resolve
-    from orchestrator.train import DeviceAugment, build_pretraining_data
+    from orchestrator.loaders import DeviceAugment, build_pretraining_data
     from methods.data import build_dataset
 
     torch.set_num_threads(spec["threads"])

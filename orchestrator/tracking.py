@@ -330,3 +330,26 @@ def say(message: str) -> None:
     """One progress line to the driver (Ray forwards a worker's stdout prints twice)."""
     sys.stderr.write(f"[avlab] {message}\n")
     sys.stderr.flush()
+
+
+# --- what a run has logged (read back by restarted workers) ------------------------------------
+
+
+def training_cost(client: MlflowClient, run_id: str) -> dict[str, float]:
+    """Time spent in training steps over every epoch of the run (restarts included) and the
+    throughput it gives: ``train_time_s``, ``train_pairs_per_s``."""
+    epochs = {m.step: m.value for m in client.get_metric_history(run_id, "epoch_time_s")}
+    rates = {m.step: m.value for m in client.get_metric_history(run_id, "pairs_per_s")}
+    total = sum(epochs.values())
+    pairs = sum(epochs[e] * rates[e] for e in epochs if e in rates)
+    return {"train_time_s": total, "train_pairs_per_s": pairs / total if total > 0 else 0.0}
+
+
+def last_logged_epoch(client: MlflowClient, run_id: str) -> int:
+    history = client.get_metric_history(run_id, "loss")
+    return max((m.step for m in history), default=-1)
+
+
+def logged_evaluation(client: MlflowClient, run_id: str) -> dict[str, float] | None:
+    metrics = client.get_run(run_id).data.metrics
+    return dict(metrics) if "eval_time_s" in metrics else None

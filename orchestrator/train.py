@@ -18,7 +18,6 @@ import posixpath
 import random
 import tempfile
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,14 +27,12 @@ import ray.train
 import torch
 import torch.distributed as dist
 from mlflow.tracking import MlflowClient
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from methods.base import Batch, Method
 from methods.data import BinauralScenes, ProceduralAV, build_dataset
 
 if TYPE_CHECKING:
     from methods.data.real import ManifestAV
-from methods.data.batch_augment import BatchSimCLRAugment, BatchSpecAugment, PairedAugment, hashed_uniform
 from methods.distributed import convert_global_batchnorm
 from methods.evaluate import run_downstream
 from methods.evaluate.suite import quick_probe_config
@@ -45,155 +42,12 @@ from orchestrator import checkpoint as ckpt
 from orchestrator import tracking
 from orchestrator.config import ExperimentConfig
 from orchestrator.hosts import RayTrainHost, TrialHost
+from orchestrator.loaders import DeviceAugment, Loader, build_pretraining_data, to_device
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def build_pretraining_data(cfg: ExperimentConfig, method: Method, data: Any = None) -> dict[str, Dataset]:
-    """The pools one training step draws from: the pretraining pool ("main") and, for methods
-    that use them, the raw unpaired pools ("usound", "uimage"), whose two views
-    ``DeviceAugment`` makes on the training device."""
-    data = data if data is not None else build_dataset(cfg.data)
-    pools: dict[str, Dataset] = {"main": data.pool(method.pretrain_pool)}
-    info = data.info()
-    if method.uses_unpaired and info.unpaired_sound_size > 0:
-        pools["usound"] = data.pool("unpaired_sound")
-    if method.uses_unpaired and info.unpaired_image_size > 0:
-        pools["uimage"] = data.pool("unpaired_image")
-    return pools
-
-
-class DeviceAugment:
-    """Augmentations applied to whole batches on the training device, each view a pure function
-    of (seed, stream, epoch, index) (``methods.data.batch_augment``):
-
-    - unpaired sounds: two SpecAugment views (masks up to a fifth of the bins and frames);
-    - unpaired images: two SimCLR views;
-    - paired data with ``train.paired_augment=light``: shifted / flipped images and a random gain.
-    """
-
-    STREAMS = {"image": 1, "sound": 2, "usound": 3, "uimage": 5}  # second views use stream + 1
-
-    def __init__(self, cfg: ExperimentConfig) -> None:
-        self.seed = cfg.seed
-        self.spec = BatchSpecAugment(freq_mask=max(1, cfg.data.n_mels // 5), time_mask=max(1, cfg.data.n_frames // 5))
-        self.simclr = BatchSimCLRAugment(cfg.data.image_size)
-        self.paired = PairedAugment() if cfg.train.paired_augment == "light" else None
-
-    def _u(self, stream: int, epoch: int, index: torch.Tensor, k: int) -> torch.Tensor:
-        return hashed_uniform(self.seed, stream, epoch, index, k)
-
-    def unpaired_views(self, key: str, raw: Batch, epoch: int) -> Batch:
-        """{"usound"/"uimage": view 1, "..._aug": view 2} from a raw unpaired batch."""
-        x, index = (raw["sound"], raw["index"]) if key == "usound" else (raw["image"], raw["index"])
-        aug = self.spec if key == "usound" else self.simclr
-        s = self.STREAMS[key]
-        return {
-            key: aug(x, self._u(s, epoch, index, aug.draws())),
-            f"{key}_aug": aug(x, self._u(s + 1, epoch, index, aug.draws())),
-        }
-
-    def paired_batch(self, batch: Batch, epoch: int) -> Batch:
-        if self.paired is None:
-            return batch
-        index = batch["index"]
-        out = dict(batch)
-        if "image" in batch:
-            u = self._u(self.STREAMS["image"], epoch, index, PairedAugment.DRAWS)
-            out["image"] = self.paired.image(batch["image"], u)
-        if "sound" in batch:
-            out["sound"] = self.paired.sound(batch["sound"], self._u(self.STREAMS["sound"], epoch, index, PairedAugment.DRAWS))
-        return out
-
-
-class _ResumableSampler(DistributedSampler):
-    """A DistributedSampler that can start part-way into an epoch (a resumed unpaired pool)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.start = 0  # samples of this rank's shard to skip, once
-
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        start, self.start = self.start, 0
-        return iter(indices[start:])
-
-
-class _Loader:
-    """A sharded DataLoader over one pool that can be iterated forever (unpaired pools cycle).
-
-    Its position (epoch, batches consumed in that epoch) goes into every checkpoint, so a resumed
-    run draws exactly the batches an uninterrupted one would have drawn."""
-
-    def __init__(self, dataset: Dataset, *, batch: int, world: int, rank: int, seed: int, workers: int):
-        self.dataset = dataset
-        self.batch = batch
-        self.sampler = _ResumableSampler(
-            dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
-        )
-        self.loader = DataLoader(
-            dataset,
-            batch_size=batch,
-            sampler=self.sampler,
-            drop_last=True,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            # Worker seeds come from this generator, not from the global RNG that training uses;
-            # samples and their augmentations are functions of (seed, epoch, index) anyway.
-            generator=torch.Generator().manual_seed(seed),
-        )
-        self.epoch = 0
-        self.consumed = 0  # batches of the current epoch already handed out
-        self.set_epoch(0)  # a dataset kept warm from an earlier trial starts like a new one
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.consumed = 0
-        self.sampler.set_epoch(epoch)
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "consumed": self.consumed}
-
-    def load_state(self, state: dict[str, int]) -> None:
-        self.set_epoch(state["epoch"])
-        self.consumed = state["consumed"]
-        # [resume fix] Saved right after the last batch of an epoch (the generator had not yet
-        # moved on): continue with the next epoch, as the uninterrupted run does, instead of an
-        # empty remainder of this one.
-        if self.consumed >= len(self.loader):
-            self.set_epoch(self.epoch + 1)
-        self.sampler.start = self.consumed * self.batch
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def forever(self) -> Iterator[Batch]:
-        while True:
-            empty = True
-            for batch in self.loader:
-                empty = False
-                self.consumed += 1
-                yield batch
-            if empty:  # a pool smaller than one batch would otherwise spin here forever
-                raise RuntimeError(f"a pool of {len(self.loader.dataset)} items yields no full batch of "
-                                   f"{self.loader.batch_size} per worker")
-            self.set_epoch(self.epoch + 1)
-
-
-def _to_device(batch: Batch, device: torch.device, *, channels_last: bool = False) -> Batch:
-    """Copy a batch to the device (asynchronously from pinned memory); with ``channels_last``,
-    image and log-mel batches (N, C, H, W) arrive in NHWC layout."""
-    return {
-        k: v.to(device, non_blocking=True, memory_format=torch.channels_last)
-        if channels_last and v.dim() == 4 else v.to(device, non_blocking=True)
-        for k, v in batch.items()
-    }
 
 
 def _unwrap(model: torch.nn.Module) -> Method:
@@ -345,7 +199,7 @@ def _train_loop(loop_config: dict[str, Any], host: RayTrainHost | TrialHost, ent
     pools = build_pretraining_data(cfg, _unwrap(model), data)
     unpaired_batch = cfg.train.unpaired_batch_size or cfg.train.batch_size
     loaders = {
-        key: _Loader(
+        key: Loader(
             pool,
             batch=(cfg.train.batch_size if key == "main" else unpaired_batch) // world,
             world=world,
@@ -397,7 +251,7 @@ def _train_loop(loop_config: dict[str, Any], host: RayTrainHost | TrialHost, ent
 
     # Epochs whose metrics are already in MLflow (a restart after the log, before the checkpoint
     # landed) are trained again but not logged again: the history gets no repeated steps.
-    logged_through = _last_logged_epoch(client, run_id) if client is not None else -1
+    logged_through = tracking.last_logged_epoch(client, run_id) if client is not None else -1
     # Epoch metrics go through an outbox: a tracking server that is away holds up neither the
     # training nor the checkpoints, and what it missed is sent when it is back (or by a restart).
     outbox = tracking.Outbox(client, run_id, held_metrics) if client is not None else None
@@ -420,12 +274,12 @@ def _train_loop(loop_config: dict[str, Any], host: RayTrainHost | TrialHost, ent
         for step, batch in enumerate(loaders["main"].loader):
             if step >= steps:
                 break
-            batch = augment.paired_batch(_to_device(batch, device), epoch)
+            batch = augment.paired_batch(to_device(batch, device), epoch)
             for key, it in unpaired_iters.items():
-                raw = _to_device(next(it), device)  # its loader's epoch is the batch's epoch
+                raw = to_device(next(it), device)  # its loader's epoch is the batch's epoch
                 batch.update(augment.unpaired_views(key, raw, loaders[key].epoch))
             if cfg.train.channels_last:
-                batch = _to_device(batch, device, channels_last=True)
+                batch = to_device(batch, device, channels_last=True)
             with autocast:
                 out = model(batch)
             optimizer.zero_grad(set_to_none=True)
@@ -474,12 +328,12 @@ def _train_loop(loop_config: dict[str, Any], host: RayTrainHost | TrialHost, ent
     final: dict[str, Any] = {"epoch": cfg.train.epochs - 1}
     if rank == 0:
         outbox.flush()  # every epoch's metrics are in the store before the evaluation is looked up
-        done = _logged_evaluation(client, run_id)
+        done = tracking.logged_evaluation(client, run_id)
         if done is not None:  # evaluated before a restart: report it, don't repeat it
             say("downstream evaluation already logged; not repeated")
             final.update(done)
         else:
-            timing.update(_training_cost(client, run_id))
+            timing.update(tracking.training_cost(client, run_id))
             final.update(evaluate_and_log(cfg, _unwrap(model), data, client, run_id, device, extra=timing))
     host.report(final)
 
@@ -571,26 +425,6 @@ def _startup_timing(loop_config: dict[str, Any], entered: float) -> dict[str, fl
     if loop_config.get("launched_at") is not None:
         out["launch_time_s"] = max(_IMPORTED_AT - loop_config["launched_at"], 0.0)
     return out
-
-
-def _training_cost(client: MlflowClient, run_id: str) -> dict[str, float]:
-    """Time spent in training steps over every epoch of the run (restarts included) and the
-    throughput it gives: ``train_time_s``, ``train_pairs_per_s``."""
-    epochs = {m.step: m.value for m in client.get_metric_history(run_id, "epoch_time_s")}
-    rates = {m.step: m.value for m in client.get_metric_history(run_id, "pairs_per_s")}
-    total = sum(epochs.values())
-    pairs = sum(epochs[e] * rates[e] for e in epochs if e in rates)
-    return {"train_time_s": total, "train_pairs_per_s": pairs / total if total > 0 else 0.0}
-
-
-def _last_logged_epoch(client: MlflowClient, run_id: str) -> int:
-    history = client.get_metric_history(run_id, "loss")
-    return max((m.step for m in history), default=-1)
-
-
-def _logged_evaluation(client: MlflowClient, run_id: str) -> dict[str, float] | None:
-    metrics = client.get_run(run_id).data.metrics
-    return dict(metrics) if "eval_time_s" in metrics else None
 
 
 def _epoch_metrics(sums: dict[str, torch.Tensor], steps: int, world: int) -> dict[str, float]:

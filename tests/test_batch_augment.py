@@ -22,7 +22,7 @@ from methods.data.batch_augment import (
 )
 from methods.data.procedural import LOGMEL_STD
 from orchestrator.config import resolve
-from orchestrator.train import DeviceAugment
+from orchestrator.loaders import DeviceAugment
 
 
 def test_hashed_uniform_is_a_pure_function_of_seed_stream_epoch_index() -> None:

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 from methods.data import build_dataset
 from methods.registry import METHODS, build_method
 from orchestrator.config import resolve
-from orchestrator.train import DeviceAugment, build_pretraining_data
+from orchestrator.loaders import DeviceAugment, build_pretraining_data
 
 SMALL = ["data.paired_size=128", "data.unpaired_sound_size=32", "data.unpaired_image_size=32",
          "train.batch_size=16", "method.memory_size=16"]

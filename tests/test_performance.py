@@ -9,7 +9,8 @@ from methods.data import ProceduralAV
 from methods.registry import build_method
 from orchestrator import tracking
 from orchestrator.config import resolve
-from orchestrator.train import _to_device, _training_cost
+from orchestrator.loaders import to_device
+from orchestrator.tracking import training_cost
 
 
 def tiny_bma_and_batch(b: int = 16):
@@ -35,7 +36,7 @@ def test_channels_last_moves_4d_batches_to_nhwc_and_trains_the_same_model():
     method, batch = tiny_bma_and_batch()
     method.train()
     ref_loss, ref_grads = loss_and_grads(method, batch)
-    moved = _to_device(batch, torch.device("cpu"), channels_last=True)
+    moved = to_device(batch, torch.device("cpu"), channels_last=True)
     assert moved["image"].is_contiguous(memory_format=torch.channels_last)
     assert not moved["image"].is_contiguous()  # really NHWC, not a no-op
     assert torch.equal(moved["image"], batch["image"]) and torch.equal(moved["index"], batch["index"])
@@ -77,6 +78,6 @@ def test_training_cost_is_the_run_history_weighted_by_epoch_time(tmp_path):
     # Two epochs (the second logged by a restarted worker): 10 s at 100 pairs/s, 30 s at 200 pairs/s.
     tracking.log_metrics(client, run_id, {"epoch_time_s": 10.0, "pairs_per_s": 100.0}, step=0)
     tracking.log_metrics(client, run_id, {"epoch_time_s": 30.0, "pairs_per_s": 200.0}, step=1)
-    cost = _training_cost(client, run_id)
+    cost = training_cost(client, run_id)
     assert cost["train_time_s"] == pytest.approx(40.0)
     assert cost["train_pairs_per_s"] == pytest.approx((1000 + 6000) / 40)

@@ -103,10 +103,10 @@ class _Indices(Dataset):
 # loader must go on with the next epoch, not an empty remainder of this one.
 @pytest.mark.parametrize("taken", [0, 3, 5, 6, 7, 11, 12])
 def test_unpaired_loader_resumes_at_the_same_batch(taken):
-    from orchestrator.train import _Loader
+    from orchestrator.loaders import Loader
 
     def loader():
-        return _Loader(_Indices(50), batch=4, world=2, rank=1, seed=7, workers=0)
+        return Loader(_Indices(50), batch=4, world=2, rank=1, seed=7, workers=0)
 
     whole = loader().forever()
     expected = [next(whole) for _ in range(taken + 8)]
