@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 # The config (and with it torch, torchvision, scikit-learn) is imported by the commands that
 # need it, so `--help`, `status`, `report` and `ui` start in a fraction of the time.
-from orchestrator.errors import ConfigError, RunFailed
+from orchestrator.errors import ConfigError, Interrupted, RunFailed
 
 if TYPE_CHECKING:
     from orchestrator.config import ExperimentConfig
@@ -519,6 +519,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunFailed as exc:  # deterministic: not retried, one line, the run is marked FAILED
         print(f"avlab: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as exc:  # Ctrl-C with the state saved: one line that says how to continue
+        print(f"avlab: {exc}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("avlab: interrupted", file=sys.stderr)
         return 130

@@ -9,3 +9,7 @@ class ConfigError(ValueError):
 
 class RunFailed(RuntimeError):
     """A run stopped by an error that a retry would raise again; the message is its one line."""
+
+
+class Interrupted(RuntimeError):
+    """Stopped by the user (Ctrl-C) with its state saved; the message says how to continue."""

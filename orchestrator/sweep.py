@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from mlflow.tracking import MlflowClient
 
 from orchestrator import jobs, tracking
-from orchestrator.errors import ConfigError, RunFailed
+from orchestrator.errors import ConfigError, Interrupted, RunFailed
 
 if TYPE_CHECKING:  # the config is imported where it is used: `avlab report` and `status` need none
     from orchestrator.search_space import SearchSpace
@@ -359,6 +359,17 @@ def _close_trial_runs(client: MlflowClient, parent_id: str, results) -> list[str
     return failed
 
 
+def _mark_interrupted(client: MlflowClient, parent_id: str) -> None:
+    """Settle the child runs of the trials that Ctrl-C stopped (none with a recorded failure): one
+    that had logged its evaluation is FINISHED (``avlab resume`` reports it without running it
+    again), the others are KILLED, not failed, and continue from their checkpoints on resume."""
+    exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
+    for run in client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000):
+        if run.info.status == "FINISHED" or run.data.tags.get(f"{tracking.TAG_PREFIX}{tracking.FAILED_TAG}"):
+            continue
+        client.set_terminated(run.info.run_id, status="FINISHED" if "eval_time_s" in run.data.metrics else "KILLED")
+
+
 def run_sweep(
     space: SearchSpace,
     *,
@@ -426,7 +437,7 @@ def fit_sweep(
     from orchestrator.launch import init_ray
 
     client = MlflowClient(tracking_uri)
-    ok = False
+    ok = interrupted = False
     try:
         # Per-epoch reports carry losses; the sweep metric comes with the final (evaluated) one.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
@@ -469,6 +480,17 @@ def fit_sweep(
             )
         t0 = time.perf_counter()
         results = tuner.fit()
+        expected = space.num_samples if space.uses_optuna else len(grid_trials(space))
+        if results.num_terminated + results.num_errors < expected:
+            # Ctrl-C: Tune saved the experiment and returned before every trial ended. The sweep
+            # is not over: its unfinished trials continue from their checkpoints on resume.
+            interrupted = True
+            import ray
+
+            ray.shutdown()  # the trials' actors end with their driver: none settles its run after this
+            _mark_interrupted(client, parent_id)
+            raise Interrupted(f"sweep {name} interrupted with {results.num_terminated} of {expected} trials ended; "
+                              f"`avlab resume {name}` continues it")
         if not any(m.key == "wall_time_s" for m in client.get_metric_history(parent_id, "wall_time_s")):
             tracking.log_metrics(client, parent_id, {"wall_time_s": time.perf_counter() - t0}, step=0)
         failed = _close_trial_runs(client, parent_id, results)
@@ -483,4 +505,7 @@ def fit_sweep(
             raise RunFailed(f"sweep {name}: {len(errors) + len(failed)} of {len(results)} trials failed; "
                             f"first: {first}")
     finally:
-        tracking.end_run(tracking_uri, parent_id, ok=ok)
+        if interrupted:
+            client.set_terminated(parent_id, status="KILLED")
+        else:
+            tracking.end_run(tracking_uri, parent_id, ok=ok)

@@ -338,10 +338,12 @@ def test_resume_of_a_finished_sweep_says_so_and_changes_nothing(mem_sweep):
 
 
 @pytest.mark.slow
-def test_sweep_driver_sigkill_then_resume_finishes_every_trial_once(tmp_path, mem_sweep):
-    """Kill the driver with its node (local Ray head and trial workers) once one trial has
-    finished and another is part-way through; ``avlab resume`` runs only what is left and the
-    sweep ends exactly as the uninterrupted one did."""
+@pytest.mark.parametrize("stop", ["node-lost", "ctrl-c"])
+def test_sweep_driver_stopped_then_resume_finishes_every_trial_once(tmp_path, mem_sweep, stop):
+    """Stop the sweep once one trial has finished and another is part-way through: SIGKILL the
+    driver with its node (local Ray head and trial workers), or press Ctrl-C (SIGINT to the
+    driver: one line, exit 130, the sweep KILLED, not FINISHED). ``avlab resume`` runs only what
+    is left and the sweep ends exactly as the uninterrupted one did."""
     import faults
 
     space = tmp_path / "mem.yaml"
@@ -360,7 +362,24 @@ def test_sweep_driver_sigkill_then_resume_finishes_every_trial_once(tmp_path, me
         return bool(done and midway)
 
     faults.wait_for(one_done_one_midway, timeout=600, what="a finished and a part-way trial", proc=proc, log=log)
-    faults.kill_node(proc)
+    if stop == "node-lost":
+        faults.kill_node(proc)
+    else:
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=300) == 130, log.read_text()[-3000:]
+        ours = [line for line in log.read_text().splitlines() if line.startswith("avlab:")]
+        assert len(ours) == 1 and ours[0].startswith("avlab: sweep cut interrupted with "), ours
+        assert ours[0].endswith("trials ended; `avlab resume cut` continues it"), ours
+        assert "[avlab] sweep cut finished" not in log.read_text()
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+        parent = client.search_runs([client.get_experiment_by_name("avlab-sweeps").experiment_id],
+                                    "tags.`avlab.kind` = 'sweep'")[0]
+        assert parent.info.status == "KILLED"
+        statuses = sorted(r.info.status for r in _trial_runs(home, "cut").values())
+        assert "FINISHED" in statuses and "KILLED" in statuses and "FAILED" not in statuses, statuses
+        faults.kill_node(proc)  # whatever Ray left behind
     killed = _trial_runs(home, "cut")
     done_before = {k: (r.info.end_time, r.data.metrics) for k, r in killed.items() if r.info.status == "FINISHED"}
     assert done_before and len(done_before) < 4
