@@ -28,11 +28,8 @@ def _doc_blocks(language: str) -> list[str]:
 
 
 def _project_with_the_toy_method(dest: Path) -> Path:
-    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    for rel in tracked.split():
-        if rel.startswith(("methods/", "orchestrator/", "search_spaces/")) or rel == "pyproject.toml":
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dest / rel)
+    for folder in ("methods", "orchestrator", "search_spaces"):
+        shutil.copytree(ROOT / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__"))
     module, registry_line = _doc_blocks("python")[:2]
     (dest / "methods" / "mymethod.py").write_text(module)  # the one new file
     registry = dest / "methods" / "registry.py"
@@ -43,6 +40,18 @@ def _project_with_the_toy_method(dest: Path) -> Path:
     registry.write_text(text)
     (dest / "search_spaces" / "mymethod_temperature.yaml").write_text(_doc_blocks("yaml")[0])
     return dest
+
+
+def _changed_files(project: Path) -> set[str]:
+    """Files of the copy that differ from the project's, or are new."""
+    changed = set()
+    for path in project.rglob("*"):
+        rel = path.relative_to(project)
+        if path.is_file() and "__pycache__" not in rel.parts:
+            original = ROOT / rel
+            if not original.exists() or original.read_bytes() != path.read_bytes():
+                changed.add(str(rel))
+    return changed
 
 
 def _run(args: list[str], project: Path, home: Path) -> subprocess.CompletedProcess:
@@ -56,9 +65,8 @@ def _run(args: list[str], project: Path, home: Path) -> subprocess.CompletedProc
 def test_the_documented_toy_method_runs_and_sweeps_with_one_new_file(tmp_path):
     project = _project_with_the_toy_method(tmp_path / "project")
     home = tmp_path / "home"
-    git_diff = subprocess.run(["git", "diff", "--stat", "HEAD", "--", "orchestrator"], cwd=ROOT, capture_output=True,
-                              text=True).stdout
-    assert not list((project / "orchestrator").glob("*mymethod*")) and "mymethod" not in git_diff
+    assert _changed_files(project) == {"methods/mymethod.py", "methods/registry.py", "search_spaces/mymethod_temperature.yaml"}
+    assert (project / "methods" / "registry.py").read_text().count("mymethod") == 2  # the import and the line
 
     run = _run(["run", "--preset", "tiny", "method.name=mymethod", "tracking.run_name=toy", *CUT], project, home)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
