@@ -359,12 +359,16 @@ def _close_trial_runs(client: MlflowClient, parent_id: str, results) -> list[str
     return failed
 
 
+def _children(client: MlflowClient, parent_id: str) -> list:
+    exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
+    return client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000)
+
+
 def _mark_interrupted(client: MlflowClient, parent_id: str) -> None:
     """Settle the child runs of the trials that Ctrl-C stopped (none with a recorded failure): one
     that had logged its evaluation is FINISHED (``avlab resume`` reports it without running it
     again), the others are KILLED, not failed, and continue from their checkpoints on resume."""
-    exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
-    for run in client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000):
+    for run in _children(client, parent_id):
         if run.info.status == "FINISHED" or run.data.tags.get(f"{tracking.TAG_PREFIX}{tracking.FAILED_TAG}"):
             continue
         client.set_terminated(run.info.run_id, status="FINISHED" if "eval_time_s" in run.data.metrics else "KILLED")
@@ -441,6 +445,9 @@ def fit_sweep(
     try:
         # Per-epoch reports carry losses; the sweep metric comes with the final (evaluated) one.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+        # Ctrl-C raises KeyboardInterrupt here: Tune's handler would end fit() as if the sweep had
+        # finished, and may count the trials it stopped as terminated.
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
         # A single-worker trial trains in its Tune actor: it keeps the sweep's working directory
         # (relative paths in a config, such as a manifest, mean what they mean to the driver)
         # instead of Tune's trial folder.
@@ -479,17 +486,22 @@ def fit_sweep(
                 ),
             )
         t0 = time.perf_counter()
-        results = tuner.fit()
+        try:
+            results = tuner.fit()
+        except KeyboardInterrupt:
+            results = None
         expected = space.num_samples if space.uses_optuna else len(grid_trials(space))
-        if results.num_terminated + results.num_errors < expected:
-            # Ctrl-C: Tune saved the experiment and returned before every trial ended. The sweep
-            # is not over: its unfinished trials continue from their checkpoints on resume.
+        if results is None or results.num_terminated + results.num_errors < expected:
+            # Ctrl-C (Tune's own handler is off, so it reaches us; Tune's experiment state is
+            # saved as it goes, as for a lost driver). The sweep is not over: its unfinished
+            # trials continue from their checkpoints on resume.
             interrupted = True
             import ray
 
             ray.shutdown()  # the trials' actors end with their driver: none settles its run after this
             _mark_interrupted(client, parent_id)
-            raise Interrupted(f"sweep {name} interrupted with {results.num_terminated} of {expected} trials ended; "
+            ended = sum(r.info.status in ("FINISHED", "FAILED") for r in _children(client, parent_id))
+            raise Interrupted(f"sweep {name} interrupted with {ended} of {expected} trials ended; "
                               f"`avlab resume {name}` continues it")
         if not any(m.key == "wall_time_s" for m in client.get_metric_history(parent_id, "wall_time_s")):
             tracking.log_metrics(client, parent_id, {"wall_time_s": time.perf_counter() - t0}, step=0)
