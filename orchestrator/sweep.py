@@ -332,11 +332,10 @@ def _close_trial_runs(client: MlflowClient, parent_id: str, results) -> list[str
     A trial that a scheduler stopped never reaches its ``finally`` (or reaches it through the
     stop's exception): without an error in Tune it was stopped early (KILLED, tagged), unless it
     had logged its final evaluation (``eval_time_s``), in which case it finished."""
-    exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
     errored = {(r.metrics or {}).get("trial_id") for r in results if r.error is not None}
     unknown_errors = None in errored  # an errored trial that never reported: trust FAILED runs
     failed = []
-    for run in client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000):
+    for run in _children(client, parent_id):
         status = run.info.status
         line = run.data.tags.get(f"{tracking.TAG_PREFIX}{tracking.FAILED_TAG}")
         if line:
@@ -364,14 +363,20 @@ def _children(client: MlflowClient, parent_id: str) -> list:
     return client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000)
 
 
-def _mark_interrupted(client: MlflowClient, parent_id: str) -> None:
-    """Settle the child runs of the trials that Ctrl-C stopped (none with a recorded failure): one
-    that had logged its evaluation is FINISHED (``avlab resume`` reports it without running it
-    again), the others are KILLED, not failed, and continue from their checkpoints on resume."""
+def _interrupted(client: MlflowClient, parent_id: str, name: str, expected: int) -> Interrupted:
+    """After Ctrl-C: stop Ray (the trials' actors end with their driver, so none settles its run
+    after this), then settle the child runs of the trials it stopped (none with a recorded
+    failure): one that had logged its evaluation is FINISHED (``avlab resume`` reports it without
+    running it again), the others are KILLED, not failed, and continue from their checkpoints."""
+    import ray
+
+    ray.shutdown()
     for run in _children(client, parent_id):
         if run.info.status == "FINISHED" or run.data.tags.get(f"{tracking.TAG_PREFIX}{tracking.FAILED_TAG}"):
             continue
         client.set_terminated(run.info.run_id, status="FINISHED" if "eval_time_s" in run.data.metrics else "KILLED")
+    ended = sum(r.info.status in ("FINISHED", "FAILED") for r in _children(client, parent_id))
+    return Interrupted(f"sweep {name} interrupted with {ended} of {expected} trials ended; `avlab resume {name}` continues it")
 
 
 def run_sweep(
@@ -496,13 +501,7 @@ def fit_sweep(
             # saved as it goes, as for a lost driver). The sweep is not over: its unfinished
             # trials continue from their checkpoints on resume.
             interrupted = True
-            import ray
-
-            ray.shutdown()  # the trials' actors end with their driver: none settles its run after this
-            _mark_interrupted(client, parent_id)
-            ended = sum(r.info.status in ("FINISHED", "FAILED") for r in _children(client, parent_id))
-            raise Interrupted(f"sweep {name} interrupted with {ended} of {expected} trials ended; "
-                              f"`avlab resume {name}` continues it")
+            raise _interrupted(client, parent_id, name, expected)
         if not any(m.key == "wall_time_s" for m in client.get_metric_history(parent_id, "wall_time_s")):
             tracking.log_metrics(client, parent_id, {"wall_time_s": time.perf_counter() - t0}, step=0)
         failed = _close_trial_runs(client, parent_id, results)
