@@ -61,7 +61,7 @@ class TrainConfig:
     data_workers: int = 0  # DataLoader processes per training worker
     sync_batchnorm: bool = True  # BatchNorm statistics over the global batch under DDP
     checkpoints_to_keep: int = 2
-    max_failures: int = 3  # worker-group failures Ray Train restarts from the last checkpoint
+    max_failures: int = 3  # lost workers (or a raised error) restarted from the last checkpoint
     init_from: str = ""  # start from these weights: a finished run's name, or a checkpoint folder/file
     precision: str = "fp32"  # fp32, or bf16: the forward pass under bfloat16 autocast (weights stay fp32)
     channels_last: bool = False  # images and convolution weights in NHWC memory layout (GPU tensor cores)

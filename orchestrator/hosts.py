@@ -3,13 +3,16 @@
 The epoch loop (``orchestrator.train``) is one function. What differs between its launchers is
 behind a small host object:
 
-- ``RayTrainHost``: one of the DDP workers of a Ray Train ``TorchTrainer`` (``avlab run`` and every
-  multi-worker trial). Ray Train gives the rank, the device, the DDP wrapper, the checkpoint to
+- ``RayTrainHost``: one of the DDP workers of a Ray Train ``TorchTrainer`` (a multi-worker
+  ``avlab run`` or trial). Ray Train gives the rank, the device, the DDP wrapper, the checkpoint to
   resume from, and persists each reported checkpoint into the run's storage folder.
 - ``TrialHost``: the only worker of a single-worker Tune trial, running the loop in the trial's own
   process: no controller, no worker actors, nothing imported twice. It writes the same checkpoint
   folders into the same storage folder (``<storage>/trials/<sweep>-<run id>/checkpoint_epochNNNNN``)
-  itself, keeps ``train.checkpoints_to_keep`` of them, and reports metrics to Tune.
+  itself, keeps ``train.checkpoints_to_keep`` of them, and reports metrics to Tune. A
+  single-worker ``avlab run`` uses it too, in one Ray task (``orchestrator.launch``), with its
+  checkpoints where Ray Train puts a run's (``<storage>/<run>/checkpoint_epochNNNNN``) and no
+  reports (its metrics are in MLflow).
 
 Both find their checkpoint the same way after a restart (the newest folder, then the older ones
 past a damaged one), so a trial resumes identically whichever launcher it had.
@@ -69,9 +72,9 @@ class TrialHost:
 
     rank, world = 0, 1
 
-    def __init__(self, run_dir: str, *, keep: int, gpu: bool) -> None:
+    def __init__(self, run_dir: str, *, keep: int, gpu: bool, tune: bool = True) -> None:
         """``run_dir``: the trial's checkpoint folder (a path or a ``s3://`` / ``gs://`` URI);
-        ``keep``: how many checkpoints stay (the newest), 0 = all."""
+        ``keep``: how many checkpoints stay (the newest), 0 = all; ``tune``: report metrics to Tune."""
         import pyarrow.fs
 
         if gpu:
@@ -83,7 +86,7 @@ class TrialHost:
         else:
             self.device = torch.device("cpu")
         self.fs, self.root = pyarrow.fs.FileSystem.from_uri(run_dir if "://" in run_dir else os.path.abspath(run_dir))
-        self.keep = keep
+        self.keep, self.tune = keep, tune
         self.fs.create_dir(self.root, recursive=True)
 
     def prepare_model(self, model: torch.nn.Module, **ddp: Any) -> torch.nn.Module:
@@ -108,7 +111,8 @@ class TrialHost:
 
         if checkpoint_dir is not None:
             self._persist(checkpoint_dir, name or "")
-        ray.tune.report(metrics)
+        if self.tune:
+            ray.tune.report(metrics)
 
     def _persist(self, local: str, name: str) -> None:
         import pyarrow.fs

@@ -1,10 +1,14 @@
-"""Start (or attach to) Ray and run one configuration as a Ray Train ``TorchTrainer``."""
+"""Start (or attach to) Ray and run one configuration: on several DDP workers as a Ray Train
+``TorchTrainer``; on one worker as one Ray task that runs the training loop itself (no
+controller, no worker group, no process group), restarted by Ray when its process or node is
+lost. Both write the same checkpoint folders, so a run resumes whichever way it started."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import os
+import posixpath
 import time
 from pathlib import Path
 from typing import Any
@@ -226,21 +230,75 @@ def launch_run(
     cfg: ExperimentConfig, *, name: str, run_id: str, tracking_uri: str, home: Path, address: str | None
 ) -> dict[str, Any]:
     init_ray(address)
-    trainer = build_trainer(
-        cfg, name=name, run_id=run_id, tracking_uri=tracking_uri, storage_path=tracking.storage_root(home),
-        home=home,
-    )
-    result = fit(trainer, cfg, "run", name)
+    storage = tracking.storage_root(home)
+    error = None
+    if cfg.resources.workers == 1:
+        _run_in_task(cfg, name=name, run_id=run_id, tracking_uri=tracking_uri,
+                     run_dir=posixpath.join(storage, name), home=home)
+    else:
+        trainer = build_trainer(cfg, name=name, run_id=run_id, tracking_uri=tracking_uri, storage_path=storage,
+                                home=home)
+        error = fit(trainer, cfg, "run", name).error
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     failure = tracking.recorded_failure(client, run_id)
     if failure:
         raise RunFailed(f"run {name} failed: {failure}")
-    if result.error is not None:
-        raise result.error
+    if error is not None:
+        raise error
     # The final report carries no checkpoint, so its metrics are read back from MLflow.
     return dict(client.get_run(run_id).data.metrics)
+
+
+def _run_in_task(cfg: ExperimentConfig, *, name: str, run_id: str, tracking_uri: str, run_dir: str,
+                 home: Path) -> None:
+    """A single-worker run: the training loop in one Ray task, in a placement group that holds its
+    CPUs (and GPU share). A run whose worker cannot get them within ``worker_wait_s`` ends with
+    the same line as a ``TorchTrainer`` whose worker group never started. Ray restarts the task
+    when its process or node is lost, or when it raises (a deterministic error does not raise:
+    the loop records it and returns), ``train.max_failures`` times (-1: always), as Ray Train
+    restarts a worker group; each attempt resumes from the newest usable checkpoint."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from orchestrator.checkpoint import resolve_init
+
+    res = cfg.resources
+    bundle = {"CPU": float(res.cpus_per_worker), **({"GPU": float(res.gpu_share)} if res.gpu else {})}
+    group = placement_group([bundle], name=f"avlab-run-{name}")
+    try:
+        wait, waited = worker_wait_s(), 0.0
+        while True:
+            step = min(10.0, wait - waited) if wait else 10.0
+            if group.wait(timeout_seconds=step):
+                break
+            waited += step
+            if wait and waited >= wait:
+                raise RunFailed(no_workers_line(cfg, "run", name))
+        loop_config = {
+            "config": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
+            "init_checkpoint": str(resolve_init(cfg.train.init_from, home)) if cfg.train.init_from else "",
+            "launched_at": time.time(),
+        }
+        task = ray.remote(_train_task).options(
+            name=f"avlab-run-{name}", num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
+            max_retries=cfg.train.max_failures, retry_exceptions=True,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
+        )
+        try:
+            ray.get(task.remote(loop_config, run_dir))
+        except ray.exceptions.RayTaskError as exc:
+            raise exc.as_instanceof_cause() from None
+    finally:
+        remove_placement_group(group)
+
+
+def _train_task(loop_config: dict[str, Any], run_dir: str) -> None:
+    from orchestrator.train import train_in_trial
+
+    train_in_trial(loop_config, run_dir, tune=False)
 
 
 def check_ray_address(address: str, field: str = "--address", *, timeout_s: float = 5.0) -> None:

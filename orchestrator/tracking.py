@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -86,19 +87,67 @@ def check_tracking_uri(uri: str, field: str) -> str:
 
 def prepare_store(uri: str) -> None:
     """Create the SQLite store of ``uri`` (if it is one) under a file lock beside it: two avlab
-    commands that create one fresh store at once otherwise race in MLflow's schema migration."""
+    commands that create one fresh store at once otherwise race in MLflow's schema migration.
+
+    A new store starts as a copy of an empty store that MLflow migrated once for its version
+    (``empty_store_template``): its schema migration takes about 3 s on two cores, the copy
+    milliseconds. MLflow adds the default experiment, with this store's artifact root, on open."""
     if not uri.startswith("sqlite:///"):
         return
-    import fcntl
-
     db = Path(uri.removeprefix("sqlite:///"))
     db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a") as lock:
+    with _locked(db.with_name(db.name + ".lock")):
+        if not db.exists() or db.stat().st_size == 0:
+            template = empty_store_template()
+            if template is not None:
+                tmp = db.with_name(f".{db.name}.tmp-{os.getpid()}")
+                shutil.copyfile(template, tmp)
+                os.replace(tmp, db)
+        MlflowClient(uri).search_experiments(max_results=1)  # creates and migrates the tables if new
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    import fcntl
+
+    with open(path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            MlflowClient(uri).search_experiments(max_results=1)  # creates and migrates the tables
+            yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def empty_store_template() -> Path | None:
+    """An empty MLflow SQLite store at the schema of the installed MLflow, without the default
+    experiment (whose artifact location names the folder it was made in), kept under
+    ``$XDG_CACHE_HOME/avlab`` (``~/.cache/avlab``) and made on first use; None when that folder
+    cannot be written (the store is then migrated in place, as MLflow does)."""
+    import sqlite3
+
+    import mlflow
+
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "avlab"
+    template = root / f"mlflow-{mlflow.__version__}-empty.db"
+    if template.exists():
+        return template
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with _locked(root / f"{template.name}.lock"):
+            if template.exists():
+                return template
+            with tempfile.TemporaryDirectory(dir=root) as tmp:
+                fresh = Path(tmp) / "mlflow.db"
+                MlflowClient(f"sqlite:///{fresh}").search_experiments(max_results=1)  # migrates
+                with contextlib.closing(sqlite3.connect(fresh)) as con, con:
+                    con.execute("DELETE FROM experiments WHERE experiment_id = 0")
+                    left = con.execute("SELECT COUNT(*) FROM experiments").fetchone()[0]
+                if left:
+                    return None
+                os.replace(fresh, template)
+    except (OSError, sqlite3.Error):
+        return None
+    return template
 
 
 def git_commit() -> str:

@@ -1,5 +1,5 @@
-"""The training loop: one function, run by Ray Train on each DDP worker or by a single-worker
-Tune trial in its own process (``orchestrator.hosts`` says how each launcher differs).
+"""The training loop: one function, run by Ray Train on each DDP worker, or in its own process by
+a single-worker Tune trial or single-worker run (``orchestrator.hosts`` says how they differ).
 
 Per worker: build the data pools and the method, shard the pools with DistributedSampler,
 train with DDP (gloo on CPU, NCCL on GPU; no wrapper for one worker), report losses and a
@@ -116,12 +116,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     run_loop(loop_config, RayTrainHost, entered=time.time())
 
 
-def train_in_trial(loop_config: dict[str, Any], run_dir: str) -> None:
-    """Entry point of a single-worker Tune trial: the loop in the trial's process, its
-    checkpoints in ``run_dir``."""
+def train_in_trial(loop_config: dict[str, Any], run_dir: str, *, tune: bool = True) -> None:
+    """Entry point of a single worker that trains in its own process (a Tune trial, or the Ray
+    task of a single-worker run when ``tune`` is false): its checkpoints in ``run_dir``."""
     cfg = loop_config["config"]
     run_loop(loop_config, lambda: TrialHost(run_dir, keep=cfg["train"]["checkpoints_to_keep"],
-                                            gpu=bool(cfg["resources"]["gpu"])), entered=time.time())
+                                            gpu=bool(cfg["resources"]["gpu"]), tune=tune), entered=time.time())
 
 
 def run_loop(loop_config: dict[str, Any], make_host, *, entered: float) -> None:

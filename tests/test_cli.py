@@ -1,5 +1,5 @@
 """The `avlab run` contract: bad input exits 2 with one line naming the field, before Ray or
-MLflow start; a real run on two DDP workers under a local Ray lands in exactly one MLflow run."""
+MLflow start (a two-worker run end to end is checked in test_resume.py, on its reference run)."""
 
 import os
 import subprocess
@@ -172,52 +172,6 @@ def test_console_script_exit_code(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_tiny_two_workers_end_to_end(tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    home = tmp_path / "runs"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [
-        str(Path(sys.executable).parent / "avlab"), "run", "--preset", "tiny", "--workers", "2", "--home", str(home),
-        "train.epochs=2", "train.batch_size=64", "data.paired_size=256", "data.unpaired_sound_size=128",
-        "data.unpaired_image_size=128", "data.train_size=200", "data.test_size=100",
-        "data.transfer_train_size=100", "data.transfer_test_size=100", "method.memory_size=50",
-        "eval.every_epochs=1",
-    ]
-    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "[avlab] epoch 2/2" in out.stdout + out.stderr
-    assert "Ray dashboard" not in out.stdout  # not started unless asked (--ray-dashboard)
-
-    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("avlab")
-    runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 1
-    run = runs[0]
-    assert run.info.status == "FINISHED"
-    assert run.data.params["method.memory_size"] == "50" and run.data.params["resources.workers"] == "2"
-    assert run.data.tags["avlab.method"] == "bma" and run.data.tags["avlab.preset"] == "tiny"
-    for term in ("loss", "loss_pair", "loss_unpair_sound", "loss_unpair_image"):
-        history = client.get_metric_history(run.info.run_id, term)
-        assert [m.step for m in history] == [0, 1], term
-    # the quick kNN probe after epoch 0 (eval.every_epochs=1), then the final evaluation
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "image_h_knn_acc")] == [0, 1]
-    metrics = run.data.metrics
-    for key in ("image_h_linear_acc", "image_h_linear_f1", "image_h_knn_acc", "sound_h_linear_acc",
-                "sound_h_knn_acc", "image_z_linear_acc", "retrieval_s2i_rank1", "retrieval_s2i_rank5",
-                "transfer_sound_h_linear_acc"):
-        assert 0.0 <= metrics[key] <= 1.0, key
-    assert metrics["retrieval_s2i_rank5"] >= metrics["retrieval_s2i_rank1"]
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
-    assert "config.yaml" in artifacts and "plots/confusion_image_h_linear.png" in plots
-    # Ray Train kept per-epoch checkpoints under the run's fixed name.
-    ckpts = list((home / "ray").glob("bma-tiny-*/checkpoint_epoch*"))
-    assert ckpts, list((home / "ray").rglob("*"))[:20]
-
-
-@pytest.mark.slow
 def test_avlab_storage_moves_checkpoints_to_shared_storage(tmp_path):
     """AVLAB_STORAGE (a shared folder or an s3:// URI on a cluster) holds Ray Train's checkpoints;
     the home keeps only MLflow and the job file, which records where the run's state lives."""
@@ -347,6 +301,37 @@ def test_a_run_beside_a_sweep_listens_on_loopback_only_and_both_finish_quietly(t
     # TCPStore on the rank-0 training worker) binds every interface; torch offers no bind address.
     store = [s for s in exposed if s[2].startswith("ray::RayTrainWorker")]
     assert len(store) <= 2 and not [s for s in exposed if s not in store], exposed
+
+
+def test_a_new_store_is_a_copy_of_the_migrated_empty_one_with_its_own_default_experiment(tmp_path, monkeypatch):
+    """A new home's store starts from the empty store MLflow migrated once (cached per MLflow
+    version), which holds no experiment; MLflow then adds the default experiment with this
+    store's own artifact root. Without a writable cache folder the store is migrated in place."""
+    import sqlite3
+
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import tracking
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    template = tracking.empty_store_template()
+    assert template is not None and template.parent == tmp_path / "cache" / "avlab"
+    with sqlite3.connect(template) as con:
+        assert con.execute("SELECT COUNT(*) FROM experiments").fetchone() == (0,)
+    stores = {}
+    for name, cache in (("copied", tmp_path / "cache"), ("migrated", tmp_path / "cache-file")):
+        (tmp_path / "cache-file").write_text("not a folder")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+        uri = f"sqlite:///{tmp_path / name / 'mlflow.db'}"
+        tracking.prepare_store(uri)
+        client = MlflowClient(uri)
+        stores[name] = [(e.experiment_id, e.name, e.artifact_location) for e in client.search_experiments()]
+        run = client.create_run(client.create_experiment("e", artifact_location=str(tmp_path / name / "a")))
+        client.log_metric(run.info.run_id, "loss", 1.0, step=0)
+        assert [m.value for m in client.get_metric_history(run.info.run_id, "loss")] == [1.0]
+    assert stores["copied"] == stores["migrated"] == [("0", "Default", str(tmp_path / "mlruns" / "0"))]
+    assert tracking.empty_store_template() is None  # XDG_CACHE_HOME is a file: nothing cached
 
 
 def test_two_commands_creating_one_fresh_store_at_once_both_succeed(tmp_path):

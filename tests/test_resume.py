@@ -16,12 +16,13 @@ import faults
 from orchestrator import checkpoint as ckpt
 from orchestrator.cli import main
 
-# Three epochs on two DDP workers; 16 steps per epoch, the unpaired pools (6 batches) wrap mid-epoch.
+# Three epochs on two DDP workers; 16 steps per epoch, the unpaired pools (6 batches) wrap mid-epoch;
+# the quick kNN probe after every epoch, and the whole evaluation (transfer split too) at the end.
 RUN = [
     "--preset", "tiny", "--workers", "2",
     "train.epochs=3", "train.batch_size=64", "data.paired_size=1024", "data.unpaired_sound_size=384",
     "data.unpaired_image_size=384", "data.train_size=200", "data.test_size=100",
-    "data.transfer_train_size=0", "data.transfer_test_size=0", "method.memory_size=50", "eval.every_epochs=1",
+    "data.transfer_train_size=60", "data.transfer_test_size=60", "method.memory_size=50", "eval.every_epochs=1",
 ]
 TIMINGS = ("epoch_time_s", "pairs_per_s", "eval_time_s", "launch_time_s", "import_time_s", "setup_time_s",
            "checkpoint_time_s", "train_time_s", "train_pairs_per_s", "trial_time_s")
@@ -164,7 +165,36 @@ def reference(tmp_path_factory):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     client, run = _only_run(home, "ref")
     assert run.info.status == "FINISHED" and [s for s, _ in _history(client, run)] == [0, 1, 2]
-    return _history(client, run), _results(client, run), home
+    return _history(client, run), _results(client, run), home, out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_a_two_worker_run_logs_its_config_losses_probes_evaluation_and_checkpoints(reference):
+    """The uninterrupted run end to end: one MLflow run with the config as params and tags, every
+    loss term per epoch, the quick probe after every epoch, the downstream metrics and plots, and
+    the checkpoints under the run's name; no Ray dashboard unless asked."""
+    *_, home, text = reference
+    assert "[avlab] epoch 3/3" in text and "[avlab] finished ref" in text
+    assert "Ray dashboard" not in text  # not started unless asked (--ray-dashboard)
+    client, run = _only_run(home, "ref")
+    assert run.data.params["method.memory_size"] == "50" and run.data.params["resources.workers"] == "2"
+    assert run.data.tags["avlab.method"] == "bma" and run.data.tags["avlab.preset"] == "tiny"
+    for term in ("loss", "loss_pair", "loss_unpair_sound", "loss_unpair_image", "lr", "epoch_time_s"):
+        assert [s for s, _ in _history(client, run, term)] == [0, 1, 2], term
+    # the quick kNN probe after epochs 0 and 1 (eval.every_epochs=1), then the final evaluation
+    assert [s for s, _ in _history(client, run, "image_h_knn_acc")] == [0, 1, 2]
+    metrics = run.data.metrics
+    for key in ("image_h_linear_acc", "image_h_linear_f1", "image_h_knn_acc", "sound_h_linear_acc",
+                "sound_h_knn_acc", "image_z_linear_acc", "retrieval_s2i_rank1", "retrieval_s2i_rank5",
+                "transfer_sound_h_linear_acc"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["retrieval_s2i_rank5"] >= metrics["retrieval_s2i_rank1"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert "config.yaml" in artifacts and "plots/confusion_image_h_linear.png" in plots
+    # Ray Train kept the newest train.checkpoints_to_keep (2) per-epoch checkpoints under the run's name.
+    assert sorted(p.name for p in (home / "ray" / "ref").glob("checkpoint_epoch*")) == [
+        "checkpoint_epoch00001", "checkpoint_epoch00002"]
 
 
 @pytest.mark.slow
@@ -185,10 +215,40 @@ def test_worker_sigkill_mid_epoch_restarts_from_checkpoint_and_ends_identical(tm
     text = log.read_text()
     assert "resumed from" in text and "checkpoint_epoch00000/checkpoint.pt (epoch 1/3 done)" in text
     client, run = _only_run(home, "wk")
-    history, results, _ = reference
+    history, results, *_ = reference
     assert run.info.status == "FINISHED"
     assert _history(client, run) == history  # no gap, no repeated step, same values
     assert _results(client, run) == results  # bit-identical downstream metrics
+
+
+@pytest.mark.slow
+def test_a_single_worker_run_whose_process_is_killed_is_restarted_from_its_checkpoint(tmp_path):
+    """A one-worker run trains in one Ray task (no Ray Train controller, worker group or process
+    group). Its process is SIGKILLed in the second epoch: Ray starts the task again, it resumes
+    from the first epoch's checkpoint, and the run ends FINISHED in one MLflow run with every
+    step logged once and two attempts in its node history."""
+    home, log = tmp_path / "home", tmp_path / "run.log"
+    one = [*RUN, "--workers", "1", "data.paired_size=512", "data.unpaired_sound_size=192",
+           "data.unpaired_image_size=192", "data.transfer_train_size=0", "data.transfer_test_size=0"]
+    proc = faults.start(["run", "--home", str(home), "tracking.run_name=one", *one], log, tmp_path)
+    run_dir = home / "ray" / "one"
+    faults.wait_for(lambda: (run_dir / "checkpoint_epoch00000" / ckpt.MANIFEST_FILE).exists(), timeout=300,
+                    what="the first checkpoint", proc=proc, log=log)
+    processes = faults.processes(proc.pid)
+    assert not [cmd for cmd in processes.values() if cmd.startswith(("ray::RayTrainWorker", "ray::TrainController"))]
+    (worker,) = [pid for pid, cmd in processes.items() if cmd.startswith("ray::avlab-run-one")]
+    assert not (run_dir / "checkpoint_epoch00001").exists()  # epoch 2 is under way
+    os.kill(worker, signal.SIGKILL)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+
+    assert "checkpoint_epoch00000/checkpoint.pt (epoch 1/3 done)" in log.read_text()
+    client, run = _only_run(home, "one")
+    assert run.info.status == "FINISHED" and run.data.params["resources.workers"] == "1"
+    for key in ("loss", "lr", "epoch_time_s"):
+        assert [s for s, _ in _history(client, run, key)] == [0, 1, 2], key  # every step, once
+    assert len(run.data.tags["avlab.node_history"].split(" | ")) == 2  # the first attempt and the restart
+    # train.checkpoints_to_keep (2): the newest two, whole, and no temporary folder of the killed attempt.
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint_epoch00001", "checkpoint_epoch00002"]
 
 
 @pytest.mark.slow
@@ -236,7 +296,7 @@ def test_ray_stopped_then_node_lost_then_damaged_newest_checkpoint_resume_falls_
     assert f"WARNING: unusable checkpoint: {newest}: truncated" in text
     assert "checkpoint_epoch00000/checkpoint.pt (epoch 1/3 done)" in text
     client, run = _only_run(home, "dk")
-    history, results, _ = reference
+    history, results, *_ = reference
     assert run.info.status == "FINISHED" and run.data.tags["avlab.resumed"] == "1"
     assert str(newest) in run.data.tags["avlab.checkpoint_skipped"]
     assert _history(client, run) == history  # no gap, no repeated step, same values
@@ -346,7 +406,7 @@ def test_checkpoints_hold_no_numpy_objects_and_older_ones_still_load(tmp_path):
 def test_fine_tuning_trains_every_weight_from_a_finished_run(reference):
     """Supp. Table 1's protocol: the supervised method on the labelled split, started from the
     encoders of a finished self-supervised run (found by its name)."""
-    *_, home = reference
+    _, _, home, _ = reference
     out = faults.run(["run", "--home", str(home), "tracking.run_name=ft", "tracking.experiment=finetune",
                       "method.name=supervised", "method.pool=train", "train.init_from=ref", "train.epochs=1",
                       *[o for o in RUN[4:] if not o.startswith(("train.epochs", "method.memory", "eval.every"))]],

@@ -439,8 +439,9 @@ def test_sweep_on_two_nodes_survives_losing_one(tmp_path):
 def test_token_authentication_and_a_run_the_cluster_cannot_hold(tmp_path):
     """A cluster started with RAY_AUTH_MODE=token refuses a client without the token in one line
     (exit 1); with RAY_AUTH_MODE=token and the token in RAY_AUTH_TOKEN the request goes through
-    (here: an unknown job id, exit 2). On the same one-CPU cluster, a run that needs two workers
-    fails after the bounded wait (AVLAB_WORKER_WAIT_S) with one line, instead of waiting forever."""
+    (here: an unknown job id, exit 2). On the same one-CPU cluster, a run that needs two workers,
+    or one worker with two CPUs, fails after the bounded wait (AVLAB_WORKER_WAIT_S) with one line,
+    instead of waiting forever."""
     token = uuid.uuid4().hex * 2
     cluster = LocalCluster(tmp_path, nodes=("a",), auth={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
     try:
@@ -458,14 +459,17 @@ def test_token_authentication_and_a_run_the_cluster_cannot_hold(tmp_path):
 
         wait = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "AVLAB_WORKER_WAIT_S": "6",
                 "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "3"}
-        out = subprocess.run([str(BIN / "avlab"), "run", "--address", f"127.0.0.1:{cluster.gcs}", "--home",
-                              str(tmp_path / "home"), "--workers", "2", "tracking.run_name=big", "train.epochs=1"],
-                             env={**base, **wait}, capture_output=True, text=True, timeout=300)
-        lines = [line for line in out.stderr.splitlines() if line.startswith("avlab:")]
-        assert out.returncode == 1 and len(lines) == 1, out.stdout[-3000:] + out.stderr[-3000:]
-        assert "run big: its 2 workers (1 CPU each) did not start within 6 s" in lines[0], lines
-        # No traceback of avlab's (Ray Train's controller logs each timed-out attempt its own way).
-        assert f'File "{ROOT / "orchestrator"}' not in out.stderr, out.stderr[-3000:]
+        # Two DDP workers (a TorchTrainer), and one worker that needs two CPUs (a Ray task).
+        for name, args, told in [("big", ["--workers", "2"], "its 2 workers (1 CPU each)"),
+                                 ("wide", ["resources.cpus_per_worker=2"], "its 1 worker (2 CPUs each)")]:
+            out = subprocess.run([str(BIN / "avlab"), "run", "--address", f"127.0.0.1:{cluster.gcs}", "--home",
+                                  str(tmp_path / "home"), *args, f"tracking.run_name={name}", "train.epochs=1"],
+                                 env={**base, **wait}, capture_output=True, text=True, timeout=300)
+            lines = [line for line in out.stderr.splitlines() if line.startswith("avlab:")]
+            assert out.returncode == 1 and len(lines) == 1, out.stdout[-3000:] + out.stderr[-3000:]
+            assert f"run {name}: {told} did not start within 6 s" in lines[0], lines
+            # No traceback of avlab's (Ray Train's controller logs each timed-out attempt its own way).
+            assert f'File "{ROOT / "orchestrator"}' not in out.stderr, out.stderr[-3000:]
     finally:
         cluster.stop()
 

@@ -377,8 +377,10 @@ def test_sweep_driver_stopped_then_resume_finishes_every_trial_once(tmp_path, me
         parent = client.search_runs([client.get_experiment_by_name("avlab-sweeps").experiment_id],
                                     "tags.`avlab.kind` = 'sweep'")[0]
         assert parent.info.status == "KILLED"
+        # Every child run settled: FINISHED (the part-way trial may finish while Tune stops) or
+        # KILLED, none left RUNNING, none FAILED.
         statuses = sorted(r.info.status for r in _trial_runs(home, "cut").values())
-        assert "FINISHED" in statuses and "KILLED" in statuses and "FAILED" not in statuses, statuses
+        assert "FINISHED" in statuses and set(statuses) <= {"FINISHED", "KILLED"}, statuses
         faults.kill_node(proc)  # whatever Ray left behind
     killed = _trial_runs(home, "cut")
     done_before = {k: (r.info.end_time, r.data.metrics) for k, r in killed.items() if r.info.status == "FINISHED"}
