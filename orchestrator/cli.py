@@ -185,6 +185,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if run.info.status == "FINISHED":
         print(f"[avlab] {kind} {name} already finished (MLflow run {run_id}); nothing to resume")
         return 0
+    failure = tracking.recorded_failure(client, run_id) if kind == "run" else ""
+    if failure:  # deterministic: every attempt would fail the same way, so none starts
+        raise RunFailed(f"run {name} failed: {failure}")
     from orchestrator.search_space import SearchSpace
 
     job = ExperimentConfig.from_dict(manifest["config"]) if kind == "run" else SearchSpace.from_dict(manifest["space"])
