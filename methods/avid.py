@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, DataInfo, Method
+from methods.base import Batch, DataInfo, FieldError, Method
 from methods.distributed import world_size
 from methods.encoders import PAPER_ENCODERS, TINY_ENCODERS, EncoderConfig, build_encoder
 
@@ -317,18 +317,18 @@ class AVID(Method):
         # K other instances are drawn per sample (with replacement, like the authors); asking
         # for more than the pool holds is rejected rather than silently clamped.
         if n <= 1:
-            raise ValueError(f"paired_size: the memory bank needs the pretraining pool size (> 1), got {n}")
+            raise FieldError("data.paired_size", f"the memory bank needs the pretraining pool size (> 1), got {n}")
         if cfg.cma and cfg.cma_positives >= n:
-            raise ValueError(f"cma_positives: must be < paired_size={n}, got {cfg.cma_positives}")
+            raise FieldError("method.cma_positives", f"must be < paired_size={n}, got {cfg.cma_positives}")
         excluded = 1 + (cfg.cma_positives if cfg.cma else 0)
         if cfg.num_negatives > n - excluded:
-            raise ValueError(
-                f"num_negatives: {cfg.num_negatives} negatives need more than {cfg.num_negatives + excluded - 1} "
+            raise FieldError(
+                "method.num_negatives", f"{cfg.num_negatives} negatives need more than {cfg.num_negatives + excluded - 1} "
                 f"pairs in the pool, got paired_size={n}; lower num_negatives"
             )
         if cfg.cma and cfg.cma_negatives > n - excluded:
-            raise ValueError(
-                f"cma_negatives: {cfg.cma_negatives} negatives outside the positive set need more than "
+            raise FieldError(
+                "method.cma_negatives", f"{cfg.cma_negatives} negatives outside the positive set need more than "
                 f"{cfg.cma_negatives + excluded - 1} pairs, got paired_size={n}; lower cma_negatives"
             )
 

@@ -23,6 +23,16 @@ from torch import nn
 Batch = dict[str, torch.Tensor]
 
 
+class FieldError(ValueError):
+    """A setting that the data or the training length cannot serve, raised by ``check_data`` and
+    ``check_schedule`` with the field's full path (``data.binaural``, ``method.num_negatives``,
+    ``train.epochs``), which the config check reports as it is."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
 @dataclass(frozen=True)
 class DataInfo:
     """What a method needs to know about its data to build itself."""
@@ -69,13 +79,14 @@ class Method(nn.Module):
 
     @classmethod
     def check_data(cls, cfg: Any, data_info: DataInfo) -> None:
-        """Reject a config the data cannot serve (ValueError "field: message"), before any
-        compute starts; e.g. more memory-bank negatives than the pool holds. Default: none."""
+        """Reject a config the data cannot serve (``FieldError`` naming the field, e.g.
+        ``method.num_negatives``), before any compute starts; e.g. more memory-bank negatives
+        than the pool holds. Default: none."""
 
     @classmethod
     def check_schedule(cls, cfg: Any, epochs: int) -> None:
-        """Reject a training length the method cannot use (ValueError "epochs: message"), before
-        any compute starts; e.g. fewer epochs than stages. Default: any length."""
+        """Reject a training length the method cannot use (``FieldError("train.epochs", ...)``),
+        before any compute starts; e.g. fewer epochs than stages. Default: any length."""
 
     def configure_training(self, epochs: int) -> None:
         """Called once by the trainer after construction, before any checkpoint is loaded, with

@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, DataInfo, Method
+from methods.base import Batch, DataInfo, FieldError, Method
 from methods.data.binaural import rotate_panorama
 from methods.encoders import PAPER_ENCODERS, TINY_ENCODERS, Encoder, EncoderConfig, build_encoder
 
@@ -317,20 +317,20 @@ class MultiSSL(Method):
     @classmethod
     def check_data(cls, cfg: MultiSSLConfig, data_info: DataInfo) -> None:
         if data_info.sound_channels != 2:
-            raise ValueError(
-                f"binaural: multissl needs binaural scenes (2-channel sound, panoramas); "
+            raise FieldError(
+                "data.binaural", f"multissl needs binaural scenes (2-channel sound, panoramas); "
                 f"set data.binaural=true (got {data_info.sound_channels}-channel sound)"
             )
         if "gap" in cfg.tasks and not 0 < cfg.gap_slice_frames < data_info.n_frames:
-            raise ValueError(
-                f"gap_slice_frames: need 0 < L < n_frames = {data_info.n_frames}, got {cfg.gap_slice_frames}"
+            raise FieldError(
+                "method.gap_slice_frames", f"need 0 < L < n_frames = {data_info.n_frames}, got {cfg.gap_slice_frames}"
             )
 
     @classmethod
     def check_schedule(cls, cfg: MultiSSLConfig, epochs: int) -> None:
         if 0 < epochs < cfg.num_stages:
-            raise ValueError(
-                f"epochs: combination {cfg.combination!r} trains {cfg.num_stages} stages one after the "
+            raise FieldError(
+                "train.epochs", f"combination {cfg.combination!r} trains {cfg.num_stages} stages one after the "
                 f"other and needs at least {cfg.num_stages} epochs, got {epochs}"
             )
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, DataInfo, Method
+from methods.base import Batch, DataInfo, FieldError, Method
 from methods.encoders import PAPER_ENCODERS, TINY_ENCODERS, EncoderConfig, build_encoder
 
 # Per avlab preset: this method's section, and what it changes in the other sections (data,
@@ -58,7 +58,7 @@ class Supervised(Method):
     @classmethod
     def check_data(cls, cfg: SupervisedConfig, data_info: DataInfo) -> None:
         if cfg.pool == "paired" and not data_info.paired_labelled:
-            raise ValueError("pool: this dataset's pretraining pairs carry no labels (a manifest labels only its "
+            raise FieldError("method.pool", "this dataset's pretraining pairs carry no labels (a manifest labels only its "
                              "train and test splits); use method.pool=train")
 
     def __init__(self, cfg: SupervisedConfig, data_info: DataInfo) -> None:

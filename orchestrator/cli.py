@@ -141,13 +141,24 @@ def _execute_run(cfg: ExperimentConfig, *, name: str, run_id: str, uri: str, hom
     from orchestrator import tracking
     from orchestrator.launch import launch_run
 
-    ok = False
+    ok = interrupted = False
     try:
         with _one_line_when_ray_stops("run", name):
             metrics = launch_run(cfg, name=name, run_id=run_id, tracking_uri=uri, home=home, address=address)
         ok = True
+    except KeyboardInterrupt:
+        # Ctrl-C: stop Ray first (the run's task or workers end with their driver, so nothing logs
+        # after this), then mark the run KILLED, not failed: it continues from its last checkpoint.
+        import ray
+        from mlflow.tracking import MlflowClient
+
+        interrupted = True
+        ray.shutdown()
+        MlflowClient(uri).set_terminated(run_id, status="KILLED")
+        raise Interrupted(f"run {name} interrupted; `avlab resume {name}` continues it from its last checkpoint") from None
     finally:
-        tracking.end_run(uri, run_id, ok=ok)
+        if not interrupted:
+            tracking.end_run(uri, run_id, ok=ok)
     print(f"[avlab] finished {name} (MLflow run {run_id})")
     from methods.metric_names import HEADLINE_METRICS, OPTIONAL_HEADLINE_METRICS
 

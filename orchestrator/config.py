@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from methods.base import FieldError
 from methods.data import ProceduralConfig, build_dataset
 from methods.evaluate import EvalConfig
 from methods.registry import METHODS
@@ -417,15 +418,11 @@ def _check_cross_field(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"data.manifest: {_first_line(exc)}") from None
     try:
         method_cls.check_data(cfg.method, info)
-    except ValueError as exc:
-        message = _first_line(exc)
-        field_name = message.split(":", 1)[0]
-        section = "data" if field_name in {f.name for f in dataclasses.fields(cfg.data)} else "method"
-        raise ConfigError(f"{section}.{message}") from None
-    try:
         method_cls.check_schedule(cfg.method, cfg.train.epochs)
-    except ValueError as exc:
-        raise ConfigError(f"train.{_first_line(exc)}") from None
+    except FieldError as exc:  # names its field in full
+        raise ConfigError(_first_line(exc)) from None
+    except ValueError as exc:  # a method that names no field: its section
+        raise ConfigError(f"method: {_first_line(exc)}") from None
     pool = method_cls.pretraining_pool(cfg.method)
     pool_size = getattr(info, f"{pool}_size", None)
     if pool_size is None or not cfg.data.manifest:

@@ -388,8 +388,11 @@ def test_config_validation_names_the_field(kwargs, field):
     ],
 )
 def test_pool_too_small_for_the_negatives_is_rejected(kwargs, field):
-    with pytest.raises(ValueError, match=f"^{field}:"):
+    from methods.base import FieldError
+
+    with pytest.raises(FieldError, match=f"^method.{field}:") as caught:
         AVID(AVIDConfig(**{**TINY, **kwargs}), INFO)
+    assert caught.value.field == f"method.{field}"
 
 
 # --- collapse ---------------------------------------------------------------------------------

@@ -33,6 +33,11 @@ SPACE = str(ROOT / "search_spaces" / "memory_size_fig6.yaml")  # a grid over met
         (["run", "method.name=avid", "data.paired_size=500"], "method.num_negatives"),
         (["run", "method.name=avid", "method.variant=self", "method.cma=true"], "method.variant"),
         (["run", "method.name=supervised", "method.pool=unpaired"], "method.pool"),
+        # What the data or the schedule cannot serve, named by the method's check in full.
+        (["run", "method.name=avid", "data.paired_size=1"], "data.paired_size"),
+        (["run", "method.name=multissl", "data.binaural=false"], "data.binaural"),
+        (["run", "method.name=multissl", "method.gap_slice_frames=100000"], "method.gap_slice_frames"),
+        (["run", "method.name=multissl", "method.combination=incremental", "train.epochs=1"], "train.epochs"),
         (["run", "optim.schedule=linear"], "optim.schedule"),
         (["run", "eval.sound_crops=0"], "eval.sound_crops"),
         (["run", "train.init_from=no-such-run"], "train.init_from"),

@@ -222,11 +222,12 @@ def test_worker_sigkill_mid_epoch_restarts_from_checkpoint_and_ends_identical(tm
 
 
 @pytest.mark.slow
-def test_a_single_worker_run_whose_process_is_killed_is_restarted_from_its_checkpoint(tmp_path):
+def test_a_single_worker_run_killed_then_interrupted_is_restarted_and_resumed_from_its_checkpoints(tmp_path):
     """A one-worker run trains in one Ray task (no Ray Train controller, worker group or process
-    group). Its process is SIGKILLed in the second epoch: Ray starts the task again, it resumes
-    from the first epoch's checkpoint, and the run ends FINISHED in one MLflow run with every
-    step logged once and two attempts in its node history."""
+    group). Its process is SIGKILLed in the second epoch: Ray starts the task again, which
+    resumes from the first epoch's checkpoint. Then Ctrl-C stops the run (KILLED), and
+    `avlab resume` finishes it: one MLflow run, FINISHED, every step logged once, three attempts
+    in its node history."""
     home, log = tmp_path / "home", tmp_path / "run.log"
     one = [*RUN, "--workers", "1", "data.paired_size=512", "data.unpaired_sound_size=192",
            "data.unpaired_image_size=192", "data.transfer_train_size=0", "data.transfer_test_size=0"]
@@ -239,14 +240,26 @@ def test_a_single_worker_run_whose_process_is_killed_is_restarted_from_its_check
     (worker,) = [pid for pid, cmd in processes.items() if cmd.startswith("ray::avlab-run-one")]
     assert not (run_dir / "checkpoint_epoch00001").exists()  # epoch 2 is under way
     os.kill(worker, signal.SIGKILL)
-    assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+    faults.wait_for(lambda: "checkpoint_epoch00000/checkpoint.pt (epoch 1/3 done)" in log.read_text(), timeout=300,
+                    what="the restarted task to resume", proc=proc, log=log)
 
-    assert "checkpoint_epoch00000/checkpoint.pt (epoch 1/3 done)" in log.read_text()
+    # Then Ctrl-C: one line, exit 130, the run KILLED (not FAILED); `avlab resume` finishes it.
+    os.kill(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=300) == 130, log.read_text()[-4000:]
+    ours = [line for line in log.read_text().splitlines() if line.startswith("avlab:")]
+    assert ours == ["avlab: run one interrupted; `avlab resume one` continues it from its last checkpoint"], ours
+    client, run = _only_run(home, "one")
+    assert run.info.status == "KILLED"
+    faults.kill_node(proc)  # whatever of its Ray is left
+    out = faults.run(["resume", "one", "--home", str(home)], cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+
     client, run = _only_run(home, "one")
     assert run.info.status == "FINISHED" and run.data.params["resources.workers"] == "1"
     for key in ("loss", "lr", "epoch_time_s"):
         assert [s for s, _ in _history(client, run, key)] == [0, 1, 2], key  # every step, once
-    assert len(run.data.tags["avlab.node_history"].split(" | ")) == 2  # the first attempt and the restart
+    # The first attempt, its restart after the SIGKILL, and the resumed one after Ctrl-C.
+    assert len(run.data.tags["avlab.node_history"].split(" | ")) == 3, run.data.tags["avlab.node_history"]
     # train.checkpoints_to_keep (2): the newest two, whole, and no temporary folder of the killed attempt.
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint_epoch00001", "checkpoint_epoch00002"]
 

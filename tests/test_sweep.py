@@ -338,12 +338,14 @@ def test_resume_of_a_finished_sweep_says_so_and_changes_nothing(mem_sweep):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", ["node-lost", "ctrl-c"])
-def test_sweep_driver_stopped_then_resume_finishes_every_trial_once(tmp_path, mem_sweep, stop):
-    """Stop the sweep once one trial has finished and another is part-way through: SIGKILL the
-    driver with its node (local Ray head and trial workers), or press Ctrl-C (SIGINT to the
-    driver: one line, exit 130, the sweep KILLED, not FINISHED). ``avlab resume`` runs only what
-    is left and the sweep ends exactly as the uninterrupted one did."""
+def test_sweep_stopped_by_ctrl_c_then_by_a_lost_node_resumes_and_finishes_every_trial_once(tmp_path, mem_sweep):
+    """Stop the sweep twice; each time ``avlab resume`` runs only what is left, and the sweep ends
+    exactly as the uninterrupted one did:
+
+    1. once one trial has finished and another is part-way through, Ctrl-C (SIGINT to the
+       driver): one line, exit 130, the sweep KILLED (not FINISHED), every child run settled;
+    2. once the resumed sweep trains again, its node is lost: SIGKILL of the driver with its
+       local Ray head and trial workers, nothing settled."""
     import faults
 
     space = tmp_path / "mem.yaml"
@@ -361,30 +363,40 @@ def test_sweep_driver_stopped_then_resume_finishes_every_trial_once(tmp_path, me
                   and (trials / f"cut-{r.info.run_id}" / "checkpoint_epoch00000").exists()]
         return bool(done and midway)
 
-    faults.wait_for(one_done_one_midway, timeout=600, what="a finished and a part-way trial", proc=proc, log=log)
-    if stop == "node-lost":
-        faults.kill_node(proc)
-    else:
-        os.kill(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=300) == 130, log.read_text()[-3000:]
-        ours = [line for line in log.read_text().splitlines() if line.startswith("avlab:")]
-        assert len(ours) == 1 and ours[0].startswith("avlab: sweep cut interrupted with "), ours
-        assert ours[0].endswith("trials ended; `avlab resume cut` continues it"), ours
-        assert "[avlab] sweep cut finished" not in log.read_text()
-        from mlflow.tracking import MlflowClient
+    def finished() -> dict:
+        return {k: (r.info.end_time, r.data.metrics) for k, r in _trial_runs(home, "cut").items()
+                if r.info.status == "FINISHED"}
 
-        client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
-        parent = client.search_runs([client.get_experiment_by_name("avlab-sweeps").experiment_id],
-                                    "tags.`avlab.kind` = 'sweep'")[0]
-        assert parent.info.status == "KILLED"
-        # Every child run settled: FINISHED (the part-way trial may finish while Tune stops) or
-        # KILLED, none left RUNNING, none FAILED.
-        statuses = sorted(r.info.status for r in _trial_runs(home, "cut").values())
-        assert "FINISHED" in statuses and set(statuses) <= {"FINISHED", "KILLED"}, statuses
-        faults.kill_node(proc)  # whatever Ray left behind
-    killed = _trial_runs(home, "cut")
-    done_before = {k: (r.info.end_time, r.data.metrics) for k, r in killed.items() if r.info.status == "FINISHED"}
-    assert done_before and len(done_before) < 4
+    # 1. Ctrl-C.
+    faults.wait_for(one_done_one_midway, timeout=600, what="a finished and a part-way trial", proc=proc, log=log)
+    os.kill(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=300) == 130, log.read_text()[-3000:]
+    ours = [line for line in log.read_text().splitlines() if line.startswith("avlab:")]
+    assert len(ours) == 1 and ours[0].startswith("avlab: sweep cut interrupted with "), ours
+    assert ours[0].endswith("trials ended; `avlab resume cut` continues it"), ours
+    assert "[avlab] sweep cut finished" not in log.read_text()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    parent = client.search_runs([client.get_experiment_by_name("avlab-sweeps").experiment_id],
+                                "tags.`avlab.kind` = 'sweep'")[0]
+    assert parent.info.status == "KILLED"
+    # Every child run settled: FINISHED (the part-way trial may finish while Tune stops) or
+    # KILLED, none left RUNNING, none FAILED.
+    statuses = sorted(r.info.status for r in _trial_runs(home, "cut").values())
+    assert "FINISHED" in statuses and set(statuses) <= {"FINISHED", "KILLED"}, statuses
+    faults.kill_node(proc)  # whatever Ray left behind
+    done_first = finished()
+    assert done_first and len(done_first) < 4
+
+    # 2. The resumed sweep loses its node once it trains again.
+    again = tmp_path / "resume.log"
+    proc = faults.start(["resume", "cut", "--home", str(home)], again, tmp_path)
+    faults.wait_for(lambda: "[avlab] epoch " in again.read_text(), timeout=600, what="the resumed sweep to train",
+                    proc=proc, log=again)
+    faults.kill_node(proc)
+    done_second = finished()
+    assert all(done_second[k] == v for k, v in done_first.items())  # not run again
 
     out = faults.run(["resume", "cut", "--home", str(home)], cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
@@ -392,8 +404,8 @@ def test_sweep_driver_stopped_then_resume_finishes_every_trial_once(tmp_path, me
     assert resumed.keys() == reference.keys() and len(resumed) == 4
     for key, run in resumed.items():
         assert run.info.status == "FINISHED", key
-        if key in done_before:  # not run again: untouched since the kill
-            assert (run.info.end_time, run.data.metrics) == done_before[key], key
+        if key in done_second:  # not run again: untouched since it finished
+            assert (run.info.end_time, run.data.metrics) == done_second[key], key
         assert _measured(run) == _measured(reference[key]), key  # identical to the uninterrupted sweep
 
     def report(home, name):
