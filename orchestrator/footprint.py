@@ -13,17 +13,28 @@ per-worker batch there, so the estimate costs a fraction of a second whatever th
 
 The estimate is a lower bound (no allocator slack, no framework overhead), so a run it refuses
 cannot fit; the error names the field that dominates the footprint.
+
+Building the encoders imports torchvision, which costs seconds on a small machine before anything
+runs; an estimate is therefore kept in avlab's user cache (``jobs.user_cache_dir()``), keyed by
+the fields it reads and by the source of the code that computes it, and reused by the next command
+with the same model, data shapes and batch. A manifest's shapes come from its files, so a run on
+real data is always estimated afresh.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from dataclasses import dataclass
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from methods.data import build_dataset
 from methods.registry import METHODS, build_method
+from orchestrator import jobs
 from orchestrator.config import ExperimentConfig
 from orchestrator.errors import ConfigError
 
@@ -122,10 +133,56 @@ def estimate(cfg: ExperimentConfig) -> Footprint:
     return Footprint(parameters=parameters, buffers=buffers, activations=activations, by_field=by_field)
 
 
+def _code_fingerprint() -> str:
+    """A hash of the source that an estimate depends on: the methods and this module."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256(torch.__version__.encode())
+    for path in sorted([*(root / "methods").rglob("*.py"), Path(__file__).resolve()]):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _cache_path(cfg: ExperimentConfig) -> Path | None:
+    """Where ``cached_estimate`` keeps ``cfg``'s estimate; None for a run on a manifest."""
+    if cfg.data.manifest:
+        return None
+    plain = cfg.to_dict()
+    inputs = {"code": _code_fingerprint(), "method_name": cfg.method_name, "method": plain["method"],
+              "data": plain["data"], "batch_size": cfg.train.batch_size,
+              "unpaired_batch_size": cfg.train.unpaired_batch_size, "precision": cfg.train.precision,
+              "optim": cfg.optim.name, "workers": cfg.resources.workers}
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return jobs.user_cache_dir() / "footprint" / f"{key}.json"
+
+
+def cached_estimate(cfg: ExperimentConfig) -> Footprint:
+    """``estimate(cfg)``, read from avlab's user cache when the same inputs were estimated before
+    (see the module docstring); a cache that cannot be read or written is passed by."""
+    path = _cache_path(cfg)
+    if path is not None:
+        try:
+            fp = Footprint(**json.loads(path.read_text()))
+            if all(type(n) is int for n in (fp.parameters, fp.buffers, fp.activations, *fp.by_field.values())):
+                return fp
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass
+    fp = estimate(cfg)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
+                json.dump(asdict(fp), tmp)
+            os.replace(tmp.name, path)
+        except OSError:
+            pass
+    return fp
+
+
 def check_fits(cfg: ExperimentConfig, *, per_worker_bytes: int, where: str) -> Footprint:
     """Refuse ``cfg`` (ConfigError naming the dominant field and the estimate) when one worker
     needs more than ``per_worker_bytes``, the memory it can have ``where``."""
-    fp = estimate(cfg)
+    fp = cached_estimate(cfg)
     if fp.total > per_worker_bytes:
         raise ConfigError(
             f"{fp.dominant_field}: the run needs at least {fp.total / GIB:.1f} GiB per worker (weights, gradients "

@@ -20,6 +20,12 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 FORMAT = 1
 
 
+def user_cache_dir() -> Path:
+    """avlab's per-user cache, ``$XDG_CACHE_HOME/avlab`` (``~/.cache/avlab``): files derived from
+    the installed code alone (an empty MLflow store, footprint estimates), never results."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "avlab"
+
+
 def check_name(name: str, field: str) -> None:
     """Names become folder names under the Ray storage path: letters, digits, '.', '_', '-'."""
     if not NAME_PATTERN.fullmatch(name):

@@ -26,6 +26,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from orchestrator import jobs
 from orchestrator.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -127,7 +128,7 @@ def empty_store_template() -> Path | None:
 
     import mlflow
 
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "avlab"
+    root = jobs.user_cache_dir()
     template = root / f"mlflow-{mlflow.__version__}-empty.db"
     if template.exists():
         return template

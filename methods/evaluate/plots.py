@@ -11,10 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:  # imported where a figure is drawn: matplotlib costs a second a config check does not need
+    from matplotlib.figure import Figure
 
 __all__ = ["confusion_matrix_figure", "save_figure"]
 
@@ -30,6 +32,9 @@ def confusion_matrix_figure(
     Row normalisation makes colours comparable across classes of different sizes; the counts
     stay readable in each cell (for up to 20 classes).
     """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     confusion_CC = np.asarray(confusion)
     C = len(class_names)
     if confusion_CC.shape != (C, C):
@@ -61,6 +66,8 @@ def confusion_matrix_figure(
 
 def save_figure(fig: Figure, path: str | PathLike[str]) -> None:
     """Write a figure (format from the file suffix, e.g. ``.png``), creating parent folders."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     if not isinstance(fig.canvas, FigureCanvasAgg):

@@ -37,10 +37,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -55,6 +55,9 @@ from methods.evaluate.linear_probe import ProbeResult, linear_probe, linear_svm
 from methods.metric_names import PROBE_STATS, rank_names
 from methods.evaluate.plots import confusion_matrix_figure
 from methods.evaluate.retrieval import retrieval_rank_k
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["FEATURE_FAMILIES", "DownstreamResult", "EvalConfig", "quick_probe_config", "run_downstream"]
 
