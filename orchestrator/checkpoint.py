@@ -14,11 +14,16 @@ import hashlib
 import json
 import os
 import pickle
+import posixpath
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    import ray.train
 
 STATE_FILE = "checkpoint.pt"
 MANIFEST_FILE = "checkpoint.json"
@@ -178,3 +183,58 @@ def resolve_init(value: str, home: Path) -> Path:
 def matching_weights(own: dict[str, Any], weights: dict[str, Any]) -> dict[str, Any]:
     """The tensors of ``weights`` that ``own`` (a state_dict) has under the same name and shape."""
     return {k: v for k, v in weights.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+
+
+def state_file(directory: str) -> str:
+    """The state file of the checkpoint ``directory`` (a storage path), as progress lines name it."""
+    return posixpath.join(directory, STATE_FILE)
+
+
+def load_latest(checkpoint: ray.train.Checkpoint, device: torch.device, *,
+                warn: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The newest readable checkpoint: the run's latest, else the previous ones kept beside it.
+
+    A damaged checkpoint is reported through ``warn`` (naming the file) and skipped; if none is
+    readable the run stops rather than silently starting over. The state carries ``_dir`` (the
+    checkpoint used) and ``_skipped`` (what was wrong with the newer ones)."""
+    import pyarrow.fs
+    import ray.train
+
+    fs, latest = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    parent, latest_name = posixpath.split(latest)
+    candidates = [latest]
+    latest_epoch = epoch_of(latest_name)
+    if latest_epoch is not None:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(parent))
+        older = [
+            (epoch_of(i.base_name), i.path)
+            for i in infos
+            if i.type == pyarrow.fs.FileType.Directory and epoch_of(i.base_name) is not None
+        ]
+        candidates += [path for epoch, path in sorted(older, reverse=True) if epoch < latest_epoch]
+    errors = []
+    for path in candidates:
+        with ray.train.Checkpoint(path, filesystem=fs).as_directory() as local:
+            try:
+                state = load(local, map_location=device)
+            except CheckpointError as exc:
+                # Name the file where it lives in storage, not in a temporary download.
+                message = str(exc).replace(str(local), path)
+                errors.append(message)
+                if warn is not None:
+                    warn(f"WARNING: unusable checkpoint: {message}; trying the previous one")
+                continue
+        state["_dir"], state["_skipped"] = path, errors
+        return state
+    raise RuntimeError(f"no usable checkpoint in {parent}: " + "; ".join(errors))
+
+
+def initialise_from(method: torch.nn.Module, directory: str, device: torch.device) -> tuple[int, int]:
+    """``train.init_from``: copy every tensor of the checkpoint in ``directory`` whose name and
+    shape match ``method``'s (encoders, heads); returns (tensors copied, tensors of the method)."""
+    own = method.state_dict()
+    matched = matching_weights(own, load(directory, map_location=device)["model"])
+    if not matched:
+        raise RuntimeError(f"train.init_from: {directory} shares no weights with method {method.name}")
+    method.load_state_dict(matched, strict=False)
+    return len(matched), len(own)

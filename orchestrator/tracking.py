@@ -385,6 +385,18 @@ def say(message: str) -> None:
 # --- what a run has logged (read back by restarted workers) ------------------------------------
 
 
+def tag_nodes(client: MlflowClient, run_id: str, nodes: list[str]) -> None:
+    """``avlab.nodes``: the distinct Ray nodes of this attempt's workers (in rank order);
+    ``avlab.node_history``: every attempt's nodes, oldest first, joined by " | " (a restarted
+    run shows where it ran before). Kept under MLflow's tag length by dropping the oldest."""
+    here = ",".join(dict.fromkeys(nodes))
+    previous = client.get_run(run_id).data.tags.get(f"{TAG_PREFIX}node_history", "")
+    history = [*(h for h in previous.split(" | ") if h), here]
+    while len(" | ".join(history)) > 4000 and len(history) > 1:
+        history.pop(0)
+    set_tags(client, run_id, {"nodes": here, "node_history": " | ".join(history)})
+
+
 def training_cost(client: MlflowClient, run_id: str) -> dict[str, float]:
     """Time spent in training steps over every epoch of the run (restarts included) and the
     throughput it gives: ``train_time_s``, ``train_pairs_per_s``."""

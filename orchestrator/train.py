@@ -14,12 +14,10 @@ import time
 _IMPORTED_AT = time.time()  # before the imports below: the worker's import time starts here
 
 import math
-import posixpath
 import random
 import tempfile
 import traceback
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import ray
@@ -29,10 +27,7 @@ import torch.distributed as dist
 from mlflow.tracking import MlflowClient
 
 from methods.base import Batch, Method
-from methods.data import BinauralScenes, ProceduralAV, build_dataset
-
-if TYPE_CHECKING:
-    from methods.data.real import ManifestAV
+from methods.data import AVDataset, ProceduralConfig, build_dataset
 from methods.distributed import convert_global_batchnorm
 from methods.evaluate import run_downstream
 from methods.evaluate.suite import quick_probe_config
@@ -160,7 +155,7 @@ def run_loop(loop_config: dict[str, Any], make_host, *, entered: float) -> None:
 _WARM_DATA: dict[Any, Any] = {}
 
 
-def warm_dataset(data_cfg: Any) -> Any:
+def warm_dataset(data_cfg: ProceduralConfig) -> AVDataset:
     if data_cfg.manifest or not data_cfg.cache_in_memory:
         return build_dataset(data_cfg)
     if data_cfg not in _WARM_DATA:
@@ -170,172 +165,212 @@ def warm_dataset(data_cfg: Any) -> Any:
 
 
 def _train_loop(loop_config: dict[str, Any], host: RayTrainHost | TrialHost, entered: float) -> None:
-    cfg = ExperimentConfig.from_dict(loop_config["config"])
-    run_id: str = loop_config["mlflow_run_id"]
-    tracking_uri: str = loop_config["tracking_uri"]
-    rank, world = host.rank, host.world
-    torch.set_num_threads(cfg.resources.cpus_per_worker)
-    seed_everything(cfg.seed * 1000 + rank)
-    device = host.device
+    """One attempt in four phases: set up, restore, train epoch by epoch, finish."""
+    attempt = Attempt(loop_config, host)
+    attempt.restore(loop_config.get("init_checkpoint"))
+    timing = attempt.begin(_startup_timing(loop_config, entered), entered)
+    for epoch in range(attempt.start_epoch, attempt.cfg.train.epochs):
+        metrics = attempt.train_epoch(epoch)
+        t_report = time.perf_counter()
+        attempt.save(epoch, metrics)
+        timing["checkpoint_time_s"] += time.perf_counter() - t_report
+    attempt.finish(timing)
 
-    data = warm_dataset(cfg.data)
-    method = build_method(cfg.method_name, cfg.method, data.info())
-    method.configure_training(cfg.train.epochs)
-    if cfg.train.channels_last:
-        method = method.to(memory_format=torch.channels_last)
-    if world > 1 and cfg.train.sync_batchnorm:
-        # BatchNorm over the global batch: torch's SyncBatchNorm on GPUs, ours on CPU workers.
-        if cfg.resources.gpu:
-            method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
-        else:
-            method = convert_global_batchnorm(method)
-    model = host.prepare_model(
-        method,
-        find_unused_parameters=method.may_leave_parameters_unused(),
-        broadcast_buffers=method.ddp_broadcast_buffers(),
-    )
-    optimizer = _build_optimizer(cfg, model.parameters())
 
-    pools = build_pretraining_data(cfg, _unwrap(model), data)
-    unpaired_batch = cfg.train.unpaired_batch_size or cfg.train.batch_size
-    loaders = {
-        key: Loader(
-            pool,
-            batch=(cfg.train.batch_size if key == "main" else unpaired_batch) // world,
-            world=world,
-            rank=rank,
-            seed=cfg.seed + i,
-            workers=cfg.train.data_workers,
-        )
-        for i, (key, pool) in enumerate(pools.items())
-    }
+class Attempt:
+    """What one attempt of a run (one worker's part of it) trains with, phase by phase.
 
-    client = MlflowClient(tracking_uri) if rank == 0 else None
-    # [multi-node] Record which Ray nodes this attempt's workers run on (tags avlab.nodes and
-    # avlab.node_history), so a sweep on a cluster shows where each trial ran and was restarted.
-    nodes = _worker_nodes(world)
-    if rank == 0:
-        _tag_nodes(client, run_id, nodes)
-    steps = len(loaders["main"])
-    if cfg.train.max_steps_per_epoch:
-        steps = min(steps, cfg.train.max_steps_per_epoch)
-    scheduler = _build_scheduler(cfg, optimizer, steps)
+    The constructor sets up: config, seeds, data, method, DDP model, optimiser, loaders, LR
+    schedule and the node tags. ``restore`` continues from the newest usable checkpoint (or
+    initialises from ``train.init_from``), ``begin`` opens the metric outbox and the augmentation,
+    ``train_epoch`` runs one epoch's steps, ``save`` reports the epoch with its checkpoint, and
+    ``finish`` runs (or finds) the downstream evaluation. The order of these steps is the order in
+    which random numbers are drawn: a change in it changes every result of a seed."""
 
-    start_epoch, global_step, held_metrics = 0, 0, []
-    checkpoint = host.latest_checkpoint()
-    if checkpoint is not None:
-        state = load_latest_checkpoint(checkpoint, device, verbose=rank == 0)
-        if state.get("identity") not in (None, cfg.identity()):
+    def __init__(self, loop_config: dict[str, Any], host: RayTrainHost | TrialHost) -> None:
+        cfg = self.cfg = ExperimentConfig.from_dict(loop_config["config"])
+        self.run_id: str = loop_config["mlflow_run_id"]
+        self.host, self.rank, self.world = host, host.rank, host.world
+        torch.set_num_threads(cfg.resources.cpus_per_worker)
+        seed_everything(cfg.seed * 1000 + self.rank)
+        self.device = host.device
+        self.data = warm_dataset(cfg.data)
+        self.model = self._build_model(cfg, host, self.data)
+        self.method = _unwrap(self.model)
+        self.optimizer = _build_optimizer(cfg, self.model.parameters())
+        pools = build_pretraining_data(cfg, self.method, self.data)
+        unpaired_batch = cfg.train.unpaired_batch_size or cfg.train.batch_size
+        self.loaders = {
+            key: Loader(pool, batch=(cfg.train.batch_size if key == "main" else unpaired_batch) // self.world,
+                        world=self.world, rank=self.rank, seed=cfg.seed + i, workers=cfg.train.data_workers)
+            for i, (key, pool) in enumerate(pools.items())
+        }
+        self.client = MlflowClient(loop_config["tracking_uri"]) if self.rank == 0 else None
+        # [multi-node] Record which Ray nodes this attempt's workers run on (tags avlab.nodes and
+        # avlab.node_history), so a sweep on a cluster shows where each trial ran and was restarted.
+        nodes = _worker_nodes(self.world)
+        if self.client is not None:
+            tracking.tag_nodes(self.client, self.run_id, nodes)
+        self.steps = len(self.loaders["main"])
+        if cfg.train.max_steps_per_epoch:
+            self.steps = min(self.steps, cfg.train.max_steps_per_epoch)
+        self.scheduler = _build_scheduler(cfg, self.optimizer, self.steps)
+        self.start_epoch, self.global_step, self.held_metrics = 0, 0, []
+
+    @staticmethod
+    def _build_model(cfg: ExperimentConfig, host: RayTrainHost | TrialHost, data: AVDataset) -> torch.nn.Module:
+        method = build_method(cfg.method_name, cfg.method, data.info())
+        method.configure_training(cfg.train.epochs)
+        if cfg.train.channels_last:
+            method = method.to(memory_format=torch.channels_last)
+        if host.world > 1 and cfg.train.sync_batchnorm:
+            # BatchNorm over the global batch: torch's SyncBatchNorm on GPUs, ours on CPU workers.
+            if cfg.resources.gpu:
+                method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+            else:
+                method = convert_global_batchnorm(method)
+        return host.prepare_model(method, find_unused_parameters=method.may_leave_parameters_unused(),
+                                  broadcast_buffers=method.ddp_broadcast_buffers())
+
+    def restore(self, init_checkpoint: str | None) -> None:
+        """Continue from the newest usable checkpoint, or start from ``train.init_from``'s."""
+        checkpoint = self.host.latest_checkpoint()
+        if checkpoint is None:
+            if init_checkpoint:
+                copied, total = ckpt.initialise_from(self.method, init_checkpoint, self.device)
+                if self.rank == 0:
+                    say(f"initialised {copied} of {total} tensors from {ckpt.state_file(init_checkpoint)}")
+            return
+        state = ckpt.load_latest(checkpoint, self.device, warn=say if self.rank == 0 else None)
+        identity = self.cfg.identity()
+        if state.get("identity") not in (None, identity):
             raise RuntimeError(f"checkpoint {checkpoint.path}: written by another configuration "
-                               f"(identity {state['identity']}, this run is {cfg.identity()})")
-        if state.get("mlflow_run_id") not in (None, run_id):
+                               f"(identity {state['identity']}, this run is {identity})")
+        if state.get("mlflow_run_id") not in (None, self.run_id):
             raise RuntimeError(f"checkpoint {checkpoint.path}: belongs to MLflow run {state['mlflow_run_id']}, "
-                               f"not {run_id}")
-        _unwrap(model).load_state_dict(state["model"])
-        _unwrap(model).load_extra_state(state["extra"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, global_step = state["epoch"] + 1, state["global_step"]
-        held_metrics = state.get("tracking_outbox", [])
-        _set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-        for key, loader in loaders.items():
+                               f"not {self.run_id}")
+        self.method.load_state_dict(state["model"])
+        self.method.load_extra_state(state["extra"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.start_epoch, self.global_step = state["epoch"] + 1, state["global_step"]
+        self.held_metrics = state.get("tracking_outbox", [])
+        _set_rng_state(state["rng"][self.rank] if self.rank < len(state["rng"]) else state["rng"][0])
+        for key, loader in self.loaders.items():
             if key in state["loaders"]:
                 loader.load_state(state["loaders"][key])
-        if rank == 0:
-            say(f"resumed from {checkpoint_file(state['_dir'])} (epoch {start_epoch}/{cfg.train.epochs} done)")
+        if self.rank == 0:
+            say(f"resumed from {ckpt.state_file(state['_dir'])} "
+                f"(epoch {self.start_epoch}/{self.cfg.train.epochs} done)")
             if state["_skipped"]:
-                tracking.set_tags(client, run_id, {"checkpoint_skipped": " | ".join(state["_skipped"])})
+                tracking.set_tags(self.client, self.run_id, {"checkpoint_skipped": " | ".join(state["_skipped"])})
 
-    elif loop_config.get("init_checkpoint"):
-        _initialise_from(_unwrap(model), loop_config["init_checkpoint"], device, verbose=rank == 0)
+    def begin(self, timing: dict[str, float], entered: float) -> dict[str, float]:
+        """Open the metric outbox, the unpaired streams and the augmentation; returns ``timing``
+        with the set-up time, to which the epochs add their checkpoint time."""
+        client, cfg = self.client, self.cfg
+        # Epochs whose metrics are already in MLflow (a restart after the log, before the checkpoint
+        # landed) are trained again but not logged again: the history gets no repeated steps.
+        self.logged_through = tracking.last_logged_epoch(client, self.run_id) if client is not None else -1
+        # Epoch metrics go through an outbox: a tracking server that is away holds up neither the
+        # training nor the checkpoints, and what it missed is sent when it is back (or by a restart).
+        self.outbox = tracking.Outbox(client, self.run_id, self.held_metrics) if client is not None else None
+        self.unpaired_iters = {k: l.forever() for k, l in self.loaders.items() if k != "main"}
+        self.augment = DeviceAugment(cfg)
+        # bf16: the forward pass (losses included) under autocast; backward follows the forward's
+        # dtypes, and weights, gradients and optimiser state stay fp32, so no loss scaling is needed.
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                       enabled=cfg.train.precision == "bf16")
+        # Where this attempt's wall time goes (logged with the evaluation, so users see cost next
+        # to accuracy): launch -> worker process -> function entered -> training starts.
+        timing["setup_time_s"] = time.time() - entered
+        timing["checkpoint_time_s"] = 0.0
+        return timing
 
-    # Epochs whose metrics are already in MLflow (a restart after the log, before the checkpoint
-    # landed) are trained again but not logged again: the history gets no repeated steps.
-    logged_through = tracking.last_logged_epoch(client, run_id) if client is not None else -1
-    # Epoch metrics go through an outbox: a tracking server that is away holds up neither the
-    # training nor the checkpoints, and what it missed is sent when it is back (or by a restart).
-    outbox = tracking.Outbox(client, run_id, held_metrics) if client is not None else None
-    unpaired_iters = {k: l.forever() for k, l in loaders.items() if k != "main"}
-    augment = DeviceAugment(cfg)
-    # Where this attempt's wall time goes (logged with the evaluation, so users see cost next to
-    # accuracy): launch -> worker process -> function entered -> training starts.
-    timing = _startup_timing(loop_config, entered)
-    timing["setup_time_s"] = time.time() - entered
-    timing["checkpoint_time_s"] = 0.0
-    # bf16: the forward pass (losses included) under autocast; backward follows the forward's dtypes,
-    # and weights, gradients and optimiser state stay fp32, so no loss scaling is needed.
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+    def _batch(self, raw: Batch, epoch: int) -> Batch:
+        batch = self.augment.paired_batch(to_device(raw, self.device), epoch)
+        for key, it in self.unpaired_iters.items():
+            unpaired = to_device(next(it), self.device)  # its loader's epoch is the batch's epoch
+            batch.update(self.augment.unpaired_views(key, unpaired, self.loaders[key].epoch))
+        if self.cfg.train.channels_last:
+            batch = to_device(batch, self.device, channels_last=True)
+        return batch
 
-    for epoch in range(start_epoch, cfg.train.epochs):
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One epoch's steps; returns its metrics (mean loss terms over steps and workers, speed,
+        LR, and the quick kNN probe on rank 0 when ``eval.every_epochs`` asks for it)."""
+        cfg, model, optimizer = self.cfg, self.model, self.optimizer
         model.train()
-        loaders["main"].set_epoch(epoch)
+        self.loaders["main"].set_epoch(epoch)
         sums: dict[str, torch.Tensor] = {}
         t0 = time.perf_counter()
-        for step, batch in enumerate(loaders["main"].loader):
-            if step >= steps:
+        for step, raw in enumerate(self.loaders["main"].loader):
+            if step >= self.steps:
                 break
-            batch = augment.paired_batch(to_device(batch, device), epoch)
-            for key, it in unpaired_iters.items():
-                raw = to_device(next(it), device)  # its loader's epoch is the batch's epoch
-                batch.update(augment.unpaired_views(key, raw, loaders[key].epoch))
-            if cfg.train.channels_last:
-                batch = to_device(batch, device, channels_last=True)
-            with autocast:
+            batch = self._batch(raw, epoch)
+            with self.autocast:
                 out = model(batch)
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             optimizer.step()
-            scheduler.step()
-            global_step += 1
-            _unwrap(model).after_step(batch, out)
+            self.scheduler.step()
+            self.global_step += 1
+            self.method.after_step(batch, out)
             for k, v in out.items():
                 if not k.startswith("_"):  # "_"-keys carry tensors for after_step, not metrics
                     sums[k] = sums.get(k, 0) + v.detach()
         elapsed = time.perf_counter() - t0
-        _unwrap(model).on_epoch_end(epoch)
-        metrics = _epoch_metrics(sums, steps, world)
+        self.method.on_epoch_end(epoch)
+        metrics = _epoch_metrics(sums, self.steps, self.world)
         if not math.isfinite(metrics.get("loss", 0.0)):
             # Checked once an epoch (the sums are already on the host), before anything is saved.
             raise NonFiniteLoss(f"the training loss is {metrics['loss']} in epoch {epoch}: training diverged; "
                                 f"lower optim.lr (now {cfg.optim.lr:g}) or check the data")
-        metrics["pairs_per_s"] = steps * cfg.train.batch_size / elapsed
+        metrics["pairs_per_s"] = self.steps * cfg.train.batch_size / elapsed
         metrics["epoch_time_s"] = elapsed
-        metrics["lr"] = scheduler.get_last_lr()[0]
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
         metrics["epoch"] = epoch
         every = cfg.eval.every_epochs
-        if rank == 0 and every and (epoch + 1) % every == 0 and epoch + 1 < cfg.train.epochs:
-            metrics.update(quick_knn(cfg, _unwrap(model), data, device))
-        if rank == 0:
-            if epoch > logged_through:
-                outbox.log(metrics, step=epoch)
-            _print_epoch(epoch, cfg.train.epochs, metrics)
-        state = {
-            "identity": cfg.identity(),
-            "model": _unwrap(model).state_dict(),
-            "extra": _unwrap(model).extra_state(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
-            "global_step": global_step,
-            "loaders": {k: l.state() for k, l in loaders.items() if k != "main"},
-            "mlflow_run_id": run_id,
-            "tracking_outbox": outbox.pending if outbox is not None else [],
-        }
-        t_report = time.perf_counter()
-        _report_with_checkpoint(host, metrics, state, epoch)
-        timing["checkpoint_time_s"] += time.perf_counter() - t_report
+        if self.rank == 0 and every and (epoch + 1) % every == 0 and epoch + 1 < cfg.train.epochs:
+            metrics.update(quick_knn(cfg, self.method, self.data, self.device))
+        return metrics
 
-    final: dict[str, Any] = {"epoch": cfg.train.epochs - 1}
-    if rank == 0:
-        outbox.flush()  # every epoch's metrics are in the store before the evaluation is looked up
-        done = tracking.logged_evaluation(client, run_id)
-        if done is not None:  # evaluated before a restart: report it, don't repeat it
-            say("downstream evaluation already logged; not repeated")
-            final.update(done)
-        else:
-            timing.update(tracking.training_cost(client, run_id))
-            final.update(evaluate_and_log(cfg, _unwrap(model), data, client, run_id, device, extra=timing))
-    host.report(final)
+    def save(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Log the epoch's metrics (rank 0) and report them with the epoch's checkpoint."""
+        if self.rank == 0:
+            if epoch > self.logged_through:
+                self.outbox.log(metrics, step=epoch)
+            _print_epoch(epoch, self.cfg.train.epochs, metrics)
+        state = {
+            "identity": self.cfg.identity(),
+            "model": self.method.state_dict(),
+            "extra": self.method.extra_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": epoch,
+            "global_step": self.global_step,
+            "loaders": {k: l.state() for k, l in self.loaders.items() if k != "main"},
+            "mlflow_run_id": self.run_id,
+            "tracking_outbox": self.outbox.pending if self.outbox is not None else [],
+        }
+        _report_with_checkpoint(self.host, metrics, state, epoch)
+
+    def finish(self, timing: dict[str, float]) -> None:
+        """Rank 0 runs the downstream evaluation (or finds it logged by an earlier attempt);
+        every worker reports the final result."""
+        final: dict[str, Any] = {"epoch": self.cfg.train.epochs - 1}
+        if self.rank == 0:
+            client = self.client
+            self.outbox.flush()  # every epoch's metrics are in the store before the evaluation is looked up
+            done = tracking.logged_evaluation(client, self.run_id)
+            if done is not None:  # evaluated before a restart: report it, don't repeat it
+                say("downstream evaluation already logged; not repeated")
+                final.update(done)
+            else:
+                timing.update(tracking.training_cost(client, self.run_id))
+                final.update(evaluate_and_log(self.cfg, self.method, self.data, client, self.run_id,
+                                              self.device, extra=timing))
+        self.host.report(final)
 
 
 # [multi-node] --------------------------------------------------------------------------------
@@ -347,71 +382,7 @@ def _worker_nodes(world: int) -> list[str]:
     nodes: list[Any] = [None] * world
     dist.all_gather_object(nodes, node)
     return nodes
-
-
-def _tag_nodes(client: MlflowClient, run_id: str, nodes: list[str]) -> None:
-    """``avlab.nodes``: the distinct nodes of this attempt's workers (in rank order);
-    ``avlab.node_history``: every attempt's nodes, oldest first, joined by " | " (a restarted
-    run shows where it ran before). Kept under MLflow's tag length by dropping the oldest."""
-    here = ",".join(dict.fromkeys(nodes))
-    previous = client.get_run(run_id).data.tags.get(f"{tracking.TAG_PREFIX}node_history", "")
-    history = [*(h for h in previous.split(" | ") if h), here]
-    while len(" | ".join(history)) > 4000 and len(history) > 1:
-        history.pop(0)
-    tracking.set_tags(client, run_id, {"nodes": here, "node_history": " | ".join(history)})
 # -----------------------------------------------------------------------------------------------
-
-
-def _initialise_from(method: Method, directory: str, device: torch.device, *, verbose: bool) -> None:
-    """``train.init_from``: copy every tensor whose name and shape match (encoders, heads)."""
-    weights = ckpt.load(directory, map_location=device)["model"]
-    own = method.state_dict()
-    matched = ckpt.matching_weights(own, weights)
-    if not matched:
-        raise RuntimeError(f"train.init_from: {directory} shares no weights with method {method.name}")
-    method.load_state_dict(matched, strict=False)
-    if verbose:
-        say(f"initialised {len(matched)} of {len(own)} tensors from {checkpoint_file(directory)}")
-
-
-def checkpoint_file(directory: str) -> str:
-    return posixpath.join(directory, ckpt.STATE_FILE)
-
-
-def load_latest_checkpoint(checkpoint: ray.train.Checkpoint, device: torch.device, *, verbose: bool = True) -> dict[str, Any]:
-    """The newest readable checkpoint: Ray Train's latest, else the previous ones it kept.
-
-    A damaged checkpoint is reported (naming the file) and skipped; if none is readable the run
-    stops rather than silently starting over."""
-    import pyarrow.fs
-
-    fs, latest = checkpoint.filesystem, checkpoint.path.rstrip("/")
-    parent, latest_name = posixpath.split(latest)
-    candidates = [latest]
-    latest_epoch = ckpt.epoch_of(latest_name)
-    if latest_epoch is not None:
-        infos = fs.get_file_info(pyarrow.fs.FileSelector(parent))
-        older = [
-            (ckpt.epoch_of(i.base_name), i.path)
-            for i in infos
-            if i.type == pyarrow.fs.FileType.Directory and ckpt.epoch_of(i.base_name) is not None
-        ]
-        candidates += [path for epoch, path in sorted(older, reverse=True) if epoch < latest_epoch]
-    errors = []
-    for path in candidates:
-        with ray.train.Checkpoint(path, filesystem=fs).as_directory() as local:
-            try:
-                state = ckpt.load(local, map_location=device)
-            except ckpt.CheckpointError as exc:
-                # Name the file where it lives in storage, not in a temporary download.
-                message = str(exc).replace(str(local), path)
-                errors.append(message)
-                if verbose:
-                    say(f"WARNING: unusable checkpoint: {message}; trying the previous one")
-                continue
-        state["_dir"], state["_skipped"] = path, errors
-        return state
-    raise RuntimeError(f"no usable checkpoint in {parent}: " + "; ".join(errors))
 
 
 def _startup_timing(loop_config: dict[str, Any], entered: float) -> dict[str, float]:
@@ -466,7 +437,7 @@ def _report_with_checkpoint(host: RayTrainHost | TrialHost, metrics, state, epoc
         host.report(metrics, tmp, ckpt.dir_name(epoch))
 
 
-def quick_knn(cfg: ExperimentConfig, method: Method, data: ProceduralAV | BinauralScenes | ManifestAV, device: torch.device) -> dict[str, float]:
+def quick_knn(cfg: ExperimentConfig, method: Method, data: AVDataset, device: torch.device) -> dict[str, float]:
     """Cosine-kNN accuracy on h during pretraining (for schedulers that stop weak trials early)."""
     result = run_downstream(method, train_set=data.pool("train"), test_set=data.pool("test"),
                             cfg=quick_probe_config(cfg.eval), device=device)
@@ -476,7 +447,7 @@ def quick_knn(cfg: ExperimentConfig, method: Method, data: ProceduralAV | Binaur
 def evaluate_and_log(
     cfg: ExperimentConfig,
     method: Method,
-    data: ProceduralAV | BinauralScenes | ManifestAV,
+    data: AVDataset,
     client: MlflowClient,
     run_id: str,
     device: torch.device,

@@ -63,7 +63,6 @@ def test_a_single_worker_trial_keeps_whole_checkpoints_and_falls_back_past_a_dam
     names Ray Train uses, the newest ``keep`` kept, and on resume the newest usable one, found by
     the loader that multi-worker runs use."""
     from orchestrator.hosts import TrialHost
-    from orchestrator.train import load_latest_checkpoint
 
     run_dir = tmp_path / "trials" / "sw-abc"
     host = TrialHost(str(run_dir), keep=2, gpu=False)
@@ -76,11 +75,11 @@ def test_a_single_worker_trial_keeps_whole_checkpoints_and_falls_back_past_a_dam
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint_epoch00001", "checkpoint_epoch00002"]
     latest = host.latest_checkpoint()
     assert latest.path.endswith("checkpoint_epoch00002")
-    assert load_latest_checkpoint(latest, torch.device("cpu"), verbose=False)["epoch"] == 2
+    assert ckpt.load_latest(latest, torch.device("cpu"))["epoch"] == 2
 
     newest = run_dir / "checkpoint_epoch00002" / ckpt.STATE_FILE
     newest.write_bytes(newest.read_bytes()[:100])
-    state = load_latest_checkpoint(host.latest_checkpoint(), torch.device("cpu"), verbose=False)
+    state = ckpt.load_latest(host.latest_checkpoint(), torch.device("cpu"))
     assert state["epoch"] == 1 and str(newest) in state["_skipped"][0] and "truncated" in state["_skipped"][0]
     with pytest.raises(ValueError, match="does not match"):
         host._persist(str(run_dir / "checkpoint_epoch00001"), "latest")
