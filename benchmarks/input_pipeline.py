@@ -41,11 +41,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from methods.data.cache import CachedPool, cache_key, get_or_build_cache  # noqa: E402
+from methods.data.cache import get_or_build_cache  # noqa: E402
+from methods.data.feature_cache import CachedPool, cache_key  # noqa: E402
 from methods.data.decode import FeatureSettings, load_image, load_sound, sound_features  # noqa: E402
 from methods.data.layouts import index_layout  # noqa: E402
 from methods.data.manifest import read_manifest, write_manifest  # noqa: E402
-from methods.data.procedural import LogMel  # noqa: E402
+from methods.data.logmel import LogMel  # noqa: E402
 from methods.registry import build_method  # noqa: E402
 from orchestrator.config import resolve  # noqa: E402
 

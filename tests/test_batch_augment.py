@@ -20,7 +20,7 @@ from methods.data.batch_augment import (
     _shift_hue,
     hashed_uniform,
 )
-from methods.data.procedural import LOGMEL_STD
+from methods.data.logmel import LOGMEL_STD
 from orchestrator.config import resolve
 from orchestrator.loaders import DeviceAugment
 

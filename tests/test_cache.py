@@ -24,17 +24,16 @@ from torch.utils.data import DataLoader
 
 from methods.data.cache import (
     TEST_DELAY_ENV,
-    CachedPool,
     build_cache,
-    cache_key,
     decoded_item_count,
     get_or_build_cache,
     open_cache,
 )
+from methods.data.feature_cache import CachedPool, cache_key
 from methods.data.decode import DataError, FeatureSettings, load_image, load_sound, sound_features
 from methods.data.manifest import Item
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT
 SETTINGS = FeatureSettings(image_size=16, sample_rate=8000, clip_seconds=1.0, n_mels=16, n_frames=24, channels=1)
 
 

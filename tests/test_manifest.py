@@ -24,7 +24,7 @@ from methods.data.manifest import (
     read_manifest,
     write_manifest,
 )
-from methods.data.procedural import POOLS
+from methods.data.pools import POOLS
 
 RATE = 8000
 SETTINGS = FeatureSettings()  # 8 kHz, a 2 s window, 32 px images

@@ -1,8 +1,6 @@
 """Data for avlab: the procedural audio-visual dataset, its binaural scenes and the
 augmentations methods use."""
 
-from typing import Any
-
 from methods.data.augment import SpecAugment, simclr_image_augment
 from methods.data.binaural import (
     BinauralScenes,
@@ -11,18 +9,13 @@ from methods.data.binaural import (
     binaural_render,
     rotate_panorama,
 )
-from methods.data.procedural import (
-    CLASS_NAMES,
-    LOGMEL_FLOOR,
-    LOGMEL_MEAN,
-    LOGMEL_STD,
-    POOLS,
-    LogMel,
-    ProceduralAV,
-    ProceduralConfig,
-)
+from methods.data.config import ProceduralConfig
+from methods.data.logmel import LOGMEL_FLOOR, LOGMEL_MEAN, LOGMEL_STD, LogMel
+from methods.data.pools import CLASS_NAMES, POOLS, AVDataset
+from methods.data.procedural import ProceduralAV
 
 __all__ = [
+    "AVDataset",
     "CLASS_NAMES",
     "LOGMEL_FLOOR",
     "LOGMEL_MEAN",
@@ -42,10 +35,10 @@ __all__ = [
 ]
 
 
-def build_dataset(cfg: ProceduralConfig) -> Any:
+def build_dataset(cfg: ProceduralConfig) -> AVDataset:
     """The dataset ``cfg`` describes: a real dataset's manifest when ``cfg.manifest`` is set
     (``methods.data.real.ManifestAV``), else binaural scenes when ``cfg.binaural``, else the
-    procedural mono pairs. All three have ``pool(name)``, ``info()`` and ``class_names``."""
+    procedural mono pairs. All three meet ``AVDataset``."""
     if cfg.manifest:
         from methods.data.real import ManifestAV  # decoding libraries load only when needed
 

@@ -30,7 +30,7 @@ class SpecAugment(nn.Module):
     (width ~ U[0, time_mask)) on a log-mel spectrogram (Park et al., 2019).
 
     Masked bins are set to 0, which is the mean of the normalised log-mel (see
-    ``methods.data.procedural.LOGMEL_MEAN``). A (C, F, T) input gets one random mask set per
+    ``methods.data.logmel.LOGMEL_MEAN``). A (C, F, T) input gets one random mask set per
     call; a (B, C, F, T) batch gets an independent set per sample.
     """
 

@@ -34,7 +34,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from methods.data.procedural import LOGMEL_STD
+from methods.data.logmel import LOGMEL_STD
 
 __all__ = [
     "BatchSimCLRAugment",

@@ -41,30 +41,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from methods.base import DataInfo
-from methods.data.procedural import (
-    _BACKGROUND_SATURATION,
-    _BANK_CLIPS,
-    _DOMAINS,
-    _POOL_DOMAIN,
-    _POOL_ID,
-    CLASS_NAMES,
-    POOLS,
-    LogMel,
-    ProceduralConfig,
-    _Domain,
-    data_info,
-    _hsv,
-    _ImageRenderer,
-    _object_radius,
-    _Pool,
-    _SoundSynth,
-)
+from methods.data.config import ProceduralConfig
+from methods.data.images import ImageRenderer, hsv, object_radius
+from methods.data.logmel import LogMel
+from methods.data.pools import CLASS_NAMES, POOL_DOMAIN, POOL_ID, SyntheticAV, check_pool
+from methods.data.prototypes import BACKGROUND_SATURATION, DOMAINS, Domain
+from methods.data.sounds import BANK_CLIPS, SoundSynth
 
 __all__ = [
     "BinauralScenes",
@@ -155,9 +142,9 @@ class Scene:
         if len({o.cls for o in self.objects}) != len(self.objects):
             raise ValueError(f"objects: classes must be distinct, got "
                              f"{[o.cls for o in self.objects]}")
-        if self.domain not in _DOMAINS:
+        if self.domain not in DOMAINS:
             raise ValueError(f"domain: unknown domain {self.domain!r}; choose one of "
-                             f"{', '.join(_DOMAINS)}")
+                             f"{', '.join(DOMAINS)}")
 
     @property
     def main(self) -> SceneObject:
@@ -277,7 +264,7 @@ class _PanoramaRenderer:
 
     def __init__(self, height: int, width: int) -> None:
         self.h, self.w = height, width
-        self.tile = _ImageRenderer(height)
+        self.tile = ImageRenderer(height)
         self.col_W = np.arange(width, dtype=np.float64) + 0.5  # pixel centres, in columns
         self.phi_W = self.col_W * (2 * np.pi / width)  # and their azimuths, in radians
         self.y_H1 = self.tile.y_S1  # rows in half-sides, as the mono renderer's
@@ -285,14 +272,14 @@ class _PanoramaRenderer:
     def render(self, scene: Scene) -> tuple[np.ndarray, np.ndarray]:
         """(image (3, H, W) in [0, 1], mask (1, H, W) in {0, 1}) of ``scene``."""
         rng = _stream(scene, _IMAGE)
-        dom = _DOMAINS[scene.domain]
+        dom = DOMAINS[scene.domain]
         img_3HW = self._background(rng, dom, scene.offset)
         self._clutter(rng, dom, scene.offset, img_3HW)
         mask_HW = np.zeros((self.h, self.w), dtype=np.float32)
         q_KQ = rng.random((len(scene.objects), 10)).tolist()
         # Back to front: the main object last, on top.
         for obj, q in reversed(list(zip(scene.objects, q_KQ))):
-            margin = 1.0 - 0.7 * _object_radius(obj.latent)
+            margin = 1.0 - 0.7 * object_radius(obj.latent)
             cy = (2 * q[1] - 1) * margin
             # The tile spans columns start .. start + H - 1; its centre (x = 0) lies at column
             # position start + H / 2, which is the object's position up to a sub-pixel cx.
@@ -311,7 +298,7 @@ class _PanoramaRenderer:
         np.clip(img_3HW, 0.0, 1.0, out=img_3HW)
         return img_3HW.astype(np.float32, copy=False), mask_HW[None]
 
-    def _background(self, rng: np.random.Generator, dom: _Domain, offset: float) -> np.ndarray:
+    def _background(self, rng: np.random.Generator, dom: Domain, offset: float) -> np.ndarray:
         """The mono gradient background wrapped around: it varies with cos(azimuth - offset)
         horizontally and linearly vertically, so it is continuous across the seam."""
         q = rng.random(10).tolist()
@@ -319,8 +306,8 @@ class _PanoramaRenderer:
         phi_W = self.phi_W - math.radians(offset)
         t_HW = 0.5 + 0.35 * (math.cos(a) * np.cos(phi_W)[None, :] + math.sin(a) * self.y_H1)
         lo, hi = (0.05, 0.3) if dom.background == "dark" else (0.3, 0.9)
-        c1 = _hsv(q[1], _BACKGROUND_SATURATION * q[2], lo + (hi - lo) * q[3])
-        c2 = _hsv(q[4], _BACKGROUND_SATURATION * q[5], lo + (hi - lo) * q[6])
+        c1 = hsv(q[1], BACKGROUND_SATURATION * q[2], lo + (hi - lo) * q[3])
+        c2 = hsv(q[4], BACKGROUND_SATURATION * q[5], lo + (hi - lo) * q[6])
         img_3HW = c1[:, None, None] + (c2 - c1)[:, None, None] * t_HW.astype(np.float32)
         if dom.background == "stripes":
             cycles = 2 + int(5 * q[8])  # whole cycles around the strip
@@ -329,7 +316,7 @@ class _PanoramaRenderer:
                 np.float32)
         return img_3HW
 
-    def _clutter(self, rng: np.random.Generator, dom: _Domain, offset: float,
+    def _clutter(self, rng: np.random.Generator, dom: Domain, offset: float,
                  img_3HW: np.ndarray) -> None:
         """The mono renderer's boxes and ellipses, at the same density per H x H tile, placed at
         azimuths relative to ``offset`` with wrap-around; in place."""
@@ -351,14 +338,14 @@ class _PanoramaRenderer:
             else:
                 d_HW = np.sqrt((dx_W[None, :] * (1.0 / (hx * px))) ** 2 + (dy_H1 * (1.0 / hy)) ** 2)
                 cover_HW = alpha * np.clip((1.0 - d_HW) * (min(hx, hy) * px) + 0.5, 0.0, 1.0)
-            col = _hsv(r[6], r[7] * dom.saturation, 0.2 + 0.8 * r[8])
+            col = hsv(r[6], r[7] * dom.saturation, 0.2 + 0.8 * r[8])
             img_3HW += cover_HW.astype(np.float32) * (col[:, None, None] - img_3HW)
 
 
 # --- the dataset -----------------------------------------------------------------------------
 
 
-class BinauralScenes:
+class BinauralScenes(SyntheticAV):
     """Binaural procedural scenes: the seven pools of ProceduralAV (same sizes and domains)
     with panoramic images, masks, two-channel log-mels and azimuth targets (module docstring).
 
@@ -367,40 +354,16 @@ class BinauralScenes:
     ``index`` int64; unpaired pools carry only their modality (image with mask, or sound).
     """
 
+    sound_channels: ClassVar[int] = 2
+    pool_keys: ClassVar[dict[str, tuple[str, ...]]] = _KEYS
+    label_tag: ClassVar[tuple[int, ...]] = (_BINAURAL_TAG,)  # class orders differ from ProceduralAV's
+
     def __init__(self, cfg: ProceduralConfig) -> None:
-        self.cfg = cfg
+        super().__init__(cfg)
         self.images = _PanoramaRenderer(cfg.image_size, cfg.panorama_width)
-        self.sounds = _SoundSynth(cfg.sample_rate, cfg.clip_samples, cfg.seed)
+        self.sounds = SoundSynth(cfg.sample_rate, cfg.clip_samples, cfg.seed)
         self.logmel = LogMel(sample_rate=cfg.sample_rate, n_mels=cfg.n_mels,
                              n_frames=cfg.n_frames, clip_seconds=cfg.clip_seconds)
-        self._pools: dict[str, _Pool] = {}
-        self._blocks: dict[tuple[str, int], list[int]] = {}
-
-    def pool(self, name: str) -> Dataset:
-        """The dataset of pool ``name`` (one of POOLS); created once and reused."""
-        if name not in POOLS:
-            raise ValueError(f"pool: unknown pool {name!r}; choose one of {', '.join(POOLS)}")
-        if name not in self._pools:
-            self._pools[name] = _Pool(self, name, getattr(self.cfg, f"{name}_size"), _KEYS[name])
-        return self._pools[name]
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(CLASS_NAMES[: self.cfg.num_classes])
-
-    def info(self) -> DataInfo:
-        return data_info(self.cfg, sound_channels=2)
-
-    def label(self, pool: str, index: int) -> int:
-        """Class of the main object: balanced within each block of ``num_classes`` indices."""
-        k = self.cfg.num_classes
-        key = (pool, index // k)
-        order = self._blocks.get(key)
-        if order is None:
-            block = np.random.SeedSequence(
-                [self.cfg.seed, _POOL_ID[pool], index // k, _BINAURAL_TAG], spawn_key=(0,))
-            order = self._blocks[key] = np.argsort(block.generate_state(k)).tolist()
-        return order[index % k]
 
     def sector(self, azimuth: float) -> int:
         """floor(azimuth / (360 / azimuth_sectors)); the epsilon keeps grid azimuths that land on
@@ -411,7 +374,7 @@ class BinauralScenes:
     def scene(self, pool: str, index: int) -> Scene:
         """The layout of sample ``index``: object count, classes, azimuths, latents, levels."""
         c = self.cfg
-        seed = (c.seed, _POOL_ID[pool], index, _BINAURAL_TAG)
+        seed = (c.seed, POOL_ID[pool], index, _BINAURAL_TAG)
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed,
                                                                          spawn_key=(_LAYOUT,))))
         main_cls = self.label(pool, index)
@@ -427,7 +390,7 @@ class BinauralScenes:
         offset = int(rng.integers(c.panorama_width)) * 360.0 / c.panorama_width
         objects = tuple(SceneObject(k, az, *lat, level_db=lev)
                         for k, az, lat, lev in zip(classes, azimuths, latent_K3, levels))
-        return Scene(objects, _POOL_DOMAIN[pool], offset, seed)
+        return Scene(objects, POOL_DOMAIN[pool], offset, seed)
 
     # Rendering: pure functions of a Scene, so tests can build scenes with chosen azimuths.
 
@@ -467,7 +430,7 @@ class BinauralScenes:
         """
         rng = _stream(scene, _SOUND)
         synth = self.sounds
-        dom = _DOMAINS[scene.domain]
+        dom = DOMAINS[scene.domain]
         n_obj = len(scene.objects)
         env_KT = self.activity(scene)
         main_rms = _MAIN_RMS * 10.0 ** ((12.0 * scene.main.size - 6.0) / 20.0)
@@ -491,8 +454,8 @@ class BinauralScenes:
 
         # Diffuse noise: same colour and level on both ears, from two different bank clips.
         bank = synth.domain_bank[scene.domain]
-        i = int(q[1] * _BANK_CLIPS)
-        j = (i + 1 + int(q[2] * (_BANK_CLIPS - 1))) % _BANK_CLIPS
+        i = int(q[1] * BANK_CLIPS)
+        j = (i + 1 + int(q[2] * (BANK_CLIPS - 1))) % BANK_CLIPS
         level = np.float32(dom.noise_level[0] + (dom.noise_level[1] - dom.noise_level[0]) * q[5])
         for ear, clip, u in ((0, i, q[3]), (1, j, q[4])):
             start = int(u * (bank.shape[1] - synth.n))
@@ -510,8 +473,7 @@ class BinauralScenes:
         return self.render_waveform(self.scene(pool, index))
 
     def _generate(self, pool: str, index: int, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        if pool not in POOLS:
-            raise ValueError(f"pool: unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
+        check_pool(pool)
         scene = self.scene(pool, index)
         out: dict[str, torch.Tensor] = {}
         if "image" in keys:

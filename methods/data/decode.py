@@ -20,7 +20,8 @@ import torch
 import torchaudio
 from PIL import Image, UnidentifiedImageError
 
-from methods.data.procedural import LogMel, ProceduralConfig
+from methods.data.config import ProceduralConfig
+from methods.data.logmel import LogMel
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v")
 SILENCE_RMS = 1e-5  # below this a clip counts as silent

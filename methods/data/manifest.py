@@ -17,7 +17,7 @@ Columns (``COLUMNS``; paths relative to the manifest's folder or absolute):
 
 ``layouts.index_layout`` turns a dataset as published into rows; ``write_manifest`` writes them;
 ``read_manifest`` validates a file into a ``Manifest``, whose ``pools()`` are the seven pools of
-``procedural.POOLS`` as Items; ``check_manifest`` decodes every Item once and lists the broken
+``pools.POOLS`` as Items; ``check_manifest`` decodes every Item once and lists the broken
 files, so a run fails before training (or skips them) instead of in the middle of an epoch.
 """
 
@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from methods.data.decode import DataError, FeatureSettings, is_video, load_image, load_sound
-from methods.data.procedural import POOLS
+from methods.data.pools import POOLS
 
 COLUMNS: tuple[str, ...] = (
     "id", "split", "pair_id", "source", "label", "image", "image_time", "sound", "sound_offset",
@@ -169,7 +169,7 @@ class Manifest:
         unpaired_image_count: int = -1,
         seed: int = 0,
     ) -> dict[str, list[Item]]:
-        """The seven pools of ``procedural.POOLS``, each in manifest order.
+        """The seven pools of ``pools.POOLS``, each in manifest order.
 
         paired           pretrain Items with an image and a sound: rows with both, and the two
                          halves of a pair_id merged into one Item whose id is the pair_id.

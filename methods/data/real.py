@@ -14,10 +14,12 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from methods.base import DataInfo
-from methods.data.cache import CachedPool, FeatureCache, cache_key, get_or_build_cache
+from methods.data.cache import get_or_build_cache
+from methods.data.feature_cache import CachedPool, FeatureCache, cache_key
 from methods.data.decode import FeatureSettings
 from methods.data.manifest import Item, read_manifest
-from methods.data.procedural import POOLS, ProceduralConfig
+from methods.data.config import ProceduralConfig
+from methods.data.pools import POOLS
 
 # What each pool's items carry; labelled splits carry whichever modalities all their items have.
 _POOL_KEYS = {

@@ -1,0 +1,147 @@
+"""The ``data`` section of a config: pool sizes, shapes and the switches to binaural scenes or
+to a real dataset's manifest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+from methods.data.logmel import logmel_geometry
+from methods.data.pools import CLASS_NAMES, POOLS
+
+_MAX_POOL_SIZE = 10_000_000
+_MAX_CLIP_SAMPLES = 320_000  # bounds the noise banks (~20 clips of twice this length)
+
+
+@dataclass(frozen=True)
+class ProceduralConfig:
+    """Sizes and shapes of the procedural dataset. Defaults are the CPU-sized ``tiny`` preset.
+
+    The paper preset uses ``image_size=224, sample_rate=16000, n_mels=150, n_frames=200``.
+    ``cache_in_memory`` memoises generated samples per process: right for pools of a few
+    thousand items, wasteful for pools of hundreds of thousands.
+
+    ``binaural`` switches to binaural scenes (``methods.data.binaural``): a 360° image strip of
+    ``image_size`` x ``panorama_width`` pixels, two-channel sound, up to ``max_objects`` objects
+    per scene, and an azimuth ``sector`` label out of ``azimuth_sectors``. The three scene
+    fields are ignored when ``binaural`` is false.
+
+    ``manifest`` switches to a real dataset described by a manifest CSV
+    (``methods.data.manifest``; ``avlab data index`` writes one). Its pools come from the
+    manifest, decoded once into a feature cache (``cache_dir``; empty = ``.avlab-cache`` next to
+    the manifest) with the feature fields above (image_size, sample_rate, clip_seconds, n_mels,
+    n_frames; two channels when ``binaural``). The procedural pool sizes are then ignored;
+    ``paired_fraction`` keeps that share of the pairs and ``unpaired_sound_count`` /
+    ``unpaired_image_count`` that many unpaired items (-1 = all), chosen by ``seed``.
+    ``skip_bad`` drops unusable files (listed once) instead of stopping; ``cache_workers``
+    decoding processes build the cache (0 = one per CPU core).
+    """
+
+    seed: int = 0
+    image_size: int = 32
+    sample_rate: int = 8000
+    clip_seconds: float = 2.0
+    n_mels: int = 40
+    n_frames: int = 64
+    num_classes: int = 10
+    paired_size: int = 2048
+    unpaired_sound_size: int = 2048
+    unpaired_image_size: int = 2048
+    train_size: int = 1000
+    test_size: int = 500
+    transfer_train_size: int = 500
+    transfer_test_size: int = 500
+    cache_in_memory: bool = True
+    binaural: bool = False
+    panorama_width: int = 128
+    azimuth_sectors: int = 8
+    max_objects: int = 2
+    manifest: str = ""
+    paired_fraction: float = 1.0
+    unpaired_sound_count: int = -1
+    unpaired_image_count: int = -1
+    cache_dir: str = ""
+    skip_bad: bool = False
+    cache_workers: int = 0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("manifest", "cache_dir"):
+                if not isinstance(value, str):
+                    raise ValueError(f"{f.name}: must be a path (text), got {value!r}")
+            elif f.name == "paired_fraction":
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                    raise ValueError(f"paired_fraction: must be in (0, 1], got {value!r}")
+            elif f.name in ("cache_in_memory", "binaural", "skip_bad"):
+                if not isinstance(value, bool):
+                    raise ValueError(f"{f.name}: must be true or false, got {value!r}")
+            elif f.name == "clip_seconds":
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"clip_seconds: must be a number of seconds, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{f.name}: must be an integer, got {value!r}")
+        if self.seed < 0:
+            raise ValueError(f"seed: must be >= 0, got {self.seed}")
+        for name in ("unpaired_sound_count", "unpaired_image_count"):
+            if getattr(self, name) < -1:
+                raise ValueError(f"{name}: must be -1 (all) or a count >= 0, got {getattr(self, name)}")
+        if self.cache_workers < 0:
+            raise ValueError(f"cache_workers: must be >= 0 (0 = one per CPU core), got {self.cache_workers}")
+        if not 16 <= self.image_size <= 1024:
+            raise ValueError(f"image_size: must be in 16..1024 pixels, got {self.image_size}")
+        if not 4000 <= self.sample_rate <= 96000:
+            raise ValueError(f"sample_rate: must be in 4000..96000 Hz, got {self.sample_rate}")
+        if not 0.25 <= self.clip_seconds <= 30.0:
+            raise ValueError(f"clip_seconds: must be in 0.25..30 s, got {self.clip_seconds}")
+        if not 8 <= self.n_mels <= 256:
+            raise ValueError(f"n_mels: must be in 8..256 mel bins, got {self.n_mels}")
+        if self.clip_samples > _MAX_CLIP_SAMPLES:
+            raise ValueError(
+                f"clip_seconds: {self.clip_seconds} s at {self.sample_rate} Hz is "
+                f"{self.clip_samples} samples; keep sample_rate * clip_seconds <= "
+                f"{_MAX_CLIP_SAMPLES}"
+            )
+        if self.n_frames < 8:
+            raise ValueError(f"n_frames: must be >= 8, got {self.n_frames}")
+        n_fft, hop = logmel_geometry(self.sample_rate, self.clip_seconds, self.n_frames)
+        if hop < 8:
+            raise ValueError(
+                f"n_frames: {self.n_frames} frames of a {self.clip_seconds} s clip leave a hop of "
+                f"{hop} samples (window {n_fft}); need >= 8: lower n_frames or raise clip_seconds"
+            )
+        if not 2 <= self.num_classes <= len(CLASS_NAMES):
+            raise ValueError(
+                f"num_classes: must be in 2..{len(CLASS_NAMES)}, got {self.num_classes}"
+            )
+        for name in POOLS:
+            size = getattr(self, f"{name}_size")
+            # 0 disables a pool: no unpaired data (no L_unpair) or no transfer evaluation.
+            minimum = 0 if name.startswith(("unpaired", "transfer")) else 1
+            if not minimum <= size <= _MAX_POOL_SIZE:
+                raise ValueError(
+                    f"{name}_size: must be in {minimum}..{_MAX_POOL_SIZE}, got {size}"
+                )
+        # Multiples of 8 columns keep rotations by 360/R degrees, R in 2, 4, 8, whole columns.
+        if self.panorama_width < 16 or self.panorama_width % 8:
+            raise ValueError(
+                f"panorama_width: must be a multiple of 8 and >= 16, got {self.panorama_width}"
+            )
+        if self.binaural and self.panorama_width < self.image_size:
+            raise ValueError(
+                f"panorama_width: must be >= image_size={self.image_size} for binaural scenes, "
+                f"got {self.panorama_width}"
+            )
+        if not 2 <= self.azimuth_sectors <= 36 or self.panorama_width % self.azimuth_sectors:
+            raise ValueError(
+                f"azimuth_sectors: must be in 2..36 and divide panorama_width="
+                f"{self.panorama_width}, got {self.azimuth_sectors}"
+            )
+        if not 1 <= self.max_objects <= 4:
+            raise ValueError(f"max_objects: must be in 1..4, got {self.max_objects}")
+
+    @property
+    def clip_samples(self) -> int:
+        return int(round(self.sample_rate * self.clip_seconds))
+
+
