@@ -229,59 +229,109 @@ def run_downstream(
         prefix: prepended to every metric and confusion name, e.g. ``"transfer_"``.
         num_classes: confusion matrix size (default: largest class id seen + 1).
     """
-    test_keys = _item_keys(test_set, "test_set")
-    spatial = cfg.spatial_probe and bool(cfg.features)
-    if spatial and "sector" not in test_keys:
-        raise ValueError("eval.spatial_probe: test items carry no 'sector' (azimuth sector); it needs binaural scenes")
-    family_probes = (cfg.linear or cfg.knn or cfg.sound_svm or spatial) and bool(cfg.features)
-    needs_train = family_probes or cfg.block_probes
-    train_keys = _item_keys(train_set, "train_set") if needs_train else test_keys
-    modalities: list[tuple[str, str]] = []
-    if needs_train:
-        for modality, suffix in _MODALITIES:
-            if modality not in test_keys:
-                continue
-            if modality not in train_keys:
-                raise ValueError(
-                    f"train_set: items carry no '{modality}' but test_set does; "
-                    f"probe on a train split with the same modalities"
-                )
-            modalities.append((modality, suffix))
-    if cfg.block_probes:
-        for modality, _ in modalities:
-            block_encoder(method, modality)  # fail before any extraction
-    clip_probes = (
-        cfg.sound_crops > 1 and (cfg.linear or cfg.sound_svm) and bool(cfg.features)
-        and "sound" in test_keys
-    )
-
-    def extract(
-        fn: Callable[..., dict[str, torch.Tensor]], dataset: Dataset, run: bool, **kwargs: int
-    ) -> dict[str, torch.Tensor]:
-        if not run:
-            return {}
-        return fn(method, dataset, batch_size=cfg.batch_size, device=device, **kwargs)
-
-    test = extract(extract_features, test_set, True)
-    train = extract(extract_features, train_set, family_probes)
-    test_blocks = extract(extract_block_features, test_set, cfg.block_probes)
-    train_blocks = extract(extract_block_features, train_set, cfg.block_probes)
-    test_crops = extract(extract_sound_crop_features, test_set, clip_probes, crops=cfg.sound_crops)
-    train_crops = extract(
-        extract_sound_crop_features, train_set, clip_probes, crops=cfg.sound_crops
-    )
-    for split, feats in (("test_set", test), ("train_set", train), ("train_set", train_blocks)):
-        if feats and "label" not in feats:
-            raise ValueError(f"{split}: items carry no 'label'; downstream evaluation needs labels")
-    test_y = test["label"]
-    train_y = (train or train_blocks).get("label")
+    plan = _Plan.of(method, train_set, test_set, cfg)
+    feats = _Features.extract(method, train_set, test_set, cfg, plan, device)
     if num_classes is None:
-        num_classes = int(max(int(y.max()) for y in (test_y, train_y) if y is not None)) + 1
+        num_classes = int(max(int(y.max()) for y in (feats.test_y, feats.train_y) if y is not None)) + 1
+    result = DownstreamResult()
+    if plan.family_probes:
+        _family_probes(result, method, cfg, plan, feats, prefix, num_classes)
+    if cfg.block_probes:
+        _block_probes(result, cfg, plan, feats, prefix, num_classes)
+    _retrieval(result, method, cfg, plan, feats, prefix)
+    return result
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Which protocols ``run_downstream`` runs on which modalities, checked before extraction."""
+
+    test_keys: set[str]
+    spatial: bool
+    family_probes: bool
+    modalities: list[tuple[str, str]]
+    clip_probes: bool
+
+    @classmethod
+    def of(cls, method: nn.Module, train_set: Dataset, test_set: Dataset, cfg: EvalConfig) -> _Plan:
+        test_keys = _item_keys(test_set, "test_set")
+        spatial = cfg.spatial_probe and bool(cfg.features)
+        if spatial and "sector" not in test_keys:
+            raise ValueError("eval.spatial_probe: test items carry no 'sector' (azimuth sector); it needs binaural scenes")
+        family_probes = (cfg.linear or cfg.knn or cfg.sound_svm or spatial) and bool(cfg.features)
+        needs_train = family_probes or cfg.block_probes
+        train_keys = _item_keys(train_set, "train_set") if needs_train else test_keys
+        modalities: list[tuple[str, str]] = []
+        if needs_train:
+            for modality, suffix in _MODALITIES:
+                if modality not in test_keys:
+                    continue
+                if modality not in train_keys:
+                    raise ValueError(
+                        f"train_set: items carry no '{modality}' but test_set does; "
+                        f"probe on a train split with the same modalities"
+                    )
+                modalities.append((modality, suffix))
+        if cfg.block_probes:
+            for modality, _ in modalities:
+                block_encoder(method, modality)  # fail before any extraction
+        clip_probes = (
+            cfg.sound_crops > 1 and (cfg.linear or cfg.sound_svm) and bool(cfg.features)
+            and "sound" in test_keys
+        )
+        return cls(test_keys, spatial, bool(family_probes), modalities, bool(clip_probes))
+
+
+@dataclass(frozen=True)
+class _Features:
+    """Frozen features of the two splits that the plan's protocols need, and their labels."""
+
+    test: dict[str, torch.Tensor]
+    train: dict[str, torch.Tensor]
+    test_blocks: dict[str, torch.Tensor]
+    train_blocks: dict[str, torch.Tensor]
+    test_crops: dict[str, torch.Tensor]
+    train_crops: dict[str, torch.Tensor]
+
+    @classmethod
+    def extract(cls, method: nn.Module, train_set: Dataset, test_set: Dataset, cfg: EvalConfig, plan: _Plan,
+                device: torch.device | str | None) -> _Features:
+        def extract(
+            fn: Callable[..., dict[str, torch.Tensor]], dataset: Dataset, run: bool, **kwargs: int
+        ) -> dict[str, torch.Tensor]:
+            if not run:
+                return {}
+            return fn(method, dataset, batch_size=cfg.batch_size, device=device, **kwargs)
+
+        feats = cls(
+            test=extract(extract_features, test_set, True),
+            train=extract(extract_features, train_set, plan.family_probes),
+            test_blocks=extract(extract_block_features, test_set, cfg.block_probes),
+            train_blocks=extract(extract_block_features, train_set, cfg.block_probes),
+            test_crops=extract(extract_sound_crop_features, test_set, plan.clip_probes, crops=cfg.sound_crops),
+            train_crops=extract(extract_sound_crop_features, train_set, plan.clip_probes, crops=cfg.sound_crops),
+        )
+        for split, f in (("test_set", feats.test), ("train_set", feats.train), ("train_set", feats.train_blocks)):
+            if f and "label" not in f:
+                raise ValueError(f"{split}: items carry no 'label'; downstream evaluation needs labels")
+        return feats
+
+    @property
+    def test_y(self) -> torch.Tensor:
+        return self.test["label"]
+
+    @property
+    def train_y(self) -> torch.Tensor | None:
+        return (self.train or self.train_blocks).get("label")
+
+
+def _family_probes(result: DownstreamResult, method: nn.Module, cfg: EvalConfig, plan: _Plan, feats: _Features,
+                   prefix: str, num_classes: int) -> None:
+    """Linear probe, kNN, sound SVM, spatial probe and per-clip probes on each feature family."""
+    test, train, test_y, train_y = feats.test, feats.train, feats.test_y, feats.train_y
     linear_kwargs = {"C": cfg.linear_C, "max_iter": cfg.linear_max_iter, "num_classes": num_classes}
     svm_kwargs = {"C": cfg.svm_C, "max_iter": cfg.svm_max_iter, "num_classes": num_classes}
-
-    result = DownstreamResult()
-    for modality, suffix in modalities if family_probes else ():
+    for modality, suffix in plan.modalities:
         for fam in cfg.features:
             key = f"{fam}_{suffix}"
             test_X = _family_features(test, key=key, split="test_set", method=method)
@@ -299,14 +349,14 @@ def run_downstream(
             if modality == "sound" and cfg.sound_svm:
                 _record(result, f"{name}_svm",
                         linear_svm(train_X, train_y, test_X, test_y, **svm_kwargs))
-            if spatial:
+            if plan.spatial:
                 probe = linear_probe(train_X, train["sector"], test_X, test["sector"],
                                      C=cfg.linear_C, max_iter=cfg.linear_max_iter)
                 result.metrics[f"{name}_spatial_acc"] = probe.accuracy
                 result.metrics[f"{name}_spatial_f1"] = probe.f1
-            if modality == "sound" and clip_probes:
-                test_NKD = _family_features(test_crops, key=key, split="test_set", method=method)
-                train_NKD = _family_features(train_crops, key=key, split="train_set", method=method)
+            if modality == "sound" and plan.clip_probes:
+                test_NKD = _family_features(feats.test_crops, key=key, split="test_set", method=method)
+                train_NKD = _family_features(feats.train_crops, key=key, split="train_set", method=method)
                 if test_NKD is None or train_NKD is None:
                     continue
                 train_ND = train_NKD.mean(dim=1)
@@ -316,23 +366,36 @@ def run_downstream(
                 if cfg.sound_svm:
                     _record(result, f"{name}_svm_clip",
                             linear_svm(train_ND, train_y, test_NKD, test_y, **svm_kwargs))
-    for modality, suffix in modalities if cfg.block_probes else ():
-        for key in sorted(k for k in test_blocks if k.endswith(f"_{suffix}")):
+
+
+def _block_probes(result: DownstreamResult, cfg: EvalConfig, plan: _Plan, feats: _Features, prefix: str,
+                  num_classes: int) -> None:
+    """A linear probe on each encoder block's pooled features (AVID Table 1)."""
+    linear_kwargs = {"C": cfg.linear_C, "max_iter": cfg.linear_max_iter, "num_classes": num_classes}
+    for modality, suffix in plan.modalities:
+        for key in sorted(k for k in feats.test_blocks if k.endswith(f"_{suffix}")):
             block = key.removesuffix(f"_{suffix}")
-            probe = linear_probe(train_blocks[key], train_y, test_blocks[key], test_y, **linear_kwargs)
+            probe = linear_probe(feats.train_blocks[key], feats.train_y, feats.test_blocks[key], feats.test_y,
+                                 **linear_kwargs)
             _record(result, f"{prefix}{modality}_{block}_linear", probe)
 
-    if cfg.retrieval and {"image", "sound"} <= test_keys:
+
+def _retrieval(result: DownstreamResult, method: nn.Module, cfg: EvalConfig, plan: _Plan, feats: _Features,
+               prefix: str) -> None:
+    """Sound -> image Rank-k by class (and by clip), and the projections' mean pairwise cosine."""
+    if not {"image", "sound"} <= plan.test_keys:
+        return
+    test, test_y = feats.test, feats.test_y
+    if cfg.retrieval:
         z_s = _family_features(test, key="z_s", split="test_set", method=method)
         z_v = _family_features(test, key="z_v", split="test_set", method=method)
         ranks = retrieval_rank_k(z_s, test_y, z_v, test_y, ks=tuple(range(1, cfg.retrieval_ks + 1)))
         result.metrics.update(zip(rank_names(prefix, cfg.retrieval_ks), ranks.values(), strict=True))
         for modality, z in (("image", z_v), ("sound", z_s)):
             result.metrics[f"{prefix}{modality}_z_mean_cos"] = mean_pairwise_cosine(z)
-    if cfg.clip_retrieval and {"image", "sound"} <= test_keys:
+    if cfg.clip_retrieval:
         z_s = _family_features(test, key="z_s", split="test_set", method=method)
         z_v = _family_features(test, key="z_v", split="test_set", method=method)
         clip_N = torch.arange(z_s.shape[0])  # each clip is its own class: find the exact partner
         ranks = retrieval_rank_k(z_s, clip_N, z_v, clip_N, ks=tuple(range(1, cfg.retrieval_ks + 1)))
         result.metrics.update(zip(rank_names(prefix, cfg.retrieval_ks, clip=True), ranks.values(), strict=True))
-    return result
