@@ -1,19 +1,15 @@
 """``avlab sweep``: a Ray Tune ``Tuner`` over a search space.
 
-Each trial resolves its config from the search space and opens its MLflow child run under the
-sweep's parent run (found again by trial id, so a re-run trial keeps its run). A single-worker
-trial then runs the training loop in its own process, holding its CPUs (and GPU share) itself;
-a multi-worker trial runs the Ray Train V2 pattern: a ``TorchTrainer`` with a fixed name and
-``TuneReportCallback``. Both write their checkpoints to ``<storage>/trials/<sweep>-<run id>``,
-so a restarted trial continues where it was. Grids go through Tune's ``grid_search``
-(configurations x seeds); distributions through ``OptunaSearch`` with a seeded TPE sampler.
+The driver side: an MLflow parent run, the Tuner (grids through Tune's ``grid_search`` over
+configurations x seeds; distributions through ``OptunaSearch`` with a seeded TPE sampler), each
+trial's resources, and the settling of the child runs when Tune returns or is stopped. What runs
+inside a trial is ``orchestrator.trial``.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,16 +25,6 @@ if TYPE_CHECKING:  # the config is imported where it is used: `avlab report` and
 SWEEP_EXPERIMENT = "avlab-sweeps"
 
 
-def point_label(params: dict[str, Any], grid: tuple[str, ...] = ()) -> str:
-    """Stable, readable label of one configuration, e.g. ``method.memory_size=500``; a variant
-    is named by its label (its settings are in the run's params), then the grid values."""
-    if not params:
-        return "base"
-    if "variant" in params:
-        return ",".join([str(params["variant"]), *(f"{k}={params[k]}" for k in grid if k in params)])
-    return ",".join(f"{k}={v}" for k, v in params.items())
-
-
 def find_sweep_run(client: MlflowClient, name: str):
     exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
     if exp is None:
@@ -49,17 +35,6 @@ def find_sweep_run(client: MlflowClient, name: str):
         max_results=1,
     )
     return runs[0] if runs else None
-
-
-def _trial_params(space: SearchSpace, config: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    """The varied settings and the seed of the trial whose Tune config is ``config``."""
-    if space.uses_optuna:
-        return {path: config[path] for path in space.search}, config["seed"]
-    if "trial" in config:
-        point, seed = grid_trials(space)[config["trial"]]
-    else:  # a sweep started before grid trials were ordered: one Tune dimension each
-        point, seed = config["point"], config["seed"]
-    return dict(space.grid_points()[point]), seed
 
 
 def grid_trials(space: SearchSpace) -> list[tuple[int, int]]:
@@ -75,21 +50,6 @@ def grid_trials(space: SearchSpace) -> list[tuple[int, int]]:
 _LAST_TRIAL_END: float | None = None
 
 
-def _launch_delay() -> float:
-    """Seconds from this actor's process start to now for its first trial (process start-up,
-    imports of the trial module), 0 for a trial that Tune gave a reused actor."""
-    if _LAST_TRIAL_END is not None:
-        return 0.0
-    try:  # the process start time from /proc (Linux): clock ticks after boot
-        with open("/proc/self/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-        return max(time.time() - (boot + start_ticks / os.sysconf("SC_CLK_TCK")), 0.0)
-    except (OSError, ValueError, IndexError, StopIteration):  # not Linux: the timing is lost, nothing else
-        return 0.0
-
-
 def trial_resources(space: SearchSpace, config: dict[str, Any]):
     """What one trial holds. A single-worker trial trains in its own process: its worker's CPUs
     and GPU share. A multi-worker trial only drives its TorchTrainer (the workers hold the
@@ -97,127 +57,15 @@ def trial_resources(space: SearchSpace, config: dict[str, Any]):
     dies would fail its trial instead of letting Ray Train restart the workers elsewhere."""
     from ray.tune import PlacementGroupFactory
 
-    return PlacementGroupFactory(trial_bundles(space.config_for(*_trial_params(space, config)).resources))
+    from orchestrator.trial import trial_params
+
+    return PlacementGroupFactory(trial_bundles(space.config_for(*trial_params(space, config)).resources))
 
 
 def trial_bundles(res) -> list[dict[str, float]]:
     if res.workers == 1:
         return [{"CPU": res.cpus_per_worker, **({"GPU": res.gpu_share} if res.gpu else {})}]
     return [{"CPU": 0, "memory": 64 * 1024**2, "node:__internal_head__": 0.001}]
-
-
-def _run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, Any]) -> None:
-    """The Tune trial: resolve the config, open (or find) the child run, train."""
-    global _LAST_TRIAL_END
-    started = time.perf_counter()
-    launch_s = _launch_delay()
-    try:
-        _trial(config, space=space, sweep=sweep, started=started, launch_s=launch_s)
-    finally:
-        _LAST_TRIAL_END = time.time()
-
-
-def _trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, Any], started: float,
-           launch_s: float) -> None:
-    import ray.tune
-
-    from orchestrator.config import dump_yaml
-
-    trial_id = ray.tune.get_context().get_trial_id()
-    params, seed = _trial_params(space, config)
-    cfg = space.config_for(params, seed)
-    uri, home = sweep["tracking_uri"], Path(sweep["home"])
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
-    # A grid trial is one (configuration, seed): found by its config's identity even if a restarted
-    # driver gave it a new trial id. A proposal of a model-based search is found by its trial id.
-    key = f"tags.`avlab.trial_id` = '{trial_id}'" if space.uses_optuna else f"tags.`avlab.run_identity` = '{cfg.identity()}'"
-    parent = f"tags.`mlflow.parentRunId` = '{sweep['parent_run_id']}'"
-    found = client.search_runs([exp.experiment_id], f"{key} and {parent}", max_results=1)
-    if not found and space.uses_optuna:
-        # A proposal that Tune had not yet recorded when an earlier driver died is made again by
-        # the restored, seeded searcher, under a new trial id: it takes over that proposal's run
-        # (one left by an earlier driver, never one of this driver's trials).
-        same = client.search_runs([exp.experiment_id], f"tags.`avlab.run_identity` = '{cfg.identity()}' and {parent}",
-                                  max_results=100)
-        found = [r for r in same if r.data.tags.get(f"{tracking.TAG_PREFIX}driver") != sweep["driver"]][:1]
-    if found and found[0].info.status == "FINISHED" and "eval_time_s" in found[0].data.metrics:
-        # Finished before the sweep's driver died, yet Tune had not recorded it: report, don't rerun.
-        ray.tune.report(dict(found[0].data.metrics))
-        return
-    # Which launcher trains it: this trial's own process, or a TorchTrainer's workers.
-    launcher = "trial" if cfg.resources.workers == 1 else "ray-train"
-    if found:
-        run_id = found[0].info.run_id
-        tracking.set_tags(client, run_id, {"trial_id": trial_id, "launcher": launcher, "driver": sweep["driver"]})
-    else:
-        run_id = tracking.create_run(
-            tracking_uri=uri,
-            home=home,
-            experiment=SWEEP_EXPERIMENT,
-            run_name=f"{sweep['name']}/{point_label(params, tuple(space.grid))}/seed{seed}",
-            params={**cfg.flat(), **{f"varied.{k}": v for k, v in params.items()}},
-            tags={
-                "kind": "trial",
-                "sweep_name": sweep["name"],
-                "trial_id": trial_id,
-                "config_label": point_label(params, tuple(space.grid)),
-                "method": cfg.method_name,
-                "preset": cfg.preset,
-                "run_identity": cfg.identity(),
-                "seed": str(seed),
-                "launcher": launcher,
-                "driver": sweep["driver"],  # which driver process started it
-            },
-            config_yaml=dump_yaml(cfg),
-            parent_run_id=sweep["parent_run_id"],
-        )
-    if tracking.recorded_failure(client, run_id):
-        # A deterministic error ended an earlier attempt: the trial is over, not retried (Tune
-        # restarts a trial whatever its error). The sweep counts it among the failed ones.
-        tracking.end_run(uri, run_id, ok=False)
-        return
-    # Stable across restarts, so a restarted trial finds its checkpoints.
-    name = f"{sweep['name']}-{run_id}"
-    trials_path = f"{sweep.get('storage') or home / 'ray'}/trials"
-    ok = False
-    try:
-        if cfg.resources.workers == 1:
-            _train_here(cfg, run_id=run_id, uri=uri, home=home, run_dir=f"{trials_path}/{name}", launch_s=launch_s)
-        else:
-            from ray.tune.integration.ray_train import TuneReportCallback
-
-            from orchestrator.launch import build_trainer, fit
-
-            trainer = build_trainer(cfg, name=name, run_id=run_id, tracking_uri=uri, storage_path=trials_path,
-                                    home=home, callbacks=[TuneReportCallback()])
-            fit(trainer, cfg, "trial", trial_id)
-        if tracking.recorded_failure(client, run_id):
-            return  # failed for good; the sweep reports the recorded line
-        # The trial's wall time (with its process's start for a trial that trains in it), next to
-        # the training and evaluation time the loop logged.
-        wall = time.perf_counter() - started + (launch_s if launcher == "trial" else 0.0)
-        tracking.log_metrics(client, run_id, {"trial_time_s": wall},
-                             step=max(cfg.train.epochs - 1, 0))
-        ok = True
-    finally:
-        tracking.end_run(uri, run_id, ok=ok)
-
-
-def _train_here(cfg, *, run_id: str, uri: str, home: Path, run_dir: str, launch_s: float) -> None:
-    """A single-worker trial: the training loop in this process (``orchestrator.hosts.TrialHost``)."""
-    from orchestrator.checkpoint import resolve_init
-
-    t0 = time.perf_counter()
-    warm = "orchestrator.train" in sys.modules
-    from orchestrator.train import train_in_trial
-
-    loop_config = {
-        "config": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri,
-        "init_checkpoint": str(resolve_init(cfg.train.init_from, home)) if cfg.train.init_from else "",
-        "launch_time_s": launch_s, "import_time_s": 0.0 if warm else time.perf_counter() - t0,
-    }
-    train_in_trial(loop_config, run_dir)
 
 
 def _param_space(space: SearchSpace) -> dict[str, Any]:
@@ -424,6 +272,53 @@ def experiment_path(home: Path, name: str) -> str:
     return f"{tracking.storage_root(home)}/sweeps/{name}"
 
 
+def _tuner(space: SearchSpace, trainable: Any, path: str, *, name: str, restore: bool, max_concurrent: int) -> Any:
+    """The sweep's Tuner: restored from its experiment folder, or new (the driver died before
+    Tune saved anything, or this is the first start)."""
+    from ray import tune
+
+    if restore and tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(
+            path, trainable=trainable, resume_unfinished=True, resume_errored=True, restart_errored=False
+        )
+    return tune.Tuner(
+        trainable,
+        param_space=_param_space(space),
+        # metric and mode live on the searcher and the scheduler (Tune refuses them twice).
+        tune_config=tune.TuneConfig(
+            search_alg=build_searcher(space) if space.uses_optuna else None,
+            num_samples=space.num_samples if space.uses_optuna else 1,
+            scheduler=build_scheduler(space),
+            max_concurrent_trials=max_concurrent,
+            # A finished trial's actor runs the next trial: no new process and no second
+            # import of torch, MLflow and avlab per trial (its TorchTrainer is new anyway).
+            # Not under a scheduler: a trial it stops is still inside fit() when Tune
+            # resets the actor for the next one, and Tune fails that next trial.
+            reuse_actors=space.scheduler is None,
+        ),
+        run_config=tune.RunConfig(
+            name=name, storage_path=path.rsplit("/", 1)[0], verbose=1,
+            failure_config=tune.FailureConfig(max_failures=space.first_config().train.max_failures),
+        ),
+    )
+
+
+def _settle(client: MlflowClient, parent_id: str, name: str, results: Any) -> bool:
+    """Close the trials' child runs; True when every trial succeeded, else RunFailed with the
+    first failure's line."""
+    failed = _close_trial_runs(client, parent_id, results)
+    errors = [r.error for r in results if r.error is not None]
+    if not errors and not failed:
+        return True
+    if errors:
+        lines = [line for line in str(errors[0]).splitlines() if line.strip()]
+        first = lines[-1].strip() if lines else type(errors[0]).__name__
+    else:
+        first = failed[0]
+    raise RunFailed(f"sweep {name}: {len(errors) + len(failed)} of {len(results)} trials failed; "
+                    f"first: {first}")
+
+
 def fit_sweep(
     space: SearchSpace,
     *,
@@ -444,6 +339,7 @@ def fit_sweep(
     from ray import tune
 
     from orchestrator.launch import init_ray
+    from orchestrator.trial import run_trial
 
     client = MlflowClient(tracking_uri)
     ok = interrupted = False
@@ -461,35 +357,11 @@ def fit_sweep(
         sweep = {"name": name, "parent_run_id": parent_id, "tracking_uri": tracking_uri, "home": str(home),
                  "storage": tracking.storage_root(home), "driver": secrets.token_hex(6)}
         trainable = tune.with_resources(
-            tune.with_parameters(_run_trial, space=space, sweep=sweep),
+            tune.with_parameters(run_trial, space=space, sweep=sweep),
             lambda config: trial_resources(space, config),
         )
-        path = experiment_path(home, name)
-        if restore and tune.Tuner.can_restore(path):
-            tuner = tune.Tuner.restore(
-                path, trainable=trainable, resume_unfinished=True, resume_errored=True, restart_errored=False
-            )
-        else:  # the driver died before Tune saved anything: start the experiment afresh
-            tuner = tune.Tuner(
-                trainable,
-                param_space=_param_space(space),
-                # metric and mode live on the searcher and the scheduler (Tune refuses them twice).
-                tune_config=tune.TuneConfig(
-                    search_alg=build_searcher(space) if space.uses_optuna else None,
-                    num_samples=space.num_samples if space.uses_optuna else 1,
-                    scheduler=build_scheduler(space),
-                    max_concurrent_trials=max_concurrent,
-                    # A finished trial's actor runs the next trial: no new process and no second
-                    # import of torch, MLflow and avlab per trial (its TorchTrainer is new anyway).
-                    # Not under a scheduler: a trial it stops is still inside fit() when Tune
-                    # resets the actor for the next one, and Tune fails that next trial.
-                    reuse_actors=space.scheduler is None,
-                ),
-                run_config=tune.RunConfig(
-                    name=name, storage_path=path.rsplit("/", 1)[0], verbose=1,
-                    failure_config=tune.FailureConfig(max_failures=space.first_config().train.max_failures),
-                ),
-            )
+        tuner = _tuner(space, trainable, experiment_path(home, name), name=name, restore=restore,
+                       max_concurrent=max_concurrent)
         t0 = time.perf_counter()
         try:
             results = tuner.fit()
@@ -504,17 +376,7 @@ def fit_sweep(
             raise _interrupted(client, parent_id, name, expected)
         if not any(m.key == "wall_time_s" for m in client.get_metric_history(parent_id, "wall_time_s")):
             tracking.log_metrics(client, parent_id, {"wall_time_s": time.perf_counter() - t0}, step=0)
-        failed = _close_trial_runs(client, parent_id, results)
-        errors = [r.error for r in results if r.error is not None]
-        ok = not errors and not failed
-        if not ok:
-            if errors:
-                lines = [line for line in str(errors[0]).splitlines() if line.strip()]
-                first = lines[-1].strip() if lines else type(errors[0]).__name__
-            else:
-                first = failed[0]
-            raise RunFailed(f"sweep {name}: {len(errors) + len(failed)} of {len(results)} trials failed; "
-                            f"first: {first}")
+        ok = _settle(client, parent_id, name, results)
     finally:
         if interrupted:
             client.set_terminated(parent_id, status="KILLED")

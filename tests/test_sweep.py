@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,13 +12,9 @@ from orchestrator.cli import main
 from orchestrator.search_space import load_search_space
 from orchestrator.sweep import _param_space, build_searcher
 
-ROOT = Path(__file__).resolve().parent.parent
-AVLAB = str(Path(sys.executable).parent / "avlab")
-SMALL = [
-    "train.epochs=1", "train.batch_size=64", "data.paired_size=128", "data.unpaired_sound_size=64",
-    "data.unpaired_image_size=64", "data.train_size=100", "data.test_size=60",
-    "data.transfer_train_size=0", "data.transfer_test_size=0",
-]
+from conftest import AVLAB, ROOT, TINY_RUN
+
+SMALL = TINY_RUN
 
 
 def test_optuna_sampler_with_a_fixed_seed_proposes_the_same_configurations():
@@ -466,7 +461,7 @@ def test_optuna_sweep_driver_sigkill_then_resume_keeps_trial_ids_and_proposals(t
 
 
 def test_variant_trials_are_labelled_by_their_variant_then_the_grid():
-    from orchestrator.sweep import point_label
+    from orchestrator.trial import point_label
 
     space = load_search_space(ROOT / "search_spaces" / "method_comparison.yaml")
     labels = [point_label(p, tuple(space.grid)) for p in space.grid_points()]
@@ -532,12 +527,12 @@ def test_a_grid_starts_its_longest_configurations_first():
     variant, which only evaluates, last), so short trials fill the slots at the end."""
     from ray.tune.search.variant_generator import generate_variants
 
-    from orchestrator.sweep import _trial_params
+    from orchestrator.trial import trial_params
 
     space = load_search_space(ROOT / "search_spaces" / "demo_learning.yaml")
-    order = [_trial_params(space, v) for _, v in generate_variants(_param_space(space))]
+    order = [trial_params(space, v) for _, v in generate_variants(_param_space(space))]
     order = [(params["variant"], seed) for params, seed in order]
     assert order == [("l_pair", 0), ("l_pair", 1), ("l_pair", 2),
                      ("random_init", 0), ("random_init", 1), ("random_init", 2)]
     # A sweep started before this order (one Tune dimension per index) still resolves its trials.
-    assert _trial_params(space, {"point": 0, "seed": 2}) == (space.grid_points()[0], 2)
+    assert trial_params(space, {"point": 0, "seed": 2}) == (space.grid_points()[0], 2)

@@ -1,0 +1,189 @@
+"""One trial of ``avlab sweep``, run by Ray Tune in the trial's process.
+
+The trial resolves its config from the search space and opens its MLflow child run under the
+sweep's parent run (found again by trial id or config identity, so a re-run trial keeps its run).
+A single-worker trial then runs the training loop in its own process, holding its CPUs (and GPU
+share) itself; a multi-worker trial runs the Ray Train V2 pattern: a ``TorchTrainer`` with a fixed
+name and ``TuneReportCallback``. Both write their checkpoints to
+``<storage>/trials/<sweep>-<run id>``, so a restarted trial continues where it was.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mlflow.tracking import MlflowClient
+
+from orchestrator import tracking
+from orchestrator.sweep import SWEEP_EXPERIMENT, grid_trials
+
+if TYPE_CHECKING:
+    from orchestrator.search_space import SearchSpace
+
+
+def point_label(params: dict[str, Any], grid: tuple[str, ...] = ()) -> str:
+    """Stable, readable label of one configuration, e.g. ``method.memory_size=500``; a variant
+    is named by its label (its settings are in the run's params), then the grid values."""
+    if not params:
+        return "base"
+    if "variant" in params:
+        return ",".join([str(params["variant"]), *(f"{k}={params[k]}" for k in grid if k in params)])
+    return ",".join(f"{k}={v}" for k, v in params.items())
+
+
+def trial_params(space: SearchSpace, config: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """The varied settings and the seed of the trial whose Tune config is ``config``."""
+    if space.uses_optuna:
+        return {path: config[path] for path in space.search}, config["seed"]
+    if "trial" in config:
+        point, seed = grid_trials(space)[config["trial"]]
+    else:  # a sweep started before grid trials were ordered: one Tune dimension each
+        point, seed = config["point"], config["seed"]
+    return dict(space.grid_points()[point]), seed
+
+
+def _launch_delay() -> float:
+    """Seconds from this actor's process start to now for its first trial (process start-up,
+    imports of the trial module), 0 for a trial that Tune gave a reused actor."""
+    if _LAST_TRIAL_END is not None:
+        return 0.0
+    try:  # the process start time from /proc (Linux): clock ticks after boot
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return max(time.time() - (boot + start_ticks / os.sysconf("SC_CLK_TCK")), 0.0)
+    except (OSError, ValueError, IndexError, StopIteration):  # not Linux: the timing is lost, nothing else
+        return 0.0
+
+
+def run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, Any]) -> None:
+    """The Tune trial: resolve the config, open (or find) the child run, train."""
+    global _LAST_TRIAL_END
+    started = time.perf_counter()
+    launch_s = _launch_delay()
+    try:
+        _trial(config, space=space, sweep=sweep, started=started, launch_s=launch_s)
+    finally:
+        _LAST_TRIAL_END = time.time()
+
+
+def _trial_run(client: MlflowClient, space: SearchSpace, sweep: dict[str, Any], cfg: Any, trial_id: str) -> list:
+    """The child run an earlier attempt or driver made for this trial ([] if none).
+
+    A grid trial is one (configuration, seed): found by its config's identity even if a restarted
+    driver gave it a new trial id. A proposal of a model-based search is found by its trial id."""
+    exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
+    key = f"tags.`avlab.trial_id` = '{trial_id}'" if space.uses_optuna else f"tags.`avlab.run_identity` = '{cfg.identity()}'"
+    parent = f"tags.`mlflow.parentRunId` = '{sweep['parent_run_id']}'"
+    found = client.search_runs([exp.experiment_id], f"{key} and {parent}", max_results=1)
+    if not found and space.uses_optuna:
+        # A proposal that Tune had not yet recorded when an earlier driver died is made again by
+        # the restored, seeded searcher, under a new trial id: it takes over that proposal's run
+        # (one left by an earlier driver, never one of this driver's trials).
+        same = client.search_runs([exp.experiment_id], f"tags.`avlab.run_identity` = '{cfg.identity()}' and {parent}",
+                                  max_results=100)
+        found = [r for r in same if r.data.tags.get(f"{tracking.TAG_PREFIX}driver") != sweep["driver"]][:1]
+    return found
+
+
+def _new_trial_run(space: SearchSpace, sweep: dict[str, Any], cfg: Any, params: dict[str, Any], seed: int,
+                   trial_id: str, launcher: str) -> str:
+    """A new child run of the sweep's parent for this trial, with its config and varied values."""
+    from orchestrator.config import dump_yaml
+
+    label = point_label(params, tuple(space.grid))
+    return tracking.create_run(
+        tracking_uri=sweep["tracking_uri"],
+        home=Path(sweep["home"]),
+        experiment=SWEEP_EXPERIMENT,
+        run_name=f"{sweep['name']}/{label}/seed{seed}",
+        params={**cfg.flat(), **{f"varied.{k}": v for k, v in params.items()}},
+        tags={
+            "kind": "trial",
+            "sweep_name": sweep["name"],
+            "trial_id": trial_id,
+            "config_label": label,
+            "method": cfg.method_name,
+            "preset": cfg.preset,
+            "run_identity": cfg.identity(),
+            "seed": str(seed),
+            "launcher": launcher,
+            "driver": sweep["driver"],  # which driver process started it
+        },
+        config_yaml=dump_yaml(cfg),
+        parent_run_id=sweep["parent_run_id"],
+    )
+
+
+def _trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, Any], started: float,
+           launch_s: float) -> None:
+    import ray.tune
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    params, seed = trial_params(space, config)
+    cfg = space.config_for(params, seed)
+    uri, home = sweep["tracking_uri"], Path(sweep["home"])
+    client = MlflowClient(uri)
+    found = _trial_run(client, space, sweep, cfg, trial_id)
+    if found and found[0].info.status == "FINISHED" and "eval_time_s" in found[0].data.metrics:
+        # Finished before the sweep's driver died, yet Tune had not recorded it: report, don't rerun.
+        ray.tune.report(dict(found[0].data.metrics))
+        return
+    # Which launcher trains it: this trial's own process, or a TorchTrainer's workers.
+    launcher = "trial" if cfg.resources.workers == 1 else "ray-train"
+    if found:
+        run_id = found[0].info.run_id
+        tracking.set_tags(client, run_id, {"trial_id": trial_id, "launcher": launcher, "driver": sweep["driver"]})
+    else:
+        run_id = _new_trial_run(space, sweep, cfg, params, seed, trial_id, launcher)
+    if tracking.recorded_failure(client, run_id):
+        # A deterministic error ended an earlier attempt: the trial is over, not retried (Tune
+        # restarts a trial whatever its error). The sweep counts it among the failed ones.
+        tracking.end_run(uri, run_id, ok=False)
+        return
+    # Stable across restarts, so a restarted trial finds its checkpoints.
+    name = f"{sweep['name']}-{run_id}"
+    trials_path = f"{sweep.get('storage') or home / 'ray'}/trials"
+    ok = False
+    try:
+        if cfg.resources.workers == 1:
+            _train_here(cfg, run_id=run_id, uri=uri, home=home, run_dir=f"{trials_path}/{name}", launch_s=launch_s)
+        else:
+            from ray.tune.integration.ray_train import TuneReportCallback
+
+            from orchestrator.launch import build_trainer, fit
+
+            trainer = build_trainer(cfg, name=name, run_id=run_id, tracking_uri=uri, storage_path=trials_path,
+                                    home=home, callbacks=[TuneReportCallback()])
+            fit(trainer, cfg, "trial", trial_id)
+        if tracking.recorded_failure(client, run_id):
+            return  # failed for good; the sweep reports the recorded line
+        # The trial's wall time (with its process's start for a trial that trains in it), next to
+        # the training and evaluation time the loop logged.
+        wall = time.perf_counter() - started + (launch_s if launcher == "trial" else 0.0)
+        tracking.log_metrics(client, run_id, {"trial_time_s": wall},
+                             step=max(cfg.train.epochs - 1, 0))
+        ok = True
+    finally:
+        tracking.end_run(uri, run_id, ok=ok)
+
+
+def _train_here(cfg, *, run_id: str, uri: str, home: Path, run_dir: str, launch_s: float) -> None:
+    """A single-worker trial: the training loop in this process (``orchestrator.hosts.TrialHost``)."""
+    from orchestrator.checkpoint import resolve_init
+
+    t0 = time.perf_counter()
+    warm = "orchestrator.train" in sys.modules
+    from orchestrator.train import train_in_trial
+
+    loop_config = {
+        "config": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri,
+        "init_checkpoint": str(resolve_init(cfg.train.init_from, home)) if cfg.train.init_from else "",
+        "launch_time_s": launch_s, "import_time_s": 0.0 if warm else time.perf_counter() - t0,
+    }
+    train_in_trial(loop_config, run_dir)
