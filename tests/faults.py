@@ -6,12 +6,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-AVLAB = str(Path(sys.executable).parent / "avlab")
+from conftest import AVLAB  # noqa: E402
 
 
 def env() -> dict[str, str]:

@@ -9,13 +9,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-AVLAB = str(Path(sys.executable).parent / "avlab")
+from conftest import AVLAB, ROOT
 CUT = [  # the tiny preset cut to seconds
     "train.epochs=1", "train.batch_size=32", "data.paired_size=128", "data.train_size=60",
     "data.test_size=40", "data.transfer_train_size=0", "data.transfer_test_size=0",

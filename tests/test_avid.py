@@ -3,13 +3,9 @@ bank (EMA, Z̄, negatives), CMA positive sets against brute force, checkpoint ro
 2 workers against 1 worker, and a few training steps of every variant on tiny inputs."""
 
 import math
-import os
-import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -276,9 +272,7 @@ def _ddp_batches():
             for s in (11, 12)]
 
 
-def _ddp_worker(rank, world, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _ddp_worker(rank, world):
     model = convert_global_batchnorm(_ddp_model())
     ddp = DDP(model)
     losses = []
@@ -288,11 +282,10 @@ def _ddp_worker(rank, world, init_file, out_dir):
         out["loss"].backward()
         model.after_step(shard, out)
         losses.append({k: v.detach() for k, v in out.items() if not k.startswith("_")})
-    torch.save({"losses": losses, "state": model.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    return {"losses": losses, "state": model.state_dict()}
 
 
-def test_two_ddp_workers_update_the_bank_like_one_worker_on_the_global_batch():
+def test_two_ddp_workers_update_the_bank_like_one_worker_on_the_global_batch(ddp):
     model = _ddp_model()
     losses = []
     for batch in _ddp_batches():
@@ -300,9 +293,7 @@ def test_two_ddp_workers_update_the_bank_like_one_worker_on_the_global_batch():
         out["loss"].backward()
         model.after_step(batch, out)
         losses.append(out)
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
-        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+    ranks = ddp(_ddp_worker)
     for r in ranks:
         for k in ("bank_v", "bank_a", "z_bar", "z_bar_ready", "step", "positives"):
             assert torch.allclose(r["state"][k], model.state_dict()[k], rtol=1e-9, atol=1e-12), k

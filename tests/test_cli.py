@@ -13,7 +13,7 @@ import torch
 from methods.data.manifest import COLUMNS
 from orchestrator.cli import main
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT
 SPACE = str(ROOT / "search_spaces" / "memory_size_fig6.yaml")  # a grid over method.memory_size
 
 

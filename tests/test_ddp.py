@@ -4,12 +4,7 @@ Negatives come from the global batch (projections gathered with gradients) and B
 synchronised, so the number of workers does not change what is optimised (docs/spec.md §2).
 """
 
-import os
-import tempfile
-
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from methods.distributed import convert_global_batchnorm
@@ -38,35 +33,26 @@ def make_model():
     return BMAMemory(CFG, DataInfo()).double()
 
 
-def _worker(rank, world, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _worker(rank, world):
     model = convert_global_batchnorm(make_model())
     ddp = DDP(model, find_unused_parameters=True)
     shard = {k: v[rank * B // world : (rank + 1) * B // world].double() for k, v in global_batch().items()}
     out = ddp(shard)
     out["loss"].backward()
-    if rank == 0:
-        torch.save(
-            {"loss": {k: v.detach() for k, v in out.items()},
-             "grads": {n: p.grad.clone() for n, p in model.named_parameters()}},
-            os.path.join(out_dir, "ddp.pt"),
-        )
-    dist.destroy_process_group()
+    return {"loss": {k: v.detach() for k, v in out.items()},
+            "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
 
 
-def test_two_workers_equal_one_worker_on_the_global_batch():
+def test_two_workers_equal_one_worker_on_the_global_batch(ddp):
     model = make_model()
     out = model({k: v.double() for k, v in global_batch().items()})
     out["loss"].backward()
     ref_grads = {n: p.grad for n, p in model.named_parameters()}
 
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
-        ddp = torch.load(os.path.join(tmp, "ddp.pt"))
+    rank0 = ddp(_worker)[0]
     for k, v in out.items():
         if k.startswith("loss"):  # the mem_* diagnostics are per-worker means, averaged when logged
-            assert torch.allclose(ddp["loss"][k], v.detach(), rtol=1e-9, atol=1e-10), k
-    assert ddp["grads"].keys() == ref_grads.keys()
+            assert torch.allclose(rank0["loss"][k], v.detach(), rtol=1e-9, atol=1e-10), k
+    assert rank0["grads"].keys() == ref_grads.keys()
     for name, g in ref_grads.items():
-        assert torch.allclose(ddp["grads"][name], g, rtol=1e-7, atol=1e-10), name
+        assert torch.allclose(rank0["grads"][name], g, rtol=1e-7, atol=1e-10), name

@@ -3,9 +3,8 @@
 import ast
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT
 FORBIDDEN = {"ray", "mlflow", "optuna", "orchestrator"}
 
 

@@ -1,7 +1,6 @@
 """Search spaces: every shipped file loads and expands to the expected number of trials; bad
 files fail with a message naming the problem."""
 
-from pathlib import Path
 
 import pytest
 
@@ -9,7 +8,7 @@ from orchestrator.config import ConfigError
 from orchestrator.metrics import run_metrics
 from orchestrator.search_space import load_search_space
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT
 EXPECTED = {  # file: (configurations, trials)
     "memory_size_fig6": (6, 12),
     "loss_weight_supp_table2": (5, 10),

@@ -29,7 +29,7 @@ from orchestrator.cli import main
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import faults  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT
 BIN = Path(sys.executable).parent
 
 

@@ -9,7 +9,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -19,8 +18,8 @@ import pytest
 from orchestrator.cli import main
 from orchestrator.sweep import SWEEP_EXPERIMENT
 
-ROOT = Path(__file__).resolve().parent.parent
-AVLAB = str(Path(sys.executable).parent / "avlab")
+from conftest import AVLAB, ROOT, TINY_RUN
+
 SCREENSHOT = ROOT / "test-artifacts" / "mlflow-ui.png"
 TIMEOUT_MS = 30_000
 SWEEP = "ui-sweep"
@@ -31,11 +30,7 @@ SPACE = (
     "metric: image_h_linear_acc\nmode: max\nresources: {workers: 1, cpus_per_worker: 1}\n"
     "max_concurrent: 2\nplot: {x: method.memory_size, log_x: true}\n"
 )
-TINY = [  # a trial in seconds
-    "train.epochs=1", "train.batch_size=64", "data.paired_size=256", "data.unpaired_sound_size=64",
-    "data.unpaired_image_size=64", "data.train_size=100", "data.test_size=60",
-    "data.transfer_train_size=0", "data.transfer_test_size=0",
-]
+TINY = [*TINY_RUN, "data.paired_size=256"]  # a trial in seconds
 METRICS = ("image_h_linear_acc", "sound_h_linear_acc")
 
 
