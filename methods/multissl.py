@@ -275,6 +275,183 @@ class EncoderPair(nn.Module):
         self.E_s: Encoder = build_encoder(cfg.sound_encoder, in_channels=data_info.sound_channels)
 
 
+def _spatial_loss(cfg: MultiSSLConfig, E_v: Encoder, E_s: Encoder, heads: TaskHeads, batch: Batch
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Spatial alignment: which of the R turns of the panorama matches the sound."""
+    r, image = cfg.rotations, batch["image"]
+    k_B = torch.randint(0, r, (image.shape[0],)).to(image.device)
+    v_BD = azimuth_feature(E_v.forward_map(rotate_panorama(image, k_B, r)), r).flatten(1)
+    logits = heads.spatial(torch.cat([v_BD, E_s(batch["sound"])], dim=1))
+    loss = F.cross_entropy(logits, k_B)
+    return loss, {"spatial_acc": (logits.argmax(1) == k_B).float().mean()}
+
+
+def _foreground_loss(cfg: MultiSSLConfig, E_v: Encoder, E_s: Encoder, heads: TaskHeads, batch: Batch
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Foreground alignment: the sound against its own foreground, the other clips' and (with
+    ``fa_rotated_negatives``) its own turned to the R - 1 wrong angles."""
+    r = cfg.rotations
+    fg_BCHW = batch["image"] * batch["mask"]
+    if cfg.fa_rotated_negatives:  # k = 0 the aligned foreground, k >= 1 the negatives
+        roll = rolls_exactly(cfg.image_encoder, fg_BCHW.shape[-1], r)
+        v_BKCR = rotated_azimuth_features(E_v, fg_BCHW, r, roll=roll)
+    else:
+        v_BKCR = azimuth_feature(E_v.forward_map(fg_BCHW), r)[:, None]
+    v_pos = F.normalize(heads.fa_v(v_BKCR[:, 0].flatten(1)), dim=1)
+    v_rot = F.normalize(heads.fa_v(v_BKCR[:, 1:].flatten(2)), dim=2) if cfg.fa_rotated_negatives else None
+    a = F.normalize(heads.fa_s(E_s(batch["sound"])), dim=1)
+    return foreground_nce(a, v_pos, v_rot, temperature=cfg.fa_temperature), {}
+
+
+def _gap_loss(cfg: MultiSSLConfig, E_v: Encoder, E_s: Encoder, heads: TaskHeads, batch: Batch
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Temporal gap: the distance between two slices of the sound, regressed (Huber)."""
+    first, second, gap_B = cut_slices(batch["sound"], cfg.gap_slice_frames)
+    pred_B = heads.gap(torch.cat([E_s(first), E_s(second)], dim=1)).squeeze(1)
+    loss = huber(pred_B, gap_B, delta=cfg.huber_delta)
+    return loss, {"gap_abs_err": (pred_B - gap_B).abs().mean().detach()}
+
+
+TASK_LOSSES = {"spatial": _spatial_loss, "foreground": _foreground_loss, "gap": _gap_loss}
+TASK_METRICS = {"spatial": ("spatial_acc",), "foreground": (), "gap": ("gap_abs_err",)}
+
+
+def _task_term(m: MultiSSL, task: str, pair: nn.Module, heads: TaskHeads, batch: Batch,
+               out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One task's loss on ``pair``'s encoders, logged as ``loss_<task>`` with its metrics."""
+    term, extra = TASK_LOSSES[task](m.cfg, pair.E_v, pair.E_s, heads, batch)
+    out[f"loss_{task}"] = term
+    out.update(extra)
+    return term
+
+
+# --- the combinations (module docstring) ------------------------------------------------------
+
+
+class _Multitask:
+    """One encoder pair, L = sum_t w_t L_t over the tasks."""
+
+    distills: ClassVar[bool] = False
+
+    def build(self, m: MultiSSL, data_info: DataInfo) -> None:
+        cfg = m.cfg
+        pair = EncoderPair(cfg, data_info)
+        m.E_v, m.E_s = pair.E_v, pair.E_s
+        m.heads = TaskHeads(cfg.tasks, cfg.image_encoder.out_dim, cfg.sound_encoder.out_dim, cfg)
+
+    def step(self, m: MultiSSL, batch: Batch, stage: int, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        cfg = m.cfg
+        weights = {"spatial": cfg.spatial_weight, "foreground": cfg.foreground_weight, "gap": cfg.gap_weight}
+        loss = torch.zeros((), device=batch["image"].device)
+        for t in cfg.tasks:
+            loss = loss + weights[t] * _task_term(m, t, m, m.heads, batch, out)
+        return loss
+
+    def stage_ended(self, m: MultiSSL) -> None:
+        pass
+
+    def embedding_pairs(self, m: MultiSSL) -> tuple[list, tuple | None]:
+        """The (encoder pair, heads) whose features make h, and the one that gives z (None: h)."""
+        pairs = [(m, m.heads)]
+        return pairs, (pairs[0] if "foreground" in m.cfg.tasks else None)
+
+
+class _Incremental(_Multitask):
+    """One encoder pair, one task per stage, pulled towards its copy from the previous stage."""
+
+    distills: ClassVar[bool] = True
+
+    def build(self, m: MultiSSL, data_info: DataInfo) -> None:
+        super().build(m, data_info)
+        # Frozen copy of the encoders from the end of the previous stage (filled at the stage
+        # boundary; unused in stage 0).
+        m.prev = EncoderPair(m.cfg, data_info)
+        m.prev.requires_grad_(False)
+
+    def step(self, m: MultiSSL, batch: Batch, stage: int, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        cfg = m.cfg
+        loss = torch.zeros((), device=batch["image"].device)
+        loss = loss + _task_term(m, cfg.tasks[stage], m, m.heads, batch, out)
+        if stage > 0:
+            f_v_prev, f_s_prev = _teacher(m.prev.E_v, batch["image"]), _teacher(m.prev.E_s, batch["sound"])
+            distill = F.mse_loss(m.E_v(batch["image"]), f_v_prev) + F.mse_loss(m.E_s(batch["sound"]), f_s_prev)
+            out["loss_distill"] = distill
+            loss = loss + cfg.distill_weight * distill
+        return loss
+
+    def stage_ended(self, m: MultiSSL) -> None:
+        # The encoders as the finished stage left them become the distillation target.
+        m.prev.E_v.load_state_dict(m.E_v.state_dict())
+        m.prev.E_s.load_state_dict(m.E_s.state_dict())
+
+
+class _Concat(_Multitask):
+    """One encoder pair and its heads per task, trained one after the other."""
+
+    def build(self, m: MultiSSL, data_info: DataInfo) -> None:
+        cfg, c_v, c_s = m.cfg, m.cfg.image_encoder.out_dim, m.cfg.sound_encoder.out_dim
+        m.task_pairs = nn.ModuleDict({t: EncoderPair(cfg, data_info) for t in cfg.tasks})
+        m.task_heads = nn.ModuleDict({t: TaskHeads((t,), c_v, c_s, cfg) for t in cfg.tasks})
+
+    def step(self, m: MultiSSL, batch: Batch, stage: int, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        t = m.cfg.tasks[stage]
+        loss = torch.zeros((), device=batch["image"].device)
+        return loss + _task_term(m, t, m.task_pairs[t], m.task_heads[t], batch, out)
+
+    def embedding_pairs(self, m: MultiSSL) -> tuple[list, tuple | None]:
+        tasks = m.cfg.tasks
+        pairs = [(m.task_pairs[t], m.task_heads[t]) for t in tasks]
+        return pairs, ((m.task_pairs["foreground"], m.task_heads["foreground"]) if "foreground" in tasks else None)
+
+
+class _Distill(_Concat):
+    """The task encoders of ``concat`` as teachers, then a student pair distilled from them, by a
+    linear regression (``euclidean``, MSE) or an InfoNCE between projections (``contrastive``)."""
+
+    distills: ClassVar[bool] = True
+
+    def __init__(self, contrastive: bool) -> None:
+        self.contrastive = contrastive
+
+    def build(self, m: MultiSSL, data_info: DataInfo) -> None:
+        super().build(m, data_info)
+        cfg, c_v, c_s = m.cfg, m.cfg.image_encoder.out_dim, m.cfg.sound_encoder.out_dim
+        student = EncoderPair(cfg, data_info)
+        m.E_v, m.E_s = student.E_v, student.E_s
+        out_v, out_s = (cfg.distill_dim, cfg.distill_dim) if self.contrastive else (c_v, c_s)
+        # Student -> teacher-t maps (the regressors of the MSE, or the student projections).
+        m.student_v = nn.ModuleDict({t: nn.Linear(c_v, out_v) for t in cfg.tasks})
+        m.student_s = nn.ModuleDict({t: nn.Linear(c_s, out_s) for t in cfg.tasks})
+        if self.contrastive:
+            m.teacher_v = nn.ModuleDict({t: nn.Linear(c_v, cfg.distill_dim) for t in cfg.tasks})
+            m.teacher_s = nn.ModuleDict({t: nn.Linear(c_s, cfg.distill_dim) for t in cfg.tasks})
+
+    def step(self, m: MultiSSL, batch: Batch, stage: int, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        cfg = m.cfg
+        if stage < len(cfg.tasks):  # a teacher's stage
+            return super().step(m, batch, stage, out)
+        f_v, f_s = m.E_v(batch["image"]), m.E_s(batch["sound"])
+        distill = torch.zeros((), device=f_v.device)
+        for t in cfg.tasks:
+            pair = m.task_pairs[t]
+            g_v, g_s = _teacher(pair.E_v, batch["image"]), _teacher(pair.E_s, batch["sound"])
+            if not self.contrastive:
+                distill = distill + F.mse_loss(m.student_v[t](f_v), g_v) + F.mse_loss(m.student_s[t](f_s), g_s)
+                continue
+            for q, k in ((m.student_v[t](f_v), m.teacher_v[t](g_v)), (m.student_s[t](f_s), m.teacher_s[t](g_s))):
+                distill = distill + info_nce(F.normalize(q, dim=1), F.normalize(k, dim=1),
+                                             temperature=cfg.distill_temperature)
+        out["loss_distill"] = distill
+        return torch.zeros((), device=batch["image"].device) + distill
+
+    def embedding_pairs(self, m: MultiSSL) -> tuple[list, tuple | None]:
+        return [(m, None)], None  # the student's features; z is h normalised
+
+
+STRATEGIES = {"multitask": _Multitask(), "incremental": _Incremental(), "concat": _Concat(),
+              "euclidean": _Distill(contrastive=False), "contrastive": _Distill(contrastive=True)}
+
+
 class MultiSSL(Method):
     """Spatial alignment, foreground alignment and temporal-gap prediction on binaural scenes,
     alone or combined (see the module docstring for the five combinations)."""
@@ -286,31 +463,8 @@ class MultiSSL(Method):
         super().__init__()
         self.check_data(cfg, data_info)
         self.cfg = cfg
-        c_v, c_s = cfg.image_encoder.out_dim, cfg.sound_encoder.out_dim
-        combo = cfg.combination
-        if combo in ("multitask", "incremental"):
-            pair = EncoderPair(cfg, data_info)
-            self.E_v, self.E_s = pair.E_v, pair.E_s
-            self.heads = TaskHeads(cfg.tasks, c_v, c_s, cfg)
-        else:  # one encoder pair and its heads per task
-            self.task_pairs = nn.ModuleDict({t: EncoderPair(cfg, data_info) for t in cfg.tasks})
-            self.task_heads = nn.ModuleDict({t: TaskHeads((t,), c_v, c_s, cfg) for t in cfg.tasks})
-        if combo in ("euclidean", "contrastive"):
-            student = EncoderPair(cfg, data_info)
-            self.E_v, self.E_s = student.E_v, student.E_s
-            out = c_v if combo == "euclidean" else cfg.distill_dim
-            out_s = c_s if combo == "euclidean" else cfg.distill_dim
-            # Student -> teacher-t maps (the regressors of the MSE, or the student projections).
-            self.student_v = nn.ModuleDict({t: nn.Linear(c_v, out) for t in cfg.tasks})
-            self.student_s = nn.ModuleDict({t: nn.Linear(c_s, out_s) for t in cfg.tasks})
-            if combo == "contrastive":
-                self.teacher_v = nn.ModuleDict({t: nn.Linear(c_v, cfg.distill_dim) for t in cfg.tasks})
-                self.teacher_s = nn.ModuleDict({t: nn.Linear(c_s, cfg.distill_dim) for t in cfg.tasks})
-        if combo == "incremental":
-            # Frozen copy of the encoders from the end of the previous stage (filled at the stage
-            # boundary; unused in stage 0).
-            self.prev = EncoderPair(cfg, data_info)
-            self.prev.requires_grad_(False)
+        self.strategy = STRATEGIES[cfg.combination]
+        self.strategy.build(self, data_info)
         self.register_buffer("epoch", torch.tensor(0, dtype=torch.int64))  # epochs finished
         self.register_buffer("total_epochs", torch.tensor(cfg.num_stages, dtype=torch.int64))
 
@@ -354,99 +508,19 @@ class MultiSSL(Method):
     def on_epoch_end(self, epoch: int) -> None:
         before = self.stage
         self.epoch.fill_(epoch + 1)
-        if self.stage != before and self.cfg.combination == "incremental":
-            # The encoders as the finished stage left them become the distillation target.
-            self.prev.E_v.load_state_dict(self.E_v.state_dict())
-            self.prev.E_s.load_state_dict(self.E_s.state_dict())
-
-    # -- tasks --
-
-    def _task_loss(
-        self, task: str, E_v: Encoder, E_s: Encoder, heads: TaskHeads, batch: Batch
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        cfg, r = self.cfg, self.cfg.rotations
-        image, sound = batch["image"], batch["sound"]
-        if task == "spatial":
-            k_B = torch.randint(0, r, (image.shape[0],)).to(image.device)
-            v_BD = azimuth_feature(E_v.forward_map(rotate_panorama(image, k_B, r)), r).flatten(1)
-            logits = heads.spatial(torch.cat([v_BD, E_s(sound)], dim=1))
-            loss = F.cross_entropy(logits, k_B)
-            return loss, {"spatial_acc": (logits.argmax(1) == k_B).float().mean()}
-        if task == "foreground":
-            fg_BCHW = image * batch["mask"]
-            if cfg.fa_rotated_negatives:  # k = 0 the aligned foreground, k >= 1 the negatives
-                roll = rolls_exactly(cfg.image_encoder, fg_BCHW.shape[-1], r)
-                v_BKCR = rotated_azimuth_features(E_v, fg_BCHW, r, roll=roll)
-            else:
-                v_BKCR = azimuth_feature(E_v.forward_map(fg_BCHW), r)[:, None]
-            v_pos = F.normalize(heads.fa_v(v_BKCR[:, 0].flatten(1)), dim=1)
-            v_rot = F.normalize(heads.fa_v(v_BKCR[:, 1:].flatten(2)), dim=2) if cfg.fa_rotated_negatives else None
-            a = F.normalize(heads.fa_s(E_s(sound)), dim=1)
-            loss = foreground_nce(a, v_pos, v_rot, temperature=cfg.fa_temperature)
-            return loss, {}
-        # gap
-        first, second, gap_B = cut_slices(sound, cfg.gap_slice_frames)
-        pred_B = heads.gap(torch.cat([E_s(first), E_s(second)], dim=1)).squeeze(1)
-        loss = huber(pred_B, gap_B, delta=cfg.huber_delta)
-        return loss, {"gap_abs_err": (pred_B - gap_B).abs().mean().detach()}
+        if self.stage != before:
+            self.strategy.stage_ended(self)
 
     @classmethod
     def training_metrics(cls, cfg: MultiSSLConfig) -> tuple[str, ...]:
-        extra = {"spatial": ("spatial_acc",), "foreground": (), "gap": ("gap_abs_err",)}
-        names = ["loss", *(f"loss_{t}" for t in cfg.tasks), *(x for t in cfg.tasks for x in extra[t])]
-        if cfg.combination in ("incremental", "euclidean", "contrastive"):
+        names = ["loss", *(f"loss_{t}" for t in cfg.tasks), *(x for t in cfg.tasks for x in TASK_METRICS[t])]
+        if STRATEGIES[cfg.combination].distills:
             names.append("loss_distill")
         return tuple(names)
 
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
-        cfg, stage = self.cfg, self.stage
         out: dict[str, torch.Tensor] = {}
-        weights = {"spatial": cfg.spatial_weight, "foreground": cfg.foreground_weight, "gap": cfg.gap_weight}
-        loss = torch.zeros((), device=batch["image"].device)
-        if cfg.combination == "multitask":
-            for t in cfg.tasks:
-                term, extra = self._task_loss(t, self.E_v, self.E_s, self.heads, batch)
-                out[f"loss_{t}"] = term
-                out.update(extra)
-                loss = loss + weights[t] * term
-        elif cfg.combination == "incremental":
-            t = cfg.tasks[stage]
-            term, extra = self._task_loss(t, self.E_v, self.E_s, self.heads, batch)
-            out[f"loss_{t}"] = term
-            out.update(extra)
-            loss = loss + term
-            if stage > 0:
-                f_v_prev, f_s_prev = _teacher(self.prev.E_v, batch["image"]), _teacher(self.prev.E_s, batch["sound"])
-                distill = F.mse_loss(self.E_v(batch["image"]), f_v_prev) + F.mse_loss(
-                    self.E_s(batch["sound"]), f_s_prev
-                )
-                out["loss_distill"] = distill
-                loss = loss + cfg.distill_weight * distill
-        elif stage < len(cfg.tasks):  # concat, or the teacher stages of the distillations
-            t = cfg.tasks[stage]
-            pair, heads = self.task_pairs[t], self.task_heads[t]
-            term, extra = self._task_loss(t, pair.E_v, pair.E_s, heads, batch)
-            out[f"loss_{t}"] = term
-            out.update(extra)
-            loss = loss + term
-        else:  # the student stage of euclidean / contrastive distillation
-            f_v, f_s = self.E_v(batch["image"]), self.E_s(batch["sound"])
-            distill = torch.zeros((), device=f_v.device)
-            for t in cfg.tasks:
-                pair = self.task_pairs[t]
-                g_v, g_s = _teacher(pair.E_v, batch["image"]), _teacher(pair.E_s, batch["sound"])
-                if cfg.combination == "euclidean":
-                    distill = distill + F.mse_loss(self.student_v[t](f_v), g_v) + F.mse_loss(self.student_s[t](f_s), g_s)
-                else:
-                    tau = cfg.distill_temperature
-                    for q, k in (
-                        (self.student_v[t](f_v), self.teacher_v[t](g_v)),
-                        (self.student_s[t](f_s), self.teacher_s[t](g_s)),
-                    ):
-                        distill = distill + info_nce(F.normalize(q, dim=1), F.normalize(k, dim=1), temperature=tau)
-            out["loss_distill"] = distill
-            loss = loss + distill
-        out["loss"] = loss
+        out["loss"] = self.strategy.step(self, batch, self.stage, out)
         return out
 
     # -- evaluation --
@@ -458,14 +532,9 @@ class MultiSSL(Method):
         """h: the global-average-pooled encoder output (for ``concat``, the task encoders'
         concatenated); z: the foreground-alignment embeddings when the encoders that give h were
         trained on that task, else h normalised (then sound->image retrieval is not meaningful)."""
-        cfg, r = self.cfg, self.cfg.rotations
+        r = self.cfg.rotations
         out: dict[str, torch.Tensor] = {}
-        if cfg.combination == "concat":
-            pairs = [(self.task_pairs[t], self.task_heads[t]) for t in cfg.tasks]
-            fa_pair = (self.task_pairs["foreground"], self.task_heads["foreground"]) if "foreground" in cfg.tasks else None
-        else:
-            pairs = [(self, getattr(self, "heads", None))]  # the shared (or student) encoders
-            fa_pair = pairs[0] if cfg.combination in ("multitask", "incremental") and "foreground" in cfg.tasks else None
+        pairs, fa_pair = self.strategy.embedding_pairs(self)
         if images is not None:
             maps = [p.E_v.forward_map(images) for p, _ in pairs]
             out["f_v"] = out["h_v"] = torch.cat([m.mean(dim=(2, 3)) for m in maps], dim=1)
