@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import Batch, DataInfo, FieldError, Method
+from methods import distributed
 from methods.distributed import world_size
 from methods.encoders import PAPER_ENCODERS, TINY_ENCODERS, EncoderConfig, build_encoder
 
@@ -235,19 +236,6 @@ def cma_positive_sets(
     return out_Nk
 
 
-def _rank() -> int:
-    return dist.get_rank() if world_size() > 1 else 0
-
-
-def _all_gather(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from all workers in rank order (no gradients); identity in one process."""
-    if world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0)
-
-
 # --- the method -----------------------------------------------------------------------------
 
 
@@ -361,7 +349,7 @@ class AVID(Method):
         seed = (int(self.sampling_seed) + (int(self.step) + 1) * _SEED_STRIDE) % 2**63
         g = torch.Generator().manual_seed(seed)
         draws_GK = torch.randint(0, n - excluded_BE.shape[1], (b * world, k), generator=g)
-        rank = _rank()
+        rank = distributed.rank()
         draws_BK = draws_GK[rank * b : (rank + 1) * b].to(index_B.device)
         return skip_excluded(draws_BK, excluded_BE)
 
@@ -430,9 +418,9 @@ class AVID(Method):
         if "_z_bar" in outputs:
             self.z_bar.fill_(float(outputs["_z_bar"]))
             self.z_bar_ready.fill_(True)
-        index_G = _all_gather(batch["index"].long().to(self.bank_v.device))
+        index_G = distributed.all_gather(batch["index"].long().to(self.bank_v.device))
         for bank, x_BD in ((self.bank_v, outputs["_v"]), (self.bank_a, outputs["_a"])):
-            x_GD = _all_gather(x_BD.to(bank.dtype))
+            x_GD = distributed.all_gather(x_BD.to(bank.dtype))
             # Indices within one global batch are distinct (sampling without replacement).
             bank.index_copy_(0, index_G, ema_memory(bank[index_G], x_GD, momentum=self.cfg.memory_momentum))
         self.step += 1

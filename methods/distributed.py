@@ -18,6 +18,20 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def rank() -> int:
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from all workers in rank order, without gradients (bank writes and
+    indices); identity in one process."""
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
 def gather_with_grad(x_BD: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from all workers in rank order, keeping gradients.
 
