@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from methods.base import FieldError
-from methods.data import ProceduralConfig, build_dataset
+from methods.data import ProceduralConfig, dataset_info
 from methods.evaluate import EvalConfig
 from methods.registry import METHODS
 from orchestrator.errors import ConfigError  # noqa: F401 - also imported from here
@@ -156,8 +156,11 @@ class ExperimentConfig:
         return out
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> ExperimentConfig:
-        return _build_experiment(raw)
+    def from_dict(cls, raw: Mapping[str, Any], *, checked: bool = False) -> ExperimentConfig:
+        """The config ``raw`` (a ``to_dict``) describes. ``checked``: it comes from a config this
+        program already validated (a worker's copy of the driver's), so the checks across
+        sections, which read a manifest, are not repeated; each section still checks its fields."""
+        return _build_experiment(raw, cross_field=not checked)
 
     def flat(self) -> dict[str, Any]:
         """Dotted key -> value, for MLflow params."""
@@ -365,7 +368,7 @@ def _set_path(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _build_experiment(raw: Mapping[str, Any]) -> ExperimentConfig:
+def _build_experiment(raw: Mapping[str, Any], *, cross_field: bool = True) -> ExperimentConfig:
     if not isinstance(raw, Mapping):
         raise ConfigError("config: expected a mapping of sections")
     _reject_unknown(raw, _TOP_LEVEL, "")
@@ -393,7 +396,8 @@ def _build_experiment(raw: Mapping[str, Any]) -> ExperimentConfig:
     for section, cls in _SECTIONS.items():
         kwargs[section] = build_dataclass(cls, raw.get(section) or {}, section)
     cfg = ExperimentConfig(**kwargs)
-    _check_cross_field(cfg)
+    if cross_field:
+        _check_cross_field(cfg)
     return cfg
 
 
@@ -413,7 +417,7 @@ def _check_cross_field(cfg: ExperimentConfig) -> None:
             )
     method_cls = METHODS[cfg.method_name].method_cls
     try:
-        info = build_dataset(cfg.data).info()  # a manifest is read and validated here
+        info = dataset_info(cfg.data)  # a manifest is read and validated here
     except ValueError as exc:  # ManifestError: the message names the file, row and column
         raise ConfigError(f"data.manifest: {_first_line(exc)}") from None
     try:

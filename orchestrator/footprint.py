@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from methods.data import build_dataset
+from methods.data import dataset_info
 from methods.registry import METHODS, build_method
 from orchestrator import jobs
 from orchestrator.config import ExperimentConfig
@@ -91,7 +91,7 @@ def _activation_bytes(encoder: torch.nn.Module, shape: tuple[int, ...]) -> int:
 
 def estimate(cfg: ExperimentConfig) -> Footprint:
     """The memory one training worker of ``cfg`` needs (see the module docstring)."""
-    info = build_dataset(cfg.data).info()
+    info = dataset_info(cfg.data)
     with torch.device("meta"):
         method = build_method(cfg.method_name, cfg.method, info)
     by_field: dict[str, int] = {}

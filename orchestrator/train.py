@@ -188,7 +188,8 @@ class Attempt:
     which random numbers are drawn: a change in it changes every result of a seed."""
 
     def __init__(self, loop_config: dict[str, Any], host: RayTrainHost | TrialHost) -> None:
-        cfg = self.cfg = ExperimentConfig.from_dict(loop_config["config"])
+        # Validated by the driver (or the trial) that sent it: the dataset is built once, below.
+        cfg = self.cfg = ExperimentConfig.from_dict(loop_config["config"], checked=True)
         self.run_id: str = loop_config["mlflow_run_id"]
         self.host, self.rank, self.world = host, host.rank, host.world
         torch.set_num_threads(cfg.resources.cpus_per_worker)

@@ -176,3 +176,19 @@ def test_supervised_on_a_manifest_needs_its_labelled_split(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("avlab: error: method.pool:") and "method.pool=train" in err
     assert not home.exists() or not any(home.iterdir())
+
+
+def test_a_worker_takes_the_validated_config_without_reading_the_manifest_again(tmp_path, capsys):
+    """The driver validates a config once (reading the manifest); the copy a worker receives is
+    rebuilt field by field without reading it again: the worker builds its dataset once."""
+    from orchestrator.config import ExperimentConfig, resolve
+    from orchestrator.errors import ConfigError
+
+    folder, _ = make_trees(tmp_path / "raw", pairs=32)
+    manifest = tmp_path / "m.csv"
+    assert main(["data", "index", "folder", str(folder), "--out", str(manifest)]) == 0
+    cfg = resolve(preset="tiny", overrides=[f"data.manifest={manifest}", "train.batch_size=16"])
+    manifest.unlink()
+    assert ExperimentConfig.from_dict(cfg.to_dict(), checked=True) == cfg
+    with pytest.raises(ConfigError, match=r"^data\.manifest: .*m\.csv"):
+        ExperimentConfig.from_dict(cfg.to_dict())

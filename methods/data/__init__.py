@@ -1,6 +1,7 @@
 """Data for avlab: the procedural audio-visual dataset, its binaural scenes and the
 augmentations methods use."""
 
+from methods.base import DataInfo
 from methods.data.augment import SpecAugment, simclr_image_augment
 from methods.data.binaural import (
     BinauralScenes,
@@ -30,6 +31,7 @@ __all__ = [
     "SpecAugment",
     "binaural_render",
     "build_dataset",
+    "dataset_info",
     "rotate_panorama",
     "simclr_image_augment",
 ]
@@ -44,3 +46,11 @@ def build_dataset(cfg: ProceduralConfig) -> AVDataset:
 
         return ManifestAV(cfg)
     return BinauralScenes(cfg) if cfg.binaural else ProceduralAV(cfg)
+
+
+def dataset_info(cfg: ProceduralConfig) -> DataInfo:
+    """``build_dataset(cfg).info()`` without rendering anything for the synthetic datasets (their
+    info follows from the config); a manifest is read and validated."""
+    if cfg.manifest:
+        return build_dataset(cfg).info()
+    return (BinauralScenes if cfg.binaural else ProceduralAV).info_for(cfg)

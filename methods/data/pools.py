@@ -134,11 +134,15 @@ class SyntheticAV:
         return list(CLASS_NAMES[: self.cfg.num_classes])
 
     def info(self) -> DataInfo:
-        """What a method needs to know about the data (RGB images)."""
-        c = self.cfg
+        return self.info_for(self.cfg)
+
+    @classmethod
+    def info_for(cls, c: ProceduralConfig) -> DataInfo:
+        """What a method needs to know about the data ``c`` describes (RGB images), without
+        building the dataset."""
         return DataInfo(
             image_channels=3,
-            sound_channels=self.sound_channels,
+            sound_channels=cls.sound_channels,
             image_size=c.image_size,
             n_mels=c.n_mels,
             n_frames=c.n_frames,
