@@ -21,9 +21,8 @@ from typing import Any
 import yaml
 
 from methods.metric_names import HEADLINE_METRICS
-from orchestrator.config import (
-    SEED_LIMIT, ConfigError, ExperimentConfig, as_float, parse_override, read_yaml_mapping, resolve,
-)
+from orchestrator.config import SEED_LIMIT, ConfigError, ExperimentConfig, parse_override, resolve
+from orchestrator.typed import as_float, read_yaml_mapping
 from orchestrator.metrics import run_metrics
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
