@@ -46,7 +46,8 @@ def write(home: Path, name: str, manifest: dict[str, Any]) -> Path:
     path = manifest_path(home, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"format": FORMAT, "name": name, **manifest}, indent=2, sort_keys=True))
+    # Key order kept: a search space's variants and grid keys come back in the order they were given.
+    tmp.write_text(json.dumps({"format": FORMAT, "name": name, **manifest}, indent=2))
     os.replace(tmp, path)
     return path
 

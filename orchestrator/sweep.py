@@ -45,11 +45,6 @@ def grid_trials(space: SearchSpace) -> list[tuple[int, int]]:
     return [(point, seed) for point in longest_first(space) for seed in space.seeds]
 
 
-# When this process ran its last trial: Tune reuses a trial's actor for the next trial, which then
-# starts warm (nothing to import, data already rendered).
-_LAST_TRIAL_END: float | None = None
-
-
 def trial_resources(space: SearchSpace, config: dict[str, Any]):
     """What one trial holds. A single-worker trial trains in its own process: its worker's CPUs
     and GPU share. A multi-worker trial only drives its TorchTrainer (the workers hold the
@@ -72,7 +67,9 @@ def _param_space(space: SearchSpace) -> dict[str, Any]:
     from ray import tune
 
     if not space.uses_optuna:
-        return {"trial": tune.grid_search(list(range(len(grid_trials(space)))))}
+        from orchestrator.trial import trial_key
+
+        return {"trial": tune.grid_search([trial_key(space, point, seed) for point, seed in grid_trials(space)])}
     dims: dict[str, Any] = {"seed": space.seeds[0]}
     for path, d in space.search.items():
         if d.type == "uniform":

@@ -25,6 +25,11 @@ if TYPE_CHECKING:
     from orchestrator.search_space import SearchSpace
 
 
+# When this process ran its last trial: Tune reuses a trial's actor for the next trial, which then
+# starts warm (nothing to import, data already rendered).
+_LAST_TRIAL_END: float | None = None
+
+
 def point_label(params: dict[str, Any], grid: tuple[str, ...] = ()) -> str:
     """Stable, readable label of one configuration, e.g. ``method.memory_size=500``; a variant
     is named by its label (its settings are in the run's params), then the grid values."""
@@ -39,11 +44,23 @@ def trial_params(space: SearchSpace, config: dict[str, Any]) -> tuple[dict[str, 
     """The varied settings and the seed of the trial whose Tune config is ``config``."""
     if space.uses_optuna:
         return {path: config[path] for path in space.search}, config["seed"]
-    if "trial" in config:
-        point, seed = grid_trials(space)[config["trial"]]
+    trial = config.get("trial")
+    if isinstance(trial, str):  # "<configuration> seed=<seed>": whatever order the space lists them in
+        label, seed = trial.rsplit(" seed=", 1)
+        points = {point_label(params, tuple(space.grid)): params for params in space.grid_points()}
+        return dict(points[label]), int(seed)
+    if trial is not None:  # a sweep started before trials were named: an index into its grid's order
+        point, seed = grid_trials(space)[trial]
     else:  # a sweep started before grid trials were ordered: one Tune dimension each
         point, seed = config["point"], config["seed"]
     return dict(space.grid_points()[point]), seed
+
+
+def trial_key(space: SearchSpace, point: int, seed: int) -> str:
+    """A grid trial's Tune value: its configuration's label and seed. A restored sweep finds each
+    trial's configuration by it, even if the space comes back with its variants or grid keys in
+    another order (an index would then name another configuration)."""
+    return f"{point_label(space.grid_points()[point], tuple(space.grid))} seed={seed}"
 
 
 def _launch_delay() -> float:

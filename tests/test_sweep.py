@@ -536,3 +536,32 @@ def test_a_grid_starts_its_longest_configurations_first():
                      ("random_init", 0), ("random_init", 1), ("random_init", 2)]
     # A sweep started before this order (one Tune dimension per index) still resolves its trials.
     assert trial_params(space, {"point": 0, "seed": 2}) == (space.grid_points()[0], 2)
+
+
+def test_a_restored_sweep_runs_each_trial_with_its_own_configuration_whatever_the_key_order(tmp_path):
+    """A resumed sweep rebuilds its space from the job file. Each Tune trial carries its
+    configuration's label and seed, so even a space whose variants or grid keys come back in
+    another order (job files were once written with sorted keys) gives every trial the
+    configuration it started with; an index into the grid's order would name another one."""
+    import json
+
+    from ray.tune.search.variant_generator import generate_variants
+
+    from orchestrator import jobs
+    from orchestrator.search_space import SearchSpace
+    from orchestrator.trial import trial_params
+
+    path = tmp_path / "s.yaml"
+    path.write_text("base:\n  preset: tiny\nvariants:\n  zeta: {method.memory_size: 30}\n  alpha: {method.memory_size: 10}\n"
+                    "  mid: {method.memory_size: 20}\ngrid:\n  method.loss_temperature: [0.2, 0.1]\nseeds: 2\n")
+    space = load_search_space(path)
+    configs = [v for _, v in generate_variants(_param_space(space))]
+    started = [trial_params(space, c) for c in configs]
+    assert len({json.dumps(p, sort_keys=True) + str(s) for p, s in started}) == space.num_trials() == 12
+    sorted_back = SearchSpace.from_dict(json.loads(json.dumps(space.to_dict(), sort_keys=True)))
+    assert list(sorted_back.variants) == ["alpha", "mid", "zeta"]  # what an old job file gave back
+    jobs.write(tmp_path, "s", {"kind": "sweep", "space": space.to_dict()})
+    kept = SearchSpace.from_dict(jobs.read(tmp_path, "s")["space"])
+    assert list(kept.variants) == ["zeta", "alpha", "mid"]  # job files now keep the order
+    for restored in (sorted_back, kept):
+        assert [trial_params(restored, c) for c in configs] == started
