@@ -310,6 +310,14 @@ def _client(args: argparse.Namespace):
     return home, MlflowClient(uri)
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from orchestrator.reproduce import cmd_reproduce as reproduce
+
+    args.claims = [i for i in args.items if "=" not in i]
+    args.overrides = [i for i in args.items if "=" in i]
+    return reproduce(args)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     import json
 
@@ -465,6 +473,18 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--ray-dashboard", action="store_true", help=RAY_DASHBOARD_HELP)
     resume.set_defaults(func=cmd_resume)
 
+    reproduce = sub.add_parser("reproduce", parents=[common],
+                               help="decide the papers' claims: run (or reuse) their sweeps, then report verdicts")
+    reproduce.add_argument("items", nargs="*", metavar="[CLAIM.yaml ...] [key.path=value ...]",
+                           help="claim files (claims/*.yaml), then overrides applied to every trial")
+    reproduce.add_argument("--all", action="store_true", help="every claim in claims/")
+    reproduce.add_argument("--preset", help="tiny, small or paper (replaces each search space's base preset)")
+    reproduce.add_argument("--seeds", type=int, help="seeds per configuration (default: each search space's)")
+    reproduce.add_argument("--data", metavar="MANIFEST", help="a real dataset's manifest (data.manifest)")
+    reproduce.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    reproduce.add_argument("--ray-dashboard", action="store_true", help=RAY_DASHBOARD_HELP)
+    reproduce.set_defaults(func=cmd_reproduce)
+
     report = sub.add_parser("report", parents=[common], help="an ablation's table and plot")
     report.add_argument("name")
     report.add_argument("--format", choices=("table", "markdown", "json"), default="table")
@@ -511,7 +531,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key.path=value overrides may also follow options (argparse stops positionals at them).
-    target = {"run": "items", "metrics": "items", "sweep": "overrides", "submit": "overrides", "data": "overrides"}.get(args.command)
+    target = {"run": "items", "metrics": "items", "sweep": "overrides", "submit": "overrides", "data": "overrides",
+              "reproduce": "items"}.get(args.command)
     if extra and target and all("=" in e and not e.startswith("-") for e in extra):
         setattr(args, target, [*getattr(args, target), *extra])
     elif extra:
@@ -522,7 +543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "ray_dashboard", False):
         os.environ["AVLAB_RAY_DASHBOARD"] = "1"  # read where the local Ray starts (launch.init_ray)
     try:
-        if args.command in ("run", "sweep", "resume"):
+        if args.command in ("run", "sweep", "resume", "reproduce"):
             from orchestrator.launch import worker_wait_s
 
             worker_wait_s()  # AVLAB_WORKER_WAIT_S, checked before anything starts

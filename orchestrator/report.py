@@ -88,6 +88,9 @@ def build_report(client: MlflowClient, name: str) -> dict[str, Any]:
         "mode": mode,
         "rows": rows,
         "best": best["configuration"] if best else None,
+        # Set by `avlab reproduce` on the sweeps it decided claims with.
+        "verdicts": parent.data.tags.get("avlab.verdicts"),
+        "verdict_report": parent.data.tags.get("avlab.verdict_report"),
     }
 
 
@@ -110,6 +113,9 @@ def to_markdown(report: dict[str, Any]) -> str:
         cells = [_cell(m, r["metrics"].get(m), "–") for m in metrics]
         mark = " **best**" if r["configuration"] == report["best"] else ""
         lines.append(f"| {r['configuration']}{mark} | {r['seeds']} | " + " | ".join(cells) + " |")
+    if report.get("verdicts"):
+        lines += ["", f"Claims decided on this sweep (`avlab reproduce`): {report['verdicts']}; "
+                      f"verdicts: {report['verdict_report']}"]
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,203 @@
+"""``avlab reproduce``: run the claims' sweeps (or reuse them), decide each claim, report verdicts.
+
+Claims that test the same search space at the same preset, seeds, overrides and data share one
+sweep, named ``reproduce-<space>-<preset>-s<seeds>-<hash>`` (the hash covers the whole resolved
+search space), so a second ``avlab reproduce`` finds it: a finished sweep is reused without
+training, an unfinished one is resumed like ``avlab resume`` would. The verdicts go to
+``<home>/reports/claims/<name>/`` (``verdicts.md``, ``verdicts.json``, one figure per claim) and to
+an MLflow run of the ``avlab-claims`` experiment; each sweep's parent run is tagged with the
+verdicts it decided (``avlab report`` shows them).
+
+``verdicts.json`` (format 1)::
+
+    {"format": 1, "name": str, "preset": str, "seeds": int | null, "data": str | null,
+     "overrides": [str], "mlflow_run_id": str,
+     "claims": [{"id": str, "claim": str, "paper": str, "where": str, "metric": str,
+                 "rule": {"type": str, ...its fields}, "sweep": str, "budget": str,
+                 "verdict": "holds" | "contradicted" | "inconclusive", "effect": float | null,
+                 "detail": str,
+                 "rows": [{"configuration": str, "mean": float | null, "ci95": float | null,
+                           "values": [float], "paper": float | null}]}]}
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from orchestrator.claims import Claim, all_claims, decide, load_claim
+from orchestrator.errors import ConfigError
+
+CLAIMS_EXPERIMENT = "avlab-claims"
+FORMAT = 1
+
+
+def _plans(args: argparse.Namespace) -> tuple[list[Claim], dict[str, tuple[Any, list[Claim]]], list[str]]:
+    """The claims, and the sweep each needs (by name): everything checked before anything runs."""
+    from orchestrator.search_space import load_search_space
+
+    if args.all == bool(args.claims):
+        raise ConfigError("CLAIM: name claim files, or give --all for every file in claims/")
+    claims = [load_claim(p) for p in (all_claims() if args.all else args.claims)]
+    overrides = [*args.overrides, *([f"data.manifest={Path(args.data).resolve()}"] if args.data else [])]
+    plans: dict[str, tuple[Any, list[Claim]]] = {}
+    for claim in claims:
+        space = load_search_space(claim.search_space, seeds=args.seeds).with_overrides(args.preset, overrides)
+        digest = hashlib.sha256(json.dumps(space.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8]
+        name = f"reproduce-{claim.search_space.stem}-{space.preset}-s{len(space.seeds)}-{digest}"
+        plans.setdefault(name, (space, []))[1].append(claim)
+    return claims, plans, overrides
+
+
+def _run_or_reuse(args: argparse.Namespace, name: str, space: Any, overrides: list[str], client, home: Path) -> None:
+    from orchestrator import cli, jobs
+    from orchestrator.sweep import find_sweep_run
+
+    run = find_sweep_run(client, name)
+    if run is not None and run.info.status == "FINISHED":
+        print(f"[avlab] reproduce: reusing finished sweep {name}", flush=True)
+        return
+    common = {"home": args.home, "tracking_uri": args.tracking_uri, "address": args.address}
+    if jobs.exists(home, name):
+        print(f"[avlab] reproduce: continuing sweep {name}", flush=True)
+        cli.cmd_resume(argparse.Namespace(name=name, **common))
+        return
+    print(f"[avlab] reproduce: sweep {name} ({space.path.name})", flush=True)
+    cli.cmd_sweep(argparse.Namespace(search_space=str(space.path), seeds=args.seeds, preset=args.preset,
+                                     overrides=overrides, max_concurrent=None, name=name, **common))
+
+
+def seed_values(client, name: str, metric: str) -> dict[str, list[float]]:
+    """Per configuration label, the metric of each finished trial of sweep ``name``."""
+    from orchestrator.report import _children, _sweep
+
+    out: dict[str, list[float]] = {}
+    for run in _children(client, _sweep(client, name).info.run_id):
+        if run.info.status == "FINISHED" and metric in run.data.metrics:
+            out.setdefault(run.data.tags.get("avlab.config_label", "base"), []).append(run.data.metrics[metric])
+    return out
+
+
+def _claim_entry(claim: Claim, sweep: str, space: Any, values: dict[str, list[float]]) -> dict[str, Any]:
+    from orchestrator.report import mean_ci95
+
+    verdict = decide(claim, values)
+    rows = []
+    for label in claim.labels():
+        seeds = values.get(label, [])
+        mean, ci = mean_ci95(seeds) if seeds else (None, None)
+        rows.append({"configuration": label, "mean": mean, "ci95": ci, "values": seeds,
+                     "paper": claim.paper_values.get(label)})
+    cfg = space.first_config()
+    budget = (f"{space.preset}: {cfg.train.epochs} epochs, {cfg.data.paired_size} pairs, "
+              f"{len(space.seeds)} seed{'s' if len(space.seeds) > 1 else ''}")
+    return {"id": claim.id, "claim": claim.statement, "paper": claim.paper, "where": claim.where,
+            "metric": claim.metric, "rule": {"type": claim.rule, **claim.rows, **claim.numbers}, "sweep": sweep,
+            "budget": budget, "verdict": verdict.verdict,
+            "effect": None if math.isnan(verdict.effect) else verdict.effect, "detail": verdict.detail, "rows": rows}
+
+
+def to_markdown(doc: dict[str, Any]) -> str:
+    lines = [f"### Claims at the {doc['preset']} preset ({doc['name']})", "",
+             "| claim | paper's numbers | avlab mean ± 95 % CI | verdict | effect | seeds | budget |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for c in doc["claims"]:
+        paper = "; ".join(f"{r['configuration']} {r['paper']:.3f}" for r in c["rows"] if r["paper"] is not None)
+        ours = "; ".join(f"{r['configuration']} {r['mean']:.3f} ± {r['ci95']:.3f}" if r["mean"] is not None
+                         else f"{r['configuration']} –" for r in c["rows"])
+        seeds = min((len(r["values"]) for r in c["rows"]), default=0)
+        effect = "–" if c["effect"] is None else f"{c['effect']:+.3f}"
+        lines.append(f"| {c['id']}: {c['claim']} ({c['where']}) | {paper or '–'} | {ours} | **{c['verdict']}** | "
+                     f"{effect} | {seeds} | {c['budget']} |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(entry: dict[str, Any]):
+    """avlab's mean ± 95 % CI per configuration, with the paper's number beside it where known."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = entry["rows"]
+    fig = Figure(figsize=(max(4.0, 1.2 * len(rows) + 2), 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    xs = list(range(len(rows)))
+    means = [r["mean"] if r["mean"] is not None else math.nan for r in rows]
+    cis = [r["ci95"] if r["ci95"] is not None else 0.0 for r in rows]
+    ax.bar([x - 0.2 for x in xs], means, width=0.4, yerr=cis, capsize=3, label="avlab (mean ± 95 % CI)")
+    if any(r["paper"] is not None for r in rows):
+        ax.bar([x + 0.2 for x in xs], [r["paper"] if r["paper"] is not None else math.nan for r in rows],
+               width=0.4, color="lightgray", edgecolor="black", label="paper")
+    ax.set_xticks(xs, labels=[r["configuration"].replace(",", "\n") for r in rows], rotation=20, ha="right",
+                  fontsize=7)
+    ax.set_ylabel(entry["metric"])
+    ax.set_title(f"{entry['id']}: {entry['verdict']}", fontsize=9)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import tracking
+
+    claims, plans, overrides = _plans(args)  # ConfigError -> exit 2, nothing started yet
+    home = tracking.resolve_home(args.home)
+    uri = tracking.resolve_tracking_uri(home, args.tracking_uri)
+    home.mkdir(parents=True, exist_ok=True)
+    tracking.prepare_store(uri)
+    client = MlflowClient(uri)
+    print(f"[avlab] reproduce: {len(claims)} claims over {len(plans)} sweeps", flush=True)
+    for name, (space, _) in plans.items():
+        _run_or_reuse(args, name, space, overrides, client, home)
+    entries = []
+    for name, (space, group) in plans.items():
+        values_by_metric: dict[str, dict[str, list[float]]] = {}
+        for claim in group:
+            if claim.metric not in values_by_metric:
+                values_by_metric[claim.metric] = seed_values(client, name, claim.metric)
+            entries.append(_claim_entry(claim, name, space, values_by_metric[claim.metric]))
+    order = {c.id: i for i, c in enumerate(claims)}
+    entries.sort(key=lambda e: order[e["id"]])
+    preset = next(iter(plans.values()))[0].preset
+    run_name = f"reproduce-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tracking.get_or_create_experiment(client, CLAIMS_EXPERIMENT, home)
+    run_id = tracking.create_run(
+        tracking_uri=uri, home=home, experiment=CLAIMS_EXPERIMENT, run_name=run_name,
+        params={"preset": preset, "seeds": args.seeds or "", "data": args.data or "", "claims": len(entries),
+                "overrides": " ".join(overrides)},
+        tags={"kind": "claims", **{f"verdict.{e['id']}": e["verdict"] for e in entries}},
+        config_yaml="\n---\n".join(c.path.read_text() for c in claims),
+    )
+    doc = {"format": FORMAT, "name": run_name, "preset": preset, "seeds": args.seeds, "data": args.data,
+           "overrides": overrides, "mlflow_run_id": run_id, "claims": entries}
+    out = home / "reports" / "claims" / run_name
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    (out / "verdicts.json").write_text(json.dumps(doc, indent=2, sort_keys=True))
+    markdown = to_markdown(doc)
+    (out / "verdicts.md").write_text(markdown)
+    for entry in entries:
+        fig = figure(entry)
+        fig.savefig(out / "figures" / f"{entry['id']}.png", dpi=110)
+        client.log_figure(run_id, fig, f"figures/{entry['id']}.png")
+    client.log_artifact(run_id, str(out / "verdicts.json"))
+    client.log_artifact(run_id, str(out / "verdicts.md"))
+    counts = {v: sum(e["verdict"] == v for e in entries) for v in ("holds", "contradicted", "inconclusive")}
+    tracking.log_metrics(client, run_id, {f"claims_{k}": float(n) for k, n in counts.items()}, step=0)
+    tracking.end_run(uri, run_id, ok=True)
+    from orchestrator.sweep import find_sweep_run
+
+    for name, (_, group) in plans.items():  # `avlab report NAME` links back to these verdicts
+        decided = "; ".join(f"{e['id']}: {e['verdict']}" for e in entries if e["sweep"] == name)
+        tracking.set_tags(client, find_sweep_run(client, name).info.run_id,
+                          {"verdicts": decided, "verdict_run": run_id, "verdict_report": str(out / "verdicts.md")})
+    print()
+    print(markdown)
+    print(f"[avlab] reproduce: {counts['holds']} hold, {counts['contradicted']} contradicted, "
+          f"{counts['inconclusive']} inconclusive; report: {out / 'verdicts.md'}")
+    return 0

@@ -1,0 +1,169 @@
+"""Claims as data (``claims/*.yaml``), the rules that decide them, and ``avlab reproduce``."""
+
+import json
+import math
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import AVLAB, ROOT, TINY_RUN
+from orchestrator.claims import Claim, _welch, all_claims, decide, load_claim
+from orchestrator.cli import main
+
+
+def test_every_claim_file_loads_against_its_search_space():
+    claims = [load_claim(p) for p in all_claims()]
+    assert len(claims) >= 18
+    rules = {c.rule for c in claims}
+    assert rules == {"greater", "ordering", "argmax", "plateau", "peak", "above"}
+    # Every ablation the README lists as a search space has at least one claim.
+    spaces = {c.search_space.name for c in claims}
+    for space in ("memory_size_fig6.yaml", "unpaired_volume_fig5.yaml", "paired_volume_table5.yaml",
+                  "loss_weight_supp_table2.yaml", "data_types_image_supp_table3.yaml",
+                  "data_types_sound_supp_table4.yaml", "method_comparison.yaml", "avid_variants_table1.yaml",
+                  "cma_weight_fig3.yaml", "cma_positive_rule_fig4.yaml", "multissl_combinations.yaml",
+                  "multissl_tasks_small.yaml"):
+        assert space in spaces, space
+
+
+GOOD = {
+    "claim": "more memory is better", "paper": "BMA-Memory", "where": "Fig. 6",
+    "search_space": "memory_size_fig6.yaml", "metric": "image_h_linear_acc",
+    "rule": {"type": "greater", "a": "method.memory_size=500", "b": "method.memory_size=10"},
+}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"claimm": "x"}, r"bad\.yaml: claimm: unknown claim key"),
+    ({"claim": ""}, r"bad\.yaml: claim: expected a non-empty string"),
+    ({"search_space": "nowhere.yaml"}, r"bad\.yaml: search_space: nowhere\.yaml not found"),
+    ({"metric": "top1"}, r"bad\.yaml: metric: 'top1' is not logged"),
+    ({"rule": {"type": "bigger", "a": "x", "b": "y"}}, r"bad\.yaml: rule\.type: expected one of greater"),
+    ({"rule": {"type": "greater", "a": "method.memory_size=7", "b": "method.memory_size=10"}},
+     r"bad\.yaml: rule\.a: 'method\.memory_size=7' is not a configuration of memory_size_fig6\.yaml"),
+    ({"rule": {"type": "greater", "a": "method.memory_size=500", "b": "method.memory_size=10", "delta": 1}},
+     r"bad\.yaml: rule\.delta: not a field of a greater rule"),
+    ({"rule": {"type": "plateau", "after": "method.memory_size=500",
+               "rows": ["method.memory_size=500", "method.memory_size=1000"], "delta": -0.1}},
+     r"bad\.yaml: rule\.delta: must be positive"),
+    ({"rule": {"type": "above", "row": "method.memory_size=500", "value": float("nan")}},
+     r"bad\.yaml: rule\.value: expected a finite number"),
+    ({"paper_values": {"method.memory_size=500": "high"}}, r"bad\.yaml: paper_values\.method\.memory_size=500: expected a finite"),
+])
+def test_a_bad_claim_file_exits_2_naming_the_file_and_field(tmp_path, capsys, change, message):
+    import re
+
+    import yaml
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**GOOD, **change}))
+    assert main(["--home", str(tmp_path / "home"), "reproduce", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+    assert not (tmp_path / "home").exists()
+
+
+def test_reproduce_needs_claims_or_all(tmp_path, capsys):
+    assert main(["--home", str(tmp_path), "reproduce"]) == 2
+    assert "CLAIM: name claim files, or give --all" in capsys.readouterr().err
+
+
+def _claim(rule: str, **fields) -> Claim:
+    numbers = {k: fields.pop(k) for k in ("delta", "value") if k in fields}
+    return Claim(id="c", path=Path("c.yaml"), statement="", paper="", where="", search_space=Path("s.yaml"),
+                 metric="m", rule=rule, rows=fields, numbers=numbers)
+
+
+def test_welch_matches_the_hand_computed_test():
+    # a = 1, 2, 3 and b = 4, 5, 6: difference -3, variances 1, se = sqrt(2/3), df = 4, t = -3.674.
+    diff, ci, p = _welch([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    assert diff == -3.0
+    assert ci == pytest.approx(2.776445 * math.sqrt(2 / 3), rel=1e-5)  # t_0.975(4) * se
+    assert p == pytest.approx(0.02131, abs=1e-4)
+
+
+HIGH, LOW, NOISY = [0.80, 0.82, 0.81], [0.50, 0.52, 0.51], [0.40, 0.90, 0.62]
+
+
+@pytest.mark.parametrize("values, verdict", [
+    ({"a": HIGH, "b": LOW}, "holds"),  # a clear win
+    ({"a": LOW, "b": HIGH}, "contradicted"),  # a clear loss
+    ({"a": NOISY, "b": [0.6, 0.5, 0.7]}, "inconclusive"),  # intervals overlap
+    ({"a": [0.9], "b": [0.1]}, "inconclusive"),  # one seed decides nothing
+    ({"a": HIGH, "b": []}, "inconclusive"),  # a configuration never finished
+])
+def test_greater(values, verdict):
+    v = decide(_claim("greater", a="a", b="b"), values)
+    assert v.verdict == verdict
+    if verdict != "inconclusive":
+        assert v.effect == pytest.approx(0.3 if verdict == "holds" else -0.3)
+
+
+def test_ordering_argmax_and_peak_decide_every_pair():
+    values = {"x": HIGH, "y": [0.65, 0.66, 0.64], "z": LOW}
+    assert decide(_claim("ordering", rows=["x", "y", "z"]), values).verdict == "holds"
+    assert decide(_claim("ordering", rows=["x", "z", "y"]), values).verdict == "contradicted"
+    assert decide(_claim("ordering", rows=["x", "y", "z"]), {**values, "y": NOISY}).verdict == "inconclusive"
+    assert decide(_claim("argmax", best="x", among=["x", "y", "z"]), values).verdict == "holds"
+    v = decide(_claim("argmax", best="y", among=["x", "y", "z"]), values)
+    assert v.verdict == "contradicted" and v.effect == pytest.approx(0.65 - 0.81)
+    assert decide(_claim("peak", at="x", rows=["z", "x", "y"]), values).verdict == "holds"
+    assert decide(_claim("peak", at="y", rows=["x", "y", "z"]), values).verdict == "contradicted"
+
+
+def test_plateau_and_above():
+    flat = {"n10": LOW, "n500": HIGH, "n1000": [0.805, 0.815, 0.812], "n5000": [0.81, 0.815, 0.805]}
+    rows = ["n10", "n500", "n1000", "n5000"]
+    assert decide(_claim("plateau", after="n500", rows=rows, delta=0.05), flat).verdict == "holds"
+    climbing = {**flat, "n5000": [0.95, 0.96, 0.94]}
+    v = decide(_claim("plateau", after="n500", rows=rows, delta=0.05), climbing)
+    assert v.verdict == "contradicted" and v.effect == pytest.approx(0.14)
+    assert decide(_claim("plateau", after="n500", rows=rows, delta=0.05), {**flat, "n5000": NOISY}).verdict == "inconclusive"
+    assert decide(_claim("above", row="x", value=0.5), {"x": HIGH}).verdict == "holds"
+    assert decide(_claim("above", row="x", value=0.9), {"x": HIGH}).verdict == "contradicted"
+    assert decide(_claim("above", row="x", value=0.6), {"x": NOISY}).verdict == "inconclusive"
+    assert decide(_claim("above", row="x", value=0.5), {"x": [0.99]}).verdict == "inconclusive"
+
+
+@pytest.mark.slow
+def test_reproduce_runs_a_claims_sweep_then_reuses_it_without_training(tmp_path):
+    space = tmp_path / "mem.yaml"
+    space.write_text("base:\n  preset: tiny\ngrid:\n  method.memory_size: [8, 16]\nseeds: 1\n"
+                     "metric: image_h_linear_acc\nmode: max\nresources: {workers: 1, cpus_per_worker: 1}\n"
+                     "max_concurrent: 2\n")
+    claim = tmp_path / "mem_claim.yaml"
+    claim.write_text("claim: a larger memory helps\npaper: BMA-Memory\nwhere: Fig. 6\nsearch_space: mem.yaml\n"
+                     "metric: image_h_linear_acc\nrule: {type: greater, a: method.memory_size=16, "
+                     "b: method.memory_size=8}\npaper_values: {method.memory_size=16: 0.77}\n")
+    home = tmp_path / "home"
+    cmd = [AVLAB, "--home", str(home), "reproduce", str(claim), *TINY_RUN]
+    env = {**__import__("os").environ, "RAY_AUTH_MODE": "disabled"}
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "[avlab] reproduce: sweep reproduce-mem-tiny-s1-" in first.stdout
+    second = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "reusing finished sweep reproduce-mem-tiny-s1-" in second.stdout
+    # Two trials in all: the second call trained nothing.
+    con = sqlite3.connect(home / "mlflow.db")
+    kinds = [k for (k,) in con.execute("select value from tags where key = 'avlab.kind'")]
+    assert kinds.count("trial") == 2 and kinds.count("sweep") == 1 and kinds.count("claims") == 2
+    reports = sorted((home / "reports" / "claims").iterdir())
+    assert len(reports) == 2
+    docs = [json.loads((r / "verdicts.json").read_text()) for r in reports]
+    for doc in docs:
+        assert doc["format"] == 1 and doc["preset"] == "tiny"
+        (entry,) = doc["claims"]
+        assert entry["id"] == "mem_claim" and entry["verdict"] == "inconclusive"  # one seed decides nothing
+        assert [r["configuration"] for r in entry["rows"]] == ["method.memory_size=16", "method.memory_size=8"]
+        assert entry["rows"][0]["paper"] == 0.77 and len(entry["rows"][0]["values"]) == 1
+        assert (Path(reports[0]) / "figures" / "mem_claim.png").stat().st_size > 0
+    assert docs[0]["claims"][0]["rows"] == docs[1]["claims"][0]["rows"]
+    assert "| mem_claim: a larger memory helps (Fig. 6) | method.memory_size=16 0.770 |" in (reports[1] / "verdicts.md").read_text()
+    # `avlab report` of the claim's sweep links back to the verdicts.
+    sweep = docs[1]["claims"][0]["sweep"]
+    report = subprocess.run([AVLAB, "--home", str(home), "report", sweep, "--format", "markdown"],
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0 and "mem_claim: inconclusive" in report.stdout and "verdicts.md" in report.stdout
