@@ -4,6 +4,7 @@ that end-to-end tests start from, and the one harness that runs code under two D
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Callable
@@ -24,6 +25,12 @@ TINY_RUN = [
     "data.unpaired_image_size=64", "data.train_size=100", "data.test_size=60",
     "data.transfer_train_size=0", "data.transfer_test_size=0",
 ]
+
+
+def default_sigint() -> None:
+    """In a child before exec: Ctrl-C (SIGINT) does what it does in a terminal, even when the tests
+    were started in the background of a shell, whose children inherit SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _ddp_process(rank: int, world: int, init_file: str, out_dir: str, fn: Callable[[int, int], Any]) -> None:

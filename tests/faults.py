@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import AVLAB  # noqa: E402
+from conftest import AVLAB, default_sigint  # noqa: E402
 
 
 def env() -> dict[str, str]:
@@ -22,7 +22,7 @@ def env() -> dict[str, str]:
 def start(args: list[str], log: Path, cwd: Path) -> subprocess.Popen:
     """``avlab ARGS`` in a new session, so its whole process tree shares one process group."""
     return subprocess.Popen([AVLAB, *args], cwd=cwd, env=env(), stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=default_sigint)
 
 
 def run(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import AVLAB, ROOT, TINY_RUN
+from conftest import AVLAB, TINY_RUN
 from orchestrator.claims import Claim, _welch, all_claims, decide, load_claim
 from orchestrator.cli import main
 

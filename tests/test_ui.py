@@ -18,7 +18,7 @@ import pytest
 from orchestrator.cli import main
 from orchestrator.sweep import SWEEP_EXPERIMENT
 
-from conftest import AVLAB, ROOT, TINY_RUN
+from conftest import AVLAB, ROOT, TINY_RUN, default_sigint
 
 SCREENSHOT = ROOT / "test-artifacts" / "mlflow-ui.png"
 TIMEOUT_MS = 30_000
@@ -112,7 +112,7 @@ def ui_server(sweep_home, tmp_path):
     log_path = tmp_path / "ui.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen([AVLAB, "ui", "--home", str(sweep_home), "--port", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, env=_env())
+                                stdout=log, stderr=subprocess.STDOUT, env=_env(), preexec_fn=default_sigint)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
