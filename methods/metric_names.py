@@ -80,3 +80,27 @@ def ordered(names: Sequence[str], first: Sequence[str] = HEADLINE_METRICS) -> li
     """``first`` (those in ``names``), then the rest of ``names`` in their order."""
     head = [n for n in first if n in names]
     return head + [n for n in names if n not in head]
+
+
+def metric_range(name: str) -> tuple[float, float] | None:
+    """The values a downstream metric can take: accuracies, precision / recall / F1 and Rank-k
+    in [0, 1], a mean pairwise cosine in [-1, 1]; None for the rest (losses, costs)."""
+    if name.endswith("_mean_cos"):
+        return (-1.0, 1.0)
+    stat = name.rsplit("_", 1)[-1]
+    if stat in PROBE_STATS or (stat.startswith("rank") and stat[4:].isdigit()):
+        return (0.0, 1.0)
+    return None
+
+
+def chance_level(name: str, *, num_classes: int, sectors: int) -> float | None:
+    """What guessing scores on an accuracy: 1 / classes for a class probe or by-class Rank-1,
+    1 / sectors for the azimuth probe, 1/2 for audio-visual correspondence; None otherwise (a
+    Rank-k above 1, clip retrieval, precision / recall / F1)."""
+    if name == "l3_acc":
+        return 0.5
+    if "_spatial_" in name:
+        return 1.0 / sectors if name.endswith("_acc") else None
+    if name.endswith("_acc") or name.endswith("retrieval_s2i_rank1"):
+        return 1.0 / num_classes
+    return None

@@ -24,10 +24,15 @@ from orchestrator.sweep import SWEEP_EXPERIMENT, find_sweep_run
 
 
 def _cell(metric: str, value: dict[str, float] | None, missing: str) -> str:
+    """``mean ± ci``, or ``mean [low, high]`` when the interval was clipped to the metric's range."""
     if not value:
         return missing
     digits = 0 if metric in COST_METRICS else 3
-    return f"{value['mean']:.{digits}f} ± {value['ci95']:.{digits}f}"
+    mean, ci = value["mean"], value["ci95"]
+    low, high = value.get("low", mean - ci), value.get("high", mean + ci)
+    if low > mean - ci or high < mean + ci:
+        return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+    return f"{mean:.{digits}f} ± {ci:.{digits}f}"
 
 
 def mean_ci95(values: list[float]) -> tuple[float, float]:
@@ -67,19 +72,18 @@ def build_report(client: MlflowClient, name: str) -> dict[str, Any]:
     logged = {m for runs in groups.values() for r in runs for m in r.data.metrics}
     metrics += [m for m in OPTIONAL_HEADLINE_METRICS if m in logged and m not in metrics]
     metrics += [m for m in COST_METRICS if m in logged and m not in metrics]
-    rows = []
+    rows, seeds = [], {}
     for label, runs in groups.items():
         varied = {k.removeprefix("varied."): v for k, v in runs[0].data.params.items() if k.startswith("varied.")}
         row: dict[str, Any] = {"configuration": label, "varied": varied, "seeds": len(runs), "metrics": {}}
         for m in metrics:
             values = [r.data.metrics[m] for r in runs if m in r.data.metrics]
             if values:
-                mean, ci = mean_ci95(values)
-                row["metrics"][m] = {"mean": mean, "ci95": ci, "n": len(values)}
+                row["metrics"][m] = summary(m, values)
+        seeds[label] = [r.data.metrics[metric] for r in runs if metric in r.data.metrics]
         rows.append(row)
     rows.sort(key=lambda r: _sort_key(r["varied"]))
-    scored = [r for r in rows if metric in r["metrics"]]
-    best = (max if mode == "max" else min)(scored, key=lambda r: r["metrics"][metric]["mean"]) if scored else None
+    runs = [r for group in groups.values() for r in group]
     return {
         "sweep": name,
         "parent_run_id": parent.info.run_id,
@@ -87,11 +91,75 @@ def build_report(client: MlflowClient, name: str) -> dict[str, Any]:
         "metric": metric,
         "mode": mode,
         "rows": rows,
-        "best": best["configuration"] if best else None,
+        **_best(seeds, mode),
+        "chance": _chance(runs, metric),
+        "random_init": _random_init(client, runs, metric),
         # Set by `avlab reproduce` on the sweeps it decided claims with.
         "verdicts": parent.data.tags.get("avlab.verdicts"),
         "verdict_report": parent.data.tags.get("avlab.verdict_report"),
     }
+
+
+def summary(metric: str, values: list[float]) -> dict[str, float]:
+    """Mean, the half-width of its 95 % interval, the number of seeds, and the interval's ends
+    clipped to the values the metric can take (two seeds' interval of an accuracy can reach
+    below 0)."""
+    from methods.metric_names import metric_range
+
+    mean, ci = mean_ci95(values)
+    lo, hi = metric_range(metric) or ((0.0, math.inf) if metric in COST_METRICS else (-math.inf, math.inf))
+    return {"mean": mean, "ci95": ci, "n": len(values), "low": max(lo, mean - ci), "high": min(hi, mean + ci)}
+
+
+def _best(seeds: dict[str, list[float]], mode: str) -> dict[str, Any]:
+    """``best``: the configuration with the best mean when it is distinguishable, by Welch's
+    t-test at 95 %, from every other configuration (the rule ``avlab reproduce`` uses for an
+    argmax); otherwise None, and ``best_mean`` names the configuration with the best mean."""
+    from orchestrator.claims import compare
+
+    scored = {label: v for label, v in seeds.items() if v}
+    if not scored:
+        return {"best": None, "best_mean": None}
+    pick = max if mode == "max" else min
+    top = pick(scored, key=lambda label: statistics.fmean(scored[label]))
+    sign = 1 if mode == "max" else -1
+    clear = len(scored) > 1 and all(compare(scored[top], v) == sign for label, v in scored.items() if label != top)
+    return {"best": top if clear else None, "best_mean": top}
+
+
+def _chance(runs: list, metric: str) -> float | None:
+    """Guessing's score on the metric, for the procedural data (a manifest's classes are not
+    known to the report)."""
+    from methods.metric_names import chance_level
+
+    params = runs[0].data.params if runs else {}
+    if not runs or params.get("data.manifest") not in (None, "", "None"):
+        return None
+    try:
+        classes, sectors = int(params["data.num_classes"]), int(params["data.azimuth_sectors"])
+    except (KeyError, ValueError):
+        return None
+    return chance_level(metric, num_classes=classes, sectors=sectors)
+
+
+# What fixes a random-init encoder's downstream score: the data, the evaluation, the encoders.
+_REFERENCE_PREFIXES = ("data.", "eval.", "method.image_encoder.", "method.sound_encoder.")
+
+
+def _random_init(client: MlflowClient, runs: list, metric: str) -> dict[str, float] | None:
+    """The metric of the store's finished untrained runs (``train.epochs=0``) whose data,
+    evaluation and encoder settings are those every run of the sweep shares; None when the store
+    has none."""
+    if not runs:
+        return None
+    shared = {k: v for k, v in runs[0].data.params.items()
+              if k.startswith(_REFERENCE_PREFIXES) and all(r.data.params.get(k) == v for r in runs)}
+    ids = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_runs(ids, "params.`train.epochs` = '0' and attributes.status = 'FINISHED'",
+                               max_results=5000)
+    values = [r.data.metrics[metric] for r in found
+              if metric in r.data.metrics and all(r.data.params.get(k) == v for k, v in shared.items())]
+    return summary(metric, values) if values else None
 
 
 def _sort_key(varied: dict[str, str]) -> tuple:
@@ -104,15 +172,33 @@ def _sort_key(varied: dict[str, str]) -> tuple:
     return tuple(out)
 
 
+def verdict_lines(report: dict[str, Any]) -> list[str]:
+    """Which configuration is best, if any is distinguishable, and the references."""
+    metric, lines = report["metric"], []
+    if report["best"]:
+        lines.append(f"best {metric}: {report['best']}, above every other configuration "
+                     "(Welch's t-test, 95 %)")
+    elif len(report["rows"]) > 1 and report.get("best_mean"):
+        lines.append(f"no configuration is distinguishable on {metric} (Welch's t-test, 95 %); "
+                     f"highest mean: {report['best_mean']}")
+    if report.get("chance") is not None:
+        lines.append(f"chance: {report['chance']:.3f}")
+    if report.get("random_init"):
+        ref = report["random_init"]
+        lines.append(f"random init (same data, evaluation and encoders; {ref['n']} runs): {_cell(metric, ref, '-')}")
+    return lines
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     metrics = list(dict.fromkeys(m for r in report["rows"] for m in r["metrics"]))
-    head = f"| configuration | seeds | " + " | ".join(metrics) + " |"
+    head = "| configuration | seeds | " + " | ".join(metrics) + " |"
     lines = [f"### {report['sweep']} ({report['search_space']}), mean ± 95 % CI over seeds", "",
              head, "| --- | --- | " + " | ".join("---" for _ in metrics) + " |"]
     for r in report["rows"]:
         cells = [_cell(m, r["metrics"].get(m), "–") for m in metrics]
         mark = " **best**" if r["configuration"] == report["best"] else ""
         lines.append(f"| {r['configuration']}{mark} | {r['seeds']} | " + " | ".join(cells) + " |")
+    lines += ["", *(line[0].upper() + line[1:] + "." for line in verdict_lines(report))]
     if report.get("verdicts"):
         lines += ["", f"Claims decided on this sweep (`avlab reproduce`): {report['verdicts']}; "
                       f"verdicts: {report['verdict_report']}"]
@@ -131,17 +217,21 @@ def to_table(report: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
     title = f"{report['sweep']} ({report['search_space']}): mean ± 95 % CI over seeds, * = best {report['metric']}"
-    return "\n".join([title, fmt(header), fmt(["-" * w for w in widths]), *map(fmt, body)]) + "\n"
+    return "\n".join([title, fmt(header), fmt(["-" * w for w in widths]), *map(fmt, body),
+                      *verdict_lines(report)]) + "\n"
 
 
 def plot(report: dict[str, Any], *, x: str | None = None, log_x: bool = False) -> Figure:
-    """The sweep metric against the varied value (error bars: 95 % CI), or a bar per configuration."""
+    """The sweep metric against the varied value (error bars: 95 % CI clipped to the metric's
+    range), or a bar per configuration; chance and the random-init reference as lines."""
     metric = report["metric"]
     rows = [r for r in report["rows"] if metric in r["metrics"]]
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
-    means = [r["metrics"][metric]["mean"] for r in rows]
-    cis = [r["metrics"][metric]["ci95"] for r in rows]
+    values = [r["metrics"][metric] for r in rows]
+    means = [v["mean"] for v in values]
+    errors = [[v["mean"] - v.get("low", v["mean"] - v["ci95"]) for v in values],
+              [v.get("high", v["mean"] + v["ci95"]) - v["mean"] for v in values]]
     xs = None
     if x and rows and all(x in r["varied"] for r in rows):
         try:
@@ -149,13 +239,21 @@ def plot(report: dict[str, Any], *, x: str | None = None, log_x: bool = False) -
         except ValueError:
             xs = None
     if xs is not None:
-        ax.errorbar(xs, means, yerr=cis, marker="o", capsize=4)
+        ax.errorbar(xs, means, yerr=errors, marker="o", capsize=4, label="avlab")
         ax.set_xlabel(x)
         if log_x and all(v > 0 for v in xs):
             ax.set_xscale("log")
     else:
-        ax.bar(range(len(rows)), means, yerr=cis, capsize=4)
+        ax.bar(range(len(rows)), means, yerr=errors, capsize=4, label="avlab")
         ax.set_xticks(range(len(rows)), [r["configuration"] for r in rows], rotation=30, ha="right", fontsize=7)
+    if report.get("chance") is not None:
+        ax.axhline(report["chance"], color="grey", linestyle="--", linewidth=1, label="chance")
+    if report.get("random_init"):
+        ref = report["random_init"]
+        ax.axhline(ref["mean"], color="tab:red", linestyle=":", linewidth=1.5, label=f"random init ({ref['n']} runs)")
+        ax.axhspan(ref["low"], ref["high"], color="tab:red", alpha=0.08)
+    if report.get("chance") is not None or report.get("random_init"):
+        ax.legend(fontsize=7)
     ax.set_ylabel(metric)
     ax.set_title(f"{report['sweep']}\n{metric}, mean ± 95 % CI over seeds", fontsize=9)
     ax.grid(alpha=0.3)
@@ -177,6 +275,8 @@ def write_report(client: MlflowClient, name: str, out_dir: Path) -> dict[str, Pa
     plot(report, x=x, log_x=log_x).savefig(paths["png"], dpi=120)
     for path in paths.values():
         client.log_artifact(report["parent_run_id"], str(path), "report")
+    # The parent run's description: the first thing the MLflow UI shows of the sweep.
+    client.set_tag(report["parent_run_id"], "mlflow.note.content", paths["markdown"].read_text())
     return paths
 
 

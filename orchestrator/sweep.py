@@ -224,6 +224,19 @@ def _interrupted(client: MlflowClient, parent_id: str, name: str, expected: int)
     return Interrupted(f"sweep {name} interrupted with {ended} of {expected} trials ended; `avlab resume {name}` continues it")
 
 
+def describe(space: SearchSpace) -> str:
+    """The parent run's description until the report replaces it: what the sweep varies and
+    what it optimises, where the MLflow UI shows it first."""
+    varied = [*space.grid, *space.search, *(k for v in space.variants.values() for k in v)]
+    lines = [f"**{space.name}**: {space.description}".rstrip(": "), "",
+             f"- metric: `{space.metric}` ({space.mode})",
+             f"- varied: {', '.join(f'`{k}`' for k in dict.fromkeys(varied))}"]
+    if space.variants:
+        lines.append(f"- variants: {', '.join(space.variants)}")
+    lines.append(f"- {space.num_trials()} trials, seeds {', '.join(map(str, space.seeds))}")
+    return "\n".join(lines) + "\n"
+
+
 def run_sweep(
     space: SearchSpace,
     *,
@@ -255,6 +268,7 @@ def run_sweep(
         tags={"kind": "sweep", "sweep_name": name, "search_space": space.name},
         config_yaml=space.path.read_text(),
     )
+    client.set_tag(parent_id, "mlflow.note.content", describe(space))
     jobs.write(home, name, {
         "kind": "sweep", "space": space.to_dict(), "parent_run_id": parent_id, "tracking_uri": tracking_uri,
         "address": address, "max_concurrent": max_concurrent, "storage": tracking.storage_root(home),

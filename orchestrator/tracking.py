@@ -161,13 +161,21 @@ def git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
+# MLflow 3 opens an experiment without a kind on its GenAI traces overview; avlab's experiments
+# are model training, so the UI opens them on their runs.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def get_or_create_experiment(client: MlflowClient, name: str, home: Path) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        for key, value in EXPERIMENT_KIND.items():
+            if key not in exp.tags:  # a store made before the kind was set
+                client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     artifacts = (home / "mlartifacts" / name).resolve()
     artifacts.mkdir(parents=True, exist_ok=True)
-    return client.create_experiment(name, artifact_location=artifacts.as_uri())
+    return client.create_experiment(name, artifact_location=artifacts.as_uri(), tags=EXPERIMENT_KIND)
 
 
 def create_run(

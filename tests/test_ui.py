@@ -153,6 +153,7 @@ def test_ui_shows_the_sweep_its_trials_metrics_and_plots_in_a_browser(chromium, 
     client = MlflowClient(f"sqlite:///{sweep_home / 'mlflow.db'}")
     exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
     children = {r.info.run_name: r for r in client.search_runs([exp.experiment_id], "tags.`avlab.kind` = 'trial'")}
+    parent_id = client.search_runs([exp.experiment_id], "tags.`avlab.kind` = 'sweep'")[0].info.run_id
     assert sorted(children) == [f"{SWEEP}/method.memory_size=16/seed0", f"{SWEEP}/method.memory_size=32/seed0"]
     child = children[f"{SWEEP}/method.memory_size=16/seed0"]
     plot = next(a.path for a in client.list_artifacts(child.info.run_id, "plots") if a.path.startswith("plots/confusion_"))
@@ -167,9 +168,8 @@ def test_ui_shows_the_sweep_its_trials_metrics_and_plots_in_a_browser(chromium, 
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         page.set_default_timeout(TIMEOUT_MS)
         try:
-            page.goto(url, timeout=60_000)
-            page.get_by_text("Model training", exact=True).click()  # runs, not GenAI traces
-            page.get_by_role("link", name=SWEEP_EXPERIMENT, exact=True).first.click()
+            # The experiment opens on its runs (it is tagged as model training), not on GenAI traces.
+            page.goto(f"{url}/#/experiments/{exp.experiment_id}", timeout=60_000)
             parent = page.get_by_role("link", name=SWEEP, exact=True)
             expect(parent).to_be_visible(timeout=TIMEOUT_MS)
             close = page.get_by_role("button", name="Close").first  # the Assistant side panel
@@ -200,6 +200,12 @@ def test_ui_shows_the_sweep_its_trials_metrics_and_plots_in_a_browser(chromium, 
             expect(image).to_be_visible(timeout=TIMEOUT_MS)
             page.wait_for_function("img => img.complete && img.naturalWidth > 100", arg=image.element_handle())
             page.screenshot(path=str(SCREENSHOT.with_name("mlflow-ui-artifact.png")))
+
+            # The sweep's parent run shows the report as its description.
+            page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs/{parent_id}", timeout=60_000)
+            expect(page.get_by_text("No configuration is distinguishable on image_h_linear_acc", exact=False).first
+                   ).to_be_visible(timeout=TIMEOUT_MS)
+            page.screenshot(path=str(SCREENSHOT.with_name("mlflow-ui-parent.png")))
         finally:
             if not SCREENSHOT.exists():  # a failed check: the page as it was
                 page.screenshot(path=str(SCREENSHOT))

@@ -1,0 +1,107 @@
+"""`avlab report` on a real MLflow store filled by hand: when a configuration is marked best,
+intervals clipped to a metric's range, chance and the random-init reference, the parent run's
+description, and the experiments' kind (the UI opens them on their runs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from methods.metric_names import chance_level, metric_range
+from orchestrator import tracking
+from orchestrator.report import build_report, plot, to_markdown, to_table, write_report
+from orchestrator.sweep import SWEEP_EXPERIMENT
+
+METRIC = "image_h_linear_acc"
+DATA = {"data.num_classes": "10", "data.azimuth_sectors": "8", "data.manifest": "None", "data.seed": "0",
+        "eval.linear_C": "1.0", "method.image_encoder.stem": "small"}
+
+
+@pytest.fixture
+def store(tmp_path):
+    home = tmp_path / "home"
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    tracking.prepare_store(uri)
+    return home, uri, MlflowClient(uri)
+
+
+def _sweep(home, uri, name: str, rows: dict[str, list[float]], *, epochs: str = "5", data=DATA) -> str:
+    """A parent run and one finished child per (configuration, seed) with ``METRIC`` logged."""
+    parent = tracking.create_run(tracking_uri=uri, home=home, experiment=SWEEP_EXPERIMENT, run_name=name,
+                                 params={"metric": METRIC, "mode": "max", "search_space": "s.yaml"},
+                                 tags={"kind": "sweep", "sweep_name": name}, config_yaml="")
+    client = MlflowClient(uri)
+    for label, values in rows.items():
+        for seed, value in enumerate(values):
+            run = tracking.create_run(tracking_uri=uri, home=home, experiment=SWEEP_EXPERIMENT,
+                                      run_name=f"{name}/{label}/seed{seed}",
+                                      params={**data, "train.epochs": epochs, "varied.method.memory_size": label},
+                                      tags={"kind": "trial", "config_label": label}, config_yaml="",
+                                      parent_run_id=parent)
+            client.log_metric(run, METRIC, value)
+            client.set_terminated(run, "FINISHED")
+    return parent
+
+
+def test_metric_ranges_and_chance_levels():
+    assert metric_range("image_h_linear_acc") == metric_range("sound_h_svm_f1") == (0.0, 1.0)
+    assert metric_range("retrieval_s2i_rank5") == (0.0, 1.0) and metric_range("image_z_mean_cos") == (-1.0, 1.0)
+    assert metric_range("loss_pair") is None and metric_range("train_pairs_per_s") is None
+    assert chance_level("image_h_knn_acc", num_classes=10, sectors=8) == 0.1
+    assert chance_level("sound_h_spatial_acc", num_classes=10, sectors=8) == 0.125
+    assert chance_level("l3_acc", num_classes=10, sectors=8) == 0.5
+    assert chance_level("retrieval_s2i_rank1", num_classes=5, sectors=8) == 0.2
+    assert chance_level("retrieval_s2i_rank5", num_classes=5, sectors=8) is None
+
+
+def test_best_only_when_distinguishable_and_intervals_clipped(store):
+    home, uri, client = store
+    _sweep(home, uri, "overlap", {"10": [0.05, 0.15], "100": [0.08, 0.10]})
+    report = build_report(client, "overlap")
+    # 0.10 vs 0.09: the higher mean, but two seeds cannot tell them apart.
+    assert report["best"] is None and report["best_mean"] == "10"
+    row = next(r for r in report["rows"] if r["configuration"] == "10")["metrics"][METRIC]
+    assert row["mean"] - row["ci95"] < 0 and row["low"] == 0.0  # Student t reaches below 0
+    assert row["high"] == pytest.approx(row["mean"] + row["ci95"])
+    text = to_markdown(report)
+    assert "**best**" not in text and "No configuration is distinguishable on image_h_linear_acc" in text
+    assert f"0.100 [0.000, {row['high']:.3f}]" in text
+
+    _sweep(home, uri, "clear", {"10": [0.50, 0.52, 0.51], "100": [0.20, 0.22, 0.21], "1000": [0.30, 0.31, 0.29]})
+    report = build_report(client, "clear")
+    assert report["best"] == "10"
+    assert "| 10 **best** |" in to_markdown(report) and "10 *" in to_table(report)
+
+
+def test_chance_and_random_init_reference_from_the_store(store, tmp_path):
+    home, uri, client = store
+    _sweep(home, uri, "trained", {"10": [0.30, 0.32], "100": [0.31, 0.33]})
+    report = build_report(client, "trained")
+    assert report["chance"] == 0.1 and report["random_init"] is None
+
+    # Untrained runs: one on the same data and encoders, one on other data (not a reference).
+    _sweep(home, uri, "untrained", {"random": [0.18, 0.22]}, epochs="0")
+    _sweep(home, uri, "other-data", {"random": [0.9]}, epochs="0", data={**DATA, "data.seed": "7"})
+    report = build_report(client, "trained")
+    assert report["random_init"]["n"] == 2 and report["random_init"]["mean"] == pytest.approx(0.20)
+    assert "Random init (same data, evaluation and encoders; 2 runs): 0.200" in to_markdown(report)
+    ax = plot(report).axes[0]
+    assert {"chance", "random init (2 runs)"} <= {t.get_text() for t in ax.get_legend().get_texts()}
+
+    paths = write_report(client, "trained", tmp_path / "out")
+    assert json.loads(paths["json"].read_text())["random_init"]["n"] == 2
+    parent = client.get_run(report["parent_run_id"])
+    assert parent.data.tags["mlflow.note.content"] == paths["markdown"].read_text()
+
+
+def test_experiments_open_on_their_runs(store):
+    home, uri, client = store
+    _sweep(home, uri, "kind", {"10": [0.3]})
+    exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    # A store made before the kind was set gets it the next time avlab opens the experiment.
+    client.delete_experiment_tag(exp.experiment_id, "mlflow.experimentKind")
+    tracking.get_or_create_experiment(client, SWEEP_EXPERIMENT, home)
+    assert client.get_experiment(exp.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
