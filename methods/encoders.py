@@ -194,6 +194,7 @@ class ResNetEncoder(nn.Module):
         if cfg.arch not in RESNET_LAYERS:
             raise ValueError(f"arch: ResNetEncoder builds {sorted(RESNET_LAYERS)}, got {cfg.arch!r}")
         w = cfg.base_width
+        self.cfg = cfg
         self.out_dim = cfg.out_dim
         if cfg.stem == "small":
             self.stem = nn.Sequential(
@@ -275,6 +276,7 @@ class VGGEncoder(nn.Module):
         if cfg.arch not in PLAIN_ARCHS:
             raise ValueError(f"arch: VGGEncoder builds {PLAIN_ARCHS}, got {cfg.arch!r}")
         w = cfg.base_width
+        self.cfg = cfg
         self.out_dim = cfg.out_dim
         stages: list[nn.Module] = []
         c_in = in_channels

@@ -495,9 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("name")
     status.set_defaults(func=cmd_status)
 
-    from orchestrator import metrics, submit, ui
+    from orchestrator import export, metrics, submit, ui
 
     ui.register(sub, common)
+    export.register(sub, common)
     submit.register(sub, common)
     metrics.register(sub, common)
 

@@ -121,6 +121,8 @@ class ResourcesConfig:
 class TrackingConfig:
     experiment: str = "avlab"  # MLflow experiment
     run_name: str = ""  # MLflow run name; empty = <method>-<preset>-<time>
+    # Each encoder also as an MLflow model (pt2, with its signature) beside encoders.safetensors.
+    log_model: bool = True
 
     def __post_init__(self) -> None:
         if not self.experiment:

@@ -24,7 +24,7 @@ EPOCH_METRICS = ("pairs_per_s", "epoch_time_s", "lr", "epoch")
 # the wall time of its last attempt went (``trial_time_s``: a sweep trial, end to end).
 COST_METRICS = ("train_pairs_per_s", "train_time_s")
 TIMING_METRICS = ("eval_time_s", "launch_time_s", "import_time_s", "setup_time_s", "checkpoint_time_s",
-                  "trial_time_s")
+                  "trial_time_s", "export_time_s")
 
 
 def training_metrics(cfg: ExperimentConfig) -> tuple[str, ...]:

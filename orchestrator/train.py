@@ -34,6 +34,7 @@ from methods.evaluate.suite import quick_probe_config
 from methods.metric_names import HEADLINE_METRICS, OPTIONAL_HEADLINE_METRICS
 from methods.registry import build_method
 from orchestrator import checkpoint as ckpt
+from orchestrator import export
 from orchestrator import tracking
 from orchestrator.config import ExperimentConfig
 from orchestrator.hosts import RayTrainHost, TrialHost
@@ -364,6 +365,8 @@ class Attempt:
             client = self.client
             self.outbox.flush()  # every epoch's metrics are in the store before the evaluation is looked up
             done = tracking.logged_evaluation(client, self.run_id)
+            if not export.has_encoders(client, self.run_id):  # before the evaluation marks the run done
+                timing["export_time_s"] = export.log_encoders(client, self.run_id, self.cfg, self.method, self.data)
             if done is not None:  # evaluated before a restart: report it, don't repeat it
                 say("downstream evaluation already logged; not repeated")
                 final.update(done)

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 import faults
 from orchestrator import checkpoint as ckpt
 from orchestrator.cli import main
+from orchestrator.metrics import COST_METRICS, TIMING_METRICS
 
 # Three epochs on two DDP workers; 16 steps per epoch, the unpaired pools (6 batches) wrap mid-epoch;
 # the quick kNN probe after every epoch, and the whole evaluation (transfer split too) at the end.
@@ -24,8 +25,7 @@ RUN = [
     "data.unpaired_image_size=384", "data.train_size=200", "data.test_size=100",
     "data.transfer_train_size=60", "data.transfer_test_size=60", "method.memory_size=50", "eval.every_epochs=1",
 ]
-TIMINGS = ("epoch_time_s", "pairs_per_s", "eval_time_s", "launch_time_s", "import_time_s", "setup_time_s",
-           "checkpoint_time_s", "train_time_s", "train_pairs_per_s", "trial_time_s")
+TIMINGS = ("epoch_time_s", "pairs_per_s", *COST_METRICS, *TIMING_METRICS)
 
 
 # --- units ---------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from orchestrator.cli import main
 from orchestrator.search_space import load_search_space
@@ -77,7 +78,8 @@ MEM_SPACE = (
     "max_concurrent: 2\nplot: {x: method.memory_size, log_x: true}\n"
 )
 # Two epochs, so a trial killed in its second epoch has a checkpoint to resume from.
-MEM_RUN = [o for o in SMALL if not o.startswith("train.epochs")] + ["train.epochs=2"]
+# The encoders as MLflow models too: test_export_best_trial_registers_and_reloads_bit_for_bit.
+MEM_RUN = [o for o in SMALL if not o.startswith(("train.epochs", "tracking.log_model"))] + ["train.epochs=2"]
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +138,68 @@ def test_small_sweep_parent_children_report_and_status(mem_sweep):
 
     status = subprocess.run([AVLAB, "status", "mem", "--home", str(home)], capture_output=True, text=True, check=True)
     assert status.stdout.count("FINISHED") >= 4 and "best so far: method.memory_size=" in status.stdout
+
+
+@pytest.mark.slow
+def test_export_best_trial_registers_and_reloads_bit_for_bit(mem_sweep, tmp_path, capsys):
+    """Every trial logged its encoders; `avlab export mem --best` copies the best trial's,
+    registers its two MLflow models, and both ways of loading them give the features of the
+    trial's own final checkpoint, bit for bit (the MLflow pt2 model: to float tolerance)."""
+    import mlflow.pyfunc
+    from mlflow.tracking import MlflowClient
+
+    from methods.export import load_encoders
+    from methods.registry import build_method
+    from orchestrator import checkpoint
+    from orchestrator.config import ExperimentConfig
+    from orchestrator.export import load_registered
+
+    home = mem_sweep[0]
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("avlab-sweeps")
+    trials = client.search_runs([exp.experiment_id], "tags.`avlab.kind` = 'trial'")
+    for run in trials:
+        logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"encoders", "image_encoder", "sound_encoder"} <= logged and run.data.metrics["export_time_s"] > 0
+    best = max(trials, key=lambda r: r.data.metrics["image_h_linear_acc"])
+
+    out = tmp_path / "exported"
+    assert main(["export", "mem", "--best", "--out", str(out), "--home", str(home)]) == 0
+    folder = out / best.info.run_name.replace("/", "_")
+    assert capsys.readouterr().out.strip() == str(folder)
+    assert main(["export", "mem", "--out", str(out), "--home", str(home)]) == 0  # every trial; the best again
+    assert len(list(out.iterdir())) == 4
+    (tmp_path / "a-file").write_text("x")
+    assert main(["export", "mem", "--out", str(tmp_path / "a-file"), "--home", str(home)]) == 2
+    assert "--out: " in capsys.readouterr().err
+
+    # The trial's own encoders: its last checkpoint (weights only), built again.
+    states = [checkpoint.load(p.parent) for p in home.rglob("checkpoint.pt")]
+    state = max((s for s in states if s["mlflow_run_id"] == best.info.run_id), key=lambda s: s["epoch"])
+    cfg = ExperimentConfig.from_dict(load_encoders(folder).meta["config"])
+    from methods.data.pools import DataInfo
+
+    method = build_method(cfg.method_name, cfg.method, DataInfo(image_size=cfg.data.image_size, n_mels=cfg.data.n_mels,
+                                                                n_frames=cfg.data.n_frames))
+    method.load_state_dict(state["model"])
+    method.eval()
+    torch.manual_seed(0)
+    images, sounds = torch.rand(5, 3, 32, 32), torch.randn(5, 1, cfg.data.n_mels, cfg.data.n_frames)
+    with torch.no_grad():
+        own = method.E_v(images), method.E_s(sounds)
+        for enc in (load_encoders(folder), load_registered(uri, "mem")):
+            assert torch.equal(enc.image(images), own[0]) and torch.equal(enc.sound(sounds), own[1])
+
+    version = client.get_model_version_by_alias("mem.image_encoder", "best")
+    assert version.run_id == best.info.run_id
+    mlflow.set_tracking_uri(uri)
+    try:
+        predicted = mlflow.pyfunc.load_model("models:/mem.sound_encoder@best").predict(sounds.numpy())
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert predicted.shape == tuple(own[1].shape)
+    assert torch.allclose(torch.from_numpy(predicted), own[1], atol=1e-5)
 
 
 @pytest.mark.slow

@@ -1,0 +1,264 @@
+"""Exported encoders in MLflow: what every finished run logs, ``avlab export``, the model
+registry.
+
+A run logs, beside its metrics (rank 0, before its evaluation, so a run with an evaluation has
+them):
+
+- ``encoders/``: ``encoders.safetensors`` + ``encoders.json`` (``methods.export``), what
+  ``load_encoders`` reads back without a pickle;
+- ``image_encoder/`` and ``sound_encoder/``: each encoder as an MLflow model (``mlflow.pytorch``
+  flavour in its ``pt2`` format, a traced graph rather than a pickle, with its tensor signature),
+  so the MLflow UI, ``mlflow.pyfunc.load_model`` and the model registry know them
+  (``tracking.log_model: false`` leaves them out: about 0.6 s per run on two cores).
+
+``avlab export RUN|SWEEP [--best] --out DIR`` copies ``encoders/`` of a run, of every finished
+trial of a sweep, or of the sweep's best trial; ``--best`` also registers that trial's two models
+as ``<sweep>.image_encoder`` and ``<sweep>.sound_encoder`` with the alias ``best``, and
+``load_registered(tracking_uri, "<sweep>")`` loads them back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+    from methods.base import Method
+    from methods.data.pools import AVDataset
+    from methods.export import Encoders
+    from orchestrator.config import ExperimentConfig
+
+ARTIFACT_DIR = "encoders"
+MODEL_DIRS = {"image": "image_encoder", "sound": "sound_encoder"}
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def input_shapes(data: AVDataset) -> dict[str, list[int]]:
+    """Each encoder's input (C, H, W), from the first evaluation item that carries it."""
+    shapes: dict[str, list[int]] = {}
+    for pool in ("test", "train", "paired"):
+        items = data.pool(pool)
+        for i in range(min(len(items), 64)):
+            item = items[i]
+            for modality in MODEL_DIRS:
+                if modality not in shapes and item.get(modality) is not None:
+                    shapes[modality] = list(item[modality].shape)
+            if len(shapes) == len(MODEL_DIRS):
+                return shapes
+    info = data.info()
+    fallback = {"image": [info.image_channels, info.image_size, info.image_size],
+                "sound": [info.sound_channels, info.n_mels, info.n_frames]}
+    return {**fallback, **shapes}
+
+
+def _requirements() -> list[str]:
+    """The MLflow models' pip requirements, from what is installed (inferring them would load
+    the model in a subprocess, seconds per run)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("torch", "torchvision", "safetensors")]
+
+
+def log_encoders(client: MlflowClient, run_id: str, cfg: ExperimentConfig, method: Method,
+                 data: AVDataset) -> float:
+    """Log the run's encoders (module docstring); return the seconds it took."""
+    import mlflow.pytorch
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from methods.export import save_encoders
+
+    t0 = time.perf_counter()
+    shapes = input_shapes(data)
+    with tempfile.TemporaryDirectory(prefix="avlab-export-") as tmp:
+        folder = save_encoders(method, Path(tmp) / ARTIFACT_DIR, config=cfg.to_dict(), input_shapes=shapes,
+                               run_id=run_id)
+        client.log_artifacts(run_id, str(folder), ARTIFACT_DIR)
+        for modality, name in MODEL_DIRS.items() if cfg.tracking.log_model else ():
+            encoder = getattr(method, {"image": "E_v", "sound": "E_s"}[modality])
+            signature = ModelSignature(
+                inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *shapes[modality]))]),
+                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, encoder.out_dim))]),
+            )
+            path = Path(tmp) / name
+            was_training = encoder.training
+            example = np.zeros((2, *shapes[modality]), dtype=np.float32)
+            mlflow.pytorch.save_model(encoder.eval(), str(path), signature=signature, input_example=example,
+                                      pip_requirements=_requirements())
+            encoder.train(was_training)
+            client.log_artifacts(run_id, str(path), name)
+    return time.perf_counter() - t0
+
+
+def has_encoders(client: MlflowClient, run_id: str) -> bool:
+    return any(a.path == f"{ARTIFACT_DIR}/encoders.json" for a in client.list_artifacts(run_id, ARTIFACT_DIR))
+
+
+# [avlab export] -------------------------------------------------------------------------------
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add the `export` subcommand to the avlab parser."""
+    p = sub.add_parser("export", parents=[common],
+                       help="copy a run's or a sweep's encoders (safetensors + JSON) into a folder")
+    p.add_argument("name", metavar="RUN|SWEEP", help="a run id, a run name, or a sweep name (its finished trials)")
+    p.add_argument("--out", required=True, metavar="DIR", help="one folder per run is written here")
+    p.add_argument("--best", action="store_true",
+                   help="only the sweep's best trial by its metric, registered as <sweep>.image_encoder / "
+                        "<sweep>.sound_encoder in the MLflow model registry")
+    p.add_argument("--alias", default="best", help="the registered versions' alias (default: best)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from orchestrator.cli import _client
+
+    _, client = _client(args)
+    folders = export(client, args.name, Path(args.out), best=args.best, alias=args.alias)
+    for folder in folders:
+        print(folder)
+    if args.best:
+        print(f"[avlab] registered {registered_name(args.name, 'image')} and {registered_name(args.name, 'sound')} "
+              f"@{args.alias}", file=sys.stderr)
+    return 0
+
+
+
+def _runs_named(client: MlflowClient, name: str) -> tuple[list, Any]:
+    """(finished runs, sweep parent or None) that ``name`` means: a run id, a sweep's name (its
+    finished trials), or a run name."""
+    from orchestrator.sweep import _children, find_sweep_run
+
+    if RUN_ID.match(name):
+        try:
+            return [client.get_run(name)], None
+        except Exception:  # MlflowException: no such run; fall through to names
+            pass
+    parent = find_sweep_run(client, name)
+    if parent is not None:
+        trials = [r for r in _children(client, parent.info.run_id) if r.info.status == "FINISHED"]
+        if not trials:
+            raise ConfigError(f"export: sweep {name!r} has no finished trial yet")
+        return trials, parent
+    ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(ids, f"attributes.run_name = '{name}'", max_results=2)
+    if not runs:
+        raise ConfigError(f"export: no run or sweep named {name!r} in this store")
+    if len(runs) > 1:
+        raise ConfigError(f"export: several runs are named {name!r}; give the run id")
+    return runs, None
+
+
+def _best_trial(client: MlflowClient, parent, trials: list):
+    """The finished trial with the best value of the sweep's metric."""
+    metric = parent.data.params.get("metric", "image_h_linear_acc")
+    mode = parent.data.params.get("mode", "max")
+    scored = [r for r in trials if metric in r.data.metrics]
+    if not scored:
+        raise ConfigError(f"export: no finished trial of {parent.info.run_name!r} logged {metric}")
+    pick = max if mode == "max" else min
+    return pick(scored, key=lambda r: r.data.metrics[metric])
+
+
+def _folder_name(run) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", run.info.run_name or run.info.run_id).strip("_")
+
+
+def export(client: MlflowClient, name: str, out: Path, *, best: bool = False, alias: str = "best") -> list[Path]:
+    """Copy the encoders of ``name`` (see ``_runs_named``) into ``out/<run name>/``; with
+    ``best``, only the sweep's best trial, registered in the model registry. Returns the folders."""
+    runs, parent = _runs_named(client, name)
+    if best:
+        if parent is None:
+            raise ConfigError(f"--best: {name!r} is a run, not a sweep")
+        runs = [_best_trial(client, parent, runs)]
+    missing = [r for r in runs if not has_encoders(client, r.info.run_id)]
+    if missing:
+        raise ConfigError(f"export: run {missing[0].info.run_name or missing[0].info.run_id} has no exported "
+                          f"encoders (it finished before runs logged them, or it failed before its evaluation)")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: {out} is a file, not a folder")
+    targets = [(run, out / _folder_name(run)) for run in runs]
+    for run, target in targets:  # checked for all before anything is written
+        _check_target(target, run.info.run_id)
+    folders = []
+    for run, target in targets:
+        with tempfile.TemporaryDirectory(prefix="avlab-export-") as tmp:
+            local = Path(client.download_artifacts(run.info.run_id, ARTIFACT_DIR, tmp))
+            target.mkdir(parents=True, exist_ok=True)
+            for path in local.iterdir():
+                shutil.copy2(path, target / path.name)
+        folders.append(target)
+    if best:
+        register_best(client, runs[0], name, alias=alias)
+    return folders
+
+
+def _check_target(target: Path, run_id: str) -> None:
+    """A folder may be written when it is new, empty, or holds this run's earlier export."""
+    import json
+
+    from methods.export import META_FILE
+
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        return
+    try:
+        if json.loads((target / META_FILE).read_text()).get("run_id") == run_id:
+            return
+    except (OSError, ValueError, AttributeError):
+        pass
+    raise ConfigError(f"--out: {target} already holds something else than run {run_id}'s encoders; "
+                      "choose another --out")
+
+
+def registered_name(sweep: str, modality: str) -> str:
+    return f"{sweep}.{MODEL_DIRS[modality]}"
+
+
+def register_best(client: MlflowClient, run, sweep: str, *, alias: str) -> dict[str, str]:
+    """Register the run's two encoder models under the sweep's name, alias ``alias``; returns
+    registered name -> version."""
+    from mlflow.exceptions import MlflowException
+
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    if not set(MODEL_DIRS.values()) <= logged:
+        raise ConfigError(f"--best: run {run.info.run_name} logged no MLflow models (tracking.log_model was "
+                          "false); its encoders are exported but cannot be registered")
+    versions = {}
+    for modality, directory in MODEL_DIRS.items():
+        model = registered_name(sweep, modality)
+        try:
+            client.create_registered_model(model, description=f"avlab sweep {sweep}: the {modality} encoder")
+        except MlflowException as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+                raise
+        version = client.create_model_version(model, f"runs:/{run.info.run_id}/{directory}", run_id=run.info.run_id,
+                                              tags={"avlab.run_name": run.info.run_name or ""})
+        client.set_registered_model_alias(model, alias, version.version)
+        versions[model] = version.version
+    return versions
+
+
+def load_registered(tracking_uri: str, sweep: str, *, alias: str = "best", device: str = "cpu") -> Encoders:
+    """The encoders registered for ``sweep`` under ``alias`` (``avlab export SWEEP --best``),
+    read from their run's ``encoders/`` (safetensors + JSON; no pickle is loaded)."""
+    from mlflow.tracking import MlflowClient
+
+    from methods.export import load_encoders
+
+    client = MlflowClient(tracking_uri)
+    version = client.get_model_version_by_alias(registered_name(sweep, "image"), alias)
+    with tempfile.TemporaryDirectory(prefix="avlab-export-") as tmp:
+        local = client.download_artifacts(version.run_id, ARTIFACT_DIR, tmp)
+        return load_encoders(local, device=device)

@@ -1,0 +1,103 @@
+"""Exported encoders (safetensors + JSON): every method's encoders come back bit for bit, a bad
+folder is named in one line, and `avlab export` refuses what it cannot do before writing. The
+end-to-end path (a sweep's runs log them, `--best` registers and reloads them) is in
+test_sweep.py, on the sweep that file already runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from methods.export import META_FILE, WEIGHTS_FILE, ExportError, load_encoders, save_encoders
+from methods.registry import METHODS, build_method
+from orchestrator.cli import main
+from orchestrator.config import resolve
+from orchestrator.export import input_shapes
+
+
+def _trained_looking(method: torch.nn.Module) -> torch.nn.Module:
+    """Weights and BatchNorm statistics moved away from their initial values."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in method.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    for module in method.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.9, 1.1)
+            module.num_batches_tracked.fill_(7)
+    return method.eval()
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_methods_encoders_come_back_bit_for_bit(tmp_path, name):
+    from methods.data import build_dataset
+
+    cfg = resolve({"method": {"name": name}}, preset="tiny", overrides=["data.train_size=20",
+                                                                        "data.test_size=20"])
+    data = build_dataset(cfg.data)
+    method = _trained_looking(build_method(cfg.method_name, cfg.method, data.info()))
+    shapes = input_shapes(data)
+    save_encoders(method, tmp_path, config=cfg.to_dict(), input_shapes=shapes, run_id="r1")
+    loaded = load_encoders(tmp_path)
+    images = torch.rand(3, *shapes["image"])
+    sounds = torch.randn(3, *shapes["sound"])
+    assert torch.equal(loaded.image(images), method.E_v(images))
+    assert torch.equal(loaded.sound(sounds), method.E_s(sounds))
+    assert not loaded.image.training and loaded.meta["method"] == name and loaded.meta["run_id"] == "r1"
+    assert loaded.meta["encoders"]["image"]["input_shape"] == shapes["image"]
+    assert loaded.meta["config"] == json.loads(json.dumps(cfg.to_dict(), default=str))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    cfg = resolve(None, preset="tiny")
+    from methods.data.pools import DataInfo
+
+    method = build_method(cfg.method_name, cfg.method, DataInfo())
+    folder = tmp_path_factory.mktemp("exported")
+    save_encoders(method, folder, config=cfg.to_dict(), input_shapes={"image": [3, 32, 32], "sound": [1, 40, 64]})
+    return folder
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda f: (f / META_FILE).unlink(), "encoders.json: not found"),
+        (lambda f: (f / META_FILE).write_text("{nope"), "encoders.json: not valid JSON"),
+        (lambda f: (f / META_FILE).write_text('{"format": 9}'), "encoders.json: format: expected 1, got 9"),
+        (lambda f: (f / WEIGHTS_FILE).write_bytes(b"\x00" * 64), "encoders.safetensors: not a safetensors file"),
+        (lambda f: _edit_meta(f, lambda m: m["encoders"]["image"]["config"].update(arch="resnet99")),
+         "encoders.json: encoders.image: arch: unknown encoder 'resnet99'"),
+        (lambda f: _edit_meta(f, lambda m: m["encoders"]["sound"]["config"].update(base_width=32)),
+         "encoders.safetensors: does not match encoders.json: sound."),
+    ],
+)
+def test_a_damaged_export_is_named_in_one_line(tmp_path, exported, damage, message):
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for path in exported.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    damage(folder)
+    with pytest.raises(ExportError) as info:
+        load_encoders(folder)
+    assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def _edit_meta(folder, change) -> None:
+    meta = json.loads((folder / META_FILE).read_text())
+    change(meta)
+    (folder / META_FILE).write_text(json.dumps(meta))
+
+
+def test_export_of_an_unknown_name_exits_2_and_writes_nothing(tmp_path, capsys):
+    from orchestrator import tracking
+
+    home = tmp_path / "home"
+    tracking.prepare_store(f"sqlite:///{home / 'mlflow.db'}")
+    assert main(["export", "nothing", "--out", str(tmp_path / "out"), "--home", str(home)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "avlab: error: export: no run or sweep named 'nothing' in this store", err
+    assert not (tmp_path / "out").exists()
