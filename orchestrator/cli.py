@@ -108,8 +108,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         },
         config_yaml=dump_yaml(cfg),
     )
+    from orchestrator.stop import driver_entry
+
     jobs.write(home, name, {"kind": "run", "config": cfg.to_dict(), "mlflow_run_id": run_id,
-                            "tracking_uri": uri, "address": args.address, "storage": tracking.storage_root(home)})
+                            "tracking_uri": uri, "address": args.address, "storage": tracking.storage_root(home),
+                            "driver": driver_entry()})
     return _execute_run(cfg, name=name, run_id=run_id, uri=uri, home=home, address=args.address)
 
 
@@ -210,6 +213,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
         else:
             _check_sweep_resources(job)
     client.update_run(run_id, status="RUNNING")
+    from orchestrator.stop import driver_entry
+
+    jobs.write(home, name, {**{k: v for k, v in manifest.items() if k not in ("format", "name")},
+                            "driver": driver_entry()})  # `avlab stop` finds this process
     tracking.set_tags(client, run_id, {"resumed": str(int(run.data.tags.get("avlab.resumed", "0")) + 1)})
     if manifest.get("storage"):  # checkpoints and Tune state are where the job first put them
         os.environ["AVLAB_STORAGE"] = manifest["storage"]
@@ -223,18 +230,23 @@ def cmd_resume(args: argparse.Namespace) -> int:
     with _one_line_when_ray_stops("sweep", name):
         fit_sweep(job, name=name, home=home, tracking_uri=uri, address=address,
                   max_concurrent=manifest["max_concurrent"], parent_id=run_id, restore=True)
-    _finish_sweep(client, name, home, uri, time.perf_counter() - t0)
+    _finish_sweep(client, name, home, uri, time.perf_counter() - t0, job)
     return 0
 
 
-def _finish_sweep(client, name: str, home: Path, uri: str, seconds: float) -> None:
+def _finish_sweep(client, name: str, home: Path, uri: str, seconds: float, space) -> None:
+    from orchestrator.optuna_store import save_study
     from orchestrator.report import build_report, to_markdown, write_report
 
     paths = write_report(client, name, home / "reports" / name)
+    report = build_report(client, name)
+    study = save_study(client, home, name, space, report["parent_run_id"])
     print()
-    print(to_markdown(build_report(client, name)))
+    print(to_markdown(report))
     print(f"[avlab] sweep {name} finished in {seconds:.0f} s; report: {paths['markdown']}, plot: {paths['png']}")
     print(f"[avlab] see it in MLflow: {_ui_hint(uri)}")
+    if study:
+        print(f"[avlab] the Optuna study {name}: optuna-dashboard {study}")
 
 
 def _check_sweep_resources(space) -> None:
@@ -294,7 +306,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with _one_line_when_ray_stops("sweep", name):
         run_sweep(space, name=name, home=home, tracking_uri=uri, address=args.address, max_concurrent=max_concurrent)
-    _finish_sweep(client, name, home, uri, time.perf_counter() - t0)
+    _finish_sweep(client, name, home, uri, time.perf_counter() - t0, space)
     return 0
 
 
@@ -495,10 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("name")
     status.set_defaults(func=cmd_status)
 
-    from orchestrator import export, metrics, submit, ui
+    from orchestrator import evaluate_run, export, metrics, stop, submit, ui
 
     ui.register(sub, common)
     export.register(sub, common)
+    evaluate_run.register(sub, common)
+    stop.register(sub, common)
     submit.register(sub, common)
     metrics.register(sub, common)
 
@@ -533,7 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # key.path=value overrides may also follow options (argparse stops positionals at them).
     target = {"run": "items", "metrics": "items", "sweep": "overrides", "submit": "overrides", "data": "overrides",
-              "reproduce": "items"}.get(args.command)
+              "reproduce": "items", "evaluate": "overrides"}.get(args.command)
     if extra and target and all("=" in e and not e.startswith("-") for e in extra):
         setattr(args, target, [*getattr(args, target), *extra])
     elif extra:
@@ -548,6 +562,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from orchestrator.launch import worker_wait_s
 
             worker_wait_s()  # AVLAB_WORKER_WAIT_S, checked before anything starts
+            from orchestrator.stop import sigterm_as_interrupt
+
+            with sigterm_as_interrupt():  # `avlab stop`: handled like Ctrl-C
+                return args.func(args)
         return args.func(args)
     except ConfigError as exc:
         print(f"avlab: error: {exc}", file=sys.stderr)

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,10 +124,16 @@ class TrackingConfig:
     run_name: str = ""  # MLflow run name; empty = <method>-<preset>-<time>
     # Each encoder also as an MLflow model (pt2, with its signature) beside encoders.safetensors.
     log_model: bool = True
+    # MLflow system metrics (CPU, memory, GPU) per worker node, sampled every interval seconds.
+    system_metrics: bool = True
+    system_metrics_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.experiment:
             raise ValueError("experiment: must not be empty")
+        interval = self.system_metrics_interval_s
+        if not (math.isfinite(interval) and 1.0 <= interval <= 3600.0):
+            raise ValueError(f"system_metrics_interval_s: must be in [1, 3600] seconds, got {interval}")
         # Both name folders under the home (artifacts, Ray storage), so neither may leave it.
         check_name(self.experiment, "experiment")
         if self.run_name:

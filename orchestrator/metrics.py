@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 EPOCH_METRICS = ("pairs_per_s", "epoch_time_s", "lr", "epoch")
 # What a run cost, logged with its evaluation: throughput and time over the whole run, then where
 # the wall time of its last attempt went (``trial_time_s``: a sweep trial, end to end).
-COST_METRICS = ("train_pairs_per_s", "train_time_s")
+COST_METRICS = ("train_pairs_per_s", "train_time_s", "train_cpu_pct", "train_gpu_pct")
 TIMING_METRICS = ("eval_time_s", "launch_time_s", "import_time_s", "setup_time_s", "checkpoint_time_s",
                   "trial_time_s", "export_time_s")
 

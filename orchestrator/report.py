@@ -64,7 +64,8 @@ def build_report(client: MlflowClient, name: str) -> dict[str, Any]:
     parent = _sweep(client, name)
     metric = parent.data.params.get("metric", "image_h_linear_acc")
     mode = parent.data.params.get("mode", "max")
-    metrics = [metric, *(m for m in HEADLINE_METRICS if m != metric)]
+    objectives = objectives_of(parent.data.params)
+    metrics = list(dict.fromkeys([metric, *(m for m, _ in objectives), *HEADLINE_METRICS]))
     groups: dict[str, list] = {}
     for run in _children(client, parent.info.run_id):
         if run.info.status == "FINISHED":
@@ -92,12 +93,35 @@ def build_report(client: MlflowClient, name: str) -> dict[str, Any]:
         "mode": mode,
         "rows": rows,
         **_best(seeds, mode),
+        "objectives": [{"metric": m, "mode": d} for m, d in objectives],
+        "pareto": pareto_front(rows, objectives) if len(objectives) > 1 else None,
         "chance": _chance(runs, metric),
         "random_init": _random_init(client, runs, metric),
         # Set by `avlab reproduce` on the sweeps it decided claims with.
         "verdicts": parent.data.tags.get("avlab.verdicts"),
         "verdict_report": parent.data.tags.get("avlab.verdict_report"),
     }
+
+
+def objectives_of(params: dict[str, str]) -> list[tuple[str, str]]:
+    """The sweep's (metric, mode) pairs from its parent run's params (one for older sweeps)."""
+    text = params.get("objectives")
+    if text:
+        return [tuple(item.rsplit(":", 1)) for item in text.split(",")]  # type: ignore[misc]
+    return [(params.get("metric", "image_h_linear_acc"), params.get("mode", "max"))]
+
+
+def pareto_front(rows: list[dict[str, Any]], objectives: list[tuple[str, str]]) -> list[str]:
+    """The configurations that no other dominates on the objectives' means: another is at least
+    as good on every objective and better on one. Rows without every objective are left out."""
+    sign = {"max": 1.0, "min": -1.0}
+    points = {r["configuration"]: [sign[d] * r["metrics"][m]["mean"] for m, d in objectives]
+              for r in rows if all(m in r["metrics"] for m, _ in objectives)}
+
+    def dominates(a: list[float], b: list[float]) -> bool:
+        return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+
+    return [label for label, p in points.items() if not any(dominates(q, p) for q in points.values())]
 
 
 def summary(metric: str, values: list[float]) -> dict[str, float]:
@@ -175,7 +199,10 @@ def _sort_key(varied: dict[str, str]) -> tuple:
 def verdict_lines(report: dict[str, Any]) -> list[str]:
     """Which configuration is best, if any is distinguishable, and the references."""
     metric, lines = report["metric"], []
-    if report["best"]:
+    if report.get("pareto") is not None:
+        names = ", ".join(f"{o['metric']} ({o['mode']})" for o in report["objectives"])
+        lines.append(f"Pareto front on {names}: {'; '.join(report['pareto']) or 'none'}")
+    elif report["best"]:
         lines.append(f"best {metric}: {report['best']}, above every other configuration "
                      "(Welch's t-test, 95 %)")
     elif len(report["rows"]) > 1 and report.get("best_mean"):
@@ -196,7 +223,8 @@ def to_markdown(report: dict[str, Any]) -> str:
              head, "| --- | --- | " + " | ".join("---" for _ in metrics) + " |"]
     for r in report["rows"]:
         cells = [_cell(m, r["metrics"].get(m), "–") for m in metrics]
-        mark = " **best**" if r["configuration"] == report["best"] else ""
+        mark = (" **best**" if r["configuration"] == report["best"] else
+                " **Pareto**" if r["configuration"] in (report.get("pareto") or ()) else "")
         lines.append(f"| {r['configuration']}{mark} | {r['seeds']} | " + " | ".join(cells) + " |")
     lines += ["", *(line[0].upper() + line[1:] + "." for line in verdict_lines(report))]
     if report.get("verdicts"):
@@ -211,19 +239,45 @@ def to_table(report: dict[str, Any]) -> str:
     header = ["configuration", "seeds", *metrics]
     body = []
     for r in report["rows"]:
-        cells = [r["configuration"] + (" *" if r["configuration"] == report["best"] else ""), str(r["seeds"])]
+        mark = " *" if r["configuration"] == report["best"] or r["configuration"] in (report.get("pareto") or ()) else ""
+        cells = [r["configuration"] + mark, str(r["seeds"])]
         cells += [_cell(m, r["metrics"].get(m), "-") for m in metrics]
         body.append(cells)
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
-    title = f"{report['sweep']} ({report['search_space']}): mean ± 95 % CI over seeds, * = best {report['metric']}"
+    star = "on the Pareto front" if report.get("pareto") is not None else f"best {report['metric']}"
+    title = f"{report['sweep']} ({report['search_space']}): mean ± 95 % CI over seeds, * = {star}"
     return "\n".join([title, fmt(header), fmt(["-" * w for w in widths]), *map(fmt, body),
                       *verdict_lines(report)]) + "\n"
 
 
+def plot_pareto(report: dict[str, Any]) -> Figure:
+    """The first objective against the second, one point per configuration, the Pareto front
+    drawn as a line through its points."""
+    (y, y_mode), (x, x_mode) = [(o["metric"], o["mode"]) for o in report["objectives"][:2]]
+    rows = [r for r in report["rows"] if x in r["metrics"] and y in r["metrics"]]
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    ax.scatter([r["metrics"][x]["mean"] for r in rows], [r["metrics"][y]["mean"] for r in rows],
+               color="tab:grey", alpha=0.6, label="configurations")
+    front = sorted((r for r in rows if r["configuration"] in report["pareto"]), key=lambda r: r["metrics"][x]["mean"])
+    ax.plot([r["metrics"][x]["mean"] for r in front], [r["metrics"][y]["mean"] for r in front],
+            "o-", color="tab:red", label="Pareto front")
+    ax.set_xlabel(f"{x} ({x_mode})")
+    ax.set_ylabel(f"{y} ({y_mode})")
+    ax.set_title(f"{report['sweep']}: Pareto front", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def plot(report: dict[str, Any], *, x: str | None = None, log_x: bool = False) -> Figure:
     """The sweep metric against the varied value (error bars: 95 % CI clipped to the metric's
-    range), or a bar per configuration; chance and the random-init reference as lines."""
+    range), or a bar per configuration; chance and the random-init reference as lines. With
+    several objectives: the Pareto plot."""
+    if report.get("pareto") is not None:
+        return plot_pareto(report)
     metric = report["metric"]
     rows = [r for r in report["rows"] if metric in r["metrics"]]
     fig = Figure(figsize=(6, 4))

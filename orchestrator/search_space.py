@@ -29,7 +29,7 @@ DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 MODES = ("max", "min")
 SCHEDULERS = ("asha",)
 _KEYS = (
-    "description", "base", "variants", "grid", "search", "num_samples", "seeds", "metric", "mode",
+    "description", "base", "variants", "grid", "search", "num_samples", "seeds", "metric", "mode", "metrics",
     "scheduler", "resources", "max_concurrent", "plot",
 )
 
@@ -63,10 +63,17 @@ class SearchSpace:
     resources: dict[str, int]
     max_concurrent: int
     plot: dict[str, Any] = field(default_factory=dict)
+    # Several (metric, mode) pairs for a multi-objective search; empty: the one ``metric``.
+    objectives: tuple[tuple[str, str], ...] = ()
 
     @property
     def uses_optuna(self) -> bool:
         return bool(self.search)
+
+    @property
+    def all_objectives(self) -> tuple[tuple[str, str], ...]:
+        """The (metric, mode) pairs the search optimises; the first is ``metric`` / ``mode``."""
+        return self.objectives or ((self.metric, self.mode),)
 
     def grid_points(self) -> list[dict[str, Any]]:
         """Every variant crossed with every combination of the grid values, in file order.
@@ -94,6 +101,7 @@ class SearchSpace:
         raw["path"] = Path(raw["path"])
         raw["base_overrides"] = tuple(raw["base_overrides"])
         raw["seeds"] = tuple(raw["seeds"])
+        raw["objectives"] = tuple(tuple(o) for o in raw.get("objectives", ()))  # absent in older job files
         raw["grid"] = {k: tuple(v) for k, v in raw["grid"].items()}
         raw["search"] = {
             k: Distribution(d["type"], d["low"], d["high"], tuple(d["values"])) for k, d in raw["search"].items()
@@ -189,21 +197,22 @@ def load_search_space(path: str | Path, *, seeds: int | None = None) -> SearchSp
     else:
         seed_list = tuple(range(_positive_int(p, seed_spec, "seeds")))
 
-    metric = raw.get("metric", "image_h_linear_acc")
     logged = frozenset().union(*(run_metrics(cfg) for cfg in (base_cfg, *variant_cfgs)))
-    if not isinstance(metric, str) or metric not in logged:
-        examples = ", ".join(m for m in (*HEADLINE_METRICS, "loss") if m in logged)
-        raise ConfigError(f"{p.name}: metric: unknown metric {metric!r}: the runs of this space do not log it; "
-                          f"e.g. {examples}; `avlab metrics` lists what a configuration logs")
-    mode = raw.get("mode", "max")
-    if mode not in MODES:
-        raise ConfigError(f"{p.name}: mode: must be max or min, got {mode!r}")
+    objectives = _load_objectives(p, raw, logged)
+    metric, mode = objectives[0]
 
     scheduler = raw.get("scheduler")
     if scheduler is not None:
         if not isinstance(scheduler, Mapping) or scheduler.get("type") not in SCHEDULERS:
             raise ConfigError(f"{p.name}: scheduler.type: must be one of {SCHEDULERS} (or no scheduler)")
         scheduler = dict(scheduler)
+    if len(objectives) > 1:
+        if scheduler is not None:
+            raise ConfigError(f"{p.name}: scheduler: ASHA stops trials on one metric; a space with several "
+                              "metrics cannot use it (drop the scheduler or give one metric)")
+        if not search:
+            raise ConfigError(f"{p.name}: metrics: several objectives need a search (Optuna); a grid runs every "
+                              "configuration anyway: give one metric, and the report shows what each one cost")
 
     resources = raw.get("resources") or {}
     if not isinstance(resources, Mapping):
@@ -221,7 +230,38 @@ def load_search_space(path: str | Path, *, seeds: int | None = None) -> SearchSp
         variants=variants,
         num_samples=num_samples, seeds=seed_list, metric=metric, mode=mode, scheduler=scheduler,
         resources=dict(resources), max_concurrent=max_concurrent, plot=dict(plot),
+        objectives=objectives if len(objectives) > 1 else (),
     )
+
+
+def _load_objectives(p: Path, raw: Mapping[str, Any], logged: frozenset[str]) -> tuple[tuple[str, str], ...]:
+    """``metric`` + ``mode``, or ``metrics``: two or more metric names, each with max or min."""
+    def known(metric: Any, where: str) -> str:
+        if not isinstance(metric, str) or metric not in logged:
+            examples = ", ".join(m for m in (*HEADLINE_METRICS, "loss") if m in logged)
+            raise ConfigError(f"{p.name}: {where}: unknown metric {metric!r}: the runs of this space do not log it; "
+                              f"e.g. {examples}; `avlab metrics` lists what a configuration logs")
+        return metric
+
+    if "metrics" not in raw:
+        mode = raw.get("mode", "max")
+        metric = known(raw.get("metric", "image_h_linear_acc"), "metric")
+        if mode not in MODES:
+            raise ConfigError(f"{p.name}: mode: must be max or min, got {mode!r}")
+        return ((metric, mode),)
+    spec = raw["metrics"]
+    if "metric" in raw or "mode" in raw:
+        raise ConfigError(f"{p.name}: metrics: give either metric and mode, or metrics, not both")
+    if not isinstance(spec, Mapping) or len(spec) < 2:
+        raise ConfigError(f"{p.name}: metrics: expected two or more metric names, each with max or min "
+                          "(e.g. {image_h_linear_acc: max, train_time_s: min})")
+    out = []
+    for metric, mode in spec.items():
+        known(metric, f"metrics.{metric}")
+        if mode not in MODES:
+            raise ConfigError(f"{p.name}: metrics.{metric}: must be max or min, got {mode!r}")
+        out.append((metric, mode))
+    return tuple(out)
 
 
 def _resolve(p: Path, run: dict, preset: Any, overrides: tuple[str, ...], where: str) -> ExperimentConfig:

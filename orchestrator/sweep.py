@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator import jobs, tracking
 from orchestrator.errors import ConfigError, Interrupted, RunFailed
+from orchestrator.stop import driver_entry
 
 if TYPE_CHECKING:  # the config is imported where it is used: `avlab report` and `status` need none
     from orchestrator.search_space import SearchSpace
@@ -109,9 +110,12 @@ def build_searcher(space: SearchSpace, seed: int = 0):
 
     class FinalMetricOptunaSearch(OptunaSearch):
         def on_trial_result(self, trial_id: str, result: dict) -> None:
-            if self.metric in result:
+            if all(m in result for m in (self.metric if isinstance(self.metric, list) else [self.metric])):
                 super().on_trial_result(trial_id, result)
 
+    if space.objectives:  # several objectives: Optuna's multi-objective TPE
+        metrics, modes = [m for m, _ in space.objectives], [d for _, d in space.objectives]
+        return FinalMetricOptunaSearch(metric=metrics, mode=modes, sampler=optuna.samplers.TPESampler(seed=seed))
     return FinalMetricOptunaSearch(
         metric=space.metric, mode=space.mode, sampler=optuna.samplers.TPESampler(seed=seed)
     )
@@ -229,7 +233,8 @@ def describe(space: SearchSpace) -> str:
     what it optimises, where the MLflow UI shows it first."""
     varied = [*space.grid, *space.search, *(k for v in space.variants.values() for k in v)]
     lines = [f"**{space.name}**: {space.description}".rstrip(": "), "",
-             f"- metric: `{space.metric}` ({space.mode})",
+             "- " + ("metrics" if space.objectives else "metric") + ": "
+             + ", ".join(f"`{m}` ({d})" for m, d in space.all_objectives),
              f"- varied: {', '.join(f'`{k}`' for k in dict.fromkeys(varied))}"]
     if space.variants:
         lines.append(f"- variants: {', '.join(space.variants)}")
@@ -262,6 +267,7 @@ def run_sweep(
             "max_concurrent": max_concurrent,
             "num_trials": space.num_trials(),
             "searcher": "optuna-tpe" if space.uses_optuna else "grid",
+            "objectives": ",".join(f"{m}:{d}" for m, d in space.all_objectives),
             "plot.x": space.plot.get("x", ""),
             "plot.log_x": bool(space.plot.get("log_x", False)),
         },
@@ -272,6 +278,7 @@ def run_sweep(
     jobs.write(home, name, {
         "kind": "sweep", "space": space.to_dict(), "parent_run_id": parent_id, "tracking_uri": tracking_uri,
         "address": address, "max_concurrent": max_concurrent, "storage": tracking.storage_root(home),
+        "driver": driver_entry(),
     })
     fit_sweep(space, name=name, home=home, tracking_uri=tracking_uri, address=address,
               max_concurrent=max_concurrent, parent_id=parent_id, restore=False)

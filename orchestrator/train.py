@@ -35,6 +35,7 @@ from methods.metric_names import HEADLINE_METRICS, OPTIONAL_HEADLINE_METRICS
 from methods.registry import build_method
 from orchestrator import checkpoint as ckpt
 from orchestrator import export
+from orchestrator import system_metrics
 from orchestrator import tracking
 from orchestrator.config import ExperimentConfig
 from orchestrator.hosts import RayTrainHost, TrialHost
@@ -170,12 +171,17 @@ def _train_loop(loop_config: dict[str, Any], host: RayTrainHost | TrialHost, ent
     attempt = Attempt(loop_config, host)
     attempt.restore(loop_config.get("init_checkpoint"))
     timing = attempt.begin(_startup_timing(loop_config, entered), entered)
-    for epoch in range(attempt.start_epoch, attempt.cfg.train.epochs):
-        metrics = attempt.train_epoch(epoch)
-        t_report = time.perf_counter()
-        attempt.save(epoch, metrics)
-        timing["checkpoint_time_s"] += time.perf_counter() - t_report
-    attempt.finish(timing)
+    monitor = system_metrics.start_monitor(attempt.cfg, loop_config["tracking_uri"], attempt.run_id,
+                                           attempt.nodes, attempt.rank)
+    try:
+        for epoch in range(attempt.start_epoch, attempt.cfg.train.epochs):
+            metrics = attempt.train_epoch(epoch)
+            t_report = time.perf_counter()
+            attempt.save(epoch, metrics)
+            timing["checkpoint_time_s"] += time.perf_counter() - t_report
+        attempt.finish(timing)
+    finally:
+        system_metrics.stop_monitor(monitor)
 
 
 class Attempt:
@@ -210,9 +216,10 @@ class Attempt:
         self.client = MlflowClient(loop_config["tracking_uri"]) if self.rank == 0 else None
         # [multi-node] Record which Ray nodes this attempt's workers run on (tags avlab.nodes and
         # avlab.node_history), so a sweep on a cluster shows where each trial ran and was restarted.
-        nodes = _worker_nodes(self.world)
+        nodes = self.nodes = _worker_nodes(self.world)
         if self.client is not None:
             tracking.tag_nodes(self.client, self.run_id, nodes)
+        self.usage = system_metrics.Usage(cfg.resources.cpus_per_worker, self.device, gpu=cfg.tracking.system_metrics)
         self.steps = len(self.loaders["main"])
         if cfg.train.max_steps_per_epoch:
             self.steps = min(self.steps, cfg.train.max_steps_per_epoch)
@@ -306,9 +313,11 @@ class Attempt:
         self.loaders["main"].set_epoch(epoch)
         sums: dict[str, torch.Tensor] = {}
         t0 = time.perf_counter()
+        self.usage.begin()
         for step, raw in enumerate(self.loaders["main"].loader):
             if step >= self.steps:
                 break
+            self.usage.step(step)
             batch = self._batch(raw, epoch)
             with self.autocast:
                 out = model(batch)
@@ -322,6 +331,7 @@ class Attempt:
                 if not k.startswith("_"):  # "_"-keys carry tensors for after_step, not metrics
                     sums[k] = sums.get(k, 0) + v.detach()
         elapsed = time.perf_counter() - t0
+        self.usage.end()
         self.method.on_epoch_end(epoch)
         metrics = _epoch_metrics(sums, self.steps, self.world)
         if not math.isfinite(metrics.get("loss", 0.0)):
@@ -365,6 +375,7 @@ class Attempt:
             client = self.client
             self.outbox.flush()  # every epoch's metrics are in the store before the evaluation is looked up
             done = tracking.logged_evaluation(client, self.run_id)
+            timing.update(self.usage.metrics())
             if not export.has_encoders(client, self.run_id):  # before the evaluation marks the run done
                 timing["export_time_s"] = export.log_encoders(client, self.run_id, self.cfg, self.method, self.data)
             if done is not None:  # evaluated before a restart: report it, don't repeat it

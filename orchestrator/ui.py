@@ -139,6 +139,23 @@ def _stop(server: subprocess.Popen) -> None:
     server.wait()
 
 
+# MLflow 3's UI opens an experiment on its GenAI traces unless the page asks for the model-training
+# view (a `workflowType` in the URL, else the browser's last choice); avlab's links ask for it.
+RUNS_VIEW = "workflowType=machine_learning"
+
+
+def experiment_links(store_uri: str, url: str) -> list[str]:
+    """One link per experiment of the store, opening on its runs."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        experiments = MlflowClient(store_uri).search_experiments()
+    except Exception:  # noqa: BLE001 - a store the server can read but this client cannot: no links
+        return []
+    return [f"{e.name}: {url}/#/experiments/{e.experiment_id}?{RUNS_VIEW}"
+            for e in sorted(experiments, key=lambda e: e.name) if e.name != "Default"]
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from orchestrator.tracking import resolve_home
 
@@ -169,6 +186,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
                 return 1
             time.sleep(0.5)
         print(f"[avlab] MLflow UI at {url} (Ctrl-C stops it)", flush=True)
+        for line in experiment_links(store_uri, url):
+            print(f"[avlab]   {line}", flush=True)
         code = server.wait()
         print(f"avlab: error: the MLflow server stopped with exit code {code}", file=sys.stderr)
         return 1

@@ -45,6 +45,10 @@ def test_identity_depends_on_config_and_seed():
         (["resources.gpu=nan"], r"^resources\.gpu: expected a finite number"),
         (["resources.gpu=0.25", "resources.workers=2"],
          r"^resources\.gpu: a share of a GPU \(0\.25\) is for single-worker trials; with workers=2"),
+        (["tracking.system_metrics_interval_s=0.1"], r"^tracking\.system_metrics_interval_s: must be in \[1, 3600\]"),
+        (["tracking.system_metrics_interval_s=inf"], r"^tracking\.system_metrics_interval_s: "),
+        (["tracking.system_metrics=maybe"], r"^tracking\.system_metrics: expected true or false"),
+        (["tracking.log_model=2"], r"^tracking\.log_model: expected true or false"),
     ],
 )
 def test_bad_values_name_the_field(overrides, message):

@@ -5,6 +5,8 @@ description, and the experiments' kind (the UI opens them on their runs)."""
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -105,3 +107,39 @@ def test_experiments_open_on_their_runs(store):
     client.delete_experiment_tag(exp.experiment_id, "mlflow.experimentKind")
     tracking.get_or_create_experiment(client, SWEEP_EXPERIMENT, home)
     assert client.get_experiment(exp.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_pareto_front_against_brute_force():
+    import itertools
+    import random
+
+    from orchestrator.report import pareto_front, plot_pareto
+
+    rng = random.Random(0)
+    objectives = [("image_h_linear_acc", "max"), ("train_time_s", "min")]
+    for _ in range(50):
+        values = [(round(rng.random(), 1), rng.choice([10.0, 20.0, 30.0])) for _ in range(rng.randint(1, 8))]
+        rows = [{"configuration": f"c{i}", "metrics": {"image_h_linear_acc": {"mean": a}, "train_time_s": {"mean": t}}}
+                for i, (a, t) in enumerate(values)]
+        front = pareto_front(rows, objectives)
+        for (i, (a, t)), (j, (b, u)) in itertools.product(enumerate(values), repeat=2):
+            if b >= a and u <= t and (b, u) != (a, t):  # j dominates i
+                assert f"c{i}" not in front
+        assert all(f"c{i}" in front or any(b >= a and u <= t and (b, u) != (a, t) for b, u in values)
+                   for i, (a, t) in enumerate(values))
+    report = {"sweep": "s", "objectives": [{"metric": m, "mode": d} for m, d in objectives], "rows": rows,
+              "pareto": front}
+    ax = plot_pareto(report).axes[0]
+    assert ax.get_xlabel() == "train_time_s (min)" and ax.get_ylabel() == "image_h_linear_acc (max)"
+
+
+def test_a_multi_objective_space_survives_its_job_file():
+    from orchestrator.search_space import SearchSpace, load_search_space
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "mo.yaml"
+        path.write_text("search:\n  method.loss_temperature: {type: uniform, low: 0.1, high: 0.5}\n"
+                        "metrics: {image_h_linear_acc: max, train_time_s: min}\n")
+        space = load_search_space(path)
+    assert space.metric == "image_h_linear_acc" and space.mode == "max"
+    assert SearchSpace.from_dict(json.loads(json.dumps(space.to_dict()))).all_objectives == space.objectives

@@ -64,6 +64,9 @@ def write(tmp_path, text):
     return path
 
 
+SEARCH = "search:\n  method.loss_temperature: {type: loguniform, low: 0.02, high: 1.0}\n"
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
@@ -85,6 +88,16 @@ def write(tmp_path, text):
          r"metric: unknown metric 'loss_pair'"),
         ("grid:\n  method.memory_size: [10]\nmetric: retrieval_s2i_rank9\n", r"metric: unknown metric 'retrieval_s2i_rank9'"),
         ("grid:\n  method.memory_size: [10]\nmode: best\n", r"mode: must be max or min"),
+        # Several objectives: an Optuna search without a scheduler, each metric logged, max or min.
+        (f"{SEARCH}metrics: {{image_h_linear_acc: max}}\n", r"metrics: expected two or more metric names"),
+        (f"{SEARCH}metric: loss\nmetrics: {{image_h_linear_acc: max, train_time_s: min}}\n",
+         r"metrics: give either metric and mode, or metrics, not both"),
+        (f"{SEARCH}metrics: {{image_h_linear_acc: max, train_time_s: fast}}\n", r"metrics\.train_time_s: must be max or min"),
+        (f"{SEARCH}metrics: {{image_h_linear_acc: max, top1: max}}\n", r"metrics\.top1: unknown metric 'top1'"),
+        ("grid:\n  method.memory_size: [10, 20]\nmetrics: {image_h_linear_acc: max, train_time_s: min}\n",
+         r"metrics: several objectives need a search \(Optuna\)"),
+        (f"{SEARCH}metrics: {{image_h_linear_acc: max, train_time_s: min}}\nscheduler: {{type: asha}}\n",
+         r"scheduler: ASHA stops trials on one metric"),
         ("grid:\n  method.memory_size: [10]\nseeds: 0\n", r"seeds: must be an integer >= 1"),
         ("gird:\n  method.memory_size: [10]\n", r"gird: unknown search-space key"),
         ("base:\n  preset: huge\ngrid:\n  method.memory_size: [10]\n", r"base: preset: unknown preset 'huge'"),

@@ -141,8 +141,37 @@ def test_small_sweep_parent_children_report_and_status(mem_sweep):
 
 
 @pytest.mark.slow
+def test_evaluate_a_finished_trial_again_and_with_other_settings(mem_sweep, capsys):
+    """`avlab evaluate`: with the trial's own settings, its own numbers bit for bit; with others,
+    a second nested run; settings outside data.* and eval.*, or a sweep's name, exit 2."""
+    from mlflow.tracking import MlflowClient
+
+    home = mem_sweep[0]
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("avlab-sweeps")
+    trial = client.search_runs([exp.experiment_id], "tags.`avlab.kind` = 'trial'", max_results=1)[0]
+    assert main(["evaluate", trial.info.run_id, "--home", str(home)]) == 0
+    assert main(["evaluate", trial.info.run_name, "eval.knn_k=3", "--home", str(home)]) == 0
+    assert "[avlab] evaluated " in capsys.readouterr().out
+    nested = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{trial.info.run_id}'",
+                                order_by=["attributes.start_time ASC"])
+    assert [r.data.tags["avlab.kind"] for r in nested] == ["evaluation", "evaluation"]
+    assert all(r.info.status == "FINISHED" and r.data.tags["avlab.evaluated_run"] == trial.info.run_id for r in nested)
+    assert nested[0].data.tags["avlab.changed"] == "none" and nested[1].data.tags["avlab.changed"] == "eval.knn_k=3"
+    assert "checkpoint_epoch00001" in nested[0].data.params["weights"]
+    for metric in ("image_h_linear_acc", "sound_h_linear_acc", "image_h_knn_acc", "retrieval_s2i_rank1"):
+        assert nested[0].data.metrics[metric] == trial.data.metrics[metric], metric  # bit for bit
+    assert nested[1].data.params["eval.knn_k"] == "3"
+
+    assert main(["evaluate", trial.info.run_id, "train.epochs=3", "--home", str(home)]) == 2
+    assert "train.epochs: an evaluation takes data.* and eval.* settings only" in capsys.readouterr().err
+    assert main(["evaluate", "mem", "--home", str(home)]) == 2
+    assert "is a sweep; evaluate one of its trials" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_export_best_trial_registers_and_reloads_bit_for_bit(mem_sweep, tmp_path, capsys):
-    """Every trial logged its encoders; `avlab export mem --best` copies the best trial's,
+    """Every trial logged its encoders and its system metrics; `avlab export mem --best` copies the best trial's,
     registers its two MLflow models, and both ways of loading them give the features of the
     trial's own final checkpoint, bit for bit (the MLflow pt2 model: to float tolerance)."""
     import mlflow.pyfunc
@@ -190,6 +219,16 @@ def test_export_best_trial_registers_and_reloads_bit_for_bit(mem_sweep, tmp_path
         own = method.E_v(images), method.E_s(sounds)
         for enc in (load_encoders(folder), load_registered(uri, "mem")):
             assert torch.equal(enc.image(images), own[0]) and torch.equal(enc.sound(sounds), own[1])
+
+    # MLflow's system metrics, one monitor per node, and the trial's use of its CPU.
+    for run in trials:
+        cpu = client.get_metric_history(run.info.run_id, "system/node0/cpu_utilization_percentage")
+        assert len(cpu) >= 1 and all(0 <= m.value <= 100 for m in cpu)
+        assert "system/node0/system_memory_usage_megabytes" in run.data.metrics
+        assert run.data.metrics["train_cpu_pct"] > 0
+    report = json.loads(subprocess.run([AVLAB, "report", "mem", "--format", "json", "--home", str(home)],
+                                       capture_output=True, text=True, check=True).stdout)
+    assert all(row["metrics"]["train_cpu_pct"]["mean"] > 0 for row in report["rows"])
 
     version = client.get_model_version_by_alias("mem.image_encoder", "best")
     assert version.run_id == best.info.run_id
@@ -397,13 +436,14 @@ def test_resume_of_a_finished_sweep_says_so_and_changes_nothing(mem_sweep):
 
 
 @pytest.mark.slow
-def test_sweep_stopped_by_ctrl_c_then_by_a_lost_node_resumes_and_finishes_every_trial_once(tmp_path, mem_sweep):
-    """Stop the sweep twice; each time ``avlab resume`` runs only what is left, and the sweep ends
-    exactly as the uninterrupted one did:
+def test_sweep_stopped_by_ctrl_c_by_avlab_stop_then_by_a_lost_node_resumes_and_finishes_every_trial_once(tmp_path, mem_sweep):
+    """Stop the sweep three times; each time ``avlab resume`` runs only what is left, and the
+    sweep ends exactly as the uninterrupted one did:
 
     1. once one trial has finished and another is part-way through, Ctrl-C (SIGINT to the
        driver): one line, exit 130, the sweep KILLED (not FINISHED), every child run settled;
-    2. once the resumed sweep trains again, its node is lost: SIGKILL of the driver with its
+    2. once the resumed sweep trains, ``avlab stop`` from another process: the same;
+    3. once the resumed sweep trains again, its node is lost: SIGKILL of the driver with its
        local Ray head and trial workers, nothing settled."""
     import faults
 
@@ -445,10 +485,26 @@ def test_sweep_stopped_by_ctrl_c_then_by_a_lost_node_resumes_and_finishes_every_
     statuses = sorted(r.info.status for r in _trial_runs(home, "cut").values())
     assert "FINISHED" in statuses and set(statuses) <= {"FINISHED", "KILLED"}, statuses
     faults.kill_node(proc)  # whatever Ray left behind
+
+    # 2. `avlab stop` from another process once the resumed sweep trains: as Ctrl-C does.
+    stopped = tmp_path / "resume-stopped.log"
+    proc = faults.start(["resume", "cut", "--home", str(home)], stopped, tmp_path)
+    faults.wait_for(lambda: "[avlab] epoch " in stopped.read_text(), timeout=600, what="the resumed sweep to train",
+                    proc=proc, log=stopped)
+    out = faults.run(["stop", "cut", "--home", str(home)], cwd=tmp_path)
+    assert out.returncode == 0 and "[avlab] sweep cut stopped with " in out.stdout, out.stdout + out.stderr
+    assert proc.wait(timeout=60) == 130, stopped.read_text()[-3000:]
+    assert "avlab: sweep cut interrupted with " in stopped.read_text()
+    assert client.get_run(parent.info.run_id).info.status == "KILLED"
+    statuses = sorted(r.info.status for r in _trial_runs(home, "cut").values())
+    assert set(statuses) <= {"FINISHED", "KILLED"}, statuses
+    faults.kill_node(proc)
+    out = faults.run(["stop", "cut", "--home", str(home)], cwd=tmp_path)
+    assert out.returncode == 0 and "[avlab] sweep cut was not running" in out.stdout, out.stdout + out.stderr
     done_first = finished()
     assert done_first and len(done_first) < 4
 
-    # 2. The resumed sweep loses its node once it trains again.
+    # 3. The resumed sweep loses its node once it trains again.
     again = tmp_path / "resume.log"
     proc = faults.start(["resume", "cut", "--home", str(home)], again, tmp_path)
     faults.wait_for(lambda: "[avlab] epoch " in again.read_text(), timeout=600, what="the resumed sweep to train",
@@ -479,16 +535,18 @@ def test_sweep_stopped_by_ctrl_c_then_by_a_lost_node_resumes_and_finishes_every_
 
 @pytest.mark.slow
 def test_optuna_sweep_driver_sigkill_then_resume_keeps_trial_ids_and_proposals(tmp_path):
-    """Optuna through a lost driver: the study comes back from the experiment folder, trials keep
-    their ids (no KeyError in the restored searcher), and the proposals are the ones the seeded
-    sampler makes without interruption."""
+    """A two-objective Optuna search through a lost driver: the study comes back from the
+    experiment folder, trials keep their ids (no KeyError in the restored searcher), the
+    proposals are the ones the seeded sampler makes without interruption, and the report's
+    Pareto front is the non-dominated set, as a brute-force check and Optuna's own study (kept in
+    <home>/optuna.db) say."""
     import faults
 
     space_file = tmp_path / "opt.yaml"
     space_file.write_text(
         "base:\n  preset: tiny\nsearch:\n  method.loss_temperature: {type: loguniform, low: 0.02, high: 1.0}\n"
-        "num_samples: 3\nseeds: 1\nmetric: image_h_linear_acc\nresources: {workers: 1, cpus_per_worker: 1}\n"
-        "max_concurrent: 1\n"
+        "num_samples: 3\nseeds: 1\nmetrics: {image_h_linear_acc: max, train_time_s: min}\n"
+        "resources: {workers: 1, cpus_per_worker: 1}\nmax_concurrent: 1\n"
     )
     home, log = tmp_path / "runs", tmp_path / "sweep.log"
     proc = faults.start(["sweep", str(space_file), "--name", "opt", "--home", str(home), *MEM_RUN], log, tmp_path)
@@ -518,10 +576,30 @@ def test_optuna_sweep_driver_sigkill_then_resume_keeps_trial_ids_and_proposals(t
 
     space = load_search_space(space_file)
     searcher = build_searcher(space)
-    searcher.set_search_properties(space.metric, space.mode, _param_space(space))
+    searcher.set_search_properties(None, None, _param_space(space))  # the searcher has both metrics
+    assert searcher.metric == ["image_h_linear_acc", "train_time_s"] and searcher.mode == ["max", "min"]
     expected = sorted(searcher.suggest(f"t{i}")["method.loss_temperature"] for i in range(3))
     got = sorted(float(r.data.params["varied.method.loss_temperature"]) for r in runs)
     assert got == pytest.approx(expected, rel=1e-12)
+
+    report = json.loads(subprocess.run([AVLAB, "report", "opt", "--format", "json", "--home", str(home)],
+                                       capture_output=True, text=True, check=True).stdout)
+    assert report["objectives"] == [{"metric": "image_h_linear_acc", "mode": "max"}, {"metric": "train_time_s", "mode": "min"}]
+    points = {r["configuration"]: (r["metrics"]["image_h_linear_acc"]["mean"], r["metrics"]["train_time_s"]["mean"])
+              for r in report["rows"]}
+    brute = {a for a, (acc, t) in points.items()
+             if not any(acc2 >= acc and t2 <= t and (acc2, t2) != (acc, t) for acc2, t2 in points.values())}
+    assert len(points) == 3 and set(report["pareto"]) == brute and brute
+    assert (home / "reports" / "opt" / "report.png").stat().st_size > 1000
+
+    import optuna
+
+    from orchestrator.optuna_store import storage_url
+
+    study = optuna.load_study(study_name="opt", storage=storage_url(home))
+    by_label = {r.data.tags["avlab.config_label"]: r.info.run_id for r in runs}
+    assert len(study.trials) == 3 and study.metric_names == ["image_h_linear_acc", "train_time_s"]
+    assert {t.user_attrs["mlflow_run_id"] for t in study.best_trials} == {by_label[a] for a in brute}
 
 
 def test_variant_trials_are_labelled_by_their_variant_then_the_grid():
@@ -574,9 +652,11 @@ def test_a_trial_that_diverges_fails_once_and_the_others_finish(tmp_path):
                          capture_output=True, text=True, env=env, timeout=600)
     text = out.stdout + out.stderr
     assert out.returncode == 1, text[-4000:]
-    last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("avlab: sweep lr: 1 of 2 trials failed; first: trial ") and (
-        "NonFiniteLoss: the training loss is nan in epoch 0" in last), last
+    # One line of avlab's own (Ray may still forward a trial's log lines after it).
+    ours = [line for line in out.stderr.splitlines() if line.startswith("avlab:")]
+    assert len(ours) == 1, ours
+    assert ours[0].startswith("avlab: sweep lr: 1 of 2 trials failed; first: trial ") and (
+        "NonFiniteLoss: the training loss is nan in epoch 0" in ours[0]), ours
     runs = _trial_runs(home, "lr")
     by_lr = {r.data.params["optim.lr"]: r for r in runs.values()}
     assert by_lr["0.01"].info.status == "FINISHED"

@@ -168,8 +168,10 @@ def test_ui_shows_the_sweep_its_trials_metrics_and_plots_in_a_browser(chromium, 
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         page.set_default_timeout(TIMEOUT_MS)
         try:
-            # The experiment opens on its runs (it is tagged as model training), not on GenAI traces.
-            page.goto(f"{url}/#/experiments/{exp.experiment_id}", timeout=60_000)
+            # The link `avlab ui` prints opens the experiment on its runs, not on GenAI traces.
+            link = f"{url}/#/experiments/{exp.experiment_id}?workflowType=machine_learning"
+            assert f"{SWEEP_EXPERIMENT}: {link}" in log_path.read_text()
+            page.goto(link, timeout=60_000)
             parent = page.get_by_role("link", name=SWEEP, exact=True)
             expect(parent).to_be_visible(timeout=TIMEOUT_MS)
             close = page.get_by_role("button", name="Close").first  # the Assistant side panel
@@ -202,7 +204,8 @@ def test_ui_shows_the_sweep_its_trials_metrics_and_plots_in_a_browser(chromium, 
             page.screenshot(path=str(SCREENSHOT.with_name("mlflow-ui-artifact.png")))
 
             # The sweep's parent run shows the report as its description.
-            page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs/{parent_id}", timeout=60_000)
+            page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs/{parent_id}?workflowType=machine_learning",
+                      timeout=60_000)
             expect(page.get_by_text("No configuration is distinguishable on image_h_linear_acc", exact=False).first
                    ).to_be_visible(timeout=TIMEOUT_MS)
             page.screenshot(path=str(SCREENSHOT.with_name("mlflow-ui-parent.png")))

@@ -1,0 +1,157 @@
+"""``avlab stop NAME``: stop a running sweep (or run) so that ``avlab resume NAME`` continues it.
+
+A local job's driver (the ``avlab sweep``, ``run``, ``resume`` or ``reproduce`` process) is named
+in its job file (``driver``: pid and host, written when it starts or resumes the job). ``stop``
+sends it SIGTERM, which avlab handles like Ctrl-C: Ray stops, finished trials and every
+checkpoint stay, trials that had logged their evaluation are FINISHED and the others KILLED, the
+parent run KILLED. A sweep sent by ``avlab submit`` is stopped through Ray's job API (the
+cluster sends its driver the same SIGTERM). Either way ``stop`` then settles what is still
+RUNNING in MLflow (a driver killed harder than that leaves runs behind), so the store says
+what ``avlab resume`` will continue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import ConfigError, RunFailed
+
+STOP_TIMEOUT_S = 300.0
+
+
+def driver_entry() -> dict[str, Any]:
+    """What the job file records of the process that drives the job."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``avlab stop``, ``ray job stop``, a batch scheduler's cancel) handled like Ctrl-C
+    while a job runs: the job settles its runs and can be resumed."""
+    def interrupt(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _alive_avlab(pid: int) -> bool:
+    """Whether ``pid`` is a live avlab process (not a later process that reuses the number)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False  # another user's process: not ours
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists():
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            return False
+        return "avlab" in text or "orchestrator.cli" in text
+    return True
+
+
+def settle(uri: str, manifest: dict[str, Any]) -> tuple[int, int]:
+    """Mark what is still RUNNING of the job as a stopped job leaves it; returns (trials ended,
+    trials) for a sweep, (0, 0) for a run."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.sweep import _children
+
+    client = MlflowClient(uri)
+    if manifest["kind"] == "run":
+        run = client.get_run(manifest["mlflow_run_id"])
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status="KILLED")
+        return 0, 0
+    parent = manifest["parent_run_id"]
+    children = _children(client, parent)
+    for run in children:
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status="FINISHED" if "eval_time_s" in run.data.metrics else "KILLED")
+    if client.get_run(parent).info.status == "RUNNING":
+        client.set_terminated(parent, status="KILLED")
+    ended = sum(r.info.status in ("FINISHED", "FAILED") for r in _children(client, parent))
+    return ended, len(children)
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive_avlab(pid):
+            return True
+        time.sleep(0.5)
+    return not _alive_avlab(pid)
+
+
+def _stop_submitted(home: Path, name: str, record: dict[str, Any], timeout: float) -> None:
+    from orchestrator import submit
+
+    address, job_id = record["address"], record["job_id"]
+    client = submit._job_client(address)
+    submit._job_call("stop Ray job", job_id, lambda: client.stop_job(job_id))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = str(getattr(s := submit._job_call("Ray job", job_id, lambda: client.get_job_status(job_id)), "value", s))
+        if status in submit.TERMINAL:
+            print(f"[avlab] stopped {name}: Ray job {job_id} is {status}; `avlab resume {name}` continues it")
+            return
+        time.sleep(1.0)
+    raise RunFailed(f"stop: Ray job {job_id} at {address} did not stop within {timeout:.0f} s")
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from orchestrator import jobs, submit, tracking
+
+    home = tracking.resolve_home(args.home)
+    if args.timeout is not None and not (0 < args.timeout <= 86400):
+        raise ConfigError(f"--timeout: must be in (0, 86400] seconds, got {args.timeout}")
+    timeout = args.timeout or STOP_TIMEOUT_S
+    record = submit.read_record(home, args.name)
+    if record is not None:
+        _stop_submitted(home, args.name, record, timeout)
+        return 0
+    manifest = jobs.read(home, args.name)
+    kind, driver = manifest["kind"], manifest.get("driver") or {}
+    pid = driver.get("pid")
+    here = driver.get("host") == socket.gethostname()
+    running = isinstance(pid, int) and here and _alive_avlab(pid)
+    if isinstance(pid, int) and not here and driver.get("host"):
+        raise ConfigError(f"NAME: {kind} {args.name} is driven from {driver['host']}, not this machine; "
+                          "run `avlab stop` there")
+    if running:
+        os.kill(pid, signal.SIGTERM)
+        if not _wait_gone(pid, timeout):
+            raise RunFailed(f"stop: the driver of {kind} {args.name} (pid {pid}) did not stop within {timeout:.0f} s; "
+                            f"`kill -9 {pid}`, then `avlab stop {args.name}` again settles its runs")
+    ended, total = settle(manifest["tracking_uri"], manifest)
+    state = "stopped" if running else "was not running"
+    count = f" with {ended} of {total} trials ended" if kind == "sweep" else ""
+    print(f"[avlab] {kind} {args.name} {state}{count}; `avlab resume {args.name}` continues it")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add the `stop` subcommand to the avlab parser."""
+    p = sub.add_parser("stop", parents=[common],
+                       help="stop a running sweep or run, local or submitted; `avlab resume` continues it")
+    p.add_argument("name", metavar="NAME", help="the sweep's (or run's) name")
+    p.add_argument("--timeout", type=float, help=f"seconds to wait for it to stop (default {STOP_TIMEOUT_S:.0f})")
+    p.set_defaults(func=cmd_stop)

@@ -1,0 +1,100 @@
+"""What a run's machines did while it trained.
+
+- MLflow's own system metrics (``mlflow.system_metrics``: CPU, memory, disk, network, and GPU
+  utilisation and memory where NVML finds a GPU), logged by one monitor per worker node as
+  ``system/node<k>/<metric>`` every ``tracking.system_metrics_interval_s``, the steps continuing
+  across restarts; the MLflow UI shows them in the run's "System metrics" tab. A monitor also
+  logs what it sampled since its last step when it stops, so a run shorter than the interval
+  still has them. ``tracking.system_metrics: false`` turns them off.
+- ``train_cpu_pct`` (always) and ``train_gpu_pct`` (with a GPU and system metrics on): rank 0's
+  use of what it was given, over its training steps only, logged with the evaluation beside
+  ``train_pairs_per_s`` so the report shows whether a trial kept its CPUs or GPU busy.
+  ``train_cpu_pct`` is the process's CPU time over wall time x ``resources.cpus_per_worker``
+  (100 = every CPU it holds busy); ``train_gpu_pct`` the mean of NVML's utilisation of its GPU,
+  sampled every ``GPU_SAMPLE_STEPS`` steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from orchestrator.config import ExperimentConfig
+
+GPU_SAMPLE_STEPS = 10
+
+
+def _process_cpu_s() -> float:
+    import psutil
+
+    times = psutil.Process().cpu_times()
+    return times.user + times.system
+
+
+class Usage:
+    """Rank 0's CPU time and GPU utilisation over its training steps (see the module docstring)."""
+
+    def __init__(self, cpus: int, device: torch.device, *, gpu: bool) -> None:
+        self.cpus, self.device = cpus, device
+        self.sample_gpu = gpu and device.type == "cuda"
+        self.wall = self.cpu = 0.0
+        self.gpu: list[float] = []
+        self._start: tuple[float, float] | None = None
+
+    def begin(self) -> None:
+        self._start = (time.perf_counter(), _process_cpu_s())
+
+    def end(self) -> None:
+        if self._start is not None:
+            wall, cpu = self._start
+            self.wall += time.perf_counter() - wall
+            self.cpu += _process_cpu_s() - cpu
+            self._start = None
+
+    def step(self, step: int) -> None:
+        if self.sample_gpu and step % GPU_SAMPLE_STEPS == 0:
+            try:
+                self.gpu.append(float(torch.cuda.utilization(self.device)))
+            except Exception:  # NVML missing or refused: no GPU figure rather than a failed run
+                self.sample_gpu = False
+
+    def metrics(self) -> dict[str, float]:
+        out = {}
+        if self.wall > 0.5:  # a run that trained (not a random-init evaluation or a finished resume)
+            out["train_cpu_pct"] = 100.0 * self.cpu / (self.wall * self.cpus)
+        if self.gpu:
+            out["train_gpu_pct"] = sum(self.gpu) / len(self.gpu)
+        return out
+
+
+def start_monitor(cfg: ExperimentConfig, tracking_uri: str, run_id: str, nodes: list[str], rank: int) -> Any:
+    """MLflow's system-metrics monitor for this worker's node, run by the node's first rank;
+    None on the other ranks or when ``tracking.system_metrics`` is off."""
+    if not cfg.tracking.system_metrics or nodes.index(nodes[rank]) != rank:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start / stop lines
+    node = list(dict.fromkeys(nodes)).index(nodes[rank])
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=cfg.tracking.system_metrics_interval_s,
+                                   node_id=f"node{node}", tracking_uri=tracking_uri, resume_logging=True)
+    monitor.start()
+    return monitor
+
+
+def stop_monitor(monitor: Any) -> None:
+    """Stop the monitor and log the samples it took since its last logged step."""
+    if monitor is None:
+        return
+    monitor.finish()
+    try:
+        pending = monitor.aggregate_metrics()
+        if pending:
+            monitor.publish_metrics(pending)
+            monitor.mlflow_logger.flush()
+    except Exception as exc:  # the tracking server away at the very end: lose one sample, not the run
+        logging.getLogger(__name__).warning("system metrics: the last sample was not logged: %s", exc)
