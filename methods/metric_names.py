@@ -57,6 +57,9 @@ def metric_names(cfg: Any, *, prefix: str = "", modalities: Iterable[str] = MODA
                 names.append(f"{name}_knn_acc")
             if modality == "sound" and cfg.sound_svm:
                 names += probe_names(f"{name}_svm")
+            if getattr(cfg, "protocol", "fixed") != "fixed":  # the hyperparameters chosen on validation
+                names += [f"{name}_{chosen}" for chosen, on in (("linear_C", cfg.linear), ("knn_k", cfg.knn),
+                                                                 ("svm_C", modality == "sound" and cfg.sound_svm)) if on]
             if spatial:
                 names += [f"{name}_spatial_{stat}" for stat in SPATIAL_STATS]
             if modality == "sound" and clip:
@@ -73,6 +76,8 @@ def metric_names(cfg: Any, *, prefix: str = "", modalities: Iterable[str] = MODA
             names += [f"{prefix}{modality}_z_mean_cos" for modality in MODALITIES]
         if cfg.clip_retrieval:
             names += rank_names(prefix, cfg.retrieval_ks, clip=True)
+    if getattr(cfg, "protocol", "fixed") == "folds":  # each fold's value, then their mean under the plain name
+        names += [f"{name}_fold{k}" for name in list(names) for k in range(1, cfg.folds + 1)]
     return tuple(names)
 
 

@@ -383,6 +383,17 @@ def _check_cross_field(cfg: ExperimentConfig) -> None:
         info = dataset_info(cfg.data)  # a manifest is read and validated here
     except ValueError as exc:  # ManifestError: the message names the file, row and column
         raise ConfigError(f"data.manifest: {first_line(exc)}") from None
+    if cfg.eval.protocol == "folds":
+        from methods.data import build_dataset
+        from methods.evaluate.protocol import check_folds
+
+        if not cfg.data.manifest:
+            raise ConfigError("eval.protocol: folds needs a manifest whose train and test rows carry their fold "
+                              "(`avlab data index esc50` writes them); the embedded datasets have none")
+        try:  # reads the manifest's rows, decodes nothing
+            check_folds(build_dataset(cfg.data), cfg.eval)
+        except ValueError as exc:
+            raise ConfigError(first_line(exc)) from None
     try:
         method_cls.check_data(cfg.method, info)
         method_cls.check_schedule(cfg.method, cfg.train.epochs)

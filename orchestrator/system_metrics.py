@@ -5,7 +5,9 @@
   ``system/node<k>/<metric>`` every ``tracking.system_metrics_interval_s``, the steps continuing
   across restarts; the MLflow UI shows them in the run's "System metrics" tab. A monitor also
   logs what it sampled since its last step when it stops, so a run shorter than the interval
-  still has them. ``tracking.system_metrics: false`` turns them off.
+  still has them. A tracking server that goes away stops the monitor (MLflow's loop ends on a
+  failed call) until the next attempt of the run. ``tracking.system_metrics: false`` turns them
+  off.
 - ``train_cpu_pct`` (always) and ``train_gpu_pct`` (with a GPU and system metrics on): rank 0's
   use of what it was given, over its training steps only, logged with the evaluation beside
   ``train_pairs_per_s`` so the report shows whether a trial kept its CPUs or GPU busy.
@@ -78,7 +80,9 @@ def start_monitor(cfg: ExperimentConfig, tracking_uri: str, run_id: str, nodes: 
         return None
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start / stop lines
+    # No start / stop lines, and no warning when the tracking server is away (the monitor then
+    # stops; the run's own outbox says what the outage means for the run's metrics).
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
     node = list(dict.fromkeys(nodes)).index(nodes[rank])
     monitor = SystemMetricsMonitor(run_id, sampling_interval=cfg.tracking.system_metrics_interval_s,
                                    node_id=f"node{node}", tracking_uri=tracking_uri, resume_logging=True)

@@ -13,6 +13,7 @@ import time
 
 _IMPORTED_AT = time.time()  # before the imports below: the worker's import time starts here
 
+import dataclasses
 import math
 import random
 import tempfile
@@ -30,6 +31,7 @@ from methods.base import Batch, Method
 from methods.data import AVDataset, ProceduralConfig, build_dataset
 from methods.distributed import convert_global_batchnorm
 from methods.evaluate import run_downstream
+from methods.evaluate.protocol import evaluate_splits
 from methods.evaluate.suite import quick_probe_config
 from methods.metric_names import HEADLINE_METRICS, OPTIONAL_HEADLINE_METRICS
 from methods.registry import build_method
@@ -471,20 +473,14 @@ def evaluate_and_log(
     """Downstream evaluation on frozen features (docs/spec.md §6); logs metrics and confusion matrices,
     with ``extra`` (the run's cost) in the same batch."""
     t0 = time.perf_counter()
-    result = run_downstream(
-        method, train_set=data.pool("train"), test_set=data.pool("test"), cfg=cfg.eval, device=device
-    )
+    result = evaluate_splits(method, data, cfg.eval, device=device)
     metrics = dict(result.metrics)
     figures = result.figures(data.class_names)
     if len(data.pool("transfer_train")) > 0 and len(data.pool("transfer_test")) > 0:
-        transfer = run_downstream(
-            method,
-            train_set=data.pool("transfer_train"),
-            test_set=data.pool("transfer_test"),
-            cfg=cfg.eval,
-            device=device,
-            prefix="transfer_",
-        )
+        # The transfer split has no folds: under `folds` it gets the validation protocol.
+        protocol = "validation" if cfg.eval.protocol == "folds" else cfg.eval.protocol
+        transfer = evaluate_splits(method, data, dataclasses.replace(cfg.eval, protocol=protocol),
+                                   train="transfer_train", test="transfer_test", device=device, prefix="transfer_")
         metrics.update(transfer.metrics)
     metrics.update(extra or {})
     metrics["eval_time_s"] = time.perf_counter() - t0

@@ -49,6 +49,12 @@ def test_identity_depends_on_config_and_seed():
         (["tracking.system_metrics_interval_s=inf"], r"^tracking\.system_metrics_interval_s: "),
         (["tracking.system_metrics=maybe"], r"^tracking\.system_metrics: expected true or false"),
         (["tracking.log_model=2"], r"^tracking\.log_model: expected true or false"),
+        (["eval.protocol=kfold"], r"^eval\.protocol: must be one of fixed, validation, folds"),
+        (["eval.protocol=folds"], r"^eval\.protocol: folds needs a manifest whose train and test rows carry"),
+        (["eval.folds=1"], r"^eval\.folds: expected an integer in 2\.\.20"),
+        (["eval.knn_k_grid=[1, 1]"], r"^eval\.knn_k_grid: expected distinct positive integers"),
+        (["eval.linear_C_grid=[0.1, .inf]"], r"^eval\.linear_C_grid\[1\]: expected a finite number"),
+        (["eval.validation_fraction=0.9"], r"^eval\.validation_fraction: expected a number in \[0\.05, 0\.5\]"),
     ],
 )
 def test_bad_values_name_the_field(overrides, message):

@@ -6,6 +6,7 @@ Legend: N samples, D feature size, C classes.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from typing import ClassVar
 
@@ -761,3 +762,69 @@ def test_mean_pairwise_cosine_against_a_loop() -> None:
     loop = [float(u[i] @ u[j]) for i in range(9) for j in range(9) if i != j]
     assert abs(mean_pairwise_cosine(z) - sum(loop) / len(loop)) < 1e-6
     assert abs(mean_pairwise_cosine(torch.ones(4, 3) * torch.tensor([1.0, 2.0, 3.0])) - 1.0) < 1e-9  # collapsed
+
+
+def test_validation_split_is_stratified_seeded_and_leaves_every_class_a_fitting_row() -> None:
+    from methods.evaluate.suite import validation_split
+
+    y = torch.tensor([0] * 10 + [1] * 5 + [2] * 1)
+    fit, val = validation_split(y, 0.2)
+    assert sorted(torch.cat([fit, val]).tolist()) == list(range(16))
+    assert [int((y[val] == c).sum()) for c in (0, 1, 2)] == [2, 1, 0]  # round(0.2 x n), none of a singleton
+    assert torch.equal(fit, validation_split(y, 0.2)[0])
+
+
+def test_the_validation_protocol_chooses_on_the_training_split_only() -> None:
+    """The chosen C / k are logged, belong to their grids, and do not move when the test labels
+    do: the test split is never looked at to choose them."""
+    method = _trained_looking_method()
+    cfg = EvalConfig(batch_size=8, features=("h",), retrieval=False, protocol="validation",
+                     linear_C_grid=(0.001, 1.0, 1000.0), knn_k_grid=(1, 3, 50))
+    train, test = PairDataset(30, seed=1), PairDataset(12, seed=2)
+    result = run_downstream(method, train_set=train, test_set=test, cfg=cfg)
+    assert set(result.metrics) == set(metric_names(cfg))
+    chosen = {k: v for k, v in result.metrics.items() if k.endswith(("_linear_C", "_knn_k"))}
+    assert set(chosen) == {"image_h_linear_C", "image_h_knn_k", "sound_h_linear_C", "sound_h_knn_k"}
+    assert all(v in (0.001, 1.0, 1000.0) for k, v in chosen.items() if k.endswith("_C"))
+    assert all(v in (1, 3) for k, v in chosen.items() if k.endswith("_k"))  # 50 > the 24 fitting rows
+    test.labels = test.labels.flip(0)
+    again = run_downstream(method, train_set=train, test_set=test, cfg=cfg)
+    assert {k: again.metrics[k] for k in chosen} == chosen
+
+
+def test_the_fold_protocol_holds_each_fold_out_once_and_reports_the_mean() -> None:
+    import statistics
+
+    from methods.evaluate.protocol import check_folds, evaluate_splits
+
+    class Folded:
+        """Two splits whose rows carry folds 1..3, and an image-only + sound-only mix."""
+
+        class_names = ["a", "b", "c"]
+
+        def __init__(self):
+            self.train, self.test = PairDataset(24, seed=1), PairDataset(12, seed=2)
+
+        def split_folds(self, split):
+            return [1 + i % 3 for i in range(len(self.train if split == "train" else self.test))]
+
+        def eval_groups(self, train, test):
+            from methods.data.real import EvalGroup
+
+            return [EvalGroup(PairDataset(24, seed=1, modalities=(m,)), PairDataset(12, seed=2, modalities=(m,)),
+                              self.split_folds("train"), self.split_folds("test")) for m in ("image", "sound")]
+
+    cfg = EvalConfig(batch_size=8, features=("h",), protocol="folds", folds=3, knn_k_grid=(1, 3))
+    data = Folded()
+    check_folds(data, cfg)
+    with pytest.raises(ValueError, match=r"^eval\.folds: 5 folds expected \(1\.\.5\), the manifest's train and test rows carry \[1, 2, 3\]"):
+        check_folds(data, dataclasses.replace(cfg, folds=5))
+    result = evaluate_splits(_trained_looking_method(), data, cfg)
+    for modality in ("image", "sound"):
+        per_fold = [result.metrics[f"{modality}_h_linear_acc_fold{k}"] for k in (1, 2, 3)]
+        assert result.metrics[f"{modality}_h_linear_acc"] == pytest.approx(statistics.fmean(per_fold))
+        assert f"{modality}_h_linear_C_fold2" in result.metrics
+        # Every row is a test row once: the summed confusion matrix counts all 36 rows.
+        assert int(result.confusions[f"{modality}_h_linear"].sum()) == 36
+    assert "retrieval_s2i_rank1" not in result.metrics  # image-only and sound-only rows: no pairs
+    assert set(result.metrics) <= set(metric_names(cfg))

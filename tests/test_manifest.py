@@ -126,7 +126,7 @@ def test_esc50(tmp_path: Path):
     assert tuple(pools) == POOLS
     assert [i.id for i in pools["train"]] == ["esc50/1-100-A-0", "esc50/2-200-A-1", "esc50/3-400-B-1"]
     assert pools["test"][0] == Item(id="esc50/5-300-A-0", sound=str(root / "audio" / "5-300-A-0.wav"), label=0,
-                                    source="esc50")
+                                    source="esc50", fold=5)
     assert pools["paired"] == pools["unpaired_sound"] == pools["transfer_train"] == []
     report = check_manifest(m, SETTINGS)
     assert (report.total, report.bad, report.sample_rates) == (5, [], {RATE: 5})

@@ -153,7 +153,7 @@ def _history(client, run, key="loss"):
 
 def _results(client, run) -> dict[str, float]:
     """Everything a run measured except wall-clock timings."""
-    return {k: v for k, v in run.data.metrics.items() if k not in TIMINGS}
+    return {k: v for k, v in run.data.metrics.items() if k not in TIMINGS and not k.startswith("system/")}
 
 
 @pytest.fixture(scope="module")

@@ -62,6 +62,7 @@ class Item:
     sound_duration: float | None = None
     label: int = -1  # class id into Manifest.classes; -1 = unlabelled
     source: str = ""
+    fold: int | None = None  # the row's fold (ESC-50, DCASE), for eval.protocol: folds
 
 
 LABELLED_SPLITS: tuple[str, ...] = ("train", "test", "transfer_train", "transfer_test")
@@ -398,7 +399,8 @@ def _item(row: _Row, id_: str, image_row: _Row, sound_row: _Row, label: int) -> 
     has_image, has_sound = image_row.image is not None, sound_row.sound is not None
     return Item(id=id_, image=image_row.image, image_time=image_row.image_time if has_image else None,
                 sound=sound_row.sound, sound_offset=sound_row.sound_offset if has_sound else 0.0,
-                sound_duration=sound_row.sound_duration if has_sound else None, label=label, source=row.source)
+                sound_duration=sound_row.sound_duration if has_sound else None, label=label, source=row.source,
+                fold=row.fold)
 
 
 # ------------------------------------------------------------------------------------- checking

@@ -9,6 +9,7 @@ or built once with a lock shared by the node's workers, on the first ``pool`` ca
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch.utils.data import Dataset
@@ -27,6 +28,16 @@ _POOL_KEYS = {
     "unpaired_sound": ("sound", "index"),
     "unpaired_image": ("image", "index"),
 }
+
+
+@dataclass
+class EvalGroup:
+    """Rows evaluated together: a training and a test set, and each row's manifest fold."""
+
+    train: Dataset
+    test: Dataset
+    train_folds: list[int | None] = field(default_factory=list)
+    test_folds: list[int | None] = field(default_factory=list)
 
 
 class ManifestAV:
@@ -72,6 +83,38 @@ class ManifestAV:
                              if items and all(getattr(it, attr) for it in items)) + ("label", "index")
             self._pools[name] = CachedPool(self.cache, [it.id for it in items], keys=keys)
         return self._pools[name]
+
+    def eval_groups(self, train: str, test: str) -> list[EvalGroup]:
+        """The evaluation of split ``train`` -> ``test``: one group when every test item carries a
+        common modality (the usual pools), else one group per modality over the rows that carry it
+        (image-only and sound-only rows of different datasets in one manifest); each with the
+        manifest folds of its items, in pool order."""
+        test_items = self.items[test]
+        common = [m for m in ("image", "sound") if test_items and all(getattr(it, m) for it in test_items)]
+        if common or not test_items:
+            return [EvalGroup(self.pool(train), self.pool(test), self._folds(self.pool(train), train),
+                              self._folds(self.pool(test), test))]
+        groups = []
+        for modality in ("image", "sound"):
+            pools = []
+            for split in (train, test):
+                ids = [it.id for it in self.items[split] if getattr(it, modality)]
+                pools.append(CachedPool(self.cache, ids, keys=(modality, "label", "index")) if ids else None)
+            if pools[1] is None:
+                continue
+            if pools[0] is None:
+                raise ValueError(f"{train}: no rows carry {modality}, but {test} has some; "
+                                 f"add labelled {modality} rows to {train}")
+            groups.append(EvalGroup(pools[0], pools[1], self._folds(pools[0], train), self._folds(pools[1], test)))
+        return groups
+
+    def split_folds(self, split: str) -> list[int | None]:
+        """The fold of each row of ``split`` (None where the manifest gives none)."""
+        return [it.fold for it in self.items[split]]
+
+    def _folds(self, pool: Dataset, split: str) -> list[int | None]:
+        by_id = {it.id: it.fold for it in self.items[split]}
+        return [by_id.get(i) for i in pool.ids] if isinstance(pool, CachedPool) else []
 
     def info(self) -> DataInfo:
         return DataInfo(

@@ -35,6 +35,7 @@ Every probe (``*_linear``, ``*_svm``, ``*_clip``) also stores its confusion matr
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -99,6 +100,20 @@ class EvalConfig:
     # (``retrieval_s2i_clip_rank{k}``). The spatial probe needs items with a ``sector``.
     spatial_probe: bool = False
     clip_retrieval: bool = False
+    # How the probes are fitted and scored (docs/spec.md §6): "fixed" uses linear_C, knn_k and
+    # svm_C as given; "validation" picks each from its grid on a stratified validation split of
+    # validation_fraction carved from the training split (never the test split), then refits on the
+    # whole training split (the chosen values are logged as *_linear_C, *_knn_k, *_svm_C);
+    # "folds" is the field's k-fold protocol (ESC-50): the labelled rows of the train and test
+    # splits grouped by their manifest fold 1..folds, each fold held out once with the others as
+    # training split (selection as "validation" inside it); per-fold metrics end in _fold<k>, and
+    # the plain names are the mean over the folds.
+    protocol: str = "fixed"
+    folds: int = 5
+    validation_fraction: float = 0.2
+    linear_C_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)
+    knn_k_grid: tuple[int, ...] = (1, 5, 10, 20, 50)
+    svm_C_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)
 
     def __post_init__(self) -> None:
         if isinstance(self.features, str) or not isinstance(self.features, (tuple, list)):
@@ -132,6 +147,26 @@ class EvalConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0):
                 raise ValueError(f"{name}: expected a positive number, got {value!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol: must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        if isinstance(self.folds, bool) or not isinstance(self.folds, int) or not 2 <= self.folds <= 20:
+            raise ValueError(f"folds: expected an integer in 2..20, got {self.folds!r}")
+        fraction = self.validation_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.05 <= fraction <= 0.5:
+            raise ValueError(f"validation_fraction: expected a number in [0.05, 0.5], got {fraction!r}")
+        for name, kind in (("linear_C_grid", float), ("knn_k_grid", int), ("svm_C_grid", float)):
+            grid = getattr(self, name)
+            if isinstance(grid, (str, bytes)) or not isinstance(grid, (tuple, list)) or not 1 <= len(grid) <= 20:
+                raise ValueError(f"{name}: expected a list of 1 to 20 values, got {grid!r}")
+            ok = all(not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+                     and (kind is float or float(v).is_integer()) for v in grid)
+            if not ok or len(set(grid)) != len(grid):
+                what = "positive integers" if kind is int else "positive finite numbers"
+                raise ValueError(f"{name}: expected distinct {what}, got {list(grid)!r}")
+            object.__setattr__(self, name, tuple(kind(v) for v in grid))
+
+
+PROTOCOLS = ("fixed", "validation", "folds")
 
 
 @dataclass
@@ -201,7 +236,7 @@ def quick_probe_config(cfg: EvalConfig) -> EvalConfig:
     """The cosine-kNN probe on h run every ``cfg.every_epochs`` epochs during pretraining (the
     signal an early-stopping scheduler reads): ``cfg`` with the other protocols off."""
     return dataclasses.replace(cfg, features=("h",), linear=False, knn=True, retrieval=False,
-                               block_probes=False, sound_svm=False, sound_crops=1)
+                               block_probes=False, sound_svm=False, sound_crops=1, protocol="fixed")
 
 
 def run_downstream(
@@ -329,8 +364,7 @@ def _family_probes(result: DownstreamResult, method: nn.Module, cfg: EvalConfig,
                    prefix: str, num_classes: int) -> None:
     """Linear probe, kNN, sound SVM, spatial probe and per-clip probes on each feature family."""
     test, train, test_y, train_y = feats.test, feats.train, feats.test_y, feats.train_y
-    linear_kwargs = {"C": cfg.linear_C, "max_iter": cfg.linear_max_iter, "num_classes": num_classes}
-    svm_kwargs = {"C": cfg.svm_C, "max_iter": cfg.svm_max_iter, "num_classes": num_classes}
+    select = _Selection.of(cfg, train_y, num_classes)
     for modality, suffix in plan.modalities:
         for fam in cfg.features:
             key = f"{fam}_{suffix}"
@@ -339,19 +373,23 @@ def _family_probes(result: DownstreamResult, method: nn.Module, cfg: EvalConfig,
             if test_X is None or train_X is None:
                 continue
             name = f"{prefix}{modality}_{fam}"
+            linear_kwargs = {"C": cfg.linear_C, "max_iter": cfg.linear_max_iter, "num_classes": num_classes}
+            svm_kwargs = {"C": cfg.svm_C, "max_iter": cfg.svm_max_iter, "num_classes": num_classes}
             if cfg.linear:
+                linear_kwargs["C"] = select.linear_C(result, name, train_X)
                 _record(result, f"{name}_linear",
                         linear_probe(train_X, train_y, test_X, test_y, **linear_kwargs))
             if cfg.knn:
                 result.metrics[f"{name}_knn_acc"] = knn_accuracy(
-                    train_X, train_y, test_X, test_y, k=cfg.knn_k
+                    train_X, train_y, test_X, test_y, k=select.knn_k(result, name, train_X)
                 )
             if modality == "sound" and cfg.sound_svm:
+                svm_kwargs["C"] = select.svm_C(result, name, train_X)
                 _record(result, f"{name}_svm",
                         linear_svm(train_X, train_y, test_X, test_y, **svm_kwargs))
             if plan.spatial:
                 probe = linear_probe(train_X, train["sector"], test_X, test["sector"],
-                                     C=cfg.linear_C, max_iter=cfg.linear_max_iter)
+                                     C=linear_kwargs["C"], max_iter=cfg.linear_max_iter)
                 result.metrics[f"{name}_spatial_acc"] = probe.accuracy
                 result.metrics[f"{name}_spatial_f1"] = probe.f1
             if modality == "sound" and plan.clip_probes:
@@ -366,6 +404,70 @@ def _family_probes(result: DownstreamResult, method: nn.Module, cfg: EvalConfig,
                 if cfg.sound_svm:
                     _record(result, f"{name}_svm_clip",
                             linear_svm(train_ND, train_y, test_NKD, test_y, **svm_kwargs))
+
+
+@dataclass(frozen=True)
+class _Selection:
+    """Each probe's hyperparameter: as configured (``protocol: fixed``), or the grid value with the
+    best accuracy on a stratified validation split of the training rows (fitted on the rest),
+    logged as ``<name>_linear_C`` / ``_knn_k`` / ``_svm_C``; ties go to the earlier grid value."""
+
+    cfg: EvalConfig
+    train_y: torch.Tensor
+    fit: torch.Tensor | None  # row indices the candidates are fitted on; None: no selection
+    val: torch.Tensor | None
+    num_classes: int
+
+    @classmethod
+    def of(cls, cfg: EvalConfig, train_y: torch.Tensor, num_classes: int) -> _Selection:
+        if cfg.protocol == "fixed":
+            return cls(cfg, train_y, None, None, num_classes)
+        fit, val = validation_split(train_y, cfg.validation_fraction)
+        if not len(val):  # too few rows to hold any out: the configured values
+            return cls(cfg, train_y, None, None, num_classes)
+        return cls(cfg, train_y, fit, val, num_classes)
+
+    def _choose(self, result: DownstreamResult, metric: str, grid: Sequence[float], default: float,
+                score: Callable[[float], float]) -> float:
+        if self.fit is None:
+            chosen = default
+        else:
+            scores = [score(value) for value in grid]
+            chosen = grid[max(range(len(grid)), key=lambda i: (scores[i], -i))]
+        if self.cfg.protocol != "fixed":
+            result.metrics[metric] = float(chosen)
+        return chosen
+
+    def linear_C(self, result: DownstreamResult, name: str, X: torch.Tensor) -> float:
+        cfg, y, fit, val = self.cfg, self.train_y, self.fit, self.val
+        return self._choose(result, f"{name}_linear_C", cfg.linear_C_grid, cfg.linear_C, lambda c: linear_probe(
+            X[fit], y[fit], X[val], y[val], C=c, max_iter=cfg.linear_max_iter, num_classes=self.num_classes).accuracy)
+
+    def svm_C(self, result: DownstreamResult, name: str, X: torch.Tensor) -> float:
+        cfg, y, fit, val = self.cfg, self.train_y, self.fit, self.val
+        return self._choose(result, f"{name}_svm_C", cfg.svm_C_grid, cfg.svm_C, lambda c: linear_svm(
+            X[fit], y[fit], X[val], y[val], C=c, max_iter=cfg.svm_max_iter, num_classes=self.num_classes).accuracy)
+
+    def knn_k(self, result: DownstreamResult, name: str, X: torch.Tensor) -> int:
+        cfg, y, fit, val = self.cfg, self.train_y, self.fit, self.val
+        grid = [k for k in cfg.knn_k_grid if fit is None or k <= len(fit)] or [min(cfg.knn_k_grid)]
+        return int(self._choose(result, f"{name}_knn_k", grid, cfg.knn_k,
+                                lambda k: knn_accuracy(X[fit], y[fit], X[val], y[val], k=int(k))))
+
+
+def validation_split(y_N: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit rows, validation rows) of a stratified split: each class with two or more rows gives
+    round(fraction x its rows), at least one and never all, to the validation split; seeded."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(y_N)
+    fit, val = [], []
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        rng.shuffle(rows)
+        n_val = min(max(int(round(len(rows) * fraction)), 1), len(rows) - 1) if len(rows) >= 2 else 0
+        val.extend(rows[:n_val])
+        fit.extend(rows[n_val:])
+    return torch.as_tensor(np.sort(fit), dtype=torch.long), torch.as_tensor(np.sort(val), dtype=torch.long)
 
 
 def _block_probes(result: DownstreamResult, cfg: EvalConfig, plan: _Plan, feats: _Features, prefix: str,
