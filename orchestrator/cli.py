@@ -507,9 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("name")
     status.set_defaults(func=cmd_status)
 
-    from orchestrator import evaluate_run, export, metrics, stop, submit, ui
+    from orchestrator import cluster_files, evaluate_run, export, metrics, stop, submit, ui
 
     ui.register(sub, common)
+    cluster_files.register(sub, common)
     export.register(sub, common)
     evaluate_run.register(sub, common)
     stop.register(sub, common)

@@ -161,6 +161,9 @@ def init_ray(address: str | None = None, *, dashboard: bool = False) -> None:
                                logging_level="WARNING", _node_ip_address="127.0.0.1")
         if dashboard and context.dashboard_url:
             print(f"[avlab] Ray dashboard: http://{context.dashboard_url}", flush=True)
+    from orchestrator.stop import after_ray_init
+
+    after_ray_init()
 
 
 @contextlib.contextmanager

@@ -32,22 +32,39 @@ def driver_entry() -> dict[str, Any]:
     return {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
 
 
+_ACTIVE = False  # inside sigterm_as_interrupt
+
+
+def _interrupt(signum, frame) -> None:  # noqa: ARG001
+    raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM (``avlab stop``, ``ray job stop``, a batch scheduler's cancel) handled like Ctrl-C
     while a job runs: the job settles its runs and can be resumed."""
-    def interrupt(signum, frame):  # noqa: ARG001
-        raise KeyboardInterrupt
-
+    global _ACTIVE
     try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
+        previous = signal.signal(signal.SIGTERM, _interrupt)
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
+    _ACTIVE = True
     try:
         yield
     finally:
+        _ACTIVE = False
         signal.signal(signal.SIGTERM, previous)
+
+
+def after_ray_init() -> None:
+    """``ray.init`` gives the driver a SIGTERM handler that exits at once (no run settled, the
+    sweep marked failed): inside ``sigterm_as_interrupt``, put avlab's back."""
+    if _ACTIVE:
+        try:
+            signal.signal(signal.SIGTERM, _interrupt)
+        except ValueError:
+            pass
 
 
 def _alive_avlab(pid: int) -> bool:

@@ -161,3 +161,61 @@ def test_no_credentials_in_file(raw_text: str, cfg: dict) -> None:
     assert "aws_credentials" not in cfg["provider"]
     for local in cfg["file_mounts"].values():
         assert ".aws" not in local and not local.endswith((".pem", ".key"))
+
+
+# --------------------------------------------------------------------------------------------
+# The other recipes: KubeRay and Slurm (the Slurm script runs under a two-node simulation in
+# test_submit.py), and the placeholder check that runs before any of them starts a cluster.
+
+KUBERAY_YAML = CLUSTER_YAML.with_name("cluster-kuberay.yaml")
+SLURM_SCRIPT = CLUSTER_YAML.with_name("cluster-slurm.sbatch")
+
+
+def _containers(spec: dict) -> list[tuple[str, dict]]:
+    groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
+    return [(name, c) for name, g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def test_the_kuberay_manifest_has_a_cpu_head_gpu_workers_a_shared_home_and_no_credential():
+    import ray
+
+    from orchestrator.search_space import load_search_space
+
+    docs = list(yaml.safe_load_all(KUBERAY_YAML.read_text()))
+    assert [(d["apiVersion"], d["kind"]) for d in docs] == [("ray.io/v1", "RayCluster"), ("ray.io/v1", "RayJob")]
+    cluster, job = docs[0]["spec"], docs[1]["spec"]
+    for spec in (cluster, job["rayClusterSpec"]):
+        assert spec["rayVersion"] == ray.__version__
+        assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no training on the head
+        (gpu,) = spec["workerGroupSpecs"]
+        assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= 1
+        for name, container in _containers(spec):
+            env = {e["name"]: e for e in container["env"]}
+            assert env["AVLAB_HOME"]["value"] == "/mnt/avlab" and env["RAY_AUTH_MODE"]["value"] == "token"
+            assert "value" not in env["RAY_AUTH_TOKEN"] and env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+            assert {"name": "avlab-home", "mountPath": "/mnt/avlab"} in container["volumeMounts"]
+            res = container["resources"]
+            assert res["requests"] == res["limits"], name  # guaranteed QoS: not evicted first
+            assert ("nvidia.com/gpu" in res["limits"]) == (name == "gpu"), name
+    words = job["entrypoint"].split()
+    assert words[:2] == ["avlab", "sweep"] and "--address" in words and words[words.index("--address") + 1] == "auto"
+    load_search_space(CLUSTER_YAML.parent / words[2])  # the search space it names exists and is valid
+
+
+def test_check_cluster_names_each_recipes_placeholders_and_passes_filled_copies(tmp_path, capsys):
+    import subprocess
+
+    from orchestrator.cli import main
+
+    assert subprocess.run(["bash", "-n", str(SLURM_SCRIPT)], capture_output=True).returncode == 0
+    for path, first in ((CLUSTER_YAML, "ami-XXXXXXXXXXXXXXXXX is a placeholder for a GPU AMI"),
+                        (KUBERAY_YAML, "REGISTRY/ is a placeholder for your image registry")):
+        assert main(["check-cluster", str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{path}:" in err and first in err, err
+        filled = tmp_path / path.name
+        text = re.sub(r"fs-X{8}", "fs-0123abcd", path.read_text())
+        text = re.sub(r"ami-X+", "ami-0123456789abcdef0", text).replace("REGISTRY/", "registry.example.org/")
+        filled.write_text(text)
+        assert main(["check-cluster", str(filled)]) == 0
+    assert main(["check-cluster", str(SLURM_SCRIPT)]) == 0

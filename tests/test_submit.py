@@ -481,3 +481,50 @@ def test_a_bad_worker_wait_exits_2_before_anything_starts(tmp_path, capsys, monk
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "AVLAB_WORKER_WAIT_S:" in err, err
     assert not (tmp_path / "home").exists()
+
+
+@pytest.mark.slow
+def test_the_slurm_recipe_starts_ray_on_two_nodes_and_runs_a_sweep(tmp_path):
+    """cluster-slurm.sbatch under a two-node simulation: `scontrol` names two nodes, `srun` runs
+    its command here, and the extra `ray start` options give the two nodes on one machine their
+    own ports (as two hosts would have). The head starts, the worker joins, the sweep runs with
+    `--address auto` into $AVLAB_HOME, and the job's Ray nodes are gone when the script ends."""
+    from mlflow.tracking import MlflowClient
+
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "scontrol").write_text('#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && printf "n1\\nn2\\n"\n')
+    # srun [options] command...: the options (with their values) dropped, the command run here.
+    (shims / "srun").write_text('#!/bin/sh\nwhile [ $# -gt 0 ]; do case "$1" in -w) shift 2;; -*) shift;; *) break;; '
+                                'esac; done\nexec "$@"\n')
+    for shim in shims.iterdir():
+        shim.chmod(0o755)
+    space = tmp_path / "one.yaml"
+    space.write_text(SPACE.replace("method.memory_temperature: [0.1, 0.2]", "method.memory_temperature: [0.1]")
+                     .replace("train.epochs=3", "train.epochs=1"))
+    gcs, dashboard, agent_head, agent_worker, client_port = _free_ports(5)
+    tag = uuid.uuid4().hex[:8]
+    home = tmp_path / "home"
+    env = {**faults.env(), "PATH": f"{shims}:{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
+           "AVLAB_HOME": str(home), "AVLAB_DIR": str(ROOT), "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_ID": tag,
+           "SLURM_CPUS_PER_TASK": "1", "AVLAB_RAY_PORT": str(gcs), "AVLAB_HEAD_IP": "127.0.0.1", MARK: tag,
+           "AVLAB_RAY_HEAD_ARGS": f"--dashboard-port {dashboard} --dashboard-agent-listen-port {agent_head} "
+                                  f"--ray-client-server-port {client_port}",
+           "AVLAB_RAY_WORKER_ARGS": f"--node-ip-address 127.0.0.1 --dashboard-agent-listen-port {agent_worker}",
+           "TMPDIR": tempfile.mkdtemp(prefix="avs-", dir="/tmp")}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        out = subprocess.run(["bash", str(ROOT / "cluster-slurm.sbatch"), str(space), "--name", "slurm"], env=env,
+                             cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        log = out.stdout + out.stderr
+        assert out.returncode == 0, log[-5000:]
+        assert "[avlab] Ray head on n1 (127.0.0.1:" in log and "[avlab] Ray worker on n2" in log
+        assert "[avlab] sweep slurm finished" in log, log[-3000:]
+        client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+        runs = _children(client, "slurm")
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        # The script stops the nodes it started.
+        _wait(lambda: not _marked(tag), timeout=60, what="the job's Ray nodes to stop")
+    finally:
+        _kill_marked(tag)
+        shutil.rmtree(env["TMPDIR"], ignore_errors=True)
