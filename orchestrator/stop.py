@@ -17,6 +17,7 @@ import contextlib
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,10 +129,27 @@ def _stop_submitted(home: Path, name: str, record: dict[str, Any], timeout: floa
     while time.monotonic() < deadline:
         status = str(getattr(s := submit._job_call("Ray job", job_id, lambda: client.get_job_status(job_id)), "value", s))
         if status in submit.TERMINAL:
+            _settle_if_here(home, name)
             print(f"[avlab] stopped {name}: Ray job {job_id} is {status}; `avlab resume {name}` continues it")
             return
         time.sleep(1.0)
     raise RunFailed(f"stop: Ray job {job_id} at {address} did not stop within {timeout:.0f} s")
+
+
+def _settle_if_here(home: Path, name: str) -> None:
+    """After a cluster stopped a submitted sweep: Ray gives its driver a few seconds after SIGTERM
+    before SIGKILL, which may leave runs RUNNING. When this home holds the sweep's job file (a
+    home shared with the cluster) and its store answers, settle them as a local stop does."""
+    from orchestrator import jobs
+
+    if not jobs.exists(home, name):
+        return
+    manifest = jobs.read(home, name)
+    try:
+        settle(manifest["tracking_uri"], manifest)
+    except Exception as exc:  # noqa: BLE001 - a store only the cluster reaches: the driver settled it or `resume` will
+        print(f"[avlab] the MLflow store of {name} is not reachable from here ({type(exc).__name__}); "
+              "its runs are settled when it is resumed", file=sys.stderr)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:

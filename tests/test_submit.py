@@ -528,3 +528,41 @@ def test_the_slurm_recipe_starts_ray_on_two_nodes_and_runs_a_sweep(tmp_path):
     finally:
         _kill_marked(tag)
         shutil.rmtree(env["TMPDIR"], ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_avlab_stop_stops_a_submitted_sweep_through_the_job_api(tmp_path):
+    """`avlab stop NAME` on a sweep sent with `avlab submit`: Ray stops the job (SIGTERM to its
+    driver), and what the driver had no time to settle is settled from here, through the home
+    this machine shares with the cluster: the parent KILLED, no trial left RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    space = tmp_path / "two.yaml"
+    space.write_text(SPACE)
+    home, name = tmp_path / "home", "stopped"
+    cluster = LocalCluster(tmp_path, nodes=("a",))
+    try:
+        cluster.start()
+        env = {**faults.env(), "RAY_AUTH_MODE": "disabled", submit.JOB_PYTHON_ENV: sys.executable}
+        out = subprocess.run([str(BIN / "avlab"), "submit", str(space), "--address", cluster.address, "--name", name,
+                              "--home", str(home)], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+        client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+
+        def training() -> bool:
+            try:
+                return any((home / "ray" / "trials").glob(f"{name}-*/checkpoint_epoch*"))
+            except OSError:
+                return False
+
+        _wait(training, timeout=600, what="a trial of the submitted sweep past its first epoch")
+        out = subprocess.run([str(BIN / "avlab"), "stop", name, "--home", str(home)], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0 and f"[avlab] stopped {name}: Ray job " in out.stdout, out.stdout + out.stderr
+        assert "is STOPPED" in out.stdout
+        parent = client.search_runs([client.get_experiment_by_name("avlab-sweeps").experiment_id],
+                                    f"tags.`avlab.sweep_name` = '{name}' and tags.`avlab.kind` = 'sweep'")[0]
+        assert parent.info.status == "KILLED"
+        assert all(r.info.status in ("FINISHED", "KILLED") for r in _children(client, name))
+    finally:
+        cluster.stop()
