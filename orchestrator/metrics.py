@@ -19,7 +19,10 @@ if TYPE_CHECKING:
     from orchestrator.config import ExperimentConfig
 
 # Logged by the training loop every epoch, beside the method's training metrics.
-EPOCH_METRICS = ("pairs_per_s", "epoch_time_s", "lr", "epoch")
+EPOCH_METRICS = ("pairs_per_s", "epoch_time_s", "lr", "epoch", "cpu_pct")
+# What the training process used of its CPUs / GPU in each epoch (orchestrator/system_metrics.py;
+# gpu_pct only on a GPU): like the timings, measured, not computed by the model.
+USAGE_METRICS = ("cpu_pct", "gpu_pct")
 # What a run cost, logged with its evaluation: throughput and time over the whole run, then where
 # the wall time of its last attempt went (``trial_time_s``: a sweep trial, end to end).
 COST_METRICS = ("train_pairs_per_s", "train_time_s", "train_cpu_pct", "train_gpu_pct")
@@ -40,7 +43,8 @@ def epoch_metrics(cfg: ExperimentConfig) -> tuple[str, ...]:
     from methods.evaluate.suite import quick_probe_config
 
     probe = metric_names(quick_probe_config(cfg.eval)) if cfg.eval.every_epochs else ()
-    return (*training_metrics(cfg), *EPOCH_METRICS, *probe)
+    gpu = ("gpu_pct",) if cfg.resources.gpu and cfg.tracking.system_metrics else ()
+    return (*training_metrics(cfg), *EPOCH_METRICS, *gpu, *probe)
 
 
 def downstream_metrics(cfg: ExperimentConfig) -> tuple[str, ...]:

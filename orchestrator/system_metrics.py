@@ -8,12 +8,13 @@
   still has them. A tracking server that goes away stops the monitor (MLflow's loop ends on a
   failed call) until the next attempt of the run. ``tracking.system_metrics: false`` turns them
   off.
-- ``train_cpu_pct`` (always) and ``train_gpu_pct`` (with a GPU and system metrics on): rank 0's
-  use of what it was given, over its training steps only, logged with the evaluation beside
-  ``train_pairs_per_s`` so the report shows whether a trial kept its CPUs or GPU busy.
-  ``train_cpu_pct`` is the process's CPU time over wall time x ``resources.cpus_per_worker``
-  (100 = every CPU it holds busy); ``train_gpu_pct`` the mean of NVML's utilisation of its GPU,
-  sampled every ``GPU_SAMPLE_STEPS`` steps.
+- ``cpu_pct`` (always) and ``gpu_pct`` (with a GPU and system metrics on) per epoch: rank 0's
+  use of what it was given over the epoch's training steps; ``cpu_pct`` is the process's CPU
+  time over wall time x ``resources.cpus_per_worker`` (100 = every CPU it holds busy),
+  ``gpu_pct`` the mean of NVML's utilisation of its GPU sampled every ``GPU_SAMPLE_STEPS``
+  steps. With the evaluation the run logs their means over its epochs, weighted by epoch length
+  (restarts included, like ``train_pairs_per_s``): ``train_cpu_pct`` / ``train_gpu_pct``, beside
+  ``train_pairs_per_s`` in the report.
 """
 
 from __future__ import annotations
@@ -38,24 +39,18 @@ def _process_cpu_s() -> float:
 
 
 class Usage:
-    """Rank 0's CPU time and GPU utilisation over its training steps (see the module docstring)."""
+    """Rank 0's CPU time and GPU utilisation over one epoch's training steps (see the module
+    docstring); ``training_cost`` weights the epochs' values by their length."""
 
     def __init__(self, cpus: int, device: torch.device, *, gpu: bool) -> None:
         self.cpus, self.device = cpus, device
         self.sample_gpu = gpu and device.type == "cuda"
-        self.wall = self.cpu = 0.0
+        self._start: tuple[float, float] = (0.0, 0.0)
         self.gpu: list[float] = []
-        self._start: tuple[float, float] | None = None
 
     def begin(self) -> None:
         self._start = (time.perf_counter(), _process_cpu_s())
-
-    def end(self) -> None:
-        if self._start is not None:
-            wall, cpu = self._start
-            self.wall += time.perf_counter() - wall
-            self.cpu += _process_cpu_s() - cpu
-            self._start = None
+        self.gpu = []
 
     def step(self, step: int) -> None:
         if self.sample_gpu and step % GPU_SAMPLE_STEPS == 0:
@@ -64,12 +59,13 @@ class Usage:
             except Exception:  # NVML missing or refused: no GPU figure rather than a failed run
                 self.sample_gpu = False
 
-    def metrics(self) -> dict[str, float]:
-        out = {}
-        if self.wall > 0.5:  # a run that trained (not a random-init evaluation or a finished resume)
-            out["train_cpu_pct"] = 100.0 * self.cpu / (self.wall * self.cpus)
+    def end(self) -> dict[str, float]:
+        """The epoch's ``cpu_pct`` (and ``gpu_pct``)."""
+        wall, cpu = self._start
+        elapsed = time.perf_counter() - wall
+        out = {"cpu_pct": 100.0 * (_process_cpu_s() - cpu) / (max(elapsed, 1e-9) * self.cpus)}
         if self.gpu:
-            out["train_gpu_pct"] = sum(self.gpu) / len(self.gpu)
+            out["gpu_pct"] = sum(self.gpu) / len(self.gpu)
         return out
 
 

@@ -407,12 +407,20 @@ def tag_nodes(client: MlflowClient, run_id: str, nodes: list[str]) -> None:
 
 def training_cost(client: MlflowClient, run_id: str) -> dict[str, float]:
     """Time spent in training steps over every epoch of the run (restarts included) and the
-    throughput it gives: ``train_time_s``, ``train_pairs_per_s``."""
+    throughput it gives: ``train_time_s``, ``train_pairs_per_s``; ``train_cpu_pct`` /
+    ``train_gpu_pct`` when the epochs logged their use."""
     epochs = {m.step: m.value for m in client.get_metric_history(run_id, "epoch_time_s")}
     rates = {m.step: m.value for m in client.get_metric_history(run_id, "pairs_per_s")}
     total = sum(epochs.values())
     pairs = sum(epochs[e] * rates[e] for e in epochs if e in rates)
-    return {"train_time_s": total, "train_pairs_per_s": pairs / total if total > 0 else 0.0}
+    cost = {"train_time_s": total, "train_pairs_per_s": pairs / total if total > 0 else 0.0}
+    # The CPU / GPU use of each epoch (orchestrator/system_metrics.py), weighted by its length.
+    for epoch_metric, run_metric in (("cpu_pct", "train_cpu_pct"), ("gpu_pct", "train_gpu_pct")):
+        use = {m.step: m.value for m in client.get_metric_history(run_id, epoch_metric)}
+        timed = sum(epochs[e] for e in use if e in epochs)
+        if timed > 0:
+            cost[run_metric] = sum(use[e] * epochs[e] for e in use if e in epochs) / timed
+    return cost
 
 
 def last_logged_epoch(client: MlflowClient, run_id: str) -> int:

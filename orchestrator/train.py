@@ -333,7 +333,7 @@ class Attempt:
                 if not k.startswith("_"):  # "_"-keys carry tensors for after_step, not metrics
                     sums[k] = sums.get(k, 0) + v.detach()
         elapsed = time.perf_counter() - t0
-        self.usage.end()
+        usage = self.usage.end()
         self.method.on_epoch_end(epoch)
         metrics = _epoch_metrics(sums, self.steps, self.world)
         if not math.isfinite(metrics.get("loss", 0.0)):
@@ -344,6 +344,7 @@ class Attempt:
         metrics["epoch_time_s"] = elapsed
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         metrics["epoch"] = epoch
+        metrics.update(usage)
         every = cfg.eval.every_epochs
         if self.rank == 0 and every and (epoch + 1) % every == 0 and epoch + 1 < cfg.train.epochs:
             metrics.update(quick_knn(cfg, self.method, self.data, self.device))
@@ -377,7 +378,6 @@ class Attempt:
             client = self.client
             self.outbox.flush()  # every epoch's metrics are in the store before the evaluation is looked up
             done = tracking.logged_evaluation(client, self.run_id)
-            timing.update(self.usage.metrics())
             if not export.has_encoders(client, self.run_id):  # before the evaluation marks the run done
                 timing["export_time_s"] = export.log_encoders(client, self.run_id, self.cfg, self.method, self.data)
             if done is not None:  # evaluated before a restart: report it, don't repeat it

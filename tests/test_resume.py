@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 import faults
 from orchestrator import checkpoint as ckpt
 from orchestrator.cli import main
-from orchestrator.metrics import COST_METRICS, TIMING_METRICS
+from orchestrator.metrics import COST_METRICS, TIMING_METRICS, USAGE_METRICS
 
 # Three epochs on two DDP workers; 16 steps per epoch, the unpaired pools (6 batches) wrap mid-epoch;
 # the quick kNN probe after every epoch, and the whole evaluation (transfer split too) at the end.
@@ -25,7 +25,7 @@ RUN = [
     "data.unpaired_image_size=384", "data.train_size=200", "data.test_size=100",
     "data.transfer_train_size=60", "data.transfer_test_size=60", "method.memory_size=50", "eval.every_epochs=1",
 ]
-TIMINGS = ("epoch_time_s", "pairs_per_s", *COST_METRICS, *TIMING_METRICS)
+TIMINGS = ("epoch_time_s", "pairs_per_s", *COST_METRICS, *TIMING_METRICS, *USAGE_METRICS)
 
 
 # --- units ---------------------------------------------------------------------------------------
@@ -178,11 +178,12 @@ def test_a_two_worker_run_logs_its_config_losses_probes_evaluation_and_checkpoin
     client, run = _only_run(home, "ref")
     assert run.data.params["method.memory_size"] == "50" and run.data.params["resources.workers"] == "2"
     assert run.data.tags["avlab.method"] == "bma" and run.data.tags["avlab.preset"] == "tiny"
-    for term in ("loss", "loss_pair", "loss_unpair_sound", "loss_unpair_image", "lr", "epoch_time_s"):
+    for term in ("loss", "loss_pair", "loss_unpair_sound", "loss_unpair_image", "lr", "epoch_time_s", "cpu_pct"):
         assert [s for s, _ in _history(client, run, term)] == [0, 1, 2], term
     # the quick kNN probe after epochs 0 and 1 (eval.every_epochs=1), then the final evaluation
     assert [s for s, _ in _history(client, run, "image_h_knn_acc")] == [0, 1, 2]
     metrics = run.data.metrics
+    assert metrics["train_cpu_pct"] > 0  # the epochs' CPU use, weighted by their length
     for key in ("image_h_linear_acc", "image_h_linear_f1", "image_h_knn_acc", "sound_h_linear_acc",
                 "sound_h_knn_acc", "image_z_linear_acc", "retrieval_s2i_rank1", "retrieval_s2i_rank5",
                 "transfer_sound_h_linear_acc"):

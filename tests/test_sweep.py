@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from orchestrator.cli import main
-from orchestrator.metrics import COST_METRICS
+from orchestrator.metrics import COST_METRICS, USAGE_METRICS
 from orchestrator.search_space import load_search_space
 from orchestrator.sweep import _param_space, build_searcher
 
@@ -423,7 +423,7 @@ def _trial_runs(home: Path, sweep: str) -> dict[tuple[str, str], object]:
 def _measured(run) -> dict[str, float]:
     """What a run measured of its model: all but timings, costs and the machines' system metrics."""
     return {k: v for k, v in run.data.metrics.items()
-            if not (k.endswith("_s") or k in COST_METRICS or k.startswith("system/"))}
+            if not (k.endswith("_s") or k in COST_METRICS or k in USAGE_METRICS or k.startswith("system/"))}
 
 
 @pytest.mark.slow
