@@ -439,14 +439,13 @@ def test_resume_of_a_finished_sweep_says_so_and_changes_nothing(mem_sweep):
 
 
 @pytest.mark.slow
-def test_sweep_stopped_by_ctrl_c_by_avlab_stop_then_by_a_lost_node_resumes_and_finishes_every_trial_once(tmp_path, mem_sweep):
-    """Stop the sweep three times; each time ``avlab resume`` runs only what is left, and the
-    sweep ends exactly as the uninterrupted one did:
+def test_sweep_stopped_by_ctrl_c_then_by_a_lost_node_resumes_and_finishes_every_trial_once(tmp_path, mem_sweep):
+    """Stop the sweep twice; each time ``avlab resume`` runs only what is left, and the sweep ends
+    exactly as the uninterrupted one did:
 
     1. once one trial has finished and another is part-way through, Ctrl-C (SIGINT to the
        driver): one line, exit 130, the sweep KILLED (not FINISHED), every child run settled;
-    2. once the resumed sweep trains, ``avlab stop`` from another process: the same;
-    3. once the resumed sweep trains again, its node is lost: SIGKILL of the driver with its
+    2. once the resumed sweep trains again, its node is lost: SIGKILL of the driver with its
        local Ray head and trial workers, nothing settled."""
     import faults
 
@@ -489,25 +488,10 @@ def test_sweep_stopped_by_ctrl_c_by_avlab_stop_then_by_a_lost_node_resumes_and_f
     assert "FINISHED" in statuses and set(statuses) <= {"FINISHED", "KILLED"}, statuses
     faults.kill_node(proc)  # whatever Ray left behind
 
-    # 2. `avlab stop` from another process once the resumed sweep trains: as Ctrl-C does.
-    stopped = tmp_path / "resume-stopped.log"
-    proc = faults.start(["resume", "cut", "--home", str(home)], stopped, tmp_path)
-    faults.wait_for(lambda: "[avlab] epoch " in stopped.read_text(), timeout=600, what="the resumed sweep to train",
-                    proc=proc, log=stopped)
-    out = faults.run(["stop", "cut", "--home", str(home)], cwd=tmp_path)
-    assert out.returncode == 0 and "[avlab] sweep cut stopped with " in out.stdout, out.stdout + out.stderr
-    assert proc.wait(timeout=60) == 130, stopped.read_text()[-3000:]
-    assert "avlab: sweep cut interrupted with " in stopped.read_text()
-    assert client.get_run(parent.info.run_id).info.status == "KILLED"
-    statuses = sorted(r.info.status for r in _trial_runs(home, "cut").values())
-    assert set(statuses) <= {"FINISHED", "KILLED"}, statuses
-    faults.kill_node(proc)
-    out = faults.run(["stop", "cut", "--home", str(home)], cwd=tmp_path)
-    assert out.returncode == 0 and "[avlab] sweep cut was not running" in out.stdout, out.stdout + out.stderr
     done_first = finished()
     assert done_first and len(done_first) < 4
 
-    # 3. The resumed sweep loses its node once it trains again.
+    # 2. The resumed sweep loses its node once it trains again.
     again = tmp_path / "resume.log"
     proc = faults.start(["resume", "cut", "--home", str(home)], again, tmp_path)
     faults.wait_for(lambda: "[avlab] epoch " in again.read_text(), timeout=600, what="the resumed sweep to train",
@@ -534,6 +518,49 @@ def test_sweep_stopped_by_ctrl_c_by_avlab_stop_then_by_a_lost_node_resumes_and_f
     assert [r["configuration"] for r in cut["rows"]] == [r["configuration"] for r in whole["rows"]]
     assert [(r["seeds"], sorted(r["metrics"])) for r in cut["rows"]] == [
         (r["seeds"], sorted(r["metrics"])) for r in whole["rows"]]
+
+
+@pytest.mark.slow
+def test_avlab_stop_then_resume_finishes_the_sweep_with_one_child_run_per_trial(tmp_path):
+    """`avlab stop NAME` from another process while a trial trains: the driver ends as after
+    Ctrl-C (exit 130, one line), the sweep is KILLED with no run left RUNNING, a second stop
+    says it is not running, and `avlab resume` finishes it with one child run per trial."""
+    import faults
+
+    space = tmp_path / "stop.yaml"
+    space.write_text(MEM_SPACE.replace("seeds: 2", "seeds: 1").replace("max_concurrent: 2", "max_concurrent: 1"))
+    home, log = tmp_path / "runs", tmp_path / "sweep.log"
+    run = [o for o in MEM_RUN if not o.startswith("train.epochs")] + ["train.epochs=6"]
+    proc = faults.start(["sweep", str(space), "--name", "halt", "--home", str(home), *run], log, tmp_path)
+
+    def training() -> bool:
+        if not (home / "jobs" / "halt.json").exists():
+            return False
+        return any(r.info.status == "RUNNING" and any((home / "ray" / "trials" / f"halt-{r.info.run_id}").glob("checkpoint_epoch*"))
+                   for r in _trial_runs(home, "halt").values())
+
+    faults.wait_for(training, timeout=600, what="a trial past its first epoch", proc=proc, log=log)
+    out = faults.run(["stop", "halt", "--home", str(home)], cwd=tmp_path)
+    assert out.returncode == 0 and "[avlab] sweep halt stopped with " in out.stdout, out.stdout + out.stderr
+    assert proc.wait(timeout=60) == 130, log.read_text()[-3000:]
+    ours = [line for line in log.read_text().splitlines() if line.startswith("avlab:")]
+    assert len(ours) == 1 and ours[0].startswith("avlab: sweep halt interrupted with "), ours
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    parent = client.search_runs([client.get_experiment_by_name("avlab-sweeps").experiment_id],
+                                "tags.`avlab.kind` = 'sweep'")[0]
+    assert parent.info.status == "KILLED"
+    assert {r.info.status for r in _trial_runs(home, "halt").values()} <= {"FINISHED", "KILLED"}
+    faults.kill_node(proc)  # whatever Ray left behind
+    out = faults.run(["stop", "halt", "--home", str(home)], cwd=tmp_path)
+    assert out.returncode == 0 and "[avlab] sweep halt was not running" in out.stdout, out.stdout + out.stderr
+
+    out = faults.run(["resume", "halt", "--home", str(home)], cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    runs = _trial_runs(home, "halt")  # asserts one child run per trial
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs.values())
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
 
 
 @pytest.mark.slow
