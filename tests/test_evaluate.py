@@ -765,7 +765,7 @@ def test_mean_pairwise_cosine_against_a_loop() -> None:
 
 
 def test_validation_split_is_stratified_seeded_and_leaves_every_class_a_fitting_row() -> None:
-    from methods.evaluate.suite import validation_split
+    from methods.evaluate.selection import validation_split
 
     y = torch.tensor([0] * 10 + [1] * 5 + [2] * 1)
     fit, val = validation_split(y, 0.2)
