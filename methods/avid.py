@@ -42,7 +42,7 @@ from torch import nn
 from methods.base import Batch, DataInfo, FieldError, Method
 from methods import distributed
 from methods.distributed import world_size
-from methods.encoders import PAPER_ENCODERS, TINY_ENCODERS, EncoderConfig, build_encoder
+from methods.encoders import PAPER_ENCODERS, SMALL_ENCODERS, TINY_ENCODERS, EncoderConfig, build_encoder
 
 # Per avlab preset: this method's section, and what it changes in the other sections (data,
 # train, eval), applied under the run file and the overrides. Values equal to the config's
@@ -53,7 +53,7 @@ PRESETS = {
     # positive sets every epoch of a short run.
     "tiny": {"method": {**TINY_ENCODERS, "cma_refresh_epochs": 1}},
     # BatchNorm in the head: without it the projections collapse (RESULTS.md, "AVID collapse").
-    "small": {"method": {**TINY_ENCODERS, "cma_refresh_epochs": 1, "head_batchnorm": True}},
+    "small": {"method": {**SMALL_ENCODERS, "cma_refresh_epochs": 1, "head_batchnorm": True}},
     "paper": {"method": PAPER_ENCODERS},
 }
 

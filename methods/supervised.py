@@ -20,14 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import Batch, DataInfo, FieldError, Method
-from methods.encoders import PAPER_ENCODERS, TINY_ENCODERS, EncoderConfig, build_encoder
+from methods.encoders import PAPER_ENCODERS, SMALL_ENCODERS, TINY_ENCODERS, EncoderConfig, build_encoder
 
 # Per avlab preset: this method's section, and what it changes in the other sections (data,
 # train, eval), applied under the run file and the overrides. Values equal to the config's
 # defaults (the paper's) are not repeated.
 PRESETS = {
     "tiny": {"method": TINY_ENCODERS},
-    "small": {"method": TINY_ENCODERS},
+    "small": {"method": SMALL_ENCODERS},
     "paper": {"method": PAPER_ENCODERS},
 }
 

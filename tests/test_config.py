@@ -104,6 +104,23 @@ def test_the_small_preset_tunes_bma_only_and_overrides_still_win():
     assert resolve(preset="tiny").method.loss_temperature == 0.1  # the paper's value elsewhere
 
 
+def test_the_small_preset_gives_the_resnet_methods_the_small_image_stem_and_one_encoder_each():
+    """The ResNet methods compared at the small preset (and their supervised baseline) share one
+    image encoder, the small-stem ResNet-18, so that gaps are measured at the same encoders; the
+    sound encoder, L3's VGG and the binaural panoramas keep the ImageNet stem; tiny and paper keep
+    the papers' stem; a run file or the command line still decides."""
+    encoders = {name: resolve(preset="small", overrides=[f"method.name={name}"]).method
+                for name in ("bma", "avid", "supervised")}
+    for name, m in encoders.items():
+        assert (m.image_encoder.stem, m.sound_encoder.stem) == ("small", "imagenet"), name
+        assert m.image_encoder == encoders["bma"].image_encoder and m.sound_encoder == encoders["bma"].sound_encoder
+    assert resolve(preset="small", overrides=["method.name=multissl"]).method.image_encoder.stem == "imagenet"
+    for preset in ("tiny", "paper"):
+        assert resolve(preset=preset).method.image_encoder.stem == "imagenet"
+    mine = resolve(preset="small", overrides=["method.image_encoder.stem=imagenet"])
+    assert mine.method.image_encoder.stem == "imagenet" and mine.method.image_encoder.base_width == 16
+
+
 def test_a_gpu_share_is_per_worker_and_true_is_one_whole_gpu():
     assert resolve(overrides=["resources.gpu=0.25"]).resources.gpu_share == 0.25
     assert resolve(overrides=["resources.gpu=true", "resources.workers=2"]).resources.gpu_share == 1.0
