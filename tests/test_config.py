@@ -92,12 +92,16 @@ def test_every_method_owns_its_presets_and_the_registry_refuses_one_without_them
 
 
 def test_the_small_preset_tunes_bma_only_and_overrides_still_win():
-    """BMA-Memory's small-preset settings (τ_l 0.2, no paired augmentation) stay with BMA: the
-    other methods keep the preset's light augmentation, and the command line still decides."""
+    """BMA-Memory's small-preset settings (τ_l 0.2, no paired augmentation, unpaired sounds only)
+    stay with BMA: the other methods keep the preset's light augmentation and both unpaired pools,
+    and the command line still decides."""
     bma = resolve(preset="small", overrides=["method.name=bma"])
     assert bma.method.loss_temperature == 0.2 and bma.train.paired_augment == "none"
+    assert (bma.data.unpaired_sound_size, bma.data.unpaired_image_size) == (4096, 0)
     for other in ("avid", "l3", "supervised"):
-        assert resolve(preset="small", overrides=[f"method.name={other}"]).train.paired_augment == "light"
+        other_cfg = resolve(preset="small", overrides=[f"method.name={other}"])
+        assert other_cfg.train.paired_augment == "light" and other_cfg.data.unpaired_image_size == 4096
+    assert resolve(preset="small", overrides=["data.unpaired_image_size=2048"]).data.unpaired_image_size == 2048
     mine = resolve(preset="small", overrides=["method.name=bma", "train.paired_augment=light",
                                              "method.loss_temperature=0.1"])
     assert mine.method.loss_temperature == 0.1 and mine.train.paired_augment == "light"
