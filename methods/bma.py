@@ -36,7 +36,7 @@ PRESETS = {
         "train": {"paired_augment": "none"},
         # Unpaired sounds only, as in the paper's experiments (Table 5: unpaired sounds, no unpaired
         # images). With both pools L_unpair costs every probe and a run takes ~24 min on 2 cores;
-        # with sounds only it takes ~10 (RESULTS.md, "BMA-Memory with L_unpair at the small preset").
+        # with sounds only it takes ~10 (RESULTS.md, "Small preset with the small stem").
         "data": {"unpaired_image_size": 0},
     },
     "paper": {"method": PAPER_ENCODERS},
