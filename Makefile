@@ -18,8 +18,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/avlab sweep search_spaces/demo_learning.yaml --name demo-learning-$$(date +%Y%m%d-%H%M%S)
 
+# Two pytest workers (pytest-xdist), one test file each at a time: most slow tests wait on
+# processes they started (Ray, MLflow, avlab itself). TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # Downstream numbers of a random-init encoder, the tiny BMA run and a supervised encoder.
 baselines: $(STAMP)
