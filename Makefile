@@ -18,8 +18,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/avlab sweep search_spaces/demo_learning.yaml --name demo-learning-$$(date +%Y%m%d-%H%M%S)
 
-# Two pytest workers (pytest-xdist), one test file each at a time: most slow tests wait on
-# processes they started (Ray, MLflow, avlab itself). TEST_WORKERS=0 runs them in this process.
+# Two pytest workers (pytest-xdist), one test file each at a time, so module fixtures are built
+# once: 0.81 x the one-process time on two cores (benchmarks/RESULTS.md). TEST_WORKERS=0 runs
+# the suite in this process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
