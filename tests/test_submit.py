@@ -274,8 +274,10 @@ class LocalCluster:
     def actor_nodes(self, class_name: str) -> list[str]:
         from ray.util.state import list_actors
 
-        return [a.node_id for a in list_actors(address=self.address, filters=[("state", "=", "ALIVE"),
-                                                                               ("class_name", "=", class_name)])]
+        # Ray names an actor class by its qualified name (Tune's function trainables are
+        # `wrap_function.<locals>.ImplicitFunc`), so match the last component.
+        return [a.node_id for a in list_actors(address=self.address, filters=[("state", "=", "ALIVE")])
+                if a.class_name.rsplit(".", 1)[-1] == class_name]
 
     def kill(self, node: str) -> None:
         """The node is gone: its raylet, agents and workers, all at once (SIGKILL)."""
@@ -322,6 +324,7 @@ def test_sweep_on_two_nodes_survives_losing_one(tmp_path):
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
     from ray.job_submission import JobSubmissionClient
+    from ray.util.state.exception import RayStateApiException
 
     space = tmp_path / "two_nodes.yaml"
     space.write_text(SPACE)
@@ -355,9 +358,18 @@ def test_sweep_on_two_nodes_survives_losing_one(tmp_path):
               what="the sweep to start on the cluster")
         client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
         on_b: dict = {}
+        seen_actors: set = set()
+
+        def actor_nodes_seen() -> set:
+            try:
+                seen_actors.update(cluster.actor_nodes("ImplicitFunc"))
+            except RayStateApiException:  # the dashboard busy or starting: ask again
+                pass
+            return seen_actors
 
         def both_nodes_training() -> bool:
             job_status()
+            actor_nodes_seen()
             try:
                 runs = {r.data.tags.get("avlab.nodes"): r for r in _children(client, name)}
             except MlflowException:  # sqlite busy with the trials' writes: ask again
@@ -371,9 +383,13 @@ def test_sweep_on_two_nodes_survives_losing_one(tmp_path):
         _wait(both_nodes_training, timeout=600, what="a trial on each node, node b's past its first epoch")
         times["until_both_training_s"] = time.monotonic() - t_submit
         # Single-worker trials train in Tune's trial actors, wherever their CPU is: one per node.
-        trials = cluster.actor_nodes("ImplicitFunc")
-        assert sorted(trials) == sorted(nodes.values()), f"trial actors on {trials}, nodes {nodes}"
-
+        # The state API answers from the dashboard's view of the cluster, which can lag the
+        # trials' own reports: collect what it lists while the trials train, then ask until it
+        # has listed a trial actor on each node.
+        try:
+            _wait(lambda: actor_nodes_seen() >= set(nodes.values()), timeout=60, what="trial actors")
+        except AssertionError:
+            raise AssertionError(f"trial actors listed on {sorted(seen_actors)}, nodes {nodes}") from None
         t_kill = time.monotonic()
         wall_kill = time.time()
         cluster.kill("b")
