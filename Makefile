@@ -23,7 +23,7 @@ demo: $(STAMP)
 # the suite in this process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Downstream numbers of a random-init encoder, the tiny BMA run and a supervised encoder.
 baselines: $(STAMP)

@@ -135,6 +135,9 @@ def main() -> None:
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
         method.on_epoch_end(epoch)
         means = {k: round(v / steps, 4) for k, v in sums.items()}
+        if getattr(method, "cma_active", False):  # AVID+CMA: how many positives share the class
+            label = paired["label"][paired["index"].argsort()]  # by memory slot
+            means["cma_positive_precision"] = round((label[method.positives] == label[:, None]).float().mean().item(), 3)
         print(f"epoch {epoch + 1}/{args.epochs} ({time.perf_counter() - t0:.0f} s)", json.dumps(means), flush=True)
     print("final", json.dumps(probe(method, pools)), flush=True)
 

@@ -1,12 +1,15 @@
 """What the tests share: the project root, the installed ``avlab`` command, the cut-down run
-that end-to-end tests start from, and the one harness that runs code under two DDP workers."""
+that end-to-end tests start from, the one harness that runs code under two DDP workers, and the
+order in which test files are handed to pytest-xdist's workers (the longest first)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 import tempfile
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -60,3 +63,32 @@ def spawn_ddp(fn: Callable[[int, int], Any], world: int = 2) -> list[Any]:
 def ddp() -> Callable[..., list[Any]]:
     """The DDP harness (``spawn_ddp``) as a fixture."""
     return spawn_ddp
+
+
+# --- the order of the test files -------------------------------------------------------------
+# `make test` hands whole files to two workers (`--dist loadfile --no-loadscope-reorder`), in
+# collection order. Started last, one long file leaves the other worker idle for minutes, so the
+# files go longest first, by the seconds each took in a measured run (tests/durations.json,
+# written by `pytest -n 2 --dist loadfile --store-durations`). A file not listed there goes last.
+DURATIONS = Path(__file__).resolve().parent / "durations.json"
+_spent: dict[str, float] = defaultdict(float)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--store-durations", action="store_true",
+                     help=f"write each test file's measured seconds to {DURATIONS.name} (the files' order)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    seconds = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+    items.sort(key=lambda item: -seconds.get(item.nodeid.split("::")[0], 0.0))  # stable within a file
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _spent[report.nodeid.split("::")[0]] += report.duration  # setup, call and teardown
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # On the controller (the process without ``workerinput``), which sees every worker's reports.
+    if session.config.getoption("store_durations") and not hasattr(session.config, "workerinput"):
+        DURATIONS.write_text(json.dumps({k: round(v, 1) for k, v in sorted(_spent.items())}, indent=1) + "\n")
