@@ -94,6 +94,8 @@ def main() -> None:
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cma-precision", action="store_true",
+                        help="AVID: after each epoch, the class precision of the positive sets of every CMA rule")
     parser.add_argument("--override", action="append", default=[], help="key.path=value, e.g. method.memory_size=10")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -137,7 +139,24 @@ def main() -> None:
         means = {k: round(v / steps, 4) for k, v in sums.items()}
         if getattr(method, "cma_active", False):  # AVID+CMA: how many positives share the class
             label = paired["label"][paired["index"].argsort()]  # by memory slot
-            means["cma_positive_precision"] = round((label[method.positives] == label[:, None]).float().mean().item(), 3)
+            same = label[method.positives] == label[:, None]
+            means["cma_positive_precision"] = round(same.float().mean().item(), 3)
+        if args.cma_precision:  # AVID: precision of the positive sets every rule would pick now (Fig. 4c)
+            from methods.avid import CMA_RULES, cma_positive_sets
+
+            label = paired["label"][paired["index"].argsort()]
+            if "latents" not in pools:  # the factors each image shares with its sound, by slot
+                data = build_dataset(cfg.data)
+                pools["latents"] = torch.tensor([list(data.latents("paired", i).values()) for i in range(len(label))])
+            lat = pools["latents"]
+            # |latent difference| to the positives over that to all others: 1 = not grouped by latents
+            others = torch.randint(0, len(lat), (len(lat), 64), generator=torch.Generator().manual_seed(0))
+            base = (lat[:, None, :] - lat[others]).abs().mean()
+            for rule in CMA_RULES:
+                pos = cma_positive_sets(method.bank_v, method.bank_a, k=method.cfg.cma_positives, rule=rule,
+                                        chunk_size=4096)
+                means[f"precision_{rule}"] = round((label[pos] == label[:, None]).float().mean().item(), 3)
+                means[f"latent_gap_{rule}"] = round(((lat[:, None, :] - lat[pos]).abs().mean() / base).item(), 3)
         print(f"epoch {epoch + 1}/{args.epochs} ({time.perf_counter() - t0:.0f} s)", json.dumps(means), flush=True)
     print("final", json.dumps(probe(method, pools)), flush=True)
 
