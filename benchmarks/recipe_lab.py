@@ -12,6 +12,7 @@ belongs in a preset and a sweep.
     .venv/bin/python benchmarks/recipe_lab.py --pairs 16384 --epochs 4 --paired-augment light
     .venv/bin/python benchmarks/recipe_lab.py --method avid --override method.head_batchnorm=true
     .venv/bin/python benchmarks/recipe_lab.py --pairs 4096 --epochs 20 --paired-augment none   # memorises
+    .venv/bin/python benchmarks/recipe_lab.py --method avid --cma-precision   # CMA positives' class precision
 
 Legend: N pool size, B batch.
 """
