@@ -19,8 +19,9 @@ demo: $(STAMP)
 	$(VENV)/bin/avlab sweep search_spaces/demo_learning.yaml --name demo-learning-$$(date +%Y%m%d-%H%M%S)
 
 # Two pytest workers (pytest-xdist), one test file each at a time, so module fixtures are built
-# once: 0.81 x the one-process time on two cores (benchmarks/RESULTS.md). TEST_WORKERS=0 runs
-# the suite in this process.
+# once; the files go longest first by their seconds in tests/durations.json (refresh it with
+# `$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder --store-durations`).
+# TEST_WORKERS=0 runs the suite in this process. Times: benchmarks/RESULTS.md, "Test suite".
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
