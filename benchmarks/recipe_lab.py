@@ -116,6 +116,7 @@ def main() -> None:
     augment = DeviceAugment(cfg)
     print("init", json.dumps(probe(method, pools)), flush=True)
     paired, b = pools["paired"], cfg.train.batch_size
+    label = paired["label"][paired["index"].argsort()]  # the class of each memory slot
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
     for epoch in range(args.epochs):
@@ -139,13 +140,11 @@ def main() -> None:
         method.on_epoch_end(epoch)
         means = {k: round(v / steps, 4) for k, v in sums.items()}
         if getattr(method, "cma_active", False):  # AVID+CMA: how many positives share the class
-            label = paired["label"][paired["index"].argsort()]  # by memory slot
             same = label[method.positives] == label[:, None]
             means["cma_positive_precision"] = round(same.float().mean().item(), 3)
         if args.cma_precision:  # AVID: precision of the positive sets every rule would pick now (Fig. 4c)
             from methods.avid import CMA_RULES, cma_positive_sets
 
-            label = paired["label"][paired["index"].argsort()]
             if "latents" not in pools:  # the factors each image shares with its sound, by slot
                 data = build_dataset(cfg.data)
                 pools["latents"] = torch.tensor([list(data.latents("paired", i).values()) for i in range(len(label))])
