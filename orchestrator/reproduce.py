@@ -48,28 +48,58 @@ def _plans(args: argparse.Namespace) -> tuple[list[Claim], dict[str, tuple[Any, 
     plans: dict[str, tuple[Any, list[Claim]]] = {}
     for claim in claims:
         space = load_search_space(claim.search_space, seeds=args.seeds).with_overrides(args.preset, overrides)
-        digest = hashlib.sha256(json.dumps(space.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8]
+        digest = hashlib.sha256(json.dumps(sweep_content(space), sort_keys=True, default=str).encode()).hexdigest()[:8]
         name = f"reproduce-{claim.search_space.stem}-{space.preset}-s{len(space.seeds)}-{digest}"
         plans.setdefault(name, (space, []))[1].append(claim)
     return claims, plans, overrides
 
 
-def _run_or_reuse(args: argparse.Namespace, name: str, space: Any, overrides: list[str], client, home: Path) -> None:
-    from orchestrator import cli, jobs
+def sweep_content(space: Any) -> dict[str, Any]:
+    """What a claims sweep runs: the resolved search space, with the file's name but not where it
+    lives, so another checkout (or a cluster's copy) of the same claims finds the same sweep."""
+    return {**space.to_dict(), "path": space.path.name}
+
+
+def _same_sweeps(home: Path, name: str, space: Any) -> list[str]:
+    """Sweeps in ``home`` that run what ``name`` would: ``name`` itself, then earlier reproduce
+    sweeps of the same content under another name (named before the name left the path out)."""
+    from orchestrator import jobs
+
+    same = [name] if jobs.exists(home, name) else []
+    wanted = json.loads(json.dumps(sweep_content(space), default=str))  # as a job file holds it
+    prefix = name.rsplit("-", 1)[0] + "-"
+    for path in sorted((home / "jobs").glob(f"{prefix}*.json")):
+        if path.stem == name:
+            continue
+        try:
+            manifest = json.loads(path.read_text())
+            if manifest.get("kind") == "sweep" and {**manifest["space"], "path": Path(manifest["space"]["path"]).name} == wanted:
+                same.append(path.stem)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a job file of ours: never reused
+    return same
+
+
+def _run_or_reuse(args: argparse.Namespace, name: str, space: Any, overrides: list[str], client, home: Path) -> str:
+    """Run the sweep ``name``, or reuse / continue one of the same content; the sweep's name."""
+    from orchestrator import cli
     from orchestrator.sweep import find_sweep_run
 
-    run = find_sweep_run(client, name)
-    if run is not None and run.info.status == "FINISHED":
-        print(f"[avlab] reproduce: reusing finished sweep {name}", flush=True)
-        return
+    same = _same_sweeps(home, name, space)
+    for existing in same:
+        run = find_sweep_run(client, existing)
+        if run is not None and run.info.status == "FINISHED":
+            print(f"[avlab] reproduce: reusing finished sweep {existing}", flush=True)
+            return existing
     common = {"home": args.home, "tracking_uri": args.tracking_uri, "address": args.address}
-    if jobs.exists(home, name):
-        print(f"[avlab] reproduce: continuing sweep {name}", flush=True)
-        cli.cmd_resume(argparse.Namespace(name=name, **common))
-        return
+    if same:
+        print(f"[avlab] reproduce: continuing sweep {same[0]}", flush=True)
+        cli.cmd_resume(argparse.Namespace(name=same[0], **common))
+        return same[0]
     print(f"[avlab] reproduce: sweep {name} ({space.path.name})", flush=True)
     cli.cmd_sweep(argparse.Namespace(search_space=str(space.path), seeds=args.seeds, preset=args.preset,
                                      overrides=overrides, max_concurrent=None, name=name, **common))
+    return name
 
 
 def seed_values(client, name: str, metric: str) -> dict[str, list[float]]:
@@ -153,8 +183,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     tracking.prepare_store(uri)
     client = MlflowClient(uri)
     print(f"[avlab] reproduce: {len(claims)} claims over {len(plans)} sweeps", flush=True)
-    for name, (space, _) in plans.items():
-        _run_or_reuse(args, name, space, overrides, client, home)
+    ran = {name: _run_or_reuse(args, name, space, overrides, client, home) for name, (space, _) in plans.items()}
+    plans = {ran[name]: plan for name, plan in plans.items()}
     entries = []
     for name, (space, group) in plans.items():
         values_by_metric: dict[str, dict[str, list[float]]] = {}

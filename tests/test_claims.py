@@ -11,6 +11,7 @@ import pytest
 from conftest import AVLAB, TINY_RUN
 from orchestrator.claims import Claim, _welch, all_claims, decide, load_claim
 from orchestrator.cli import main
+from orchestrator.search_space import load_search_space
 
 
 def test_every_claim_file_loads_against_its_search_space():
@@ -127,6 +128,30 @@ def test_plateau_and_above():
     assert decide(_claim("above", row="x", value=0.5), {"x": [0.99]}).verdict == "inconclusive"
 
 
+def test_a_claims_sweep_is_found_by_what_it_runs_not_by_where_its_files_live(tmp_path):
+    from orchestrator import jobs
+    from orchestrator.reproduce import _same_sweeps, sweep_content
+
+    text = ("base:\n  preset: tiny\ngrid:\n  method.memory_size: [8, 16]\nseeds: 1\n"
+            "metric: image_h_linear_acc\nmode: max\n")
+    spaces = {}
+    for where, body in (("a", text), ("b", text), ("c", text.replace("seeds: 1", "seeds: 2"))):
+        (tmp_path / where).mkdir()
+        (tmp_path / where / "mem.yaml").write_text(body)
+        spaces[where] = load_search_space(tmp_path / where / "mem.yaml").with_overrides("tiny", [])
+    assert sweep_content(spaces["a"]) == sweep_content(spaces["b"]) != sweep_content(spaces["c"])
+    home = tmp_path / "home"
+    # An earlier sweep of the same content under another name (its name covered the file's path),
+    # one of other content, and a file that is not a job file.
+    jobs.write(home, "reproduce-mem-tiny-s1-0ld00000", {"kind": "sweep", "space": spaces["a"].to_dict()})
+    jobs.write(home, "reproduce-mem-tiny-s1-c0000000", {"kind": "sweep", "space": spaces["c"].to_dict()})
+    (home / "jobs" / "reproduce-mem-tiny-s1-junk.json").write_text("{not json")
+    assert _same_sweeps(home, "reproduce-mem-tiny-s1-new00000", spaces["b"]) == ["reproduce-mem-tiny-s1-0ld00000"]
+    jobs.write(home, "reproduce-mem-tiny-s1-new00000", {"kind": "sweep", "space": spaces["b"].to_dict()})
+    assert _same_sweeps(home, "reproduce-mem-tiny-s1-new00000", spaces["b"]) == [
+        "reproduce-mem-tiny-s1-new00000", "reproduce-mem-tiny-s1-0ld00000"]
+
+
 @pytest.mark.slow
 def test_reproduce_runs_a_claims_sweep_then_reuses_it_without_training(tmp_path):
     space = tmp_path / "mem.yaml"
@@ -143,7 +168,13 @@ def test_reproduce_runs_a_claims_sweep_then_reuses_it_without_training(tmp_path)
     first = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "[avlab] reproduce: sweep reproduce-mem-tiny-s1-" in first.stdout
-    second = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    # The same claim from another checkout (the files elsewhere) finds the sweep all the same.
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in (space, claim):
+        (other / f.name).write_text(f.read_text())
+    cmd[cmd.index(str(claim))] = str(other / claim.name)
+    second = subprocess.run(cmd, capture_output=True, text=True, cwd=other, env=env, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "reusing finished sweep reproduce-mem-tiny-s1-" in second.stdout
     # Two trials in all: the second call trained nothing.
