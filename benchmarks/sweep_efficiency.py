@@ -19,9 +19,10 @@ whole command, and reads back from MLflow what every trial logged about its own 
 A trial's span is its MLflow run's (created -> ended), plus its process's start for a single-worker
 trial (``avlab.launcher`` = ``trial``), whose process starts before the run.
 
-The sweep's slot time is wall time × ``max_concurrent``; it is split into Ray's start-up (before
-the first trial), the phases of every trial, the gaps between trials (Tune scheduling the next),
-and the end (report). "Trial compute" is training plus evaluation: the work the user asked for.
+The sweep's slot time is wall time × ``max_concurrent``; it is split into the driver's start
+(process start -> the sweep's parent run), Ray's start-up (-> the first trial), the phases of every
+trial, the gaps between trials (Tune scheduling the next), the last trial -> the parent run's end,
+and the driver's end (report, plot, Ray's shutdown, the interpreter's exit). "Trial compute" is training plus evaluation: the work the user asked for.
 Targets (issue 17): ≥ 85 % of the demo sweep's slot time inside trial compute, and ≤ 3 s per
 reused single-worker trial outside training and evaluation (launch + import + setup + checkpoints +
 the rest of the trial function), printed separately for trials in a fresh and in a reused actor.
@@ -59,20 +60,21 @@ def demo_overrides() -> list[str]:
     return match.group(1).split() if match else []
 
 
-def run_sweep(space: str, overrides: list[str], home: Path) -> float:
-    """Run ``avlab sweep`` as the user does; return its wall time in seconds."""
+def run_sweep(space: str, overrides: list[str], home: Path) -> tuple[float, float]:
+    """Run ``avlab sweep`` as the user does; return when it started (epoch seconds) and its wall
+    time in seconds."""
     cmd = [str(ROOT / ".venv" / "bin" / "avlab"), "sweep", space, "--name", "bench", "--home", str(home), *overrides]
-    t0 = time.perf_counter()
+    started, t0 = time.time(), time.perf_counter()
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "AVLAB_HOME": str(home)})
     wall = time.perf_counter() - t0
     if out.returncode != 0:
         sys.stderr.write(out.stdout[-3000:] + out.stderr[-5000:])
         raise SystemExit(f"avlab sweep failed with exit code {out.returncode}")
-    return wall
+    return started, wall
 
 
-def breakdown(home: Path, wall: float) -> tuple[dict[str, float], dict[str, float]]:
+def breakdown(home: Path, started: float, wall: float) -> tuple[dict[str, float], dict[str, float]]:
     """Slot-seconds per phase over the whole sweep, and facts about it."""
     from mlflow.tracking import MlflowClient
 
@@ -100,14 +102,15 @@ def breakdown(home: Path, wall: float) -> tuple[dict[str, float], dict[str, floa
         out["trial residual (MLflow run, trainer teardown)"] += span - sum(m.get(k, 0.0) for k in PHASES)
     # Parent run -> first trial: Ray and Tune start, the first trial actors (all slots wait).
     head = (first - parent_start) * slots
-    # After the last trial: the report, Ray's shutdown.
+    # After the last trial: Tune's end, the trials' settling, the parent run's end.
     tail = (parent.info.end_time / 1e3 - last) * slots
-    before_parent = max(wall - (parent.info.end_time - parent.info.start_time) / 1e3, 0.0) * slots
     # Before the parent run exists: interpreter, imports, the checks of every trial's config.
-    out["driver start (imports, config checks)"] = before_parent
+    out["driver start (imports, config checks)"] = max(parent_start - started, 0.0) * slots
+    # After the parent run has ended: the report and its plot, Ray's shutdown, the interpreter's exit.
+    out["driver end (report, Ray shutdown, exit)"] = max(started + wall - parent.info.end_time / 1e3, 0.0) * slots
     out["Ray and Tune start (to the first trial)"] = head
     out["gaps between trials (scheduling)"] = (last - first) * slots - in_trials
-    out["end (report, Ray shutdown)"] = tail
+    out["last trial -> parent run ended"] = tail
     # Per trial, what is not training or evaluation; a trial in a reused (warm) actor imported nothing.
     overhead = {"fresh": [], "reused": []}
     for r in trials:
@@ -131,8 +134,8 @@ def main() -> None:
     overrides = args.override if args.override is not None else demo_overrides()
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
-        wall = run_sweep(args.space, overrides, home)
-        phases, facts = breakdown(home, wall)
+        started, wall = run_sweep(args.space, overrides, home)
+        phases, facts = breakdown(home, started, wall)
     total = facts["wall_s"] * facts["slots"]
     compute = phases["train_time_s"] + phases["eval_time_s"]
     rows = sorted(phases.items(), key=lambda kv: -kv[1])
