@@ -493,6 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--preset", help="tiny, small or paper (replaces each search space's base preset)")
     reproduce.add_argument("--seeds", type=int, help="seeds per configuration (default: each search space's)")
     reproduce.add_argument("--data", metavar="MANIFEST", help="a real dataset's manifest (data.manifest)")
+    reproduce.add_argument("--finished-only", action="store_true",
+                           help="run nothing: decide the claims whose sweeps have finished, list the others")
     reproduce.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
     reproduce.add_argument("--ray-dashboard", action="store_true", help=RAY_DASHBOARD_HELP)
     reproduce.set_defaults(func=cmd_reproduce)

@@ -12,6 +12,7 @@ verdicts it decided (``avlab report`` shows them).
 
     {"format": 1, "name": str, "preset": str, "seeds": int | null, "data": str | null,
      "overrides": [str], "mlflow_run_id": str,
+     "pending": [str],  # claim ids not decided: --finished-only and their sweeps unfinished
      "claims": [{"id": str, "claim": str, "paper": str, "where": str, "metric": str,
                  "rule": {"type": str, ...its fields}, "sweep": str, "budget": str,
                  "verdict": "holds" | "contradicted" | "inconclusive", "effect": float | null,
@@ -80,17 +81,26 @@ def _same_sweeps(home: Path, name: str, space: Any) -> list[str]:
     return same
 
 
-def _run_or_reuse(args: argparse.Namespace, name: str, space: Any, overrides: list[str], client, home: Path) -> str:
-    """Run the sweep ``name``, or reuse / continue one of the same content; the sweep's name."""
-    from orchestrator import cli
+def _finished(client, same: list[str]) -> str | None:
+    """The first of the sweeps ``same`` that has finished, if any."""
     from orchestrator.sweep import find_sweep_run
 
-    same = _same_sweeps(home, name, space)
     for existing in same:
         run = find_sweep_run(client, existing)
         if run is not None and run.info.status == "FINISHED":
-            print(f"[avlab] reproduce: reusing finished sweep {existing}", flush=True)
             return existing
+    return None
+
+
+def _run_or_reuse(args: argparse.Namespace, name: str, space: Any, overrides: list[str], client, home: Path) -> str:
+    """Run the sweep ``name``, or reuse / continue one of the same content; the sweep's name."""
+    from orchestrator import cli
+
+    same = _same_sweeps(home, name, space)
+    existing = _finished(client, same)
+    if existing is not None:
+        print(f"[avlab] reproduce: reusing finished sweep {existing}", flush=True)
+        return existing
     common = {"home": args.home, "tracking_uri": args.tracking_uri, "address": args.address}
     if same:
         print(f"[avlab] reproduce: continuing sweep {same[0]}", flush=True)
@@ -144,6 +154,8 @@ def to_markdown(doc: dict[str, Any]) -> str:
         effect = "–" if c["effect"] is None else f"{c['effect']:+.3f}"
         lines.append(f"| {c['id']}: {c['claim']} ({c['where']}) | {paper or '–'} | {ours} | **{c['verdict']}** | "
                      f"{effect} | {seeds} | {c['budget']} |")
+    if doc.get("pending"):
+        lines += ["", f"Not decided (their sweeps have not finished): {', '.join(doc['pending'])}."]
     return "\n".join(lines) + "\n"
 
 
@@ -179,12 +191,31 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     claims, plans, overrides = _plans(args)  # ConfigError -> exit 2, nothing started yet
     home = tracking.resolve_home(args.home)
     uri = tracking.resolve_tracking_uri(home, args.tracking_uri)
+    if args.finished_only and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        print(f"[avlab] reproduce: no avlab store at {home}, so no claim's sweep has finished; nothing to decide")
+        return 0
     home.mkdir(parents=True, exist_ok=True)
     tracking.prepare_store(uri)
     client = MlflowClient(uri)
     print(f"[avlab] reproduce: {len(claims)} claims over {len(plans)} sweeps", flush=True)
-    ran = {name: _run_or_reuse(args, name, space, overrides, client, home) for name, (space, _) in plans.items()}
-    plans = {ran[name]: plan for name, plan in plans.items()}
+    ran: dict[str, str] = {}
+    pending: list[str] = []  # with --finished-only: the claims whose sweeps have not finished
+    for name, (space, group) in plans.items():
+        if not args.finished_only:
+            ran[name] = _run_or_reuse(args, name, space, overrides, client, home)
+        elif (existing := _finished(client, _same_sweeps(home, name, space))) is not None:
+            ran[name] = existing
+        else:
+            pending += [c.id for c in group]
+    order = {c.id: i for i, c in enumerate(claims)}
+    pending.sort(key=order.__getitem__)
+    if pending:
+        print(f"[avlab] reproduce: not decided, their sweeps have not finished: {', '.join(pending)}", flush=True)
+    if not ran:
+        print("[avlab] reproduce: no claim's sweep has finished yet; nothing to decide", flush=True)
+        return 0
+    preset = next(iter(plans.values()))[0].preset
+    plans = {ran[name]: plan for name, plan in plans.items() if name in ran}
     entries = []
     for name, (space, group) in plans.items():
         values_by_metric: dict[str, dict[str, list[float]]] = {}
@@ -192,20 +223,18 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             if claim.metric not in values_by_metric:
                 values_by_metric[claim.metric] = seed_values(client, name, claim.metric)
             entries.append(_claim_entry(claim, name, space, values_by_metric[claim.metric]))
-    order = {c.id: i for i, c in enumerate(claims)}
     entries.sort(key=lambda e: order[e["id"]])
-    preset = next(iter(plans.values()))[0].preset
     run_name = f"reproduce-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     tracking.get_or_create_experiment(client, CLAIMS_EXPERIMENT, home)
     run_id = tracking.create_run(
         tracking_uri=uri, home=home, experiment=CLAIMS_EXPERIMENT, run_name=run_name,
         params={"preset": preset, "seeds": args.seeds or "", "data": args.data or "", "claims": len(entries),
-                "overrides": " ".join(overrides)},
+                "overrides": " ".join(overrides), "pending": len(pending)},
         tags={"kind": "claims", **{f"verdict.{e['id']}": e["verdict"] for e in entries}},
         config_yaml="\n---\n".join(c.path.read_text() for c in claims),
     )
     doc = {"format": FORMAT, "name": run_name, "preset": preset, "seeds": args.seeds, "data": args.data,
-           "overrides": overrides, "mlflow_run_id": run_id, "claims": entries}
+           "overrides": overrides, "mlflow_run_id": run_id, "claims": entries, "pending": pending}
     out = home / "reports" / "claims" / run_name
     (out / "figures").mkdir(parents=True, exist_ok=True)
     (out / "verdicts.json").write_text(json.dumps(doc, indent=2, sort_keys=True))

@@ -163,6 +163,9 @@ def test_reproduce_runs_a_claims_sweep_then_reuses_it_without_training(tmp_path)
                      "metric: image_h_linear_acc\nrule: {type: greater, a: method.memory_size=16, "
                      "b: method.memory_size=8}\npaper_values: {method.memory_size=16: 0.77}\n")
     home = tmp_path / "home"
+    # Nothing run yet: --finished-only decides nothing and leaves no store behind.
+    assert main(["--home", str(home), "reproduce", str(claim), "--finished-only", *TINY_RUN]) == 0
+    assert not home.exists()
     cmd = [AVLAB, "--home", str(home), "reproduce", str(claim), *TINY_RUN]
     env = {**__import__("os").environ, "RAY_AUTH_MODE": "disabled"}
     first = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
@@ -198,3 +201,17 @@ def test_reproduce_runs_a_claims_sweep_then_reuses_it_without_training(tmp_path)
     report = subprocess.run([AVLAB, "--home", str(home), "report", sweep, "--format", "markdown"],
                             capture_output=True, text=True, timeout=300)
     assert report.returncode == 0 and "mem_claim: inconclusive" in report.stdout and "verdicts.md" in report.stdout
+
+    # --finished-only runs nothing: it decides the claims whose sweeps have finished and lists the
+    # others (here a claim on another space, never run).
+    (tmp_path / "mem2.yaml").write_text(space.read_text().replace("[8, 16]", "[8, 32]"))
+    pending = tmp_path / "pending_claim.yaml"
+    pending.write_text(claim.read_text().replace("mem.yaml", "mem2.yaml").replace("=16", "=32"))
+    assert main(["--home", str(home), "reproduce", str(pending), str(claim), "--finished-only", *TINY_RUN]) == 0
+    kinds = [k for (k,) in con.execute("select value from tags where key = 'avlab.kind'")]
+    assert kinds.count("trial") == 2 and kinds.count("sweep") == 1  # nothing ran
+    (third,) = set((home / "reports" / "claims").iterdir()) - set(reports)
+    doc = json.loads((third / "verdicts.json").read_text())
+    assert [e["id"] for e in doc["claims"]] == ["mem_claim"] and doc["pending"] == ["pending_claim"]
+    assert doc["claims"][0]["rows"] == docs[1]["claims"][0]["rows"]
+    assert "Not decided (their sweeps have not finished): pending_claim." in (third / "verdicts.md").read_text()
