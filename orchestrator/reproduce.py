@@ -224,7 +224,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                 values_by_metric[claim.metric] = seed_values(client, name, claim.metric)
             entries.append(_claim_entry(claim, name, space, values_by_metric[claim.metric]))
     entries.sort(key=lambda e: order[e["id"]])
-    run_name = f"reproduce-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_name = stamp = f"reproduce-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in range(2, 1000):  # two commands in one second never share a report folder
+        if not (home / "reports" / "claims" / run_name).exists():
+            break
+        run_name = f"{stamp}-{n}"
     tracking.get_or_create_experiment(client, CLAIMS_EXPERIMENT, home)
     run_id = tracking.create_run(
         tracking_uri=uri, home=home, experiment=CLAIMS_EXPERIMENT, run_name=run_name,
