@@ -18,9 +18,12 @@ draws negatives from a generator seeded by (``sampling_seed``, ``step``), and re
 plus, under keys starting with ``_``, what ``after_step`` needs: ``_v`` and ``_a`` (the detached
 (B, D) projections) and, on the first step only, ``_z_bar``. Those keys are not loss terms; a
 trainer must not average them. ``after_step`` gathers indices and projections from all workers,
-applies the EMA, freezes Z̄ and counts the step; ``on_epoch_end`` refreshes the CMA positive sets.
-Every piece of state is a registered buffer (banks, Z̄ and its flag, the step counter, the seed,
-the positive sets and the epoch they were computed for), so ``state_dict`` alone checkpoints it
+applies the EMA, freezes Z̄ and counts the step; ``on_epoch_end`` refreshes the CMA positive sets
+and, when the pool's items carry class labels, returns ``cma_positive_precision``: the share of
+the new positives that share their instance's class (the paper's Fig. 4c, inside every run; a
+diagnostic, never used by the losses). Every piece of state is a registered buffer (banks, Z̄ and
+its flag, the step counter, the seed, the positive sets and the epoch they were computed for,
+the class label of each slot, -1 until its item is seen), so ``state_dict`` alone checkpoints it
 and DDP's start-up broadcast makes the workers' copies equal; after that every rank applies the
 same updates, so the per-step buffer broadcast is switched off (``ddp_broadcast_buffers``).
 
@@ -307,6 +310,8 @@ class AVID(Method):
             self.register_buffer("positives", torch.zeros(n, cfg.cma_positives, dtype=torch.int64))
             # The epoch whose start the positive sets were computed for; -1: none yet (CMA off).
             self.register_buffer("positives_epoch", torch.tensor(-1, dtype=torch.int64))
+            if data_info.paired_labelled:  # each slot's class, for cma_positive_precision only
+                self.register_buffer("bank_label", torch.full((n,), -1, dtype=torch.int64))
             if cfg.cma_start_epoch == 0:
                 self.refresh_positives(epoch=0)
 
@@ -372,7 +377,7 @@ class AVID(Method):
     @classmethod
     def training_metrics(cls, cfg: AVIDConfig) -> tuple[str, ...]:
         terms = {"self": ("loss_self",), "cross": ("loss_cross",), "joint": ("loss_self", "loss_cross")}[cfg.variant]
-        return ("loss", *terms, *(("loss_cma",) if cfg.cma else ()))
+        return ("loss", *terms, *(("loss_cma", "cma_positive_precision") if cfg.cma else ()))
 
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         cfg, tau = self.cfg, self.cfg.temperature
@@ -437,6 +442,8 @@ class AVID(Method):
             x_GD = distributed.all_gather(x_BD.to(bank.dtype))
             # Indices within one global batch are distinct (sampling without replacement).
             bank.index_copy_(0, index_G, ema_memory(bank[index_G], x_GD, momentum=self.cfg.memory_momentum))
+        if hasattr(self, "bank_label") and "label" in batch:
+            self.bank_label.index_copy_(0, index_G, distributed.all_gather(batch["label"].long().to(index_G.device)))
         self.step += 1
 
     @torch.no_grad()
@@ -449,13 +456,35 @@ class AVID(Method):
         )
         self.positives_epoch.fill_(epoch)
 
-    def on_epoch_end(self, epoch: int) -> None:
-        """CMA schedule: positive sets for epochs S, S + E, S + 2E, ... (paper: E = 50)."""
+    def on_epoch_end(self, epoch: int) -> dict[str, float] | None:
+        """CMA schedule: positive sets for epochs S, S + E, S + 2E, ... (paper: E = 50), and the
+        class precision of each new set over the slots whose class is known."""
         if not self.cfg.cma:
-            return
+            return None
         nxt, s = epoch + 1, self.cfg.cma_start_epoch
         if nxt >= s and (nxt - s) % self.cfg.cma_refresh_epochs == 0:
             self.refresh_positives(epoch=nxt)
+            return self.positive_precision()
+        return None
+
+    @torch.no_grad()
+    def positive_precision(self) -> dict[str, float]:
+        """``cma_positive_precision``: of the positives whose class and whose instance's class are
+        known, the share of the same class (chance: 1 / classes); none when no class is known."""
+        if not hasattr(self, "bank_label"):
+            return {}
+        own_N1, theirs_NP = self.bank_label[:, None], self.bank_label[self.positives]
+        known = (own_N1 >= 0) & (theirs_NP >= 0)
+        if not bool(known.any()):
+            return {}
+        return {"cma_positive_precision": float(((own_N1 == theirs_NP) & known).sum() / known.sum())}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Checkpoints written before slots kept their class have no bank_label: it starts unknown
+        # (-1) and fills again as items are seen.
+        if hasattr(self, "bank_label") and prefix + "bank_label" not in state_dict:
+            state_dict[prefix + "bank_label"] = torch.full_like(self.bank_label, -1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def embed(

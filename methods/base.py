@@ -144,8 +144,11 @@ class Method(nn.Module):
         every rank updates identically (memory banks from gathered features) turns it off."""
         return True
 
-    def on_epoch_end(self, epoch: int) -> None:
-        """Hook for per-epoch method logic (e.g. refreshing positive sets). Default: none."""
+    def on_epoch_end(self, epoch: int) -> dict[str, float] | None:
+        """Hook for per-epoch method logic (e.g. refreshing positive sets). It may return
+        diagnostics, logged with the epoch's metrics (names declared in ``training_metrics``).
+        Default: none."""
+        return None
 
     def extra_state(self) -> dict[str, Any]:
         """Method state that is not in ``state_dict`` (counters, positive sets)."""

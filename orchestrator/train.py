@@ -334,8 +334,9 @@ class Attempt:
                     sums[k] = sums.get(k, 0) + v.detach()
         elapsed = time.perf_counter() - t0
         usage = self.usage.end()
-        self.method.on_epoch_end(epoch)
+        diagnostics = self.method.on_epoch_end(epoch) or {}
         metrics = _epoch_metrics(sums, self.steps, self.world)
+        metrics.update(diagnostics)
         if not math.isfinite(metrics.get("loss", 0.0)):
             # Checked once an epoch (the sums are already on the host), before anything is saved.
             raise NonFiniteLoss(f"the training loss is {metrics['loss']} in epoch {epoch}: training diverged; "

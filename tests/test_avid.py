@@ -234,6 +234,41 @@ def test_cma_schedule_refreshes_positive_sets_every_e_epochs_from_s():
     assert m.cma_active and "loss_cma" in m(make_batch())
 
 
+def test_cma_positive_precision_is_the_share_of_positives_of_their_instance_class():
+    labels = torch.arange(N) % 4
+    m = make_model(**CMA, cma_start_epoch=1, cma_refresh_epochs=1)
+    assert m.on_epoch_end(0) == {}  # positive sets for epoch 1, but no slot's class known yet
+    for step in range(3):  # items seen with their labels: their slots learn their class
+        b = make_batch(seed=step)
+        b["label"] = labels[b["index"]]
+        m.after_step(b, m(b))
+    seen = m.bank_label >= 0
+    assert 0 < int(seen.sum()) < N and torch.equal(m.bank_label[seen], labels[seen])
+    assert (m.bank_label[~seen] == -1).all()
+    diag = m.on_epoch_end(1)
+    known = seen[:, None] & seen[m.positives]
+    expected = ((labels[:, None] == labels[m.positives]) & known).sum() / known.sum()
+    assert diag == {"cma_positive_precision": pytest.approx(float(expected))}
+    # Banks where each class is one tight cluster: every positive is of its instance's class.
+    with torch.no_grad():
+        centre = unit(4, 16, seed=20).float()
+        m.bank_v.copy_(F.normalize(centre[labels] + 0.01 * unit(N, 16, seed=21).float(), dim=1))
+        m.bank_a.copy_(F.normalize(centre[labels] + 0.01 * unit(N, 16, seed=22).float(), dim=1))
+        m.bank_label.copy_(labels)
+    assert m.on_epoch_end(2) == {"cma_positive_precision": 1.0}
+    # A pool without labels keeps no class per slot and reports nothing.
+    unlabelled = AVID(AVIDConfig(**{**TINY, **CMA, "cma_start_epoch": 0}), DataInfo(paired_size=N, paired_labelled=False))
+    assert not hasattr(unlabelled, "bank_label") and not unlabelled.on_epoch_end(0)
+
+
+def test_a_checkpoint_from_before_slots_kept_their_class_still_loads():
+    a = make_model(**CMA, cma_start_epoch=1)
+    old = {k: v for k, v in a.state_dict().items() if k != "bank_label"}
+    b = make_model(seed=1, **CMA, cma_start_epoch=1)
+    b.load_state_dict(old)  # strict, as a resume loads it
+    assert torch.equal(b.bank_v, a.bank_v) and (b.bank_label == -1).all()
+
+
 # --- checkpoint, DDP ------------------------------------------------------------------------
 
 

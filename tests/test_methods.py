@@ -42,10 +42,13 @@ def test_every_method_trains_from_its_tiny_preset(name, overrides):
         out["loss"].backward()
         opt.step()
         method.after_step(batch, out)
-    method.on_epoch_end(0)
-    # Every metric a step logs is declared, so a search space may optimise it.
+    diagnostics = method.on_epoch_end(0) or {}
+    logged |= set(diagnostics)
+    # Every metric a step or an epoch's end logs is declared, so a search space may optimise it.
     declared = METHODS[name].method_cls.training_metrics(cfg.method)
     assert "loss" in logged and logged <= set(declared), logged - set(declared)
+    if "method.cma=true" in overrides:  # the procedural pool's labels reach the positive sets' precision
+        assert 0.0 <= diagnostics["cma_positive_precision"] <= 1.0
     changed = [k for k, v in method.state_dict().items() if not torch.equal(v, before[k])]
     assert any(k.startswith("E_v.") for k in changed) and any(k.startswith("E_s.") for k in changed)
     test = next(iter(DataLoader(data.pool("test"), batch_size=8)))
