@@ -137,11 +137,9 @@ def main() -> None:
             for k, v in out.items():
                 if not k.startswith("_"):
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
-        method.on_epoch_end(epoch)
+        diagnostics = method.on_epoch_end(epoch) or {}  # AVID+CMA: cma_positive_precision
         means = {k: round(v / steps, 4) for k, v in sums.items()}
-        if getattr(method, "cma_active", False):  # AVID+CMA: how many positives share the class
-            same = label[method.positives] == label[:, None]
-            means["cma_positive_precision"] = round(same.float().mean().item(), 3)
+        means.update({k: round(v, 3) for k, v in diagnostics.items()})
         if args.cma_precision:  # AVID: precision of the positive sets every rule would pick now (Fig. 4c)
             from methods.avid import CMA_RULES, cma_positive_sets
 
