@@ -229,7 +229,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with _one_line_when_ray_stops("sweep", name):
         fit_sweep(job, name=name, home=home, tracking_uri=uri, address=address,
-                  max_concurrent=manifest["max_concurrent"], parent_id=run_id, restore=True)
+                  max_concurrent=manifest["max_concurrent"], parent_id=run_id, restore=True,
+                  reuse_trials=bool(manifest.get("reuse_trials", False)))
     _finish_sweep(client, name, home, uri, time.perf_counter() - t0, job)
     return 0
 
@@ -279,6 +280,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     max_concurrent = args.max_concurrent or space.max_concurrent
     if max_concurrent < 1:
         raise ConfigError(f"--max-concurrent: must be >= 1, got {max_concurrent}")
+    reuse = getattr(args, "reuse_trials", False)
+    if reuse and space.scheduler is not None:
+        raise ConfigError("--reuse-trials: not with a scheduler (it decides on each epoch's report as trials train)")
 
     from orchestrator import jobs, tracking
     from orchestrator.sweep import find_sweep_run, run_sweep
@@ -305,7 +309,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
           f"{len(space.seeds)} seeds), metric {space.metric} ({space.mode}), max {max_concurrent} at once", flush=True)
     t0 = time.perf_counter()
     with _one_line_when_ray_stops("sweep", name):
-        run_sweep(space, name=name, home=home, tracking_uri=uri, address=args.address, max_concurrent=max_concurrent)
+        run_sweep(space, name=name, home=home, tracking_uri=uri, address=args.address, max_concurrent=max_concurrent,
+                  reuse_trials=reuse)
     _finish_sweep(client, name, home, uri, time.perf_counter() - t0, space)
     return 0
 
@@ -475,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
     sweep.add_argument("--max-concurrent", type=int, help="trials at once (default: the search space's)")
     sweep.add_argument("--seeds", type=int, help="seeds per configuration (default: the search space's)")
+    sweep.add_argument("--reuse-trials", action="store_true",
+                       help="a trial whose resolved config and seed equal a finished trial of another sweep in "
+                            "the store takes its results instead of training (tagged avlab.reused_from)")
     sweep.add_argument("--ray-dashboard", action="store_true", help=RAY_DASHBOARD_HELP)
     sweep.set_defaults(func=cmd_sweep)
 

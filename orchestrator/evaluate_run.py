@@ -102,9 +102,9 @@ def evaluate(client, uri: str, home: Path, name: str, *, data: str | None,
     original = ExperimentConfig.from_dict(_run_config(client, run), checked=True)
     tree, changed = _with_settings(original.to_dict(), data, overrides)
     cfg = ExperimentConfig.from_dict(tree)  # checked: a bad setting or manifest fails here, exit 2
-    sweep_name = run.data.tags.get("avlab.sweep_name")
-    source = _final_checkpoint(home, run, sweep_name)
-    if source is None and not has_encoders(client, run.info.run_id):
+    held = tracking.weights_run(client, run)  # a reused trial's weights are the trial it reused
+    source = _final_checkpoint(home, held, held.data.tags.get("avlab.sweep_name"))
+    if source is None and not has_encoders(client, held.info.run_id):
         raise ConfigError(f"RUN: run {run.info.run_name} has neither checkpoints under {home} nor exported encoders")
 
     t0 = time.perf_counter()
@@ -122,12 +122,12 @@ def evaluate(client, uri: str, home: Path, name: str, *, data: str | None,
         from methods.export import load_encoders
 
         with tempfile.TemporaryDirectory(prefix="avlab-eval-") as tmp:
-            encoders = load_encoders(client.download_artifacts(run.info.run_id, ARTIFACT_DIR, tmp))
+            encoders = load_encoders(client.download_artifacts(held.info.run_id, ARTIFACT_DIR, tmp))
         method.E_v.load_state_dict(encoders.image.state_dict())
         method.E_s.load_state_dict(encoders.sound.state_dict())
         cfg = ExperimentConfig.from_dict({**cfg.to_dict(), "eval": {**cfg.to_dict()["eval"], "features": ["h"],
                                                                     "retrieval": False, "clip_retrieval": False}})
-        weights = f"runs:/{run.info.run_id}/{ARTIFACT_DIR} (h only)"
+        weights = f"runs:/{held.info.run_id}/{ARTIFACT_DIR} (h only)"
         changed.update({"eval.features": ["h"], "eval.retrieval": False})
     method.eval()
     label = Path(cfg.data.manifest).stem if cfg.data.manifest else ("binaural" if cfg.data.binaural else "procedural")

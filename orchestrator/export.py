@@ -183,7 +183,10 @@ def export(client: MlflowClient, name: str, out: Path, *, best: bool = False, al
         if parent is None:
             raise ConfigError(f"--best: {name!r} is a run, not a sweep")
         runs = [_best_trial(client, parent, runs)]
-    missing = [r for r in runs if not has_encoders(client, r.info.run_id)]
+    from orchestrator.tracking import weights_run
+
+    weights = {r.info.run_id: weights_run(client, r) for r in runs}  # a reused trial's are its source's
+    missing = [r for r in runs if not has_encoders(client, weights[r.info.run_id].info.run_id)]
     if missing:
         raise ConfigError(f"export: run {missing[0].info.run_name or missing[0].info.run_id} has no exported "
                           f"encoders (it finished before runs logged them, or it failed before its evaluation)")
@@ -195,13 +198,13 @@ def export(client: MlflowClient, name: str, out: Path, *, best: bool = False, al
     folders = []
     for run, target in targets:
         with tempfile.TemporaryDirectory(prefix="avlab-export-") as tmp:
-            local = Path(client.download_artifacts(run.info.run_id, ARTIFACT_DIR, tmp))
+            local = Path(client.download_artifacts(weights[run.info.run_id].info.run_id, ARTIFACT_DIR, tmp))
             target.mkdir(parents=True, exist_ok=True)
             for path in local.iterdir():
                 shutil.copy2(path, target / path.name)
         folders.append(target)
     if best:
-        register_best(client, runs[0], name, alias=alias)
+        register_best(client, weights[runs[0].info.run_id], name, alias=alias)
     return folders
 
 

@@ -97,6 +97,8 @@ def build_report(client: MlflowClient, name: str) -> dict[str, Any]:
         "pareto": pareto_front(rows, objectives) if len(objectives) > 1 else None,
         "chance": _chance(runs, metric),
         "random_init": _random_init(client, runs, metric),
+        # Trials that took an identical finished trial's results (`avlab sweep --reuse-trials`).
+        "reused": sum(1 for r in runs if r.data.tags.get("avlab.reused_from")),
         # Set by `avlab reproduce` on the sweeps it decided claims with.
         "verdicts": parent.data.tags.get("avlab.verdicts"),
         "verdict_report": parent.data.tags.get("avlab.verdict_report"),
@@ -227,6 +229,9 @@ def to_markdown(report: dict[str, Any]) -> str:
                 " **Pareto**" if r["configuration"] in (report.get("pareto") or ()) else "")
         lines.append(f"| {r['configuration']}{mark} | {r['seeds']} | " + " | ".join(cells) + " |")
     lines += ["", *(line[0].upper() + line[1:] + "." for line in verdict_lines(report))]
+    if report.get("reused"):
+        lines += ["", f"{report['reused']} of {sum(r['seeds'] for r in report['rows'])} trials took the results of "
+                      "identical finished trials of other sweeps without training (tag `avlab.reused_from`)."]
     if report.get("verdicts"):
         lines += ["", f"Claims decided on this sweep (`avlab reproduce`): {report['verdicts']}; "
                       f"verdicts: {report['verdict_report']}"]

@@ -3,7 +3,10 @@
 Claims that test the same search space at the same preset, seeds, overrides and data share one
 sweep, named ``reproduce-<space>-<preset>-s<seeds>-<hash>`` (the hash covers the whole resolved
 search space), so a second ``avlab reproduce`` finds it: a finished sweep is reused without
-training, an unfinished one is resumed like ``avlab resume`` would. The verdicts go to
+training, an unfinished one is resumed like ``avlab resume`` would. A new claims sweep runs with
+``--reuse-trials`` (unless it has a scheduler): a trial identical to a finished trial of another
+claims sweep (the BMA default of Fig. 5, Fig. 6 and Table 1, for one) takes its results instead
+of training again. The verdicts go to
 ``<home>/reports/claims/<name>/`` (``verdicts.md``, ``verdicts.json``, one figure per claim) and to
 an MLflow run of the ``avlab-claims`` experiment; each sweep's parent run is tagged with the
 verdicts it decided (``avlab report`` shows them).
@@ -108,7 +111,8 @@ def _run_or_reuse(args: argparse.Namespace, name: str, space: Any, overrides: li
         return same[0]
     print(f"[avlab] reproduce: sweep {name} ({space.path.name})", flush=True)
     cli.cmd_sweep(argparse.Namespace(search_space=str(space.path), seeds=args.seeds, preset=args.preset,
-                                     overrides=overrides, max_concurrent=None, name=name, **common))
+                                     overrides=overrides, max_concurrent=None, name=name,
+                                     reuse_trials=space.scheduler is None, **common))
     return name
 
 

@@ -250,8 +250,10 @@ def run_sweep(
     tracking_uri: str,
     address: str | None,
     max_concurrent: int,
+    reuse_trials: bool = False,
 ) -> str:
-    """Create the sweep's parent run and job file, then run the whole sweep; return the parent id."""
+    """Create the sweep's parent run and job file, then run the whole sweep; return the parent id.
+    With ``reuse_trials``, a trial identical to a finished trial of another sweep takes its results."""
     client = MlflowClient(tracking_uri)
     tracking.get_or_create_experiment(client, SWEEP_EXPERIMENT, home)
     parent_id = tracking.create_run(
@@ -278,10 +280,10 @@ def run_sweep(
     jobs.write(home, name, {
         "kind": "sweep", "space": space.to_dict(), "parent_run_id": parent_id, "tracking_uri": tracking_uri,
         "address": address, "max_concurrent": max_concurrent, "storage": tracking.storage_root(home),
-        "driver": driver_entry(),
+        "driver": driver_entry(), "reuse_trials": reuse_trials,
     })
     fit_sweep(space, name=name, home=home, tracking_uri=tracking_uri, address=address,
-              max_concurrent=max_concurrent, parent_id=parent_id, restore=False)
+              max_concurrent=max_concurrent, parent_id=parent_id, restore=False, reuse_trials=reuse_trials)
     return parent_id
 
 
@@ -347,6 +349,7 @@ def fit_sweep(
     max_concurrent: int,
     parent_id: str,
     restore: bool,
+    reuse_trials: bool = False,
 ) -> None:
     """Run (or, with ``restore``, continue) the Tune experiment; settle the MLflow runs.
 
@@ -373,7 +376,8 @@ def fit_sweep(
         os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
         init_ray(address)
         sweep = {"name": name, "parent_run_id": parent_id, "tracking_uri": tracking_uri, "home": str(home),
-                 "storage": tracking.storage_root(home), "driver": secrets.token_hex(6)}
+                 "storage": tracking.storage_root(home), "driver": secrets.token_hex(6),
+                 "reuse_trials": reuse_trials}
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, space=space, sweep=sweep),
             lambda config: trial_resources(space, config),

@@ -247,6 +247,25 @@ def recorded_failure(client: MlflowClient, run_id: str) -> str:
     return client.get_run(run_id).data.tags.get(f"{TAG_PREFIX}{FAILED_TAG}", "")
 
 
+# A sweep trial that took the results of an identical finished trial (same resolved config and
+# seed, so the same numbers) instead of training: its run names that trial, whose checkpoints and
+# artifacts hold the weights (``avlab sweep --reuse-trials``).
+REUSED_FROM_TAG = "reused_from"
+
+
+def copy_metric_histories(client: MlflowClient, source_id: str, run_id: str, keys) -> None:
+    """Every step of the metrics ``keys`` of run ``source_id``, logged to ``run_id`` unchanged."""
+    items = [m for key in keys for m in client.get_metric_history(source_id, key)]
+    for i in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[i : i + 500])
+
+
+def weights_run(client: MlflowClient, run):
+    """The run whose checkpoints and artifacts hold ``run``'s weights: the trial it reused, or itself."""
+    source = run.data.tags.get(f"{TAG_PREFIX}{REUSED_FROM_TAG}")
+    return client.get_run(source) if source else run
+
+
 def end_run(tracking_uri: str, run_id: str, *, ok: bool) -> None:
     status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
     MlflowClient(tracking_uri).set_terminated(run_id, status=status)

@@ -151,6 +151,15 @@ def _trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, Any],
         # Finished before the sweep's driver died, yet Tune had not recorded it: report, don't rerun.
         ray.tune.report(dict(found[0].data.metrics))
         return
+    if sweep.get("reuse_trials"):
+        if found and found[0].data.tags.get(f"{tracking.TAG_PREFIX}{tracking.REUSED_FROM_TAG}"):
+            # An earlier attempt died while it copied another trial's results: start that again.
+            client.delete_run(found[0].info.run_id)
+            found = []
+        donor = None if found else _identical_finished_trial(client, cfg, sweep)
+        if donor is not None:
+            ray.tune.report(_take_results(client, space, sweep, cfg, params, seed, trial_id, donor))
+            return
     # Which launcher trains it: this trial's own process, or a TorchTrainer's workers.
     launcher = "trial" if cfg.resources.workers == 1 else "ray-train"
     if found:
@@ -188,6 +197,40 @@ def _trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, Any],
         ok = True
     finally:
         tracking.end_run(uri, run_id, ok=ok)
+
+
+def _identical_finished_trial(client: MlflowClient, cfg: Any, sweep: dict[str, Any]):
+    """The first finished trial of another sweep in the store with this trial's resolved config
+    and seed (``cfg.identity()``), evaluated to the end, or None. Its numbers are this trial's:
+    a trial's result is a function of its config and seed."""
+    exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
+    same = client.search_runs(
+        [exp.experiment_id],
+        f"tags.`avlab.run_identity` = '{cfg.identity()}' and tags.`avlab.kind` = 'trial' "
+        "and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time ASC"], max_results=100,
+    )
+    for run in same:
+        if (run.data.tags.get("mlflow.parentRunId") != sweep["parent_run_id"] and "eval_time_s" in run.data.metrics
+                and run.data.tags.get("avlab.stopped_early") != "true"):
+            return run
+    return None
+
+
+def _take_results(client: MlflowClient, space: SearchSpace, sweep: dict[str, Any], cfg: Any, params: dict[str, Any],
+                  seed: int, trial_id: str, donor) -> dict[str, float]:
+    """This trial's child run with ``donor``'s every metric, step by step, and a tag naming the run
+    that holds the weights; no training. Returns the final metrics (Tune's report)."""
+    source = donor.data.tags.get(f"{tracking.TAG_PREFIX}{tracking.REUSED_FROM_TAG}") or donor.info.run_id
+    run_id = _new_trial_run(space, sweep, cfg, params, seed, trial_id, "reused")
+    # Tagged first: a restarted attempt that finds this run half-copied deletes it and starts again.
+    tracking.set_tags(client, run_id, {tracking.REUSED_FROM_TAG: source,
+                                       "reused_from_sweep": donor.data.tags.get("avlab.sweep_name", "")})
+    tracking.copy_metric_histories(client, donor.info.run_id, run_id, donor.data.metrics)
+    tracking.end_run(sweep["tracking_uri"], run_id, ok=True)
+    print(f"[avlab] trial {point_label(params, tuple(space.grid))} seed {seed}: not trained again; the results of "
+          f"the identical finished trial {donor.info.run_name} (MLflow run {source})", flush=True)
+    return dict(donor.data.metrics)
 
 
 def _train_here(cfg, *, run_id: str, uri: str, home: Path, run_dir: str, launch_s: float) -> None:

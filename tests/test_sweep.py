@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -258,6 +259,58 @@ def test_a_trial_and_a_run_of_one_configuration_measure_the_same(tmp_path, mem_s
     for key in ("loss", "loss_pair"):
         assert [m.value for m in client.get_metric_history(run.info.run_id, key)] == [
             m.value for m in trial_client.get_metric_history(trial.info.run_id, key)], key
+
+
+@pytest.mark.slow
+def test_reuse_trials_takes_identical_finished_trials_and_trains_the_rest(tmp_path, mem_sweep, capsys):
+    """`avlab sweep --reuse-trials` in a copy of the module sweep's store: the trials whose config
+    and seed equal a finished trial of `mem` take its every metric, step by step, without training
+    (no checkpoint), tagged with the run that holds the weights, which `avlab export` and
+    `avlab evaluate` then use; a seed that `mem` never ran trains. With a scheduler: exit 2."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    home = tmp_path / "runs"
+    shutil.copytree(mem_sweep[0], home, ignore=shutil.ignore_patterns("reports"))
+    space = tmp_path / "again.yaml"
+    space.write_text(MEM_SPACE.replace("[10, 100]", "[10]").replace("seeds: 2", "seeds: 3"))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out = subprocess.run([AVLAB, "sweep", str(space), "--name", "again", "--reuse-trials", "--home", str(home),
+                          *MEM_RUN], capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert out.stdout.count("not trained again") == 2, out.stdout[-4000:]
+    assert "2 of 3 trials took the results of identical finished trials" in out.stdout
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    runs, donors = trial_runs(home, "again"), trial_runs(home, "mem")
+    assert sorted(runs) == [("method.memory_size=10", s) for s in ("0", "1", "2")]
+    for seed in ("0", "1"):
+        run, donor = runs[("method.memory_size=10", seed)], donors[("method.memory_size=10", seed)]
+        assert run.info.status == "FINISHED" and run.data.tags["avlab.reused_from"] == donor.info.run_id
+        assert run.data.tags["avlab.launcher"] == "reused" and run.data.tags["avlab.reused_from_sweep"] == "mem"
+        assert measured(run) == measured(donor) and run.data.metrics == donor.data.metrics
+        for key in ("loss", "image_h_knn_acc"):
+            assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)] == [
+                (m.step, m.value) for m in client.get_metric_history(donor.info.run_id, key)], key
+        assert not (home / "ray" / "trials" / f"again-{run.info.run_id}").exists()  # never trained
+    trained = runs[("method.memory_size=10", "2")]
+    assert "avlab.reused_from" not in trained.data.tags and trained.data.tags["avlab.launcher"] == "trial"
+    assert any((home / "ray" / "trials" / f"again-{trained.info.run_id}").glob("checkpoint_epoch*"))
+
+    reused = runs[("method.memory_size=10", "0")]
+    assert main(["export", reused.info.run_id, "--out", str(tmp_path / "out"), "--home", str(home)]) == 0
+    folder = Path(capsys.readouterr().out.strip())
+    source = client.download_artifacts(reused.data.tags["avlab.reused_from"], "encoders", str(tmp_path / "src"))
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in Path(source).iterdir())
+    assert main(["evaluate", reused.info.run_id, "--home", str(home)]) == 0  # from the source's checkpoint
+    assert "evaluated " in capsys.readouterr().out
+
+    asha = tmp_path / "asha.yaml"
+    asha.write_text("base:\n  preset: tiny\n  config:\n    eval: {every_epochs: 1}\n"
+                    "grid:\n  method.memory_size: [10]\nscheduler: {type: asha}\n")
+    assert main(["sweep", str(asha), "--reuse-trials", "--home", str(tmp_path / "other")]) == 2
+    assert "--reuse-trials: not with a scheduler" in capsys.readouterr().err
 
 
 def test_mean_ci95_closed_form():
