@@ -199,6 +199,8 @@ def _check_search_space(args: argparse.Namespace):
     check_supported(space)
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent: must be >= 1, got {args.max_concurrent}")
+    if getattr(args, "reuse_trials", False) and space.scheduler is not None:
+        raise ConfigError("--reuse-trials: not with a scheduler (it decides on each epoch's report as trials train)")
     # train.init_from names a run in the cluster's home, which only the sweep there can check.
     return space
 
@@ -232,6 +234,8 @@ def entrypoint(args: argparse.Namespace, space_path: str, name: str) -> str:
     for flag, value in (("--preset", args.preset), ("--max-concurrent", args.max_concurrent), ("--seeds", args.seeds)):
         if value is not None:
             cmd += [flag, str(value)]
+    if getattr(args, "reuse_trials", False):
+        cmd.append("--reuse-trials")
     if args.home:
         cmd += ["--home", str(Path(args.home).expanduser().resolve())]
     if args.tracking_uri:
@@ -348,6 +352,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     submit.add_argument("--preset", help="replaces the search space's base preset")
     submit.add_argument("--max-concurrent", type=int, help="trials at once (default: the search space's)")
     submit.add_argument("--seeds", type=int, help="seeds per configuration (default: the search space's)")
+    submit.add_argument("--reuse-trials", action="store_true",
+                        help="as avlab sweep --reuse-trials: identical finished trials are not trained again")
     submit.set_defaults(func=_one_line_errors(cmd_submit))
 
     logs = sub.add_parser("logs", parents=[common], help="the output of a submitted sweep's Ray job")

@@ -138,6 +138,9 @@ def test_entrypoint_runs_the_sweep_on_the_cluster(tmp_path, monkeypatch):
     command = submit.entrypoint(args, "submitted/x.yaml", "x")
     assert command.startswith("/opt/venv/bin/python -m orchestrator.cli sweep submitted/x.yaml")
     assert f"--home '{tmp_path / 'shared home'}' --tracking-uri http://mlflow:5000" in command
+    args.reuse_trials = True  # avlab submit --reuse-trials: the sweep on the cluster reuses trials too
+    assert "--name x --address auto --preset tiny --max-concurrent 3 --reuse-trials --home " in submit.entrypoint(
+        args, "submitted/x.yaml", "x")
 
 
 def test_a_search_space_from_elsewhere_travels_in_a_copy_of_the_project(tmp_path):
