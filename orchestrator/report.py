@@ -349,7 +349,8 @@ def status_lines(client: MlflowClient, name: str) -> list[str]:
     for run in sorted(children, key=lambda r: r.info.start_time or 0):
         value = run.data.metrics.get(metric)
         shown = f"{value:.4f}" if value is not None else "-"
-        lines.append(f"  {run.info.status:<9} {run.data.tags.get('avlab.config_label', '')} seed={run.data.tags.get('avlab.seed', '?')} {metric}={shown}")
+        reused = f" (reused: {run.data.tags.get('avlab.reused_from_sweep', '?')})" if run.data.tags.get("avlab.reused_from") else ""
+        lines.append(f"  {run.info.status:<9} {run.data.tags.get('avlab.config_label', '')} seed={run.data.tags.get('avlab.seed', '?')} {metric}={shown}{reused}")
         if value is not None and (best is None or (value > best[0] if mode == "max" else value < best[0])):
             best = (value, run.data.tags.get("avlab.config_label", ""))
     if best:

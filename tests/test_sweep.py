@@ -298,6 +298,8 @@ def test_reuse_trials_takes_identical_finished_trials_and_trains_the_rest(tmp_pa
     assert "avlab.reused_from" not in trained.data.tags and trained.data.tags["avlab.launcher"] == "trial"
     assert any((home / "ray" / "trials" / f"again-{trained.info.run_id}").glob("checkpoint_epoch*"))
 
+    assert main(["status", "again", "--home", str(home)]) == 0
+    assert capsys.readouterr().out.count("(reused: mem)") == 2
     reused = runs[("method.memory_size=10", "0")]
     assert main(["export", reused.info.run_id, "--out", str(tmp_path / "out"), "--home", str(home)]) == 0
     folder = Path(capsys.readouterr().out.strip())
