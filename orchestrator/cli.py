@@ -270,7 +270,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from orchestrator.sweep import check_supported
 
     space = load_search_space(args.search_space, seeds=args.seeds).with_overrides(args.preset, args.overrides)
-    check_supported(space)
+    reuse = getattr(args, "reuse_trials", False)
+    check_supported(space, reuse_trials=reuse)
     if args.address is None:
         _check_sweep_resources(space)
     else:
@@ -280,9 +281,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     max_concurrent = args.max_concurrent or space.max_concurrent
     if max_concurrent < 1:
         raise ConfigError(f"--max-concurrent: must be >= 1, got {max_concurrent}")
-    reuse = getattr(args, "reuse_trials", False)
-    if reuse and space.scheduler is not None:
-        raise ConfigError("--reuse-trials: not with a scheduler (it decides on each epoch's report as trials train)")
 
     from orchestrator import jobs, tracking
     from orchestrator.sweep import find_sweep_run, run_sweep

@@ -196,11 +196,9 @@ def _check_search_space(args: argparse.Namespace):
     from orchestrator.sweep import check_supported
 
     space = load_search_space(args.search_space, seeds=args.seeds).with_overrides(args.preset, args.overrides)
-    check_supported(space)
+    check_supported(space, reuse_trials=getattr(args, "reuse_trials", False))
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent: must be >= 1, got {args.max_concurrent}")
-    if getattr(args, "reuse_trials", False) and space.scheduler is not None:
-        raise ConfigError("--reuse-trials: not with a scheduler (it decides on each epoch's report as trials train)")
     # train.init_from names a run in the cluster's home, which only the sweep there can check.
     return space
 

@@ -121,7 +121,9 @@ def build_searcher(space: SearchSpace, seed: int = 0):
     )
 
 
-def check_supported(space: SearchSpace) -> None:
+def check_supported(space: SearchSpace, *, reuse_trials: bool = False) -> None:
+    if reuse_trials and space.scheduler is not None:
+        raise ConfigError("--reuse-trials: not with a scheduler (it decides on each epoch's report as trials train)")
     if space.uses_optuna and (space.grid or space.variants):
         raise ConfigError(f"{space.path.name}: search: combine it with neither grid nor variants")
     if space.uses_optuna and len(space.seeds) > 1:
