@@ -146,7 +146,11 @@ def init_ray(address: str | None = None, *, dashboard: bool = False) -> None:
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, logging_level="WARNING")
+        # A Ray that listens on loopback only (the local Ray of another avlab command): Ray would
+        # turn 127.0.0.1 into this machine's external address, where nothing answers, and retry
+        # that forever. Attach to it as one of its own local drivers instead.
+        with _loopback_node() if _loopback_only(address) else contextlib.nullcontext():
+            ray.init(address=address, logging_level="WARNING")
     else:
         # Set before Ray starts: its processes (Tune's trial actors among them) inherit them.
         for key, value in LOCAL_RAY_ENV.items():
@@ -164,6 +168,30 @@ def init_ray(address: str | None = None, *, dashboard: bool = False) -> None:
     from orchestrator.stop import after_ray_init
 
     after_ray_init()
+
+
+def _loopback_only(address: str) -> bool:
+    """``address`` names this machine's loopback (127.0.0.1, localhost, ::1) and the Ray there
+    does not answer on the machine's external address too."""
+    import socket
+
+    from ray._common.network_utils import is_localhost, node_ip_address_from_perspective
+
+    host, _, port = address.removeprefix("ray://").rstrip("/").rpartition(":")
+    host = host.strip("[]")
+    if address.startswith("ray://") or not port.isdigit() or not is_localhost(host):
+        return False
+    try:
+        external = node_ip_address_from_perspective()
+    except OSError:  # no route off this machine: loopback is all there is
+        return True
+    if is_localhost(external):
+        return True
+    try:
+        socket.create_connection((external, int(port)), timeout=2.0).close()
+    except OSError:
+        return True
+    return False
 
 
 @contextlib.contextmanager

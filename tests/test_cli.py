@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -356,3 +357,42 @@ def test_two_commands_creating_one_fresh_store_at_once_both_succeed(tmp_path):
 
     names = {e.name for e in MlflowClient(uri).search_experiments()}
     assert {"e0", "e1", "e2"} <= names
+
+
+HOLDER = """
+import sys
+import ray
+from orchestrator.launch import init_ray
+init_ray()
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.slow
+def test_a_run_attaches_to_the_loopback_only_ray_of_another_avlab_command(tmp_path):
+    """`--address 127.0.0.1:PORT` of a Ray that listens on loopback only (the local Ray that an
+    avlab command starts): Ray would turn 127.0.0.1 into the machine's external address, where
+    nothing answers, and retry it forever. The run attaches, trains and finishes."""
+    import faults
+    from conftest import AVLAB, TINY_RUN
+
+    # Token authentication, as a local Ray has by default; the attaching command is given the token.
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex + uuid.uuid4().hex}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER], cwd=ROOT, env={**faults.env(), **auth, "PYTHONPATH": str(ROOT)},
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        address = holder.stdout.readline().strip()
+        assert address.startswith("127.0.0.1:"), address
+        out = subprocess.run([AVLAB, "run", "--address", address, "--home", str(tmp_path / "home"), "tracking.run_name=att",
+                              *TINY_RUN], cwd=tmp_path, env={**faults.env(), **auth}, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert "Failed to connect to GCS" not in out.stderr
+    finally:
+        faults.kill_node(holder)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("avlab").experiment_id])
+    assert run.info.status == "FINISHED" and "image_h_linear_acc" in run.data.metrics
