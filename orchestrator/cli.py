@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 # The config (and with it torch, torchvision, scikit-learn) is imported by the commands that
 # need it, so `--help`, `status`, `report` and `ui` start in a fraction of the time.
+from orchestrator import data_commands
 from orchestrator.errors import ConfigError, Interrupted, RunFailed
 
 if TYPE_CHECKING:
@@ -370,84 +371,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _data_config(args: argparse.Namespace):
-    """The data section (feature settings, cache knobs) for ``args.manifest`` from the preset and
-    the overrides, validated like a run's."""
-    overrides = [*args.overrides, f"data.manifest={os.path.abspath(args.manifest)}"]
-    if getattr(args, "skip_bad", False):
-        overrides.append("data.skip_bad=true")
-    if getattr(args, "workers", None) is not None:
-        overrides.append(f"data.cache_workers={args.workers}")
-    from orchestrator.config import resolve
-
-    # Only the data section is used: no training, so no batch-size check against the pools.
-    return resolve({}, preset=args.preset, overrides=[*overrides, "train.epochs=0"]).data
-
-
-def _absolute_paths(row: dict, folder: Path) -> dict:
-    """A manifest row with its file paths made absolute (they are stored relative to ``folder``)."""
-    out = dict(row)
-    for key in ("image", "sound"):
-        if out.get(key) and not os.path.isabs(out[key]):
-            out[key] = str((folder / out[key]).resolve())
-    return out
-
-
-def cmd_data(args: argparse.Namespace) -> int:
-    from methods.data.decode import DataError, FeatureSettings
-    from methods.data.manifest import ManifestError
-    from orchestrator.config import parse_override
-
-    try:
-        if args.data_command == "index":
-            from methods.data.layouts import index_layout
-            from methods.data.manifest import read_manifest, write_manifest
-
-            out = Path(args.out)
-            if out.is_dir():
-                raise ConfigError(f"--out: {out} is a folder; give the path of the manifest CSV to write")
-            if out.exists() and not (args.force or args.append):
-                raise ConfigError(f"--out: {out} exists; pass --append to add rows to it or --force to replace it")
-            options = dict(parse_override(text) for text in args.option)
-            try:
-                rows = index_layout(args.layout, args.path, seed=args.seed, **options)
-            except TypeError as exc:  # an option the layout does not have
-                raise ConfigError(f"--option: {exc}") from None
-            if args.append and out.exists():
-                old = read_manifest(out)  # validated: a broken manifest is not extended
-                rows = [*(_absolute_paths(row, out.parent) for row in old.rows), *rows]
-            write_manifest(rows, out)
-            manifest = read_manifest(out)  # what was written must read back valid
-            counts: dict[str, int] = {}
-            for row in rows:
-                counts[row["split"]] = counts.get(row["split"], 0) + 1
-            print(f"[avlab] {out}: {len(rows)} rows ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}), "
-                  f"{len(manifest.classes)} classes")
-            return 0
-        from methods.data.manifest import check_manifest, read_manifest
-
-        data_cfg = _data_config(args)
-        manifest = read_manifest(data_cfg.manifest)
-        settings = FeatureSettings.from_config(data_cfg)
-        workers = data_cfg.cache_workers or os.cpu_count() or 1
-        if args.data_command == "check":
-            report = check_manifest(manifest, settings, skip_bad=args.skip_bad, workers=workers)
-            if not args.skip_bad:
-                report.raise_if_bad()
-            print(f"[avlab] {report.summary()}")
-            return 0
-        from methods.data.real import ManifestAV
-
-        data = ManifestAV(data_cfg)
-        cache = data.cache  # builds it (once; other callers wait on its lock)
-        print(f"[avlab] feature cache {cache.root}: {len(cache)} items"
-              + (f", {len(cache.skipped)} skipped" if cache.skipped else ""))
-        return 0
-    except (DataError, ManifestError) as exc:
-        print(f"avlab: error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-
-
 RAY_DASHBOARD_HELP = "with a local Ray: also start its dashboard, on 127.0.0.1 (or set AVLAB_RAY_DASHBOARD=1)"
 
 
@@ -537,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="a layout option, e.g. test_fold=1 (esc50), labelled=true split=train (folder), "
                             "as_unpaired=false (kinetics), split_fractions=[0.7,0.2,0.1] (acivw)")
-    index.set_defaults(func=cmd_data, overrides=[])
+    index.set_defaults(func=data_commands.cmd_data, overrides=[])
     for name, text in (("check", "decode every item and list the unusable ones"),
                        ("cache", "decode everything once into the memory-mapped feature cache")):
         p = data_sub.add_parser(name, help=text)
@@ -547,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--preset", help="tiny, small or paper: the feature settings to use")
         p.add_argument("--skip-bad", action="store_true", help="skip unusable items (listed once) instead of failing")
         p.add_argument("--workers", type=int, help="decoding processes (default: one per CPU core)")
-        p.set_defaults(func=cmd_data, overrides=[])
+        p.set_defaults(func=data_commands.cmd_data, overrides=[])
     return parser
 
 

@@ -1,0 +1,87 @@
+"""``avlab data index | check | cache``: a manifest from a dataset's folder layout, its files
+checked, its feature cache built. Bad input exits 2 in one line naming the field or file."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from orchestrator.errors import ConfigError
+
+
+def _data_config(args: argparse.Namespace):
+    """The data section (feature settings, cache knobs) for ``args.manifest`` from the preset and
+    the overrides, validated like a run's."""
+    overrides = [*args.overrides, f"data.manifest={os.path.abspath(args.manifest)}"]
+    if getattr(args, "skip_bad", False):
+        overrides.append("data.skip_bad=true")
+    if getattr(args, "workers", None) is not None:
+        overrides.append(f"data.cache_workers={args.workers}")
+    from orchestrator.config import resolve
+
+    # Only the data section is used: no training, so no batch-size check against the pools.
+    return resolve({}, preset=args.preset, overrides=[*overrides, "train.epochs=0"]).data
+
+
+def _absolute_paths(row: dict, folder: Path) -> dict:
+    """A manifest row with its file paths made absolute (they are stored relative to ``folder``)."""
+    out = dict(row)
+    for key in ("image", "sound"):
+        if out.get(key) and not os.path.isabs(out[key]):
+            out[key] = str((folder / out[key]).resolve())
+    return out
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from methods.data.decode import DataError, FeatureSettings
+    from methods.data.manifest import ManifestError
+    from orchestrator.config import parse_override
+
+    try:
+        if args.data_command == "index":
+            from methods.data.layouts import index_layout
+            from methods.data.manifest import read_manifest, write_manifest
+
+            out = Path(args.out)
+            if out.is_dir():
+                raise ConfigError(f"--out: {out} is a folder; give the path of the manifest CSV to write")
+            if out.exists() and not (args.force or args.append):
+                raise ConfigError(f"--out: {out} exists; pass --append to add rows to it or --force to replace it")
+            options = dict(parse_override(text) for text in args.option)
+            try:
+                rows = index_layout(args.layout, args.path, seed=args.seed, **options)
+            except TypeError as exc:  # an option the layout does not have
+                raise ConfigError(f"--option: {exc}") from None
+            if args.append and out.exists():
+                old = read_manifest(out)  # validated: a broken manifest is not extended
+                rows = [*(_absolute_paths(row, out.parent) for row in old.rows), *rows]
+            write_manifest(rows, out)
+            manifest = read_manifest(out)  # what was written must read back valid
+            counts: dict[str, int] = {}
+            for row in rows:
+                counts[row["split"]] = counts.get(row["split"], 0) + 1
+            print(f"[avlab] {out}: {len(rows)} rows ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}), "
+                  f"{len(manifest.classes)} classes")
+            return 0
+        from methods.data.manifest import check_manifest, read_manifest
+
+        data_cfg = _data_config(args)
+        manifest = read_manifest(data_cfg.manifest)
+        settings = FeatureSettings.from_config(data_cfg)
+        workers = data_cfg.cache_workers or os.cpu_count() or 1
+        if args.data_command == "check":
+            report = check_manifest(manifest, settings, skip_bad=args.skip_bad, workers=workers)
+            if not args.skip_bad:
+                report.raise_if_bad()
+            print(f"[avlab] {report.summary()}")
+            return 0
+        from methods.data.real import ManifestAV
+
+        data = ManifestAV(data_cfg)
+        cache = data.cache  # builds it (once; other callers wait on its lock)
+        print(f"[avlab] feature cache {cache.root}: {len(cache)} items"
+              + (f", {len(cache.skipped)} skipped" if cache.skipped else ""))
+        return 0
+    except (DataError, ManifestError) as exc:  # main() prints it in one line and exits 2
+        raise ConfigError(str(exc).splitlines()[0]) from None
