@@ -99,10 +99,31 @@ def build_report(client: MlflowClient, name: str) -> dict[str, Any]:
         "random_init": _random_init(client, runs, metric),
         # Trials that took an identical finished trial's results (`avlab sweep --reuse-trials`).
         "reused": sum(1 for r in runs if r.data.tags.get("avlab.reused_from")),
+        # Which code made the numbers: trials per `avlab.source_hash` ("unrecorded" before the tag).
+        "code_versions": code_versions(runs),
         # Set by `avlab reproduce` on the sweeps it decided claims with.
         "verdicts": parent.data.tags.get("avlab.verdicts"),
         "verdict_report": parent.data.tags.get("avlab.verdict_report"),
     }
+
+
+def code_versions(runs: list) -> dict[str, int]:
+    """Trials per code version (tag ``avlab.source_hash``; "unrecorded" for runs made before it)."""
+    counts: dict[str, int] = {}
+    for run in runs:
+        code = run.data.tags.get("avlab.source_hash", "unrecorded")
+        counts[code] = counts.get(code, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def code_line(counts: dict[str, int]) -> str:
+    """One sentence naming the code versions behind ``counts`` trials."""
+    if list(counts) == ["unrecorded"]:
+        return "No trial recorded its code version (made before the tag `avlab.source_hash`)."
+    if len(counts) == 1:
+        return f"Every trial ran on code {next(iter(counts))} (tag `avlab.source_hash`)."
+    return ("The trials ran on several code versions (tag `avlab.source_hash`): "
+            + ", ".join(f"{code} ({n})" for code, n in counts.items()) + ".")
 
 
 def objectives_of(params: dict[str, str]) -> list[tuple[str, str]]:
@@ -232,6 +253,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     if report.get("reused"):
         lines += ["", f"{report['reused']} of {sum(r['seeds'] for r in report['rows'])} trials took the results of "
                       "identical finished trials of other sweeps without training (tag `avlab.reused_from`)."]
+    if report.get("code_versions"):
+        lines += ["", code_line(report["code_versions"])]
     if report.get("verdicts"):
         lines += ["", f"Claims decided on this sweep (`avlab reproduce`): {report['verdicts']}; "
                       f"verdicts: {report['verdict_report']}"]
@@ -252,8 +275,9 @@ def to_table(report: dict[str, Any]) -> str:
     fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
     star = "on the Pareto front" if report.get("pareto") is not None else f"best {report['metric']}"
     title = f"{report['sweep']} ({report['search_space']}): mean ± 95 % CI over seeds, * = {star}"
+    code = [code_line(report["code_versions"])] if report.get("code_versions") else []
     return "\n".join([title, fmt(header), fmt(["-" * w for w in widths]), *map(fmt, body),
-                      *verdict_lines(report)]) + "\n"
+                      *verdict_lines(report), *code]) + "\n"
 
 
 def plot_pareto(report: dict[str, Any]) -> Figure:

@@ -21,7 +21,9 @@ verdicts it decided (``avlab report`` shows them).
                  "verdict": "holds" | "contradicted" | "inconclusive", "effect": float | null,
                  "detail": str,
                  "rows": [{"configuration": str, "mean": float | null, "ci95": float | null,
-                           "values": [float], "paper": float | null}]}]}
+                           "values": [float], "paper": float | null}],
+                 "code": {str: int}}]}  # finished trials of the sweep per code version
+                                        # (tag avlab.source_hash; "unrecorded" before it)
 """
 
 from __future__ import annotations
@@ -127,6 +129,14 @@ def seed_values(client, name: str, metric: str) -> dict[str, list[float]]:
     return out
 
 
+def sweep_code_versions(client, name: str) -> dict[str, int]:
+    """The finished trials of sweep ``name`` per code version (``report.code_versions``)."""
+    from orchestrator.report import _children, _sweep, code_versions
+
+    return code_versions([r for r in _children(client, _sweep(client, name).info.run_id)
+                          if r.info.status == "FINISHED"])
+
+
 def _claim_entry(claim: Claim, sweep: str, space: Any, values: dict[str, list[float]]) -> dict[str, Any]:
     from orchestrator.report import mean_ci95
 
@@ -147,6 +157,8 @@ def _claim_entry(claim: Claim, sweep: str, space: Any, values: dict[str, list[fl
 
 
 def to_markdown(doc: dict[str, Any]) -> str:
+    from orchestrator.report import code_line
+
     lines = [f"### Claims at the {doc['preset']} preset ({doc['name']})", "",
              "| claim | paper's numbers | avlab mean ± 95 % CI | verdict | effect | seeds | budget |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -158,6 +170,12 @@ def to_markdown(doc: dict[str, Any]) -> str:
         effect = "–" if c["effect"] is None else f"{c['effect']:+.3f}"
         lines.append(f"| {c['id']}: {c['claim']} ({c['where']}) | {paper or '–'} | {ours} | **{c['verdict']}** | "
                      f"{effect} | {seeds} | {c['budget']} |")
+    versions = {code for c in doc["claims"] for code in c.get("code", {})}
+    if len(versions) == 1:
+        lines += ["", code_line({versions.pop(): 1})]
+    elif versions:
+        lines += ["", "Code versions of the trials (tag `avlab.source_hash`, trials per version): " + "; ".join(
+            f"{c['id']}: " + ", ".join(f"{code} ({n})" for code, n in c["code"].items()) for c in doc["claims"]) + "."]
     if doc.get("pending"):
         lines += ["", f"Not decided (their sweeps have not finished): {', '.join(doc['pending'])}."]
     return "\n".join(lines) + "\n"
@@ -223,10 +241,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     entries = []
     for name, (space, group) in plans.items():
         values_by_metric: dict[str, dict[str, list[float]]] = {}
+        code = sweep_code_versions(client, name)
         for claim in group:
             if claim.metric not in values_by_metric:
                 values_by_metric[claim.metric] = seed_values(client, name, claim.metric)
-            entries.append(_claim_entry(claim, name, space, values_by_metric[claim.metric]))
+            entries.append({**_claim_entry(claim, name, space, values_by_metric[claim.metric]), "code": code})
     entries.sort(key=lambda e: order[e["id"]])
     run_name = stamp = f"reproduce-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     for n in range(2, 1000):  # two commands in one second never share a report folder

@@ -8,6 +8,8 @@ worker keeps writing to its own run.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import logging
 import os
 import re
@@ -151,6 +153,28 @@ def empty_store_template() -> Path | None:
     return template
 
 
+SOURCE_HASH_TAG = "source_hash"
+SOURCE_PACKAGES = ("methods", "orchestrator")
+
+
+def tree_hash(root: Path) -> str:
+    """The first 12 hex digits of a SHA-256 over every Python file of ``root``'s ``methods/`` and
+    ``orchestrator/`` (relative path and bytes, in path order)."""
+    digest = hashlib.sha256()
+    for package in SOURCE_PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+            digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=1)
+def source_hash() -> str:
+    """This code's ``tree_hash``, tagged on every run: the code a run ran, known with or without
+    git (an installed copy, a copy of the tree) and whatever the working tree holds."""
+    return tree_hash(PROJECT_ROOT)
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(
@@ -194,6 +218,7 @@ def create_run(
     exp_id = get_or_create_experiment(client, experiment, home)
     all_tags = {f"{TAG_PREFIX}{k}": str(v) for k, v in tags.items()}
     all_tags[f"{TAG_PREFIX}git_commit"] = git_commit()
+    all_tags.setdefault(f"{TAG_PREFIX}{SOURCE_HASH_TAG}", source_hash())
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp_id, run_name=run_name, tags=all_tags)

@@ -223,13 +223,16 @@ def _take_results(client: MlflowClient, space: SearchSpace, sweep: dict[str, Any
     that holds the weights; no training. Returns the final metrics (Tune's report)."""
     source = donor.data.tags.get(f"{tracking.TAG_PREFIX}{tracking.REUSED_FROM_TAG}") or donor.info.run_id
     run_id = _new_trial_run(space, sweep, cfg, params, seed, trial_id, "reused")
+    # The numbers are the donor's, and so is the code that made them (unrecorded before the tag).
+    code = donor.data.tags.get(f"{tracking.TAG_PREFIX}{tracking.SOURCE_HASH_TAG}", "unrecorded")
     # Tagged first: a restarted attempt that finds this run half-copied deletes it and starts again.
-    tracking.set_tags(client, run_id, {tracking.REUSED_FROM_TAG: source,
+    tracking.set_tags(client, run_id, {tracking.REUSED_FROM_TAG: source, tracking.SOURCE_HASH_TAG: code,
                                        "reused_from_sweep": donor.data.tags.get("avlab.sweep_name", "")})
     tracking.copy_metric_histories(client, donor.info.run_id, run_id, donor.data.metrics)
     tracking.end_run(sweep["tracking_uri"], run_id, ok=True)
+    same = "the same code" if code == tracking.source_hash() else f"code {code}, this code is {tracking.source_hash()}"
     print(f"[avlab] trial {point_label(params, tuple(space.grid))} seed {seed}: not trained again; the results of "
-          f"the identical finished trial {donor.info.run_name} (MLflow run {source})", flush=True)
+          f"the identical finished trial {donor.info.run_name} (MLflow run {source}; {same})", flush=True)
     return dict(donor.data.metrics)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import AVLAB, TINY_RUN
+from orchestrator import tracking
 from orchestrator.claims import Claim, _welch, all_claims, decide, load_claim
 from orchestrator.cli import main
 from orchestrator.search_space import load_search_space
@@ -194,8 +195,11 @@ def test_reproduce_runs_a_claims_sweep_then_reuses_it_without_training(tmp_path)
         assert [r["configuration"] for r in entry["rows"]] == ["method.memory_size=16", "method.memory_size=8"]
         assert entry["rows"][0]["paper"] == 0.77 and len(entry["rows"][0]["values"]) == 1
         assert (Path(reports[0]) / "figures" / "mem_claim.png").stat().st_size > 0
+        assert entry["code"] == {tracking.source_hash(): 2}  # both trials, this code
     assert docs[0]["claims"][0]["rows"] == docs[1]["claims"][0]["rows"]
-    assert "| mem_claim: a larger memory helps (Fig. 6) | method.memory_size=16 0.770 |" in (reports[1] / "verdicts.md").read_text()
+    markdown = (reports[1] / "verdicts.md").read_text()
+    assert "| mem_claim: a larger memory helps (Fig. 6) | method.memory_size=16 0.770 |" in markdown
+    assert f"Every trial ran on code {tracking.source_hash()} (tag `avlab.source_hash`)." in markdown
     # `avlab report` of the claim's sweep links back to the verdicts.
     sweep = docs[1]["claims"][0]["sweep"]
     report = subprocess.run([AVLAB, "--home", str(home), "report", sweep, "--format", "markdown"],

@@ -143,3 +143,40 @@ def test_a_multi_objective_space_survives_its_job_file():
         space = load_search_space(path)
     assert space.metric == "image_h_linear_acc" and space.mode == "max"
     assert SearchSpace.from_dict(json.loads(json.dumps(space.to_dict()))).all_objectives == space.objectives
+
+
+def test_the_code_a_trial_ran_is_tagged_and_reported(store, tmp_path):
+    """Every run carries ``avlab.source_hash``, a hash of methods/ and orchestrator/ that changes
+    with any of their files and nothing else; the report says which code made the numbers."""
+    import shutil
+
+    from conftest import ROOT
+
+    home, uri, client = store
+    _sweep(home, uri, "one-code", {"10": [0.30, 0.32]})
+    report = build_report(client, "one-code")
+    assert report["code_versions"] == {tracking.source_hash(): 2}
+    assert f"Every trial ran on code {tracking.source_hash()} (tag `avlab.source_hash`)." in to_markdown(report)
+    assert f"Every trial ran on code {tracking.source_hash()}" in to_table(report)
+
+    # A trial of other code, and one made before the tag.
+    parent = _sweep(home, uri, "mixed", {"10": [0.30, 0.32, 0.31]})
+    children = client.search_runs([client.get_experiment_by_name(SWEEP_EXPERIMENT).experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent}'")
+    client.set_tag(children[0].info.run_id, "avlab.source_hash", "0123456789ab")
+    client.delete_tag(children[1].info.run_id, "avlab.source_hash")
+    report = build_report(client, "mixed")
+    assert report["code_versions"] == {"0123456789ab": 1, tracking.source_hash(): 1, "unrecorded": 1}
+    listed = ", ".join(f"{code} (1)" for code in sorted(["0123456789ab", tracking.source_hash(), "unrecorded"]))
+    assert f"The trials ran on several code versions (tag `avlab.source_hash`): {listed}." in to_markdown(report)
+
+    # The hash of a copy of the tree is this code's; one changed byte in one file changes it.
+    copy = tmp_path / "copy"
+    for package in tracking.SOURCE_PACKAGES:
+        shutil.copytree(ROOT / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
+    assert tracking.tree_hash(copy) == tracking.source_hash() == tracking.tree_hash(ROOT)
+    (copy / "README.txt").write_text("not code")
+    assert tracking.tree_hash(copy) == tracking.source_hash()
+    target = copy / "methods" / "losses.py"
+    target.write_text(target.read_text() + "\n")
+    assert tracking.tree_hash(copy) != tracking.source_hash()

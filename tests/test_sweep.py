@@ -279,7 +279,7 @@ def test_reuse_trials_takes_identical_finished_trials_and_trains_the_rest(tmp_pa
     out = subprocess.run([AVLAB, "sweep", str(space), "--name", "again", "--reuse-trials", "--home", str(home),
                           *MEM_RUN], capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    assert out.stdout.count("not trained again") == 2, out.stdout[-4000:]
+    assert out.stdout.count("not trained again") == 2 and out.stdout.count("; the same code)") == 2, out.stdout[-4000:]
     assert "2 of 3 trials took the results of identical finished trials" in out.stdout
 
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
@@ -289,6 +289,8 @@ def test_reuse_trials_takes_identical_finished_trials_and_trains_the_rest(tmp_pa
         run, donor = runs[("method.memory_size=10", seed)], donors[("method.memory_size=10", seed)]
         assert run.info.status == "FINISHED" and run.data.tags["avlab.reused_from"] == donor.info.run_id
         assert run.data.tags["avlab.launcher"] == "reused" and run.data.tags["avlab.reused_from_sweep"] == "mem"
+        # The numbers are the donor's, made by the donor's code.
+        assert run.data.tags["avlab.source_hash"] == donor.data.tags["avlab.source_hash"]
         assert measured(run) == measured(donor) and run.data.metrics == donor.data.metrics
         for key in ("loss", "image_h_knn_acc"):
             assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)] == [
