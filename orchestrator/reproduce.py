@@ -97,6 +97,19 @@ def _finished(client, same: list[str]) -> str | None:
     return None
 
 
+def _progress(client, same: list[str], space: Any, claim_ids: list[str]) -> str:
+    """How far the sweep of ``claim_ids`` got: its finished trials of all, or not started."""
+    from orchestrator.report import _children
+    from orchestrator.sweep import find_sweep_run
+
+    waiting = f"for {', '.join(claim_ids)}"
+    run = find_sweep_run(client, same[0]) if same else None
+    if run is None:
+        return f"{space.path.name}: not started ({space.num_trials()} trials) {waiting}"
+    done = sum(1 for r in _children(client, run.info.run_id) if r.info.status == "FINISHED")
+    return f"{same[0]}: {done} of {space.num_trials()} trials finished {waiting}"
+
+
 def _run_or_reuse(args: argparse.Namespace, name: str, space: Any, overrides: list[str], client, home: Path) -> str:
     """Run the sweep ``name``, or reuse / continue one of the same content; the sweep's name."""
     from orchestrator import cli
@@ -222,17 +235,21 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     print(f"[avlab] reproduce: {len(claims)} claims over {len(plans)} sweeps", flush=True)
     ran: dict[str, str] = {}
     pending: list[str] = []  # with --finished-only: the claims whose sweeps have not finished
+    progress: list[str] = []  # and how far each of their sweeps got
     for name, (space, group) in plans.items():
         if not args.finished_only:
             ran[name] = _run_or_reuse(args, name, space, overrides, client, home)
-        elif (existing := _finished(client, _same_sweeps(home, name, space))) is not None:
+        elif (existing := _finished(client, same := _same_sweeps(home, name, space))) is not None:
             ran[name] = existing
         else:
             pending += [c.id for c in group]
+            progress.append(_progress(client, same, space, [c.id for c in group]))
     order = {c.id: i for i, c in enumerate(claims)}
     pending.sort(key=order.__getitem__)
     if pending:
         print(f"[avlab] reproduce: not decided, their sweeps have not finished: {', '.join(pending)}", flush=True)
+        for line in progress:
+            print(f"[avlab] reproduce:   {line}", flush=True)
     if not ran:
         print("[avlab] reproduce: no claim's sweep has finished yet; nothing to decide", flush=True)
         return 0

@@ -154,7 +154,7 @@ def test_a_claims_sweep_is_found_by_what_it_runs_not_by_where_its_files_live(tmp
 
 
 @pytest.mark.slow
-def test_reproduce_runs_a_claims_sweep_then_reuses_it_without_training(tmp_path):
+def test_reproduce_runs_a_claims_sweep_then_reuses_it_without_training(tmp_path, capsys):
     space = tmp_path / "mem.yaml"
     space.write_text("base:\n  preset: tiny\ngrid:\n  method.memory_size: [8, 16]\nseeds: 1\n"
                      "metric: image_h_linear_acc\nmode: max\nresources: {workers: 1, cpus_per_worker: 1}\n"
@@ -211,7 +211,9 @@ def test_reproduce_runs_a_claims_sweep_then_reuses_it_without_training(tmp_path)
     (tmp_path / "mem2.yaml").write_text(space.read_text().replace("[8, 16]", "[8, 32]"))
     pending = tmp_path / "pending_claim.yaml"
     pending.write_text(claim.read_text().replace("mem.yaml", "mem2.yaml").replace("=16", "=32"))
+    capsys.readouterr()
     assert main(["--home", str(home), "reproduce", str(pending), str(claim), "--finished-only", *TINY_RUN]) == 0
+    assert "[avlab] reproduce:   mem2.yaml: not started (2 trials) for pending_claim" in capsys.readouterr().out
     kinds = [k for (k,) in con.execute("select value from tags where key = 'avlab.kind'")]
     assert kinds.count("trial") == 2 and kinds.count("sweep") == 1  # nothing ran
     (third,) = set((home / "reports" / "claims").iterdir()) - set(reports)
