@@ -221,3 +221,28 @@ def test_reproduce_runs_a_claims_sweep_then_reuses_it_without_training(tmp_path,
     assert [e["id"] for e in doc["claims"]] == ["mem_claim"] and doc["pending"] == ["pending_claim"]
     assert doc["claims"][0]["rows"] == docs[1]["claims"][0]["rows"]
     assert "Not decided (their sweeps have not finished): pending_claim." in (third / "verdicts.md").read_text()
+
+
+def test_an_undecided_claim_says_how_far_its_sweep_got(tmp_path):
+    """--finished-only's progress line: the finished trials of all the sweep runs, or not started."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.reproduce import _progress
+    from orchestrator.sweep import SWEEP_EXPERIMENT
+
+    path = tmp_path / "mem.yaml"
+    path.write_text("base:\n  preset: tiny\ngrid:\n  method.memory_size: [8, 16]\nseeds: 2\n")
+    space = load_search_space(path)
+    home = tmp_path / "home"
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    tracking.prepare_store(uri)
+    client = MlflowClient(uri)
+    assert _progress(client, [], space, ["c1"]) == "mem.yaml: not started (4 trials) for c1"
+    parent = tracking.create_run(tracking_uri=uri, home=home, experiment=SWEEP_EXPERIMENT, run_name="s",
+                                 params={}, tags={"kind": "sweep", "sweep_name": "s"}, config_yaml="")
+    for i, status in enumerate(["FINISHED", "FINISHED", "RUNNING"]):
+        run = tracking.create_run(tracking_uri=uri, home=home, experiment=SWEEP_EXPERIMENT, run_name=f"t{i}",
+                                  params={}, tags={"kind": "trial"}, config_yaml="", parent_run_id=parent)
+        if status == "FINISHED":
+            client.set_terminated(run, "FINISHED")
+    assert _progress(client, ["s"], space, ["c1", "c2"]) == "s: 2 of 4 trials finished for c1, c2"
