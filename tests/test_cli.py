@@ -256,23 +256,13 @@ def test_a_deterministic_error_fails_the_run_once_with_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def _niceness(pid: int) -> int | None:
-    """A process's nice value (field 19 of /proc/PID/stat), None when it has exited."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[16])
-
-
 def test_a_run_beside_a_sweep_listens_on_loopback_only_and_both_finish_quietly(tmp_path):
     """Two avlab commands at once on one machine, each with its own local Ray: a run (with its
     dashboard) and a one-trial sweep. While both train, every process of both (driver, GCS,
     raylet, workers, agents, dashboard) listens on 127.0.0.1 only, as the socket table shows
     (before, Ray's servers listened on every interface). Both finish, each frees its own
     workers, and neither prints Ray Train's placement-group cleaner errors ("Found multiple
-    active Ray instances", "Failed to query ... actor state") or a traceback. Ray's workers run
-    at the commands' niceness, not reniced below Ray's daemons."""
+    active Ray instances", "Failed to query ... actor state") or a traceback."""
     import faults
 
     small = ["train.epochs=3", "train.batch_size=64", "data.paired_size=256", "data.unpaired_sound_size=128",
@@ -294,7 +284,6 @@ def test_a_run_beside_a_sweep_listens_on_loopback_only_and_both_finish_quietly(t
                             what=f"the {key}'s first epoch", proc=proc, log=logs[key])
         processes = {**faults.processes(procs["run"].pid), **faults.processes(procs["sweep"].pid)}
         sockets = faults.listening_sockets(processes)
-        niceness = {pid: _niceness(pid) for pid, cmd in processes.items() if cmd.startswith("ray::")}
         codes = {k: p.wait(timeout=600) for k, p in procs.items()}
     finally:
         for p in procs.values():
@@ -312,10 +301,6 @@ def test_a_run_beside_a_sweep_listens_on_loopback_only_and_both_finish_quietly(t
         runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
         assert runs and all(r.info.status == "FINISHED" for r in runs)
 
-    # Ray's workers (the run's task, the trial, idle workers) at this command's niceness: Ray
-    # would renice them by +15, below its own daemons and the driver.
-    assert any(processes[pid].startswith(("ray::avlab-run", "ray::ImplicitFunc")) for pid in niceness), niceness
-    assert set(niceness.values()) <= {os.getpriority(os.PRIO_PROCESS, 0), None}, {processes[p][:40]: n for p, n in niceness.items()}
     assert sum("raylet" in processes[pid] for _, _, pid in sockets) >= 2  # the table was read, both Rays
     assert any("gcs_server" in processes[pid] for _, _, pid in sockets)
     exposed = [(host, port, processes[pid][:60]) for host, port, pid in sockets if host not in ("127.0.0.1", "::1")]
