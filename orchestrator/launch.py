@@ -170,6 +170,13 @@ def init_ray(address: str | None = None, *, dashboard: bool = False) -> None:
     after_ray_init()
 
 
+def _host_port(address: str) -> tuple[str, str]:
+    """``HOST:PORT`` or ``ray://HOST:PORT`` (an IPv6 host in brackets, [::1]:6379) -> (host,
+    port); an empty host when there is no colon."""
+    host, _, port = address.removeprefix("ray://").rstrip("/").rpartition(":")
+    return host.strip("[]"), port
+
+
 def _loopback_only(address: str) -> bool:
     """``address`` names this machine's loopback (127.0.0.1, localhost, ::1) and the Ray there
     does not answer on the machine's external address too."""
@@ -177,8 +184,7 @@ def _loopback_only(address: str) -> bool:
 
     from ray._common.network_utils import is_localhost, node_ip_address_from_perspective
 
-    host, _, port = address.removeprefix("ray://").rstrip("/").rpartition(":")
-    host = host.strip("[]")
+    host, port = _host_port(address)
     if address.startswith("ray://") or not port.isdigit() or not is_localhost(host):
         return False
     try:
@@ -340,9 +346,8 @@ def check_ray_address(address: str, field: str = "--address", *, timeout_s: floa
 
     if address in ("auto", "local"):
         return
-    host, sep, port = address.removeprefix("ray://").rstrip("/").rpartition(":")
-    host = host.strip("[]")  # an IPv6 literal, [::1]:6379
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    host, port = _host_port(address)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"{field}: {address!r} is not a Ray address; use HOST:PORT, ray://HOST:PORT or auto")
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
