@@ -500,17 +500,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return args.func(args)
         return args.func(args)
     except ConfigError as exc:
-        print(f"avlab: error: {exc}", file=sys.stderr)
+        _last_line(f"avlab: error: {exc}")
         return EXIT_BAD_INPUT
     except RunFailed as exc:  # deterministic: not retried, one line, the run is marked FAILED
-        print(f"avlab: {exc}", file=sys.stderr)
+        _last_line(f"avlab: {exc}")
         return 1
     except Interrupted as exc:  # Ctrl-C with the state saved: one line that says how to continue
-        print(f"avlab: {exc}", file=sys.stderr)
+        _last_line(f"avlab: {exc}")
         return 130
     except KeyboardInterrupt:
-        print("avlab: interrupted", file=sys.stderr)
+        _last_line("avlab: interrupted")
         return 130
+
+
+def _last_line(message: str) -> None:
+    """Print the command's one-line error as its last line of output. While this process is a Ray
+    driver, Ray streams its daemons' and workers' log lines to our stderr from a thread (a raylet's
+    "disk over 95% full" warning, say) and one could land after the error: disconnect first (a
+    local Ray stops, as it would at exit; a cluster keeps running), so nothing follows the line."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            ray.shutdown()
+        except Exception:  # noqa: BLE001 - the line matters more than a clean disconnect
+            pass
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
