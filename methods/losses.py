@@ -1,6 +1,6 @@
 """Loss functions, each a pure function of its inputs.
 
-Legend: B batch, D projection size, N = 2B items in a contrastive set.
+Legend: B batch, D projection size, N = 2B items in a contrastive set, J extra negatives per item.
 """
 
 from __future__ import annotations
@@ -58,3 +58,31 @@ def unpaired_associative_loss(
     """L_unpair (paper 001, eq. 5): the cyclic-path projection of an unpaired sample (e.g. z^{v,s})
     and the ordinary-path projection of its second augmented view (z^{s,v}) are positives."""
     return paired_associative_loss(z_cyc_BD, z_aug_BD, temperature=temperature)
+
+
+# --- Multi-SSL (paper 004, supplementary §1) ----------------------------------------------------
+
+
+def huber(pred: torch.Tensor, target: torch.Tensor, *, delta: float) -> torch.Tensor:
+    """Mean Huber loss: ½x² where |x| <= ε, ε|x| - ½ε² elsewhere (x = pred - target)."""
+    return F.huber_loss(pred, target, delta=delta, reduction="mean")
+
+
+def foreground_nce(
+    a_BD: torch.Tensor, v_pos_BD: torch.Tensor, v_rot_BJD: torch.Tensor | None, *, temperature: float
+) -> torch.Tensor:
+    """Supp. eq. 2: -log e^{v_p·a_i/τ} / (e^{v_p·a_i/τ} + Σ_{v_n ∈ P_i} e^{v_n·a_i/τ}), averaged over
+    i. P_i holds the other clips' aligned foregrounds and, if given, the clip's own foreground
+    turned to the J wrong angles (``v_rot_BJD``). Inputs are unit vectors."""
+    logits_BB = a_BD @ v_pos_BD.T / temperature  # column j: clip j's aligned foreground
+    if v_rot_BJD is not None:
+        logits_BJ = torch.einsum("bd,bjd->bj", a_BD, v_rot_BJD) / temperature
+        logits_BB = torch.cat([logits_BB, logits_BJ], dim=1)
+    target_B = torch.arange(a_BD.shape[0], device=a_BD.device)
+    return F.cross_entropy(logits_BB, target_B)
+
+
+def info_nce(q_BD: torch.Tensor, k_BD: torch.Tensor, *, temperature: float) -> torch.Tensor:
+    """Symmetric-free InfoNCE over the batch: q_i must pick k_i among all k (unit vectors)."""
+    logits_BB = q_BD @ k_BD.T / temperature
+    return F.cross_entropy(logits_BB, torch.arange(q_BD.shape[0], device=q_BD.device))

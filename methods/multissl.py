@@ -66,8 +66,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import Batch, DataInfo, FieldError, Method
+from methods.binaural_views import azimuth_feature, cut_slices, rolls_exactly, rotated_azimuth_features
 from methods.data.binaural import rotate_panorama
 from methods.encoders import PAPER_ENCODERS, TINY_ENCODERS, Encoder, EncoderConfig, build_encoder
+from methods.losses import foreground_nce, huber, info_nce
 
 TASKS = ("spatial", "foreground", "gap")
 COMBINATIONS = ("multitask", "concat", "incremental", "euclidean", "contrastive")
@@ -156,83 +158,7 @@ class MultiSSLConfig:
         return len(self.tasks) + 1  # teachers, then the student
 
 
-# --- pure functions -------------------------------------------------------------------------
-
-
-def huber(pred: torch.Tensor, target: torch.Tensor, *, delta: float) -> torch.Tensor:
-    """Mean Huber loss: ½x² where |x| <= ε, ε|x| - ½ε² elsewhere (x = pred - target)."""
-    return F.huber_loss(pred, target, delta=delta, reduction="mean")
-
-
-def azimuth_feature(map_BCHW: torch.Tensor, bins: int) -> torch.Tensor:
-    """(B, C, H, W) feature map -> (B, C, bins): height averaged away, width averaged into
-    ``bins`` equal azimuth sectors (exact sectors when W is a multiple of ``bins``)."""
-    return F.adaptive_avg_pool2d(map_BCHW, (1, bins)).squeeze(2)
-
-
-def rolls_exactly(encoder: EncoderConfig, width: int, rotations: int) -> bool:
-    """Whether turning a ``width``-column panorama by 360/R rolls the encoder's feature map by
-    whole columns, exactly: circular width padding, and a step of W / R columns that is a
-    multiple of the encoder's total stride (so W is too, and every layer's width divides)."""
-    if encoder.padding != "circular" or width % rotations:
-        return False
-    return (width // rotations) % encoder.map_stride == 0
-
-
-def rotated_azimuth_features(
-    E_v: Encoder, x_BCHW: torch.Tensor, rotations: int, *, roll: bool
-) -> torch.Tensor:
-    """(B, K, C, R): the azimuth feature of panorama x turned by k·360/R, for k = 0 .. R-1.
-
-    ``roll=True`` encodes x once and rolls its azimuth feature by k bins, which equals encoding
-    ``rotate_panorama(x, k)`` only where ``rolls_exactly`` holds (``rotate_panorama`` rolls the
-    columns by +k·W/R, so the map rolls by +k·W'/R and the bins by +k). ``roll=False`` encodes
-    the R turned panoramas, in one batch of B·R so that all share BatchNorm statistics."""
-    if roll:
-        v_BCR = azimuth_feature(E_v.forward_map(x_BCHW), rotations)
-        return torch.stack([torch.roll(v_BCR, shifts=k, dims=2) for k in range(rotations)], dim=1)
-    x_KBCHW = torch.stack([rotate_panorama(x_BCHW, k, rotations) for k in range(rotations)])
-    v_KBCR = azimuth_feature(E_v.forward_map(x_KBCHW.flatten(0, 1)), rotations).unflatten(0, x_KBCHW.shape[:2])
-    return v_KBCR.transpose(0, 1)
-
-
-def foreground_nce(
-    a_BD: torch.Tensor, v_pos_BD: torch.Tensor, v_rot_BJD: torch.Tensor | None, *, temperature: float
-) -> torch.Tensor:
-    """Supp. eq. 2: -log e^{v_p·a_i/τ} / (e^{v_p·a_i/τ} + Σ_{v_n ∈ P_i} e^{v_n·a_i/τ}), averaged over
-    i. P_i holds the other clips' aligned foregrounds and, if given, the clip's own foreground
-    turned to the J wrong angles (``v_rot_BJD``). Inputs are unit vectors."""
-    logits_BB = a_BD @ v_pos_BD.T / temperature  # column j: clip j's aligned foreground
-    if v_rot_BJD is not None:
-        logits_BJ = torch.einsum("bd,bjd->bj", a_BD, v_rot_BJD) / temperature
-        logits_BB = torch.cat([logits_BB, logits_BJ], dim=1)
-    target_B = torch.arange(a_BD.shape[0], device=a_BD.device)
-    return F.cross_entropy(logits_BB, target_B)
-
-
-def info_nce(q_BD: torch.Tensor, k_BD: torch.Tensor, *, temperature: float) -> torch.Tensor:
-    """Symmetric-free InfoNCE over the batch: q_i must pick k_i among all k (unit vectors)."""
-    logits_BB = q_BD @ k_BD.T / temperature
-    return F.cross_entropy(logits_BB, torch.arange(q_BD.shape[0], device=q_BD.device))
-
-
-def cut_slices(
-    sound_BCFT: torch.Tensor, length: int, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Two slices of L frames per clip at independent uniform start frames t1, t2, and the
-    normalised gap δ = (t2 - t1) / (T - L) in [-1, 1]."""
-    b, _, _, t = sound_BCFT.shape
-    if not 0 < length < t:
-        raise ValueError(f"gap_slice_frames: need 0 < L < T = {t} frames, got {length}")
-    starts_2B = torch.randint(0, t - length + 1, (2, b), generator=generator).to(sound_BCFT.device)
-    frames_L = torch.arange(length, device=sound_BCFT.device)
-    slices = []
-    for starts_B in starts_2B:
-        idx_BL = starts_B[:, None] + frames_L[None, :]
-        idx = idx_BL[:, None, None, :].expand(-1, sound_BCFT.shape[1], sound_BCFT.shape[2], -1)
-        slices.append(torch.gather(sound_BCFT, 3, idx))
-    gap_B = (starts_2B[1] - starts_2B[0]).to(sound_BCFT.dtype) / (t - length)
-    return slices[0], slices[1], gap_B
+# --- helpers ----------------------------------------------------------------------------------
 
 
 @torch.no_grad()

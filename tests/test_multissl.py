@@ -14,22 +14,12 @@ import torch.nn.functional as F
 import torchvision
 from torch.utils.data import DataLoader
 
+from methods.binaural_views import azimuth_feature, cut_slices, rolls_exactly, rotated_azimuth_features
 from methods.data import ProceduralConfig, build_dataset
 from methods.data.binaural import rotate_panorama
 from methods.encoders import EncoderConfig, WidthCircularConv2d, WidthCircularMaxPool2d, build_encoder
-from methods.multissl import (
-    COMBINATIONS,
-    MultiSSL,
-    MultiSSLConfig,
-    PanoramaEncoderConfig,
-    azimuth_feature,
-    cut_slices,
-    foreground_nce,
-    huber,
-    info_nce,
-    rolls_exactly,
-    rotated_azimuth_features,
-)
+from methods.losses import foreground_nce, huber, info_nce
+from methods.multissl import COMBINATIONS, MultiSSL, MultiSSLConfig, PanoramaEncoderConfig
 from orchestrator.config import ConfigError, resolve
 
 TINY_ENC = {"image_encoder": PanoramaEncoderConfig("resnet18", 8), "sound_encoder": EncoderConfig("resnet10", 8)}
