@@ -28,8 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scipy import stats
-
 from orchestrator.errors import ConfigError
 from orchestrator.typed import as_float, read_yaml_mapping
 
@@ -175,6 +173,8 @@ def _welch(a: list[float], b: list[float]) -> tuple[float, float, float]:
         return diff, 0.0, 0.0 if diff else 1.0
     df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if va and vb else len(a) + len(b) - 2
     t = diff / se
+    from scipy import stats  # a second to import: only when a claim is decided
+
     return diff, float(stats.t.ppf(0.975, df) * se), float(2 * stats.t.sf(abs(t), df))
 
 
@@ -228,6 +228,8 @@ def decide(claim: Claim, values: dict[str, list[float]]) -> Verdict:
     if len(seeds) < 2:
         return Verdict("inconclusive", mean - value, f"{r['row']} = {mean:.3f} on one seed (value {value:g})")
     sem = statistics.stdev(seeds) / math.sqrt(len(seeds))
+    from scipy import stats
+
     ci = float(stats.t.ppf(0.975, len(seeds) - 1) * sem)
     verdict = "holds" if mean - ci > value else "contradicted" if mean + ci < value else "inconclusive"
     return Verdict(verdict, mean - value, f"{r['row']} = {mean:.3f} ± {ci:.3f} against {value:g}")

@@ -326,14 +326,6 @@ def _client(args: argparse.Namespace):
     return home, MlflowClient(uri)
 
 
-def cmd_reproduce(args: argparse.Namespace) -> int:
-    from orchestrator.reproduce import cmd_reproduce as reproduce
-
-    args.claims = [i for i in args.items if "=" not in i]
-    args.overrides = [i for i in args.items if "=" in i]
-    return reproduce(args)
-
-
 def cmd_report(args: argparse.Namespace) -> int:
     import json
 
@@ -414,20 +406,6 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--ray-dashboard", action="store_true", help=RAY_DASHBOARD_HELP)
     resume.set_defaults(func=cmd_resume)
 
-    reproduce = sub.add_parser("reproduce", parents=[common],
-                               help="decide the papers' claims: run (or reuse) their sweeps, then report verdicts")
-    reproduce.add_argument("items", nargs="*", metavar="[CLAIM.yaml ...] [key.path=value ...]",
-                           help="claim files (claims/*.yaml), then overrides applied to every trial")
-    reproduce.add_argument("--all", action="store_true", help="every claim in claims/")
-    reproduce.add_argument("--preset", help="tiny, small or paper (replaces each search space's base preset)")
-    reproduce.add_argument("--seeds", type=int, help="seeds per configuration (default: each search space's)")
-    reproduce.add_argument("--data", metavar="MANIFEST", help="a real dataset's manifest (data.manifest)")
-    reproduce.add_argument("--finished-only", action="store_true",
-                           help="run nothing: decide the claims whose sweeps have finished, list the others")
-    reproduce.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
-    reproduce.add_argument("--ray-dashboard", action="store_true", help=RAY_DASHBOARD_HELP)
-    reproduce.set_defaults(func=cmd_reproduce)
-
     report = sub.add_parser("report", parents=[common], help="an ablation's table and plot")
     report.add_argument("name")
     report.add_argument("--format", choices=("table", "markdown", "json"), default="table")
@@ -438,8 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("name")
     status.set_defaults(func=cmd_status)
 
-    from orchestrator import cluster_files, evaluate_run, export, metrics, stop, submit, ui
+    from orchestrator import cluster_files, evaluate_run, export, metrics, reproduce, stop, submit, ui
 
+    reproduce.register(sub, common, ray_dashboard_help=RAY_DASHBOARD_HELP)
     ui.register(sub, common)
     cluster_files.register(sub, common)
     export.register(sub, common)
@@ -447,30 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     stop.register(sub, common)
     submit.register(sub, common)
     metrics.register(sub, common)
-
-    data = sub.add_parser("data", parents=[common], help="real datasets: index a layout, check it, cache its features")
-    data_sub = data.add_subparsers(dest="data_command", required=True)
-    index = data_sub.add_parser("index", help="write a manifest CSV for a dataset on disk")
-    index.add_argument("layout", choices=("esc50", "dcase2018", "kinetics", "acivw", "folder"))
-    index.add_argument("path", help="the dataset's root folder (or a CSV of files for `folder`)")
-    index.add_argument("--out", required=True, metavar="MANIFEST", help="the manifest CSV to write")
-    index.add_argument("--seed", type=int, default=0, help="seed of split assignments that are random")
-    index.add_argument("--force", action="store_true", help="replace an existing --out")
-    index.add_argument("--append", action="store_true", help="add the rows to an existing --out (ids stay unique)")
-    index.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                       help="a layout option, e.g. test_fold=1 (esc50), labelled=true split=train (folder), "
-                            "as_unpaired=false (kinetics), split_fractions=[0.7,0.2,0.1] (acivw)")
-    index.set_defaults(func=data_commands.cmd_data, overrides=[])
-    for name, text in (("check", "decode every item and list the unusable ones"),
-                       ("cache", "decode everything once into the memory-mapped feature cache")):
-        p = data_sub.add_parser(name, help=text)
-        p.add_argument("manifest", metavar="MANIFEST")
-        p.add_argument("overrides", nargs="*", metavar="key.path=value",
-                       help="feature settings, e.g. data.image_size=64 data.sample_rate=16000")
-        p.add_argument("--preset", help="tiny, small or paper: the feature settings to use")
-        p.add_argument("--skip-bad", action="store_true", help="skip unusable items (listed once) instead of failing")
-        p.add_argument("--workers", type=int, help="decoding processes (default: one per CPU core)")
-        p.set_defaults(func=data_commands.cmd_data, overrides=[])
+    data_commands.register(sub, common)
     return parser
 
 

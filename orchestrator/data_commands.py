@@ -85,3 +85,30 @@ def cmd_data(args: argparse.Namespace) -> int:
         return 0
     except (DataError, ManifestError) as exc:  # main() prints it in one line and exits 2
         raise ConfigError(str(exc).splitlines()[0]) from None
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add the `data` subcommand and its `index`, `check` and `cache` commands to the avlab parser."""
+    data = sub.add_parser("data", parents=[common], help="real datasets: index a layout, check it, cache its features")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    index = data_sub.add_parser("index", help="write a manifest CSV for a dataset on disk")
+    index.add_argument("layout", choices=("esc50", "dcase2018", "kinetics", "acivw", "folder"))
+    index.add_argument("path", help="the dataset's root folder (or a CSV of files for `folder`)")
+    index.add_argument("--out", required=True, metavar="MANIFEST", help="the manifest CSV to write")
+    index.add_argument("--seed", type=int, default=0, help="seed of split assignments that are random")
+    index.add_argument("--force", action="store_true", help="replace an existing --out")
+    index.add_argument("--append", action="store_true", help="add the rows to an existing --out (ids stay unique)")
+    index.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                       help="a layout option, e.g. test_fold=1 (esc50), labelled=true split=train (folder), "
+                            "as_unpaired=false (kinetics), split_fractions=[0.7,0.2,0.1] (acivw)")
+    index.set_defaults(func=cmd_data, overrides=[])
+    for name, text in (("check", "decode every item and list the unusable ones"),
+                       ("cache", "decode everything once into the memory-mapped feature cache")):
+        p = data_sub.add_parser(name, help=text)
+        p.add_argument("manifest", metavar="MANIFEST")
+        p.add_argument("overrides", nargs="*", metavar="key.path=value",
+                       help="feature settings, e.g. data.image_size=64 data.sample_rate=16000")
+        p.add_argument("--preset", help="tiny, small or paper: the feature settings to use")
+        p.add_argument("--skip-bad", action="store_true", help="skip unusable items (listed once) instead of failing")
+        p.add_argument("--workers", type=int, help="decoding processes (default: one per CPU core)")
+        p.set_defaults(func=cmd_data, overrides=[])

@@ -218,6 +218,29 @@ def figure(entry: dict[str, Any]):
     return fig
 
 
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser, *, ray_dashboard_help: str) -> None:
+    """Add the `reproduce` subcommand to the avlab parser."""
+    reproduce = sub.add_parser("reproduce", parents=[common],
+                               help="decide the papers' claims: run (or reuse) their sweeps, then report verdicts")
+    reproduce.add_argument("items", nargs="*", metavar="[CLAIM.yaml ...] [key.path=value ...]",
+                           help="claim files (claims/*.yaml), then overrides applied to every trial")
+    reproduce.add_argument("--all", action="store_true", help="every claim in claims/")
+    reproduce.add_argument("--preset", help="tiny, small or paper (replaces each search space's base preset)")
+    reproduce.add_argument("--seeds", type=int, help="seeds per configuration (default: each search space's)")
+    reproduce.add_argument("--data", metavar="MANIFEST", help="a real dataset's manifest (data.manifest)")
+    reproduce.add_argument("--finished-only", action="store_true",
+                           help="run nothing: decide the claims whose sweeps have finished, list the others")
+    reproduce.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    reproduce.add_argument("--ray-dashboard", action="store_true", help=ray_dashboard_help)
+    reproduce.set_defaults(func=_cmd)
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    args.claims = [i for i in args.items if "=" not in i]
+    args.overrides = [i for i in args.items if "=" in i]
+    return cmd_reproduce(args)
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
