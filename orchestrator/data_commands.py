@@ -64,7 +64,8 @@ def cmd_data(args: argparse.Namespace) -> int:
             print(f"[avlab] {out}: {len(rows)} rows ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}), "
                   f"{len(manifest.classes)} classes")
             return 0
-        from methods.data.manifest import check_manifest, read_manifest
+        from methods.data.check import check_manifest
+        from methods.data.manifest import read_manifest
 
         data_cfg = _data_config(args)
         manifest = read_manifest(data_cfg.manifest)

@@ -14,13 +14,13 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
+from methods.data.check import check_manifest
 from methods.data.decode import DataError, FeatureSettings
 from methods.data.layouts import LAYOUTS, index_layout
 from methods.data.manifest import (
     COLUMNS,
     Item,
     ManifestError,
-    check_manifest,
     read_manifest,
     write_manifest,
 )
@@ -169,7 +169,7 @@ def test_dcase2018(tmp_path: Path):
 
     evaluate = root / "evaluation_setup" / "fold1_evaluate.csv"
     evaluate.write_text(f"audio/{names[4]}.wav\tpark\n")
-    with pytest.raises(ManifestError, match=rf"is 'park' here but 'airport' in meta.csv"):
+    with pytest.raises(ManifestError, match=r"is 'park' here but 'airport' in meta.csv"):
         index_layout("dcase2018", root)
     evaluate.write_text(f"audio/{names[4]}.wav\n")  # no label column: taken from meta.csv
     assert index_layout("dcase2018", root)[-1]["label"] == "airport"

@@ -13,7 +13,7 @@
                with columns image, sound (and optionally label).
 
 Rows carry absolute paths; ``write_manifest`` makes those inside the manifest's folder relative.
-Files are not decoded here (except Kinetics durations): ``check_manifest`` finds broken ones.
+Files are not decoded here (except Kinetics durations): ``check.check_manifest`` finds broken ones.
 A layout whose expected files are absent is a ManifestError naming the missing path.
 """
 
