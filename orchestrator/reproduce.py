@@ -97,17 +97,43 @@ def _finished(client, same: list[str]) -> str | None:
     return None
 
 
-def _progress(client, same: list[str], space: Any, claim_ids: list[str]) -> str:
-    """How far the sweep of ``claim_ids`` got: its finished trials of all, or not started."""
+def _progress(client, same: list[str], space: Any, claim_ids: list[str]) -> tuple[str, int, list[float]]:
+    """How far the sweep of ``claim_ids`` got (its finished trials of all, or not started), how
+    many trials it has left, and the seconds its finished trials took (``trial_seconds``)."""
     from orchestrator.report import _children
     from orchestrator.sweep import find_sweep_run
 
     waiting = f"for {', '.join(claim_ids)}"
     run = find_sweep_run(client, same[0]) if same else None
     if run is None:
-        return f"{space.path.name}: not started ({space.num_trials()} trials) {waiting}"
-    done = sum(1 for r in _children(client, run.info.run_id) if r.info.status == "FINISHED")
-    return f"{same[0]}: {done} of {space.num_trials()} trials finished {waiting}"
+        return f"{space.path.name}: not started ({space.num_trials()} trials) {waiting}", space.num_trials(), []
+    finished = [r for r in _children(client, run.info.run_id) if r.info.status == "FINISHED"]
+    line = f"{same[0]}: {len(finished)} of {space.num_trials()} trials finished {waiting}"
+    return line, max(0, space.num_trials() - len(finished)), trial_seconds(finished)
+
+
+def trial_seconds(runs: list) -> list[float]:
+    """Wall seconds from start to end of each finished trial run that trained (a reused trial,
+    tagged ``avlab.reused_from``, took its results in a moment and says nothing of the cost)."""
+    return [(r.info.end_time - r.info.start_time) / 1000 for r in runs
+            if r.info.end_time and r.info.start_time and not r.data.tags.get("avlab.reused_from")]
+
+
+def time_left(sweeps: list[tuple[int, int, list[float]]], pooled: list[float]) -> str:
+    """One line that estimates the wall time the undecided sweeps still need: per sweep (trials
+    left, trials at once, its finished trials' seconds), rounds of trials at once times the median
+    finished trial of that sweep, or of ``pooled`` (every finished trial of these claims' sweeps)
+    when it has none yet. Trials that ``--reuse-trials`` takes from other sweeps make it shorter.
+    ``pooled`` holds every sweep's own seconds."""
+    import statistics
+
+    left = sum(n for n, _, _ in sweeps)
+    if not pooled:
+        return f"{left} trial{'s' * (left != 1)} left; none of these claims' trials has finished yet to time them"
+    seconds = sum(math.ceil(n / max(1, at_once)) * statistics.median(own or pooled) for n, at_once, own in sweeps)
+    when = f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+    return (f"{left} trial{'s' * (left != 1)} left, about {when} of wall time (each sweep's trials at once, times the median of its "
+            f"finished trials, else of all {len(pooled)} finished: {statistics.median(pooled) / 60:.1f} min)")
 
 
 def _run_or_reuse(args: argparse.Namespace, name: str, space: Any, overrides: list[str], client, home: Path) -> str:
@@ -266,13 +292,22 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             ran[name] = existing
         else:
             pending += [c.id for c in group]
-            progress.append(_progress(client, same, space, [c.id for c in group]))
+            progress.append((space, _progress(client, same, space, [c.id for c in group])))
     order = {c.id: i for i, c in enumerate(claims)}
     pending.sort(key=order.__getitem__)
     if pending:
         print(f"[avlab] reproduce: not decided, their sweeps have not finished: {', '.join(pending)}", flush=True)
-        for line in progress:
+        for _, (line, _, _) in progress:
             print(f"[avlab] reproduce:   {line}", flush=True)
+        from orchestrator.report import _children
+        from orchestrator.sweep import find_sweep_run
+
+        pooled = [s for _, (_, _, own) in progress for s in own]
+        for name in ran.values():
+            trials = _children(client, find_sweep_run(client, name).info.run_id)
+            pooled += trial_seconds([r for r in trials if r.info.status == "FINISHED"])
+        estimate = time_left([(left, space.max_concurrent, own) for space, (_, left, own) in progress], pooled)
+        print(f"[avlab] reproduce:   {estimate}", flush=True)
     if not ran:
         print("[avlab] reproduce: no claim's sweep has finished yet; nothing to decide", flush=True)
         return 0

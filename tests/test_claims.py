@@ -237,12 +237,28 @@ def test_an_undecided_claim_says_how_far_its_sweep_got(tmp_path):
     uri = f"sqlite:///{home / 'mlflow.db'}"
     tracking.prepare_store(uri)
     client = MlflowClient(uri)
-    assert _progress(client, [], space, ["c1"]) == "mem.yaml: not started (4 trials) for c1"
+    assert _progress(client, [], space, ["c1"]) == ("mem.yaml: not started (4 trials) for c1", 4, [])
     parent = tracking.create_run(tracking_uri=uri, home=home, experiment=SWEEP_EXPERIMENT, run_name="s",
                                  params={}, tags={"kind": "sweep", "sweep_name": "s"}, config_yaml="")
-    for i, status in enumerate(["FINISHED", "FINISHED", "RUNNING"]):
+    # Two finished trials (one trained for 90 s, one reused from another sweep), one running.
+    for i, (status, reused) in enumerate([("FINISHED", False), ("FINISHED", True), ("RUNNING", False)]):
         run = tracking.create_run(tracking_uri=uri, home=home, experiment=SWEEP_EXPERIMENT, run_name=f"t{i}",
-                                  params={}, tags={"kind": "trial"}, config_yaml="", parent_run_id=parent)
+                                  params={}, tags={"kind": "trial", **({"reused_from": "x"} if reused else {})},
+                                  config_yaml="", parent_run_id=parent)
         if status == "FINISHED":
-            client.set_terminated(run, "FINISHED")
-    assert _progress(client, ["s"], space, ["c1", "c2"]) == "s: 2 of 4 trials finished for c1, c2"
+            start = client.get_run(run).info.start_time
+            client.set_terminated(run, "FINISHED", end_time=start + 90_000)
+    line, left, seconds = _progress(client, ["s"], space, ["c1", "c2"])
+    assert (line, left) == ("s: 2 of 4 trials finished for c1, c2", 2) and seconds == [90.0]
+
+
+def test_the_time_left_is_rounds_of_trials_at_once_times_the_median_finished_trial():
+    """Per sweep: ceil(left / at once) rounds x the median of its own finished trials, or of all
+    finished trials when it has none; nothing to time it with, no estimate."""
+    from orchestrator.reproduce import time_left
+
+    # 5 rounds x 400 s (its own median) + 8 rounds x 350 s (the pooled median) = 4800 s.
+    line = time_left([(10, 2, [300, 400, 500]), (15, 2, [])], [300, 400, 500, 200])
+    assert line.startswith("25 trials left, about 1.3 h of wall time") and "all 4 finished: 5.8 min" in line
+    assert time_left([(1, 2, [60.0])], [60.0]).startswith("1 trial left, about 1 min")
+    assert time_left([(4, 2, [])], []) == "4 trials left; none of these claims' trials has finished yet to time them"
