@@ -97,19 +97,45 @@ def _finished(client, same: list[str]) -> str | None:
     return None
 
 
-def _progress(client, same: list[str], space: Any, claim_ids: list[str]) -> tuple[str, int, list[float]]:
-    """How far the sweep of ``claim_ids`` got (its finished trials of all, or not started), how
-    many trials it has left, and the seconds its finished trials took (``trial_seconds``)."""
+def _progress(client, same: list[str], space: Any, claim_ids: list[str]) -> tuple[str, list[Any], list[float]]:
+    """How far the sweep of ``claim_ids`` got (its finished trials of all, or not started), its
+    finished trial runs, and the seconds they took (``trial_seconds``)."""
     from orchestrator.report import _children
     from orchestrator.sweep import find_sweep_run
 
     waiting = f"for {', '.join(claim_ids)}"
     run = find_sweep_run(client, same[0]) if same else None
     if run is None:
-        return f"{space.path.name}: not started ({space.num_trials()} trials) {waiting}", space.num_trials(), []
+        return f"{space.path.name}: not started ({space.num_trials()} trials) {waiting}", [], []
     finished = [r for r in _children(client, run.info.run_id) if r.info.status == "FINISHED"]
     line = f"{same[0]}: {len(finished)} of {space.num_trials()} trials finished {waiting}"
-    return line, max(0, space.num_trials() - len(finished)), trial_seconds(finished)
+    return line, finished, trial_seconds(finished)
+
+
+def trials_to_train(client, sweeps: list[tuple[Any, list[Any]]]) -> list[tuple[int, int]]:
+    """Per undecided sweep (its space, its finished trial runs): (trials left, trials of them that
+    will train). A trial left takes its results without training (``--reuse-trials``) when a
+    finished trial in the store, or a trial left in an earlier sweep of this list, has its resolved
+    config and seed; a search by Optuna proposes its trials as it goes, so all of them train."""
+    from orchestrator.sweep import SWEEP_EXPERIMENT
+
+    exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id], "tags.`avlab.kind` = 'trial' and attributes.status = 'FINISHED'",
+                              max_results=50000) if exp is not None else []
+    done = {r.data.tags.get("avlab.run_identity") for r in runs
+            if "eval_time_s" in r.data.metrics and r.data.tags.get("avlab.stopped_early") != "true"}
+    counts = []
+    for space, finished in sweeps:
+        left = space.num_trials() - len(finished)
+        if space.uses_optuna or space.scheduler is not None:
+            counts.append((left, left))
+            continue
+        own = {r.data.tags.get("avlab.run_identity") for r in finished}
+        ids = [space.config_for(p, seed).identity() for p in space.grid_points() for seed in space.seeds]
+        ids = [i for i in ids if i not in own]
+        counts.append((len(ids), sum(1 for i in dict.fromkeys(ids) if i not in done)))
+        done.update(ids)
+    return counts
 
 
 def trial_seconds(runs: list) -> list[float]:
@@ -119,21 +145,22 @@ def trial_seconds(runs: list) -> list[float]:
             if r.info.end_time and r.info.start_time and not r.data.tags.get("avlab.reused_from")]
 
 
-def time_left(sweeps: list[tuple[int, int, list[float]]], pooled: list[float]) -> str:
+def time_left(sweeps: list[tuple[int, int, int, list[float]]], pooled: list[float]) -> str:
     """One line that estimates the wall time the undecided sweeps still need: per sweep (trials
-    left, trials at once, its finished trials' seconds), rounds of trials at once times the median
-    finished trial of that sweep, or of ``pooled`` (every finished trial of these claims' sweeps)
-    when it has none yet. Trials that ``--reuse-trials`` takes from other sweeps make it shorter.
-    ``pooled`` holds every sweep's own seconds."""
+    left, trials of them that train, trials at once, its finished trials' seconds), rounds of
+    trials at once times the median finished trial of that sweep, or of ``pooled`` (every finished
+    trial of these claims' sweeps, each sweep's own among them) when it has none yet."""
     import statistics
 
-    left = sum(n for n, _, _ in sweeps)
+    left, train = sum(s[0] for s in sweeps), sum(s[1] for s in sweeps)
+    reused = f", {left - train} of them repeat a finished or an earlier trial (reused, not trained)" if left > train else ""
+    head = f"{left} trial{'s' * (left != 1)} left{reused}"
     if not pooled:
-        return f"{left} trial{'s' * (left != 1)} left; none of these claims' trials has finished yet to time them"
-    seconds = sum(math.ceil(n / max(1, at_once)) * statistics.median(own or pooled) for n, at_once, own in sweeps)
+        return f"{head}; none of these claims' trials has finished yet to time the {train} to train"
+    seconds = sum(math.ceil(n / max(1, at_once)) * statistics.median(own or pooled) for _, n, at_once, own in sweeps)
     when = f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
-    return (f"{left} trial{'s' * (left != 1)} left, about {when} of wall time (each sweep's trials at once, times the median of its "
-            f"finished trials, else of all {len(pooled)} finished: {statistics.median(pooled) / 60:.1f} min)")
+    return (f"{head}: {train} to train, about {when} of wall time (each sweep's trials at once, times the median "
+            f"of its finished trials, else of all {len(pooled)} finished: {statistics.median(pooled) / 60:.1f} min)")
 
 
 def _run_or_reuse(args: argparse.Namespace, name: str, space: Any, overrides: list[str], client, home: Path) -> str:
@@ -299,6 +326,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         print(f"[avlab] reproduce: not decided, their sweeps have not finished: {', '.join(pending)}", flush=True)
         for _, (line, _, _) in progress:
             print(f"[avlab] reproduce:   {line}", flush=True)
+        counts = trials_to_train(client, [(space, finished) for space, (_, finished, _) in progress])
         from orchestrator.report import _children
         from orchestrator.sweep import find_sweep_run
 
@@ -306,7 +334,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         for name in ran.values():
             trials = _children(client, find_sweep_run(client, name).info.run_id)
             pooled += trial_seconds([r for r in trials if r.info.status == "FINISHED"])
-        estimate = time_left([(left, space.max_concurrent, own) for space, (_, left, own) in progress], pooled)
+        estimate = time_left([(left, train, space.max_concurrent, own)
+                              for (space, (_, _, own)), (left, train) in zip(progress, counts)], pooled)
         print(f"[avlab] reproduce:   {estimate}", flush=True)
     if not ran:
         print("[avlab] reproduce: no claim's sweep has finished yet; nothing to decide", flush=True)

@@ -237,7 +237,7 @@ def test_an_undecided_claim_says_how_far_its_sweep_got(tmp_path):
     uri = f"sqlite:///{home / 'mlflow.db'}"
     tracking.prepare_store(uri)
     client = MlflowClient(uri)
-    assert _progress(client, [], space, ["c1"]) == ("mem.yaml: not started (4 trials) for c1", 4, [])
+    assert _progress(client, [], space, ["c1"]) == ("mem.yaml: not started (4 trials) for c1", [], [])
     parent = tracking.create_run(tracking_uri=uri, home=home, experiment=SWEEP_EXPERIMENT, run_name="s",
                                  params={}, tags={"kind": "sweep", "sweep_name": "s"}, config_yaml="")
     # Two finished trials (one trained for 90 s, one reused from another sweep), one running.
@@ -248,17 +248,51 @@ def test_an_undecided_claim_says_how_far_its_sweep_got(tmp_path):
         if status == "FINISHED":
             start = client.get_run(run).info.start_time
             client.set_terminated(run, "FINISHED", end_time=start + 90_000)
-    line, left, seconds = _progress(client, ["s"], space, ["c1", "c2"])
-    assert (line, left) == ("s: 2 of 4 trials finished for c1, c2", 2) and seconds == [90.0]
+    line, finished, seconds = _progress(client, ["s"], space, ["c1", "c2"])
+    assert line == "s: 2 of 4 trials finished for c1, c2" and len(finished) == 2 and seconds == [90.0]
+
+
+def test_trials_left_that_repeat_a_finished_or_an_earlier_trial_are_not_counted_to_train(tmp_path):
+    """A trial left whose config and seed equal a finished, fully evaluated trial in the store, or a
+    trial left in an earlier sweep, will be reused; one stopped early or never evaluated will not."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.reproduce import trials_to_train
+    from orchestrator.sweep import SWEEP_EXPERIMENT
+
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("base:\n  preset: tiny\ngrid:\n  method.memory_size: [8, 16]\nseeds: 2\n")
+    second.write_text("base:\n  preset: tiny\ngrid:\n  method.memory_size: [16, 32]\nseeds: 2\n")
+    a, b = load_search_space(first), load_search_space(second)
+    home = tmp_path / "home"
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    tracking.prepare_store(uri)
+    client = MlflowClient(uri)
+    assert trials_to_train(client, [(a, []), (b, [])]) == [(4, 4), (4, 2)]  # b's memory 16 repeats a's
+
+    def trial(cfg, **extra):
+        run = tracking.create_run(tracking_uri=uri, home=home, experiment=SWEEP_EXPERIMENT, run_name="t", params={},
+                                  tags={"kind": "trial", "run_identity": cfg.identity(), **extra}, config_yaml="")
+        client.log_metric(run, "eval_time_s", 1.0)
+        client.set_terminated(run, "FINISHED")
+        return client.get_run(run)
+
+    trial(a.config_for({"method.memory_size": 8}, 0))  # finished elsewhere: reused
+    trial(a.config_for({"method.memory_size": 8}, 1), stopped_early="true")  # not a result: trains
+    own = trial(a.config_for({"method.memory_size": 16}, 0))  # a's own finished trial: not left
+    # a: 8/0 reused, 8/1 and 16/1 train; b: 16/0 is a's finished one, 16/1 a's left one, 32 trains.
+    assert trials_to_train(client, [(a, [own]), (b, [])]) == [(3, 2), (4, 2)]
 
 
 def test_the_time_left_is_rounds_of_trials_at_once_times_the_median_finished_trial():
-    """Per sweep: ceil(left / at once) rounds x the median of its own finished trials, or of all
-    finished trials when it has none; nothing to time it with, no estimate."""
+    """Per sweep: ceil(to train / at once) rounds x the median of its own finished trials, or of
+    all finished trials when it has none; nothing to time it with, no estimate."""
     from orchestrator.reproduce import time_left
 
     # 5 rounds x 400 s (its own median) + 8 rounds x 350 s (the pooled median) = 4800 s.
-    line = time_left([(10, 2, [300, 400, 500]), (15, 2, [])], [300, 400, 500, 200])
-    assert line.startswith("25 trials left, about 1.3 h of wall time") and "all 4 finished: 5.8 min" in line
-    assert time_left([(1, 2, [60.0])], [60.0]).startswith("1 trial left, about 1 min")
-    assert time_left([(4, 2, [])], []) == "4 trials left; none of these claims' trials has finished yet to time them"
+    line = time_left([(12, 10, 2, [300, 400, 500]), (15, 15, 2, [])], [300, 400, 500, 200])
+    assert line.startswith("27 trials left, 2 of them repeat a finished or an earlier trial (reused, not trained): "
+                           "25 to train, about 1.3 h of wall time") and "all 4 finished: 5.8 min" in line
+    assert time_left([(1, 1, 2, [60.0])], [60.0]).startswith("1 trial left: 1 to train, about 1 min")
+    assert time_left([(4, 4, 2, [])], []) == (
+        "4 trials left; none of these claims' trials has finished yet to time the 4 to train")
