@@ -200,13 +200,19 @@ def _kill_marked(value: str, timeout: float = 60) -> None:
         time.sleep(0.2)
 
 
-def _wait(condition, *, timeout: float, what: str, every: float = 1.0) -> None:
-    """faults.wait_for at a gentler pace: each poll here is an HTTP or MLflow query."""
+def _wait(condition, *, timeout: float, what: str, every: float = 1.0, explain=None) -> None:
+    """faults.wait_for at a gentler pace: each poll here is an HTTP or MLflow query. On a timeout,
+    ``explain()`` (if given) adds what there is to see, e.g. the tails of the cluster's logs."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what}" + (f"\n{explain()}" if explain else ""))
         time.sleep(every)
+
+
+def _tails(folder: Path, pattern: str = "*.log", chars: int = 3000) -> str:
+    """The last ``chars`` characters of every file in ``folder`` matching ``pattern``."""
+    return "\n".join(f"--- {path.name}\n{path.read_text(errors='replace')[-chars:]}" for path in sorted(folder.glob(pattern)))
 
 
 def _port_open(port: int) -> bool:
@@ -574,7 +580,12 @@ def test_avlab_stop_stops_a_submitted_sweep_through_the_job_api(tmp_path):
             except OSError:
                 return False
 
-        _wait(training, timeout=600, what="a trial of the submitted sweep past its first epoch")
+        def job_logs() -> str:
+            logs = subprocess.run([str(BIN / "avlab"), "logs", name, "--home", str(home)], env=env,
+                                  capture_output=True, text=True, timeout=120)
+            return f"{_tails(tmp_path)}\n--- avlab logs {name}\n{(logs.stdout + logs.stderr)[-6000:]}"
+
+        _wait(training, timeout=600, what="a trial of the submitted sweep past its first epoch", explain=job_logs)
         out = subprocess.run([str(BIN / "avlab"), "stop", name, "--home", str(home)], env=env, capture_output=True,
                              text=True, timeout=300)
         assert out.returncode == 0 and f"[avlab] stopped {name}: Ray job " in out.stdout, out.stdout + out.stderr
