@@ -117,13 +117,13 @@ def trials_to_train(client, sweeps: list[tuple[Any, list[Any]]]) -> list[tuple[i
     will train). A trial left takes its results without training (``--reuse-trials``) when a
     finished trial in the store, or a trial left in an earlier sweep of this list, has its resolved
     config and seed; a search by Optuna proposes its trials as it goes, so all of them train."""
+    from orchestrator import tracking
     from orchestrator.sweep import SWEEP_EXPERIMENT
 
     exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
     runs = client.search_runs([exp.experiment_id], "tags.`avlab.kind` = 'trial' and attributes.status = 'FINISHED'",
                               max_results=50000) if exp is not None else []
-    done = {r.data.tags.get("avlab.run_identity") for r in runs
-            if "eval_time_s" in r.data.metrics and r.data.tags.get("avlab.stopped_early") != "true"}
+    done = {r.data.tags.get("avlab.run_identity") for r in runs if tracking.is_whole_result(r)}
     counts = []
     for space, finished in sweeps:
         left = space.num_trials() - len(finished)
@@ -311,7 +311,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     print(f"[avlab] reproduce: {len(claims)} claims over {len(plans)} sweeps", flush=True)
     ran: dict[str, str] = {}
     pending: list[str] = []  # with --finished-only: the claims whose sweeps have not finished
-    progress: list[str] = []  # and how far each of their sweeps got
+    progress: list[tuple[Any, tuple[str, list[Any], list[float]]]] = []  # and how far each of their sweeps got
     for name, (space, group) in plans.items():
         if not args.finished_only:
             ran[name] = _run_or_reuse(args, name, space, overrides, client, home)

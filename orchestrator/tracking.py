@@ -278,6 +278,12 @@ def recorded_failure(client: MlflowClient, run_id: str) -> str:
 REUSED_FROM_TAG = "reused_from"
 
 
+def is_whole_result(run) -> bool:
+    """A finished trial's run holds a whole result another trial may take: it was evaluated to the
+    end (``eval_time_s``) and not stopped early by a scheduler."""
+    return "eval_time_s" in run.data.metrics and run.data.tags.get(f"{TAG_PREFIX}stopped_early") != "true"
+
+
 def copy_metric_histories(client: MlflowClient, source_id: str, run_id: str, keys) -> None:
     """Every step of the metrics ``keys`` of run ``source_id``, logged to ``run_id`` unchanged."""
     items = [m for key in keys for m in client.get_metric_history(source_id, key)]

@@ -211,8 +211,7 @@ def _identical_finished_trial(client: MlflowClient, cfg: Any, sweep: dict[str, A
         order_by=["attributes.start_time ASC"], max_results=100,
     )
     for run in same:
-        if (run.data.tags.get("mlflow.parentRunId") != sweep["parent_run_id"] and "eval_time_s" in run.data.metrics
-                and run.data.tags.get("avlab.stopped_early") != "true"):
+        if run.data.tags.get("mlflow.parentRunId") != sweep["parent_run_id"] and tracking.is_whole_result(run):
             return run
     return None
 
