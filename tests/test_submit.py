@@ -561,6 +561,7 @@ def test_avlab_stop_stops_a_submitted_sweep_through_the_job_api(tmp_path):
     driver), and what the driver had no time to settle is settled from here, through the home
     this machine shares with the cluster: the parent KILLED, no trial left RUNNING."""
     from mlflow.tracking import MlflowClient
+    from ray.job_submission import JobSubmissionClient
 
     space = tmp_path / "two.yaml"
     space.write_text(SPACE)
@@ -572,13 +573,19 @@ def test_avlab_stop_stops_a_submitted_sweep_through_the_job_api(tmp_path):
         out = subprocess.run([str(BIN / "avlab"), "submit", str(space), "--address", cluster.address, "--name", name,
                               "--home", str(home)], env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stdout + out.stderr
-        client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+        jobs = JobSubmissionClient(cluster.address)
+        job_id = submit.read_record(home, name)["job_id"]
 
         def training() -> bool:
             try:
-                return any((home / "ray" / "trials").glob(f"{name}-*/checkpoint_epoch*"))
+                if any((home / "ray" / "trials").glob(f"{name}-*/checkpoint_epoch*")):
+                    return True
             except OSError:
                 return False
+            # A job that ended before training fails here at once, with its logs.
+            status = str(jobs.get_job_status(job_id).value)
+            assert status not in ("FAILED", "STOPPED", "SUCCEEDED"), status + "\n" + job_logs()
+            return False
 
         def job_logs() -> str:
             logs = subprocess.run([str(BIN / "avlab"), "logs", name, "--home", str(home)], env=env,
@@ -586,6 +593,9 @@ def test_avlab_stop_stops_a_submitted_sweep_through_the_job_api(tmp_path):
             return f"{_tails(tmp_path)}\n--- avlab logs {name}\n{(logs.stdout + logs.stderr)[-6000:]}"
 
         _wait(training, timeout=600, what="a trial of the submitted sweep past its first epoch", explain=job_logs)
+        # Only now: the job's driver has made the store. An MLflow client opened on a home whose
+        # store does not exist yet creates and migrates it itself, racing the driver's migration.
+        client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
         out = subprocess.run([str(BIN / "avlab"), "stop", name, "--home", str(home)], env=env, capture_output=True,
                              text=True, timeout=300)
         assert out.returncode == 0 and f"[avlab] stopped {name}: Ray job " in out.stdout, out.stdout + out.stderr
