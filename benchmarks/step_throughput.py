@@ -9,10 +9,16 @@ forward, ``zero_grad``, backward, ``step``; nothing else. It runs in its own pro
 same number of threads as the Ray worker. Both skip their first epoch (warm-up) and report the
 median over the rest; the two take turns for ``--rounds`` rounds.
 
+Taking turns compares minutes that differ: on a shared or throttled machine the same loop
+varies by ± 20 % from one minute to the next. ``--concurrent`` (``--threads`` at most half the
+CPUs) runs the two at the same time instead, each on its own core(s), and compares avlab's steady
+epochs with the plain loop's epochs of the same minutes.
+
 Then DDP on CPU (gloo): ``avlab run`` with 1 worker × 1 thread and 2 workers × 1 thread; the
 scaling efficiency is 2-worker pairs/s over twice the 1-worker pairs/s.
 
     .venv/bin/python benchmarks/step_throughput.py              # tiny preset, ~10 min on 2 cores
+    .venv/bin/python benchmarks/step_throughput.py --threads 1 --concurrent --skip-ddp   # side by side
     .venv/bin/python benchmarks/step_throughput.py --preset paper --gpu   # on a GPU machine
 
 Target (issue 17): avlab ≥ 0.98 × the plain loop. It prints the tables and appends them to
@@ -44,8 +50,9 @@ SMALL_EVAL = ["data.train_size=100", "data.test_size=100", "data.transfer_train_
               "data.transfer_test_size=0", "eval.features=[h]", "eval.linear=false", "eval.retrieval=false"]
 
 
-def avlab_run(overrides: list[str], home: Path, name: str) -> list[float]:
-    """``avlab run`` as the user runs it; the per-epoch pairs/s it logged, in epoch order."""
+def avlab_run(overrides: list[str], home: Path, name: str, windows: bool = False) -> list:
+    """``avlab run`` as the user runs it; the per-epoch pairs/s it logged, in epoch order (with
+    ``windows``: (start, end, pairs/s) per epoch, in seconds since the epoch of time)."""
     cmd = [str(ROOT / ".venv" / "bin" / "avlab"), "run", "--home", str(home), f"tracking.run_name={name}",
            *overrides]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -58,7 +65,12 @@ def avlab_run(overrides: list[str], home: Path, name: str) -> list[float]:
     exp = client.get_experiment_by_name("avlab")
     run = client.search_runs([exp.experiment_id], f"attributes.run_name = '{name}'")[0]
     history = client.get_metric_history(run.info.run_id, "pairs_per_s")
-    return [m.value for m in sorted(history, key=lambda m: m.step)]
+    if not windows:
+        return [m.value for m in sorted(history, key=lambda m: m.step)]
+    # Each epoch's wall-clock window: it is logged when it ends, epoch_time_s after it began.
+    took = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "epoch_time_s")}
+    return [(m.timestamp / 1000 - took[m.step], m.timestamp / 1000, m.value)
+            for m in sorted(history, key=lambda m: m.step)]
 
 
 def plain_run(overrides: list[str], threads: int, gpu: bool) -> list[float]:
@@ -122,7 +134,36 @@ def plain_worker(spec: dict) -> None:
         if spec["gpu"]:
             torch.cuda.synchronize()
         rates.append(steps * batch / (time.perf_counter() - t0))
+        if spec.get("stream"):  # (start, end, pairs/s) of each epoch as it ends
+            end = time.time()
+            print(json.dumps([end - (time.perf_counter() - t0), end, rates[-1]]), flush=True)
     print(json.dumps(rates))
+
+
+def concurrent_round(single: list[str], args: argparse.Namespace, home: Path, name: str) -> tuple[float, float]:
+    """avlab and the plain loop at the same time, one thread each on their own core, compared
+    over the same wall-clock window: the plain loop trains (epochs of the same length) from
+    before avlab's first epoch until avlab ends, and only its epochs inside avlab's steady window
+    (avlab's epochs after the first) count. Both then see the same machine at the same moment,
+    which taking turns cannot promise on a machine whose speed drifts between minutes. Ray's own
+    processes run on either core, so they slow both loops (a sequential round charges them to
+    avlab alone)."""
+    longer = [o for o in single if not o.startswith("train.epochs=")] + [f"train.epochs={args.epochs * 6 + 20}"]
+    spec = {"overrides": longer, "threads": args.threads, "gpu": False, "stream": True}
+    plain = subprocess.Popen([sys.executable, __file__, "--plain-worker", json.dumps(spec)], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        windows = avlab_run(single, home, name, windows=True)
+    finally:
+        plain.terminate()
+        out, _ = plain.communicate(timeout=60)
+    epochs = [json.loads(line) for line in out.splitlines() if line.startswith("[")]
+    (start, _, _), (_, end, _) = windows[1], windows[-1]
+    inside = [rate for t0, t1, rate in epochs[1:] if t0 >= start - 1.0 and t1 <= end + 1.0]
+    if not inside:
+        raise SystemExit(f"the plain loop had no epoch inside avlab's window ({len(epochs)} epochs): "
+                         "raise --epochs or lower --steps")
+    return statistics.median(rate for *_, rate in windows[1:]), statistics.median(inside)
 
 
 def steady(rates: list[float]) -> float:
@@ -137,6 +178,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24, help="training steps per epoch")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2, help="avlab and plain take turns this often")
+    parser.add_argument("--concurrent", action="store_true",
+                        help="run avlab and the plain loop at the same time (2 × --threads ≤ CPUs), compared "
+                             "over the same minutes")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--override", action="append", default=[], help="key=value for both loops, e.g. train.data_workers=1")
     parser.add_argument("--skip-ddp", action="store_true")
@@ -152,12 +196,20 @@ def main() -> None:
     if args.gpu:
         base += ["resources.gpu=true"]
     single = [*base, "resources.workers=1", f"resources.cpus_per_worker={args.threads}"]
+    if args.concurrent and (args.gpu or 2 * args.threads > (os.cpu_count() or 1)):
+        parser.error(f"--concurrent: needs 2 × --threads ({2 * args.threads}) CPUs, this machine has "
+                     f"{os.cpu_count()}, and no --gpu")
     avlab, plain = [], []
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         for r in range(args.rounds):
-            avlab.append(steady(avlab_run(single, home, f"single-{r}")))
-            plain.append(steady(plain_run(single, args.threads, args.gpu)))
+            if args.concurrent:
+                a, b = concurrent_round(single, args, home, f"single-{r}")
+                avlab.append(a)
+                plain.append(b)
+            else:
+                avlab.append(steady(avlab_run(single, home, f"single-{r}")))
+                plain.append(steady(plain_run(single, args.threads, args.gpu)))
             print(f"round {r + 1}: avlab {avlab[-1]:.0f} pairs/s, plain {plain[-1]:.0f} pairs/s", flush=True)
         ddp: dict[int, float] = {}
         if not args.skip_ddp:
@@ -172,10 +224,12 @@ def main() -> None:
     device = "1 GPU per worker" if args.gpu else f"{os.cpu_count()} CPUs"
     command = (f"benchmarks/step_throughput.py --preset {args.preset}{' --gpu' if args.gpu else ''} "
                f"--steps {args.steps} --epochs {args.epochs} --rounds {args.rounds} --threads {args.threads}"
+               + (" --concurrent" if args.concurrent else "")
                + "".join(f" --override {o}" for o in args.override) + (" --skip-ddp" if args.skip_ddp else ""))
     lines = [
         f"{dt.date.today().isoformat()}, {platform.machine()}, {device}, commit {commit}, `{command}` "
-        f"(BMA, {args.preset} preset; median pairs/s of epochs 2-{args.epochs}, {args.steps} steps each).",
+        f"(BMA, {args.preset} preset; median pairs/s of epochs 2-{args.epochs}, {args.steps} steps each"
+        + ("; the plain loop at the same time, its epochs inside that window" if args.concurrent else "") + ").",
         "",
         "| loop | threads | pairs/s per round | median | ratio |",
         "| --- | --- | --- | --- | --- |",
