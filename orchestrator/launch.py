@@ -26,8 +26,13 @@ RAY_TRAIN_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
 }
 # Only for a Ray that avlab starts on this machine: no cloud drains its one node, so the
-# preemption watcher (an actor process per trial) has nothing to watch.
-LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# preemption watcher (an actor process per trial) has nothing to watch. Ray's raylet renices
+# every worker it starts by +15 (`worker_niceness`), so training ran below Ray's own daemons,
+# agents and the driver, which preempted it whenever they woke: on two cores a one-worker run
+# trained at 0.89 x a plain loop running beside it, 0.97 with its workers at niceness 0
+# (benchmarks/RESULTS.md). 0: workers keep the niceness of the command that started them
+# (`nice avlab sweep ...` still runs in the background).
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_worker_niceness": "0"}
 
 # How long a run waits, in all, for the cluster to give it its workers before it fails with a
 # clear line (Ray Train would wait forever: it retries its worker-group start every

@@ -68,6 +68,39 @@ def after_ray_init() -> None:
             pass
 
 
+def quiet_worker_sigterm() -> None:
+    """In a Ray worker process of avlab's (a sweep trial, a run's task, a Ray Train worker).
+
+    Ray stops a worker with SIGTERM, and its handler raises SystemExit wherever the worker's
+    main thread is. When that is a weakref callback, a ``__del__`` or the garbage collector,
+    Python cannot raise there: it prints "Exception ignored in ..." with the handler's traceback
+    (which Ray streams to the avlab command's terminal, at the end of a sweep that went well) and
+    carries on until Ray kills the process. This ``sys.unraisablehook`` takes that one case: the
+    exit is asked for again with a new SIGTERM, sent a moment later from another thread so that
+    the main thread handles it once out of the callback (a signal sent from inside would be
+    handled inside again); every other unraisable exception goes to the hook before."""
+    import threading
+
+    previous = sys.unraisablehook
+    if getattr(previous, "avlab_quiet_sigterm", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        import traceback
+
+        exc = unraisable.exc_value
+        if isinstance(exc, SystemExit) and any(
+                frame.f_code.co_name == "sigterm_handler" for frame, _ in traceback.walk_tb(unraisable.exc_traceback)):
+            again = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM))
+            again.daemon = True
+            again.start()
+            return
+        previous(unraisable)
+
+    hook.avlab_quiet_sigterm = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
 def _alive_avlab(pid: int) -> bool:
     """Whether ``pid`` is a live avlab process (not a later process that reuses the number)."""
     try:

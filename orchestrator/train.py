@@ -42,6 +42,8 @@ from orchestrator import tracking
 from orchestrator.config import ExperimentConfig
 from orchestrator.hosts import RayTrainHost, TrialHost
 from orchestrator.loaders import DeviceAugment, Loader, build_pretraining_data, to_device
+from orchestrator.stop import quiet_worker_sigterm
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -131,6 +133,7 @@ def run_loop(loop_config: dict[str, Any], make_host, *, entered: float) -> None:
     it on the MLflow run (``tracking.record_failure``); a restarted attempt finds it and returns
     without training, and the driver fails the run with that line. Lost workers, nodes and
     connections are retried from the last checkpoint as before."""
+    quiet_worker_sigterm()
     client = MlflowClient(loop_config["tracking_uri"])
     run_id = loop_config["mlflow_run_id"]
     if tracking.recorded_failure(client, run_id):

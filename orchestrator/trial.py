@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from mlflow.tracking import MlflowClient
 
 from orchestrator import tracking
+from orchestrator.stop import quiet_worker_sigterm
 from orchestrator.sweep import SWEEP_EXPERIMENT, grid_trials
 
 if TYPE_CHECKING:
@@ -83,6 +84,7 @@ def run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, An
     global _LAST_TRIAL_END
     started = time.perf_counter()
     launch_s = _launch_delay()
+    quiet_worker_sigterm()
     try:
         _trial(config, space=space, sweep=sweep, started=started, launch_s=launch_s)
     finally:

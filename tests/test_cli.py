@@ -257,6 +257,61 @@ def test_a_deterministic_error_fails_the_run_once_with_one_line(tmp_path):
     assert again.stdout == "" and client.get_run(run.info.run_id).info.status == "FAILED"
 
 
+# A Ray worker's SIGTERM handler (Ray's, by name and body) and a SIGTERM that lands while the main
+# thread runs a weakref callback, where Python cannot raise the handler's SystemExit.
+SIGTERM_IN_CALLBACK = """
+import os, signal, sys, weakref
+from ray._raylet import raise_sys_exit_with_custom_error_message
+
+def sigterm_handler(signum, frame):
+    raise_sys_exit_with_custom_error_message("The process receives a SIGTERM.", exit_code=1)
+
+signal.signal(signal.SIGTERM, sigterm_handler)
+if sys.argv[1] == "hook":
+    from orchestrator.stop import quiet_worker_sigterm
+    quiet_worker_sigterm()
+
+class Thing:
+    pass
+
+def callback(ref):
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(10000):  # the handler runs here, inside the callback
+        pass
+
+thing = Thing()
+ref = weakref.ref(thing, callback)
+del thing
+import time
+time.sleep(3)  # a worker's main thread lives on (Ray's task loop)
+print("carried on after the SIGTERM", flush=True)
+"""
+
+
+@pytest.mark.parametrize("hook", ["ray", "hook"])
+def test_a_sigterm_inside_a_weakref_callback_exits_the_worker_without_a_traceback(hook):
+    """Ray's handler alone: "Exception ignored" and a traceback on stderr, and the process carries
+    on. With avlab's hook (installed in every trial, run task and Ray Train worker): the process
+    exits with the handler's code once out of the callback, and prints nothing."""
+    out = subprocess.run([sys.executable, "-c", SIGTERM_IN_CALLBACK, hook], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    if hook == "ray":
+        assert out.returncode == 0 and "carried on" in out.stdout, out.stdout + out.stderr
+        assert "Exception ignored" in out.stderr and "SystemExit" in out.stderr
+    else:
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "carried on" not in out.stdout and "Traceback" not in out.stderr and "Exception ignored" not in out.stderr, out.stderr
+
+
+def _niceness(pid: int) -> int | None:
+    """A process's nice value (field 19 of /proc/PID/stat), None when it has exited."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[16])
+
+
 @pytest.mark.slow
 def test_a_run_beside_a_sweep_listens_on_loopback_only_and_both_finish_quietly(tmp_path):
     """Two avlab commands at once on one machine, each with its own local Ray: a run (with its
@@ -264,7 +319,8 @@ def test_a_run_beside_a_sweep_listens_on_loopback_only_and_both_finish_quietly(t
     raylet, workers, agents, dashboard) listens on 127.0.0.1 only, as the socket table shows
     (before, Ray's servers listened on every interface). Both finish, each frees its own
     workers, and neither prints Ray Train's placement-group cleaner errors ("Found multiple
-    active Ray instances", "Failed to query ... actor state") or a traceback."""
+    active Ray instances", "Failed to query ... actor state") or a traceback. Ray's workers run
+    at the commands' niceness, not reniced below Ray's daemons."""
     import faults
 
     small = ["train.epochs=3", "train.batch_size=64", "data.paired_size=256", "data.unpaired_sound_size=128",
@@ -286,6 +342,7 @@ def test_a_run_beside_a_sweep_listens_on_loopback_only_and_both_finish_quietly(t
                             what=f"the {key}'s first epoch", proc=proc, log=logs[key])
         processes = {**faults.processes(procs["run"].pid), **faults.processes(procs["sweep"].pid)}
         sockets = faults.listening_sockets(processes)
+        niceness = {pid: _niceness(pid) for pid, cmd in processes.items() if cmd.startswith("ray::")}
         codes = {k: p.wait(timeout=600) for k, p in procs.items()}
     finally:
         for p in procs.values():
@@ -303,6 +360,11 @@ def test_a_run_beside_a_sweep_listens_on_loopback_only_and_both_finish_quietly(t
         runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
         assert runs and all(r.info.status == "FINISHED" for r in runs)
 
+    # Ray's workers (the run's task, the trial, idle workers) at this command's niceness: Ray
+    # would renice them by +15, below its own daemons and the driver.
+    assert any(processes[pid].startswith(("ray::avlab-run", "ray::ImplicitFunc")) for pid in niceness), niceness
+    assert set(niceness.values()) <= {os.getpriority(os.PRIO_PROCESS, 0), None}, {
+        processes[p][:40]: n for p, n in niceness.items()}
     assert sum("raylet" in processes[pid] for _, _, pid in sockets) >= 2  # the table was read, both Rays
     assert any("gcs_server" in processes[pid] for _, _, pid in sockets)
     exposed = [(host, port, processes[pid][:60]) for host, port, pid in sockets if host not in ("127.0.0.1", "::1")]
