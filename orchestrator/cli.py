@@ -315,15 +315,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace):
-    from mlflow.tracking import MlflowClient
-
     from orchestrator import tracking
 
     home = tracking.resolve_home(args.home)
     uri = tracking.resolve_tracking_uri(home, args.tracking_uri)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise ConfigError(f"--home: no avlab store at {home}")
-    return home, MlflowClient(uri)
+    return home, tracking.open_store(uri)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -106,7 +106,47 @@ def prepare_store(uri: str) -> None:
                 tmp = db.with_name(f".{db.name}.tmp-{os.getpid()}")
                 shutil.copyfile(template, tmp)
                 os.replace(tmp, db)
-        MlflowClient(uri).search_experiments(max_results=1)  # creates and migrates the tables if new
+        open_store(uri)  # creates and migrates the tables if new
+
+
+def open_store(uri: str, *, wait_s: float = 60.0, quiet_s: float = 2.0) -> MlflowClient:
+    """An MLflow client of ``uri`` whose store MLflow has opened (and, if new, migrated).
+
+    A SQLite file that is not an MLflow store (damaged, or another program's) is a ConfigError
+    naming the file, before anything runs; the file is left as it is. avlab's own commands create
+    a store under a lock (``prepare_store``), but a plain MLflow client or server takes none: when
+    one migrates the same new store at this moment, MLflow's migration here fails on the other's
+    half-made schema ("table ... already exists", "no such column ..."). So while the file is
+    being written (changed in the last ``quiet_s`` seconds) a failed open is tried again, every
+    half second for up to ``wait_s`` seconds; a file nobody writes fails at once."""
+    from sqlalchemy.exc import DatabaseError, OperationalError
+
+    db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            client = MlflowClient(uri)
+            client.search_experiments(max_results=1)
+            return client
+        except DatabaseError as exc:
+            cause = str(getattr(exc, "orig", exc)).strip().splitlines()
+            line = cause[0] if cause else type(exc).__name__
+            if not (db is not None and isinstance(exc, OperationalError) and time.monotonic() < deadline
+                    and _written_within(db, quiet_s)):
+                raise ConfigError(f"{db or uri}: not an MLflow store that avlab can open ({line})") from None
+            time.sleep(0.5)
+
+
+def _written_within(path: Path, seconds: float) -> bool:
+    """Whether ``path`` (or its SQLite journal) changed in the last ``seconds``."""
+    now = time.time()
+    for candidate in (path, path.with_name(path.name + "-journal"), path.with_name(path.name + "-wal")):
+        try:
+            if now - candidate.stat().st_mtime < seconds:
+                return True
+        except OSError:
+            pass
+    return False
 
 
 @contextlib.contextmanager

@@ -423,6 +423,44 @@ def test_two_commands_creating_one_fresh_store_at_once_both_succeed(tmp_path):
     assert {"e0", "e1", "e2"} <= names
 
 
+def test_a_plain_mlflow_client_migrating_the_same_new_store_does_not_fail_avlab(tmp_path):
+    """A plain MLflow client (no lock, unlike avlab's commands) creates and migrates a new store;
+    avlab opens the same store while that migration is under way. MLflow's migration in avlab's
+    process then fails ("table ... already exists"); avlab waits for the other one and opens the
+    store, and both end with one whole store."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import tracking
+
+    db = tmp_path / "home" / "mlflow.db"
+    db.parent.mkdir()
+    uri = f"sqlite:///{db}"
+    foreign = subprocess.Popen([sys.executable, "-c", "import sys; from mlflow.tracking import MlflowClient; "
+                                "MlflowClient(sys.argv[1]).search_experiments()", uri],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (db.exists() and db.stat().st_size > 0):  # its migration has begun
+        assert foreign.poll() is None and time.monotonic() < deadline, foreign.communicate()[0]
+        time.sleep(0.005)
+    tracking.prepare_store(uri)
+    out = foreign.communicate(timeout=120)[0]
+    assert foreign.returncode == 0, out[-3000:]
+    assert [e.name for e in MlflowClient(uri).search_experiments()] == ["Default"]
+
+
+@pytest.mark.parametrize("command", [["status", "some-sweep"], ["run", "train.epochs=0"]])
+def test_a_store_that_is_not_an_mlflow_database_exits_2_naming_it_and_stays_as_it_was(tmp_path, capsys, command):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "mlflow.db").write_bytes(b"a disk error left this here\n" * 40)
+    code = main([command[0], "--home", str(home), *command[1:]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err == f"avlab: error: {home / 'mlflow.db'}: not an MLflow store that avlab can open (file is not a database)"
+    assert (home / "mlflow.db").read_bytes() == b"a disk error left this here\n" * 40
+    assert sorted(p.name for p in home.iterdir()) == ["mlflow.db", "mlflow.db.lock"] if command[0] == "run" else ["mlflow.db"]
+
+
 HOLDER = """
 import sys
 import ray
