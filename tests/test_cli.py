@@ -427,7 +427,7 @@ def test_a_plain_mlflow_client_migrating_the_same_new_store_does_not_fail_avlab(
     """A plain MLflow client (no lock, unlike avlab's commands) creates and migrates a new store;
     avlab opens the same store while that migration is under way. MLflow's migration in avlab's
     process then fails ("table ... already exists"); avlab waits for the other one and opens the
-    store, and both end with one whole store."""
+    store, which ends whole (the plain client may fail its own half of the race under load)."""
     from mlflow.tracking import MlflowClient
 
     from orchestrator import tracking
@@ -443,9 +443,11 @@ def test_a_plain_mlflow_client_migrating_the_same_new_store_does_not_fail_avlab(
         assert foreign.poll() is None and time.monotonic() < deadline, foreign.communicate()[0]
         time.sleep(0.005)
     tracking.prepare_store(uri)
-    out = foreign.communicate(timeout=120)[0]
-    assert foreign.returncode == 0, out[-3000:]
-    assert [e.name for e in MlflowClient(uri).search_experiments()] == ["Default"]
+    foreign.communicate(timeout=120)  # the plain client may lose the race itself: not avlab's to prevent
+    client = MlflowClient(uri)
+    assert [e.name for e in client.search_experiments()] == ["Default"]
+    run = client.create_run(client.create_experiment("e", artifact_location=str(tmp_path / "a")))
+    client.log_metric(run.info.run_id, "loss", 1.0, step=0)  # a whole store: avlab can write to it
 
 
 @pytest.mark.parametrize("command", [["status", "some-sweep"], ["run", "train.epochs=0"]])
