@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# Random initialisation against BMA-Memory's L_pair, three seeds each, on the small preset cut to
+# Random initialisation against BMA-Memory's L_pair, four seeds each, on the small preset cut to
 # fit a 2-core machine in under ten minutes (search_spaces/demo_learning.yaml says how).
 demo: $(STAMP)
 	$(VENV)/bin/avlab sweep search_spaces/demo_learning.yaml --name demo-learning-$$(date +%Y%m%d-%H%M%S)

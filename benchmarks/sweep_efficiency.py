@@ -1,7 +1,7 @@
 """Sweep efficiency: where the wall time of the demo sweep goes.
 
 It runs the exact command of ``make demo`` (``avlab sweep search_spaces/demo_learning.yaml``
-with the demo's overrides, if any: 6 trials, 2 at once, 1 CPU each) in a temporary home, times the
+with the demo's overrides, if any: 8 trials, 2 at once, 1 CPU each) in a temporary home, times the
 whole command, and reads back from MLflow what every trial logged about its own time:
 
 - ``launch_time_s``: for a multi-worker trial, its TorchTrainer launched -> the training module
@@ -60,14 +60,16 @@ def demo_overrides() -> list[str]:
     return match.group(1).split() if match else []
 
 
-def run_sweep(space: str, overrides: list[str], home: Path) -> tuple[float, float]:
+def run_sweep(space: str, overrides: list[str], home: Path, log: Path | None = None) -> tuple[float, float]:
     """Run ``avlab sweep`` as the user does; return when it started (epoch seconds) and its wall
-    time in seconds."""
+    time in seconds. With ``log``, the command's output (its report at the end) is written there."""
     cmd = [str(ROOT / ".venv" / "bin" / "avlab"), "sweep", space, "--name", "bench", "--home", str(home), *overrides]
     started, t0 = time.time(), time.perf_counter()
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "AVLAB_HOME": str(home)})
     wall = time.perf_counter() - t0
+    if log is not None:
+        log.write_text(out.stdout + out.stderr)
     if out.returncode != 0:
         sys.stderr.write(out.stdout[-3000:] + out.stderr[-5000:])
         raise SystemExit(f"avlab sweep failed with exit code {out.returncode}")
@@ -130,11 +132,13 @@ def main() -> None:
     parser.add_argument("--override", action="append", default=None,
                         help="key=value for the sweep (default: the demo's overrides)")
     parser.add_argument("--no-append", action="store_true")
+    parser.add_argument("--log", type=Path, default=None,
+                        help="write the sweep's own output (Tune's table, the report) to this file")
     args = parser.parse_args()
     overrides = args.override if args.override is not None else demo_overrides()
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
-        started, wall = run_sweep(args.space, overrides, home)
+        started, wall = run_sweep(args.space, overrides, home, args.log)
         phases, facts = breakdown(home, started, wall)
     total = facts["wall_s"] * facts["slots"]
     compute = phases["train_time_s"] + phases["eval_time_s"]

@@ -23,7 +23,7 @@ EXPECTED = {  # file: (configurations, trials)
     "method_comparison": (7, 7),
     "multissl_combinations": (9, 9),
     "multissl_tasks_small": (5, 15),
-    "demo_learning": (2, 6),
+    "demo_learning": (2, 8),
 }
 
 

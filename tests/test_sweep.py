@@ -496,8 +496,8 @@ def test_a_grid_starts_its_longest_configurations_first():
     space = load_search_space(ROOT / "search_spaces" / "demo_learning.yaml")
     order = [trial_params(space, v) for _, v in generate_variants(_param_space(space))]
     order = [(params["variant"], seed) for params, seed in order]
-    assert order == [("l_pair", 0), ("l_pair", 1), ("l_pair", 2),
-                     ("random_init", 0), ("random_init", 1), ("random_init", 2)]
+    assert order == [("l_pair", 0), ("l_pair", 1), ("l_pair", 2), ("l_pair", 3),
+                     ("random_init", 0), ("random_init", 1), ("random_init", 2), ("random_init", 3)]
     # A sweep started before this order (one Tune dimension per index) still resolves its trials.
     assert trial_params(space, {"point": 0, "seed": 2}) == (space.grid_points()[0], 2)
 
