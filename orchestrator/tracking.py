@@ -353,13 +353,22 @@ class Outbox:
 
 
 def _reason(exc: BaseException) -> str:
-    """The cause of a failed request in a few words: "connection refused", "timed out"..."""
+    """The cause of a failed request in a few words: "connection refused", "timed out", "the
+    server closed the connection" (a server stopped or restarted while it answered), "HTTP 503"."""
     text = str(exc)
     errno = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
     if errno:
         return errno.group(1).strip().lower()
     if "timeout" in text.lower() or "timed out" in text.lower():
         return "timed out"
+    if "RemoteDisconnected" in text or "Remote end closed connection" in text:
+        return "the server closed the connection"
+    status = re.search(r"error code (\d{3})|too many (\d{3}) error responses", text)
+    if status:
+        return f"HTTP {status.group(1) or status.group(2)}"
+    cause = re.search(r"Caused by (\w+)\(", text)
+    if cause:
+        return cause.group(1)
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return first[:120]
 

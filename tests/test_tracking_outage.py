@@ -117,6 +117,49 @@ def test_the_outbox_holds_metrics_while_the_store_is_away_and_sends_each_once(st
     assert capsys.readouterr().err == ""  # no outage seen by these two: nothing to say
 
 
+def _one_reply_server(reply: bytes | None) -> int:
+    """A loopback server that reads each request and sends ``reply`` (None: closes without one,
+    as a tracking server stopped in the middle of a request does); its port."""
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def serve() -> None:
+        while True:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                if reply is not None:
+                    conn.sendall(reply)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1]
+
+
+@pytest.mark.parametrize("reply, reason", [
+    (None, "the server closed the connection"),
+    (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbusy", "HTTP 503"),
+    ("refused", "connection refused"),
+])
+def test_an_outage_is_named_by_its_cause_in_a_few_words(store, capsys, reply, reason):
+    """The one warning line names why the server is unreachable, whatever the way it went away
+    (a server stopped while it answered a request once gave a URL cut off in the middle)."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import tracking
+
+    _, run_id = store
+    port = _free_port() if reply == "refused" else _one_reply_server(reply)
+    away = tracking.Outbox(MlflowClient(f"http://127.0.0.1:{port}"), run_id)
+    away.log({"loss": 1.0}, step=0)
+    err = capsys.readouterr().err
+    assert err == (f"[avlab] tracking server 127.0.0.1:{port} unreachable ({reason}); training goes on "
+                   "and its metrics are sent when it is back\n"), err
+    assert [e["step"] for e in away.pending] == [0]
+
+
 def test_the_outbox_raises_what_a_retry_would_not_fix(store):
     from mlflow.exceptions import MlflowException
 
@@ -176,7 +219,8 @@ def _outage_mid_sweep(server: Server, proc: subprocess.Popen, log: Path) -> None
     assert re.search(r"epoch \d+/%d" % EPOCHS, during), during
     text = log.read_text()
     away = [line for line in text.splitlines() if "unreachable" in line]
-    assert "connection refused" in away[0], away
+    # Refused, or closed mid-request when the server stopped while it answered one.
+    assert re.search(r"unreachable \((connection refused|the server closed the connection)\)", away[0]), away
     back = [line for line in text.splitlines() if "is back after" in line]
     # One warning and one recovery line, not one per step or per retry.
     assert len(away) == 1 and len(back) == 1, text[-4000:]
