@@ -354,23 +354,31 @@ class Outbox:
 
 def _reason(exc: BaseException) -> str:
     """The cause of a failed request in a few words: "connection refused", "timed out", "the
-    server closed the connection" (a server stopped or restarted while it answered), "HTTP 503"."""
+    server closed the connection" (a server stopped or restarted while it answered: no reply, a
+    reset, a reply cut short), "not an HTTP reply", "HTTP 503". Never the request's URL."""
     text = str(exc)
+    closed = ("RemoteDisconnected", "Remote end closed connection", "Connection reset by peer",
+              "ConnectionResetError", "ConnectionAbortedError", "BrokenPipeError", "Broken pipe",
+              "IncompleteRead", "Connection broken")
+    if any(c in text for c in closed):
+        return "the server closed the connection"
     errno = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
     if errno:
         return errno.group(1).strip().lower()
     if "timeout" in text.lower() or "timed out" in text.lower():
         return "timed out"
-    if "RemoteDisconnected" in text or "Remote end closed connection" in text:
-        return "the server closed the connection"
+    if "BadStatusLine" in text or "LineTooLong" in text:
+        return "not an HTTP reply"
     status = re.search(r"error code (\d{3})|too many (\d{3}) error responses", text)
     if status:
         return f"HTTP {status.group(1) or status.group(2)}"
-    cause = re.search(r"Caused by (\w+)\(", text)
-    if cause:
-        return cause.group(1)
+    # The innermost named cause (urllib3 nests them: ProtocolError(..., SomeError(...))).
+    causes = re.findall(r"\b(\w+(?:Error|Exception))\(", text)
+    if causes:
+        return causes[-1]
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return first[:120]
+    first = re.sub(r"^API request to \S+ failed with exception\s*", "", first)
+    return first[:120] or type(exc).__name__
 
 
 def _valid_entry(entry: Any) -> bool:

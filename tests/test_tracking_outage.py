@@ -117,9 +117,11 @@ def test_the_outbox_holds_metrics_while_the_store_is_away_and_sends_each_once(st
     assert capsys.readouterr().err == ""  # no outage seen by these two: nothing to say
 
 
-def _one_reply_server(reply: bytes | None) -> int:
+def _one_reply_server(reply: bytes | str | None) -> int:
     """A loopback server that reads each request and sends ``reply`` (None: closes without one,
-    as a tracking server stopped in the middle of a request does); its port."""
+    as a tracking server stopped in the middle of a request does; "reset": resets the
+    connection instead of closing it); its port."""
+    import struct
     import threading
 
     listener = socket.socket()
@@ -131,7 +133,9 @@ def _one_reply_server(reply: bytes | None) -> int:
             conn, _ = listener.accept()
             with conn:
                 conn.recv(65536)
-                if reply is not None:
+                if reply == "reset":
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                elif reply is not None:
                     conn.sendall(reply)
 
     threading.Thread(target=serve, daemon=True).start()
@@ -140,12 +144,16 @@ def _one_reply_server(reply: bytes | None) -> int:
 
 @pytest.mark.parametrize("reply, reason", [
     (None, "the server closed the connection"),
+    ("reset", "the server closed the connection"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nContent-Type: application/json\r\n\r\n{", "the server closed the connection"),
     (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbusy", "HTTP 503"),
+    (b"garbage\r\n\r\n", "not an HTTP reply"),
     ("refused", "connection refused"),
 ])
 def test_an_outage_is_named_by_its_cause_in_a_few_words(store, capsys, reply, reason):
     """The one warning line names why the server is unreachable, whatever the way it went away
-    (a server stopped while it answered a request once gave a URL cut off in the middle)."""
+    (a server stopped while it answered a request once gave a URL cut off in the middle, then
+    urllib3's "ProtocolError" for a reset connection)."""
     from mlflow.tracking import MlflowClient
 
     from orchestrator import tracking
@@ -219,7 +227,7 @@ def _outage_mid_sweep(server: Server, proc: subprocess.Popen, log: Path) -> None
     assert re.search(r"epoch \d+/%d" % EPOCHS, during), during
     text = log.read_text()
     away = [line for line in text.splitlines() if "unreachable" in line]
-    # Refused, or closed mid-request when the server stopped while it answered one.
+    # Refused, or closed (or reset) mid-request when the server stopped while it answered one.
     assert re.search(r"unreachable \((connection refused|the server closed the connection)\)", away[0]), away
     back = [line for line in text.splitlines() if "is back after" in line]
     # One warning and one recovery line, not one per step or per retry.
@@ -237,3 +245,25 @@ def _outage_mid_sweep(server: Server, proc: subprocess.Popen, log: Path) -> None
         assert 0 <= run.data.metrics["image_h_linear_acc"] <= 1
     parent = [r for r in client.search_runs([runs[0].info.experiment_id]) if r.data.tags.get("avlab.kind") == "sweep"]
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("text, reason", [
+    # What urllib3 and MLflow printed for real outages (the first failed a suite run).
+    ("API request to http://127.0.0.1:1/api/2.0/mlflow/runs/log-batch failed with exception "
+     "HTTPConnectionPool(host='127.0.0.1', port=1): Max retries exceeded with url: /api/2.0/mlflow/runs/"
+     "log-batch (Caused by ProtocolError('Connection aborted.', ConnectionResetError(104, "
+     "'Connection reset by peer')))", "the server closed the connection"),
+    ("API request to http://127.0.0.1:1/api/2.0/mlflow/runs/log-batch failed with exception "
+     "HTTPConnectionPool(host='127.0.0.1', port=1): Max retries exceeded with url: /api/2.0/mlflow/runs/"
+     "log-batch (Caused by NewConnectionError('<urllib3.connection.HTTPConnection object at 0x7f>: "
+     "Failed to establish a new connection: [Errno 111] Connection refused'))", "connection refused"),
+    ("API request to http://127.0.0.1:1/api/2.0/mlflow/runs/log-batch failed with exception "
+     "HTTPConnectionPool(host='127.0.0.1', port=1): Max retries exceeded with url: /x (Caused by "
+     "SSLError(SSLError(1, 'wrong version number')))", "SSLError"),
+    ("API request to http://127.0.0.1:1/api/2.0/mlflow/runs/log-batch failed with exception oops",
+     "oops"),
+])
+def test_the_reason_never_carries_the_request_url(text, reason):
+    from orchestrator import tracking
+
+    assert tracking._reason(RuntimeError(text)) == reason
