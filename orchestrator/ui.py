@@ -185,9 +185,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
                       "answered (its output is above)", file=sys.stderr)
                 return 1
             time.sleep(0.5)
-        print(f"[avlab] MLflow UI at {url} (Ctrl-C stops it)", flush=True)
-        for line in experiment_links(store_uri, url):
-            print(f"[avlab]   {line}", flush=True)
+        # The links with the line that says the UI is up, in one write: whoever waits for that
+        # line (a person, a script) finds them there.
+        links = "".join(f"[avlab]   {line}\n" for line in experiment_links(store_uri, url))
+        sys.stdout.write(f"[avlab] MLflow UI at {url} (Ctrl-C stops it)\n{links}")
+        sys.stdout.flush()
         code = server.wait()
         print(f"avlab: error: the MLflow server stopped with exit code {code}", file=sys.stderr)
         return 1
