@@ -10,6 +10,7 @@ import math
 import os
 import posixpath
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,12 @@ RAY_TRAIN_ENV = {
 # trained at 0.89 x a plain loop running beside it, 0.97 with its workers at niceness 0
 # (benchmarks/RESULTS.md). 0: workers keep the niceness of the command that started them
 # (`nice avlab sweep ...` still runs in the background).
-LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_worker_niceness": "0"}
+# A Ray that avlab starts here is one node. Its GCS declares a node dead after 5 missed health
+# checks (about 15-40 s), which a raylet starved of CPU on a busy machine can miss; the only node
+# dead, nothing can run again. A killed raylet is seen at once by the processes connected to it,
+# so only a raylet that stays silent for 5 minutes is taken for lost (set the variable to change it).
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_worker_niceness": "0",
+                 "RAY_health_check_failure_threshold": "100"}
 
 # How long a run waits, in all, for the cluster to give it its workers before it fails with a
 # clear line (Ray Train would wait forever: it retries its worker-group start every
@@ -175,6 +181,71 @@ def init_ray(address: str | None = None, *, dashboard: bool = False) -> None:
     after_ray_init()
 
 
+@contextlib.contextmanager
+def watching_node(kind: str, name: str, settle: Callable[[], None], *, period_s: float = 2.0) -> Iterator[None]:
+    """While the block runs: when this driver's Ray node is lost (the raylet of the local Ray
+    exits, or Ray marks the node dead because its raylet stayed silent past the health checks),
+    Ray's calls in the driver can block for ever, deaf to Ctrl-C and SIGTERM, and the job would
+    hang with nothing running. A daemon thread watches the node; if it is lost, it settles the
+    job's MLflow runs (``settle``), says so in one line, stops the local Ray this driver started
+    and ends the process with exit code 1. ``avlab resume NAME`` continues the job."""
+    import sys
+    import threading
+
+    import ray
+
+    try:
+        node_id = ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - a driver with no node of its own (Ray Client): nothing to watch
+        yield
+        return
+    node = getattr(ray._private.worker, "_global_node", None)
+    head = node is not None and node.head  # the local Ray this driver started
+    raylets = [info.process for info in (node.all_processes.get("raylet", []) if head else [])]
+    done, acting = threading.Event(), threading.Lock()
+
+    def lost() -> str | None:
+        # A local raylet that exits (killed, crashed) is seen at once, not after the health checks.
+        for raylet in raylets:
+            if raylet.poll() is not None:
+                return f"its raylet exited with code {raylet.returncode}"
+        try:
+            nodes = ray.nodes()
+        except Exception:  # noqa: BLE001 - the GCS itself is away: the calls in the driver raise
+            return None
+        me = next((n for n in nodes if n.get("NodeID") == node_id), None)
+        if me is None or me.get("Alive", True):
+            return None
+        return (me.get("DeathReasonMessage") or "no reason given").strip().splitlines()[0][:160]
+
+    def watch() -> None:
+        while not done.wait(period_s):
+            reason = lost()
+            if reason is None:
+                continue
+            with acting:
+                if done.is_set():  # the job ended (or stopped Ray itself) meanwhile
+                    return
+                try:
+                    settle()
+                except Exception as exc:  # noqa: BLE001 - `avlab resume` settles them as well
+                    print(f"[avlab] could not settle the MLflow runs of {name} ({type(exc).__name__}); "
+                          "`avlab resume` does", file=sys.stderr, flush=True)
+                print(f"avlab: Ray stopped under {kind} {name} (its Ray node is lost: {reason}); "
+                      f"`avlab resume {name}` continues it from its last checkpoint", file=sys.stderr, flush=True)
+                if head:
+                    with contextlib.suppress(Exception):
+                        node.kill_all_processes(check_alive=False, allow_graceful=False)
+                os._exit(1)
+
+    threading.Thread(target=watch, name="avlab-node-watch", daemon=True).start()
+    try:
+        yield
+    finally:
+        with acting:
+            done.set()
+
+
 def _host_port(address: str) -> tuple[str, str]:
     """``HOST:PORT`` or ``ray://HOST:PORT`` (an IPv6 host in brackets, [::1]:6379) -> (host,
     port); an empty host when there is no colon."""
@@ -272,6 +343,13 @@ def launch_run(
     cfg: ExperimentConfig, *, name: str, run_id: str, tracking_uri: str, home: Path, address: str | None
 ) -> dict[str, Any]:
     init_ray(address)
+    from orchestrator.stop import settle
+
+    with watching_node("run", name, lambda: settle(tracking_uri, {"kind": "run", "mlflow_run_id": run_id})):
+        return _launch_run(cfg, name=name, run_id=run_id, tracking_uri=tracking_uri, home=home)
+
+
+def _launch_run(cfg: ExperimentConfig, *, name: str, run_id: str, tracking_uri: str, home: Path) -> dict[str, Any]:
     storage = tracking.storage_root(home)
     error = None
     if cfg.resources.workers == 1:

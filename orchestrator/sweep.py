@@ -361,7 +361,8 @@ def fit_sweep(
     is restarted from its checkpoint up to ``train.max_failures`` times (the base config's)."""
     from ray import tune
 
-    from orchestrator.launch import init_ray
+    from orchestrator.launch import init_ray, watching_node
+    from orchestrator.stop import settle
     from orchestrator.trial import run_trial
 
     client = MlflowClient(tracking_uri)
@@ -388,7 +389,8 @@ def fit_sweep(
                        max_concurrent=max_concurrent)
         t0 = time.perf_counter()
         try:
-            results = tuner.fit()
+            with watching_node("sweep", name, lambda: settle(tracking_uri, {"kind": "sweep", "parent_run_id": parent_id})):
+                results = tuner.fit()
         except KeyboardInterrupt:
             results = None
         expected = space.num_samples if space.uses_optuna else len(grid_trials(space))

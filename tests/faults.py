@@ -19,10 +19,10 @@ def env() -> dict[str, str]:
     return out
 
 
-def start(args: list[str], log: Path, cwd: Path) -> subprocess.Popen:
+def start(args: list[str], log: Path, cwd: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     """``avlab ARGS`` in a new session, so its whole process tree shares one process group."""
-    return subprocess.Popen([AVLAB, *args], cwd=cwd, env=env(), stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True, preexec_fn=default_sigint)
+    return subprocess.Popen([AVLAB, *args], cwd=cwd, env={**env(), **(extra_env or {})}, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=default_sigint)
 
 
 def run(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:

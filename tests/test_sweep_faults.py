@@ -230,3 +230,57 @@ def test_a_trial_that_diverges_fails_once_and_the_others_finish(tmp_path):
     assert failed.info.status == "FAILED" and failed.data.tags["avlab.failed"].startswith("NonFiniteLoss")
     assert "|" not in failed.data.tags["avlab.node_history"]  # one attempt: not restarted
     assert "resumed from" not in text
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_ray_node_is_declared_dead_ends_with_one_line_and_resumes(tmp_path):
+    """A raylet starved past the GCS's health checks (stopped here with SIGSTOP, as a machine too
+    busy to run it leaves it) gets its node marked dead, and every Ray call in the driver then
+    blocks for ever, deaf to Ctrl-C and SIGTERM (a sweep once hung like that for hours). The
+    driver sees its node lost: one line, exit 1, its runs settled, its Ray stopped; `avlab
+    resume` finishes the sweep."""
+    import signal
+
+    import faults
+
+    space = tmp_path / "one.yaml"
+    space.write_text("base:\n  preset: tiny\ngrid:\n  method.memory_size: [10]\nseeds: 1\n"
+                     "metric: image_h_linear_acc\nmode: max\nresources: {workers: 1, cpus_per_worker: 1}\n"
+                     "max_concurrent: 1\n")
+    home, log = tmp_path / "runs", tmp_path / "sweep.log"
+    run = [o for o in MEM_RUN if not o.startswith(("train.epochs", "data.paired_size"))] + [
+        "train.epochs=3", "data.paired_size=1024"]  # epochs of several seconds
+    # Health checks every 0.5 s: the node is dead after 3 missed ones (avlab's own Ray waits 5 min).
+    quick = {"RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "500",
+             "RAY_health_check_failure_threshold": "3"}
+    proc = faults.start(["sweep", str(space), "--name", "starved", "--home", str(home), *run], log, tmp_path, quick)
+    raylet = None
+    try:
+        faults.wait_for(lambda: "[avlab] epoch 1/3" in log.read_text(), timeout=300, what="the first epoch",
+                        proc=proc, log=log)
+        (raylet,) = [pid for pid, cmd in faults.processes(proc.pid).items() if "/raylet/raylet " in cmd]
+        os.kill(raylet, signal.SIGSTOP)
+        assert proc.wait(timeout=120) == 1, log.read_text()[-3000:]
+    finally:
+        if raylet is not None:
+            try:
+                os.kill(raylet, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        faults.kill_node(proc)
+    ours = [line for line in log.read_text().splitlines() if line.startswith("avlab:")]
+    assert len(ours) == 1 and ours[0].startswith("avlab: Ray stopped under sweep starved (its Ray node is lost: "), ours
+    assert ours[0].endswith("`avlab resume starved` continues it from its last checkpoint"), ours
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("avlab-sweeps")
+    statuses = {r.data.tags.get("avlab.kind"): r.info.status for r in client.search_runs([exp.experiment_id])}
+    assert statuses == {"sweep": "KILLED", "trial": "KILLED"}, statuses  # settled, nothing left RUNNING
+
+    out = faults.run(["resume", "starved", "--home", str(home)], cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "resumed from" in out.stdout + out.stderr
+    (trial,) = trial_runs(home, "starved").values()
+    assert trial.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(trial.info.run_id, "loss")] == [0, 1, 2]  # each epoch once
