@@ -187,7 +187,8 @@ def watching_node(kind: str, name: str, settle: Callable[[], None], *, period_s:
     exits, or Ray marks the node dead because its raylet stayed silent past the health checks),
     Ray's calls in the driver can block for ever, deaf to Ctrl-C and SIGTERM, and the job would
     hang with nothing running. A daemon thread watches the node; if it is lost, it settles the
-    job's MLflow runs (``settle``), says so in one line, stops the local Ray this driver started
+    job's MLflow runs (``settle``: the run or sweep FAILED, as when Ray raises in the driver, its
+    unfinished trials KILLED), says so in one line, stops the local Ray this driver started
     and ends the process with exit code 1. ``avlab resume NAME`` continues the job."""
     import sys
     import threading
@@ -345,7 +346,8 @@ def launch_run(
     init_ray(address)
     from orchestrator.stop import settle
 
-    with watching_node("run", name, lambda: settle(tracking_uri, {"kind": "run", "mlflow_run_id": run_id})):
+    lost = {"kind": "run", "mlflow_run_id": run_id}
+    with watching_node("run", name, lambda: settle(tracking_uri, lost, status="FAILED")):
         return _launch_run(cfg, name=name, run_id=run_id, tracking_uri=tracking_uri, home=home)
 
 

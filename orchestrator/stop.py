@@ -119,9 +119,10 @@ def _alive_avlab(pid: int) -> bool:
     return True
 
 
-def settle(uri: str, manifest: dict[str, Any]) -> tuple[int, int]:
-    """Mark what is still RUNNING of the job as a stopped job leaves it; returns (trials ended,
-    trials) for a sweep, (0, 0) for a run."""
+def settle(uri: str, manifest: dict[str, Any], *, status: str = "KILLED") -> tuple[int, int]:
+    """Mark what is still RUNNING of the job as a stopped job leaves it: the run or the sweep's
+    parent run ``status`` (FAILED when Ray was lost under it), each unfinished trial KILLED (it
+    continues from its checkpoint); returns (trials ended, trials) for a sweep, (0, 0) for a run."""
     from mlflow.tracking import MlflowClient
 
     from orchestrator.sweep import _children
@@ -130,7 +131,7 @@ def settle(uri: str, manifest: dict[str, Any]) -> tuple[int, int]:
     if manifest["kind"] == "run":
         run = client.get_run(manifest["mlflow_run_id"])
         if run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, status="KILLED")
+            client.set_terminated(run.info.run_id, status=status)
         return 0, 0
     parent = manifest["parent_run_id"]
     children = _children(client, parent)
@@ -138,7 +139,7 @@ def settle(uri: str, manifest: dict[str, Any]) -> tuple[int, int]:
         if run.info.status == "RUNNING":
             client.set_terminated(run.info.run_id, status="FINISHED" if "eval_time_s" in run.data.metrics else "KILLED")
     if client.get_run(parent).info.status == "RUNNING":
-        client.set_terminated(parent, status="KILLED")
+        client.set_terminated(parent, status=status)
     ended = sum(r.info.status in ("FINISHED", "FAILED") for r in _children(client, parent))
     return ended, len(children)
 

@@ -389,7 +389,8 @@ def fit_sweep(
                        max_concurrent=max_concurrent)
         t0 = time.perf_counter()
         try:
-            with watching_node("sweep", name, lambda: settle(tracking_uri, {"kind": "sweep", "parent_run_id": parent_id})):
+            lost = {"kind": "sweep", "parent_run_id": parent_id}
+            with watching_node("sweep", name, lambda: settle(tracking_uri, lost, status="FAILED")):
                 results = tuner.fit()
         except KeyboardInterrupt:
             results = None
