@@ -235,8 +235,8 @@ def test_a_trial_that_diverges_fails_once_and_the_others_finish(tmp_path):
 @pytest.mark.slow
 def test_a_sweep_whose_ray_node_is_declared_dead_ends_with_one_line_and_resumes(tmp_path):
     """A raylet starved past the GCS's health checks (stopped here with SIGSTOP, as a machine too
-    busy to run it leaves it) gets its node marked dead, and every Ray call in the driver then
-    blocks for ever, deaf to Ctrl-C and SIGTERM (a sweep once hung like that for hours). The
+    busy to run it leaves it) gets its node marked dead; Tune then waits for ever for resources
+    that no node has (a sweep once hung like that for hours, nothing running, nothing said). The
     driver sees its node lost: one line, exit 1, its runs settled, its Ray stopped; `avlab
     resume` finishes the sweep."""
     import signal
