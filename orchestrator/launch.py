@@ -186,10 +186,11 @@ def watching_node(kind: str, name: str, settle: Callable[[], None], *, period_s:
     """While the block runs: when this driver's Ray node is lost (the raylet of the local Ray
     exits, or Ray marks the node dead because its raylet stayed silent past the health checks),
     Tune waits for ever for the resources of a cluster that has none (Ray Train and a run's
-    task likewise), and the job would hang with nothing running and nothing said. A daemon thread watches the node; if it is lost, it settles the
-    job's MLflow runs (``settle``: the run or sweep FAILED, as when Ray raises in the driver, its
-    unfinished trials KILLED), says so in one line, stops the local Ray this driver started
-    and ends the process with exit code 1. ``avlab resume NAME`` continues the job."""
+    task likewise), and the job would hang with nothing running and nothing said. A daemon
+    thread watches the node; if it is lost, it settles the job's MLflow runs (``settle``: the run
+    or sweep FAILED, as when Ray raises in the driver, its unfinished trials KILLED), says so in
+    one line, stops the local Ray this driver started and ends the process with exit code 1.
+    ``avlab resume NAME`` continues the job."""
     import sys
     import threading
 
