@@ -44,26 +44,53 @@ def open_store(uri: str, *, wait_s: float = 60.0, quiet_s: float = 2.0) -> Mlflo
     A SQLite file that is not an MLflow store (damaged, or another program's) is a ConfigError
     naming the file, before anything runs; the file is left as it is. avlab's own commands create
     a store under a lock (``prepare_store``), but a plain MLflow client or server takes none: when
-    one migrates the same new store at this moment, MLflow's migration here fails on the other's
-    half-made schema ("table ... already exists", "no such column ..."). So while the file is
-    being written (changed in the last ``quiet_s`` seconds) a failed open is tried again, every
-    half second for up to ``wait_s`` seconds; a file nobody writes fails at once."""
-    from sqlalchemy.exc import DatabaseError, OperationalError
+    one migrates the same new store at this moment, a second migration here trips over the
+    other's half-made schema, in ways as many as the migration has steps ("table ... already
+    exists", "no such index ...", alembic's "expected to match one row"). So a store whose schema
+    is not at the installed MLflow's version while its file is being written (changed in the last
+    ``quiet_s`` seconds) is first left to go quiet, and a failed open of such a file is tried
+    again, every half second for up to ``wait_s`` seconds; a file nobody writes fails at once, and
+    a migrated store (one a running sweep writes, say) opens without waiting."""
+    from sqlalchemy.exc import DatabaseError
 
     db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
     deadline = time.monotonic() + wait_s
+
+    def migrating() -> bool:
+        return (db is not None and time.monotonic() < deadline and _written_within(db, quiet_s)
+                and not _at_head(db))
+
+    while migrating():
+        time.sleep(0.5)
     while True:
         try:
             client = MlflowClient(uri)
             client.search_experiments(max_results=1)
             return client
-        except DatabaseError as exc:
+        except Exception as exc:
+            if migrating():
+                time.sleep(0.5)
+                continue
+            if not isinstance(exc, DatabaseError):
+                raise
             cause = str(getattr(exc, "orig", exc)).strip().splitlines()
             line = cause[0] if cause else type(exc).__name__
-            if not (db is not None and isinstance(exc, OperationalError) and time.monotonic() < deadline
-                    and _written_within(db, quiet_s)):
-                raise ConfigError(f"{db or uri}: not an MLflow store that avlab can open ({line})") from None
-            time.sleep(0.5)
+            raise ConfigError(f"{db or uri}: not an MLflow store that avlab can open ({line})") from None
+
+
+def _at_head(db: Path) -> bool:
+    """Whether the SQLite store ``db`` records the installed MLflow's newest schema version."""
+    import sqlite3
+
+    from alembic.script import ScriptDirectory
+    from mlflow.store.db.utils import _get_alembic_config
+
+    try:
+        head = ScriptDirectory.from_config(_get_alembic_config(f"sqlite:///{db}")).get_current_head()
+        with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=1)) as con:
+            return con.execute("SELECT version_num FROM alembic_version").fetchall() == [(head,)]
+    except Exception:  # no such table, not a database, locked: not (yet) a migrated store
+        return False
 
 
 def _written_within(path: Path, seconds: float) -> bool:
