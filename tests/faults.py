@@ -4,7 +4,9 @@ a node: the driver, its local Ray head and every Ray worker), find its processes
 from __future__ import annotations
 
 import os
+import random
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -126,3 +128,34 @@ def listening_sockets(pids) -> list[tuple[str, int, int]]:
                 host, port = local.split(":")
                 found.append((_hex_address(host), int(port, 16), inode_pid[inode]))
     return found
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` free ports for a test cluster's fixed ports, chosen below the kernel's ephemeral range
+    and above Ray's worker ports (10002-19999): a port taken from the ephemeral range (binding
+    port 0) can be handed to another process, such as a Ray started by the other test worker,
+    before the cluster binds it (its client server once died of that, and its node with it)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = random.sample(range(20000, low), low - 20000) if low > 21000 else []
+    ports: list[int] = []
+    for port in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == n:
+            return ports
+    socks = [socket.socket() for _ in range(n)]  # no room below the ephemeral range: any free port
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def free_port() -> int:
+    """One free port, chosen as ``free_ports`` chooses them."""
+    return free_ports(1)[0]

@@ -163,34 +163,6 @@ def test_a_search_space_from_elsewhere_travels_in_a_copy_of_the_project(tmp_path
 MARK = "AVLAB_TEST_NODE"  # in the environment of every process of a node (Ray passes it on)
 
 
-def _free_ports(n: int) -> list[int]:
-    """``n`` free ports for a test cluster's fixed ports, chosen below the kernel's ephemeral range
-    and above Ray's worker ports (10002-19999): a port taken from the ephemeral range (binding
-    port 0) can be handed to another process, such as a Ray started by the other test worker,
-    before the cluster binds it (its client server once died of that, and its node with it)."""
-    import random
-
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    candidates = random.sample(range(20000, low), low - 20000) if low > 21000 else []
-    ports: list[int] = []
-    for port in candidates:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        ports.append(port)
-        if len(ports) == n:
-            return ports
-    socks = [socket.socket() for _ in range(n)]  # no room below the ephemeral range: any free port
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _marked(value: str) -> list[int]:
     """Processes whose environment carries MARK=value: one node and everything it started."""
     needle = f"{MARK}={value}".encode()
@@ -255,7 +227,7 @@ class LocalCluster:
         self.auth = auth or {"RAY_AUTH_MODE": "disabled"}
         self.tag = uuid.uuid4().hex[:8]
         self.temp = Path(tempfile.mkdtemp(prefix="avr-", dir="/tmp"))
-        self.gcs, self.dashboard, agent_a, agent_b, client = _free_ports(5)
+        self.gcs, self.dashboard, agent_a, agent_b, client = faults.free_ports(5)
         self.address = f"http://127.0.0.1:{self.dashboard}"
         common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
         self.nodes = {
@@ -545,7 +517,7 @@ def test_the_slurm_recipe_starts_ray_on_two_nodes_and_runs_a_sweep(tmp_path):
     space = tmp_path / "one.yaml"
     space.write_text(SPACE.replace("method.memory_temperature: [0.1, 0.2]", "method.memory_temperature: [0.1]")
                      .replace("train.epochs=3", "train.epochs=1"))
-    gcs, dashboard, agent_head, agent_worker, client_port = _free_ports(5)
+    gcs, dashboard, agent_head, agent_worker, client_port = faults.free_ports(5)
     tag = uuid.uuid4().hex[:8]
     home = tmp_path / "home"
     env = {**faults.env(), "PATH": f"{shims}:{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",

@@ -30,17 +30,11 @@ RUN = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """``mlflow server`` on 127.0.0.1 over one SQLite store, stoppable and restartable."""
 
     def __init__(self, root: Path) -> None:
-        self.root, self.port = root, _free_port()
+        self.root, self.port = root, faults.free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
@@ -95,7 +89,7 @@ def test_the_outbox_holds_metrics_while_the_store_is_away_and_sends_each_once(st
     from orchestrator import tracking
 
     client, run_id = store
-    away = tracking.Outbox(MlflowClient(f"http://127.0.0.1:{_free_port()}"), run_id)  # nothing listens there
+    away = tracking.Outbox(MlflowClient(f"http://127.0.0.1:{faults.free_port()}"), run_id)  # nothing listens there
     for epoch in range(3):
         away.log({"loss": 1.0 / (epoch + 1), "lr": 0.1}, step=epoch)
     err = capsys.readouterr().err
@@ -159,7 +153,7 @@ def test_an_outage_is_named_by_its_cause_in_a_few_words(store, capsys, reply, re
     from orchestrator import tracking
 
     _, run_id = store
-    port = _free_port() if reply == "refused" else _one_reply_server(reply)
+    port = faults.free_port() if reply == "refused" else _one_reply_server(reply)
     away = tracking.Outbox(MlflowClient(f"http://127.0.0.1:{port}"), run_id)
     away.log({"loss": 1.0}, step=0)
     err = capsys.readouterr().err

@@ -18,6 +18,7 @@ import pytest
 from orchestrator.cli import main
 from orchestrator.sweep import SWEEP_EXPERIMENT
 
+import faults
 from conftest import AVLAB, ROOT, TINY_RUN, default_sigint
 
 SCREENSHOT = ROOT / "test-artifacts" / "mlflow-ui.png"
@@ -32,12 +33,6 @@ SPACE = (
 )
 TINY = [*TINY_RUN, "data.paired_size=256"]  # a trial in seconds
 METRICS = ("image_h_linear_acc", "sound_h_linear_acc")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict[str, str]:
@@ -108,7 +103,7 @@ def sweep_home(tmp_path_factory) -> Path:
 @pytest.fixture
 def ui_server(sweep_home, tmp_path):
     """`avlab ui` on the sweep's store; yields (url, process, log file); stopped with Ctrl-C."""
-    port = _free_port()
+    port = faults.free_port()
     log_path = tmp_path / "ui.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen([AVLAB, "ui", "--home", str(sweep_home), "--port", str(port)],
