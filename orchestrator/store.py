@@ -79,14 +79,18 @@ def open_store(uri: str, *, wait_s: float = 60.0, quiet_s: float = 2.0) -> Mlflo
 
 
 def _at_head(db: Path) -> bool:
-    """Whether the SQLite store ``db`` records the installed MLflow's newest schema version."""
+    """Whether the SQLite store ``db`` records the installed MLflow's newest schema version (True
+    when that version cannot be read from MLflow: a store is then never waited for)."""
     import sqlite3
 
-    from alembic.script import ScriptDirectory
-    from mlflow.store.db.utils import _get_alembic_config
-
     try:
+        from alembic.script import ScriptDirectory
+        from mlflow.store.db.utils import _get_alembic_config
+
         head = ScriptDirectory.from_config(_get_alembic_config(f"sqlite:///{db}")).get_current_head()
+    except Exception:
+        return True
+    try:
         with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=1)) as con:
             return con.execute("SELECT version_num FROM alembic_version").fetchall() == [(head,)]
     except Exception:  # no such table, not a database, locked: not (yet) a migrated store

@@ -451,6 +451,20 @@ def test_a_plain_mlflow_client_migrating_the_same_new_store_does_not_fail_avlab(
     client.log_metric(run.info.run_id, "loss", 1.0, step=0)  # a whole store: avlab can write to it
 
 
+def test_a_migrated_store_that_a_running_sweep_writes_opens_without_waiting_for_quiet(tmp_path):
+    """Only a store whose schema is not yet at MLflow's version is left to go quiet before it is
+    opened: `avlab status` beside a running sweep (which writes the store all the time) answers."""
+    from orchestrator import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.prepare_store(uri)
+    os.utime(tmp_path / "mlflow.db")  # written just now, as by a sweep's trials
+    started = time.monotonic()
+    client = tracking.open_store(uri, wait_s=60, quiet_s=30)
+    assert time.monotonic() - started < 20
+    assert [e.name for e in client.search_experiments()] == ["Default"]
+
+
 @pytest.mark.parametrize("command", [["status", "some-sweep"], ["run", "train.epochs=0"]])
 def test_a_store_that_is_not_an_mlflow_database_exits_2_naming_it_and_stays_as_it_was(tmp_path, capsys, command):
     home = tmp_path / "home"
