@@ -203,6 +203,19 @@ def sweep_code_versions(client, name: str) -> dict[str, int]:
                           if r.info.status == "FINISHED"])
 
 
+def budget_line(space: Any) -> str:
+    """The preset, epochs, paired pairs and seeds of a sweep; epochs or pairs that the grid varies
+    (Table 5's paired volume) are listed, not the first trial's alone."""
+    cfgs = [space.config_for(point, space.seeds[0]) for point in space.grid_points()]
+
+    def values(get) -> str:
+        return " or ".join(str(v) for v in sorted({get(c) for c in cfgs}))
+
+    seeds = len(space.seeds)
+    return (f"{space.preset}: {values(lambda c: c.train.epochs)} epochs, "
+            f"{values(lambda c: c.data.paired_size)} pairs, {seeds} seed{'s' * (seeds > 1)}")
+
+
 def _claim_entry(claim: Claim, sweep: str, space: Any, values: dict[str, list[float]]) -> dict[str, Any]:
     from orchestrator.report import mean_ci95
 
@@ -213,9 +226,7 @@ def _claim_entry(claim: Claim, sweep: str, space: Any, values: dict[str, list[fl
         mean, ci = mean_ci95(seeds) if seeds else (None, None)
         rows.append({"configuration": label, "mean": mean, "ci95": ci, "values": seeds,
                      "paper": claim.paper_values.get(label)})
-    cfg = space.first_config()
-    budget = (f"{space.preset}: {cfg.train.epochs} epochs, {cfg.data.paired_size} pairs, "
-              f"{len(space.seeds)} seed{'s' if len(space.seeds) > 1 else ''}")
+    budget = budget_line(space)
     return {"id": claim.id, "claim": claim.statement, "paper": claim.paper, "where": claim.where,
             "metric": claim.metric, "rule": {"type": claim.rule, **claim.rows, **claim.numbers}, "sweep": sweep,
             "budget": budget, "verdict": verdict.verdict,
