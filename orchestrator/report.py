@@ -209,11 +209,16 @@ def _random_init(client: MlflowClient, runs: list, metric: str) -> dict[str, flo
     return summary(metric, values) if values else None
 
 
+def _number(value: str) -> float:
+    """A varied value as a number; a share of the preset's value (``"20%"``) as its percentage."""
+    return float(value.removesuffix("%"))
+
+
 def _sort_key(varied: dict[str, str]) -> tuple:
     out = []
     for value in varied.values():
         try:
-            out.append((0, float(value), ""))
+            out.append((0, _number(value), ""))
         except ValueError:
             out.append((1, 0.0, value))
     return tuple(out)
@@ -318,7 +323,7 @@ def plot(report: dict[str, Any], *, x: str | None = None, log_x: bool = False) -
     xs = None
     if x and rows and all(x in r["varied"] for r in rows):
         try:
-            xs = [float(r["varied"][x]) for r in rows]
+            xs = [_number(r["varied"][x]) for r in rows]
         except ValueError:
             xs = None
     if xs is not None:

@@ -5,7 +5,8 @@ dotted paths with value lists and/or a ``search`` of dotted paths with distribut
 Optuna), the seeds, the metric and mode, an optional scheduler, the resources per trial and the
 concurrency. ``load_search_space`` checks every path and every value against the typed config
 (by resolving the base with it), so a bad file fails with a ``ConfigError`` naming the problem
-before anything starts.
+before anything starts. A grid value ``"N%"`` is N % of the base's value at the preset the space
+runs at (``--preset`` included): a data volume that scales with the preset.
 """
 
 from __future__ import annotations
@@ -146,8 +147,11 @@ class SearchSpace:
         return space
 
     def config_for(self, params: Mapping[str, Any], seed: int) -> ExperimentConfig:
-        """The resolved config of one trial."""
+        """The resolved config of one trial (a grid value ``"N%"`` is N % of the base's value at
+        this space's preset)."""
         settings = {k: v for k, v in params.items() if k != "variant"}
+        if any(_percent(v) is not None for v in settings.values()):
+            settings = _absolute(self.path, settings, self.base_run, self.preset, self.base_overrides)
         overrides = [*self.base_overrides, *(_override(k, v) for k, v in settings.items()), f"seed={seed}"]
         overrides += [f"resources.{k}={v}" for k, v in self.resources.items()]
         return resolve(self.base_run, preset=self.preset, overrides=overrides)
@@ -296,7 +300,8 @@ def _load_grid(p: Path, grid: Any, run: dict, preset: Any, base: tuple[str, ...]
             raise ConfigError(f"{p.name}: grid.{path}: expected a non-empty list of values")
         _reject_repeats(p, values, f"grid.{path}")
         for value in values:
-            _resolve(p, run, preset, (*base, _override(path, value)), f"grid.{path}")
+            absolute = _absolute(p, {path: value}, run, preset, base)[path]
+            _resolve(p, run, preset, (*base, _override(path, absolute)), f"grid.{path}")
         out[str(path)] = tuple(values)
     return out
 
@@ -334,6 +339,40 @@ def _load_search(p: Path, search: Any, run: dict, preset: Any, base: tuple[str, 
         for value in probes:
             _resolve(p, run, preset, (*base, _override(str(path), value)), where)
         out[str(path)] = dist
+    return out
+
+
+def _percent(value: Any) -> float | None:
+    """``"20%"`` -> 20.0; None for anything that is not a string ending in ``%``."""
+    if not isinstance(value, str) or not value.endswith("%"):
+        return None
+    try:
+        return float(value[:-1])
+    except ValueError:
+        return math.nan
+
+
+def _absolute(p: Path, settings: Mapping[str, Any], run: dict, preset: Any, base: tuple[str, ...]) -> dict[str, Any]:
+    """``settings`` with each ``"N%"`` value replaced by N % of the base configuration's value of
+    that path at ``preset`` (rounded for an integer field), so a grid can name a share of the
+    preset's data (Table 5's 20 % and 100 % of the paired pairs) at any preset."""
+    out = dict(settings)
+    reference = None
+    for path, value in settings.items():
+        share = _percent(value)
+        if share is None:
+            continue
+        if not (math.isfinite(share) and share >= 0):
+            raise ConfigError(f"{p.name}: grid.{path}: {value!r}: a share must be a number >= 0 followed by %")
+        if reference is None:
+            reference = _resolve(p, run, preset, base, "base").flat()
+        if path not in reference:
+            raise ConfigError(f"{p.name}: grid.{path}: not a config path (a share {value!r} needs one)")
+        of = reference[path]
+        if isinstance(of, bool) or not isinstance(of, (int, float)):
+            raise ConfigError(f"{p.name}: grid.{path}: {value!r}: a share needs a numeric field, "
+                              f"and {path} is {of!r} in the base")
+        out[path] = round(of * share / 100) if isinstance(of, int) else of * share / 100
     return out
 
 

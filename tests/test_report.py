@@ -180,3 +180,10 @@ def test_the_code_a_trial_ran_is_tagged_and_reported(store, tmp_path):
     target = copy / "methods" / "losses.py"
     target.write_text(target.read_text() + "\n")
     assert tracking.tree_hash(copy) != tracking.source_hash()
+
+
+def test_rows_sort_by_value_and_a_share_of_the_preset_by_its_percentage():
+    from orchestrator.report import _sort_key
+
+    rows = [{"a": "100%"}, {"a": "name"}, {"a": "20%"}, {"a": "5"}]
+    assert sorted(rows, key=_sort_key) == [{"a": "5"}, {"a": "20%"}, {"a": "100%"}, {"a": "name"}]

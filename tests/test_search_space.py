@@ -27,6 +27,14 @@ EXPECTED = {  # file: (configurations, trials)
 }
 
 
+def _at(cfg, path):
+    section, *rest = path.split(".")
+    node = cfg.method if section == "method" else getattr(cfg, section)
+    for part in rest:
+        node = getattr(node, part)
+    return node
+
+
 def test_every_search_space_loads_and_expands():
     files = sorted((ROOT / "search_spaces").glob("*.yaml"))
     assert {f.stem for f in files} == set(EXPECTED)
@@ -42,10 +50,9 @@ def test_every_search_space_loads_and_expands():
                 if path == "method.name":
                     assert cfg.method_name == value
                     continue
-                section, *rest = path.split(".")
-                node = cfg.method if section == "method" else getattr(cfg, section)
-                for part in rest:
-                    node = getattr(node, part)
+                node = _at(cfg, path)
+                if isinstance(value, str) and value.endswith("%"):  # a share of the base's value
+                    value = round(_at(space.config_for({}, 0), path) * float(value[:-1]) / 100)
                 assert (list(node) if isinstance(node, tuple) else node) == value, (f.name, path)
 
 
@@ -56,6 +63,15 @@ def test_seeds_override_and_variants_cross_the_grid(tmp_path):
     points = types.grid_points()
     assert [p["variant"] for p in points] == ["unpair_images_only", "pair_only", "pair_plus_unpaired_sound"]
     assert types.config_for(points[0], 0).method.paired_loss is False
+
+
+def test_a_share_of_the_presets_value_follows_the_preset():
+    space = load_search_space(ROOT / "search_spaces" / "paired_volume_table5.yaml")
+    sizes = [space.config_for(p, 0).data.paired_size for p in space.grid_points()]
+    assert sizes == [1638, 1638, 8192, 8192]  # 20 % and 100 % of the tiny preset's 8192 pairs
+    small = space.with_overrides("small", [])
+    assert [small.config_for(p, 0).data.paired_size for p in small.grid_points()] == [3277, 3277, 16384, 16384]
+    assert small.grid_points()[0]["data.paired_size"] == "20%"  # the label names the share, at any preset
 
 
 def write(tmp_path, text):
@@ -113,6 +129,12 @@ SEARCH = "search:\n  method.loss_temperature: {type: loguniform, low: 0.02, high
         ("grid:\n  method.memory_size: [10]\nplot: {x: method.memmory_size}\n",
          r"plot\.x: 'method\.memmory_size' is not a grid or search path of this space; use one of method\.memory_size"),
         ("grid:\n  method.memory_size: [10]\nplot: {x: method.memory_size, logx: true}\n", r"plot\.logx: unknown key"),
+        # A share of the preset's value: a number >= 0 and a numeric field that the config has.
+        ("grid:\n  data.paired_size: ['-20%']\n", r"grid\.data\.paired_size: '-20%': a share must be a number >= 0"),
+        ("grid:\n  data.paired_size: [half%]\n", r"grid\.data\.paired_size: 'half%': a share must be a number"),
+        ("grid:\n  method.name: ['50%']\n", r"grid\.method\.name: '50%': a share needs a numeric field"),
+        ("grid:\n  data.pairedsize: ['50%']\n", r"grid\.data\.pairedsize: not a config path"),
+        ("grid:\n  data.paired_size: ['0%']\n", r"grid\.data\.paired_size: .*paired_size"),
     ],
 )
 def test_bad_search_spaces_name_the_problem(tmp_path, text, message):
