@@ -234,8 +234,8 @@ def verdict_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"best {metric}: {report['best']}, above every other configuration "
                      "(Welch's t-test, 95 %)")
     elif len(report["rows"]) > 1 and report.get("best_mean"):
-        lines.append(f"no configuration is distinguishable on {metric} (Welch's t-test, 95 %); "
-                     f"highest mean: {report['best_mean']}")
+        lines.append(f"no single best on {metric}: the highest mean, {report['best_mean']}, is not above "
+                     "every other configuration (Welch's t-test, 95 %)")
     if report.get("chance") is not None:
         lines.append(f"chance: {report['chance']:.3f}")
     if report.get("random_init"):

@@ -68,7 +68,7 @@ def test_best_only_when_distinguishable_and_intervals_clipped(store):
     assert row["mean"] - row["ci95"] < 0 and row["low"] == 0.0  # Student t reaches below 0
     assert row["high"] == pytest.approx(row["mean"] + row["ci95"])
     text = to_markdown(report)
-    assert "**best**" not in text and "No configuration is distinguishable on image_h_linear_acc" in text
+    assert "**best**" not in text and "No single best on image_h_linear_acc" in text
     assert f"0.100 [0.000, {row['high']:.3f}]" in text
 
     _sweep(home, uri, "clear", {"10": [0.50, 0.52, 0.51], "100": [0.20, 0.22, 0.21], "1000": [0.30, 0.31, 0.29]})

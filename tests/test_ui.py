@@ -201,7 +201,7 @@ def test_ui_shows_the_sweep_its_trials_metrics_and_plots_in_a_browser(chromium, 
             # The sweep's parent run shows the report as its description.
             page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs/{parent_id}?workflowType=machine_learning",
                       timeout=60_000)
-            expect(page.get_by_text("No configuration is distinguishable on image_h_linear_acc", exact=False).first
+            expect(page.get_by_text("No single best on image_h_linear_acc", exact=False).first
                    ).to_be_visible(timeout=TIMEOUT_MS)
             page.screenshot(path=str(SCREENSHOT.with_name("mlflow-ui-parent.png")))
         finally:
