@@ -50,6 +50,12 @@ class Encoders:
         return self
 
 
+def exportable(method: torch.nn.Module) -> bool:
+    """Whether ``method`` has one image and one sound encoder to export (``E_v``, ``E_s``). Multi-SSL's
+    ``concat`` combination has none: its h joins the features of one encoder pair per task."""
+    return all(isinstance(getattr(method, attr, None), torch.nn.Module) for attr in MODALITIES.values())
+
+
 def save_encoders(method: torch.nn.Module, folder: str | Path, *, config: dict[str, Any],
                   input_shapes: dict[str, list[int]], run_id: str | None = None) -> Path:
     """Write ``method``'s encoders (``E_v``, ``E_s``) into ``folder``; return the folder.

@@ -77,8 +77,12 @@ def log_encoders(client: MlflowClient, run_id: str, cfg: ExperimentConfig, metho
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    from methods.export import save_encoders
+    from methods.export import exportable, save_encoders
 
+    if not exportable(method):
+        print(f"[avlab] encoders not exported: this {cfg.method_name} run's h joins several encoders' features "
+              "(no single image / sound encoder pair); its checkpoints hold them", flush=True)
+        return 0.0
     t0 = time.perf_counter()
     shapes = input_shapes(data)
     with tempfile.TemporaryDirectory(prefix="avlab-export-") as tmp:

@@ -101,3 +101,23 @@ def test_export_of_an_unknown_name_exits_2_and_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == "avlab: error: export: no run or sweep named 'nothing' in this store", err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_concat_multissl_run_skips_the_export_with_one_line_and_every_other_method_exports(capsys):
+    """Multi-SSL's ``concat`` has one encoder pair per task and no ``E_v`` / ``E_s``: the end of its
+    training used to fail on the export (AttributeError) and lose the trial."""
+    from methods.data import build_dataset
+    from methods.export import exportable
+    from orchestrator.export import log_encoders
+
+    for name in sorted(METHODS):
+        cfg = resolve({"method": {"name": name}}, preset="tiny", overrides=["data.train_size=20", "data.test_size=20"])
+        assert exportable(build_method(cfg.method_name, cfg.method, build_dataset(cfg.data).info())), name
+    cfg = resolve({"method": {"name": "multissl", "combination": "concat"}}, preset="tiny",
+                  overrides=["data.train_size=20", "data.test_size=20"])
+    data = build_dataset(cfg.data)
+    method = build_method(cfg.method_name, cfg.method, data.info())
+    assert not exportable(method)
+    # Returns before it touches the tracking store: no client is needed.
+    assert log_encoders(None, "run", cfg, method, data) == 0.0
+    assert "encoders not exported" in capsys.readouterr().out
