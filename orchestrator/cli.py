@@ -200,9 +200,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if run.info.status == "FINISHED":
         print(f"[avlab] {kind} {name} already finished (MLflow run {run_id}); nothing to resume")
         return 0
+    retry = bool(getattr(args, "retry_failed", False))
     failure = tracking.recorded_failure(client, run_id) if kind == "run" else ""
-    if failure:  # deterministic: every attempt would fail the same way, so none starts
-        raise RunFailed(f"run {name} failed: {failure}")
+    if failure and not retry:  # deterministic: every attempt would fail the same way, so none starts
+        raise RunFailed(f"run {name} failed: {failure}; once fixed, `avlab resume {name} --retry-failed` "
+                        "trains it again")
     from orchestrator.search_space import SearchSpace
 
     job = ExperimentConfig.from_dict(manifest["config"]) if kind == "run" else SearchSpace.from_dict(manifest["space"])
@@ -213,6 +215,18 @@ def cmd_resume(args: argparse.Namespace) -> int:
             check_local_resources(job.resources)
         else:
             _check_sweep_resources(job)
+    if retry:  # after the checks above: a job that cannot start keeps its failures as they were
+        if kind == "run":
+            retried = [f"{name}: {failure}"] if failure else []
+            if failure:
+                tracking.clear_failure(client, client.get_run(run_id), failure)
+        else:
+            from orchestrator.sweep import clear_failures
+
+            retried = clear_failures(client, run_id)
+        print(f"[avlab] retrying {len(retried)} failed {'trial' if kind == 'sweep' else 'run'}"
+              f"{'s' * (len(retried) != 1)} from {'their' if len(retried) != 1 else 'its'} last checkpoint"
+              + "".join(f"\n[avlab]   {line}" for line in retried), flush=True)
     client.update_run(run_id, status="RUNNING")
     from orchestrator.stop import driver_entry
 
@@ -401,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="continue an interrupted run or sweep where it stopped")
     resume.add_argument("name", metavar="NAME", help="the run's or sweep's name")
     resume.add_argument("--address", help="Ray cluster address (default: the one the job started with)")
+    resume.add_argument("--retry-failed", action="store_true",
+                        help="train again the trials (or the run) that a deterministic error ended, once its cause "
+                             "is fixed: they continue from their last checkpoint; finished trials stay as they are")
     resume.add_argument("--ray-dashboard", action="store_true", help=RAY_DASHBOARD_HELP)
     resume.set_defaults(func=cmd_resume)
 

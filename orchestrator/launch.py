@@ -367,7 +367,7 @@ def _launch_run(cfg: ExperimentConfig, *, name: str, run_id: str, tracking_uri: 
     client = MlflowClient(tracking_uri)
     failure = tracking.recorded_failure(client, run_id)
     if failure:
-        raise RunFailed(f"run {name} failed: {failure}")
+        raise RunFailed(f"run {name} failed: {failure}; once fixed, `avlab resume {name} --retry-failed` trains it again")
     if error is not None:
         raise error
     # The final report carries no checkpoint, so its metrics are read back from MLflow.

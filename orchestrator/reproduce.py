@@ -140,9 +140,11 @@ def trials_to_train(client, sweeps: list[tuple[Any, list[Any]]]) -> list[tuple[i
 
 def trial_seconds(runs: list) -> list[float]:
     """Wall seconds from start to end of each finished trial run that trained (a reused trial,
-    tagged ``avlab.reused_from``, took its results in a moment and says nothing of the cost)."""
+    tagged ``avlab.reused_from``, took its results in a moment and says nothing of the cost; a
+    retried one, tagged ``avlab.retries``, spans the time between its failure and its retry)."""
     return [(r.info.end_time - r.info.start_time) / 1000 for r in runs
-            if r.info.end_time and r.info.start_time and not r.data.tags.get("avlab.reused_from")]
+            if r.info.end_time and r.info.start_time
+            and not r.data.tags.get("avlab.reused_from") and not r.data.tags.get("avlab.retries")]
 
 
 def time_left(sweeps: list[tuple[int, int, int, list[float]]], pooled: list[float]) -> str:
@@ -175,7 +177,7 @@ def _run_or_reuse(args: argparse.Namespace, name: str, space: Any, overrides: li
     common = {"home": args.home, "tracking_uri": args.tracking_uri, "address": args.address}
     if same:
         print(f"[avlab] reproduce: continuing sweep {same[0]}", flush=True)
-        cli.cmd_resume(argparse.Namespace(name=same[0], **common))
+        cli.cmd_resume(argparse.Namespace(name=same[0], retry_failed=args.retry_failed, **common))
         return same[0]
     print(f"[avlab] reproduce: sweep {name} ({space.path.name})", flush=True)
     cli.cmd_sweep(argparse.Namespace(search_space=str(space.path), seeds=args.seeds, preset=args.preset,
@@ -294,6 +296,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser, *
     reproduce.add_argument("--data", metavar="MANIFEST", help="a real dataset's manifest (data.manifest)")
     reproduce.add_argument("--finished-only", action="store_true",
                            help="run nothing: decide the claims whose sweeps have finished, list the others")
+    reproduce.add_argument("--retry-failed", action="store_true",
+                           help="a claim's sweep that ended with failed trials trains them again (see `avlab resume`)")
     reproduce.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
     reproduce.add_argument("--ray-dashboard", action="store_true", help=ray_dashboard_help)
     reproduce.set_defaults(func=_cmd)

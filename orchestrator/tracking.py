@@ -208,6 +208,19 @@ def recorded_failure(client: MlflowClient, run_id: str) -> str:
     return client.get_run(run_id).data.tags.get(f"{TAG_PREFIX}{FAILED_TAG}", "")
 
 
+# ``--retry-failed``: a run whose failure was cleared keeps its line here, and the number of times.
+RETRIED_TAG = "retried_failure"
+
+
+def clear_failure(client: MlflowClient, run, line: str) -> None:
+    """Let ``run``, failed by ``line``, train again once its cause is fixed (``avlab resume
+    --retry-failed``): the line moves to ``avlab.retried_failure`` (kept first, so nothing is lost
+    if this stops half way), then the failure goes; the run continues from its last checkpoint."""
+    tries = int(run.data.tags.get(f"{TAG_PREFIX}retries", "0") or 0) + 1
+    set_tags(client, run.info.run_id, {RETRIED_TAG: line[:4000], "retries": str(tries)})
+    client.delete_tag(run.info.run_id, f"{TAG_PREFIX}{FAILED_TAG}")
+
+
 # A sweep trial that took the results of an identical finished trial (same resolved config and
 # seed, so the same numbers) instead of training: its run names that trial, whose checkpoints and
 # artifacts hold the weights (``avlab sweep --reuse-trials``).

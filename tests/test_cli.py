@@ -256,6 +256,17 @@ def test_a_deterministic_error_fails_the_run_once_with_one_line(tmp_path):
     assert again.stderr.strip().splitlines() == [out.stderr.strip().splitlines()[-1]]
     assert again.stdout == "" and client.get_run(run.info.run_id).info.status == "FAILED"
 
+    # --retry-failed trains it again (its cause, in the config, is still there: it fails again, once).
+    retried = subprocess.run([cmd[0], "resume", "diverges", "--retry-failed", "--home", str(home)], cwd=tmp_path,
+                             capture_output=True, text=True, env=env, timeout=600)
+    assert retried.returncode == 1, retried.stderr[-2000:]
+    assert "retrying 1 failed run from its last checkpoint" in retried.stdout
+    assert retried.stderr.strip().splitlines()[-1] == out.stderr.strip().splitlines()[-1]
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["avlab.failed"].startswith("NonFiniteLoss")
+    assert run.data.tags["avlab.retries"] == "1" and run.data.tags["avlab.retried_failure"].startswith("NonFiniteLoss")
+    assert run.data.tags["avlab.node_history"].count("|") == 1  # two attempts: the first, then the retry
+
 
 # A Ray worker's SIGTERM handler (Ray's, by name and body) and a SIGTERM that lands while the main
 # thread runs a weakref callback, where Python cannot raise the handler's SystemExit.

@@ -285,3 +285,91 @@ def test_a_sweep_whose_ray_node_is_declared_dead_ends_with_one_line_and_resumes(
     (trial,) = trial_runs(home, "starved").values()
     assert trial.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(trial.info.run_id, "loss")] == [0, 1, 2]  # each epoch once
+
+
+@pytest.mark.slow
+def test_a_failed_trial_trains_again_with_retry_failed_once_its_cause_is_fixed(tmp_path):
+    """A bug that ends one trial at the end of its training (here one put into a copy of the
+    project's encoder export, as the concatenated Multi-SSL runs once failed) fails that trial for
+    good; the sweep's line says how to retry. With the bug fixed, `avlab resume --retry-failed`
+    trains that trial again from its last checkpoint (its epochs are not trained twice) and the
+    sweep finishes; the finished trial is not touched, and the failure stays on record."""
+    import shutil
+
+    from conftest import ROOT
+
+    project = tmp_path / "project"
+    for folder in ("methods", "orchestrator"):
+        shutil.copytree(ROOT / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    export = project / "orchestrator" / "export.py"
+    anchor = "    from methods.export import exportable, save_encoders\n"
+    text = export.read_text()
+    assert anchor in text
+    export.write_text(text.replace(anchor, anchor + "    if cfg.method.memory_size == 10:\n"
+                                   "        raise AttributeError('injected: no export at memory 10')\n", 1))
+    space = tmp_path / "fix.yaml"
+    space.write_text("base:\n  preset: tiny\ngrid:\n  method.memory_size: [10, 100]\nseeds: 1\n"
+                     "metric: image_h_linear_acc\nmode: max\nresources: {workers: 1, cpus_per_worker: 1}\n"
+                     "max_concurrent: 2\n")
+    home = tmp_path / "runs"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(PYTHONPATH=str(project), PYTHONUNBUFFERED="1")
+
+    def avlab(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([AVLAB, *args, "--home", str(home)], cwd=project, env=env, capture_output=True,
+                              text=True, timeout=600)
+
+    out = avlab("sweep", str(space), "--name", "fix", *SMALL)
+    assert out.returncode == 1, (out.stdout + out.stderr)[-4000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert "injected: no export at memory 10" in last and "`avlab resume fix --retry-failed`" in last, last
+    before = trial_runs(home, "fix")
+    failed, done = before[("method.memory_size=10", "0")], before[("method.memory_size=100", "0")]
+    assert failed.info.status == "FAILED" and done.info.status == "FINISHED"
+
+    shutil.copy(ROOT / "orchestrator" / "export.py", export)  # the fix
+    out = avlab("resume", "fix", "--retry-failed")
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert "retrying 1 failed trial from its last checkpoint" in out.stdout
+    after = trial_runs(home, "fix")
+    again, same = after[("method.memory_size=10", "0")], after[("method.memory_size=100", "0")]
+    assert again.info.run_id == failed.info.run_id and again.info.status == "FINISHED"
+    assert "avlab.failed" not in again.data.tags and "avlab.retry_pending" not in again.data.tags
+    assert again.data.tags["avlab.retried_failure"].startswith("AttributeError: injected") and (
+        again.data.tags["avlab.retries"] == "1")
+    assert "image_h_linear_acc" in again.data.metrics and "eval_time_s" in again.data.metrics
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    assert len(client.get_metric_history(again.info.run_id, "epoch_time_s")) == 1  # its one epoch, once
+    assert (same.info.end_time, same.data.metrics) == (done.info.end_time, done.data.metrics)
+    report = json.loads(avlab("report", "fix", "--format", "json").stdout)
+    assert {row["configuration"] for row in report["rows"]} == {"method.memory_size=10", "method.memory_size=100"}
+
+
+def test_a_retried_optuna_proposal_gets_back_the_values_and_config_of_its_run(tmp_path):
+    """`--retry-failed` runs a failed Optuna proposal again outside the search: its Tune config is
+    rebuilt from the run's logged values (strings in MLflow), typed by their dimension, so that
+    the trial resolves to the config it had and finds its run by that config's identity."""
+    from types import SimpleNamespace
+
+    from orchestrator.sweep import _proposal
+    from orchestrator.trial import trial_params
+
+    path = tmp_path / "opt.yaml"
+    path.write_text(
+        "base:\n  preset: tiny\n"
+        "search:\n  method.loss_temperature: {type: loguniform, low: 1.0e-5, high: 1.0}\n"
+        "  method.memory_size: {type: int, low: 10, high: 100}\n"
+        "  method.paired_loss: {type: choice, values: [true, false]}\n"
+        "num_samples: 2\nseeds: 2\nmetric: image_h_linear_acc\n")
+    space = load_search_space(path)
+    proposed = {"method.loss_temperature": 1.2345e-05, "method.memory_size": 42, "method.paired_loss": False, "seed": 1}
+    params, seed = trial_params(space, proposed)
+    cfg = space.config_for(params, seed)
+    run = SimpleNamespace(data=SimpleNamespace(  # what MLflow gives back of the trial's run
+        params={f"varied.{k}": str(v) for k, v in params.items()},
+        tags={"avlab.seed": str(seed), "avlab.run_identity": cfg.identity()}))
+    again = {"retry": _proposal(space, run)}
+    assert trial_params(space, again) == (params, seed)
+    assert space.config_for(*trial_params(space, again)).identity() == run.data.tags["avlab.run_identity"]
