@@ -108,10 +108,14 @@ def build_report(client: MlflowClient, name: str) -> dict[str, Any]:
 
 
 def code_versions(runs: list) -> dict[str, int]:
-    """Trials per code version (tag ``avlab.source_hash``; "unrecorded" for runs made before it)."""
+    """Trials per code version (tag ``avlab.source_hash``; "unrecorded" for runs made before it).
+    A trial retried on other code (``--retry-failed``) counts as "<first> then <retry's>"."""
     counts: dict[str, int] = {}
     for run in runs:
         code = run.data.tags.get("avlab.source_hash", "unrecorded")
+        retried = run.data.tags.get("avlab.retried_source_hash")
+        if retried and retried != code:
+            code = f"{code} then {retried}"
         counts[code] = counts.get(code, 0) + 1
     return dict(sorted(counts.items()))
 

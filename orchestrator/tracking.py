@@ -215,9 +215,12 @@ RETRIED_TAG = "retried_failure"
 def clear_failure(client: MlflowClient, run, line: str) -> None:
     """Let ``run``, failed by ``line``, train again once its cause is fixed (``avlab resume
     --retry-failed``): the line moves to ``avlab.retried_failure`` (kept first, so nothing is lost
-    if this stops half way), then the failure goes; the run continues from its last checkpoint."""
+    if this stops half way), then the failure goes; the run continues from its last checkpoint.
+    The code of the retry goes to ``avlab.retried_source_hash``."""
     tries = int(run.data.tags.get(f"{TAG_PREFIX}retries", "0") or 0) + 1
-    set_tags(client, run.info.run_id, {RETRIED_TAG: line[:4000], "retries": str(tries)})
+    # The code the retry runs on (the fix), beside the code the run started on (``source_hash``).
+    set_tags(client, run.info.run_id, {RETRIED_TAG: line[:4000], "retries": str(tries),
+                                       f"retried_{SOURCE_HASH_TAG}": source_hash()})
     client.delete_tag(run.info.run_id, f"{TAG_PREFIX}{FAILED_TAG}")
 
 

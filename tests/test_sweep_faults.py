@@ -345,6 +345,8 @@ def test_a_failed_trial_trains_again_with_retry_failed_once_its_cause_is_fixed(t
     assert (same.info.end_time, same.data.metrics) == (done.info.end_time, done.data.metrics)
     report = json.loads(avlab("report", "fix", "--format", "json").stdout)
     assert {row["configuration"] for row in report["rows"]} == {"method.memory_size=10", "method.memory_size=100"}
+    buggy, fixed = done.data.tags["avlab.source_hash"], again.data.tags["avlab.retried_source_hash"]
+    assert buggy != fixed and report["code_versions"] == {buggy: 1, f"{buggy} then {fixed}": 1}
 
 
 def test_a_retried_optuna_proposal_gets_back_the_values_and_config_of_its_run(tmp_path):
