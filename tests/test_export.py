@@ -121,3 +121,31 @@ def test_a_concat_multissl_run_skips_the_export_with_one_line_and_every_other_me
     # Returns before it touches the tracking store: no client is needed.
     assert log_encoders(None, "run", cfg, method, data) == 0.0
     assert "encoders not exported" in capsys.readouterr().out
+
+
+def test_a_concat_multissl_run_goes_through_the_real_loop_to_its_evaluation(tmp_path, capsys):
+    """The whole training loop of a ``concat`` run, in this process (the one-worker loop a trial
+    runs, without Ray): its three stages, its checkpoints, the end of training that skips the
+    export, and the evaluation of its joined features, into a real MLflow run that ends without
+    a recorded failure (the export bug failed exactly here, after the last epoch)."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import tracking
+    from orchestrator.config import dump_yaml
+    from orchestrator.train import train_in_trial
+
+    cfg = resolve({"method": {"name": "multissl", "combination": "concat"}}, preset="tiny", overrides=[
+        "train.epochs=3", "train.batch_size=32", "data.paired_size=64", "data.unpaired_sound_size=0",
+        "data.unpaired_image_size=0", "data.train_size=40", "data.test_size=20", "data.transfer_train_size=0",
+        "data.transfer_test_size=0", "tracking.log_model=false"])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.prepare_store(uri)
+    run_id = tracking.create_run(tracking_uri=uri, home=tmp_path, experiment="concat", run_name="concat",
+                                 params=cfg.flat(), tags={}, config_yaml=dump_yaml(cfg))
+    train_in_trial({"config": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri, "init_checkpoint": "",
+                    "launch_time_s": 0.0, "import_time_s": 0.0}, str(tmp_path / "run"), tune=False)
+    run = MlflowClient(uri).get_run(run_id)
+    assert "avlab.failed" not in run.data.tags, run.data.tags.get("avlab.failed")
+    assert {"eval_time_s", "sound_h_linear_acc", "image_h_linear_acc"} <= set(run.data.metrics)
+    assert run.data.metrics["epoch"] == 2 and run.data.metrics["export_time_s"] == 0.0
+    assert "encoders not exported" in capsys.readouterr().out
