@@ -383,9 +383,17 @@ def status_lines(client: MlflowClient, name: str) -> list[str]:
         value = run.data.metrics.get(metric)
         shown = f"{value:.4f}" if value is not None else "-"
         reused = f" (reused: {run.data.tags.get('avlab.reused_from_sweep', '?')})" if run.data.tags.get("avlab.reused_from") else ""
+        if failure := run.data.tags.get("avlab.failed"):
+            reused += f" failed: {failure}"
+        elif retried := run.data.tags.get("avlab.retried_failure"):
+            reused += f" (retried after: {retried})"
         lines.append(f"  {run.info.status:<9} {run.data.tags.get('avlab.config_label', '')} seed={run.data.tags.get('avlab.seed', '?')} {metric}={shown}{reused}")
         if value is not None and (best is None or (value > best[0] if mode == "max" else value < best[0])):
             best = (value, run.data.tags.get("avlab.config_label", ""))
     if best:
         lines.append(f"best so far: {best[1]} {metric}={best[0]:.4f}")
+    failed = sum(1 for r in children if r.data.tags.get("avlab.failed"))
+    if failed and parent.info.status != "RUNNING":
+        lines.append(f"{failed} failed; once the cause is fixed, `avlab resume {name} --retry-failed` trains "
+                     f"{'them' if failed > 1 else 'it'} again")
     return lines

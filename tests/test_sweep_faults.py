@@ -326,6 +326,10 @@ def test_a_failed_trial_trains_again_with_retry_failed_once_its_cause_is_fixed(t
     before = trial_runs(home, "fix")
     failed, done = before[("method.memory_size=10", "0")], before[("method.memory_size=100", "0")]
     assert failed.info.status == "FAILED" and done.info.status == "FINISHED"
+    status = avlab("status", "fix").stdout.splitlines()
+    assert any(line.split()[:2] == ["FAILED", "method.memory_size=10"] and "failed: AttributeError: injected" in line
+               for line in status), status
+    assert status[-1] == "1 failed; once the cause is fixed, `avlab resume fix --retry-failed` trains it again"
 
     shutil.copy(ROOT / "orchestrator" / "export.py", export)  # the fix
     out = avlab("resume", "fix", "--retry-failed")
@@ -343,6 +347,9 @@ def test_a_failed_trial_trains_again_with_retry_failed_once_its_cause_is_fixed(t
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     assert len(client.get_metric_history(again.info.run_id, "epoch_time_s")) == 1  # its one epoch, once
     assert (same.info.end_time, same.data.metrics) == (done.info.end_time, done.data.metrics)
+    status = avlab("status", "fix").stdout.splitlines()
+    assert status[0].startswith("sweep fix: FINISHED") and "failed" not in status[-1]
+    assert any("(retried after: AttributeError: injected" in line for line in status), status
     report = json.loads(avlab("report", "fix", "--format", "json").stdout)
     assert {row["configuration"] for row in report["rows"]} == {"method.memory_size=10", "method.memory_size=100"}
     buggy, fixed = done.data.tags["avlab.source_hash"], again.data.tags["avlab.retried_source_hash"]
