@@ -403,7 +403,8 @@ def _settle(client: MlflowClient, parent_id: str, name: str, results: Any) -> bo
         first = lines[-1].strip() if lines else type(errors[0]).__name__
     else:
         first = failed[0]
-    retry = f"; once fixed, `avlab resume {name} --retry-failed` trains them again" if failed else ""
+    them = "them" if len(failed) > 1 else "it"
+    retry = f"; once fixed, `avlab resume {name} --retry-failed` trains {them} again" if failed else ""
     raise RunFailed(f"sweep {name}: {len(errors) + len(failed)} of {len(results)} trials failed; "
                     f"first: {first}{retry}")
 
