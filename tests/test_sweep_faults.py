@@ -288,7 +288,7 @@ def test_a_sweep_whose_ray_node_is_declared_dead_ends_with_one_line_and_resumes(
 
 
 @pytest.mark.slow
-def test_a_failed_trial_trains_again_with_retry_failed_once_its_cause_is_fixed(tmp_path):
+def test_a_failed_trial_trains_again_with_retry_failed_once_its_cause_is_fixed(tmp_path, capsys):
     """A bug that ends one trial at the end of its training (here one put into a copy of the
     project's encoder export, as the concatenated Multi-SSL runs once failed) fails that trial for
     good; the sweep's line says how to retry. With the bug fixed, `avlab resume --retry-failed`
@@ -319,6 +319,13 @@ def test_a_failed_trial_trains_again_with_retry_failed_once_its_cause_is_fixed(t
         return subprocess.run([AVLAB, *args, "--home", str(home)], cwd=project, env=env, capture_output=True,
                               text=True, timeout=600)
 
+    def read(*args: str) -> str:  # status and report read the store: in this process
+        from orchestrator.cli import main
+
+        capsys.readouterr()
+        assert main([*args, "--home", str(home)]) == 0
+        return capsys.readouterr().out
+
     out = avlab("sweep", str(space), "--name", "fix", *SMALL)
     assert out.returncode == 1, (out.stdout + out.stderr)[-4000:]
     last = out.stderr.strip().splitlines()[-1]
@@ -326,7 +333,7 @@ def test_a_failed_trial_trains_again_with_retry_failed_once_its_cause_is_fixed(t
     before = trial_runs(home, "fix")
     failed, done = before[("method.memory_size=10", "0")], before[("method.memory_size=100", "0")]
     assert failed.info.status == "FAILED" and done.info.status == "FINISHED"
-    status = avlab("status", "fix").stdout.splitlines()
+    status = read("status", "fix").splitlines()
     assert any(line.split()[:2] == ["FAILED", "method.memory_size=10"] and "failed: AttributeError: injected" in line
                for line in status), status
     assert status[-1] == "1 failed; once the cause is fixed, `avlab resume fix --retry-failed` trains it again"
@@ -347,10 +354,10 @@ def test_a_failed_trial_trains_again_with_retry_failed_once_its_cause_is_fixed(t
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     assert len(client.get_metric_history(again.info.run_id, "epoch_time_s")) == 1  # its one epoch, once
     assert (same.info.end_time, same.data.metrics) == (done.info.end_time, done.data.metrics)
-    status = avlab("status", "fix").stdout.splitlines()
+    status = read("status", "fix").splitlines()
     assert status[0].startswith("sweep fix: FINISHED") and "failed" not in status[-1]
     assert any("(retried after: AttributeError: injected" in line for line in status), status
-    report = json.loads(avlab("report", "fix", "--format", "json").stdout)
+    report = json.loads(read("report", "fix", "--format", "json"))
     assert {row["configuration"] for row in report["rows"]} == {"method.memory_size=10", "method.memory_size=100"}
     buggy, fixed = done.data.tags["avlab.source_hash"], again.data.tags["avlab.retried_source_hash"]
     assert buggy != fixed and report["code_versions"] == {buggy: 1, f"{buggy} then {fixed}": 1}
