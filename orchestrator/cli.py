@@ -224,9 +224,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
             from orchestrator.sweep import clear_failures
 
             retried = clear_failures(client, run_id)
-        print(f"[avlab] retrying {len(retried)} failed {'trial' if kind == 'sweep' else 'run'}"
-              f"{'s' * (len(retried) != 1)} from {'their' if len(retried) != 1 else 'its'} last checkpoint"
-              + "".join(f"\n[avlab]   {line}" for line in retried), flush=True)
+        if retried:
+            print(f"[avlab] retrying {len(retried)} failed {'trial' if kind == 'sweep' else 'run'}"
+                  f"{'s' * (len(retried) != 1)} from {'their' if len(retried) != 1 else 'its'} last checkpoint"
+                  + "".join(f"\n[avlab]   {line}" for line in retried), flush=True)
+        else:
+            print(f"[avlab] {kind} {name}: nothing failed, nothing to retry", flush=True)
     client.update_run(run_id, status="RUNNING")
     from orchestrator.stop import driver_entry
 

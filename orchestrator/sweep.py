@@ -391,9 +391,10 @@ def _tuner(space: SearchSpace, trainable: Any, path: str, *, name: str, restore:
     )
 
 
-def _settle(client: MlflowClient, parent_id: str, name: str, results: Any) -> bool:
+def _settle(client: MlflowClient, parent_id: str, name: str, results: Any, trials: int) -> bool:
     """Close the trials' child runs; True when every trial succeeded, else RunFailed with the
-    first failure's line."""
+    first failure's line (``trials``: how many the sweep has; a retried trial is in ``results``
+    twice)."""
     failed = _close_trial_runs(client, parent_id, results)
     errors = [r.error for r in results if r.error is not None]
     if not errors and not failed:
@@ -405,7 +406,7 @@ def _settle(client: MlflowClient, parent_id: str, name: str, results: Any) -> bo
         first = failed[0]
     them = "them" if len(failed) > 1 else "it"
     retry = f"; once fixed, `avlab resume {name} --retry-failed` trains {them} again" if failed else ""
-    raise RunFailed(f"sweep {name}: {len(errors) + len(failed)} of {len(results)} trials failed; "
+    raise RunFailed(f"sweep {name}: {len(errors) + len(failed)} of {trials} trials failed; "
                     f"first: {first}{retry}")
 
 
@@ -486,7 +487,7 @@ def fit_sweep(
                 client.delete_tag(run.info.run_id, f"{tracking.TAG_PREFIX}{RETRY_TAG}")
         if not any(m.key == "wall_time_s" for m in client.get_metric_history(parent_id, "wall_time_s")):
             tracking.log_metrics(client, parent_id, {"wall_time_s": time.perf_counter() - t0}, step=0)
-        ok = _settle(client, parent_id, name, results)
+        ok = _settle(client, parent_id, name, results, expected)
     finally:
         if interrupted:
             client.set_terminated(parent_id, status="KILLED")
