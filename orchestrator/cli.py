@@ -216,20 +216,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
         else:
             _check_sweep_resources(job)
     if retry:  # after the checks above: a job that cannot start keeps its failures as they were
-        if kind == "run":
-            retried = [f"{name}: {failure}"] if failure else []
-            if failure:
-                tracking.clear_failure(client, client.get_run(run_id), failure)
-        else:
-            from orchestrator.sweep import clear_failures
+        from orchestrator.retry import clear_for_retry
 
-            retried = clear_failures(client, run_id)
-        if retried:
-            print(f"[avlab] retrying {len(retried)} failed {'trial' if kind == 'sweep' else 'run'}"
-                  f"{'s' * (len(retried) != 1)} from {'their' if len(retried) != 1 else 'its'} last checkpoint"
-                  + "".join(f"\n[avlab]   {line}" for line in retried), flush=True)
-        else:
-            print(f"[avlab] {kind} {name}: nothing failed, nothing to retry", flush=True)
+        clear_for_retry(client, kind, name, run_id, failure)
     client.update_run(run_id, status="RUNNING")
     from orchestrator.stop import driver_entry
 

@@ -230,72 +230,6 @@ def _interrupted(client: MlflowClient, parent_id: str, name: str, expected: int)
     return Interrupted(f"sweep {name} interrupted with {ended} of {expected} trials ended; `avlab resume {name}` continues it")
 
 
-RETRY_TAG = "retry_pending"  # a failed trial that ``--retry-failed`` let train again, not yet ended
-
-
-def clear_failures(client: MlflowClient, parent_id: str) -> list[str]:
-    """``avlab resume --retry-failed``: every trial of the sweep that a deterministic error ended
-    may train again (its cause fixed): its failure is cleared (``tracking.clear_failure``), it is
-    marked to retry and KILLED, like a trial that was interrupted, so it continues from its last
-    checkpoint. Finished trials stay as they are. The failed trials' lines, one each."""
-    lines = []
-    for run in _children(client, parent_id):
-        line = run.data.tags.get(f"{tracking.TAG_PREFIX}{tracking.FAILED_TAG}")
-        if not line:
-            continue
-        tracking.set_tags(client, run.info.run_id, {RETRY_TAG: "true"})
-        tracking.clear_failure(client, run, line)
-        client.set_terminated(run.info.run_id, status="KILLED")
-        lines.append(f"{run.info.run_name}: {line}")
-    return lines
-
-
-def _retry_pending(client: MlflowClient, parent_id: str) -> list:
-    """The sweep's trials that ``--retry-failed`` let train again and that have not ended since."""
-    return [r for r in _children(client, parent_id)
-            if r.data.tags.get(f"{tracking.TAG_PREFIX}{RETRY_TAG}") == "true"
-            and r.info.status not in ("FINISHED", "FAILED")]
-
-
-def _proposal(space: SearchSpace, run) -> dict[str, Any]:
-    """The Tune config of an Optuna proposal, from its run (values typed by their dimension)."""
-    values: dict[str, Any] = {"seed": int(run.data.tags[f"{tracking.TAG_PREFIX}seed"])}
-    for path, d in space.search.items():
-        raw = run.data.params[f"varied.{path}"]
-        if d.type in ("uniform", "loguniform"):
-            values[path] = float(raw)
-        elif d.type == "int":
-            values[path] = int(raw)
-        else:
-            values[path] = next(v for v in d.values if str(v) == raw)
-    return values
-
-
-def _retry_tuner(space: SearchSpace, trainable: Any, runs: list, *, home: Path, name: str, max_concurrent: int) -> Any:
-    """A Tuner over exactly the trials ``runs`` (failed, their failure cleared). The sweep's own
-    Tune experiment counts them as ended, so they run in an experiment of their own, beside it;
-    each finds its run (a grid trial by its config, a proposal by its values) and continues from
-    its checkpoints. No scheduler: a retried trial runs to its end."""
-    from ray import tune
-
-    prefix = tracking.TAG_PREFIX
-    if space.uses_optuna:
-        param_space = {"retry": tune.grid_search([_proposal(space, r) for r in runs])}
-    else:
-        param_space = {"trial": tune.grid_search(
-            [f"{r.data.tags[prefix + 'config_label']} seed={r.data.tags[prefix + 'seed']}" for r in runs])}
-    return tune.Tuner(
-        trainable,
-        param_space=param_space,
-        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
-        run_config=tune.RunConfig(
-            name=f"retry-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}",
-            storage_path=f"{experiment_path(home, name)}.retries", verbose=1,
-            failure_config=tune.FailureConfig(max_failures=space.first_config().train.max_failures),
-        ),
-    )
-
-
 def describe(space: SearchSpace) -> str:
     """The parent run's description until the report replaces it: what the sweep varies and
     what it optimises, where the MLflow UI shows it first."""
@@ -471,11 +405,13 @@ def fit_sweep(
             interrupted = True
             raise _interrupted(client, parent_id, name, expected)
         results = list(results)
-        if retries := _retry_pending(client, parent_id):  # `--retry-failed`, or a retry interrupted
+        from orchestrator.retry import RETRY_TAG, retry_pending, retry_tuner
+
+        if retries := retry_pending(client, parent_id):  # `--retry-failed`, or a retry interrupted
             print(f"[avlab] sweep {name}: retrying {len(retries)} failed trial{'s' * (len(retries) != 1)}", flush=True)
             try:
                 with watching_node("sweep", name, lambda: settle(tracking_uri, lost, status="FAILED")):
-                    again = _retry_tuner(space, trainable, retries, home=home, name=name,
+                    again = retry_tuner(space, trainable, retries, home=home, name=name,
                                          max_concurrent=max_concurrent).fit()
             except KeyboardInterrupt:
                 again = None

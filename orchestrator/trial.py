@@ -44,7 +44,7 @@ def point_label(params: dict[str, Any], grid: tuple[str, ...] = ()) -> str:
 def trial_params(space: SearchSpace, config: dict[str, Any]) -> tuple[dict[str, Any], int]:
     """The varied settings and the seed of the trial whose Tune config is ``config``."""
     if space.uses_optuna:
-        config = config.get("retry", config)  # a retried proposal: its values (sweep._retry_tuner)
+        config = config.get("retry", config)  # a retried proposal: its values (retry.retry_tuner)
         return {path: config[path] for path in space.search}, config["seed"]
     trial = config.get("trial")
     if isinstance(trial, str):  # "<configuration> seed=<seed>": whatever order the space lists them in

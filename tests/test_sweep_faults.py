@@ -369,7 +369,7 @@ def test_a_retried_optuna_proposal_gets_back_the_values_and_config_of_its_run(tm
     the trial resolves to the config it had and finds its run by that config's identity."""
     from types import SimpleNamespace
 
-    from orchestrator.sweep import _proposal
+    from orchestrator.retry import _proposal
     from orchestrator.trial import trial_params
 
     path = tmp_path / "opt.yaml"
