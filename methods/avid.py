@@ -9,9 +9,10 @@ Self-AVID uses the same modality's memories, Cross-AVID the other modality's, Jo
 memory spaces (eq. 6-9).
 
 Numbers follow the authors' code where the paper leaves them open (docs/spec.md §3): Z̄ is the mean of
-exp(score) over the negatives of the very first batch (averaged over workers) and then frozen;
-each direction (v→a, a→v) carries weight ½; negatives never include the sample itself; memories
-are updated with the features of the whole global batch after the scores were computed.
+exp(score) over the negatives of the very first batch (averaged over workers) and then frozen
+(``cma_reestimate_z``: estimated again on CMA's first step); each direction (v→a, a→v) carries
+weight ½; negatives never include the sample itself; memories are updated with the features of
+the whole global batch after the scores were computed.
 
 State and side effects. ``training_step`` (= ``forward``) writes nothing: it reads the banks,
 draws negatives from a generator seeded by (``sampling_seed``, ``step``), and returns the losses
@@ -57,9 +58,9 @@ PRESETS = {
     "tiny": {"method": {**TINY_ENCODERS, "cma_refresh_epochs": 1}},
     # BatchNorm in the head: without it the projections collapse (RESULTS.md, "AVID collapse"); on
     # its output too: without it they stay in a narrow cone (mean cosine 0.86; RESULTS.md, "AVID
-    # at the small budget").
+    # at the small budget"). Z̄ estimated again when CMA starts (see the field).
     "small": {"method": {**SMALL_ENCODERS, "cma_refresh_epochs": 1, "head_batchnorm": True,
-                         "head_output_batchnorm": True}},
+                         "head_output_batchnorm": True, "cma_reestimate_z": True}},
     "paper": {"method": PAPER_ENCODERS},
 }
 
@@ -103,6 +104,10 @@ class AVIDConfig:
     cma_rule: str = "agreement"  # agreement | video | audio | either (Fig. 4)
     cma_refresh_epochs: int = 50  # E
     cma_start_epoch: int = 0  # S
+    # Estimate Z̄ again on CMA's first step (S > 0), not keep Cross-AVID's as the authors do: with
+    # the small preset's head, the first step's Z̄ is too small for trained features and L_wMPD
+    # then wrecks the image encoder (RESULTS.md, "AVID+CMA after a longer Cross-AVID").
+    cma_reestimate_z: bool = False
     cma_chunk_size: int = 4096  # rows and columns per block of the positive-set search
 
     def __post_init__(self) -> None:
@@ -252,9 +257,8 @@ def cma_positive_sets(
 class AVIDHead(nn.Sequential):
     """Projection MLP: three FC layers with ReLU between them (paper 002 §3.3: "three fully
     connected layers with 512 hidden units"), c -> hidden -> hidden -> D; with ``batchnorm``, a
-    BatchNorm after each hidden FC layer (the hidden layers then carry no bias); with
-    ``output_batchnorm``, an affine-free BatchNorm on the D outputs (the last layer then carries
-    no bias)."""
+    BatchNorm after each hidden FC layer, with ``output_batchnorm`` an affine-free BatchNorm on the
+    D outputs (the FC layer before a BatchNorm then carries no bias)."""
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, *, batchnorm: bool = False,
                  output_batchnorm: bool = False) -> None:
@@ -448,8 +452,11 @@ class AVID(Method):
 
     @torch.no_grad()
     def refresh_positives(self, *, epoch: int) -> None:
-        """Recompute the positive sets P_i from the current memory banks (eq. 7) for ``epoch``."""
+        """Recompute the positive sets P_i from the current memory banks (eq. 7) for ``epoch``;
+        on the first computation, with ``cma_reestimate_z``, let the next step estimate Z̄ anew."""
         cfg = self.cfg
+        if cfg.cma_reestimate_z and int(self.positives_epoch) < 0:
+            self.z_bar_ready.fill_(False)
         self.positives.copy_(
             cma_positive_sets(self.bank_v, self.bank_a, k=cfg.cma_positives, rule=cfg.cma_rule,
                               chunk_size=cfg.cma_chunk_size)
@@ -480,16 +487,14 @@ class AVID(Method):
         return {"cma_positive_precision": float(((own_N1 == theirs_NP) & known).sum() / known.sum())}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # Checkpoints written before slots kept their class have no bank_label: it starts unknown
-        # (-1) and fills again as items are seen.
+        # Checkpoints older than bank_label: it starts unknown (-1) and fills as items are seen.
         if hasattr(self, "bank_label") and prefix + "bank_label" not in state_dict:
             state_dict[prefix + "bank_label"] = torch.full_like(self.bank_label, -1)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
-    def embed(
-        self, *, images: torch.Tensor | None = None, sounds: torch.Tensor | None = None
-    ) -> dict[str, torch.Tensor]:
+    def embed(self, *, images: torch.Tensor | None = None,
+              sounds: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         # h is the encoder feature (what the paper probes); z the unit-norm projection v_i / a_i.
         return self.embed_encoders(images, sounds, z_v=lambda f: self.project(f, self.head_v),
                                    z_s=lambda f: self.project(f, self.head_a))

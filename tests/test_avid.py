@@ -234,6 +234,41 @@ def test_cma_schedule_refreshes_positive_sets_every_e_epochs_from_s():
     assert m.cma_active and "loss_cma" in m(make_batch())
 
 
+@pytest.mark.parametrize("reestimate", [False, True])
+def test_z_bar_is_estimated_again_on_the_first_cma_step_only_with_cma_reestimate_z(reestimate):
+    m = make_model(**CMA, cma_start_epoch=2, cma_refresh_epochs=1, cma_reestimate_z=reestimate)
+    for step in range(3):  # Cross-AVID epochs 0 (steps 0, 1) and 1 (step 2): Z̄ from step 0 only
+        b = make_batch(seed=step)
+        out = m(b)
+        assert ("_z_bar" in out) == (step == 0)
+        m.after_step(b, out)
+        if step == 1:
+            assert m.on_epoch_end(0) is None and bool(m.z_bar_ready)
+    cross_z = float(m.z_bar)
+    m.on_epoch_end(1)  # positive sets for epoch 2: CMA starts
+    assert m.cma_active and bool(m.z_bar_ready) != reestimate
+    b = make_batch(seed=5)
+    neg = m.sample_negative_indices(b["index"])
+    out = m(b)
+    if not reestimate:
+        assert "_z_bar" not in out
+        m.after_step(b, out)
+        assert float(m.z_bar) == cross_z
+        return
+    # The mean of exp(score / tau) over the negatives of every term of this step (the two
+    # cross-modal terms with K negatives, the two within-modal CMA terms with K_n).
+    v, a, tau = out["_v"].double(), out["_a"].double(), m.cfg.temperature
+    k, kn = m.cfg.num_negatives, m.cfg.cma_negatives
+    means = [torch.exp(torch.einsum("bd,bkd->bk", x, bank.double()[neg[:, :n]]) / tau).mean()
+             for x, bank, n in ((v, m.bank_a, k), (a, m.bank_v, k), (v, m.bank_v, kn), (a, m.bank_a, kn))]
+    expected = float(torch.stack(means).mean())
+    assert math.isclose(float(out["_z_bar"]), expected, rel_tol=1e-5) and not math.isclose(expected, cross_z, rel_tol=1e-3)
+    m.after_step(b, out)
+    assert math.isclose(float(m.z_bar), expected, rel_tol=1e-5) and bool(m.z_bar_ready)
+    m.on_epoch_end(2)  # a later refresh of the positive sets keeps the new Z̄
+    assert bool(m.z_bar_ready) and "_z_bar" not in m(make_batch(seed=6))
+
+
 def test_cma_positive_precision_is_the_share_of_positives_of_their_instance_class():
     labels = torch.arange(N) % 4
     m = make_model(**CMA, cma_start_epoch=1, cma_refresh_epochs=1)
