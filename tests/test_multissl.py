@@ -98,6 +98,36 @@ def test_slices_are_the_frames_at_their_starts_and_the_gap_is_normalised():
         cut_slices(sound, 20)
 
 
+def test_gap_zero_err_is_the_error_of_answering_zero_and_the_head_beats_it_given_an_arrow_of_time(scenes):
+    """``gap_zero_err`` is mean |δ| of the step's own slices; on clips whose level rises through
+    the clip (an arrow of time) the gap head falls far below it within tens of steps, so a
+    ``gap_abs_err`` that stays at ``gap_zero_err`` says the clips carry nothing to learn from."""
+    data, batches = scenes
+    assert {"gap_abs_err", "gap_zero_err"} <= set(MultiSSL.training_metrics(MultiSSLConfig(tasks=("gap",))))
+    cfg = MultiSSLConfig(**TINY_ENC, tasks=("gap",), gap_slice_frames=32)
+    torch.manual_seed(0)
+    method = MultiSSL(cfg, data.info())
+    method.configure_training(1)
+    opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=1e-3)
+    t = DATA.n_frames
+    b = len(batches[0]["sound"])
+    ramp = torch.linspace(-1.0, 1.0, t).expand(b, 2, DATA.n_mels, t)
+    errs, zero_errs = [], []
+    for step in range(100):
+        sound = ramp + 0.1 * torch.randn(b, 2, DATA.n_mels, t)
+        state = torch.get_rng_state()
+        out = method({**batches[0], "sound": sound})
+        torch.set_rng_state(state)
+        _, _, gap = cut_slices(sound, cfg.gap_slice_frames)  # the slices the step drew
+        assert out["gap_zero_err"].item() == pytest.approx(gap.abs().mean().item(), rel=1e-6)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        errs.append(out["gap_abs_err"].item())
+        zero_errs.append(out["gap_zero_err"].item())
+    assert sum(errs[-20:]) < 0.5 * sum(zero_errs[-20:]), (errs[-20:], zero_errs[-20:])
+
+
 # --- training, stages, resume -----------------------------------------------------------------
 
 
