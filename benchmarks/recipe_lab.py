@@ -141,7 +141,7 @@ def main() -> None:
         means = {k: round(v / steps, 4) for k, v in sums.items()}
         means.update({k: round(v, 3) for k, v in diagnostics.items()})
         if args.cma_precision:  # AVID: precision of the positive sets every rule would pick now (Fig. 4c)
-            from methods.avid import CMA_RULES, cma_positive_sets
+            from methods.cma import CMA_RULES, cma_positive_sets
 
             if "latents" not in pools:  # the factors each image shares with its sound, by slot
                 data = build_dataset(cfg.data)

@@ -144,6 +144,11 @@ class Method(nn.Module):
         every rank updates identically (memory banks from gathered features) turns it off."""
         return True
 
+    def after_initialise_from(self) -> None:
+        """Hook called once ``train.init_from`` has copied another run's tensors into this new
+        run, before its first step: state computed in the constructor from tensors that were
+        just replaced is computed again. Default: none."""
+
     def on_epoch_end(self, epoch: int) -> dict[str, float] | None:
         """Hook for per-epoch method logic (e.g. refreshing positive sets). It may return
         diagnostics, logged with the epoch's metrics (names declared in ``training_metrics``).

@@ -231,10 +231,12 @@ def load_latest(checkpoint: ray.train.Checkpoint, device: torch.device, *,
 
 def initialise_from(method: torch.nn.Module, directory: str, device: torch.device) -> tuple[int, int]:
     """``train.init_from``: copy every tensor of the checkpoint in ``directory`` whose name and
-    shape match ``method``'s (encoders, heads); returns (tensors copied, tensors of the method)."""
+    shape match ``method``'s (encoders, heads), then let the method recompute what depends on
+    them (``after_initialise_from``); returns (tensors copied, tensors of the method)."""
     own = method.state_dict()
     matched = matching_weights(own, load(directory, map_location=device)["model"])
     if not matched:
         raise RuntimeError(f"train.init_from: {directory} shares no weights with method {method.name}")
     method.load_state_dict(matched, strict=False)
+    method.after_initialise_from()
     return len(matched), len(own)

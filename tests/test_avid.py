@@ -9,16 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from methods.avid import (
-    AVID,
-    CMA_RULES,
-    AVIDConfig,
-    cma_positive_sets,
-    ema_memory,
-    memory_nce,
-    skip_excluded,
-)
+from methods.avid import AVID, AVIDConfig, ema_memory, memory_nce, skip_excluded
 from methods.base import DataInfo
+from methods.cma import CMA_RULES, cma_positive_sets
 from methods.distributed import convert_global_batchnorm
 from methods.encoders import EncoderConfig
 
@@ -267,6 +260,38 @@ def test_z_bar_is_estimated_again_on_the_first_cma_step_only_with_cma_reestimate
     assert math.isclose(float(m.z_bar), expected, rel_tol=1e-5) and bool(m.z_bar_ready)
     m.on_epoch_end(2)  # a later refresh of the positive sets keeps the new Z̄
     assert bool(m.z_bar_ready) and "_z_bar" not in m(make_batch(seed=6))
+
+
+@pytest.mark.parametrize("start, reestimate", [(0, True), (0, False), (2, True)])
+def test_init_from_a_trained_run_gives_cma_the_copied_banks_positive_sets(tmp_path, start, reestimate):
+    """``train.init_from`` (``checkpoint.initialise_from``) into AVID+CMA: with CMA from epoch 0
+    the positive sets are those of the copied banks, not of the constructor's random ones, and
+    ``cma_reestimate_z`` lets the first step estimate Z̄ again (without it Z̄ is the copied one);
+    with CMA from a later epoch the copied run's positive sets do not switch CMA on early."""
+    from orchestrator import checkpoint as ckpt
+
+    source = make_model(seed=1, **CMA, cma_start_epoch=1, cma_refresh_epochs=1)
+    for step in range(3):  # Cross-AVID steps move the banks and freeze Z̄; then positive sets
+        b = make_batch(seed=step)
+        source.after_step(b, source(b))
+    source.on_epoch_end(0)
+    b = make_batch(seed=3)  # one CMA step more: its positive sets are older than its banks
+    source.after_step(b, source(b))
+    assert source.cma_active and bool(source.z_bar_ready)
+    ckpt.save(tmp_path, {"model": source.state_dict(), "optimizer": {}, "epoch": 0, "rng": [], "loaders": {}})
+
+    m = make_model(seed=2, **CMA, cma_start_epoch=start, cma_refresh_epochs=1, cma_reestimate_z=reestimate)
+    random_positives = m.positives.clone()
+    ckpt.initialise_from(m, str(tmp_path), torch.device("cpu"))
+    assert torch.equal(m.bank_v, source.bank_v) and float(m.z_bar) == float(source.z_bar)
+    if start > 0:
+        assert not m.cma_active and "loss_cma" not in m(make_batch(seed=5))
+        return
+    expected = cma_positive_sets(source.bank_v, source.bank_a, k=m.cfg.cma_positives, rule=m.cfg.cma_rule,
+                                 chunk_size=m.cfg.cma_chunk_size)
+    assert m.cma_active and torch.equal(m.positives, expected) and not torch.equal(expected, random_positives)
+    assert not torch.equal(expected, source.positives)
+    assert bool(m.z_bar_ready) != reestimate and ("_z_bar" in m(make_batch(seed=5))) == reestimate
 
 
 def test_cma_positive_precision_is_the_share_of_positives_of_their_instance_class():
