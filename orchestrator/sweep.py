@@ -314,9 +314,10 @@ def _tuner(space: SearchSpace, trainable: Any, path: str, *, name: str, restore:
             max_concurrent_trials=max_concurrent,
             # A finished trial's actor runs the next trial: no new process and no second
             # import of torch, MLflow and avlab per trial (its TorchTrainer is new anyway).
-            # Not under a scheduler: a trial it stops is still inside fit() when Tune
-            # resets the actor for the next one, and Tune fails that next trial.
-            reuse_actors=space.scheduler is None,
+            # Under a scheduler only for one-worker trials: a trial it stops waits in Tune's
+            # report, which ends its thread at once; a multi-worker trial stopped is still
+            # inside fit() when Tune resets the actor for the next one, and Tune fails that one.
+            reuse_actors=space.scheduler is None or space.first_config().resources.workers == 1,
         ),
         run_config=tune.RunConfig(
             name=name, storage_path=path.rsplit("/", 1)[0], verbose=1,

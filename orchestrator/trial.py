@@ -86,6 +86,10 @@ def run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, An
     started = time.perf_counter()
     launch_s = _launch_delay()
     quiet_worker_sigterm()
+    # A trial that a scheduler stops ends in Tune's report, then closes its run and its monitor;
+    # Tune waits this long (read when it resets this actor for the next trial, default 2 s) for
+    # that before it gives up on reusing the actor and fails the next trial.
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "300")
     try:
         _trial(config, space=space, sweep=sweep, started=started, launch_s=launch_s)
     finally:

@@ -3,6 +3,7 @@ shares test_sweep.py's module sweep), so this file runs beside it on another tes
 
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -21,7 +22,8 @@ def test_optuna_asha_sweep_settles_every_trial_run(tmp_path):
     """Optuna proposals with ASHA on the kNN accuracy measured each epoch: every child run ends
     FINISHED (with its final evaluation) or KILLED and tagged as stopped early, and the report
     holds exactly the finished ones. One trial at a time on both CPUs: a trial stopped early
-    must give its workers' CPUs back, or the next trial waits for them until the timeout."""
+    must give its workers' CPUs back, or the next trial waits for them until the timeout; its
+    actor runs the next trial."""
     space = tmp_path / "asha.yaml"
     space.write_text(
         "base:\n  preset: tiny\n  config:\n    eval: {every_epochs: 1, features: [h]}\n"
@@ -55,6 +57,10 @@ def test_optuna_asha_sweep_settles_every_trial_run(tmp_path):
             assert r.info.status == "KILLED" and r.data.tags.get("avlab.stopped_early") == "true"
             assert "eval_time_s" not in r.data.metrics
     assert finished  # the first trial at every rung is never stopped
+    # One-worker trials under a scheduler reuse their actor, after a trial it stopped too: every
+    # trial trained in the first one's process (Tune waits for a stopped trial to close its run).
+    pids = set(re.findall(r"\(run_trial pid=(\d+)\)", out.stdout + out.stderr))
+    assert len(pids) == 1, pids
     report = json.loads(subprocess.run([AVLAB, "report", "asha", "--format", "json", "--home", str(home)],
                                        capture_output=True, text=True, check=True).stdout)
     assert {row["configuration"] for row in report["rows"]} == finished
