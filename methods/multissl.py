@@ -233,9 +233,9 @@ def _gap_loss(cfg: MultiSSLConfig, E_v: Encoder, E_s: Encoder, heads: TaskHeads,
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Temporal gap: the distance between two slices of the sound, regressed (Huber).
 
-    ``gap_zero_err`` is the error of answering δ = 0 on the same slices (0.337 on average at T = 128, L = 32): the
-    best a head can do when nothing in two slices tells which came first, so ``gap_abs_err``
-    at that level means the task gives the encoder nothing to learn from these clips."""
+    ``gap_zero_err`` is the error of answering δ = 0 on the same slices (0.337 on average at
+    T = 128, L = 32): the best a head can do when nothing in two slices tells which came first,
+    so ``gap_abs_err`` at that level means the task gives the encoder nothing to learn."""
     first, second, gap_B = cut_slices(batch["sound"], cfg.gap_slice_frames)
     pred_B = heads.gap(torch.cat([E_s(first), E_s(second)], dim=1)).squeeze(1)
     loss = huber(pred_B, gap_B, delta=cfg.huber_delta)
