@@ -13,7 +13,7 @@ Legend: B paired batch, U unpaired batch, D feature size, n memory slots.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -21,6 +21,22 @@ import torch
 from torch import nn
 
 Batch = dict[str, torch.Tensor]
+
+
+# Metadata key of a dataclass field: the value at which the field leaves a config's identity.
+IDENTITY_NEUTRAL = "avlab_identity_neutral"
+_SAME = object()
+
+
+def neutral_field(default: Any, neutral: Any = _SAME) -> Any:
+    """A config field added to a section that configurations were already run with:
+    ``x: bool = neutral_field(False)``. ``neutral`` (default: ``default``) is the value that
+    behaves as the code did before the field existed; at that value the field is left out of
+    the config's identity (``orchestrator.config.ExperimentConfig.identity``), so runs made
+    before the upgrade keep their identity, checkpoints and reusable results. A new default
+    that changes behaviour keeps ``neutral`` at the old behaviour's value, so configurations
+    that take the new default get a new identity."""
+    return field(default=default, metadata={IDENTITY_NEUTRAL: default if neutral is _SAME else neutral})
 
 
 class FieldError(ValueError):

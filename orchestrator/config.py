@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from methods.base import FieldError
+from methods.base import IDENTITY_NEUTRAL, FieldError
 from methods.data import ProceduralConfig, dataset_info
 from methods.evaluate import EvalConfig
 from methods.registry import METHODS
@@ -173,16 +173,29 @@ class ExperimentConfig:
         return flatten(self.to_dict())
 
     def identity(self) -> str:
-        """Content hash of the resolved config (seed included): equal configs, equal identity."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        """Content hash of the resolved config (seed included): equal configs, equal identity.
+
+        A field added after configurations were run declares the value that reproduces the
+        behaviour from before it (``IDENTITY_NEUTRAL`` in its metadata: ``methods.base.neutral_field``);
+        at that value it is left out of the hash, so the identities of earlier runs, and with
+        them their checkpoints, trial runs and reusable results, survive the upgrade."""
+        out = {f.name: _to_plain(getattr(self, f.name), identity=True) for f in dataclasses.fields(self)
+               if not _at_neutral(self, f)}
+        out["method"] = {"name": out.pop("method_name"), **out["method"]}
+        blob = json.dumps(out, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _to_plain(value: Any) -> Any:
+def _at_neutral(owner: Any, f: dataclasses.Field) -> bool:
+    return IDENTITY_NEUTRAL in f.metadata and _to_plain(getattr(owner, f.name)) == _to_plain(f.metadata[IDENTITY_NEUTRAL])
+
+
+def _to_plain(value: Any, *, identity: bool = False) -> Any:
     if dataclasses.is_dataclass(value):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: _to_plain(getattr(value, f.name), identity=identity) for f in dataclasses.fields(value)
+                if not (identity and _at_neutral(value, f))}
     if isinstance(value, tuple):
-        return [_to_plain(v) for v in value]
+        return [_to_plain(v, identity=identity) for v in value]
     return value
 
 

@@ -257,12 +257,15 @@ class Attempt:
             return
         state = ckpt.load_latest(checkpoint, self.device, warn=say if self.rank == 0 else None)
         identity = self.cfg.identity()
+        # A checkpoint of another configuration or run: the same on every attempt, so the run
+        # fails once with this line (a CheckpointError is deterministic), never retried.
         if state.get("identity") not in (None, identity):
-            raise RuntimeError(f"checkpoint {checkpoint.path}: written by another configuration "
-                               f"(identity {state['identity']}, this run is {identity})")
+            raise ckpt.CheckpointError(
+                f"checkpoint {state['_dir']}: written by another configuration (identity {state['identity']}, "
+                f"this run is {identity}); resume it with the code and config that wrote it, or start a new run")
         if state.get("mlflow_run_id") not in (None, self.run_id):
-            raise RuntimeError(f"checkpoint {checkpoint.path}: belongs to MLflow run {state['mlflow_run_id']}, "
-                               f"not {self.run_id}")
+            raise ckpt.CheckpointError(f"checkpoint {state['_dir']}: belongs to MLflow run "
+                                       f"{state['mlflow_run_id']}, not {self.run_id}")
         self.method.load_state_dict(state["model"])
         self.method.load_extra_state(state["extra"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -132,3 +132,28 @@ def test_a_gpu_share_is_per_worker_and_true_is_one_whole_gpu():
     # A whole config round-trips with its share (a sweep's trial rebuilds it from the dict).
     cfg = resolve(overrides=["resources.gpu=0.5"])
     assert ExperimentConfig.from_dict(cfg.to_dict()).resources.gpu == 0.5
+
+
+def test_an_option_added_at_its_neutral_value_keeps_every_identity():
+    """Checkpoints, trial runs and reusable results are found by ``identity()``: an option that an
+    upgrade adds with ``neutral_field`` leaves it unchanged at the value that behaves as before,
+    and changes it at any other value (a plain new field would change every identity)."""
+    import dataclasses
+
+    from methods.bma import BMAConfig
+    from methods.base import neutral_field
+
+    old = resolve(overrides=["method.memory_size=50"])
+    values = {f.name: getattr(old.method, f.name) for f in dataclasses.fields(old.method)}
+
+    def upgraded(spec, **value):
+        cls = dataclasses.make_dataclass("BMAConfig", [("new_option", bool, spec)], bases=(BMAConfig,), frozen=True)
+        return dataclasses.replace(old, method=cls(**values, **value))
+
+    assert upgraded(neutral_field(False)).identity() == old.identity()
+    assert upgraded(neutral_field(False), new_option=True).identity() != old.identity()
+    # A new default that changes behaviour: neutral at the old behaviour, so the identity moves.
+    assert upgraded(neutral_field(True, neutral=False)).identity() != old.identity()
+    assert upgraded(dataclasses.field(default=False)).identity() != old.identity()
+    # Everything else still sees the field: MLflow params, config.yaml, the workers' copy.
+    assert upgraded(neutral_field(False)).to_dict()["method"]["new_option"] is False

@@ -429,3 +429,60 @@ def test_fine_tuning_trains_every_weight_from_a_finished_run(reference):
     assert f"from {home / 'ray' / 'ref' / 'checkpoint_epoch00002' / 'checkpoint.pt'}" in text
     initialised = int(text.split("initialised ")[1].split(" of ")[0])
     assert initialised > 100  # both encoders, not the classifiers the pretrained run lacks
+
+
+@pytest.mark.slow
+def test_a_run_resumes_after_an_upgrade_adds_an_option_and_refuses_another_configurations_checkpoint(
+        tmp_path, monkeypatch, capsys):
+    """The loop a one-worker run or trial trains in, in this process. A run that wrote a
+    checkpoint resumes from it after an upgrade that adds an option at its neutral value (the
+    config's identity is unchanged); a different configuration pointed at the same checkpoints
+    fails once, with one line that names the checkpoint, instead of being retried."""
+    import dataclasses
+
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from methods import registry
+    from orchestrator import tracking
+    from methods.base import neutral_field
+    from orchestrator.config import resolve
+    from orchestrator.launch import init_ray
+    from orchestrator.train import train_in_trial
+
+    if not ray.is_initialized():
+        init_ray()  # a trial records its node: the local, loopback-only Ray of an avlab command
+    small = ["resources.workers=1", "train.epochs=1", "train.batch_size=32", "data.paired_size=64",
+             "data.unpaired_sound_size=32", "data.unpaired_image_size=32", "data.train_size=40", "data.test_size=20",
+             "data.transfer_train_size=0", "data.transfer_test_size=0", "method.memory_size=10",
+             "eval.features=[h]", "eval.linear=false", "eval.retrieval=false", "tracking.log_model=false"]
+    cfg = resolve(overrides=small)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("upgrade")).info.run_id
+    run_dir = str(tmp_path / "run")
+
+    def attempt(config) -> str:
+        train_in_trial({"config": config.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri,
+                        "init_checkpoint": ""}, run_dir, tune=False)
+        return capsys.readouterr().err  # the loop's progress lines go to stderr
+
+    assert "epoch 1/1" in attempt(cfg) and not tracking.recorded_failure(client, run_id)
+
+    # The upgrade: BMA-Memory gains an option whose default keeps the old behaviour.
+    entry = registry.METHODS["bma"]
+    upgraded = dataclasses.make_dataclass("BMAConfig", [("new_option", bool, neutral_field(False))],
+                                          bases=(entry.config_cls,), frozen=True)
+    monkeypatch.setitem(registry.METHODS, "bma", entry._replace(config_cls=upgraded))
+    after = resolve(overrides=small)
+    assert isinstance(after.method, upgraded) and after.identity() == cfg.identity()
+    text = attempt(after)
+    assert "resumed from" in text and "(epoch 1/1 done)" in text and "epoch 1/1 loss" not in text, text
+    assert not tracking.recorded_failure(client, run_id)
+
+    # Another configuration on the same checkpoints: one recorded line, no traceback, no retry.
+    other = resolve(overrides=[*small, "method.memory_size=20"])
+    attempt(other)
+    line = tracking.recorded_failure(client, run_id)
+    assert line.startswith(f"CheckpointError: checkpoint {tmp_path / 'run' / 'checkpoint_epoch00000'}: "
+                           "written by another configuration"), line
