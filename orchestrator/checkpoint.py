@@ -226,7 +226,8 @@ def load_latest(checkpoint: ray.train.Checkpoint, device: torch.device, *,
                 continue
         state["_dir"], state["_skipped"] = path, errors
         return state
-    raise RuntimeError(f"no usable checkpoint in {parent}: " + "; ".join(errors))
+    # Every checkpoint is damaged: a retry would read the same files, so the run fails once.
+    raise CheckpointError(f"no usable checkpoint in {parent}: " + "; ".join(errors))
 
 
 def initialise_from(method: torch.nn.Module, directory: str, device: torch.device) -> tuple[int, int]:

@@ -486,3 +486,11 @@ def test_a_run_resumes_after_an_upgrade_adds_an_option_and_refuses_another_confi
     line = tracking.recorded_failure(client, run_id)
     assert line.startswith(f"CheckpointError: checkpoint {tmp_path / 'run' / 'checkpoint_epoch00000'}: "
                            "written by another configuration"), line
+
+    # Every checkpoint damaged (a new run on the same folder): one line too, not a retried error.
+    run_id = client.create_run(client.get_experiment_by_name("upgrade").experiment_id).info.run_id
+    state = tmp_path / "run" / "checkpoint_epoch00000" / ckpt.STATE_FILE
+    state.write_bytes(state.read_bytes()[:100])
+    attempt(cfg)
+    line = tracking.recorded_failure(client, run_id)
+    assert line.startswith(f"CheckpointError: no usable checkpoint in {tmp_path / 'run'}: ") and "truncated" in line, line
