@@ -155,9 +155,10 @@ class ExperimentConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict that ``from_dict`` turns back into an equal config."""
-        out = {f.name: _to_plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+    def to_dict(self, *, identity: bool = False) -> dict[str, Any]:
+        """Plain nested dict that ``from_dict`` turns back into an equal config; ``identity``:
+        without the fields at their neutral value (what ``identity`` hashes)."""
+        out = _to_plain(self, identity=identity)
         out["method"] = {"name": out.pop("method_name"), **out["method"]}
         return out
 
@@ -179,10 +180,7 @@ class ExperimentConfig:
         behaviour from before it (``IDENTITY_NEUTRAL`` in its metadata: ``methods.base.neutral_field``);
         at that value it is left out of the hash, so the identities of earlier runs, and with
         them their checkpoints, trial runs and reusable results, survive the upgrade."""
-        out = {f.name: _to_plain(getattr(self, f.name), identity=True) for f in dataclasses.fields(self)
-               if not _at_neutral(self, f)}
-        out["method"] = {"name": out.pop("method_name"), **out["method"]}
-        blob = json.dumps(out, sort_keys=True, default=str).encode()
+        blob = json.dumps(self.to_dict(identity=True), sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
