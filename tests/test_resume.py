@@ -459,7 +459,8 @@ def test_a_run_resumes_after_an_upgrade_adds_an_option_and_refuses_another_confi
     cfg = resolve(overrides=small)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("upgrade")).info.run_id
+    experiment = client.create_experiment("upgrade", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
     run_dir = str(tmp_path / "run")
 
     def attempt(config) -> str:
@@ -488,7 +489,7 @@ def test_a_run_resumes_after_an_upgrade_adds_an_option_and_refuses_another_confi
                            "written by another configuration"), line
 
     # Every checkpoint damaged (a new run on the same folder): one line too, not a retried error.
-    run_id = client.create_run(client.get_experiment_by_name("upgrade").experiment_id).info.run_id
+    run_id = client.create_run(experiment).info.run_id
     state = tmp_path / "run" / "checkpoint_epoch00000" / ckpt.STATE_FILE
     state.write_bytes(state.read_bytes()[:100])
     attempt(cfg)
