@@ -345,6 +345,12 @@ def test_mono_dataset_ignores_the_binaural_fields() -> None:
         ({"azimuth_sectors": 5}, "azimuth_sectors"),
         ({"max_objects": 0}, "max_objects"),
         ({"max_objects": 5}, "max_objects"),
+        ({"glide_octaves": -0.5}, "glide_octaves"),
+        ({"glide_octaves": 2.5}, "glide_octaves"),
+        ({"glide_octaves": float("inf")}, "glide_octaves"),
+        ({"glide_octaves": True}, "glide_octaves"),
+        ({"glide_octaves": 1.0, "binaural": False}, "glide_octaves"),
+        ({"glide_octaves": 1.0, "manifest": "data.csv"}, "glide_octaves"),
     ],
 )
 def test_config_errors_name_the_field(changes: dict[str, object], field: str) -> None:
@@ -359,3 +365,65 @@ def test_scene_checks() -> None:
         Scene((SceneObject(1, 0.0),), domain="moon")
     with pytest.raises(ValueError, match="^level_db: "):
         SceneObject(1, 0.0, level_db=3.0)
+
+
+# --- class glides (data.glide_octaves) -----------------------------------------------------------
+
+
+def _peak_hz(x_T: np.ndarray, sr: int) -> float:
+    mag = np.abs(np.fft.rfft(x_T * np.hanning(x_T.shape[0]), n=16 * x_T.shape[0]))
+    return float(np.argmax(mag)) * sr / (16 * x_T.shape[0])
+
+
+@pytest.mark.parametrize("octaves", [-2.0, -1.0, 0.5, 1.0, 2.0])
+def test_glide_moves_a_tones_pitch_by_its_octaves_over_the_clip_without_aliasing(octaves: float) -> None:
+    from methods.data.sounds import glide
+
+    sr, n = 8000, 16000
+    t_T = np.arange(n) / sr
+    tone_T = np.sin(2 * np.pi * 500.0 * t_T).astype(np.float32)
+    out_T = glide(tone_T, octaves)
+    assert out_T.dtype == np.float32 and out_T.shape == (n,)
+    # The reading speed at u is r ln2 2^(r u) / (2^r - 1): the pitch of the first and last tenth.
+    speed = lambda u: octaves * math.log(2) * 2 ** (octaves * u) / (2 ** octaves - 1)  # noqa: E731
+    tenth = n // 10
+    for u, part in ((0.05, out_T[:tenth]), (0.95, out_T[-tenth:])):
+        assert _peak_hz(part, sr) == pytest.approx(500.0 * speed(u), rel=0.04)
+    # A tone that the fastest reading would carry past Nyquist is removed, not folded back.
+    high_T = np.sin(2 * np.pi * 3000.0 * t_T).astype(np.float32)
+    fastest = max(speed(0.0), speed(1.0))
+    if fastest > 4000 / 3000:
+        assert np.sqrt(np.mean(glide(high_T, octaves) ** 2)) < 0.02
+    assert glide(tone_T, 0.0) is tone_T
+
+
+def test_each_class_glides_by_its_own_octaves_and_no_glide_leaves_every_scene_as_it_was(
+        scenes: BinauralScenes) -> None:
+    gliding = BinauralScenes(dataclasses.replace(SMALL, glide_octaves=1.5))
+    octaves = [gliding.glide(k) for k in range(SMALL.num_classes)]
+    assert octaves[0] == -1.5 and octaves[-1] == 1.5 and np.all(np.diff(octaves) > 0)
+    assert [scenes.glide(k) for k in range(SMALL.num_classes)] == [0.0] * SMALL.num_classes
+    # Without glides the scenes are those of a config without the field (digests fixed by the
+    # default config's own items); with them, the sound changes and the image does not.
+    plain = BinauralScenes(ProceduralConfig(**{f.name: getattr(SMALL, f.name) for f in dataclasses.fields(SMALL)
+                                               if f.name != "glide_octaves"}))
+    a, b, c = plain.pool("paired")[5], scenes.pool("paired")[5], gliding.pool("paired")[5]
+    assert _digest(a["sound"]) == _digest(b["sound"]) and _digest(a["image"]) == _digest(c["image"])
+    assert not torch.equal(a["sound"], c["sound"])
+    # In a one-object scene, the sound's pitch (mean log-frequency of the frames where the object
+    # sounds, against time) rises by about the class's octaves more than without the glide: up for
+    # the last class, down for the first.
+    def course(data: BinauralScenes, cls: int, seed: int) -> float:
+        scene = Scene((SceneObject(cls, 90.0, size=0.5, brightness=0.5, texture=0.5),), seed=(seed, 1))
+        on_T, wave_T = data.activity(scene)[0], data.render_waveform(scene)[0].numpy()
+        times, pitch = [], []
+        for start in range(0, wave_T.shape[0] - 256, 128):
+            if on_T[start:start + 256].min() == 1.0:
+                power = np.abs(np.fft.rfft(wave_T[start:start + 256] * np.hanning(256)))[1:] ** 2
+                pitch.append(float((power * np.log2(np.arange(1, power.shape[0] + 1))).sum() / power.sum()))
+                times.append(start / wave_T.shape[0])
+        return float(np.polyfit(times, pitch, 1)[0])
+
+    for cls, sign in ((SMALL.num_classes - 1, 1.0), (0, -1.0)):
+        change = np.mean([course(gliding, cls, seed) - course(scenes, cls, seed) for seed in range(4)])
+        assert 0.5 < sign * change < 2.0, (cls, change)

@@ -3,8 +3,10 @@ to a real dataset's manifest."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
+from methods.base import neutral_field
 
 from methods.data.logmel import logmel_geometry
 from methods.data.pools import CLASS_NAMES, POOLS
@@ -24,7 +26,10 @@ class ProceduralConfig:
     ``binaural`` switches to binaural scenes (``methods.data.binaural``): a 360° image strip of
     ``image_size`` x ``panorama_width`` pixels, two-channel sound, up to ``max_objects`` objects
     per scene, and an azimuth ``sector`` label out of ``azimuth_sectors``. The three scene
-    fields are ignored when ``binaural`` is false.
+    fields are ignored when ``binaural`` is false. ``glide_octaves`` (binaural scenes only; 0 =
+    none) makes each class's sound glide in pitch over the clip, by its own amount from
+    -glide_octaves (the first class) to +glide_octaves (the last): a temporal course that tells
+    where in a clip a slice lies once the class is known (Multi-SSL's temporal gap).
 
     ``manifest`` switches to a real dataset described by a manifest CSV
     (``methods.data.manifest``; ``avlab data index`` writes one). Its pools come from the
@@ -56,6 +61,7 @@ class ProceduralConfig:
     panorama_width: int = 128
     azimuth_sectors: int = 8
     max_objects: int = 2
+    glide_octaves: float = neutral_field(0.0)
     manifest: str = ""
     paired_fraction: float = 1.0
     unpaired_sound_count: int = -1
@@ -76,9 +82,9 @@ class ProceduralConfig:
             elif f.name in ("cache_in_memory", "binaural", "skip_bad"):
                 if not isinstance(value, bool):
                     raise ValueError(f"{f.name}: must be true or false, got {value!r}")
-            elif f.name == "clip_seconds":
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise ValueError(f"clip_seconds: must be a number of seconds, got {value!r}")
+            elif f.name in ("clip_seconds", "glide_octaves"):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise ValueError(f"{f.name}: must be a finite number, got {value!r}")
             elif isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{f.name}: must be an integer, got {value!r}")
         if self.seed < 0:
@@ -139,6 +145,11 @@ class ProceduralConfig:
             )
         if not 1 <= self.max_objects <= 4:
             raise ValueError(f"max_objects: must be in 1..4, got {self.max_objects}")
+        if not 0 <= self.glide_octaves <= 2:
+            raise ValueError(f"glide_octaves: must be in 0..2 octaves, got {self.glide_octaves}")
+        if self.glide_octaves and (not self.binaural or self.manifest):
+            raise ValueError(f"glide_octaves: only the procedural binaural scenes glide (data.binaural=true, "
+                             f"no manifest), got {self.glide_octaves}")
 
     @property
     def clip_samples(self) -> int:

@@ -259,6 +259,24 @@ class SoundSynth:
             x_T[start:start + n_ev] += (amp * win_E) * ev_E
 
 
+def glide(x_T: np.ndarray, octaves: float) -> np.ndarray:
+    """``x_T`` read along a time course that moves its pitch by ``octaves`` over the clip (up when
+    positive, down when negative), first and last samples in place: sample u in [0, 1] of the
+    output reads the input at phi(u) = (2^(r u) - 1) / (2^r - 1), so the reading speed, and every
+    frequency with it, grows by a factor 2^r from start to end. Components that the fastest
+    reading would carry past Nyquist are removed first, so nothing aliases. float32 (T,)."""
+    if octaves == 0:
+        return x_T
+    n, r = x_T.shape[0], float(octaves)
+    fastest = r * math.log(2.0) * max(1.0, 2.0 ** r) / (2.0 ** r - 1.0)
+    if fastest > 1.0:
+        x_F = np.fft.rfft(x_T)
+        x_F[int(0.95 * (x_F.shape[0] - 1) / fastest):] = 0.0
+        x_T = np.fft.irfft(x_F, n=n)
+    phi_T = (np.exp2(r * np.linspace(0.0, 1.0, n)) - 1.0) * ((n - 1) / (2.0 ** r - 1.0))
+    return np.interp(phi_T, np.arange(n), x_T).astype(np.float32)
+
+
 def _noise_clips(rng: np.random.Generator, mag_F: np.ndarray, n_clips: int, length: int
                  ) -> np.ndarray:
     """(n_clips, length) float32 noise with spectral magnitude ``mag_F`` and unit RMS."""
