@@ -400,9 +400,9 @@ def test_glide_moves_a_tones_pitch_by_its_octaves_over_the_clip_without_aliasing
 def test_each_class_glides_by_its_own_octaves_and_no_glide_leaves_every_scene_as_it_was(
         scenes: BinauralScenes) -> None:
     gliding = BinauralScenes(dataclasses.replace(SMALL, glide_octaves=1.5))
-    octaves = [gliding.glide(k) for k in range(SMALL.num_classes)]
+    octaves = [gliding.glide_octaves(k) for k in range(SMALL.num_classes)]
     assert octaves[0] == -1.5 and octaves[-1] == 1.5 and np.all(np.diff(octaves) > 0)
-    assert [scenes.glide(k) for k in range(SMALL.num_classes)] == [0.0] * SMALL.num_classes
+    assert [scenes.glide_octaves(k) for k in range(SMALL.num_classes)] == [0.0] * SMALL.num_classes
     # Without glides the scenes are those of a config without the field (digests fixed by the
     # default config's own items); with them, the sound changes and the image does not.
     plain = BinauralScenes(ProceduralConfig(**{f.name: getattr(SMALL, f.name) for f in dataclasses.fields(SMALL)

@@ -418,7 +418,7 @@ class BinauralScenes(SyntheticAV):
                 np.maximum(env_KT[k], np.clip(seg_T, 0.0, 1.0), out=env_KT[k])
         return env_KT
 
-    def glide(self, cls: int) -> float:
+    def glide_octaves(self, cls: int) -> float:
         """Octaves by which class ``cls``'s sound glides over a clip (``glide_octaves``): the
         classes spread evenly from -glide_octaves (class 0) to +glide_octaves (the last)."""
         return self.cfg.glide_octaves * (2.0 * cls / (self.cfg.num_classes - 1) - 1.0)
@@ -426,7 +426,7 @@ class BinauralScenes(SyntheticAV):
     def render_waveform(self, scene: Scene) -> torch.Tensor:
         """(2, T) float32 waveform (left, right) of ``scene``.
 
-        Each object's dry sound glides by its class's octaves (``glide``; none by default), is
+        Each object's dry sound glides by its class's octaves (``glide_octaves``; none by default), is
         normalised to unit RMS, scaled to the main level (set by
         the main object's size latent) times 10 ** (level_db / 20), gated by its activity
         envelope and rendered at its azimuth; a distractor track (the mono dataset's unrelated
@@ -443,7 +443,7 @@ class BinauralScenes(SyntheticAV):
         src_KT = np.zeros((n_obj + 1, synth.n), dtype=np.float32)
         az_K = np.zeros(n_obj + 1)
         for k, obj in enumerate(scene.objects):
-            x_T = glide(synth.source(rng, obj.cls, obj.latent, rng.random(24).tolist()), self.glide(obj.cls))
+            x_T = glide(synth.source(rng, obj.cls, obj.latent, rng.random(24).tolist()), self.glide_octaves(obj.cls))
             gain = main_rms * 10.0 ** (obj.level_db / 20.0) / (float(np.sqrt(np.mean(x_T**2)))
                                                                + 1e-8)
             np.multiply(x_T, env_KT[k] * np.float32(gain), out=src_KT[k])

@@ -7,7 +7,6 @@ import math
 from dataclasses import dataclass, fields
 
 from methods.base import neutral_field
-
 from methods.data.logmel import logmel_geometry
 from methods.data.pools import CLASS_NAMES, POOLS
 
