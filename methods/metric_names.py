@@ -10,6 +10,7 @@ instead of spelling them again; each method declares its own training metrics
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ SPATIAL_STATS = ("acc", "f1")  # of the azimuth-sector probe
 ENCODER_BLOCKS = ("block1", "block2", "block3", "block4")  # per-block probes (AVID Table 1)
 MODALITIES = ("image", "sound")
 TRANSFER_PREFIX = "transfer_"
+FOREGROUND_PREFIX = "fg_"  # the image probes on each item's foreground alone (eval.foreground_probe)
 
 # What the report and the run summaries show first, in this order.
 HEADLINE_METRICS = (
@@ -25,7 +27,8 @@ HEADLINE_METRICS = (
     "retrieval_s2i_rank1", "retrieval_s2i_rank5",
 )
 # Shown too when a run logged them (binaural scenes: the spatial probe, clip retrieval).
-OPTIONAL_HEADLINE_METRICS = ("sound_h_spatial_acc", "image_h_spatial_acc", "retrieval_s2i_clip_rank1")
+OPTIONAL_HEADLINE_METRICS = ("sound_h_spatial_acc", "image_h_spatial_acc", "retrieval_s2i_clip_rank1",
+                             "fg_image_h_linear_acc")
 
 
 def probe_names(name: str) -> tuple[str, ...]:
@@ -37,6 +40,13 @@ def rank_names(prefix: str, ks: int, *, clip: bool = False) -> tuple[str, ...]:
     """Sound -> image retrieval Rank-1..Rank-ks (by class, or ``clip``: the clip's own image)."""
     kind = "s2i_clip" if clip else "s2i"
     return tuple(f"{prefix}retrieval_{kind}_rank{k}" for k in range(1, ks + 1))
+
+
+def foreground_config(cfg: Any) -> Any:
+    """The protocols ``eval.foreground_probe`` runs again on the foregrounds: ``cfg``'s image probes
+    (linear, kNN, block probes), without retrieval, the spatial probe or the sound protocols."""
+    return dataclasses.replace(cfg, retrieval=False, clip_retrieval=False, spatial_probe=False, sound_svm=False,
+                               sound_crops=1, foreground_probe=False)
 
 
 def metric_names(cfg: Any, *, prefix: str = "", modalities: Iterable[str] = MODALITIES) -> tuple[str, ...]:
@@ -76,6 +86,12 @@ def metric_names(cfg: Any, *, prefix: str = "", modalities: Iterable[str] = MODA
             names += [f"{prefix}{modality}_z_mean_cos" for modality in MODALITIES]
         if cfg.clip_retrieval:
             names += rank_names(prefix, cfg.retrieval_ks, clip=True)
+    if getattr(cfg, "foreground_probe", False) and "image" in present and (
+            ((cfg.linear or cfg.knn) and features) or cfg.block_probes):
+        inner = foreground_config(cfg)
+        if inner.protocol == "folds":  # expanded per fold once, below
+            inner = dataclasses.replace(inner, protocol="validation")
+        names += metric_names(inner, prefix=f"{prefix}{FOREGROUND_PREFIX}", modalities=("image",))
     if getattr(cfg, "protocol", "fixed") == "folds":  # each fold's value, then their mean under the plain name
         names += [f"{name}_fold{k}" for name in list(names) for k in range(1, cfg.folds + 1)]
     return tuple(names)

@@ -78,9 +78,10 @@ COMBINATIONS = ("multitask", "concat", "incremental", "euclidean", "contrastive"
 # train, eval), applied under the run file and the overrides. Values equal to the config's
 # defaults (the paper's) are not repeated.
 # Multi-SSL runs on binaural scenes: 360° panoramas and 4 s two-channel clips, long enough for
-# several temporal slices, and adds the spatial probe and clip retrieval to the evaluation.
+# several temporal slices, and adds the spatial probe, clip retrieval and the probes on the
+# foregrounds alone to the evaluation.
 _BINAURAL_TINY_DATA = {"binaural": True, "clip_seconds": 4.0, "n_frames": 128, "panorama_width": 128, "paired_size": 2048}
-_BINAURAL_EVAL = {"spatial_probe": True, "clip_retrieval": True}
+_BINAURAL_EVAL = {"spatial_probe": True, "clip_retrieval": True, "foreground_probe": True}
 PRESETS = {
     "tiny": {"method": TINY_ENCODERS, "data": _BINAURAL_TINY_DATA, "eval": _BINAURAL_EVAL},
     # Binaural panoramas cannot take the light paired augmentation (a shift or flip turns the scene

@@ -412,6 +412,10 @@ def _check_cross_field(cfg: ExperimentConfig) -> None:
         raise ConfigError(first_line(exc)) from None
     except ValueError as exc:  # a method that names no field: its section
         raise ConfigError(f"method: {first_line(exc)}") from None
+    for name, what in (("spatial_probe", "azimuth sectors"), ("foreground_probe", "foreground masks")):
+        if getattr(cfg.eval, name) and (not cfg.data.binaural or cfg.data.manifest):
+            raise ConfigError(f"eval.{name}: only the procedural binaural scenes carry {what} "
+                              "(data.binaural=true, no data.manifest); set it to false")
     pool = method_cls.pretraining_pool(cfg.method)
     pool_size = getattr(info, f"{pool}_size", None)
     if pool_size is None or not cfg.data.manifest:

@@ -39,6 +39,9 @@ SPACE = str(ROOT / "search_spaces" / "memory_size_fig6.yaml")  # a grid over met
         (["run", "method.name=multissl", "data.binaural=false"], "data.binaural"),
         (["run", "method.name=multissl", "method.gap_slice_frames=100000"], "method.gap_slice_frames"),
         (["run", "method.name=multissl", "method.combination=incremental", "train.epochs=1"], "train.epochs"),
+        # Probes that read what only the procedural binaural scenes carry.
+        (["run", "eval.spatial_probe=true"], "eval.spatial_probe"),
+        (["run", "eval.foreground_probe=true"], "eval.foreground_probe"),
         (["run", "optim.schedule=linear"], "optim.schedule"),
         (["run", "eval.sound_crops=0"], "eval.sound_crops"),
         (["run", "train.init_from=no-such-run"], "train.init_from"),

@@ -828,3 +828,92 @@ def test_the_fold_protocol_holds_each_fold_out_once_and_reports_the_mean() -> No
         assert int(result.confusions[f"{modality}_h_linear"].sum()) == 36
     assert "retrieval_s2i_rank1" not in result.metrics  # image-only and sound-only rows: no pairs
     assert set(result.metrics) <= set(metric_names(cfg))
+
+
+# --- binaural protocols: the image probes on the foregrounds alone -----------------------------
+
+
+class _ForegroundSet(Dataset):
+    """8 x 8 images whose class lives only in a 2 x 2 foreground patch (mask 1 there), on a
+    background of a random bright colour that carries no class; no sound."""
+
+    def __init__(self, n: int, *, seed: int, with_mask: bool = True) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.label = torch.arange(n) % 3
+        self.noise = 20.0 * torch.rand(n, 3, 1, 1, generator=g).expand(n, 3, 8, 8)
+        self.with_mask = with_mask
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        mask = torch.zeros(1, 8, 8)
+        row, col = 2 * (i % 4), 2 * ((i // 4) % 4)
+        mask[:, row : row + 2, col : col + 2] = 1.0
+        image = self.noise[i] * (1 - mask)
+        image[int(self.label[i])] += 16.0 * mask[0]
+        item = {"image": image, "label": self.label[i]}
+        if self.with_mask:
+            item["mask"] = mask
+        return item
+
+
+class _MeanColourMethod(Method):
+    """h: each image's mean colour; z: the same, normalised."""
+
+    name: ClassVar[str] = "mean_colour"
+
+    def embed(self, *, images=None, sounds=None):
+        h = images.mean(dim=(2, 3))
+        return {"h_v": h, "z_v": F.normalize(h, dim=1)}
+
+
+def test_foreground_probe_reads_the_class_from_the_objects_alone() -> None:
+    from methods.evaluate import ForegroundImages
+
+    cfg = EvalConfig(features=("h", "z"), knn_k=3, retrieval=False, foreground_probe=True)
+    result = run_downstream(_MeanColourMethod(), train_set=_ForegroundSet(60, seed=1),
+                            test_set=_ForegroundSet(30, seed=2), cfg=cfg)
+    # On the foregrounds the mean colour is the class; on the whole image the background drowns it.
+    for name in ("fg_image_h_linear_acc", "fg_image_h_knn_acc", "fg_image_z_linear_acc"):
+        assert result.metrics[name] == 1.0, name
+    assert result.metrics["image_h_linear_acc"] < 0.8
+    assert set(result.metrics) == set(metric_names(cfg, modalities=("image",)))
+    assert "fg_image_h_linear" in result.confusions and not any("sound" in n for n in result.metrics)
+    item, raw = ForegroundImages(_ForegroundSet(5, seed=3))[4], _ForegroundSet(5, seed=3)[4]
+    assert torch.equal(item["image"], raw["image"] * raw["mask"]) and set(item) == {"image", "label"}
+
+    off = run_downstream(_MeanColourMethod(), train_set=_ForegroundSet(60, seed=1),
+                         test_set=_ForegroundSet(30, seed=2), cfg=dataclasses.replace(cfg, foreground_probe=False))
+    assert off.metrics == {k: v for k, v in result.metrics.items() if not k.startswith("fg_")}
+
+
+def test_foreground_probe_needs_masks() -> None:
+    cfg = EvalConfig(features=("h",), foreground_probe=True)
+    with pytest.raises(ValueError, match=r"^eval\.foreground_probe: test items carry no 'mask'"):
+        run_downstream(_MeanColourMethod(), train_set=_ForegroundSet(12, seed=1, with_mask=False),
+                       test_set=_ForegroundSet(12, seed=2, with_mask=False), cfg=cfg)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_foreground_block_probes_on_binaural_scenes_log_what_is_declared() -> None:
+    from torch.utils.data import Subset
+
+    from methods.data import build_dataset
+    from methods.registry import build_method
+    from orchestrator.config import resolve
+
+    cfg = resolve({}, preset="tiny", overrides=["method.name=multissl", "eval.block_probes=true"])
+    assert cfg.eval.foreground_probe and cfg.eval.spatial_probe  # Multi-SSL's presets turn them on
+    data = build_dataset(cfg.data)
+    torch.manual_seed(0)
+    method = build_method(cfg.method_name, cfg.method, data.info())
+    ev = dataclasses.replace(cfg.eval, batch_size=16)
+    result = run_downstream(method, train_set=Subset(data.pool("train"), range(40)),
+                            test_set=Subset(data.pool("test"), range(20)), cfg=ev)
+    assert set(result.metrics) == set(metric_names(ev))
+    fg = {k for k in result.metrics if k.startswith("fg_")}
+    assert {"fg_image_block1_linear_acc", "fg_image_h_knn_acc", "fg_image_z_linear_acc"} <= fg
+    assert not any("sound" in k or "spatial" in k or "retrieval" in k for k in fg)
+    # block4 pooled is h, on the foregrounds as on the whole panoramas.
+    assert result.metrics["fg_image_block4_linear_acc"] == result.metrics["fg_image_h_linear_acc"]

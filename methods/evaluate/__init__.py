@@ -6,6 +6,7 @@ linear probes (AVID Table 1), a linear SVM for sound and per-clip averaging over
 """
 
 from methods.evaluate.features import (
+    ForegroundImages,
     block_encoder,
     crop_windows,
     extract_block_features,
@@ -31,6 +32,7 @@ __all__ = [
     "FEATURE_FAMILIES",
     "DownstreamResult",
     "EvalConfig",
+    "ForegroundImages",
     "ProbeResult",
     "block_encoder",
     "classification_metrics",

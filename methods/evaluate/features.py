@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 __all__ = [
+    "ForegroundImages",
     "block_encoder",
     "crop_windows",
     "extract_block_features",
@@ -37,6 +38,22 @@ __all__ = [
 
 # Per batch: the batch dict and the target device -> {key: (B, ...) tensor}.
 _BatchFeatures = Callable[[dict[str, torch.Tensor], torch.device], dict[str, torch.Tensor]]
+
+
+class ForegroundImages(Dataset):
+    """A binaural pool's items as their foreground alone: ``image`` x ``mask`` (the sounding objects
+    on black, what foreground alignment's image encoder is trained on) with the item's ``label``
+    and ``sector``; no sound, so only the image protocols run on it."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = self.dataset[i]
+        return {"image": item["image"] * item["mask"], **{k: item[k] for k in ("label", "sector") if k in item}}
 
 
 @contextmanager

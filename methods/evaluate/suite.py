@@ -45,7 +45,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from methods.base import neutral_field
 from methods.evaluate.features import (
+    ForegroundImages,
     block_encoder,
     extract_block_features,
     extract_features,
@@ -53,7 +55,7 @@ from methods.evaluate.features import (
 )
 from methods.evaluate.knn import knn_accuracy
 from methods.evaluate.linear_probe import ProbeResult, linear_probe, linear_svm
-from methods.metric_names import PROBE_STATS, rank_names
+from methods.metric_names import FOREGROUND_PREFIX, PROBE_STATS, foreground_config, rank_names
 from methods.evaluate.plots import confusion_matrix_figure
 from methods.evaluate.retrieval import retrieval_rank_k
 from methods.evaluate.selection import Selection
@@ -101,6 +103,10 @@ class EvalConfig:
     # (``retrieval_s2i_clip_rank{k}``). The spatial probe needs items with a ``sector``.
     spatial_probe: bool = False
     clip_retrieval: bool = False
+    # Binaural scenes: the image protocols that are on (linear, kNN, block probes) again on each
+    # item's foreground alone, image x mask: the objects on black, the input foreground alignment
+    # trains on (``fg_image_*``). Needs items with a ``mask``.
+    foreground_probe: bool = neutral_field(False)
     # How the probes are fitted and scored (docs/spec.md §6): "fixed" uses linear_C, knn_k and
     # svm_C as given; "validation" picks each from its grid on a stratified validation split of
     # validation_fraction carved from the training split (never the test split), then refits on the
@@ -133,7 +139,8 @@ class EvalConfig:
             raise ValueError(
                 f"features: duplicate families in {list(self.features)}; list each once"
             )
-        for name in ("linear", "knn", "retrieval", "block_probes", "sound_svm", "spatial_probe", "clip_retrieval"):
+        for name in ("linear", "knn", "retrieval", "block_probes", "sound_svm", "spatial_probe", "clip_retrieval",
+                     "foreground_probe"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         for name in (
@@ -237,7 +244,8 @@ def quick_probe_config(cfg: EvalConfig) -> EvalConfig:
     """The cosine-kNN probe on h run every ``cfg.every_epochs`` epochs during pretraining (the
     signal an early-stopping scheduler reads): ``cfg`` with the other protocols off."""
     return dataclasses.replace(cfg, features=("h",), linear=False, knn=True, retrieval=False,
-                               block_probes=False, sound_svm=False, sound_crops=1, protocol="fixed")
+                               block_probes=False, sound_svm=False, sound_crops=1, protocol="fixed",
+                               foreground_probe=False)
 
 
 def run_downstream(
@@ -275,6 +283,12 @@ def run_downstream(
     if cfg.block_probes:
         _block_probes(result, cfg, plan, feats, prefix, num_classes)
     _retrieval(result, method, cfg, plan, feats, prefix)
+    if plan.foreground:
+        part = run_downstream(method, train_set=ForegroundImages(train_set), test_set=ForegroundImages(test_set),
+                              cfg=foreground_config(cfg), device=device, prefix=f"{prefix}{FOREGROUND_PREFIX}",
+                              num_classes=num_classes)
+        result.metrics.update(part.metrics)
+        result.confusions.update(part.confusions)
     return result
 
 
@@ -287,6 +301,7 @@ class _Plan:
     family_probes: bool
     modalities: list[tuple[str, str]]
     clip_probes: bool
+    foreground: bool
 
     @classmethod
     def of(cls, method: nn.Module, train_set: Dataset, test_set: Dataset, cfg: EvalConfig) -> _Plan:
@@ -295,6 +310,10 @@ class _Plan:
         if spatial and "sector" not in test_keys:
             raise ValueError("eval.spatial_probe: test items carry no 'sector' (azimuth sector); it needs binaural scenes")
         family_probes = (cfg.linear or cfg.knn or cfg.sound_svm or spatial) and bool(cfg.features)
+        foreground = cfg.foreground_probe and "image" in test_keys and (
+            ((cfg.linear or cfg.knn) and bool(cfg.features)) or cfg.block_probes)
+        if foreground and "mask" not in test_keys:
+            raise ValueError("eval.foreground_probe: test items carry no 'mask' (foreground mask); it needs binaural scenes")
         needs_train = family_probes or cfg.block_probes
         train_keys = _item_keys(train_set, "train_set") if needs_train else test_keys
         modalities: list[tuple[str, str]] = []
@@ -315,7 +334,7 @@ class _Plan:
             cfg.sound_crops > 1 and (cfg.linear or cfg.sound_svm) and bool(cfg.features)
             and "sound" in test_keys
         )
-        return cls(test_keys, spatial, bool(family_probes), modalities, bool(clip_probes))
+        return cls(test_keys, spatial, bool(family_probes), modalities, bool(clip_probes), bool(foreground))
 
 
 @dataclass(frozen=True)
