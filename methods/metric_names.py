@@ -49,6 +49,13 @@ def foreground_config(cfg: Any) -> Any:
                                sound_crops=1, foreground_probe=False)
 
 
+def probes_foregrounds(cfg: Any, modalities: Iterable[str]) -> bool:
+    """Whether ``eval.foreground_probe`` runs on items carrying ``modalities``: it is on, the items
+    have images, and an image probe that it repeats is on."""
+    return bool(getattr(cfg, "foreground_probe", False) and "image" in set(modalities)
+                and (((cfg.linear or cfg.knn) and cfg.features) or cfg.block_probes))
+
+
 def metric_names(cfg: Any, *, prefix: str = "", modalities: Iterable[str] = MODALITIES) -> tuple[str, ...]:
     """Every name ``run_downstream(..., cfg=cfg, prefix=prefix)`` can return when the evaluation
     items carry ``modalities`` (``cfg`` is an ``EvalConfig``). The ``f`` family is listed when
@@ -86,8 +93,7 @@ def metric_names(cfg: Any, *, prefix: str = "", modalities: Iterable[str] = MODA
             names += [f"{prefix}{modality}_z_mean_cos" for modality in MODALITIES]
         if cfg.clip_retrieval:
             names += rank_names(prefix, cfg.retrieval_ks, clip=True)
-    if getattr(cfg, "foreground_probe", False) and "image" in present and (
-            ((cfg.linear or cfg.knn) and features) or cfg.block_probes):
+    if probes_foregrounds(cfg, present):
         inner = foreground_config(cfg)
         if inner.protocol == "folds":  # expanded per fold once, below
             inner = dataclasses.replace(inner, protocol="validation")

@@ -42,8 +42,8 @@ _BatchFeatures = Callable[[dict[str, torch.Tensor], torch.device], dict[str, tor
 
 class ForegroundImages(Dataset):
     """A binaural pool's items as their foreground alone: ``image`` x ``mask`` (the sounding objects
-    on black, what foreground alignment's image encoder is trained on) with the item's ``label``
-    and ``sector``; no sound, so only the image protocols run on it."""
+    on black, what foreground alignment's image encoder is trained on) with the item's ``label``;
+    no sound, so only the image protocols run on it."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -53,7 +53,7 @@ class ForegroundImages(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         item = self.dataset[i]
-        return {"image": item["image"] * item["mask"], **{k: item[k] for k in ("label", "sector") if k in item}}
+        return {"image": item["image"] * item["mask"], "label": item["label"]}
 
 
 @contextmanager

@@ -55,7 +55,7 @@ from methods.evaluate.features import (
 )
 from methods.evaluate.knn import knn_accuracy
 from methods.evaluate.linear_probe import ProbeResult, linear_probe, linear_svm
-from methods.metric_names import FOREGROUND_PREFIX, PROBE_STATS, foreground_config, rank_names
+from methods.metric_names import FOREGROUND_PREFIX, PROBE_STATS, foreground_config, probes_foregrounds, rank_names
 from methods.evaluate.plots import confusion_matrix_figure
 from methods.evaluate.retrieval import retrieval_rank_k
 from methods.evaluate.selection import Selection
@@ -310,8 +310,7 @@ class _Plan:
         if spatial and "sector" not in test_keys:
             raise ValueError("eval.spatial_probe: test items carry no 'sector' (azimuth sector); it needs binaural scenes")
         family_probes = (cfg.linear or cfg.knn or cfg.sound_svm or spatial) and bool(cfg.features)
-        foreground = cfg.foreground_probe and "image" in test_keys and (
-            ((cfg.linear or cfg.knn) and bool(cfg.features)) or cfg.block_probes)
+        foreground = probes_foregrounds(cfg, test_keys)
         if foreground and "mask" not in test_keys:
             raise ValueError("eval.foreground_probe: test items carry no 'mask' (foreground mask); it needs binaural scenes")
         needs_train = family_probes or cfg.block_probes
@@ -334,7 +333,7 @@ class _Plan:
             cfg.sound_crops > 1 and (cfg.linear or cfg.sound_svm) and bool(cfg.features)
             and "sound" in test_keys
         )
-        return cls(test_keys, spatial, bool(family_probes), modalities, bool(clip_probes), bool(foreground))
+        return cls(test_keys, spatial, bool(family_probes), modalities, bool(clip_probes), foreground)
 
 
 @dataclass(frozen=True)
