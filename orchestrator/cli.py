@@ -56,6 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from orchestrator import jobs, tracking
     from orchestrator.config import dump_yaml
+    from orchestrator.drivers import driver_entry
 
     home = tracking.resolve_home(args.home)
     uri = tracking.resolve_tracking_uri(home, args.tracking_uri)
@@ -94,26 +95,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     tracking.prepare_store(uri)
     print(f"[avlab] run {name}: method={cfg.method_name} preset={cfg.preset} "
           f"workers={cfg.resources.workers} gpu={cfg.resources.gpu}", flush=True)
-    run_id = tracking.create_run(
-        tracking_uri=uri,
-        home=home,
-        experiment=cfg.tracking.experiment,
-        run_name=name,
-        params=cfg.flat(),
-        tags={
-            "method": cfg.method_name,
-            "preset": cfg.preset,
-            "run_identity": cfg.identity(),
-            "run_name": name,
-            "kind": "run",
-        },
-        config_yaml=dump_yaml(cfg),
-    )
-    from orchestrator.stop import driver_entry
-
-    jobs.write(home, name, {"kind": "run", "config": cfg.to_dict(), "mlflow_run_id": run_id,
-                            "tracking_uri": uri, "address": args.address, "storage": tracking.storage_root(home),
-                            "driver": driver_entry()})
+    with jobs.reserved(home, name, "run", "tracking.run_name"):  # of two runs given one name, one starts
+        run_id = tracking.create_run(
+            tracking_uri=uri,
+            home=home,
+            experiment=cfg.tracking.experiment,
+            run_name=name,
+            params=cfg.flat(),
+            tags={
+                "method": cfg.method_name,
+                "preset": cfg.preset,
+                "run_identity": cfg.identity(),
+                "run_name": name,
+                "kind": "run",
+            },
+            config_yaml=dump_yaml(cfg),
+        )
+        jobs.write(home, name, {"kind": "run", "config": cfg.to_dict(), "mlflow_run_id": run_id,
+                                "tracking_uri": uri, "address": args.address, "storage": tracking.storage_root(home),
+                                "driver": driver_entry()})
     return _execute_run(cfg, name=name, run_id=run_id, uri=uri, home=home, address=args.address)
 
 
@@ -184,6 +184,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     jobs.check_name(args.name, "NAME")
     manifest = jobs.read(home, args.name)  # ConfigError -> exit 2
     uri = tracking.check_tracking_uri(args.tracking_uri, "--tracking-uri") if args.tracking_uri else manifest["tracking_uri"]
+    tracking.check_reachable(uri, "--tracking-uri" if args.tracking_uri else str(jobs.manifest_path(home, args.name)))
     address = args.address or manifest.get("address")
     if address is not None:  # before the MLflow run is touched: a dead cluster leaves it as it was
         from orchestrator.launch import check_ray_address
@@ -207,7 +208,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
                         "trains it again")
     from orchestrator.search_space import SearchSpace
 
-    job = ExperimentConfig.from_dict(manifest["config"]) if kind == "run" else SearchSpace.from_dict(manifest["space"])
+    try:  # the job file's config or search space, checked again before anything changes
+        job = ExperimentConfig.from_dict(manifest["config"]) if kind == "run" else SearchSpace.from_dict(manifest["space"])
+    except ConfigError as exc:
+        raise ConfigError(f"{jobs.manifest_path(home, name)}: {exc}") from None
     if address is None:  # this machine may be smaller than the one the job started on
         from orchestrator.launch import check_local_resources
 
@@ -220,7 +224,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
         clear_for_retry(client, kind, name, run_id, failure)
     client.update_run(run_id, status="RUNNING")
-    from orchestrator.stop import driver_entry
+    from orchestrator.drivers import driver_entry
 
     jobs.write(home, name, {**{k: v for k, v in manifest.items() if k not in ("format", "name")},
                             "driver": driver_entry()})  # `avlab stop` finds this process
@@ -313,7 +317,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"[avlab] sweep {name}: {space.num_trials()} trials ({space.num_configurations()} configurations x "
           f"{len(space.seeds)} seeds), metric {space.metric} ({space.mode}), max {max_concurrent} at once", flush=True)
     t0 = time.perf_counter()
-    with _one_line_when_ray_stops("sweep", name):
+    with _one_line_when_ray_stops("sweep", name), jobs.reserved(home, name, "sweep", "--name"):
         run_sweep(space, name=name, home=home, tracking_uri=uri, address=args.address, max_concurrent=max_concurrent,
                   reuse_trials=reuse)
     _finish_sweep(client, name, home, uri, time.perf_counter() - t0, space)
@@ -450,17 +454,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("home", "tracking_uri"):  # accepted before or after the subcommand
         if not hasattr(args, name):
             setattr(args, name, None)
+    if args.command in ("run", "sweep", "resume", "reproduce") and args.address == "local":
+        # Ray's "local" is a new local instance: avlab's own, on loopback, with this machine's
+        # resource and memory checks (Ray's defaults would listen on every interface).
+        args.address = None
     if getattr(args, "ray_dashboard", False):
         os.environ["AVLAB_RAY_DASHBOARD"] = "1"  # read where the local Ray starts (launch.init_ray)
     try:
+        if args.command in ("run", "sweep", "resume", "reproduce", "evaluate", "submit"):
+            from orchestrator.tracking import resolve_home
+
+            resolve_home(args.home, writable=True)  # these write into the home: a read-only one stops here
         if args.command in ("run", "sweep", "resume", "reproduce"):
             from orchestrator.launch import worker_wait_s
 
             worker_wait_s()  # AVLAB_WORKER_WAIT_S, checked before anything starts
+            from orchestrator.drivers import adopt_orphans
             from orchestrator.stop import sigterm_as_interrupt
 
-            with sigterm_as_interrupt():  # `avlab stop`: handled like Ctrl-C
-                return args.func(args)
+            adopt_orphans()  # what Ray's daemons start and leave behind stays ours to end
+            try:
+                with sigterm_as_interrupt():  # `avlab stop`: handled like Ctrl-C
+                    return args.func(args)
+            finally:
+                _end_local_processes()
         return args.func(args)
     except ConfigError as exc:
         _last_line(f"avlab: error: {exc}")
@@ -474,6 +491,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _last_line("avlab: interrupted")
         return 130
+
+
+def _end_local_processes() -> None:
+    """At the end of a job command, whatever its outcome: stop the local Ray (a cluster keeps
+    running) and end every process it left (``drivers.end_leftovers``), so nothing the command
+    started outlives it."""
+    from orchestrator.drivers import end_leftovers
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            ray.shutdown()
+        except Exception:  # noqa: BLE001 - the processes are ended below either way
+            pass
+    end_leftovers()
 
 
 def _last_line(message: str) -> None:
@@ -491,5 +523,25 @@ def _last_line(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def console() -> None:
+    """The ``avlab`` command: ``main``, then the process ends. Once Ray has run in this process
+    (stopped by then), the interpreter's own finalisation can crash in Ray's native threads after
+    the command is over (a segmentation fault after an interrupted sweep's last line): the exit
+    handlers run and the output is flushed as at a normal exit, then the process ends with the
+    command's exit code without that finalisation."""
+    code = main()
+    if "ray" not in sys.modules:
+        sys.exit(code)
+    import atexit
+    import logging
+
+    atexit._run_exitfuncs()  # what a normal exit runs: Ray's and MLflow's handlers among them
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -45,11 +45,13 @@ LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_worker_nicenes
 # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S seconds with no limit). 0 = wait forever.
 WORKER_WAIT_ENV = "AVLAB_WORKER_WAIT_S"
 DEFAULT_WORKER_WAIT_S = 1800.0
+# Placing a worker on free resources takes a moment; a shorter wait would fail runs that fit.
+MIN_WORKER_WAIT_S = 5.0
 _START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 def worker_wait_s() -> float:
-    """``AVLAB_WORKER_WAIT_S`` checked like a config number: finite, 0 (no limit) to 7 days."""
+    """``AVLAB_WORKER_WAIT_S`` checked like a config number: finite, 0 (no limit) or 5 s to 7 days."""
     raw = os.environ.get(WORKER_WAIT_ENV, "").strip()
     if not raw:
         return DEFAULT_WORKER_WAIT_S
@@ -59,6 +61,9 @@ def worker_wait_s() -> float:
         raise ConfigError(f"{WORKER_WAIT_ENV}: {raw!r} is not a number of seconds") from None
     if not math.isfinite(value) or not 0 <= value <= 7 * 86400:
         raise ConfigError(f"{WORKER_WAIT_ENV}: must be between 0 (wait forever) and 604800 s (7 days), got {raw}")
+    if 0 < value < MIN_WORKER_WAIT_S:
+        raise ConfigError(f"{WORKER_WAIT_ENV}: {raw} s is too short to place even a free worker; use at least "
+                          f"{MIN_WORKER_WAIT_S:g} s, or 0 to wait forever")
     return value
 
 
@@ -154,13 +159,15 @@ def init_ray(address: str | None = None, *, dashboard: bool = False) -> None:
     died are freed through the GCS (``orchestrator.pg_cleanup``)."""
     import ray
 
+    from orchestrator.stop import ray_starting
+
     if ray.is_initialized():
         return
     if address:
         # A Ray that listens on loopback only (the local Ray of another avlab command): Ray would
         # turn 127.0.0.1 into this machine's external address, where nothing answers, and retry
         # that forever. Attach to it as one of its own local drivers instead.
-        with _loopback_node() if _loopback_only(address) else contextlib.nullcontext():
+        with ray_starting(), _loopback_node() if _loopback_only(address) else contextlib.nullcontext():
             ray.init(address=address, logging_level="WARNING")
     else:
         # Set before Ray starts: its processes (Tune's trial actors among them) inherit them.
@@ -171,14 +178,11 @@ def init_ray(address: str | None = None, *, dashboard: bool = False) -> None:
         # The dashboard only when asked: its processes take ~8 % of a 2-core machine's
         # training throughput (benchmarks/RESULTS.md).
         dashboard = dashboard or os.environ.get("AVLAB_RAY_DASHBOARD", "") not in ("", "0")
-        with _loopback_node():
+        with ray_starting(), _loopback_node():
             context = ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
                                logging_level="WARNING", _node_ip_address="127.0.0.1")
         if dashboard and context.dashboard_url:
             print(f"[avlab] Ray dashboard: http://{context.dashboard_url}", flush=True)
-    from orchestrator.stop import after_ray_init
-
-    after_ray_init()
 
 
 @contextlib.contextmanager
@@ -430,7 +434,7 @@ def check_ray_address(address: str, field: str = "--address", *, timeout_s: floa
     ``auto`` (the cluster that ``ray start`` runs on this machine) is left to Ray."""
     import socket
 
-    if address in ("auto", "local"):
+    if address == "auto":
         return
     host, port = _host_port(address)
     if not host or not port.isdigit() or not 0 < int(port) < 65536:

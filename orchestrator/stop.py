@@ -16,21 +16,16 @@ import argparse
 import contextlib
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from orchestrator.drivers import check_entry, is_here, is_live_driver
 from orchestrator.errors import ConfigError, RunFailed
 
 STOP_TIMEOUT_S = 300.0
-
-
-def driver_entry() -> dict[str, Any]:
-    """What the job file records of the process that drives the job."""
-    return {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
 
 
 _ACTIVE = False  # inside sigterm_as_interrupt
@@ -58,14 +53,32 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def after_ray_init() -> None:
-    """``ray.init`` gives the driver a SIGTERM handler that exits at once (no run settled, the
-    sweep marked failed): inside ``sigterm_as_interrupt``, put avlab's back."""
-    if _ACTIVE:
-        try:
+@contextlib.contextmanager
+def ray_starting() -> Iterator[None]:
+    """Around ``ray.init`` in a driver: a SIGTERM while Ray starts stops the job like one after.
+
+    ``ray.init`` gives the driver SIGTERM handlers of its own, which exit at once (no run
+    settled, the sweep marked failed), and its core worker installs a C++ crash handler that
+    turns a SIGTERM into an abort with a stack dump. Inside ``sigterm_as_interrupt`` the crash
+    handler is left out of the driver (Ray's workers keep theirs), a SIGTERM that Ray's handlers
+    took while it started (they raise SystemExit, after stopping what had started) becomes the
+    KeyboardInterrupt that avlab's handler raises, and avlab's handler is put back afterwards."""
+    if not _ACTIVE:
+        yield
+        return
+    import ray
+    from ray._private import ray_constants
+
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True  # read when the driver's core worker starts
+    try:
+        yield
+    except SystemExit:
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        raise KeyboardInterrupt from None
+    finally:
+        with contextlib.suppress(ValueError):
             signal.signal(signal.SIGTERM, _interrupt)
-        except ValueError:
-            pass
 
 
 def quiet_worker_sigterm() -> None:
@@ -101,24 +114,6 @@ def quiet_worker_sigterm() -> None:
     sys.unraisablehook = hook
 
 
-def _alive_avlab(pid: int) -> bool:
-    """Whether ``pid`` is a live avlab process (not a later process that reuses the number)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return False  # another user's process: not ours
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    if cmdline.exists():
-        try:
-            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            return False
-        return "avlab" in text or "orchestrator.cli" in text
-    return True
-
-
 def settle(uri: str, manifest: dict[str, Any], *, status: str = "KILLED") -> tuple[int, int]:
     """Mark what is still RUNNING of the job as a stopped job leaves it: the run or the sweep's
     parent run ``status`` (FAILED when Ray was lost under it), each unfinished trial KILLED (it
@@ -144,13 +139,13 @@ def settle(uri: str, manifest: dict[str, Any], *, status: str = "KILLED") -> tup
     return ended, len(children)
 
 
-def _wait_gone(pid: int, timeout: float) -> bool:
+def _wait_gone(driver: dict[str, Any], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _alive_avlab(pid):
+        if not is_live_driver(driver):
             return True
         time.sleep(0.5)
-    return not _alive_avlab(pid)
+    return not is_live_driver(driver)
 
 
 def _stop_submitted(home: Path, name: str, record: dict[str, Any], timeout: float) -> None:
@@ -186,10 +181,24 @@ def _settle_if_here(home: Path, name: str) -> None:
               "its runs are settled when it is resumed", file=sys.stderr)
 
 
+def _job_status(manifest: dict[str, Any]) -> str:
+    """The status of the job's MLflow run (a sweep's parent run), RUNNING when the store does not
+    answer: a finished, failed or stopped job has no driver to signal, whatever process now has
+    the recorded number."""
+    from mlflow.tracking import MlflowClient
+
+    run_id = manifest["mlflow_run_id"] if manifest["kind"] == "run" else manifest["parent_run_id"]
+    try:
+        return MlflowClient(manifest["tracking_uri"]).get_run(run_id).info.status
+    except Exception:  # noqa: BLE001 - a store that does not answer: a live driver is still stopped
+        return "RUNNING"
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
     from orchestrator import jobs, submit, tracking
 
     home = tracking.resolve_home(args.home)
+    jobs.check_name(args.name, "NAME")  # a name is a file under <home>/jobs, never a path
     if args.timeout is not None and not (0 < args.timeout <= 86400):
         raise ConfigError(f"--timeout: must be in (0, 86400] seconds, got {args.timeout}")
     timeout = args.timeout or STOP_TIMEOUT_S
@@ -198,18 +207,23 @@ def cmd_stop(args: argparse.Namespace) -> int:
         _stop_submitted(home, args.name, record, timeout)
         return 0
     manifest = jobs.read(home, args.name)
-    kind, driver = manifest["kind"], manifest.get("driver") or {}
-    pid = driver.get("pid")
-    here = driver.get("host") == socket.gethostname()
-    running = isinstance(pid, int) and here and _alive_avlab(pid)
-    if isinstance(pid, int) and not here and driver.get("host"):
+    kind = manifest["kind"]
+    driver = check_entry(manifest.get("driver"), jobs.manifest_path(home, args.name))
+    if driver and not is_here(driver):
         raise ConfigError(f"NAME: {kind} {args.name} is driven from {driver['host']}, not this machine; "
                           "run `avlab stop` there")
+    # Only a live driver of this very job is signalled, and only while its run says it is running.
+    status = _job_status(manifest)
+    if status == "FINISHED":
+        print(f"[avlab] {kind} {args.name} has finished; nothing to stop")
+        return 0
+    running = status == "RUNNING" and is_live_driver(driver)
     if running:
-        os.kill(pid, signal.SIGTERM)
-        if not _wait_gone(pid, timeout):
-            raise RunFailed(f"stop: the driver of {kind} {args.name} (pid {pid}) did not stop within {timeout:.0f} s; "
-                            f"`kill -9 {pid}`, then `avlab stop {args.name}` again settles its runs")
+        os.kill(driver["pid"], signal.SIGTERM)
+        if not _wait_gone(driver, timeout):
+            raise RunFailed(f"stop: the driver of {kind} {args.name} (pid {driver['pid']}) did not stop within "
+                            f"{timeout:.0f} s; `kill -9 {driver['pid']}`, then `avlab stop {args.name}` again "
+                            "settles its runs")
     ended, total = settle(manifest["tracking_uri"], manifest)
     state = "stopped" if running else "was not running"
     count = f" with {ended} of {total} trials ended" if kind == "sweep" else ""

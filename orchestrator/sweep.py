@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator import jobs, tracking
 from orchestrator.errors import ConfigError, Interrupted, RunFailed
-from orchestrator.stop import driver_entry
+from orchestrator.drivers import driver_entry
 
 if TYPE_CHECKING:  # the config is imported where it is used: `avlab report` and `status` need none
     from orchestrator.search_space import SearchSpace
@@ -371,6 +371,7 @@ def fit_sweep(
 
     client = MlflowClient(tracking_uri)
     ok = interrupted = False
+    expected = space.num_samples if space.uses_optuna else len(grid_trials(space))
     try:
         # Per-epoch reports carry losses; the sweep metric comes with the final (evaluated) one.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
@@ -398,7 +399,6 @@ def fit_sweep(
                 results = tuner.fit()
         except KeyboardInterrupt:
             results = None
-        expected = space.num_samples if space.uses_optuna else len(grid_trials(space))
         if results is None or results.num_terminated + results.num_errors < expected:
             # Ctrl-C (Tune's own handler is off, so it reaches us; Tune's experiment state is
             # saved as it goes, as for a lost driver). The sweep is not over: its unfinished
@@ -425,6 +425,9 @@ def fit_sweep(
         if not any(m.key == "wall_time_s" for m in client.get_metric_history(parent_id, "wall_time_s")):
             tracking.log_metrics(client, parent_id, {"wall_time_s": time.perf_counter() - t0}, step=0)
         ok = _settle(client, parent_id, name, results, expected)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM while Ray starts or the Tuner is built
+        interrupted = True
+        raise _interrupted(client, parent_id, name, expected) from None
     finally:
         if interrupted:
             client.set_terminated(parent_id, status="KILLED")
