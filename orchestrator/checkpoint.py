@@ -10,12 +10,15 @@ damaged checkpoint and is never loaded as a whole one.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import pickle
 import posixpath
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +35,7 @@ DIR_PATTERN = re.compile(r"^checkpoint_epoch(\d+)$")
 
 
 class CheckpointError(Exception):
-    """A checkpoint that cannot be used; the message names the file."""
+    """A checkpoint that cannot be used, or written; the message names the file or folder."""
 
 
 def dir_name(epoch: int) -> str:
@@ -56,15 +59,55 @@ def _atomic_write_bytes(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+# A file system that cannot take the checkpoint now will not take it on an immediate retry either.
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _no_room(exc: BaseException) -> OSError | None:
+    """The "no space left" (or quota, or file-size limit) error behind ``exc``, if any: torch
+    reports a failed write of its archive as a RuntimeError whose context is the OSError."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _NO_ROOM:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def save(directory: str | os.PathLike[str], state: dict[str, Any]) -> Path:
-    """Write ``state`` and its manifest into ``directory``; return the state file's path."""
+    """Write ``state`` and its manifest into ``directory``; return the state file's path.
+
+    A write that fails removes what it wrote (and ``directory`` if it made it), so no half-written
+    checkpoint stays behind; a full disk (or quota, or file-size limit) is a ``CheckpointError``
+    in one line naming the folder, which a retry would raise again until space is freed."""
     directory = Path(directory)
+    made = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / STATE_FILE
-    _atomic_write_bytes(path, lambda f: torch.save(state, f))
-    manifest = {"format": FORMAT, "epoch": state.get("epoch"), "bytes": path.stat().st_size, "sha256": _sha256(path)}
-    _atomic_write_bytes(directory / MANIFEST_FILE, lambda f: f.write(json.dumps(manifest).encode()))
+    try:
+        _atomic_write_bytes(path, lambda f: torch.save(state, f))
+        manifest = {"format": FORMAT, "epoch": state.get("epoch"), "bytes": path.stat().st_size,
+                    "sha256": _sha256(path)}
+        _atomic_write_bytes(directory / MANIFEST_FILE, lambda f: f.write(json.dumps(manifest).encode()))
+    except BaseException as exc:
+        _remove_partial(directory, made)
+        cause = _no_room(exc)
+        if cause is None:
+            raise
+        raise CheckpointError(f"{directory}: checkpoint not written ({cause.strerror}); its partial files "
+                              f"were removed") from None
     return path
+
+
+def _remove_partial(directory: Path, made: bool) -> None:
+    """Remove what a failed ``save`` wrote into ``directory``, and the folder if ``save`` made it."""
+    if made:
+        shutil.rmtree(directory, ignore_errors=True)
+        return
+    for name in (STATE_FILE, MANIFEST_FILE, STATE_FILE + ".tmp", MANIFEST_FILE + ".tmp"):
+        with contextlib.suppress(OSError):
+            (directory / name).unlink()
 
 
 def load(directory: str | os.PathLike[str], *, map_location: Any = "cpu") -> dict[str, Any]:

@@ -8,6 +8,7 @@ worker keeps writing to its own run.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import logging
@@ -36,14 +37,40 @@ TAG_PREFIX = "avlab."
 TRACKING_SCHEMES = ("", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
 
 
-def resolve_home(home: str | os.PathLike[str] | None = None) -> Path:
-    """``--home`` > ``AVLAB_HOME`` > ./avlab-runs."""
+def resolve_home(home: str | os.PathLike[str] | None = None, *, writable: bool = False) -> Path:
+    """``--home`` > ``AVLAB_HOME`` > ./avlab-runs; with ``writable``, a home this process can
+    write in (or create), checked before the command creates anything."""
     chosen = home or os.environ.get("AVLAB_HOME") or "avlab-runs"
-    path = Path(chosen).expanduser().resolve()
+    source = "AVLAB_HOME" if not home and os.environ.get("AVLAB_HOME") else "--home"
+    try:
+        path = Path(chosen).expanduser().resolve()
+        path.stat()
+    except FileNotFoundError:
+        pass
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a component that is a file, no access
+        why = "a symlink loop" if isinstance(exc, RuntimeError) or exc.errno == errno.ELOOP else exc.strerror
+        raise ConfigError(f"{source}: {chosen} cannot be used as the home ({why})") from None
     if path.exists() and not path.is_dir():
-        source = "AVLAB_HOME" if not home and os.environ.get("AVLAB_HOME") else "--home"
         raise ConfigError(f"{source}: {path} is a file; the home is a folder (it holds mlflow.db, jobs/ and ray/)")
+    if writable:
+        _check_writable(path, source)
     return path
+
+
+def _check_writable(home: Path, source: str) -> None:
+    """``home``, or the folder it would be made in, takes a new file (made and removed at once:
+    permissions, ACLs, a read-only mount and a full disk all answer here, as they would later)."""
+    existing = home
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".avlab-write-check-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        where = "" if existing == home else f" (its nearest existing folder {existing})"
+        raise ConfigError(f"{source}: {home} cannot be written{where}: {exc.strerror}; "
+                          f"choose a writable folder with --home or AVLAB_HOME") from None
 
 
 def storage_root(home: Path) -> str:
@@ -58,32 +85,88 @@ def storage_root(home: Path) -> str:
 
 
 def resolve_tracking_uri(home: Path, uri: str | None = None) -> str:
-    """``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > sqlite file in the home folder."""
+    """``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > sqlite file in the home folder; a store
+    named by the user is checked (``check_tracking_uri``) and must be usable from here
+    (``check_reachable``) before the command starts anything."""
     if uri:
-        return check_tracking_uri(uri, "--tracking-uri")
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return check_tracking_uri(os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI")
-    return f"sqlite:///{home / 'mlflow.db'}"
+        field = "--tracking-uri"
+    elif os.environ.get("MLFLOW_TRACKING_URI"):
+        uri, field = os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI"
+    else:
+        return f"sqlite:///{home / 'mlflow.db'}"
+    check_tracking_uri(uri, field)
+    check_reachable(uri, field)
+    return uri
+
+
+# Query parameters that hold a secret: a password (``password``, ``sslpassword``, ``pwd``), a
+# token, an API or access key, a signature (cloud storage URLs). ``sslkey`` or ``passfile`` name a
+# file and stay allowed.
+_SECRET_PARAM = re.compile(r"pass(word|wd)$|^pwd$|secret|token|credential|signature|^sig$|(^|[_.-])key$|"
+                           r"(api|access|account|private|auth)[_.-]?key", re.IGNORECASE)
 
 
 def check_tracking_uri(uri: str, field: str) -> str:
-    """``uri`` if MLflow has a tracking store for its scheme and it carries no credentials; else
-    a ConfigError naming ``field``."""
+    """``uri`` if MLflow has a tracking store for its scheme and it carries no credentials (in its
+    user part or its query); else a ConfigError naming ``field``, without the secret."""
     try:
         parsed = urllib.parse.urlparse(uri)
         scheme = parsed.scheme.lower().split("+", 1)[0]
         password = parsed.password
     except ValueError as exc:  # e.g. an unclosed [ of an IPv6 host
-        raise ConfigError(f"{field}: {uri!r} is not a URI ({exc})") from None
-    if password is not None or (scheme in ("http", "https") and parsed.username):
-        # The URI is written into <home>/jobs/NAME.json (and shown in logs): no secrets in it.
-        raise ConfigError(f"{field}: the URI carries credentials, and avlab writes it into <home>/jobs/*.json; "
-                          f"give them through MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (a tracking "
-                          f"server) or the database's own client configuration instead")
+        raise ConfigError(f"{field}: not a URI ({exc})") from None
+    # The URI is written into <home>/jobs/NAME.json (and shown in logs): no secrets in it.
+    secret = next((key for key, _ in urllib.parse.parse_qsl(parsed.query, keep_blank_values=True)
+                   if _SECRET_PARAM.search(key)), None)
+    if password is not None or (scheme in ("http", "https") and parsed.username) or secret is not None:
+        where = f"its query parameter {secret!r}" if secret is not None and password is None else "its user part"
+        raise ConfigError(f"{field}: the URI carries credentials ({where}), and avlab writes it into "
+                          f"<home>/jobs/*.json; give them through MLFLOW_TRACKING_USERNAME and "
+                          f"MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN (a tracking server) or the "
+                          f"database's own client configuration instead")
     if scheme not in TRACKING_SCHEMES:
         raise ConfigError(f"{field}: unknown scheme {scheme!r} in {uri!r}; use one of "
                           f"{', '.join(s + '://' for s in TRACKING_SCHEMES if s)} or a folder path")
+    if scheme == "sqlite" and ("?" in uri or parsed.params):
+        # MLflow and avlab take everything after sqlite:/// as the file's path.
+        raise ConfigError(f"{field}: a sqlite URI takes no query (the part from '?'); "
+                          f"give the database file alone, sqlite:///PATH")
     return uri
+
+
+PROBE_TIMEOUT_S = 5.0  # a tracking server that does not answer a request in this time is not there
+
+
+def check_reachable(uri: str, field: str) -> None:
+    """The store of ``uri`` can be used from this machine, in seconds rather than after MLflow's
+    retries (minutes): a tracking server answers one request, without retries, within
+    ``PROBE_TIMEOUT_S`` (any HTTP reply will do); a database's Python driver is installed. Else a
+    ConfigError naming ``field`` and where."""
+    scheme = urllib.parse.urlparse(uri).scheme.lower()
+    if scheme in ("http", "https"):
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.rest_utils import http_request
+
+        try:
+            http_request(get_default_host_creds(uri.rstrip("/")), "/health", "GET", max_retries=0,
+                         timeout=PROBE_TIMEOUT_S, raise_on_status=False)
+        except Exception as exc:  # noqa: BLE001 - every way of not answering means the same here
+            raise ConfigError(f"{field}: no tracking server answers at {_where(uri)} ({_reason(exc)}); "
+                              f"start it, or check the URI") from None
+    elif scheme.split("+", 1)[0] in ("postgresql", "mysql", "mssql"):
+        from sqlalchemy.engine import make_url
+
+        try:
+            dialect = make_url(uri).get_dialect()
+            dialect.import_dbapi()
+        except ImportError as exc:
+            module = getattr(exc, "name", None) or str(exc)
+            raise ConfigError(f"{field}: a {scheme}:// store needs the Python package {module!r}, which is not "
+                              f"installed here; install it (or name an installed driver, "
+                              f"{scheme.split('+', 1)[0]}+DRIVER://)") from None
+        except Exception as exc:  # noqa: BLE001 - SQLAlchemy knows no such dialect or driver
+            raise ConfigError(f"{field}: SQLAlchemy cannot use the scheme {scheme!r} ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
 from orchestrator.store import empty_store_template, open_store, prepare_store  # noqa: E402,F401
@@ -278,7 +361,7 @@ def is_outage(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def _fail_fast() -> Iterator[None]:
+def fail_fast() -> Iterator[None]:
     """MLflow's HTTP client without its retries (7, with back-off up to 2 minutes each) and with
     a short timeout, and urllib3's per-retry warnings silenced: the ``Outbox`` retries itself."""
     names = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
@@ -315,8 +398,10 @@ class Outbox:
     checkpoint, so that metrics still waiting when a worker is lost are sent by its restart.
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, pending: Any = ()) -> None:
-        self._client, self._run_id = client, run_id
+    def __init__(self, client: MlflowClient, run_id: str, pending: Any = (), *, announce: bool = True) -> None:
+        """``announce``: say when the store goes away and comes back (the run's own metrics do;
+        a second outbox of the same run, its system metrics', keeps quiet)."""
+        self._client, self._run_id, self._announce = client, run_id, announce
         self._pending = [entry for entry in (pending if isinstance(pending, list) else []) if _valid_entry(entry)]
         self._down_since: float | None = None
         self._where = _where(client.tracking_uri)
@@ -336,7 +421,7 @@ class Outbox:
         """Send what waits, oldest first; False when the store is (still) unreachable."""
         sent = 0
         try:
-            with _fail_fast():
+            with fail_fast():
                 while self._pending:
                     entry = self._pending[0]
                     items = [Metric(k, v, entry["timestamp"], entry["step"]) for k, v in entry["metrics"].items()]
@@ -349,12 +434,14 @@ class Outbox:
                 raise
             if self._down_since is None:
                 self._down_since = time.monotonic()
-                say(f"tracking server {self._where} unreachable ({_reason(exc)}); training goes on and its "
-                     f"metrics are sent when it is back")
+                if self._announce:
+                    say(f"tracking server {self._where} unreachable ({_reason(exc)}); training goes on and its "
+                        f"metrics are sent when it is back")
             return False
         if self._down_since is not None:
-            say(f"tracking server {self._where} is back after {time.monotonic() - self._down_since:.0f} s; "
-                 f"{sent} held metric batch{'es' if sent != 1 else ''} sent")
+            if self._announce:
+                say(f"tracking server {self._where} is back after {time.monotonic() - self._down_since:.0f} s; "
+                    f"{sent} held metric batch{'es' if sent != 1 else ''} sent")
             self._down_since = None
         return True
 

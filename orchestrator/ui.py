@@ -115,8 +115,9 @@ def _answers(url: str) -> bool:
         return False
 
 
-class _Stop(Exception):
-    """SIGTERM, handled like Ctrl-C."""
+class _Stop(BaseException):
+    """SIGTERM, handled like Ctrl-C: a BaseException, as KeyboardInterrupt is, so that no
+    ``except Exception`` on the way (a store that cannot be read, say) swallows the stop."""
 
 
 def _raise_stop(signum, frame) -> None:

@@ -261,3 +261,43 @@ def test_the_reason_never_carries_the_request_url(text, reason):
     from orchestrator import tracking
 
     assert tracking._reason(RuntimeError(text)) == reason
+
+
+@pytest.mark.slow
+def test_system_metrics_go_on_after_a_tracking_outage(tmp_path, monkeypatch):
+    """The system-metrics monitor of a run outlives a stop of the tracking server (MLflow's own
+    monitor ended for good at its first failed call): the steps sampled while the server was away
+    arrive when it is back, and sampling goes on after it, every step exactly once."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import system_metrics
+    from orchestrator.config import resolve
+
+    # An outage longer than MLflow's retries of one call (minutes by default), in seconds.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    server = Server(tmp_path)
+    server.start()
+    cfg = resolve({}, preset="tiny", overrides=["tracking.system_metrics_interval_s=1"])
+    client = MlflowClient(server.uri)
+    run_id = client.create_run(client.create_experiment("system")).info.run_id
+    key = "system/node0/cpu_utilization_percentage"
+
+    def steps() -> list[int]:
+        return [m.step for m in client.get_metric_history(run_id, key)]
+
+    monitor = system_metrics.start_monitor(cfg, server.uri, run_id, ["n"], 0)
+    try:
+        faults.wait_for(lambda: len(steps()) >= 2, timeout=60, what="two steps of system metrics")
+        server.stop()
+        time.sleep(4)  # several sampling intervals without a server
+        held = [entry["step"] for entry in monitor.outbox.pending]
+        assert len(held) >= 2, held  # steps were sampled during the outage, and held
+        server.start()
+        faults.wait_for(lambda: max(steps()) > max(held), timeout=60, what="system metrics after the outage")
+        system_metrics.stop_monitor(monitor)
+        logged = steps()
+    finally:
+        system_metrics.stop_monitor(monitor)
+        os.killpg(server.proc.pid, signal.SIGKILL)
+    assert logged == list(range(len(logged))), logged  # none lost, none twice
+    assert monitor._process is None and monitor.outbox.pending == []
