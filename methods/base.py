@@ -65,6 +65,14 @@ class DataInfo:
     # Whether the paired (pretraining) pool's items carry class labels: the embedded datasets'
     # do; a manifest's pretraining rows do not (only its labelled splits do).
     paired_labelled: bool = True
+    # Whether the paired items carry a foreground ``mask``: only the procedural binaural scenes'.
+    paired_masks: bool = False
+    # The labelled splits: what the downstream probes fit on and score (and, for a method that
+    # pretrains on ``train``, its pool).
+    train_size: int = 0
+    test_size: int = 0
+    transfer_train_size: int = 0
+    transfer_test_size: int = 0
 
 
 class Method(nn.Module):
@@ -85,6 +93,14 @@ class Method(nn.Module):
         """The pool a run of ``cfg`` pretrains on, known before the method is built (for
         validation and for ordering a sweep's trials by their work). Default: ``pretrain_pool``."""
         return cls.pretrain_pool
+
+    @classmethod
+    def data_defaults(cls, data: Any) -> dict[str, Any]:
+        """Settings of the method's section whose default depends on the ``data`` section (a
+        ``ProceduralConfig``), applied where the config leaves them unset. A default here must be
+        the one value that can run on that data, so no configuration that ran before it changes.
+        Default: none."""
+        return {}
 
     @classmethod
     def training_metrics(cls, cfg: Any) -> tuple[str, ...]:

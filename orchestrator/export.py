@@ -14,12 +14,15 @@ them):
 ``avlab export RUN|SWEEP [--best] --out DIR`` copies ``encoders/`` of a run, of every finished
 trial of a sweep, or of the sweep's best trial; ``--best`` also registers that trial's two models
 as ``<sweep>.image_encoder`` and ``<sweep>.sound_encoder`` with the alias ``best``, and
-``load_registered(tracking_uri, "<sweep>")`` loads them back.
+``load_registered(tracking_uri, "<sweep>")`` loads them back. Every input (the name, the alias,
+the folder) is checked before anything is written or registered.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
 import shutil
 import sys
@@ -41,6 +44,9 @@ if TYPE_CHECKING:
 ARTIFACT_DIR = "encoders"
 MODEL_DIRS = {"image": "image_encoder", "sound": "sound_encoder"}
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+# MLflow's rule for registered-model aliases; "latest" and v<N> name versions, not aliases.
+ALIAS = re.compile(r"[\w-]{1,255}")
+RESERVED_ALIAS = re.compile(r"latest|[vV]\d+", re.IGNORECASE)
 
 
 def input_shapes(data: AVDataset) -> dict[str, list[int]]:
@@ -109,6 +115,21 @@ def has_encoders(client: MlflowClient, run_id: str) -> bool:
     return any(a.path == f"{ARTIFACT_DIR}/encoders.json" for a in client.list_artifacts(run_id, ARTIFACT_DIR))
 
 
+def download(client: MlflowClient, run_id: str, path: str, dst: str) -> Path:
+    """Artifact ``path`` of run ``run_id`` into the folder ``dst``, without MLflow's progress bar
+    (a command's stderr is kept for its one-line error)."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    saved = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        return Path(client.download_artifacts(run_id, path, dst))
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
 # [avlab export] -------------------------------------------------------------------------------
 
 
@@ -121,7 +142,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--best", action="store_true",
                    help="only the sweep's best trial by its metric, registered as <sweep>.image_encoder / "
                         "<sweep>.sound_encoder in the MLflow model registry")
-    p.add_argument("--alias", default="best", help="the registered versions' alias (default: best)")
+    p.add_argument("--alias", help="with --best: the registered versions' alias (default: best)")
     p.set_defaults(func=cmd_export)
 
 
@@ -134,14 +155,19 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(folder)
     if args.best:
         print(f"[avlab] registered {registered_name(args.name, 'image')} and {registered_name(args.name, 'sound')} "
-              f"@{args.alias}", file=sys.stderr)
+              f"@{args.alias or 'best'}", file=sys.stderr)
     return 0
 
 
-
-def _runs_named(client: MlflowClient, name: str) -> tuple[list, Any]:
+def runs_named(client: MlflowClient, name: str, field: str) -> tuple[list, Any]:
     """(finished runs, sweep parent or None) that ``name`` means: a run id, a sweep's name (its
-    finished trials), or a run name."""
+    finished trials), a run name, or a sweep trial's name (``<sweep>/<configuration>/seed<N>``).
+    Errors name ``field``.
+
+    The names avlab gives runs and sweeps pass ``jobs.check_name``, and a trial's name starts
+    with its sweep's: any other name is refused before it reaches an MLflow search filter (where
+    a quote would end the string)."""
+    from orchestrator.jobs import NAME_PATTERN
     from orchestrator.sweep import _children, find_sweep_run
 
     if RUN_ID.match(name):
@@ -149,19 +175,39 @@ def _runs_named(client: MlflowClient, name: str) -> tuple[list, Any]:
             return [client.get_run(name)], None
         except Exception:  # MlflowException: no such run; fall through to names
             pass
+    sweep, slash, _ = name.partition("/")
+    if not NAME_PATTERN.fullmatch(sweep):
+        raise ConfigError(f"{field}: {name!r} is not a run id, a run name or a sweep name avlab makes (letters, "
+                          "digits, '.', '_' and '-'; a sweep's trial: <sweep>/<configuration>/seed<N>)")
+    if slash:  # a trial: matched among its sweep's runs, never quoted into a filter
+        parent = find_sweep_run(client, sweep)
+        runs = [r for r in _children(client, parent.info.run_id) if r.info.run_name == name] if parent else []
+        if not runs:
+            raise ConfigError(f"{field}: no run or sweep named {name!r} in this store")
+        return runs[:1], None
     parent = find_sweep_run(client, name)
     if parent is not None:
         trials = [r for r in _children(client, parent.info.run_id) if r.info.status == "FINISHED"]
         if not trials:
-            raise ConfigError(f"export: sweep {name!r} has no finished trial yet")
+            raise ConfigError(f"{field}: sweep {name!r} has no finished trial yet")
         return trials, parent
     ids = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(ids, f"attributes.run_name = '{name}'", max_results=2)
     if not runs:
-        raise ConfigError(f"export: no run or sweep named {name!r} in this store")
+        raise ConfigError(f"{field}: no run or sweep named {name!r} in this store")
     if len(runs) > 1:
-        raise ConfigError(f"export: several runs are named {name!r}; give the run id")
+        raise ConfigError(f"{field}: several runs are named {name!r}; give the run id")
     return runs, None
+
+
+def check_alias(alias: str) -> str:
+    """``alias`` if the model registry takes it as an alias; else ConfigError naming ``--alias``."""
+    if not ALIAS.fullmatch(alias):
+        raise ConfigError(f"--alias: {alias!r} is not an alias; use 1 to 255 letters, digits, '_' and '-'")
+    if RESERVED_ALIAS.fullmatch(alias):
+        raise ConfigError(f"--alias: {alias!r} is reserved by the model registry ('latest' and v<N> name versions); "
+                          "choose another alias")
+    return alias
 
 
 def _best_trial(client: MlflowClient, parent, trials: list):
@@ -179,10 +225,14 @@ def _folder_name(run) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", run.info.run_name or run.info.run_id).strip("_")
 
 
-def export(client: MlflowClient, name: str, out: Path, *, best: bool = False, alias: str = "best") -> list[Path]:
-    """Copy the encoders of ``name`` (see ``_runs_named``) into ``out/<run name>/``; with
-    ``best``, only the sweep's best trial, registered in the model registry. Returns the folders."""
-    runs, parent = _runs_named(client, name)
+def export(client: MlflowClient, name: str, out: Path, *, best: bool = False, alias: str | None = None) -> list[Path]:
+    """Copy the encoders of ``name`` (see ``runs_named``) into ``out/<run name>/``; with
+    ``best``, only the sweep's best trial, registered in the model registry under ``alias``
+    (default ``best``). Returns the folders."""
+    if alias is not None and not best:
+        raise ConfigError("--alias: names the versions that --best registers; add --best or drop --alias")
+    alias = check_alias("best" if alias is None else alias)
+    runs, parent = runs_named(client, name, "export")
     if best:
         if parent is None:
             raise ConfigError(f"--best: {name!r} is a run, not a sweep")
@@ -194,22 +244,39 @@ def export(client: MlflowClient, name: str, out: Path, *, best: bool = False, al
     if missing:
         raise ConfigError(f"export: run {missing[0].info.run_name or missing[0].info.run_id} has no exported "
                           f"encoders (it finished before runs logged them, or it failed before its evaluation)")
+    if best:
+        _check_registrable(client, weights[runs[0].info.run_id])
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out: {out} is a file, not a folder")
     targets = [(run, out / _folder_name(run)) for run in runs]
     for run, target in targets:  # checked for all before anything is written
         _check_target(target, run.info.run_id)
+    _make_folders([target for _, target in targets])
     folders = []
     for run, target in targets:
         with tempfile.TemporaryDirectory(prefix="avlab-export-") as tmp:
-            local = Path(client.download_artifacts(weights[run.info.run_id].info.run_id, ARTIFACT_DIR, tmp))
-            target.mkdir(parents=True, exist_ok=True)
+            local = download(client, weights[run.info.run_id].info.run_id, ARTIFACT_DIR, tmp)
             for path in local.iterdir():
                 shutil.copy2(path, target / path.name)
         folders.append(target)
     if best:
         register_best(client, weights[runs[0].info.run_id], name, alias=alias)
     return folders
+
+
+def _make_folders(targets: list[Path]) -> None:
+    """Create ``targets``; a folder that cannot be made (a read-only or foreign parent) is a
+    ConfigError naming ``--out``, and the folders made until then are removed again."""
+    made: list[Path] = []  # outermost first
+    for target in targets:
+        made.extend(reversed([p for p in (target, *target.parents) if not p.exists()]))
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            for folder in reversed(made):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise ConfigError(f"--out: cannot create {exc.filename or target}: {exc.strerror or exc}") from None
 
 
 def _check_target(target: Path, run_id: str) -> None:
@@ -238,10 +305,8 @@ def register_best(client: MlflowClient, run, sweep: str, *, alias: str) -> dict[
     registered name -> version."""
     from mlflow.exceptions import MlflowException
 
-    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
-    if not set(MODEL_DIRS.values()) <= logged:
-        raise ConfigError(f"--best: run {run.info.run_name} logged no MLflow models (tracking.log_model was "
-                          "false); its encoders are exported but cannot be registered")
+    _check_registrable(client, run)
+    check_alias(alias)
     versions = {}
     for modality, directory in MODEL_DIRS.items():
         model = registered_name(sweep, modality)
@@ -257,6 +322,13 @@ def register_best(client: MlflowClient, run, sweep: str, *, alias: str) -> dict[
     return versions
 
 
+def _check_registrable(client: MlflowClient, run) -> None:
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    if not set(MODEL_DIRS.values()) <= logged:
+        raise ConfigError(f"--best: run {run.info.run_name} logged no MLflow models (tracking.log_model was "
+                          "false); its encoders cannot be registered")
+
+
 def load_registered(tracking_uri: str, sweep: str, *, alias: str = "best", device: str = "cpu") -> Encoders:
     """The encoders registered for ``sweep`` under ``alias`` (``avlab export SWEEP --best``),
     read from their run's ``encoders/`` (safetensors + JSON; no pickle is loaded)."""
@@ -267,5 +339,4 @@ def load_registered(tracking_uri: str, sweep: str, *, alias: str = "best", devic
     client = MlflowClient(tracking_uri)
     version = client.get_model_version_by_alias(registered_name(sweep, "image"), alias)
     with tempfile.TemporaryDirectory(prefix="avlab-export-") as tmp:
-        local = client.download_artifacts(version.run_id, ARTIFACT_DIR, tmp)
-        return load_encoders(local, device=device)
+        return load_encoders(download(client, version.run_id, ARTIFACT_DIR, tmp), device=device)

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from methods.export import META_FILE, WEIGHTS_FILE, ExportError, load_encoders, save_encoders
+from methods.export import META_FILE, META_MAX_BYTES, WEIGHTS_FILE, EncoderFeatures, ExportError, load_encoders, save_encoders
 from methods.registry import METHODS, build_method
 from orchestrator.cli import main
 from orchestrator.config import resolve
@@ -49,6 +49,11 @@ def test_every_methods_encoders_come_back_bit_for_bit(tmp_path, name):
     assert not loaded.image.training and loaded.meta["method"] == name and loaded.meta["run_id"] == "r1"
     assert loaded.meta["encoders"]["image"]["input_shape"] == shapes["image"]
     assert loaded.meta["config"] == json.loads(json.dumps(cfg.to_dict(), default=str))
+    # What `avlab evaluate --encoders-only` probes: the method's own f features, from the encoders alone.
+    own, exported = method.embed(images=images, sounds=sounds), EncoderFeatures(loaded).embed(images=images, sounds=sounds)
+    assert set(exported) == {"f_v", "f_s"}
+    for key in exported:
+        torch.testing.assert_close(exported[key], own[key], rtol=0, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +78,21 @@ def exported(tmp_path_factory):
          "encoders.json: encoders.image: arch: unknown encoder 'resnet99'"),
         (lambda f: _edit_meta(f, lambda m: m["encoders"]["sound"]["config"].update(base_width=32)),
          "encoders.safetensors: does not match encoders.json: sound."),
+        # Declarations the weights do not hold are refused before anything is built or allocated:
+        # 16 -> 1024 would build a 10 GiB encoder, 1e6 one of terabytes.
+        (lambda f: _edit_meta(f, lambda m: m["encoders"]["image"]["config"].update(base_width=1024)),
+         "encoders.safetensors: does not match encoders.json: image.stem.0.weight has shape (16, 3, 7, 7), "
+         "the encoder (1024, 3, 7, 7)"),
+        (lambda f: _edit_meta(f, lambda m: m["encoders"]["image"]["config"].update(base_width=10**12)),
+         "encoders.json: encoders.image: cannot be built: "),
+        (lambda f: _edit_meta(f, lambda m: m["encoders"]["image"]["config"].update(base_width=1e6)),
+         "encoders.json: encoders.image.config.base_width: expected int, got 1000000.0"),
+        (lambda f: _edit_meta(f, lambda m: m["encoders"]["sound"].update(in_channels="2")),
+         "encoders.json: encoders.sound.in_channels: must be a positive integer, got '2'"),
+        (lambda f: (f / META_FILE).write_text('{"format": 1, "encoders": ' + "[" * 200_000 + "]" * 200_000 + "}"),
+         "encoders.json: not valid JSON: nested too deeply"),
+        (lambda f: (f / META_FILE).write_text('{"format": 1, "pad": "' + "x" * META_MAX_BYTES + '"}'),
+         f"encoders.json: {META_MAX_BYTES + 24} bytes; an encoders.json holds two encoders"),
     ],
 )
 def test_a_damaged_export_is_named_in_one_line(tmp_path, exported, damage, message):
