@@ -409,6 +409,12 @@ class MultiSSL(Method):
                 "data.binaural", f"multissl needs binaural scenes (2-channel sound, panoramas); "
                 f"set data.binaural=true (got {data_info.sound_channels}-channel sound)"
             )
+        if "foreground" in cfg.tasks and not data_info.paired_masks:
+            raise FieldError(
+                "method.tasks", "foreground alignment reads each scene's foreground mask, which only the "
+                "procedural binaural scenes carry (a manifest's rows have none); leave foreground out of "
+                "method.tasks, or use no data.manifest"
+            )
         if "gap" in cfg.tasks and not 0 < cfg.gap_slice_frames < data_info.n_frames:
             raise FieldError(
                 "method.gap_slice_frames", f"need 0 < L < n_frames = {data_info.n_frames}, got {cfg.gap_slice_frames}"

@@ -13,7 +13,7 @@ weight trains. From random weights, the same run is the supervised-from-scratch 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,7 @@ class SupervisedConfig:
     sound_encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig("resnet10", 64))
     # "paired": the pretraining clips with their labels (supervised pretraining, paper 001);
     # "train": the labelled split, the fine-tuning protocol of supp. Table 1 with train.init_from.
+    # On a manifest, whose pairs carry no labels, the default is "train" (``data_defaults``).
     pool: str = "paired"
 
     def __post_init__(self) -> None:
@@ -54,6 +55,12 @@ class Supervised(Method):
     @classmethod
     def pretraining_pool(cls, cfg: SupervisedConfig) -> str:
         return cfg.pool
+
+    @classmethod
+    def data_defaults(cls, data: Any) -> dict[str, Any]:
+        # A manifest labels only its train and test splits, so its pairs cannot be the pool: the
+        # labelled train split is the one pool this baseline can learn from there.
+        return {"pool": "train"} if data.manifest else {}
 
     @classmethod
     def check_data(cls, cfg: SupervisedConfig, data_info: DataInfo) -> None:

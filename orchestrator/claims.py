@@ -84,10 +84,41 @@ def _number(value: Any, where: str) -> float:
     return float(value)
 
 
+def _space_path(name: str, claim: Path, where: str) -> Path:
+    """The claim's search space: a .yaml file named by itself (no folder), beside the claim or in
+    the project's ``search_spaces/``, where it must also lie once links are followed. A claim
+    file is shared data; it picks among the ablations, it does not point at files elsewhere."""
+    if Path(name).name != name or name in (".", "..") or not name.endswith(".yaml"):
+        raise ConfigError(f"{where}: search_space: {name!r} is not a search space's file name; give the name of a "
+                          f".yaml file beside the claim or in {SPACES_DIR} (no folders)")
+    for folder in (claim.parent, SPACES_DIR):
+        candidate = folder / name
+        if candidate.is_file():
+            if not candidate.resolve().is_relative_to(folder.resolve()):
+                raise ConfigError(f"{where}: search_space: {candidate} links outside {folder}; "
+                                  "a claim's search space lies beside it or in the project's search spaces")
+            return candidate
+    raise ConfigError(f"{where}: search_space: {name} not found beside the claim or in {SPACES_DIR}")
+
+
+def _check_distinct(rule: str, rows: dict[str, Any], where: str) -> None:
+    """Refuse a rule that compares a configuration with itself: it could only come out
+    inconclusive, after its sweep had trained every seed of it."""
+    if rule == "greater" and rows["a"] == rows["b"]:
+        raise ConfigError(f"{where}: rule.b: {rows['b']!r} is rule.a too; a configuration is not compared with itself")
+    if rule == "argmax" and not set(rows["among"]) - {rows["best"]}:
+        raise ConfigError(f"{where}: rule.among: names only rule.best ({rows['best']!r}); list the configurations it beats")
+    if rule == "peak" and rows["at"] in (rows["rows"][0], rows["rows"][-1]):
+        raise ConfigError(f"{where}: rule.at: {rows['at']!r} is an end of rule.rows; a peak lies between both ends")
+    if rule == "plateau" and rows["after"] in rows["rows"] and rows["after"] == rows["rows"][-1]:
+        raise ConfigError(f"{where}: rule.after: {rows['after']!r} is the last of rule.rows; a plateau needs a "
+                          "configuration after it")
+
+
 def load_claim(path: str | Path) -> Claim:
     """Read and check a claim file: ConfigError naming the file and field, before anything runs.
-    The search space is resolved against the claim's folder, then ``search_spaces/``; the rule's
-    rows must be configurations of it (``avlab report``'s labels)."""
+    The search space is a .yaml file name, looked up beside the claim, then in ``search_spaces/``;
+    the rule's rows must be distinct configurations of it (``avlab report``'s labels)."""
     from orchestrator.search_space import load_search_space
     from orchestrator.trial import point_label
 
@@ -98,11 +129,7 @@ def load_claim(path: str | Path) -> Claim:
         if key not in _KEYS:
             raise ConfigError(f"{where}: {key}: unknown claim key; known keys: {', '.join(_KEYS)}")
     statement, paper, place = _text(raw, "claim", where), _text(raw, "paper", where), _text(raw, "where", where)
-    space_name = _text(raw, "search_space", where)
-    candidates = [p.parent / space_name, SPACES_DIR / space_name]
-    space_path = next((c for c in candidates if c.is_file()), None)
-    if space_path is None:
-        raise ConfigError(f"{where}: search_space: {space_name} not found beside the claim or in {SPACES_DIR}")
+    space_path = _space_path(_text(raw, "search_space", where), p, where)
     space = load_search_space(space_path)
     metric = _text(raw, "metric", where)
     from orchestrator.metrics import run_metrics
@@ -131,7 +158,11 @@ def load_claim(path: str | Path) -> Claim:
             if item not in labels:
                 raise ConfigError(f"{where}: rule.{key}: {item!r} is not a configuration of {space_path.name}; "
                                   f"its configurations: {', '.join(sorted(labels))}")
+        if many and len(set(items)) < len(items):
+            twice = next(item for item in items if items.count(item) > 1)
+            raise ConfigError(f"{where}: rule.{key}: {twice!r} is listed twice; name each configuration once")
         rows[key] = list(value) if many else value
+    _check_distinct(rule["type"], rows, where)
     numbers = {key: _number(rule.get(key), f"{where}: rule.{key}") for key in number_keys}
     if rule["type"] == "plateau" and numbers["delta"] <= 0:
         raise ConfigError(f"{where}: rule.delta: must be positive, got {numbers['delta']}")

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from methods.base import IDENTITY_NEUTRAL, FieldError
+from methods.base import IDENTITY_NEUTRAL, DataInfo, FieldError
 from methods.data import ProceduralConfig, dataset_info
 from methods.evaluate import EvalConfig
 from methods.registry import METHODS
@@ -358,7 +358,8 @@ def _build_experiment(raw: Mapping[str, Any], *, cross_field: bool = True) -> Ex
     method_name = method_raw.pop("name", "bma")
     if method_name not in METHODS:
         raise ConfigError(f"method.name: unknown method {method_name!r}; choose one of {sorted(METHODS)}")
-    method_cfg = build_dataclass(METHODS[method_name].config_cls, method_raw, "method")
+    entry = METHODS[method_name]
+    method_cfg = build_dataclass(entry.config_cls, method_raw, "method")
     kwargs: dict[str, Any] = {
         "preset": preset,
         "method_name": method_name,
@@ -369,10 +370,62 @@ def _build_experiment(raw: Mapping[str, Any], *, cross_field: bool = True) -> Ex
         raise ConfigError(f"seed: must be an integer >= 0 and < 2**32, got {kwargs['seed']}")
     for section, cls in _SECTIONS.items():
         kwargs[section] = build_dataclass(cls, raw.get(section) or {}, section)
+    defaults = {k: v for k, v in entry.method_cls.data_defaults(kwargs["data"]).items() if k not in method_raw}
+    if defaults:  # written into the config, so its dict and identity carry the value it runs with
+        kwargs["method"] = build_dataclass(entry.config_cls, {**method_raw, **defaults}, "method")
     cfg = ExperimentConfig(**kwargs)
     if cross_field:
         _check_cross_field(cfg)
     return cfg
+
+
+def _check_batchnorm_batches(cfg: ExperimentConfig, uses_unpaired: bool) -> None:
+    """Every encoder normalises with BatchNorm, which in training needs more than one item per
+    batch: one worker's share of a batch, or the global batch when the statistics are synced."""
+    workers = cfg.resources.workers
+    if cfg.train.epochs == 0 or (cfg.train.sync_batchnorm and workers > 1):
+        return
+    batches = [("batch_size", cfg.train.batch_size)]
+    if uses_unpaired and cfg.train.unpaired_batch_size:
+        batches.append(("unpaired_batch_size", cfg.train.unpaired_batch_size))
+    for name, value in batches:
+        if value // workers < 2:
+            per = f" per worker (resources.workers={workers})" if workers > 1 else ""
+            raise ConfigError(f"train.{name}: {value // workers} item a batch{per}; BatchNorm needs more than one "
+                              f"item per batch in training: use at least {2 * workers}")
+
+
+def _check_eval_splits(cfg: ExperimentConfig, info: Any) -> None:
+    """The labelled splits the downstream probes read (``methods.evaluate``), checked before
+    training rather than after it. The linear probe (and the SVM, block and spatial probes) fits
+    on the train split and needs two classes there; every test class should be there too, or it
+    can never be predicted: a manifest is held to that when it is read, and the procedural splits
+    hold every class once they have ``data.num_classes`` items (the classes come in shuffled
+    blocks of that size). kNN alone needs one item. The test split is scored: one item says all
+    or nothing, and the projections' spread (``*_z_mean_cos``) needs two."""
+    ev, manifest = cfg.eval, cfg.data.manifest
+    classify = bool(ev.features) and (ev.linear or ev.sound_svm or ev.spatial_probe) or ev.block_probes
+    fits = classify or (bool(ev.features) and ev.knn)
+    if not classify:
+        train_need, train_why = int(fits), "the kNN probe fits on it"
+    elif manifest:
+        train_need, train_why = 2, "the linear probe fits on it and needs two classes there"
+    else:
+        train_need = cfg.data.num_classes
+        train_why = f"the linear probe fits on it and needs every class there ({train_need}, data.num_classes)"
+    splits = [("train", "test")]
+    if info.transfer_train_size > 0 and info.transfer_test_size > 0:  # else no transfer evaluation runs
+        splits.append(("transfer_train", "transfer_test"))
+    for train, test in splits:
+        for split, need, why in ((train, train_need, train_why),
+                                 (test, 2, "the probes score on it, and one item says all or nothing")):
+            size = getattr(info, f"{split}_size")
+            if size >= need:
+                continue
+            if manifest:
+                raise ConfigError(f"data.manifest: {manifest}: its {split} split holds {size} row{'s' * (size != 1)}; "
+                                  f"{why}: give it at least {need}")
+            raise ConfigError(f"data.{split}_size: {size} item{'s' * (size != 1)}; {why}: use at least {need}")
 
 
 def _check_cross_field(cfg: ExperimentConfig) -> None:
@@ -390,6 +443,46 @@ def _check_cross_field(cfg: ExperimentConfig) -> None:
                 "the global batch is split evenly over the workers"
             )
     method_cls = METHODS[cfg.method_name].method_cls
+    info = _check_data(cfg)
+    try:
+        method_cls.check_data(cfg.method, info)
+        method_cls.check_schedule(cfg.method, cfg.train.epochs)
+    except FieldError as exc:  # names its field in full
+        raise ConfigError(first_line(exc)) from None
+    except ValueError as exc:  # a method that names no field: its section
+        raise ConfigError(f"method: {first_line(exc)}") from None
+    _check_probes(cfg)
+    _check_batchnorm_batches(cfg, method_cls.uses_unpaired)
+    pool = method_cls.pretraining_pool(cfg.method)
+    pool_size = getattr(info, f"{pool}_size")
+    unpaired_batch = cfg.train.unpaired_batch_size or cfg.train.batch_size
+    if cfg.train.epochs > 0 and method_cls.uses_unpaired:
+        for kind in ("sound", "image"):
+            size = getattr(info, f"unpaired_{kind}_size")
+            if 0 < size < unpaired_batch:
+                field_name = f"unpaired_{kind}_count" if cfg.data.manifest else f"unpaired_{kind}_size"
+                raise ConfigError(
+                    f"data.{field_name}: the unpaired {kind} pool holds {size} items, fewer than one unpaired "
+                    f"batch (train.unpaired_batch_size or train.batch_size = {unpaired_batch}); use 0 for none"
+                )
+    if cfg.train.epochs > 0 and pool_size < cfg.train.batch_size:
+        where = (f"data.manifest: {cfg.data.manifest}: its {pool} pool holds {pool_size} item{'s' * (pool_size != 1)}"
+                 if cfg.data.manifest else f"data.{pool}_size: {pool_size} items")
+        raise ConfigError(f"{where}, fewer than train.batch_size={cfg.train.batch_size}; "
+                          "an epoch would have no full batch")
+    _check_eval_splits(cfg, info)  # after training's checks: what fails first is named first
+
+
+def check_evaluation(cfg: ExperimentConfig) -> DataInfo:
+    """The checks across sections that the downstream evaluation of ``cfg`` needs, and none of
+    training's (batch sizes, pools, schedules): the manifest is read and validated, the folds of
+    ``eval.protocol: folds`` and the labels the probes read are there. Returns the data's info."""
+    info = _check_data(cfg)
+    _check_probes(cfg)
+    return info
+
+
+def _check_data(cfg: ExperimentConfig) -> DataInfo:
     try:
         info = dataset_info(cfg.data)  # a manifest is read and validated here
     except ValueError as exc:  # ManifestError: the message names the file, row and column
@@ -405,36 +498,14 @@ def _check_cross_field(cfg: ExperimentConfig) -> None:
             check_folds(build_dataset(cfg.data), cfg.eval)
         except ValueError as exc:
             raise ConfigError(first_line(exc)) from None
-    try:
-        method_cls.check_data(cfg.method, info)
-        method_cls.check_schedule(cfg.method, cfg.train.epochs)
-    except FieldError as exc:  # names its field in full
-        raise ConfigError(first_line(exc)) from None
-    except ValueError as exc:  # a method that names no field: its section
-        raise ConfigError(f"method: {first_line(exc)}") from None
+    return info
+
+
+def _check_probes(cfg: ExperimentConfig) -> None:
     for name, what in (("spatial_probe", "azimuth sectors"), ("foreground_probe", "foreground masks")):
         if getattr(cfg.eval, name) and (not cfg.data.binaural or cfg.data.manifest):
             raise ConfigError(f"eval.{name}: only the procedural binaural scenes carry {what} "
                               "(data.binaural=true, no data.manifest); set it to false")
-    pool = method_cls.pretraining_pool(cfg.method)
-    pool_size = getattr(info, f"{pool}_size", None)
-    if pool_size is None or not cfg.data.manifest:
-        pool_size = getattr(cfg.data, f"{pool}_size")
-    unpaired_batch = cfg.train.unpaired_batch_size or cfg.train.batch_size
-    if cfg.train.epochs > 0 and method_cls.uses_unpaired:
-        for kind in ("sound", "image"):
-            size = getattr(info, f"unpaired_{kind}_size")
-            if 0 < size < unpaired_batch:
-                field_name = f"unpaired_{kind}_count" if cfg.data.manifest else f"unpaired_{kind}_size"
-                raise ConfigError(
-                    f"data.{field_name}: the unpaired {kind} pool holds {size} items, fewer than one unpaired "
-                    f"batch (train.unpaired_batch_size or train.batch_size = {unpaired_batch}); use 0 for none"
-                )
-    if cfg.train.epochs > 0 and pool_size < cfg.train.batch_size:
-        raise ConfigError(
-            f"data.{pool}_size: {pool_size} items is smaller than train.batch_size="
-            f"{cfg.train.batch_size}; an epoch would have no full batch"
-        )
 
 
 def dump_yaml(cfg: ExperimentConfig) -> str:

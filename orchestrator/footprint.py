@@ -123,7 +123,10 @@ def estimate(cfg: ExperimentConfig) -> Footprint:
         encoder = getattr(method, name, None)
         if not isinstance(encoder, torch.nn.Module):
             continue
-        nbytes = _activation_bytes(encoder, (batch, *sample_shape))
+        # Activations grow linearly with the batch; BatchNorm in training mode refuses a batch of
+        # one (a run with epochs=0 may have one), so a batch of two is measured and scaled.
+        probe = max(batch, 2)
+        nbytes = _activation_bytes(encoder, (probe, *sample_shape)) * batch // probe
         if cfg.train.precision == "bf16":
             nbytes //= 2  # autocast keeps the layers' outputs in bfloat16
         if uses_unpaired and unpaired_size > 0:

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from orchestrator.errors import ConfigError
+from orchestrator.jobs import check_name
 from orchestrator.metrics import COST_METRICS
 from orchestrator.sweep import SWEEP_EXPERIMENT, find_sweep_run
 
@@ -50,6 +51,8 @@ def _children(client: MlflowClient, parent_id: str):
 
 
 def _sweep(client: MlflowClient, name: str):
+    # Not a name avlab gives a sweep (a quote would also break MLflow's search filter): say so.
+    check_name(name, "NAME")
     run = find_sweep_run(client, name)
     if run is None:
         raise ConfigError(f"sweep: no sweep named {name!r} in this store")

@@ -23,7 +23,7 @@ import yaml
 
 from methods.metric_names import HEADLINE_METRICS
 from orchestrator.config import SEED_LIMIT, ConfigError, ExperimentConfig, parse_override, resolve
-from orchestrator.typed import as_float, read_yaml_mapping
+from orchestrator.typed import as_float, first_line, read_yaml_mapping
 from orchestrator.metrics import run_metrics
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
@@ -98,16 +98,22 @@ class SearchSpace:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> SearchSpace:
-        raw = dict(raw)
-        raw["path"] = Path(raw["path"])
-        raw["base_overrides"] = tuple(raw["base_overrides"])
-        raw["seeds"] = tuple(raw["seeds"])
-        raw["objectives"] = tuple(tuple(o) for o in raw.get("objectives", ()))  # absent in older job files
-        raw["grid"] = {k: tuple(v) for k, v in raw["grid"].items()}
-        raw["search"] = {
-            k: Distribution(d["type"], d["low"], d["high"], tuple(d["values"])) for k, d in raw["search"].items()
-        }
-        return cls(**raw)
+        """The search space ``to_dict`` wrote (in a job file); ConfigError naming ``space`` when
+        ``raw`` is not one (a damaged or hand-edited job file)."""
+        try:
+            raw = dict(raw)
+            raw["path"] = Path(raw["path"])
+            raw["base_overrides"] = tuple(raw["base_overrides"])
+            raw["seeds"] = tuple(raw["seeds"])
+            raw["objectives"] = tuple(tuple(o) for o in raw.get("objectives", ()))  # absent in older job files
+            raw["grid"] = {k: tuple(v) for k, v in raw["grid"].items()}
+            raw["search"] = {
+                k: Distribution(d["type"], d["low"], d["high"], tuple(d["values"])) for k, d in raw["search"].items()
+            }
+            return cls(**raw)
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            what = f"no {exc.args[0]!r}" if isinstance(exc, KeyError) else first_line(exc)
+            raise ConfigError(f"space: not a search space as avlab writes it ({what})") from None
 
     def num_configurations(self) -> int:
         return len(self.grid_points()) * (self.num_samples if self.uses_optuna else 1)

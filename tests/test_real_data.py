@@ -117,6 +117,12 @@ def test_bad_manifest_exits_2_before_anything_starts(tmp_path, capsys):
     manifest = tmp_path / "m.csv"
     assert main(["data", "index", "folder", str(folder), "--out", str(manifest)]) == 0
     capsys.readouterr()
+    # Pairs alone: the run's own evaluation would have nothing to fit on, named before training.
+    assert main(["--home", str(home), "run", f"data.manifest={manifest}", "train.batch_size=16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("avlab: error: data.manifest:") and "train split" in err
+    assert main(["data", "index", "esc50", str(esc), "--out", str(manifest), "--append"]) == 0
+    capsys.readouterr()
     assert main(["--home", str(home), "run", f"data.manifest={manifest}", "train.batch_size=32"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("avlab: error: data.unpaired_sound_count:") and "16 items" in err
@@ -182,16 +188,25 @@ def test_bma_run_on_a_real_data_manifest_end_to_end(tmp_path):
 def test_supervised_on_a_manifest_needs_its_labelled_split(tmp_path, capsys):
     """A manifest labels only its train and test splits: supervised pretraining on its unlabelled
     pairs is refused at the edge (it used to fail on a missing key in every retried attempt)."""
-    folder, _ = make_trees(tmp_path / "raw", pairs=32)
+    from orchestrator.config import resolve
+
+    folder, esc = make_trees(tmp_path / "raw", pairs=32)
     manifest = tmp_path / "m.csv"
     assert main(["data", "index", "folder", str(folder), "--out", str(manifest)]) == 0
+    assert main(["data", "index", "esc50", str(esc), "--out", str(manifest), "--append"]) == 0
     capsys.readouterr()
     home = tmp_path / "home"
     assert main(["--home", str(home), "run", f"data.manifest={manifest}", "method.name=supervised",
-                 "train.batch_size=16"]) == 2
+                 "method.pool=paired", "train.batch_size=16"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("avlab: error: method.pool:") and "method.pool=train" in err
     assert not home.exists() or not any(home.iterdir())
+    # Left unset, the pool is the one a manifest labels, written into the config (and its identity).
+    cfg = resolve(preset="tiny", overrides=[f"data.manifest={manifest}", "method.name=supervised",
+                                            "train.batch_size=16"])
+    assert cfg.method.pool == "train" and cfg.to_dict()["method"]["pool"] == "train"
+    on_procedural = resolve(preset="tiny", overrides=["method.name=supervised"])
+    assert on_procedural.method.pool == "paired"
 
 
 def test_a_worker_takes_the_validated_config_without_reading_the_manifest_again(tmp_path, capsys):
@@ -200,9 +215,10 @@ def test_a_worker_takes_the_validated_config_without_reading_the_manifest_again(
     from orchestrator.config import ExperimentConfig, resolve
     from orchestrator.errors import ConfigError
 
-    folder, _ = make_trees(tmp_path / "raw", pairs=32)
+    folder, esc = make_trees(tmp_path / "raw", pairs=32)
     manifest = tmp_path / "m.csv"
     assert main(["data", "index", "folder", str(folder), "--out", str(manifest)]) == 0
+    assert main(["data", "index", "esc50", str(esc), "--out", str(manifest), "--append"]) == 0
     cfg = resolve(preset="tiny", overrides=[f"data.manifest={manifest}", "train.batch_size=16"])
     manifest.unlink()
     assert ExperimentConfig.from_dict(cfg.to_dict(), checked=True) == cfg

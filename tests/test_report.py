@@ -187,3 +187,21 @@ def test_rows_sort_by_value_and_a_share_of_the_preset_by_its_percentage():
 
     rows = [{"a": "100%"}, {"a": "name"}, {"a": "20%"}, {"a": "5"}]
     assert sorted(rows, key=_sort_key) == [{"a": "5"}, {"a": "20%"}, {"a": "100%"}, {"a": "name"}]
+
+
+@pytest.mark.parametrize("command", ["report", "status"])
+@pytest.mark.parametrize("name", ["a'b", 'a"b', "x' or tags.`avlab.kind` = 'sweep"])
+def test_a_name_that_avlab_never_gives_a_sweep_is_one_line(store, capsys, command, name):
+    """A quote in the name would break MLflow's search filter (a traceback): no sweep has such a
+    name, and the command says so in one line, with the store as it was."""
+    from orchestrator.cli import main
+
+    home, uri, client = store
+    _sweep(home, uri, "real", {"10": [0.5]})
+    runs = len(client.search_runs([client.get_experiment_by_name(SWEEP_EXPERIMENT).experiment_id]))
+    code = main([command, name, "--home", str(home)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"avlab: error: NAME: {name!r} is not a valid name; use letters, digits, '.', " \
+                                "'_' and '-' (starting with a letter or digit, at most 128 characters)", err
+    assert len(client.search_runs([client.get_experiment_by_name(SWEEP_EXPERIMENT).experiment_id])) == runs
+    assert main([command, "real", "--home", str(home)]) == 0  # a real name still answers

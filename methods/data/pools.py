@@ -150,6 +150,11 @@ class SyntheticAV:
             paired_size=c.paired_size,
             unpaired_sound_size=c.unpaired_sound_size,
             unpaired_image_size=c.unpaired_image_size,
+            paired_masks="mask" in cls.pool_keys["paired"],
+            train_size=c.train_size,
+            test_size=c.test_size,
+            transfer_train_size=c.transfer_train_size,
+            transfer_test_size=c.transfer_test_size,
         )
 
     # Ground truth for evaluation, tests and analysis; pretraining never reads it.

@@ -123,4 +123,6 @@ class ManifestAV:
             num_classes=max(len(self.manifest.classes), 1), paired_size=len(self.items["paired"]),
             unpaired_sound_size=len(self.items["unpaired_sound"]),
             unpaired_image_size=len(self.items["unpaired_image"]), paired_labelled=False,
+            train_size=len(self.items["train"]), test_size=len(self.items["test"]),
+            transfer_train_size=len(self.items["transfer_train"]), transfer_test_size=len(self.items["transfer_test"]),
         )
