@@ -453,6 +453,7 @@ def _check_cross_field(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"method: {first_line(exc)}") from None
     _check_probes(cfg)
     _check_batchnorm_batches(cfg, method_cls.uses_unpaired)
+    _check_eval_splits(cfg, info)  # a manifest without labelled splits is named for them first
     pool = method_cls.pretraining_pool(cfg.method)
     pool_size = getattr(info, f"{pool}_size")
     unpaired_batch = cfg.train.unpaired_batch_size or cfg.train.batch_size
@@ -470,7 +471,6 @@ def _check_cross_field(cfg: ExperimentConfig) -> None:
                  if cfg.data.manifest else f"data.{pool}_size: {pool_size} items")
         raise ConfigError(f"{where}, fewer than train.batch_size={cfg.train.batch_size}; "
                           "an epoch would have no full batch")
-    _check_eval_splits(cfg, info)  # after training's checks: what fails first is named first
 
 
 def check_evaluation(cfg: ExperimentConfig) -> DataInfo:
