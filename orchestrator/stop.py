@@ -181,15 +181,26 @@ def _settle_if_here(home: Path, name: str) -> None:
               "its runs are settled when it is resumed", file=sys.stderr)
 
 
-def _job_status(manifest: dict[str, Any]) -> str:
+def _job_status(manifest: dict[str, Any], path: Path) -> str:
     """The status of the job's MLflow run (a sweep's parent run), RUNNING when the store does not
     answer: a finished, failed or stopped job has no driver to signal, whatever process now has
-    the recorded number."""
+    the recorded number. A store that is not there, or does not hold the job's run, means the job
+    file (``path``) is not this store's: ConfigError, and nothing is created or signalled."""
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    uri = manifest["tracking_uri"]
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(f"{path}: its store {uri.removeprefix('sqlite:///')} does not exist; "
+                          "nothing of this job can be stopped or settled from here")
     run_id = manifest["mlflow_run_id"] if manifest["kind"] == "run" else manifest["parent_run_id"]
     try:
-        return MlflowClient(manifest["tracking_uri"]).get_run(run_id).info.status
+        return MlflowClient(uri).get_run(run_id).info.status
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise ConfigError(f"{path}: its MLflow run {run_id} is not in its store; "
+                              "the job file does not belong to this store") from None
+        return "RUNNING"  # a store that does not answer: a live driver is still stopped
     except Exception:  # noqa: BLE001 - a store that does not answer: a live driver is still stopped
         return "RUNNING"
 
@@ -213,7 +224,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
         raise ConfigError(f"NAME: {kind} {args.name} is driven from {driver['host']}, not this machine; "
                           "run `avlab stop` there")
     # Only a live driver of this very job is signalled, and only while its run says it is running.
-    status = _job_status(manifest)
+    status = _job_status(manifest, jobs.manifest_path(home, args.name))
     if status == "FINISHED":
         print(f"[avlab] {kind} {args.name} has finished; nothing to stop")
         return 0
@@ -224,7 +235,12 @@ def cmd_stop(args: argparse.Namespace) -> int:
             raise RunFailed(f"stop: the driver of {kind} {args.name} (pid {driver['pid']}) did not stop within "
                             f"{timeout:.0f} s; `kill -9 {driver['pid']}`, then `avlab stop {args.name}` again "
                             "settles its runs")
-    ended, total = settle(manifest["tracking_uri"], manifest)
+    try:
+        ended, total = settle(manifest["tracking_uri"], manifest)
+    except Exception as exc:  # noqa: BLE001 - a store away: the runs are settled when the job resumes
+        print(f"[avlab] {kind} {args.name} {'stopped' if running else 'was not running'}; its MLflow store does not "
+              f"answer ({type(exc).__name__}), so its runs are settled when `avlab resume {args.name}` continues it")
+        return 0
     state = "stopped" if running else "was not running"
     count = f" with {ended} of {total} trials ended" if kind == "sweep" else ""
     print(f"[avlab] {kind} {args.name} {state}{count}; `avlab resume {args.name}` continues it")

@@ -240,3 +240,22 @@ def test_a_damaged_job_file_is_one_line_naming_it(tmp_path, capsys):
         assert main(["--home", str(tmp_path), *command]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith(f"avlab: error: {path}: damaged avlab job file"), err
+
+
+@pytest.mark.parametrize("store_there", [False, True])
+def test_a_job_file_of_another_store_is_one_line_and_signals_nothing(tmp_path, capsys, children, store_there):
+    """A job file whose store is missing, or does not hold its run (copied in from elsewhere, or
+    crafted), names a live avlab process: nothing is signalled, created or settled."""
+    home = tmp_path / "home"
+    if store_there:
+        _job(home, "other")  # the store exists and holds some other run
+    proc = children("avlab", "run")
+    jobs.write(home, "stray", {"kind": "run", "config": {}, "mlflow_run_id": "0123456789abcdef",
+                               "tracking_uri": f"sqlite:///{home / 'mlflow.db'}", "storage": str(home / "ray"),
+                               "driver": _entry(proc)})
+    before = sorted(p.name for p in home.iterdir())
+    assert main(["--home", str(home), "stop", "stray"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"avlab: error: {jobs.manifest_path(home, 'stray')}: its ") and "\n" not in err, err
+    assert proc.poll() is None  # not signalled
+    assert sorted(p.name for p in home.iterdir()) == before
