@@ -120,7 +120,7 @@ def load_claim(path: str | Path) -> Claim:
     The search space is a .yaml file name, looked up beside the claim, then in ``search_spaces/``;
     the rule's rows must be distinct configurations of it (``avlab report``'s labels)."""
     from orchestrator.search_space import load_search_space
-    from orchestrator.trial import point_label
+    from orchestrator.search_space import point_label
 
     p = Path(path)
     raw = read_yaml_mapping(p, "claim")

@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -510,3 +510,30 @@ def _check_probes(cfg: ExperimentConfig) -> None:
 
 def dump_yaml(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def _split_run_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
+    """First item without '=' is the run file; the rest are key.path=value overrides."""
+    run_file, overrides = None, []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif run_file is None:
+            run_file = item
+        else:
+            raise ConfigError(f"arguments: unexpected {item!r}; overrides are key.path=value")
+    return run_file, overrides
+
+
+def resolve_run_config(items: Sequence[str], *, preset: str | None, workers: int | None = None,
+                       gpu: bool = False) -> ExperimentConfig:
+    """The config of a run given on the command line: an optional run file, then
+    ``key.path=value`` overrides, then ``--workers`` and ``--gpu``."""
+    run_file, overrides = _split_run_args(items)
+    run = load_run_file(run_file) if run_file else {}
+    if workers is not None:
+        overrides.append(f"resources.workers={workers}")
+    if gpu:
+        overrides.append("resources.gpu=true")
+    return resolve(run, preset=preset, overrides=overrides)
+

@@ -225,7 +225,8 @@ def evaluate(client, uri: str, home: Path, name: str, *, data: str | None, overr
     from methods.data import build_dataset, dataset_info
     from orchestrator import tracking
     from orchestrator.config import ExperimentConfig, check_evaluation
-    from orchestrator.export import has_encoders, runs_named
+    from orchestrator.export import has_encoders
+    from orchestrator.runs import runs_named
     from orchestrator.train import evaluate_and_log
 
     runs, parent = runs_named(client, name, "RUN")
@@ -282,9 +283,9 @@ def evaluate(client, uri: str, home: Path, name: str, *, data: str | None, overr
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from methods.metric_names import HEADLINE_METRICS, OPTIONAL_HEADLINE_METRICS
     from orchestrator import tracking
-    from orchestrator.cli import _client
+    from orchestrator.tracking import open_home_store
 
-    home, client = _client(args)
+    home, client = open_home_store(args.home, args.tracking_uri)
     uri = tracking.resolve_tracking_uri(home, args.tracking_uri)
     child, metrics = evaluate(client, uri, home, args.name, data=args.data, overrides=args.overrides,
                               encoders_only=args.encoders_only)

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from orchestrator.errors import ConfigError
 
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 
 ARTIFACT_DIR = "encoders"
 MODEL_DIRS = {"image": "image_encoder", "sound": "sound_encoder"}
-RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 # MLflow's rule for registered-model aliases; "latest" and v<N> name versions, not aliases.
 ALIAS = re.compile(r"[\w-]{1,255}")
 RESERVED_ALIAS = re.compile(r"latest|[vV]\d+", re.IGNORECASE)
@@ -147,9 +146,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from orchestrator.cli import _client
+    from orchestrator.tracking import open_home_store
 
-    _, client = _client(args)
+    _, client = open_home_store(args.home, args.tracking_uri)
     folders = export(client, args.name, Path(args.out), best=args.best, alias=args.alias)
     for folder in folders:
         print(folder)
@@ -157,47 +156,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"[avlab] registered {registered_name(args.name, 'image')} and {registered_name(args.name, 'sound')} "
               f"@{args.alias or 'best'}", file=sys.stderr)
     return 0
-
-
-def runs_named(client: MlflowClient, name: str, field: str) -> tuple[list, Any]:
-    """(finished runs, sweep parent or None) that ``name`` means: a run id, a sweep's name (its
-    finished trials), a run name, or a sweep trial's name (``<sweep>/<configuration>/seed<N>``).
-    Errors name ``field``.
-
-    The names avlab gives runs and sweeps pass ``jobs.check_name``, and a trial's name starts
-    with its sweep's: any other name is refused before it reaches an MLflow search filter (where
-    a quote would end the string)."""
-    from orchestrator.jobs import NAME_PATTERN
-    from orchestrator.sweep import _children, find_sweep_run
-
-    if RUN_ID.match(name):
-        try:
-            return [client.get_run(name)], None
-        except Exception:  # MlflowException: no such run; fall through to names
-            pass
-    sweep, slash, _ = name.partition("/")
-    if not NAME_PATTERN.fullmatch(sweep):
-        raise ConfigError(f"{field}: {name!r} is not a run id, a run name or a sweep name avlab makes (letters, "
-                          "digits, '.', '_' and '-'; a sweep's trial: <sweep>/<configuration>/seed<N>)")
-    if slash:  # a trial: matched among its sweep's runs, never quoted into a filter
-        parent = find_sweep_run(client, sweep)
-        runs = [r for r in _children(client, parent.info.run_id) if r.info.run_name == name] if parent else []
-        if not runs:
-            raise ConfigError(f"{field}: no run or sweep named {name!r} in this store")
-        return runs[:1], None
-    parent = find_sweep_run(client, name)
-    if parent is not None:
-        trials = [r for r in _children(client, parent.info.run_id) if r.info.status == "FINISHED"]
-        if not trials:
-            raise ConfigError(f"{field}: sweep {name!r} has no finished trial yet")
-        return trials, parent
-    ids = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(ids, f"attributes.run_name = '{name}'", max_results=2)
-    if not runs:
-        raise ConfigError(f"{field}: no run or sweep named {name!r} in this store")
-    if len(runs) > 1:
-        raise ConfigError(f"{field}: several runs are named {name!r}; give the run id")
-    return runs, None
 
 
 def check_alias(alias: str) -> str:
@@ -232,6 +190,8 @@ def export(client: MlflowClient, name: str, out: Path, *, best: bool = False, al
     if alias is not None and not best:
         raise ConfigError("--alias: names the versions that --best registers; add --best or drop --alias")
     alias = check_alias("best" if alias is None else alias)
+    from orchestrator.runs import runs_named
+
     runs, parent = runs_named(client, name, "export")
     if best:
         if parent is None:

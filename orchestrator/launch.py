@@ -159,7 +159,7 @@ def init_ray(address: str | None = None, *, dashboard: bool = False) -> None:
     died are freed through the GCS (``orchestrator.pg_cleanup``)."""
     import ray
 
-    from orchestrator.stop import ray_starting
+    from orchestrator.signals import ray_starting
 
     if ray.is_initialized():
         return
@@ -349,7 +349,7 @@ def launch_run(
     cfg: ExperimentConfig, *, name: str, run_id: str, tracking_uri: str, home: Path, address: str | None
 ) -> dict[str, Any]:
     init_ray(address)
-    from orchestrator.stop import settle
+    from orchestrator.runs import settle
 
     lost = {"kind": "run", "mlflow_run_id": run_id}
     with watching_node("run", name, lambda: settle(tracking_uri, lost, status="FAILED")):

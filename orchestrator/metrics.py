@@ -70,9 +70,9 @@ def register(sub, common) -> None:
 
 
 def cmd_metrics(args) -> int:
-    from orchestrator.cli import resolve_run_config
+    from orchestrator.config import resolve_run_config
 
-    cfg = resolve_run_config(args)  # ConfigError -> exit 2
+    cfg = resolve_run_config(args.items, preset=args.preset)  # ConfigError -> exit 2
     downstream = downstream_metrics(cfg)
     groups = (
         (f"training, every epoch ({cfg.method_name})", epoch_metrics(cfg)),

@@ -55,7 +55,7 @@ def save_study(client: MlflowClient, home: Path, name: str, space: SearchSpace, 
         return None
     import optuna
 
-    from orchestrator.sweep import _children
+    from orchestrator.runs import children as _children
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = storage_url(home)

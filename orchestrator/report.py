@@ -20,8 +20,7 @@ from scipy import stats
 from orchestrator.errors import ConfigError
 from orchestrator.jobs import check_name
 from orchestrator.metrics import COST_METRICS
-from orchestrator.sweep import SWEEP_EXPERIMENT, find_sweep_run
-
+from orchestrator.runs import children, find_sweep_run
 
 
 def _cell(metric: str, value: dict[str, float] | None, missing: str) -> str:
@@ -45,11 +44,6 @@ def mean_ci95(values: list[float]) -> tuple[float, float]:
     return mean, float(stats.t.ppf(0.975, len(values) - 1) * sem)
 
 
-def _children(client: MlflowClient, parent_id: str):
-    exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
-    return client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000)
-
-
 def _sweep(client: MlflowClient, name: str):
     # Not a name avlab gives a sweep (a quote would also break MLflow's search filter): say so.
     check_name(name, "NAME")
@@ -70,7 +64,7 @@ def build_report(client: MlflowClient, name: str) -> dict[str, Any]:
     objectives = objectives_of(parent.data.params)
     metrics = list(dict.fromkeys([metric, *(m for m, _ in objectives), *HEADLINE_METRICS]))
     groups: dict[str, list] = {}
-    for run in _children(client, parent.info.run_id):
+    for run in children(client, parent.info.run_id):
         if run.info.status == "FINISHED":
             groups.setdefault(run.data.tags.get("avlab.config_label", "base"), []).append(run)
     logged = {m for runs in groups.values() for r in runs for m in r.data.metrics}
@@ -379,10 +373,10 @@ def status_lines(client: MlflowClient, name: str) -> list[str]:
     parent = _sweep(client, name)
     metric = parent.data.params.get("metric", "image_h_linear_acc")
     mode = parent.data.params.get("mode", "max")
-    children = _children(client, parent.info.run_id)
-    lines = [f"sweep {name}: {parent.info.status}, {len(children)} of {parent.data.params.get('num_trials', '?')} trials started"]
+    trials = children(client, parent.info.run_id)
+    lines = [f"sweep {name}: {parent.info.status}, {len(trials)} of {parent.data.params.get('num_trials', '?')} trials started"]
     best = None
-    for run in sorted(children, key=lambda r: r.info.start_time or 0):
+    for run in sorted(trials, key=lambda r: r.info.start_time or 0):
         value = run.data.metrics.get(metric)
         shown = f"{value:.4f}" if value is not None else "-"
         reused = f" (reused: {run.data.tags.get('avlab.reused_from_sweep', '?')})" if run.data.tags.get("avlab.reused_from") else ""
@@ -395,7 +389,7 @@ def status_lines(client: MlflowClient, name: str) -> list[str]:
             best = (value, run.data.tags.get("avlab.config_label", ""))
     if best:
         lines.append(f"best so far: {best[1]} {metric}={best[0]:.4f}")
-    failed = sum(1 for r in children if r.data.tags.get("avlab.failed"))
+    failed = sum(1 for r in trials if r.data.tags.get("avlab.failed"))
     if failed and parent.info.status != "RUNNING":
         lines.append(f"{failed} failed; once the cause is fixed, `avlab resume {name} --retry-failed` trains "
                      f"{'them' if failed > 1 else 'it'} again")

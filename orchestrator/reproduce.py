@@ -88,7 +88,7 @@ def _same_sweeps(home: Path, name: str, space: Any) -> list[str]:
 
 def _finished(client, same: list[str]) -> str | None:
     """The first of the sweeps ``same`` that has finished, if any."""
-    from orchestrator.sweep import find_sweep_run
+    from orchestrator.runs import find_sweep_run
 
     for existing in same:
         run = find_sweep_run(client, existing)
@@ -100,8 +100,8 @@ def _finished(client, same: list[str]) -> str | None:
 def _progress(client, same: list[str], space: Any, claim_ids: list[str]) -> tuple[str, list[Any], list[float]]:
     """How far the sweep of ``claim_ids`` got (its finished trials of all, or not started), its
     finished trial runs, and the seconds they took (``trial_seconds``)."""
-    from orchestrator.report import _children
-    from orchestrator.sweep import find_sweep_run
+    from orchestrator.runs import children as _children
+    from orchestrator.runs import find_sweep_run
 
     waiting = f"for {', '.join(claim_ids)}"
     run = find_sweep_run(client, same[0]) if same else None
@@ -118,7 +118,7 @@ def trials_to_train(client, sweeps: list[tuple[Any, list[Any]]]) -> list[tuple[i
     finished trial in the store, or a trial left in an earlier sweep of this list, has its resolved
     config and seed; a search by Optuna proposes its trials as it goes, so all of them train."""
     from orchestrator import tracking
-    from orchestrator.sweep import SWEEP_EXPERIMENT
+    from orchestrator.runs import SWEEP_EXPERIMENT
 
     exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
     runs = client.search_runs([exp.experiment_id], "tags.`avlab.kind` = 'trial' and attributes.status = 'FINISHED'",
@@ -167,28 +167,28 @@ def time_left(sweeps: list[tuple[int, int, int, list[float]]], pooled: list[floa
 
 def _run_or_reuse(args: argparse.Namespace, name: str, space: Any, overrides: list[str], client, home: Path) -> str:
     """Run the sweep ``name``, or reuse / continue one of the same content; the sweep's name."""
-    from orchestrator import cli
+    from orchestrator import service
 
     same = _same_sweeps(home, name, space)
     existing = _finished(client, same)
     if existing is not None:
         print(f"[avlab] reproduce: reusing finished sweep {existing}", flush=True)
         return existing
-    common = {"home": args.home, "tracking_uri": args.tracking_uri, "address": args.address}
+    common = {"home_arg": args.home, "tracking_uri": args.tracking_uri, "address": args.address}
     if same:
         print(f"[avlab] reproduce: continuing sweep {same[0]}", flush=True)
-        cli.cmd_resume(argparse.Namespace(name=same[0], retry_failed=args.retry_failed, **common))
+        service.resume(same[0], retry_failed=args.retry_failed, **common)
         return same[0]
     print(f"[avlab] reproduce: sweep {name} ({space.path.name})", flush=True)
-    cli.cmd_sweep(argparse.Namespace(search_space=str(space.path), seeds=args.seeds, preset=args.preset,
-                                     overrides=overrides, max_concurrent=None, name=name,
-                                     reuse_trials=space.scheduler is None, **common))
+    service.start_sweep(space.path, seeds=args.seeds, preset=args.preset, overrides=overrides, name=name,
+                        reuse_trials=space.scheduler is None, **common)
     return name
 
 
 def seed_values(client, name: str, metric: str) -> dict[str, list[float]]:
     """Per configuration label, the metric of each finished trial of sweep ``name``."""
-    from orchestrator.report import _children, _sweep
+    from orchestrator.report import _sweep
+    from orchestrator.runs import children as _children
 
     out: dict[str, list[float]] = {}
     for run in _children(client, _sweep(client, name).info.run_id):
@@ -199,7 +199,8 @@ def seed_values(client, name: str, metric: str) -> dict[str, list[float]]:
 
 def sweep_code_versions(client, name: str) -> dict[str, int]:
     """The finished trials of sweep ``name`` per code version (``report.code_versions``)."""
-    from orchestrator.report import _children, _sweep, code_versions
+    from orchestrator.report import _sweep, code_versions
+    from orchestrator.runs import children as _children
 
     return code_versions([r for r in _children(client, _sweep(client, name).info.run_id)
                           if r.info.status == "FINISHED"])
@@ -342,8 +343,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         for _, (line, _, _) in progress:
             print(f"[avlab] reproduce:   {line}", flush=True)
         counts = trials_to_train(client, [(space, finished) for space, (_, finished, _) in progress])
-        from orchestrator.report import _children
-        from orchestrator.sweep import find_sweep_run
+        from orchestrator.runs import children as _children
+        from orchestrator.runs import find_sweep_run
 
         pooled = [s for _, (_, _, own) in progress for s in own]
         for name in ran.values():
@@ -395,7 +396,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     counts = {v: sum(e["verdict"] == v for e in entries) for v in ("holds", "contradicted", "inconclusive")}
     tracking.log_metrics(client, run_id, {f"claims_{k}": float(n) for k, n in counts.items()}, step=0)
     tracking.end_run(uri, run_id, ok=True)
-    from orchestrator.sweep import find_sweep_run
+    from orchestrator.runs import find_sweep_run
 
     for name, (_, group) in plans.items():  # `avlab report NAME` links back to these verdicts
         decided = "; ".join(f"{e['id']}: {e['verdict']}" for e in entries if e["sweep"] == name)

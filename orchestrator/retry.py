@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from mlflow.tracking import MlflowClient
 
 from orchestrator import tracking
-from orchestrator.sweep import _children, experiment_path
+from orchestrator.runs import children as _children
 
 if TYPE_CHECKING:
     from orchestrator.search_space import SearchSpace
@@ -96,7 +96,7 @@ def retry_tuner(space: SearchSpace, trainable: Any, runs: list, *, home: Path, n
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(
             name=f"retry-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}",
-            storage_path=f"{experiment_path(home, name)}.retries", verbose=1,
+            storage_path=f"{tracking.experiment_path(home, name)}.retries", verbose=1,
             failure_config=tune.FailureConfig(max_failures=space.first_config().train.max_failures),
         ),
     )

@@ -409,3 +409,63 @@ def _positive_int(p: Path, value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{p.name}: {name}: must be an integer >= 1, got {value!r}")
     return value
+
+
+def point_label(params: dict[str, Any], grid: tuple[str, ...] = ()) -> str:
+    """Stable, readable label of one configuration, e.g. ``method.memory_size=500``; a variant
+    is named by its label (its settings are in the run's params), then the grid values."""
+    if not params:
+        return "base"
+    if "variant" in params:
+        return ",".join([str(params["variant"]), *(f"{k}={params[k]}" for k in grid if k in params)])
+    return ",".join(f"{k}={v}" for k, v in params.items())
+
+
+def trial_params(space: SearchSpace, config: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """The varied settings and the seed of the trial whose Tune config is ``config``."""
+    if space.uses_optuna:
+        config = config.get("retry", config)  # a retried proposal: its values (retry.retry_tuner)
+        return {path: config[path] for path in space.search}, config["seed"]
+    trial = config.get("trial")
+    if isinstance(trial, str):  # "<configuration> seed=<seed>": whatever order the space lists them in
+        label, seed = trial.rsplit(" seed=", 1)
+        points = {point_label(params, tuple(space.grid)): params for params in space.grid_points()}
+        return dict(points[label]), int(seed)
+    if trial is not None:  # a sweep started before trials were named: an index into its grid's order
+        point, seed = grid_trials(space)[trial]
+    else:  # a sweep started before grid trials were ordered: one Tune dimension each
+        point, seed = config["point"], config["seed"]
+    return dict(space.grid_points()[point]), seed
+
+
+def trial_key(space: SearchSpace, point: int, seed: int) -> str:
+    """A grid trial's Tune value: its configuration's label and seed. A restored sweep finds each
+    trial's configuration by it, even if the space comes back with its variants or grid keys in
+    another order (an index would then name another configuration)."""
+    return f"{point_label(space.grid_points()[point], tuple(space.grid))} seed={seed}"
+
+
+
+def grid_trials(space: SearchSpace) -> list[tuple[int, int]]:
+    """The grid's trials as (configuration index, seed), in the order they start: every seed of a
+    configuration in a row, the longest configurations first. Trials of a grid differ in length
+    (a random-init variant only evaluates); started longest first, the short ones fill the slots
+    at the end instead of one long trial running alone while the other slots idle."""
+    return [(point, seed) for point in longest_first(space) for seed in space.seeds]
+
+
+def longest_first(space: SearchSpace) -> list[int]:
+    """Indices of the grid's configurations by decreasing training work (epochs x steps per
+    epoch x batch; ties keep the search space's order)."""
+    def work(index: int) -> int:
+        cfg = space.config_for(space.grid_points()[index], space.seeds[0])
+        from methods.registry import METHODS
+
+        pool = getattr(cfg.data, f"{METHODS[cfg.method_name].method_cls.pretraining_pool(cfg.method)}_size")
+        steps = max(pool // cfg.train.batch_size, 1)
+        if cfg.train.max_steps_per_epoch:
+            steps = min(steps, cfg.train.max_steps_per_epoch)
+        return cfg.train.epochs * steps * cfg.train.batch_size
+
+    return sorted(range(len(space.grid_points())), key=lambda i: -work(i))
+

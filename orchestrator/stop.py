@@ -13,130 +13,18 @@ what ``avlab resume`` will continue.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from orchestrator.drivers import check_entry, is_here, is_live_driver
 from orchestrator.errors import ConfigError, RunFailed
+from orchestrator.runs import settle
 
 STOP_TIMEOUT_S = 300.0
-
-
-_ACTIVE = False  # inside sigterm_as_interrupt
-
-
-def _interrupt(signum, frame) -> None:  # noqa: ARG001
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (``avlab stop``, ``ray job stop``, a batch scheduler's cancel) handled like Ctrl-C
-    while a job runs: the job settles its runs and can be resumed."""
-    global _ACTIVE
-    try:
-        previous = signal.signal(signal.SIGTERM, _interrupt)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    _ACTIVE = True
-    try:
-        yield
-    finally:
-        _ACTIVE = False
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def ray_starting() -> Iterator[None]:
-    """Around ``ray.init`` in a driver: a SIGTERM while Ray starts stops the job like one after.
-
-    ``ray.init`` gives the driver SIGTERM handlers of its own, which exit at once (no run
-    settled, the sweep marked failed), and its core worker installs a C++ crash handler that
-    turns a SIGTERM into an abort with a stack dump. Inside ``sigterm_as_interrupt`` the crash
-    handler is left out of the driver (Ray's workers keep theirs), a SIGTERM that Ray's handlers
-    took while it started (they raise SystemExit, after stopping what had started) becomes the
-    KeyboardInterrupt that avlab's handler raises, and avlab's handler is put back afterwards."""
-    if not _ACTIVE:
-        yield
-        return
-    import ray
-    from ray._private import ray_constants
-
-    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True  # read when the driver's core worker starts
-    try:
-        yield
-    except SystemExit:
-        with contextlib.suppress(Exception):
-            ray.shutdown()
-        raise KeyboardInterrupt from None
-    finally:
-        with contextlib.suppress(ValueError):
-            signal.signal(signal.SIGTERM, _interrupt)
-
-
-def quiet_worker_sigterm() -> None:
-    """In a Ray worker process of avlab's (a sweep trial, a run's task, a Ray Train worker).
-
-    Ray stops a worker with SIGTERM, and its handler raises SystemExit wherever the worker's
-    main thread is. When that is a weakref callback, a ``__del__`` or the garbage collector,
-    Python cannot raise there: it prints "Exception ignored in ..." with the handler's traceback
-    (which Ray streams to the avlab command's terminal, at the end of a sweep that went well) and
-    carries on until Ray kills the process. This ``sys.unraisablehook`` takes that one case: the
-    exit is asked for again with a new SIGTERM, sent a moment later from another thread so that
-    the main thread handles it once out of the callback (a signal sent from inside would be
-    handled inside again); every other unraisable exception goes to the hook before."""
-    import threading
-
-    previous = sys.unraisablehook
-    if getattr(previous, "avlab_quiet_sigterm", False):
-        return
-
-    def hook(unraisable: Any) -> None:
-        import traceback
-
-        exc = unraisable.exc_value
-        if isinstance(exc, SystemExit) and any(
-                frame.f_code.co_name == "sigterm_handler" for frame, _ in traceback.walk_tb(unraisable.exc_traceback)):
-            again = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM))
-            again.daemon = True
-            again.start()
-            return
-        previous(unraisable)
-
-    hook.avlab_quiet_sigterm = True  # type: ignore[attr-defined]
-    sys.unraisablehook = hook
-
-
-def settle(uri: str, manifest: dict[str, Any], *, status: str = "KILLED") -> tuple[int, int]:
-    """Mark what is still RUNNING of the job as a stopped job leaves it: the run or the sweep's
-    parent run ``status`` (FAILED when Ray was lost under it), each unfinished trial KILLED (it
-    continues from its checkpoint); returns (trials ended, trials) for a sweep, (0, 0) for a run."""
-    from mlflow.tracking import MlflowClient
-
-    from orchestrator.sweep import _children
-
-    client = MlflowClient(uri)
-    if manifest["kind"] == "run":
-        run = client.get_run(manifest["mlflow_run_id"])
-        if run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, status=status)
-        return 0, 0
-    parent = manifest["parent_run_id"]
-    children = _children(client, parent)
-    for run in children:
-        if run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, status="FINISHED" if "eval_time_s" in run.data.metrics else "KILLED")
-    if client.get_run(parent).info.status == "RUNNING":
-        client.set_terminated(parent, status=status)
-    ended = sum(r.info.status in ("FINISHED", "FAILED") for r in _children(client, parent))
-    return ended, len(children)
 
 
 def _wait_gone(driver: dict[str, Any], timeout: float) -> bool:

@@ -21,29 +21,8 @@ from orchestrator.errors import ConfigError, Interrupted, RunFailed
 from orchestrator.drivers import driver_entry
 
 if TYPE_CHECKING:  # the config is imported where it is used: `avlab report` and `status` need none
-    from orchestrator.search_space import SearchSpace
-
-SWEEP_EXPERIMENT = "avlab-sweeps"
-
-
-def find_sweep_run(client: MlflowClient, name: str):
-    exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
-    if exp is None:
-        return None
-    runs = client.search_runs(
-        [exp.experiment_id],
-        f"tags.`avlab.sweep_name` = '{name}' and tags.`avlab.kind` = 'sweep'",
-        max_results=1,
-    )
-    return runs[0] if runs else None
-
-
-def grid_trials(space: SearchSpace) -> list[tuple[int, int]]:
-    """The grid's trials as (configuration index, seed), in the order they start: every seed of a
-    configuration in a row, the longest configurations first. Trials of a grid differ in length
-    (a random-init variant only evaluates); started longest first, the short ones fill the slots
-    at the end instead of one long trial running alone while the other slots idle."""
-    return [(point, seed) for point in longest_first(space) for seed in space.seeds]
+    from orchestrator.runs import SWEEP_EXPERIMENT, children
+from orchestrator.search_space import SearchSpace, grid_trials, trial_key, trial_params
 
 
 def trial_resources(space: SearchSpace, config: dict[str, Any]):
@@ -53,7 +32,6 @@ def trial_resources(space: SearchSpace, config: dict[str, Any]):
     dies would fail its trial instead of letting Ray Train restart the workers elsewhere."""
     from ray.tune import PlacementGroupFactory
 
-    from orchestrator.trial import trial_params
 
     return PlacementGroupFactory(trial_bundles(space.config_for(*trial_params(space, config)).resources))
 
@@ -68,7 +46,6 @@ def _param_space(space: SearchSpace) -> dict[str, Any]:
     from ray import tune
 
     if not space.uses_optuna:
-        from orchestrator.trial import trial_key
 
         return {"trial": tune.grid_search([trial_key(space, point, seed) for point, seed in grid_trials(space)])}
     dims: dict[str, Any] = {"seed": space.seeds[0]}
@@ -82,22 +59,6 @@ def _param_space(space: SearchSpace) -> dict[str, Any]:
         else:
             dims[path] = tune.choice(list(d.values))
     return dims
-
-
-def longest_first(space: SearchSpace) -> list[int]:
-    """Indices of the grid's configurations by decreasing training work (epochs x steps per
-    epoch x batch; ties keep the search space's order)."""
-    def work(index: int) -> int:
-        cfg = space.config_for(space.grid_points()[index], space.seeds[0])
-        from methods.registry import METHODS
-
-        pool = getattr(cfg.data, f"{METHODS[cfg.method_name].method_cls.pretraining_pool(cfg.method)}_size")
-        steps = max(pool // cfg.train.batch_size, 1)
-        if cfg.train.max_steps_per_epoch:
-            steps = min(steps, cfg.train.max_steps_per_epoch)
-        return cfg.train.epochs * steps * cfg.train.batch_size
-
-    return sorted(range(len(space.grid_points())), key=lambda i: -work(i))
 
 
 def build_searcher(space: SearchSpace, seed: int = 0):
@@ -186,7 +147,7 @@ def _close_trial_runs(client: MlflowClient, parent_id: str, results) -> list[str
     errored = {(r.metrics or {}).get("trial_id") for r in results if r.error is not None}
     unknown_errors = None in errored  # an errored trial that never reported: trust FAILED runs
     failed = []
-    for run in _children(client, parent_id):
+    for run in children(client, parent_id):
         status = run.info.status
         line = run.data.tags.get(f"{tracking.TAG_PREFIX}{tracking.FAILED_TAG}")
         if line:
@@ -209,11 +170,6 @@ def _close_trial_runs(client: MlflowClient, parent_id: str, results) -> list[str
     return failed
 
 
-def _children(client: MlflowClient, parent_id: str) -> list:
-    exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
-    return client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000)
-
-
 def _interrupted(client: MlflowClient, parent_id: str, name: str, expected: int) -> Interrupted:
     """After Ctrl-C: stop Ray (the trials' actors end with their driver, so none settles its run
     after this), then settle the child runs of the trials it stopped (none with a recorded
@@ -222,11 +178,11 @@ def _interrupted(client: MlflowClient, parent_id: str, name: str, expected: int)
     import ray
 
     ray.shutdown()
-    for run in _children(client, parent_id):
+    for run in children(client, parent_id):
         if run.info.status == "FINISHED" or run.data.tags.get(f"{tracking.TAG_PREFIX}{tracking.FAILED_TAG}"):
             continue
         client.set_terminated(run.info.run_id, status="FINISHED" if "eval_time_s" in run.data.metrics else "KILLED")
-    ended = sum(r.info.status in ("FINISHED", "FAILED") for r in _children(client, parent_id))
+    ended = sum(r.info.status in ("FINISHED", "FAILED") for r in children(client, parent_id))
     return Interrupted(f"sweep {name} interrupted with {ended} of {expected} trials ended; `avlab resume {name}` continues it")
 
 
@@ -287,11 +243,6 @@ def run_sweep(
     fit_sweep(space, name=name, home=home, tracking_uri=tracking_uri, address=address,
               max_concurrent=max_concurrent, parent_id=parent_id, restore=False, reuse_trials=reuse_trials)
     return parent_id
-
-
-def experiment_path(home: Path, name: str) -> str:
-    """The Tune experiment folder (or URI) of sweep ``name``."""
-    return f"{tracking.storage_root(home)}/sweeps/{name}"
 
 
 def _tuner(space: SearchSpace, trainable: Any, path: str, *, name: str, restore: bool, max_concurrent: int) -> Any:
@@ -366,7 +317,7 @@ def fit_sweep(
     from ray import tune
 
     from orchestrator.launch import init_ray, watching_node
-    from orchestrator.stop import settle
+    from orchestrator.runs import settle
     from orchestrator.trial import run_trial
 
     client = MlflowClient(tracking_uri)
@@ -390,7 +341,7 @@ def fit_sweep(
             tune.with_parameters(run_trial, space=space, sweep=sweep),
             lambda config: trial_resources(space, config),
         )
-        tuner = _tuner(space, trainable, experiment_path(home, name), name=name, restore=restore,
+        tuner = _tuner(space, trainable, tracking.experiment_path(home, name), name=name, restore=restore,
                        max_concurrent=max_concurrent)
         t0 = time.perf_counter()
         try:

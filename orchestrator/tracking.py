@@ -84,6 +84,12 @@ def storage_root(home: Path) -> str:
     return str(Path(chosen).expanduser().resolve())
 
 
+def experiment_path(home: Path, name: str) -> str:
+    """The Tune experiment folder (or URI) of sweep ``name``."""
+    return f"{storage_root(home)}/sweeps/{name}"
+
+
+
 def resolve_tracking_uri(home: Path, uri: str | None = None) -> str:
     """``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > sqlite file in the home folder; a store
     named by the user is checked (``check_tracking_uri``) and must be usable from here
@@ -537,3 +543,13 @@ def last_logged_epoch(client: MlflowClient, run_id: str) -> int:
 def logged_evaluation(client: MlflowClient, run_id: str) -> dict[str, float] | None:
     metrics = client.get_run(run_id).data.metrics
     return dict(metrics) if "eval_time_s" in metrics else None
+
+
+def open_home_store(home_arg: str | Path | None, tracking_uri: str | None) -> tuple[Path, Any]:
+    """(home, MlflowClient) of a home whose store already exists, for the commands that read it;
+    ConfigError naming ``--home`` when it holds none (nothing is created)."""
+    home = resolve_home(home_arg)
+    uri = resolve_tracking_uri(home, tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise ConfigError(f"--home: no avlab store at {home}")
+    return home, open_store(uri)

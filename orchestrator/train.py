@@ -42,7 +42,7 @@ from orchestrator import tracking
 from orchestrator.config import ExperimentConfig
 from orchestrator.hosts import RayTrainHost, TrialHost
 from orchestrator.loaders import DeviceAugment, Loader, build_pretraining_data, to_device
-from orchestrator.stop import quiet_worker_sigterm
+from orchestrator.signals import quiet_worker_sigterm
 
 
 def seed_everything(seed: int) -> None:

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 from mlflow.tracking import MlflowClient
 
 from orchestrator import tracking
-from orchestrator.stop import quiet_worker_sigterm
-from orchestrator.sweep import SWEEP_EXPERIMENT, grid_trials
+from orchestrator.runs import SWEEP_EXPERIMENT
+from orchestrator.search_space import point_label, trial_params
+from orchestrator.signals import quiet_worker_sigterm
 
 if TYPE_CHECKING:
     from orchestrator.search_space import SearchSpace
@@ -29,40 +30,6 @@ if TYPE_CHECKING:
 # When this process ran its last trial: Tune reuses a trial's actor for the next trial, which then
 # starts warm (nothing to import, data already rendered).
 _LAST_TRIAL_END: float | None = None
-
-
-def point_label(params: dict[str, Any], grid: tuple[str, ...] = ()) -> str:
-    """Stable, readable label of one configuration, e.g. ``method.memory_size=500``; a variant
-    is named by its label (its settings are in the run's params), then the grid values."""
-    if not params:
-        return "base"
-    if "variant" in params:
-        return ",".join([str(params["variant"]), *(f"{k}={params[k]}" for k in grid if k in params)])
-    return ",".join(f"{k}={v}" for k, v in params.items())
-
-
-def trial_params(space: SearchSpace, config: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    """The varied settings and the seed of the trial whose Tune config is ``config``."""
-    if space.uses_optuna:
-        config = config.get("retry", config)  # a retried proposal: its values (retry.retry_tuner)
-        return {path: config[path] for path in space.search}, config["seed"]
-    trial = config.get("trial")
-    if isinstance(trial, str):  # "<configuration> seed=<seed>": whatever order the space lists them in
-        label, seed = trial.rsplit(" seed=", 1)
-        points = {point_label(params, tuple(space.grid)): params for params in space.grid_points()}
-        return dict(points[label]), int(seed)
-    if trial is not None:  # a sweep started before trials were named: an index into its grid's order
-        point, seed = grid_trials(space)[trial]
-    else:  # a sweep started before grid trials were ordered: one Tune dimension each
-        point, seed = config["point"], config["seed"]
-    return dict(space.grid_points()[point]), seed
-
-
-def trial_key(space: SearchSpace, point: int, seed: int) -> str:
-    """A grid trial's Tune value: its configuration's label and seed. A restored sweep finds each
-    trial's configuration by it, even if the space comes back with its variants or grid keys in
-    another order (an index would then name another configuration)."""
-    return f"{point_label(space.grid_points()[point], tuple(space.grid))} seed={seed}"
 
 
 def _launch_delay() -> float:

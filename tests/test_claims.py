@@ -237,7 +237,7 @@ def test_an_undecided_claim_says_how_far_its_sweep_got(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from orchestrator.reproduce import _progress
-    from orchestrator.sweep import SWEEP_EXPERIMENT
+    from orchestrator.runs import SWEEP_EXPERIMENT
 
     path = tmp_path / "mem.yaml"
     path.write_text("base:\n  preset: tiny\ngrid:\n  method.memory_size: [8, 16]\nseeds: 2\n")
@@ -267,7 +267,7 @@ def test_trials_left_that_repeat_a_finished_or_an_earlier_trial_are_not_counted_
     from mlflow.tracking import MlflowClient
 
     from orchestrator.reproduce import trials_to_train
-    from orchestrator.sweep import SWEEP_EXPERIMENT
+    from orchestrator.runs import SWEEP_EXPERIMENT
 
     first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
     first.write_text("base:\n  preset: tiny\ngrid:\n  method.memory_size: [8, 16]\nseeds: 2\n")

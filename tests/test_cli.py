@@ -282,7 +282,7 @@ def sigterm_handler(signum, frame):
 
 signal.signal(signal.SIGTERM, sigterm_handler)
 if sys.argv[1] == "hook":
-    from orchestrator.stop import quiet_worker_sigterm
+    from orchestrator.signals import quiet_worker_sigterm
     quiet_worker_sigterm()
 
 class Thing:

@@ -32,3 +32,57 @@ def test_importing_every_method_module_loads_no_system_package():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def _orchestrator_imports() -> dict[str, set[str]]:
+    """Each orchestrator module and the orchestrator modules it imports, at module level or
+    inside a function (an import in a function body hides a dependency, it does not remove it)."""
+    package = ROOT / "orchestrator"
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts): p for p in package.rglob("*.py")
+               if p.name != "__init__.py"}
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for target in graph[todo.pop()] - seen:
+            seen.add(target)
+            todo.append(target)
+    return seen
+
+
+def test_no_import_cycle_inside_the_orchestrator():
+    graph = _orchestrator_imports()
+    assert len(graph) >= 30
+    cycles = sorted(name for name in graph if name in _reachable(graph, name))
+    assert not cycles, f"modules on an import cycle: {cycles}"
+
+
+# What drives jobs: the command line, the job service, sweeps and their trials, the launchers and
+# the commands' own modules. The training worker runs inside Ray on every node and needs none.
+DRIVER_MODULES = {"cli", "service", "sweep", "trial", "retry", "launch", "reproduce", "report", "claims", "stop",
+                  "submit", "ui", "evaluate_run", "optuna_store", "data_commands", "cluster_files", "metrics"}
+
+
+def test_the_training_worker_imports_no_driver_module():
+    graph = _orchestrator_imports()
+    assert {f"orchestrator.{m}" for m in DRIVER_MODULES} <= graph.keys()
+    reached = {m.removeprefix("orchestrator.") for m in _reachable(graph, "orchestrator.train")}
+    assert not reached & DRIVER_MODULES, sorted(reached & DRIVER_MODULES)
+
+
+def test_only_the_command_line_and_reproduce_import_the_job_service():
+    graph = _orchestrator_imports()
+    importers = sorted(m for m, targets in graph.items() if "orchestrator.service" in targets)
+    assert importers == ["orchestrator.cli", "orchestrator.reproduce"], importers
+    assert not [m for m, targets in graph.items() if "orchestrator.cli" in targets]

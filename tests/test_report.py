@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from methods.metric_names import chance_level, metric_range
 from orchestrator import tracking
 from orchestrator.report import build_report, plot, to_markdown, to_table, write_report
-from orchestrator.sweep import SWEEP_EXPERIMENT
+from orchestrator.runs import SWEEP_EXPERIMENT
 
 METRIC = "image_h_linear_acc"
 DATA = {"data.num_classes": "10", "data.azimuth_sectors": "8", "data.manifest": "None", "data.seed": "0",

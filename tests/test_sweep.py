@@ -453,7 +453,7 @@ def test_sweep_stopped_by_ctrl_c_then_by_a_lost_node_resumes_and_finishes_every_
 
 
 def test_variant_trials_are_labelled_by_their_variant_then_the_grid():
-    from orchestrator.trial import point_label
+    from orchestrator.search_space import point_label
 
     space = load_search_space(ROOT / "search_spaces" / "method_comparison.yaml")
     labels = [point_label(p, tuple(space.grid)) for p in space.grid_points()]
@@ -491,7 +491,7 @@ def test_a_grid_starts_its_longest_configurations_first():
     variant, which only evaluates, last), so short trials fill the slots at the end."""
     from ray.tune.search.variant_generator import generate_variants
 
-    from orchestrator.trial import trial_params
+    from orchestrator.search_space import trial_params
 
     space = load_search_space(ROOT / "search_spaces" / "demo_learning.yaml")
     order = [trial_params(space, v) for _, v in generate_variants(_param_space(space))]
@@ -513,7 +513,7 @@ def test_a_restored_sweep_runs_each_trial_with_its_own_configuration_whatever_th
 
     from orchestrator import jobs
     from orchestrator.search_space import SearchSpace
-    from orchestrator.trial import trial_params
+    from orchestrator.search_space import trial_params
 
     path = tmp_path / "s.yaml"
     path.write_text("base:\n  preset: tiny\nvariants:\n  zeta: {method.memory_size: 30}\n  alpha: {method.memory_size: 10}\n"

@@ -376,7 +376,7 @@ def test_a_retried_optuna_proposal_gets_back_the_values_and_config_of_its_run(tm
     from types import SimpleNamespace
 
     from orchestrator.retry import _proposal
-    from orchestrator.trial import trial_params
+    from orchestrator.search_space import trial_params
 
     path = tmp_path / "opt.yaml"
     path.write_text(

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.sweep import SWEEP_EXPERIMENT
+from orchestrator.runs import SWEEP_EXPERIMENT
 
 import faults
 from conftest import AVLAB, ROOT, TINY_RUN, default_sigint

@@ -1,0 +1,96 @@
+"""avlab's runs in the MLflow store: a sweep's parent run and its trials, the runs a name
+means, and settling what a stopped job leaves RUNNING."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from orchestrator.errors import ConfigError
+from orchestrator.jobs import NAME_PATTERN
+
+SWEEP_EXPERIMENT = "avlab-sweeps"
+
+
+def find_sweep_run(client: MlflowClient, name: str):
+    """The parent run of sweep ``name``, or None."""
+    exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
+    if exp is None:
+        return None
+    runs = client.search_runs(
+        [exp.experiment_id],
+        f"tags.`avlab.sweep_name` = '{name}' and tags.`avlab.kind` = 'sweep'",
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def children(client: MlflowClient, parent_id: str) -> list:
+    """The trial runs of the sweep whose parent run is ``parent_id``."""
+    exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
+    return client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000)
+
+
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def runs_named(client: MlflowClient, name: str, field: str) -> tuple[list, Any]:
+    """(finished runs, sweep parent or None) that ``name`` means: a run id, a sweep's name (its
+    finished trials), a run name, or a sweep trial's name (``<sweep>/<configuration>/seed<N>``).
+    Errors name ``field``.
+
+    The names avlab gives runs and sweeps pass ``jobs.check_name``, and a trial's name starts
+    with its sweep's: any other name is refused before it reaches an MLflow search filter (where
+    a quote would end the string)."""
+    if RUN_ID.match(name):
+        try:
+            return [client.get_run(name)], None
+        except Exception:  # MlflowException: no such run; fall through to names
+            pass
+    sweep, slash, _ = name.partition("/")
+    if not NAME_PATTERN.fullmatch(sweep):
+        raise ConfigError(f"{field}: {name!r} is not a run id, a run name or a sweep name avlab makes (letters, "
+                          "digits, '.', '_' and '-'; a sweep's trial: <sweep>/<configuration>/seed<N>)")
+    if slash:  # a trial: matched among its sweep's runs, never quoted into a filter
+        parent = find_sweep_run(client, sweep)
+        runs = [r for r in children(client, parent.info.run_id) if r.info.run_name == name] if parent else []
+        if not runs:
+            raise ConfigError(f"{field}: no run or sweep named {name!r} in this store")
+        return runs[:1], None
+    parent = find_sweep_run(client, name)
+    if parent is not None:
+        trials = [r for r in children(client, parent.info.run_id) if r.info.status == "FINISHED"]
+        if not trials:
+            raise ConfigError(f"{field}: sweep {name!r} has no finished trial yet")
+        return trials, parent
+    ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(ids, f"attributes.run_name = '{name}'", max_results=2)
+    if not runs:
+        raise ConfigError(f"{field}: no run or sweep named {name!r} in this store")
+    if len(runs) > 1:
+        raise ConfigError(f"{field}: several runs are named {name!r}; give the run id")
+    return runs, None
+
+
+def settle(uri: str, manifest: dict[str, Any], *, status: str = "KILLED") -> tuple[int, int]:
+    """Mark what is still RUNNING of the job as a stopped job leaves it: the run or the sweep's
+    parent run ``status`` (FAILED when Ray was lost under it), each unfinished trial KILLED (it
+    continues from its checkpoint); returns (trials ended, trials) for a sweep, (0, 0) for a run."""
+    client = MlflowClient(uri)
+    if manifest["kind"] == "run":
+        run = client.get_run(manifest["mlflow_run_id"])
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status=status)
+        return 0, 0
+    parent = manifest["parent_run_id"]
+    trials = children(client, parent)
+    for run in trials:
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status="FINISHED" if "eval_time_s" in run.data.metrics else "KILLED")
+    if client.get_run(parent).info.status == "RUNNING":
+        client.set_terminated(parent, status=status)
+    ended = sum(r.info.status in ("FINISHED", "FAILED") for r in children(client, parent))
+    return ended, len(trials)
+

@@ -1,0 +1,302 @@
+"""The jobs avlab starts, as functions of typed arguments: a run, a sweep, and the resume of
+either. Each checks its input first (a ConfigError before anything is created), then creates its
+MLflow run and job file, trains, and prints its summary; the commands and ``avlab reproduce``
+call them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from orchestrator.errors import ConfigError, Interrupted, RunFailed
+
+if TYPE_CHECKING:
+    from orchestrator.config import ExperimentConfig
+
+
+def start_run(cfg: ExperimentConfig, *, home_arg: str | Path | None = None, tracking_uri: str | None = None,
+              address: str | None = None) -> int:
+    """Check, create and run one training run of ``cfg`` to its end; the exit code. Bad input is a
+    ConfigError before anything is created; a failed run a RunFailed; Ctrl-C an Interrupted."""
+    from orchestrator import jobs, tracking
+    from orchestrator.config import dump_yaml
+    from orchestrator.drivers import driver_entry
+
+    home = tracking.resolve_home(home_arg)
+    uri = tracking.resolve_tracking_uri(home, tracking_uri)
+    name = cfg.tracking.run_name or f"{cfg.method_name}-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    jobs.check_name(name, "tracking.run_name")
+    if address is None:
+        from orchestrator.footprint import check_fits, local_budget
+        from orchestrator.launch import check_local_resources
+
+        check_local_resources(cfg.resources)
+        budget, where = local_budget(cfg)
+        check_fits(cfg, per_worker_bytes=budget, where=where)  # a run that cannot fit stops here
+    else:
+        from orchestrator.launch import check_ray_address
+
+        check_ray_address(address)
+    if cfg.train.init_from:
+        from orchestrator.checkpoint import resolve_init
+
+        resolve_init(cfg.train.init_from, home)  # a bad path or run name stops here, exit 2
+    if jobs.exists(home, name):
+        # Ray Train would pick up that run's checkpoints under the same name.
+        raise ConfigError(f"tracking.run_name: a run or sweep named {name!r} already exists in {home}; "
+                          f"`avlab resume {name}` continues it, or choose another name")
+    if cfg.data.manifest and address is None:
+        # A local run decodes its dataset into the feature cache first, so an unusable file stops
+        # it with exit 2 before Ray, MLflow or training start; the workers then reuse the cache.
+        from methods.data.decode import DataError
+        from methods.data.real import ManifestAV
+
+        try:
+            ManifestAV(cfg.data).cache
+        except DataError as exc:
+            raise ConfigError(f"data.manifest: {str(exc).splitlines()[0]}") from None
+    home.mkdir(parents=True, exist_ok=True)
+    tracking.prepare_store(uri)
+    print(f"[avlab] run {name}: method={cfg.method_name} preset={cfg.preset} "
+          f"workers={cfg.resources.workers} gpu={cfg.resources.gpu}", flush=True)
+    with jobs.reserved(home, name, "run", "tracking.run_name"):  # of two runs given one name, one starts
+        run_id = tracking.create_run(
+            tracking_uri=uri,
+            home=home,
+            experiment=cfg.tracking.experiment,
+            run_name=name,
+            params=cfg.flat(),
+            tags={
+                "method": cfg.method_name,
+                "preset": cfg.preset,
+                "run_identity": cfg.identity(),
+                "run_name": name,
+                "kind": "run",
+            },
+            config_yaml=dump_yaml(cfg),
+        )
+        jobs.write(home, name, {"kind": "run", "config": cfg.to_dict(), "mlflow_run_id": run_id,
+                                "tracking_uri": uri, "address": address, "storage": tracking.storage_root(home),
+                                "driver": driver_entry()})
+    return _execute_run(cfg, name=name, run_id=run_id, uri=uri, home=home, address=address)
+
+
+def _ui_hint(uri: str) -> str:
+    """The command that shows ``uri``: ``avlab ui`` for a local store, the server itself otherwise."""
+    if uri.startswith(("http://", "https://")):
+        return uri
+    home = uri.removeprefix("sqlite:///").removesuffix("/mlflow.db")
+    return f"{Path(sys.executable).parent / 'avlab'} ui --home {home}"
+
+
+@contextlib.contextmanager
+def _one_line_when_ray_stops(kind: str, name: str):
+    """Ray stopped underneath a job (its raylet or GCS killed, the node lost): one line that says
+    so and how to continue, instead of Ray's traceback. The job's checkpoints are intact."""
+    try:
+        yield
+    except Exception as exc:
+        from ray.exceptions import RayActorError, RaySystemError
+
+        if not isinstance(exc, (RayActorError, RaySystemError)):
+            raise
+        lines = str(exc).strip().splitlines()
+        raise RunFailed(f"Ray stopped under {kind} {name} ({type(exc).__name__}: {lines[0] if lines else ''}); "
+                        f"`avlab resume {name}` continues it from its last checkpoint") from None
+
+
+def _execute_run(cfg: ExperimentConfig, *, name: str, run_id: str, uri: str, home: Path, address: str | None) -> int:
+    from orchestrator import tracking
+    from orchestrator.launch import launch_run
+
+    ok = interrupted = False
+    try:
+        with _one_line_when_ray_stops("run", name):
+            metrics = launch_run(cfg, name=name, run_id=run_id, tracking_uri=uri, home=home, address=address)
+        ok = True
+    except KeyboardInterrupt:
+        # Ctrl-C: stop Ray first (the run's task or workers end with their driver, so nothing logs
+        # after this), then mark the run KILLED, not failed: it continues from its last checkpoint.
+        import ray
+        from mlflow.tracking import MlflowClient
+
+        interrupted = True
+        ray.shutdown()
+        MlflowClient(uri).set_terminated(run_id, status="KILLED")
+        raise Interrupted(f"run {name} interrupted; `avlab resume {name}` continues it from its last checkpoint") from None
+    finally:
+        if not interrupted:
+            tracking.end_run(uri, run_id, ok=ok)
+    print(f"[avlab] finished {name} (MLflow run {run_id})")
+    from methods.metric_names import HEADLINE_METRICS, OPTIONAL_HEADLINE_METRICS
+
+    for key in (*HEADLINE_METRICS, *OPTIONAL_HEADLINE_METRICS):
+        if key in metrics:
+            print(f"  {key:<22} {metrics[key]:.4f}")
+    print(f"[avlab] see it in MLflow: {_ui_hint(uri)}")
+    return 0
+
+
+def resume(name: str, *, home_arg: str | Path | None = None, tracking_uri: str | None = None,
+           address: str | None = None, retry_failed: bool = False) -> int:
+    """Continue a run or sweep whose driver stopped (killed, lost head node) where it stopped; with
+    ``retry_failed``, train its failed trials (or the failed run) again. The exit code."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import jobs, tracking
+    from orchestrator.config import ExperimentConfig
+
+    home = tracking.resolve_home(home_arg)
+    jobs.check_name(name, "NAME")
+    manifest = jobs.read(home, name)  # ConfigError -> exit 2
+    uri = tracking.check_tracking_uri(tracking_uri, "--tracking-uri") if tracking_uri else manifest["tracking_uri"]
+    tracking.check_reachable(uri, "--tracking-uri" if tracking_uri else str(jobs.manifest_path(home, name)))
+    address = address or manifest.get("address")
+    if address is not None:  # before the MLflow run is touched: a dead cluster leaves it as it was
+        from orchestrator.launch import check_ray_address
+
+        recorded = "" if address else f" (from {jobs.manifest_path(home, name)})"
+        check_ray_address(address, f"--address{recorded}")
+    client = MlflowClient(uri)
+    kind, name = manifest["kind"], name
+    run_id = manifest["mlflow_run_id"] if kind == "run" else manifest["parent_run_id"]
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - MLflow raises several types for a missing run
+        raise ConfigError(f"{jobs.manifest_path(home, name)}: its MLflow run {run_id} is not in {uri}") from None
+    if run.info.status == "FINISHED":
+        print(f"[avlab] {kind} {name} already finished (MLflow run {run_id}); nothing to resume")
+        return 0
+    retry = retry_failed
+    failure = tracking.recorded_failure(client, run_id) if kind == "run" else ""
+    if failure and not retry:  # deterministic: every attempt would fail the same way, so none starts
+        raise RunFailed(f"run {name} failed: {failure}; once fixed, `avlab resume {name} --retry-failed` "
+                        "trains it again")
+    from orchestrator.search_space import SearchSpace
+
+    try:  # the job file's config or search space, checked again before anything changes
+        job = ExperimentConfig.from_dict(manifest["config"]) if kind == "run" else SearchSpace.from_dict(manifest["space"])
+    except ConfigError as exc:
+        raise ConfigError(f"{jobs.manifest_path(home, name)}: {exc}") from None
+    if address is None:  # this machine may be smaller than the one the job started on
+        from orchestrator.launch import check_local_resources
+
+        if kind == "run":
+            check_local_resources(job.resources)
+        else:
+            _check_sweep_resources(job)
+    if retry:  # after the checks above: a job that cannot start keeps its failures as they were
+        from orchestrator.retry import clear_for_retry
+
+        clear_for_retry(client, kind, name, run_id, failure)
+    client.update_run(run_id, status="RUNNING")
+    from orchestrator.drivers import driver_entry
+
+    jobs.write(home, name, {**{k: v for k, v in manifest.items() if k not in ("format", "name")},
+                            "driver": driver_entry()})  # `avlab stop` finds this process
+    tracking.set_tags(client, run_id, {"resumed": str(int(run.data.tags.get("avlab.resumed", "0")) + 1)})
+    if manifest.get("storage"):  # checkpoints and Tune state are where the job first put them
+        os.environ["AVLAB_STORAGE"] = manifest["storage"]
+    print(f"[avlab] resuming {kind} {name} (MLflow run {run_id}, was {run.info.status})", flush=True)
+    if kind == "run":
+        return _execute_run(job, name=name, run_id=run_id, uri=uri, home=home, address=address)
+
+    from orchestrator.sweep import fit_sweep
+
+    t0 = time.perf_counter()
+    with _one_line_when_ray_stops("sweep", name):
+        fit_sweep(job, name=name, home=home, tracking_uri=uri, address=address,
+                  max_concurrent=manifest["max_concurrent"], parent_id=run_id, restore=True,
+                  reuse_trials=bool(manifest.get("reuse_trials", False)))
+    _finish_sweep(client, name, home, uri, time.perf_counter() - t0, job)
+    return 0
+
+
+def _finish_sweep(client, name: str, home: Path, uri: str, seconds: float, space) -> None:
+    from orchestrator.optuna_store import save_study
+    from orchestrator.report import build_report, to_markdown, write_report
+
+    paths = write_report(client, name, home / "reports" / name)
+    report = build_report(client, name)
+    study = save_study(client, home, name, space, report["parent_run_id"])
+    print()
+    print(to_markdown(report))
+    print(f"[avlab] sweep {name} finished in {seconds:.0f} s; report: {paths['markdown']}, plot: {paths['png']}")
+    print(f"[avlab] see it in MLflow: {_ui_hint(uri)}")
+    if study:
+        print(f"[avlab] the Optuna study {name}: optuna-dashboard {study}")
+
+
+def _check_sweep_resources(space) -> None:
+    """Every configuration of a local sweep fits this machine's CPUs, GPUs and memory."""
+    from orchestrator.footprint import check_fits, local_budget
+    from orchestrator.launch import check_local_resources
+
+    configs = {cfg.identity(): cfg for cfg in (space.config_for(p, space.seeds[0]) for p in space.grid_points())}
+    for cfg in configs.values():
+        try:
+            check_local_resources(cfg.resources)
+            budget, where = local_budget(cfg)
+            check_fits(cfg, per_worker_bytes=budget, where=where)
+        except ConfigError as exc:
+            raise ConfigError(f"{space.path.name}: {exc}") from None
+
+
+def start_sweep(search_space: str | Path, *, seeds: int | None = None, preset: str | None = None,
+                overrides: Sequence[str] = (), name: str | None = None, home_arg: str | Path | None = None,
+                tracking_uri: str | None = None, address: str | None = None, max_concurrent: int | None = None,
+                reuse_trials: bool = False) -> int:
+    """Check, create and run the sweep of ``search_space`` to its end, then write its report; the
+    exit code."""
+    from orchestrator.search_space import load_search_space
+    from orchestrator.sweep import check_supported
+
+    space = load_search_space(search_space, seeds=seeds).with_overrides(preset, list(overrides))
+    reuse = reuse_trials
+    check_supported(space, reuse_trials=reuse)
+    if address is None:
+        _check_sweep_resources(space)
+    else:
+        from orchestrator.launch import check_ray_address
+
+        check_ray_address(address)
+    max_concurrent = max_concurrent or space.max_concurrent
+    if max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent: must be >= 1, got {max_concurrent}")
+
+    from orchestrator import jobs, tracking
+    from orchestrator.runs import find_sweep_run
+    from orchestrator.sweep import run_sweep
+
+    home = tracking.resolve_home(home_arg)
+    uri = tracking.resolve_tracking_uri(home, tracking_uri)
+    name = name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    jobs.check_name(name, "--name")
+    from orchestrator.checkpoint import resolve_init
+
+    for init in {space.config_for(p, space.seeds[0]).train.init_from for p in space.grid_points()} - {""}:
+        resolve_init(init, home)  # every trial's starting weights exist before anything starts
+    if jobs.exists(home, name):
+        raise ConfigError(f"--name: a run or sweep named {name!r} already exists in {home}; "
+                          f"`avlab resume {name}` continues it, or choose another name")
+    home.mkdir(parents=True, exist_ok=True)
+    tracking.prepare_store(uri)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    if find_sweep_run(client, name) is not None:
+        raise ConfigError(f"--name: a sweep named {name!r} already exists; choose another name")
+    print(f"[avlab] sweep {name}: {space.num_trials()} trials ({space.num_configurations()} configurations x "
+          f"{len(space.seeds)} seeds), metric {space.metric} ({space.mode}), max {max_concurrent} at once", flush=True)
+    t0 = time.perf_counter()
+    with _one_line_when_ray_stops("sweep", name), jobs.reserved(home, name, "sweep", "--name"):
+        run_sweep(space, name=name, home=home, tracking_uri=uri, address=address, max_concurrent=max_concurrent,
+                  reuse_trials=reuse)
+    _finish_sweep(client, name, home, uri, time.perf_counter() - t0, space)
+    return 0
+
