@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.avlab-installed
 
-.PHONY: demo test install baselines clean
+.PHONY: demo test test-fast install baselines clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ demo: $(STAMP)
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
+# For work in progress: the tests not marked slow (no fault injection, no multi-node cluster), on
+# the same two workers. `make test` stays the suite that CI runs.
+test-fast: $(STAMP)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
 
 # Downstream numbers of a random-init encoder, the tiny BMA run and a supervised encoder.
 baselines: $(STAMP)

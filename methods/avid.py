@@ -234,6 +234,9 @@ class AVID(Method):
     """
 
     name: ClassVar[str] = "avid"
+    # One slot per paired item: the memory banks and CMA's positive sets grow with the pool.
+    size_fields: ClassVar[dict[str, str]] = {**Method.size_fields, "bank_v": "data.paired_size",
+                                             "bank_a": "data.paired_size", "positives": "data.paired_size"}
     pretrain_pool: ClassVar[str] = "paired"
 
     def __init__(self, cfg: AVIDConfig, data_info: DataInfo) -> None:

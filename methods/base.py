@@ -87,6 +87,10 @@ class Method(nn.Module):
     pretrain_pool: ClassVar[str] = "paired"
     # Whether the training step reads unpaired pools (usound / uimage keys).
     uses_unpaired: ClassVar[bool] = False
+    # The config field that sizes each large tensor, by the name of the top-level module,
+    # parameter or buffer that holds it; the memory check names that field when it dominates.
+    size_fields: ClassVar[dict[str, str]] = {"E_v": "method.image_encoder.base_width",
+                                             "E_s": "method.sound_encoder.base_width"}
 
     @classmethod
     def pretraining_pool(cls, cfg: Any) -> str:

@@ -125,6 +125,8 @@ class BMAMemory(Method):
     """Weakly paired associative learning: L = L_pair + lambda * L_unpair (paper 001, §3.2)."""
 
     name: ClassVar[str] = "bma"
+    size_fields: ClassVar[dict[str, str]] = {**Method.size_fields, "M_v": "method.memory_size",
+                                             "M_s": "method.memory_size"}
     uses_unpaired: ClassVar[bool] = True
 
     def __init__(self, cfg: BMAConfig, data_info: DataInfo) -> None:

@@ -26,6 +26,8 @@ HEADLINE_METRICS = (
     "image_h_linear_acc", "image_h_knn_acc", "sound_h_linear_acc", "sound_h_knn_acc",
     "retrieval_s2i_rank1", "retrieval_s2i_rank5",
 )
+# A sweep's metric when its search space names none (the report and the best trial read it too).
+DEFAULT_METRIC = HEADLINE_METRICS[0]
 # Shown too when a run logged them (binaural scenes: the spatial probe, clip retrieval).
 OPTIONAL_HEADLINE_METRICS = ("sound_h_spatial_acc", "image_h_spatial_acc", "retrieval_s2i_clip_rank1",
                              "fg_image_h_linear_acc")

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from methods.metric_names import DEFAULT_METRIC
 from orchestrator.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -170,7 +171,7 @@ def check_alias(alias: str) -> str:
 
 def _best_trial(client: MlflowClient, parent, trials: list):
     """The finished trial with the best value of the sweep's metric."""
-    metric = parent.data.params.get("metric", "image_h_linear_acc")
+    metric = parent.data.params.get("metric", DEFAULT_METRIC)
     mode = parent.data.params.get("mode", "max")
     scored = [r for r in trials if metric in r.data.metrics]
     if not scored:

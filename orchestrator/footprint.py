@@ -41,12 +41,6 @@ from orchestrator.errors import ConfigError
 GIB = 1024**3
 
 
-# Where a method's tensors come from, by the name of the top-level module or parameter.
-_FIELD_OF = {"E_v": "method.image_encoder.base_width", "E_s": "method.sound_encoder.base_width",
-             "M_v": "method.memory_size", "M_s": "method.memory_size",
-             "bank_v": "data.paired_size", "bank_a": "data.paired_size", "positives": "data.paired_size"}
-
-
 @dataclass(frozen=True)
 class Footprint:
     """Bytes one training worker needs, by term and by the config field that drives them."""
@@ -95,9 +89,10 @@ def estimate(cfg: ExperimentConfig) -> Footprint:
     with torch.device("meta"):
         method = build_method(cfg.method_name, cfg.method, info)
     by_field: dict[str, int] = {}
+    field_of = METHODS[cfg.method_name].method_cls.size_fields  # the method says what sizes its tensors
 
     def add(name: str, n: int) -> None:
-        field = next((_FIELD_OF[part] for part in name.split(".") if part in _FIELD_OF), "method")
+        field = next((field_of[part] for part in name.split(".") if part in field_of), "method")
         by_field[field] = by_field.get(field, 0) + n
 
     # Weights and gradients, plus Adam's two moments or SGD's momentum buffer.

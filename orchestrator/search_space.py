@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from methods.metric_names import HEADLINE_METRICS
+from methods.metric_names import DEFAULT_METRIC, HEADLINE_METRICS
 from orchestrator.config import SEED_LIMIT, ConfigError, ExperimentConfig, parse_override, resolve
 from orchestrator.typed import as_float, first_line, read_yaml_mapping
 from orchestrator.metrics import run_metrics
@@ -255,7 +255,7 @@ def _load_objectives(p: Path, raw: Mapping[str, Any], logged: frozenset[str]) ->
 
     if "metrics" not in raw:
         mode = raw.get("mode", "max")
-        metric = known(raw.get("metric", "image_h_linear_acc"), "metric")
+        metric = known(raw.get("metric", DEFAULT_METRIC), "metric")
         if mode not in MODES:
             raise ConfigError(f"{p.name}: mode: must be max or min, got {mode!r}")
         return ((metric, mode),)
