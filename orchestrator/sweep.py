@@ -12,7 +12,7 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mlflow.tracking import MlflowClient
 
@@ -20,8 +20,7 @@ from orchestrator import jobs, tracking
 from orchestrator.errors import ConfigError, Interrupted, RunFailed
 from orchestrator.drivers import driver_entry
 
-if TYPE_CHECKING:  # the config is imported where it is used: `avlab report` and `status` need none
-    from orchestrator.runs import SWEEP_EXPERIMENT, children
+from orchestrator.runs import SWEEP_EXPERIMENT, children
 from orchestrator.search_space import SearchSpace, grid_trials, trial_key, trial_params
 
 
