@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from methods.metric_names import DEFAULT_METRIC
 from orchestrator.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -171,7 +170,9 @@ def check_alias(alias: str) -> str:
 
 def _best_trial(client: MlflowClient, parent, trials: list):
     """The finished trial with the best value of the sweep's metric."""
-    metric = parent.data.params.get("metric", DEFAULT_METRIC)
+    from orchestrator.runs import sweep_metric
+
+    metric = sweep_metric(parent.data.params)
     mode = parent.data.params.get("mode", "max")
     scored = [r for r in trials if metric in r.data.metrics]
     if not scored:

@@ -17,11 +17,10 @@ from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-from methods.metric_names import DEFAULT_METRIC
 from orchestrator.errors import ConfigError
 from orchestrator.jobs import check_name
 from orchestrator.metrics import COST_METRICS
-from orchestrator.runs import children, find_sweep_run
+from orchestrator.runs import children, find_sweep_run, sweep_metric
 
 
 def _cell(metric: str, value: dict[str, float] | None, missing: str) -> str:
@@ -60,7 +59,7 @@ def build_report(client: MlflowClient, name: str) -> dict[str, Any]:
     from methods.metric_names import HEADLINE_METRICS, OPTIONAL_HEADLINE_METRICS
 
     parent = _sweep(client, name)
-    metric = parent.data.params.get("metric", DEFAULT_METRIC)
+    metric = sweep_metric(parent.data.params)
     mode = parent.data.params.get("mode", "max")
     objectives = objectives_of(parent.data.params)
     metrics = list(dict.fromkeys([metric, *(m for m, _ in objectives), *HEADLINE_METRICS]))
@@ -133,7 +132,7 @@ def objectives_of(params: dict[str, str]) -> list[tuple[str, str]]:
     text = params.get("objectives")
     if text:
         return [tuple(item.rsplit(":", 1)) for item in text.split(",")]  # type: ignore[misc]
-    return [(params.get("metric", DEFAULT_METRIC), params.get("mode", "max"))]
+    return [(sweep_metric(params), params.get("mode", "max"))]
 
 
 def pareto_front(rows: list[dict[str, Any]], objectives: list[tuple[str, str]]) -> list[str]:
@@ -372,7 +371,7 @@ def write_report(client: MlflowClient, name: str, out_dir: Path) -> dict[str, Pa
 
 def status_lines(client: MlflowClient, name: str) -> list[str]:
     parent = _sweep(client, name)
-    metric = parent.data.params.get("metric", DEFAULT_METRIC)
+    metric = sweep_metric(parent.data.params)
     mode = parent.data.params.get("mode", "max")
     trials = children(client, parent.info.run_id)
     lines = [f"sweep {name}: {parent.info.status}, {len(trials)} of {parent.data.params.get('num_trials', '?')} trials started"]

@@ -27,6 +27,14 @@ def find_sweep_run(client: MlflowClient, name: str):
     return runs[0] if runs else None
 
 
+def sweep_metric(params: dict[str, str]) -> str:
+    """The metric a sweep's parent run optimises (its ``metric`` parameter, else the default;
+    imported here so that `status` and `report` start without the methods package)."""
+    from methods.metric_names import DEFAULT_METRIC
+
+    return params.get("metric") or DEFAULT_METRIC
+
+
 def children(client: MlflowClient, parent_id: str) -> list:
     """The trial runs of the sweep whose parent run is ``parent_id``."""
     exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
