@@ -10,7 +10,6 @@ cluster.yaml`` stops at once.
 
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 
@@ -73,24 +72,3 @@ def placeholders(path: Path, name: str | None = None) -> list[tuple[int, str, st
             if match:
                 found.append((number, match.group(0), meaning))
     return found
-
-
-def cmd_check_cluster(args: argparse.Namespace) -> int:
-    for name in args.files:
-        path = Path(name)
-        if not path.is_file():
-            raise ConfigError(f"{name}: no such file")
-        found = placeholders(path, name)
-        if found:
-            number, value, meaning = found[0]
-            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-            raise ConfigError(f"{name}:{number}: {value} is a placeholder for {meaning}; fill it in{more}")
-    print(f"[avlab] no placeholders left in {', '.join(args.files)}")
-    return 0
-
-
-def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("check-cluster", parents=[common],
-                       help="find the placeholders a cluster recipe still holds (before `ray up` / kubectl apply)")
-    p.add_argument("files", nargs="+", metavar="FILE", help="cluster.yaml, cluster-kuberay.yaml, ...")
-    p.set_defaults(func=cmd_check_cluster)

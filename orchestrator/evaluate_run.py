@@ -19,8 +19,6 @@ fit on, the memory the evaluation keeps, and the weights.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -278,32 +276,3 @@ def evaluate(client, uri: str, home: Path, name: str, *, data: str | None, overr
     finally:
         tracking.end_run(uri, child, ok=ok)
     return child, metrics
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from methods.metric_names import HEADLINE_METRICS, OPTIONAL_HEADLINE_METRICS
-    from orchestrator import tracking
-    from orchestrator.tracking import open_home_store
-
-    home, client = open_home_store(args.home, args.tracking_uri)
-    uri = tracking.resolve_tracking_uri(home, args.tracking_uri)
-    child, metrics = evaluate(client, uri, home, args.name, data=args.data, overrides=args.overrides,
-                              encoders_only=args.encoders_only)
-    keys = [k for k in (*HEADLINE_METRICS, *OPTIONAL_HEADLINE_METRICS) if k in metrics] or sorted(
-        k for k in metrics if k.endswith(("_linear_acc", "_knn_acc")))
-    print(f"[avlab] evaluated {args.name}: {', '.join(f'{k}={metrics[k]:.3f}' for k in keys)}")
-    print(f"[avlab] logged to MLflow run {child} (nested under {args.name})", file=sys.stderr)
-    return 0
-
-
-def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """Add the `evaluate` subcommand to the avlab parser."""
-    p = sub.add_parser("evaluate", parents=[common],
-                       help="the downstream suite on a finished run's encoders (another dataset or protocol)")
-    p.add_argument("name", metavar="RUN", help="a run id or run name (a sweep's trial too)")
-    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="data.* and eval.* settings")
-    p.add_argument("--data", metavar="MANIFEST", help="a dataset's manifest (its train and test splits)")
-    p.add_argument("--encoders-only", action="store_true",
-                   help="the run's exported encoders instead of its final checkpoint: their f features only, "
-                        "logged as <run>/eval-<dataset>-encoders")
-    p.set_defaults(func=cmd_evaluate)

@@ -20,12 +20,10 @@ the folder) is checked before anything is written or registered.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -127,35 +125,6 @@ def download(client: MlflowClient, run_id: str, path: str, dst: str) -> Path:
             os.environ.pop(name, None)
         else:
             os.environ[name] = saved
-
-
-# [avlab export] -------------------------------------------------------------------------------
-
-
-def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """Add the `export` subcommand to the avlab parser."""
-    p = sub.add_parser("export", parents=[common],
-                       help="copy a run's or a sweep's encoders (safetensors + JSON) into a folder")
-    p.add_argument("name", metavar="RUN|SWEEP", help="a run id, a run name, or a sweep name (its finished trials)")
-    p.add_argument("--out", required=True, metavar="DIR", help="one folder per run is written here")
-    p.add_argument("--best", action="store_true",
-                   help="only the sweep's best trial by its metric, registered as <sweep>.image_encoder / "
-                        "<sweep>.sound_encoder in the MLflow model registry")
-    p.add_argument("--alias", help="with --best: the registered versions' alias (default: best)")
-    p.set_defaults(func=cmd_export)
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from orchestrator.tracking import open_home_store
-
-    _, client = open_home_store(args.home, args.tracking_uri)
-    folders = export(client, args.name, Path(args.out), best=args.best, alias=args.alias)
-    for folder in folders:
-        print(folder)
-    if args.best:
-        print(f"[avlab] registered {registered_name(args.name, 'image')} and {registered_name(args.name, 'sound')} "
-              f"@{args.alias or 'best'}", file=sys.stderr)
-    return 0
 
 
 def check_alias(alias: str) -> str:

@@ -1,18 +1,22 @@
-"""What ``avlab resume NAME`` needs to continue a run or a sweep: one JSON file per name.
+"""Job records: what ``avlab resume``, ``stop`` and ``status`` need to find a run or a sweep
+again, one JSON file per name, ``<home>/jobs/<NAME>.json``.
 
-``avlab run`` and ``avlab sweep`` write ``<home>/jobs/<NAME>.json`` once their MLflow run exists
-and before any compute starts: the resolved config (or the whole search space), the MLflow run
-id, the tracking URI and the Ray address. Ray's own state (the Tune experiment, the trainers'
-checkpoint snapshots) lives under ``<home>/ray`` by the same name.
+``avlab run`` and ``avlab sweep`` claim the name, then write the record once their MLflow run
+exists and before any compute starts: the resolved config (or the whole search space), the
+MLflow run id, the tracking URI, the Ray address and the driver. Ray's own state (the Tune
+experiment, the trainers' checkpoint snapshots) lives under ``<home>/ray`` by the same name.
+Reading, writing, the format check and a moved home's paths are all here (``JobRecord``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +25,74 @@ from orchestrator.errors import ConfigError
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 FORMAT = 1
-# What `resume`, `stop` and `status` read of a job file, by kind.
-REQUIRED_RUN = {"mlflow_run_id": str, "config": dict}
-REQUIRED_SWEEP = {"parent_run_id": str, "space": dict, "max_concurrent": int}
+# The file's keys that a record needs, by kind (the MLflow run's key differs: a sweep's is its parent run).
+REQUIRED = {
+    "run": {"tracking_uri": str, "mlflow_run_id": str, "config": dict},
+    "sweep": {"tracking_uri": str, "parent_run_id": str, "space": dict, "max_concurrent": int},
+}
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One job file, read and checked: a run (``config``) or a sweep (``space``, ``max_concurrent``,
+    ``reuse_trials``). ``run_id`` is the run's MLflow run, or the sweep's parent run."""
+
+    kind: str
+    name: str
+    run_id: str
+    tracking_uri: str
+    config: dict[str, Any] | None = None
+    space: dict[str, Any] | None = None
+    max_concurrent: int = 1
+    reuse_trials: bool = False
+    address: str | None = None
+    storage: str | None = None
+    home: str | None = None
+    driver: dict[str, Any] | None = None
+
+    @classmethod
+    def from_json(cls, data: Any, path: Path) -> JobRecord:
+        """The record a job file holds; ConfigError naming ``path`` for anything else."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("kind") not in REQUIRED:
+            raise ConfigError(f"{path}: not an avlab job file (format {FORMAT}, kind run or sweep)")
+        if data.get("reserved"):
+            pid = (data.get("driver") or {}).get("pid") if isinstance(data.get("driver"), dict) else None
+            raise ConfigError(f"{path}: {data.get('name')} is being created by another avlab command (pid {pid}) "
+                              "and has no MLflow run yet; try again once it has started")
+        kind = data["kind"]
+        wrong = [key for key, typ in REQUIRED[kind].items() if type(data.get(key)) is not typ]
+        if wrong:
+            raise ConfigError(f"{path}: damaged avlab job file ({', '.join(wrong)} missing or of the wrong type)")
+        return cls(
+            kind=kind,
+            name=data.get("name") if isinstance(data.get("name"), str) else path.stem,
+            run_id=data["mlflow_run_id" if kind == "run" else "parent_run_id"],
+            tracking_uri=data["tracking_uri"],
+            config=data.get("config") if kind == "run" else None,
+            space=data.get("space") if kind == "sweep" else None,
+            max_concurrent=data.get("max_concurrent", 1) if kind == "sweep" else 1,
+            reuse_trials=bool(data.get("reuse_trials", False)),
+            address=data.get("address"),
+            storage=data.get("storage") if isinstance(data.get("storage"), str) else None,
+            home=data.get("home") if isinstance(data.get("home"), str) else None,
+            driver=data.get("driver"),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The file's content (format 1: the keys that job files have always had)."""
+        out: dict[str, Any] = {"format": FORMAT, "name": self.name, "kind": self.kind}
+        if self.kind == "run":
+            out.update(config=self.config, mlflow_run_id=self.run_id)
+        else:
+            out.update(space=self.space, parent_run_id=self.run_id, max_concurrent=self.max_concurrent,
+                       reuse_trials=self.reuse_trials)
+        out.update(tracking_uri=self.tracking_uri, address=self.address, storage=self.storage, driver=self.driver,
+                   home=self.home)
+        return out
+
+    def with_driver(self) -> JobRecord:
+        """This record, driven by this process from now on (what `avlab stop` signals)."""
+        return dataclasses.replace(self, driver=driver_entry())
 
 
 def user_cache_dir() -> Path:
@@ -39,22 +108,23 @@ def check_name(name: str, field: str) -> None:
                           "(starting with a letter or digit, at most 128 characters)")
 
 
-def manifest_path(home: Path, name: str) -> Path:
+def job_path(home: Path, name: str) -> Path:
+    """Where the record of job ``name`` lives in ``home``."""
     return home / "jobs" / f"{name}.json"
 
 
 def exists(home: Path, name: str) -> bool:
-    return manifest_path(home, name).exists()
+    return job_path(home, name).exists()
 
 
-def write(home: Path, name: str, manifest: dict[str, Any]) -> Path:
+def write(home: Path, record: JobRecord) -> Path:
     """Write atomically: a crash leaves the old file or the new one, never half of one. The file
     records the home it was written in, so that a copy of the home finds its own store."""
-    path = manifest_path(home, name)
+    path = job_path(home, record.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     # Key order kept: a search space's variants and grid keys come back in the order they were given.
-    tmp.write_text(json.dumps({"format": FORMAT, "name": name, **manifest, "home": str(home)}, indent=2))
+    tmp.write_text(json.dumps(dataclasses.replace(record, home=str(home)).to_json(), indent=2))
     os.replace(tmp, path)
     return path
 
@@ -68,7 +138,7 @@ def reserved(home: Path, name: str, kind: str, field: str) -> Iterator[None]:
     driver only; ``write`` replaces it with the whole job file once the MLflow run exists. When
     the block fails before that, the claim is withdrawn. A claim whose driver is gone (killed
     between the two) does not block the name."""
-    path = manifest_path(home, name)
+    path = job_path(home, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     claim = {"format": FORMAT, "name": name, "kind": kind, "reserved": True, "driver": driver_entry()}
     for _ in range(2):
@@ -118,46 +188,40 @@ def _claim_of_this_process(path: Path) -> bool:
         (claim.get("driver") or {}).get("pid") == os.getpid()
 
 
-def follow_home(manifest: dict[str, Any], home: Path) -> dict[str, Any]:
-    """A job file of a home that was copied or moved: its store and its checkpoints are the ones
+def follow_home(record: JobRecord, home: Path) -> JobRecord:
+    """A record of a home that was copied or moved: its store and its checkpoints are the ones
     in ``home``, not the original home's, when they lay in the home that wrote the file.
 
     Where the job was written is its ``home`` entry or, in a job file that has none, the folder
     that its default ``storage`` (``<home>/ray``) names; a store or storage elsewhere (a shared
     folder, a tracking server) is left as it is."""
-    origin = manifest.get("home")
-    storage = manifest.get("storage")
-    if origin is None and isinstance(storage, str) and storage.endswith("/ray"):
+    origin, storage = record.home, record.storage
+    if origin is None and storage is not None and storage.endswith("/ray"):
         origin = storage.removesuffix("/ray")
-    if not isinstance(origin, str) or Path(origin) == home:
-        return manifest
-    moved = dict(manifest)
-    if manifest.get("tracking_uri") == f"sqlite:///{Path(origin) / 'mlflow.db'}":
+    if origin is None or Path(origin) == home:
+        return record
+    moved: dict[str, Any] = {"home": str(home)}
+    if record.tracking_uri == f"sqlite:///{Path(origin) / 'mlflow.db'}":
         moved["tracking_uri"] = f"sqlite:///{home / 'mlflow.db'}"
     if storage == str(Path(origin) / "ray"):
         moved["storage"] = str(home / "ray")
-    moved["home"] = str(home)
-    return moved
+    return dataclasses.replace(record, **moved)
 
 
-def read(home: Path, name: str) -> dict[str, Any]:
-    path = manifest_path(home, name)
+def load(path: Path) -> JobRecord:
+    """The record in the job file ``path``; ConfigError naming the file when it is not one."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: unreadable ({exc})") from None
+    return JobRecord.from_json(data, path)
+
+
+def read(home: Path, name: str) -> JobRecord:
+    """The record of job ``name`` in ``home``, its paths following a moved home."""
+    path = job_path(home, name)
     if not path.exists():
         known = sorted(p.stem for p in path.parent.glob("*.json")) if path.parent.exists() else []
         hint = f"; known: {', '.join(known[-10:])}" if known else ""
         raise ConfigError(f"NAME: no run or sweep named {name!r} in {home}{hint}")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: unreadable ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("kind") not in ("run", "sweep"):
-        raise ConfigError(f"{path}: not an avlab job file (format {FORMAT}, kind run or sweep)")
-    if manifest.get("reserved"):
-        pid = (manifest.get("driver") or {}).get("pid")
-        raise ConfigError(f"{path}: {name} is being created by another avlab command (pid {pid}) and has no MLflow "
-                          "run yet; try again once it has started")
-    needed = {"tracking_uri": str, **(REQUIRED_RUN if manifest["kind"] == "run" else REQUIRED_SWEEP)}
-    wrong = [key for key, kind in needed.items() if type(manifest.get(key)) is not kind]
-    if wrong:
-        raise ConfigError(f"{path}: damaged avlab job file ({', '.join(wrong)} missing or of the wrong type)")
-    return follow_home(manifest, home)
+    return follow_home(load(path), home)

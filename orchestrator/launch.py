@@ -12,11 +12,14 @@ import posixpath
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator import tracking
 from orchestrator.config import ExperimentConfig, ResourcesConfig
 from orchestrator.errors import ConfigError, RunFailed
+
+if TYPE_CHECKING:
+    from orchestrator.worker_spec import WorkerSpec
 
 
 # Ray Train settings that avlab changes; a value already in the environment wins. They reach
@@ -314,20 +317,17 @@ def build_trainer(
     from ray.train.torch import TorchConfig
 
     from orchestrator.pg_cleanup import AvlabTorchTrainer
-    from orchestrator.checkpoint import resolve_init
     from orchestrator.train import train_loop_per_worker
+    from orchestrator.worker_spec import worker_spec
 
-    init = str(resolve_init(cfg.train.init_from, home)) if cfg.train.init_from else ""
+    # Wall-clock time of the launch: the worker logs how long it took to get going.
+    spec = worker_spec(cfg, run_id=run_id, tracking_uri=tracking_uri, home=home, launched_at=time.time())
     for key, value in RAY_TRAIN_ENV.items():
         os.environ.setdefault(key, value)
     res = cfg.resources
     return AvlabTorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "config": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": tracking_uri, "init_checkpoint": init,
-            # Wall-clock time of the launch: the worker logs how long it took to get going.
-            "launched_at": time.time(),
-        },
+        train_loop_config={"spec": spec},
         torch_config=TorchConfig(backend="nccl" if res.gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=res.workers, use_gpu=bool(res.gpu),
@@ -351,8 +351,7 @@ def launch_run(
     init_ray(address)
     from orchestrator.runs import settle
 
-    lost = {"kind": "run", "mlflow_run_id": run_id}
-    with watching_node("run", name, lambda: settle(tracking_uri, lost, status="FAILED")):
+    with watching_node("run", name, lambda: settle(tracking_uri, "run", run_id, status="FAILED")):
         return _launch_run(cfg, name=name, run_id=run_id, tracking_uri=tracking_uri, home=home)
 
 
@@ -390,7 +389,7 @@ def _run_in_task(cfg: ExperimentConfig, *, name: str, run_id: str, tracking_uri:
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from orchestrator.checkpoint import resolve_init
+    from orchestrator.worker_spec import worker_spec
 
     res = cfg.resources
     bundle = {"CPU": float(res.cpus_per_worker), **({"GPU": float(res.gpu_share)} if res.gpu else {})}
@@ -404,28 +403,24 @@ def _run_in_task(cfg: ExperimentConfig, *, name: str, run_id: str, tracking_uri:
             waited += step
             if wait and waited >= wait:
                 raise RunFailed(no_workers_line(cfg, "run", name))
-        loop_config = {
-            "config": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
-            "init_checkpoint": str(resolve_init(cfg.train.init_from, home)) if cfg.train.init_from else "",
-            "launched_at": time.time(),
-        }
+        spec = worker_spec(cfg, run_id=run_id, tracking_uri=tracking_uri, home=home, launched_at=time.time())
         task = ray.remote(_train_task).options(
             name=f"avlab-run-{name}", num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
             max_retries=cfg.train.max_failures, retry_exceptions=True,
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
         )
         try:
-            ray.get(task.remote(loop_config, run_dir))
+            ray.get(task.remote(spec, run_dir))
         except ray.exceptions.RayTaskError as exc:
             raise exc.as_instanceof_cause() from None
     finally:
         remove_placement_group(group)
 
 
-def _train_task(loop_config: dict[str, Any], run_dir: str) -> None:
+def _train_task(spec: WorkerSpec, run_dir: str) -> None:
     from orchestrator.train import train_in_trial
 
-    train_in_trial(loop_config, run_dir, tune=False)
+    train_in_trial(spec, run_dir, tune=False)
 
 
 def check_ray_address(address: str, field: str = "--address", *, timeout_s: float = 5.0) -> None:

@@ -57,30 +57,3 @@ def downstream_metrics(cfg: ExperimentConfig) -> tuple[str, ...]:
 def run_metrics(cfg: ExperimentConfig) -> frozenset[str]:
     """Every name a run of ``cfg`` may log: any of them may be a sweep's objective."""
     return frozenset((*epoch_metrics(cfg), *downstream_metrics(cfg), *COST_METRICS, *TIMING_METRICS))
-
-
-def register(sub, common) -> None:
-    """``avlab metrics [RUN.yaml] [key.path=value ...] [--preset P]``: what such a run logs."""
-    cmd = sub.add_parser("metrics", parents=[common],
-                         help="every metric a run of this configuration logs (any may be a sweep's metric)")
-    cmd.add_argument("items", nargs="*", metavar="[RUN.yaml] [key.path=value ...]",
-                     help="an optional YAML run file, then config overrides")
-    cmd.add_argument("--preset", help="tiny, small or paper")
-    cmd.set_defaults(func=cmd_metrics, workers=None, gpu=False)
-
-
-def cmd_metrics(args) -> int:
-    from orchestrator.config import resolve_run_config
-
-    cfg = resolve_run_config(args.items, preset=args.preset)  # ConfigError -> exit 2
-    downstream = downstream_metrics(cfg)
-    groups = (
-        (f"training, every epoch ({cfg.method_name})", epoch_metrics(cfg)),
-        ("downstream evaluation", [m for m in downstream if not m.startswith("transfer_")]),
-        ("transfer evaluation (with transfer splits)", [m for m in downstream if m.startswith("transfer_")]),
-        ("cost and timings", (*COST_METRICS, *TIMING_METRICS)),
-    )
-    for title, names in groups:
-        print(f"# {title}")
-        print("\n".join(names))
-    return 0

@@ -28,11 +28,11 @@ verdicts it decided (``avlab report`` shows them).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +43,41 @@ CLAIMS_EXPERIMENT = "avlab-claims"
 FORMAT = 1
 
 
-def _plans(args: argparse.Namespace) -> tuple[list[Claim], dict[str, tuple[Any, list[Claim]]], list[str]]:
+@dataclass(frozen=True)
+class Request:
+    """What to decide: the claim files (``every`` for all of ``claims/``), the overrides for every
+    trial, and how to run their sweeps (as ``avlab sweep`` and ``avlab resume`` take them);
+    ``finished_only`` runs nothing and decides what has finished."""
+
+    claims: tuple[str, ...] = ()
+    every: bool = False
+    overrides: tuple[str, ...] = ()
+    preset: str | None = None
+    seeds: int | None = None
+    data: str | None = None
+    finished_only: bool = False
+    retry_failed: bool = False
+    address: str | None = None
+    home: str | None = None
+    tracking_uri: str | None = None
+
+
+@dataclass(frozen=True)
+class Verdicts:
+    """What ``reproduce`` decided: the verdicts as Markdown, their counts, and where the report is."""
+
+    markdown: str
+    counts: dict[str, int]
+    report: Path
+
+
+def _plans(args: Request) -> tuple[list[Claim], dict[str, tuple[Any, list[Claim]]], list[str]]:
     """The claims, and the sweep each needs (by name): everything checked before anything runs."""
     from orchestrator.search_space import load_search_space
 
-    if args.all == bool(args.claims):
+    if args.every == bool(args.claims):
         raise ConfigError("CLAIM: name claim files, or give --all for every file in claims/")
-    claims = [load_claim(p) for p in (all_claims() if args.all else args.claims)]
+    claims = [load_claim(p) for p in (all_claims() if args.every else args.claims)]
     overrides = [*args.overrides, *([f"data.manifest={Path(args.data).resolve()}"] if args.data else [])]
     plans: dict[str, tuple[Any, list[Claim]]] = {}
     for claim in claims:
@@ -78,10 +106,10 @@ def _same_sweeps(home: Path, name: str, space: Any) -> list[str]:
         if path.stem == name:
             continue
         try:
-            manifest = json.loads(path.read_text())
-            if manifest.get("kind") == "sweep" and {**manifest["space"], "path": Path(manifest["space"]["path"]).name} == wanted:
+            record = jobs.load(path)
+            if record.kind == "sweep" and {**record.space, "path": Path(record.space["path"]).name} == wanted:
                 same.append(path.stem)
-        except (OSError, ValueError, KeyError, TypeError):
+        except (ConfigError, KeyError, TypeError):
             continue  # not a job file of ours: never reused
     return same
 
@@ -131,7 +159,7 @@ def trials_to_train(client, sweeps: list[tuple[Any, list[Any]]]) -> list[tuple[i
             counts.append((left, left))
             continue
         own = {r.data.tags.get("avlab.run_identity") for r in finished}
-        ids = [space.config_for(p, seed).identity() for p in space.grid_points() for seed in space.seeds]
+        ids = [trial.config.identity() for trial in space.trials()]
         ids = [i for i in ids if i not in own]
         counts.append((len(ids), sum(1 for i in dict.fromkeys(ids) if i not in done)))
         done.update(ids)
@@ -165,7 +193,7 @@ def time_left(sweeps: list[tuple[int, int, int, list[float]]], pooled: list[floa
             f"of its finished trials, else of all {len(pooled)} finished: {statistics.median(pooled) / 60:.1f} min)")
 
 
-def _run_or_reuse(args: argparse.Namespace, name: str, space: Any, overrides: list[str], client, home: Path) -> str:
+def _run_or_reuse(args: Request, name: str, space: Any, overrides: list[str], client, home: Path) -> str:
     """Run the sweep ``name``, or reuse / continue one of the same content; the sweep's name."""
     from orchestrator import service
 
@@ -285,32 +313,9 @@ def figure(entry: dict[str, Any]):
     return fig
 
 
-def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser, *, ray_dashboard_help: str) -> None:
-    """Add the `reproduce` subcommand to the avlab parser."""
-    reproduce = sub.add_parser("reproduce", parents=[common],
-                               help="decide the papers' claims: run (or reuse) their sweeps, then report verdicts")
-    reproduce.add_argument("items", nargs="*", metavar="[CLAIM.yaml ...] [key.path=value ...]",
-                           help="claim files (claims/*.yaml), then overrides applied to every trial")
-    reproduce.add_argument("--all", action="store_true", help="every claim in claims/")
-    reproduce.add_argument("--preset", help="tiny, small or paper (replaces each search space's base preset)")
-    reproduce.add_argument("--seeds", type=int, help="seeds per configuration (default: each search space's)")
-    reproduce.add_argument("--data", metavar="MANIFEST", help="a real dataset's manifest (data.manifest)")
-    reproduce.add_argument("--finished-only", action="store_true",
-                           help="run nothing: decide the claims whose sweeps have finished, list the others")
-    reproduce.add_argument("--retry-failed", action="store_true",
-                           help="a claim's sweep that ended with failed trials trains them again (see `avlab resume`)")
-    reproduce.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
-    reproduce.add_argument("--ray-dashboard", action="store_true", help=ray_dashboard_help)
-    reproduce.set_defaults(func=_cmd)
-
-
-def _cmd(args: argparse.Namespace) -> int:
-    args.claims = [i for i in args.items if "=" not in i]
-    args.overrides = [i for i in args.items if "=" in i]
-    return cmd_reproduce(args)
-
-
-def cmd_reproduce(args: argparse.Namespace) -> int:
+def reproduce(args: Request) -> Verdicts | None:
+    """Run (or reuse) the claims' sweeps, then decide every claim whose sweep has finished; None
+    when none has (what is left is said on stdout as it goes)."""
     from mlflow.tracking import MlflowClient
 
     from orchestrator import tracking
@@ -320,7 +325,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     uri = tracking.resolve_tracking_uri(home, args.tracking_uri)
     if args.finished_only and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         print(f"[avlab] reproduce: no avlab store at {home}, so no claim's sweep has finished; nothing to decide")
-        return 0
+        return None
     home.mkdir(parents=True, exist_ok=True)
     tracking.prepare_store(uri)
     client = MlflowClient(uri)
@@ -355,7 +360,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         print(f"[avlab] reproduce:   {estimate}", flush=True)
     if not ran:
         print("[avlab] reproduce: no claim's sweep has finished yet; nothing to decide", flush=True)
-        return 0
+        return None
     preset = next(iter(plans.values()))[0].preset
     plans = {ran[name]: plan for name, plan in plans.items() if name in ran}
     entries = []
@@ -402,8 +407,4 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         decided = "; ".join(f"{e['id']}: {e['verdict']}" for e in entries if e["sweep"] == name)
         tracking.set_tags(client, find_sweep_run(client, name).info.run_id,
                           {"verdicts": decided, "verdict_run": run_id, "verdict_report": str(out / "verdicts.md")})
-    print()
-    print(markdown)
-    print(f"[avlab] reproduce: {counts['holds']} hold, {counts['contradicted']} contradicted, "
-          f"{counts['inconclusive']} inconclusive; report: {out / 'verdicts.md'}")
-    return 0
+    return Verdicts(markdown, counts, out / "verdicts.md")

@@ -82,17 +82,17 @@ def runs_named(client: MlflowClient, name: str, field: str) -> tuple[list, Any]:
     return runs, None
 
 
-def settle(uri: str, manifest: dict[str, Any], *, status: str = "KILLED") -> tuple[int, int]:
+def settle(tracking_uri: str, kind: str, run_id: str, *, status: str = "KILLED") -> tuple[int, int]:
     """Mark what is still RUNNING of the job as a stopped job leaves it: the run or the sweep's
     parent run ``status`` (FAILED when Ray was lost under it), each unfinished trial KILLED (it
     continues from its checkpoint); returns (trials ended, trials) for a sweep, (0, 0) for a run."""
-    client = MlflowClient(uri)
-    if manifest["kind"] == "run":
-        run = client.get_run(manifest["mlflow_run_id"])
+    client = MlflowClient(tracking_uri)
+    if kind == "run":
+        run = client.get_run(run_id)
         if run.info.status == "RUNNING":
             client.set_terminated(run.info.run_id, status=status)
         return 0, 0
-    parent = manifest["parent_run_id"]
+    parent = run_id
     trials = children(client, parent)
     for run in trials:
         if run.info.status == "RUNNING":

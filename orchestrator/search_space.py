@@ -46,6 +46,19 @@ class Distribution:
 
 
 @dataclass(frozen=True)
+class Trial:
+    """One trial of a grid: its Tune value (``key``, see ``trial_key``), its configuration's
+    label and index in ``grid_points()``, the settings the grid varies, its seed and its config."""
+
+    key: str
+    label: str
+    point: int
+    params: dict[str, Any]
+    seed: int
+    config: ExperimentConfig
+
+
+@dataclass(frozen=True)
 class SearchSpace:
     name: str
     path: Path
@@ -152,9 +165,25 @@ class SearchSpace:
             space.config_for(point, space.seeds[0])
         return space
 
+    def trials(self) -> list[Trial]:
+        """The grid's trials in the order they start (``grid_trials``), each with its Tune value,
+        its configuration's label and its resolved config."""
+        points = self.grid_points()
+        return [Trial(key=trial_key(self, point, seed), label=point_label(points[point], tuple(self.grid)),
+                      point=point, params=dict(points[point]), seed=seed, config=self.config_for(points[point], seed))
+                for point, seed in grid_trials(self)]
+
     def config_for(self, params: Mapping[str, Any], seed: int) -> ExperimentConfig:
         """The resolved config of one trial (a grid value ``"N%"`` is N % of the base's value at
-        this space's preset)."""
+        this space's preset). Resolved once per space: configs are immutable, and a space with
+        other overrides (``with_overrides``) is another space."""
+        key = (repr(sorted(params.items())), seed)
+        resolved = self.__dict__.setdefault("_resolved", {})  # not a field: to_dict, == and repr ignore it
+        if key not in resolved:
+            resolved[key] = self._resolve_trial(params, seed)
+        return resolved[key]
+
+    def _resolve_trial(self, params: Mapping[str, Any], seed: int) -> ExperimentConfig:
         settings = {k: v for k, v in params.items() if k != "variant"}
         if any(_percent(v) is not None for v in settings.values()):
             settings = _absolute(self.path, settings, self.base_run, self.preset, self.base_overrides)

@@ -80,9 +80,8 @@ def start_run(cfg: ExperimentConfig, *, home_arg: str | Path | None = None, trac
             },
             config_yaml=dump_yaml(cfg),
         )
-        jobs.write(home, name, {"kind": "run", "config": cfg.to_dict(), "mlflow_run_id": run_id,
-                                "tracking_uri": uri, "address": address, "storage": tracking.storage_root(home),
-                                "driver": driver_entry()})
+        jobs.write(home, jobs.JobRecord(kind="run", name=name, run_id=run_id, tracking_uri=uri, config=cfg.to_dict(),
+                                        address=address, storage=tracking.storage_root(home), driver=driver_entry()))
     return _execute_run(cfg, name=name, run_id=run_id, uri=uri, home=home, address=address)
 
 
@@ -153,22 +152,22 @@ def resume(name: str, *, home_arg: str | Path | None = None, tracking_uri: str |
 
     home = tracking.resolve_home(home_arg)
     jobs.check_name(name, "NAME")
-    manifest = jobs.read(home, name)  # ConfigError -> exit 2
-    uri = tracking.check_tracking_uri(tracking_uri, "--tracking-uri") if tracking_uri else manifest["tracking_uri"]
-    tracking.check_reachable(uri, "--tracking-uri" if tracking_uri else str(jobs.manifest_path(home, name)))
-    address = address or manifest.get("address")
+    record = jobs.read(home, name)  # ConfigError -> exit 2
+    path = jobs.job_path(home, name)
+    uri = tracking.check_tracking_uri(tracking_uri, "--tracking-uri") if tracking_uri else record.tracking_uri
+    tracking.check_reachable(uri, "--tracking-uri" if tracking_uri else str(path))
+    address = address or record.address
     if address is not None:  # before the MLflow run is touched: a dead cluster leaves it as it was
         from orchestrator.launch import check_ray_address
 
-        recorded = "" if address else f" (from {jobs.manifest_path(home, name)})"
+        recorded = "" if address else f" (from {path})"
         check_ray_address(address, f"--address{recorded}")
     client = MlflowClient(uri)
-    kind, name = manifest["kind"], name
-    run_id = manifest["mlflow_run_id"] if kind == "run" else manifest["parent_run_id"]
+    kind, run_id = record.kind, record.run_id
     try:
         run = client.get_run(run_id)
     except Exception:  # noqa: BLE001 - MLflow raises several types for a missing run
-        raise ConfigError(f"{jobs.manifest_path(home, name)}: its MLflow run {run_id} is not in {uri}") from None
+        raise ConfigError(f"{path}: its MLflow run {run_id} is not in {uri}") from None
     if run.info.status == "FINISHED":
         print(f"[avlab] {kind} {name} already finished (MLflow run {run_id}); nothing to resume")
         return 0
@@ -180,9 +179,9 @@ def resume(name: str, *, home_arg: str | Path | None = None, tracking_uri: str |
     from orchestrator.search_space import SearchSpace
 
     try:  # the job file's config or search space, checked again before anything changes
-        job = ExperimentConfig.from_dict(manifest["config"]) if kind == "run" else SearchSpace.from_dict(manifest["space"])
+        job = ExperimentConfig.from_dict(record.config) if kind == "run" else SearchSpace.from_dict(record.space)
     except ConfigError as exc:
-        raise ConfigError(f"{jobs.manifest_path(home, name)}: {exc}") from None
+        raise ConfigError(f"{path}: {exc}") from None
     if address is None:  # this machine may be smaller than the one the job started on
         from orchestrator.launch import check_local_resources
 
@@ -195,13 +194,10 @@ def resume(name: str, *, home_arg: str | Path | None = None, tracking_uri: str |
 
         clear_for_retry(client, kind, name, run_id, failure)
     client.update_run(run_id, status="RUNNING")
-    from orchestrator.drivers import driver_entry
-
-    jobs.write(home, name, {**{k: v for k, v in manifest.items() if k not in ("format", "name")},
-                            "driver": driver_entry()})  # `avlab stop` finds this process
+    jobs.write(home, record.with_driver())  # `avlab stop` finds this process
     tracking.set_tags(client, run_id, {"resumed": str(int(run.data.tags.get("avlab.resumed", "0")) + 1)})
-    if manifest.get("storage"):  # checkpoints and Tune state are where the job first put them
-        os.environ["AVLAB_STORAGE"] = manifest["storage"]
+    if record.storage:  # checkpoints and Tune state are where the job first put them
+        os.environ["AVLAB_STORAGE"] = record.storage
     print(f"[avlab] resuming {kind} {name} (MLflow run {run_id}, was {run.info.status})", flush=True)
     if kind == "run":
         return _execute_run(job, name=name, run_id=run_id, uri=uri, home=home, address=address)
@@ -211,8 +207,8 @@ def resume(name: str, *, home_arg: str | Path | None = None, tracking_uri: str |
     t0 = time.perf_counter()
     with _one_line_when_ray_stops("sweep", name):
         fit_sweep(job, name=name, home=home, tracking_uri=uri, address=address,
-                  max_concurrent=manifest["max_concurrent"], parent_id=run_id, restore=True,
-                  reuse_trials=bool(manifest.get("reuse_trials", False)))
+                  max_concurrent=record.max_concurrent, parent_id=run_id, restore=True,
+                  reuse_trials=record.reuse_trials)
     _finish_sweep(client, name, home, uri, time.perf_counter() - t0, job)
     return 0
 

@@ -1,4 +1,4 @@
-"""``avlab stop NAME``: stop a running sweep (or run) so that ``avlab resume NAME`` continues it.
+"""Stopping a running sweep (or run) so that ``avlab resume NAME`` continues it (``avlab stop``).
 
 A local job's driver (the ``avlab sweep``, ``run``, ``resume`` or ``reproduce`` process) is named
 in its job file (``driver``: pid and host, written when it starts or resumes the job). ``stop``
@@ -12,7 +12,6 @@ what ``avlab resume`` will continue.
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
@@ -22,6 +21,7 @@ from typing import Any
 
 from orchestrator.drivers import check_entry, is_here, is_live_driver
 from orchestrator.errors import ConfigError, RunFailed
+from orchestrator.jobs import JobRecord
 from orchestrator.runs import settle
 
 STOP_TIMEOUT_S = 300.0
@@ -61,15 +61,15 @@ def _settle_if_here(home: Path, name: str) -> None:
 
     if not jobs.exists(home, name):
         return
-    manifest = jobs.read(home, name)
+    record = jobs.read(home, name)
     try:
-        settle(manifest["tracking_uri"], manifest)
+        settle(record.tracking_uri, record.kind, record.run_id)
     except Exception as exc:  # noqa: BLE001 - a store only the cluster reaches: the driver settled it or `resume` will
         print(f"[avlab] the MLflow store of {name} is not reachable from here ({type(exc).__name__}); "
               "its runs are settled when it is resumed", file=sys.stderr)
 
 
-def _job_status(manifest: dict[str, Any], path: Path) -> str:
+def _job_status(record: JobRecord, path: Path) -> str:
     """The status of the job's MLflow run (a sweep's parent run), RUNNING when the store does not
     answer: a finished, failed or stopped job has no driver to signal, whatever process now has
     the recorded number. A store that is not there, or does not hold the job's run, means the job
@@ -77,11 +77,10 @@ def _job_status(manifest: dict[str, Any], path: Path) -> str:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    uri = manifest["tracking_uri"]
+    uri, run_id = record.tracking_uri, record.run_id
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise ConfigError(f"{path}: its store {uri.removeprefix('sqlite:///')} does not exist; "
                           "nothing of this job can be stopped or settled from here")
-    run_id = manifest["mlflow_run_id"] if manifest["kind"] == "run" else manifest["parent_run_id"]
     try:
         return MlflowClient(uri).get_run(run_id).info.status
     except MlflowException as exc:
@@ -93,52 +92,41 @@ def _job_status(manifest: dict[str, Any], path: Path) -> str:
         return "RUNNING"
 
 
-def cmd_stop(args: argparse.Namespace) -> int:
-    from orchestrator import jobs, submit, tracking
+def stop(home: Path, name: str, timeout: float | None) -> str:
+    """Stop job ``name`` of ``home`` (see the module's docstring), waiting up to ``timeout``
+    seconds (default ``STOP_TIMEOUT_S``) for its driver to end; returns the line that says what
+    happened."""
+    from orchestrator import jobs, submit
 
-    home = tracking.resolve_home(args.home)
-    jobs.check_name(args.name, "NAME")  # a name is a file under <home>/jobs, never a path
-    if args.timeout is not None and not (0 < args.timeout <= 86400):
-        raise ConfigError(f"--timeout: must be in (0, 86400] seconds, got {args.timeout}")
-    timeout = args.timeout or STOP_TIMEOUT_S
-    record = submit.read_record(home, args.name)
-    if record is not None:
-        _stop_submitted(home, args.name, record, timeout)
-        return 0
-    manifest = jobs.read(home, args.name)
-    kind = manifest["kind"]
-    driver = check_entry(manifest.get("driver"), jobs.manifest_path(home, args.name))
+    jobs.check_name(name, "NAME")  # a name is a file under <home>/jobs, never a path
+    if timeout is not None and not (0 < timeout <= 86400):
+        raise ConfigError(f"--timeout: must be in (0, 86400] seconds, got {timeout}")
+    timeout = timeout or STOP_TIMEOUT_S
+    submitted = submit.read_record(home, name)
+    if submitted is not None:
+        return _stop_submitted(home, name, submitted, timeout)
+    record = jobs.read(home, name)
+    kind, path = record.kind, jobs.job_path(home, name)
+    driver = check_entry(record.driver, path)
     if driver and not is_here(driver):
-        raise ConfigError(f"NAME: {kind} {args.name} is driven from {driver['host']}, not this machine; "
+        raise ConfigError(f"NAME: {kind} {name} is driven from {driver['host']}, not this machine; "
                           "run `avlab stop` there")
     # Only a live driver of this very job is signalled, and only while its run says it is running.
-    status = _job_status(manifest, jobs.manifest_path(home, args.name))
+    status = _job_status(record, path)
     if status == "FINISHED":
-        print(f"[avlab] {kind} {args.name} has finished; nothing to stop")
-        return 0
+        return f"[avlab] {kind} {name} has finished; nothing to stop"
     running = status == "RUNNING" and is_live_driver(driver)
     if running:
         os.kill(driver["pid"], signal.SIGTERM)
         if not _wait_gone(driver, timeout):
-            raise RunFailed(f"stop: the driver of {kind} {args.name} (pid {driver['pid']}) did not stop within "
-                            f"{timeout:.0f} s; `kill -9 {driver['pid']}`, then `avlab stop {args.name}` again "
+            raise RunFailed(f"stop: the driver of {kind} {name} (pid {driver['pid']}) did not stop within "
+                            f"{timeout:.0f} s; `kill -9 {driver['pid']}`, then `avlab stop {name}` again "
                             "settles its runs")
     try:
-        ended, total = settle(manifest["tracking_uri"], manifest)
+        ended, total = settle(record.tracking_uri, kind, record.run_id)
     except Exception as exc:  # noqa: BLE001 - a store away: the runs are settled when the job resumes
-        print(f"[avlab] {kind} {args.name} {'stopped' if running else 'was not running'}; its MLflow store does not "
-              f"answer ({type(exc).__name__}), so its runs are settled when `avlab resume {args.name}` continues it")
-        return 0
+        return (f"[avlab] {kind} {name} {'stopped' if running else 'was not running'}; its MLflow store does not "
+                f"answer ({type(exc).__name__}), so its runs are settled when `avlab resume {name}` continues it")
     state = "stopped" if running else "was not running"
     count = f" with {ended} of {total} trials ended" if kind == "sweep" else ""
-    print(f"[avlab] {kind} {args.name} {state}{count}; `avlab resume {args.name}` continues it")
-    return 0
-
-
-def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """Add the `stop` subcommand to the avlab parser."""
-    p = sub.add_parser("stop", parents=[common],
-                       help="stop a running sweep or run, local or submitted; `avlab resume` continues it")
-    p.add_argument("name", metavar="NAME", help="the sweep's (or run's) name")
-    p.add_argument("--timeout", type=float, help=f"seconds to wait for it to stop (default {STOP_TIMEOUT_S:.0f})")
-    p.set_defaults(func=cmd_stop)
+    return f"[avlab] {kind} {name} {state}{count}; `avlab resume {name}` continues it"

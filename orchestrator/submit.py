@@ -28,7 +28,6 @@ and reports a refused request in one line. The tests start their cluster with
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -39,6 +38,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -190,13 +190,30 @@ def job_status_lines(home: Path, name: str) -> list[str] | None:
 # avlab submit
 
 
-def _check_search_space(args: argparse.Namespace):
+@dataclass(frozen=True)
+class Submission:
+    """What ``avlab submit`` sends: the sweep's flags as ``avlab sweep`` takes them, the
+    dashboard's ``address``, and the ``home`` / ``tracking_uri`` passed on to the cluster."""
+
+    search_space: str
+    address: str
+    overrides: tuple[str, ...] = ()
+    name: str | None = None
+    preset: str | None = None
+    max_concurrent: int | None = None
+    seeds: int | None = None
+    reuse_trials: bool = False
+    home: str | None = None
+    tracking_uri: str | None = None
+
+
+def _check_search_space(args: Submission):
     """What ``avlab sweep`` checks before it starts anything, here, before anything is sent."""
     from orchestrator.search_space import load_search_space
     from orchestrator.sweep import check_supported
 
-    space = load_search_space(args.search_space, seeds=args.seeds).with_overrides(args.preset, args.overrides)
-    check_supported(space, reuse_trials=getattr(args, "reuse_trials", False))
+    space = load_search_space(args.search_space, seeds=args.seeds).with_overrides(args.preset, list(args.overrides))
+    check_supported(space, reuse_trials=args.reuse_trials)
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent: must be >= 1, got {args.max_concurrent}")
     # train.init_from names a run in the cluster's home, which only the sweep there can check.
@@ -225,14 +242,14 @@ def _working_dir(search_space: Path, name: str) -> Iterator[tuple[Path, str]]:
         yield stage, f"submitted/{path.name}"
 
 
-def entrypoint(args: argparse.Namespace, space_path: str, name: str) -> str:
+def entrypoint(args: Submission, space_path: str, name: str) -> str:
     """The job's shell command, run in the uploaded working_dir on the head node."""
     python = os.environ.get(JOB_PYTHON_ENV) or "python"
     cmd = [python, "-m", "orchestrator.cli", "sweep", space_path, *args.overrides, "--name", name, "--address", "auto"]
     for flag, value in (("--preset", args.preset), ("--max-concurrent", args.max_concurrent), ("--seeds", args.seeds)):
         if value is not None:
             cmd += [flag, str(value)]
-    if getattr(args, "reuse_trials", False):
+    if args.reuse_trials:
         cmd.append("--reuse-trials")
     if args.home:
         cmd += ["--home", str(Path(args.home).expanduser().resolve())]
@@ -248,7 +265,9 @@ def entrypoint(args: argparse.Namespace, space_path: str, name: str) -> str:
     return f'if [ -z "$AVLAB_HOME" ]; then echo {shlex.quote(message)} >&2; exit 2; fi; exec {command}'
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
+def submit(args: Submission) -> tuple[str, int, str]:
+    """Send the sweep ``args`` describes to the cluster as a Ray job and record it; returns (its
+    name, its number of trials, the Ray job id). Nothing is sent when a check fails."""
     space = _check_search_space(args)  # ConfigError -> exit 2, nothing sent
 
     from orchestrator import jobs, tracking
@@ -285,24 +304,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
         "home": str(Path(args.home).expanduser().resolve()) if args.home else None, "tracking_uri": args.tracking_uri,
         "git_commit": commit, "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
-    print(f"[avlab] submitted sweep {name} ({space.num_trials()} trials) to {address} as Ray job {job_id}")
-    print(f"[avlab] follow it: avlab logs {name} --follow   |   avlab status {name}   |   dashboard: {address}")
-    return 0
+    return name, space.num_trials(), job_id
 
 
 # ---------------------------------------------------------------------------------------------
 # avlab logs
 
 
-def cmd_logs(args: argparse.Namespace) -> int:
-    """Print (or with --follow, tail until the job ends) a submitted job's driver output; exit 0 if
-    the job succeeded or is still running, 1 if it failed or was stopped."""
-    from orchestrator import tracking
-
-    home = tracking.resolve_home(args.home)
-    address, job_id = _find_job(home, args.name, args.address)
+def logs(home: Path, name: str, *, address: str | None, follow: bool) -> tuple[str, str]:
+    """Write a submitted job's driver output to stdout (with ``follow``, as it comes, until the
+    job ends); returns (its Ray job id, its status)."""
+    address, job_id = _find_job(home, name, address)
     client = _job_client(address.rstrip("/"))
-    if args.follow:
+    if follow:
         _job_call("Ray job", job_id, lambda: client.get_job_status(job_id))  # unknown id -> exit 2
 
         async def tail() -> None:
@@ -319,44 +333,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(_job_call("Ray job", job_id, lambda: client.get_job_logs(job_id)))
         sys.stdout.flush()
-    status = str(_job_call("Ray job", job_id, lambda: client.get_job_status(job_id)).value)
-    if status in TERMINAL or args.follow:
-        print(f"[avlab] Ray job {job_id}: {status}", file=sys.stderr)
-    return 1 if status in ("FAILED", "STOPPED") else 0
+    return job_id, str(_job_call("Ray job", job_id, lambda: client.get_job_status(job_id)).value)
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-def _one_line_errors(func):
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return func(args)
-        except ClusterError as exc:
-            print(f"avlab: error: {exc}", file=sys.stderr)
-            return 1
-
-    return run
-
-
-def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """Add the `submit` and `logs` subcommands to the avlab parser."""
-    submit = sub.add_parser("submit", parents=[common], help="run a sweep as a Ray job on a running cluster")
-    submit.add_argument("search_space", metavar="SEARCH_SPACE.yaml")
-    submit.add_argument("overrides", nargs="*", metavar="key.path=value", help="applied to every trial")
-    submit.add_argument("--address", required=True, metavar="http://HEAD:8265",
-                        help="the cluster's dashboard (Ray Jobs API) address")
-    submit.add_argument("--name", help="sweep name (default: <search space>-<time>)")
-    submit.add_argument("--preset", help="replaces the search space's base preset")
-    submit.add_argument("--max-concurrent", type=int, help="trials at once (default: the search space's)")
-    submit.add_argument("--seeds", type=int, help="seeds per configuration (default: the search space's)")
-    submit.add_argument("--reuse-trials", action="store_true",
-                        help="as avlab sweep --reuse-trials: identical finished trials are not trained again")
-    submit.set_defaults(func=_one_line_errors(cmd_submit))
-
-    logs = sub.add_parser("logs", parents=[common], help="the output of a submitted sweep's Ray job")
-    logs.add_argument("name", metavar="NAME", help="a submitted sweep's name, or a Ray job id with --address")
-    logs.add_argument("--follow", action="store_true", help="keep printing until the job ends")
-    logs.add_argument("--address", metavar="http://HEAD:8265",
-                      help="the dashboard (default: the one the sweep was submitted to)")
-    logs.set_defaults(func=_one_line_errors(cmd_logs))

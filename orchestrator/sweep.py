@@ -21,7 +21,7 @@ from orchestrator.errors import ConfigError, Interrupted, RunFailed
 from orchestrator.drivers import driver_entry
 
 from orchestrator.runs import SWEEP_EXPERIMENT, children
-from orchestrator.search_space import SearchSpace, grid_trials, trial_key, trial_params
+from orchestrator.search_space import SearchSpace, grid_trials, trial_params
 
 
 def trial_resources(space: SearchSpace, config: dict[str, Any]):
@@ -46,7 +46,7 @@ def _param_space(space: SearchSpace) -> dict[str, Any]:
 
     if not space.uses_optuna:
 
-        return {"trial": tune.grid_search([trial_key(space, point, seed) for point, seed in grid_trials(space)])}
+        return {"trial": tune.grid_search([trial.key for trial in space.trials()])}
     dims: dict[str, Any] = {"seed": space.seeds[0]}
     for path, d in space.search.items():
         if d.type == "uniform":
@@ -234,11 +234,11 @@ def run_sweep(
         config_yaml=space.path.read_text(),
     )
     client.set_tag(parent_id, "mlflow.note.content", describe(space))
-    jobs.write(home, name, {
-        "kind": "sweep", "space": space.to_dict(), "parent_run_id": parent_id, "tracking_uri": tracking_uri,
-        "address": address, "max_concurrent": max_concurrent, "storage": tracking.storage_root(home),
-        "driver": driver_entry(), "reuse_trials": reuse_trials,
-    })
+    jobs.write(home, jobs.JobRecord(
+        kind="sweep", name=name, run_id=parent_id, tracking_uri=tracking_uri, space=space.to_dict(),
+        max_concurrent=max_concurrent, reuse_trials=reuse_trials, address=address,
+        storage=tracking.storage_root(home), driver=driver_entry(),
+    ))
     fit_sweep(space, name=name, home=home, tracking_uri=tracking_uri, address=address,
               max_concurrent=max_concurrent, parent_id=parent_id, restore=False, reuse_trials=reuse_trials)
     return parent_id
@@ -344,8 +344,7 @@ def fit_sweep(
                        max_concurrent=max_concurrent)
         t0 = time.perf_counter()
         try:
-            lost = {"kind": "sweep", "parent_run_id": parent_id}
-            with watching_node("sweep", name, lambda: settle(tracking_uri, lost, status="FAILED")):
+            with watching_node("sweep", name, lambda: settle(tracking_uri, "sweep", parent_id, status="FAILED")):
                 results = tuner.fit()
         except KeyboardInterrupt:
             results = None
@@ -361,7 +360,7 @@ def fit_sweep(
         if retries := retry_pending(client, parent_id):  # `--retry-failed`, or a retry interrupted
             print(f"[avlab] sweep {name}: retrying {len(retries)} failed trial{'s' * (len(retries) != 1)}", flush=True)
             try:
-                with watching_node("sweep", name, lambda: settle(tracking_uri, lost, status="FAILED")):
+                with watching_node("sweep", name, lambda: settle(tracking_uri, "sweep", parent_id, status="FAILED")):
                     again = retry_tuner(space, trainable, retries, home=home, name=name,
                                          max_concurrent=max_concurrent).fit()
             except KeyboardInterrupt:

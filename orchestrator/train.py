@@ -43,6 +43,7 @@ from orchestrator.config import ExperimentConfig
 from orchestrator.hosts import RayTrainHost, TrialHost
 from orchestrator.loaders import DeviceAugment, Loader, build_pretraining_data, to_device
 from orchestrator.signals import quiet_worker_sigterm
+from orchestrator.worker_spec import WorkerSpec
 
 
 def seed_everything(seed: int) -> None:
@@ -112,20 +113,20 @@ def is_deterministic(exc: BaseException) -> bool:
                             AssertionError, NotImplementedError, ckpt.CheckpointError))
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Entry point that Ray Train runs on every worker."""
-    run_loop(loop_config, RayTrainHost, entered=time.time())
+def train_loop_per_worker(loop_config: dict[str, WorkerSpec]) -> None:
+    """Entry point that Ray Train runs on every worker (its loop config holds the ``spec``)."""
+    run_loop(loop_config["spec"], RayTrainHost, entered=time.time())
 
 
-def train_in_trial(loop_config: dict[str, Any], run_dir: str, *, tune: bool = True) -> None:
+def train_in_trial(spec: WorkerSpec, run_dir: str, *, tune: bool = True) -> None:
     """Entry point of a single worker that trains in its own process (a Tune trial, or the Ray
     task of a single-worker run when ``tune`` is false): its checkpoints in ``run_dir``."""
-    cfg = loop_config["config"]
-    run_loop(loop_config, lambda: TrialHost(run_dir, keep=cfg["train"]["checkpoints_to_keep"],
+    cfg = spec.config
+    run_loop(spec, lambda: TrialHost(run_dir, keep=cfg["train"]["checkpoints_to_keep"],
                                             gpu=bool(cfg["resources"]["gpu"]), tune=tune), entered=time.time())
 
 
-def run_loop(loop_config: dict[str, Any], make_host, *, entered: float) -> None:
+def run_loop(spec: WorkerSpec, make_host, *, entered: float) -> None:
     """Train one run (or one worker's part of it) with the host ``make_host()`` builds.
 
     An error that the same code raises again on the same data ends the run at once. Ray Train
@@ -134,14 +135,14 @@ def run_loop(loop_config: dict[str, Any], make_host, *, entered: float) -> None:
     without training, and the driver fails the run with that line. Lost workers, nodes and
     connections are retried from the last checkpoint as before."""
     quiet_worker_sigterm()
-    client = MlflowClient(loop_config["tracking_uri"])
-    run_id = loop_config["mlflow_run_id"]
+    client = MlflowClient(spec.tracking_uri)
+    run_id = spec.run_id
     if tracking.recorded_failure(client, run_id):
         return  # a previous attempt failed deterministically; the driver reports it
     host = None
     try:
         host = make_host()
-        _train_loop(loop_config, host, entered)
+        _train_loop(spec, host, entered)
     except Exception as exc:
         if not is_deterministic(exc):
             raise
@@ -171,12 +172,12 @@ def warm_dataset(data_cfg: ProceduralConfig) -> AVDataset:
     return _WARM_DATA[data_cfg]
 
 
-def _train_loop(loop_config: dict[str, Any], host: RayTrainHost | TrialHost, entered: float) -> None:
+def _train_loop(spec: WorkerSpec, host: RayTrainHost | TrialHost, entered: float) -> None:
     """One attempt in four phases: set up, restore, train epoch by epoch, finish."""
-    attempt = Attempt(loop_config, host)
-    attempt.restore(loop_config.get("init_checkpoint"))
-    timing = attempt.begin(_startup_timing(loop_config, entered), entered)
-    monitor = system_metrics.start_monitor(attempt.cfg, loop_config["tracking_uri"], attempt.run_id,
+    attempt = Attempt(spec, host)
+    attempt.restore(spec.init_checkpoint)
+    timing = attempt.begin(_startup_timing(spec, entered), entered)
+    monitor = system_metrics.start_monitor(attempt.cfg, spec.tracking_uri, attempt.run_id,
                                            attempt.nodes, attempt.rank)
     try:
         for epoch in range(attempt.start_epoch, attempt.cfg.train.epochs):
@@ -199,10 +200,10 @@ class Attempt:
     ``finish`` runs (or finds) the downstream evaluation. The order of these steps is the order in
     which random numbers are drawn: a change in it changes every result of a seed."""
 
-    def __init__(self, loop_config: dict[str, Any], host: RayTrainHost | TrialHost) -> None:
+    def __init__(self, spec: WorkerSpec, host: RayTrainHost | TrialHost) -> None:
         # Validated by the driver (or the trial) that sent it: the dataset is built once, below.
-        cfg = self.cfg = ExperimentConfig.from_dict(loop_config["config"], checked=True)
-        self.run_id: str = loop_config["mlflow_run_id"]
+        cfg = self.cfg = ExperimentConfig.from_dict(spec.config, checked=True)
+        self.run_id: str = spec.run_id
         self.host, self.rank, self.world = host, host.rank, host.world
         torch.set_num_threads(cfg.resources.cpus_per_worker)
         seed_everything(cfg.seed * 1000 + self.rank)
@@ -218,7 +219,7 @@ class Attempt:
                         world=self.world, rank=self.rank, seed=cfg.seed + i, workers=cfg.train.data_workers)
             for i, (key, pool) in enumerate(pools.items())
         }
-        self.client = MlflowClient(loop_config["tracking_uri"]) if self.rank == 0 else None
+        self.client = MlflowClient(spec.tracking_uri) if self.rank == 0 else None
         # [multi-node] Record which Ray nodes this attempt's workers run on (tags avlab.nodes and
         # avlab.node_history), so a sweep on a cluster shows where each trial ran and was restarted.
         nodes = self.nodes = _worker_nodes(self.world)
@@ -409,16 +410,16 @@ def _worker_nodes(world: int) -> list[str]:
 # -----------------------------------------------------------------------------------------------
 
 
-def _startup_timing(loop_config: dict[str, Any], entered: float) -> dict[str, float]:
+def _startup_timing(spec: WorkerSpec, entered: float) -> dict[str, float]:
     """Under Ray Train, ``launch_time_s``: launch -> this module starts importing on the worker
     (Ray Train's controller, worker processes, process group); ``import_time_s``: -> training
     function entered. In a trial's own process the trial measured both itself (its actor's start
     and its imports: zero for a trial that Tune gave a reused, warm actor)."""
-    if "import_time_s" in loop_config:
-        return {"launch_time_s": loop_config.get("launch_time_s", 0.0), "import_time_s": loop_config["import_time_s"]}
+    if spec.import_time_s is not None:
+        return {"launch_time_s": spec.launch_time_s or 0.0, "import_time_s": spec.import_time_s}
     out = {"import_time_s": max(entered - _IMPORTED_AT, 0.0)}
-    if loop_config.get("launched_at") is not None:
-        out["launch_time_s"] = max(_IMPORTED_AT - loop_config["launched_at"], 0.0)
+    if spec.launched_at is not None:
+        out["launch_time_s"] = max(_IMPORTED_AT - spec.launched_at, 0.0)
     return out
 
 

@@ -211,15 +211,12 @@ def _take_results(client: MlflowClient, space: SearchSpace, sweep: dict[str, Any
 
 def _train_here(cfg, *, run_id: str, uri: str, home: Path, run_dir: str, launch_s: float) -> None:
     """A single-worker trial: the training loop in this process (``orchestrator.hosts.TrialHost``)."""
-    from orchestrator.checkpoint import resolve_init
+    from orchestrator.worker_spec import worker_spec
 
     t0 = time.perf_counter()
     warm = "orchestrator.train" in sys.modules
     from orchestrator.train import train_in_trial
 
-    loop_config = {
-        "config": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri,
-        "init_checkpoint": str(resolve_init(cfg.train.init_from, home)) if cfg.train.init_from else "",
-        "launch_time_s": launch_s, "import_time_s": 0.0 if warm else time.perf_counter() - t0,
-    }
-    train_in_trial(loop_config, run_dir)
+    spec = worker_spec(cfg, run_id=run_id, tracking_uri=uri, home=home, launch_time_s=launch_s,
+                       import_time_s=0.0 if warm else time.perf_counter() - t0)
+    train_in_trial(spec, run_dir)

@@ -9,7 +9,6 @@ cannot be bound) exits 2 with one line before the server starts.
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import os
 import signal
@@ -24,16 +23,6 @@ from pathlib import Path
 from orchestrator.errors import ConfigError
 
 STOP_TIMEOUT_S = 15.0
-
-
-def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """Add the `ui` subcommand to the avlab parser."""
-    ui = sub.add_parser("ui", parents=[common],
-                        help="browse runs, sweeps, metrics and plots in the MLflow UI (Ctrl-C stops it)")
-    ui.add_argument("--host", default="127.0.0.1",
-                    help="address to bind (default: 127.0.0.1, this machine only; the UI has no login)")
-    ui.add_argument("--port", type=int, default=5000, help="port to listen on (default: 5000)")
-    ui.set_defaults(func=cmd_ui)
 
 
 def backend_store_uri(home: Path, tracking_uri: str | None) -> str:
@@ -157,17 +146,10 @@ def experiment_links(store_uri: str, url: str) -> list[str]:
             for e in sorted(experiments, key=lambda e: e.name) if e.name != "Default"]
 
 
-def cmd_ui(args: argparse.Namespace) -> int:
-    from orchestrator.tracking import resolve_home
-
-    home = resolve_home(args.home)
-    store_uri = backend_store_uri(home, args.tracking_uri)
-    addresses = check_port_free(args.host, args.port)
-    if not is_loopback(addresses):
-        print(f"[avlab] warning: --host {args.host} is not a loopback address: anyone who can reach this "
-              f"machine on port {args.port} can read and change the runs (the MLflow UI has no login)",
-              file=sys.stderr, flush=True)
-    url = url_for(args.host, args.port)
+def serve(store_uri: str, home: Path, host: str, port: int) -> int:
+    """Run the MLflow server on ``store_uri`` at ``host:port`` until Ctrl-C or SIGTERM (exit code
+    0) or until it exits by itself (1); progress lines on stdout, errors on stderr."""
+    url = url_for(host, port)
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)  # the server's store is --backend-store-uri
     # The GenAI job runner (a huey consumer with 5 workers) is of no use to avlab's runs, and a
@@ -177,7 +159,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     print(f"[avlab] starting the MLflow server on {store_uri}", flush=True)
     previous = signal.signal(signal.SIGTERM, _raise_stop)
     # Its own session: Ctrl-C reaches avlab only, which then stops the server in order.
-    server = subprocess.Popen(server_command(store_uri, home, args.host, args.port), env=env,
+    server = subprocess.Popen(server_command(store_uri, home, host, port), env=env,
                               stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         while not _answers(url):

@@ -96,8 +96,8 @@ def _sweep_job(home: Path, name: str, space: object) -> tuple[Path, str]:
     from mlflow.tracking import MlflowClient
 
     MlflowClient(uri).set_terminated(run_id, status="FAILED")
-    path = jobs.write(home, name, {"kind": "sweep", "space": space, "parent_run_id": run_id, "tracking_uri": uri,
-                                   "max_concurrent": 1, "address": None, "storage": str(home / "ray")})
+    path = jobs.write(home, jobs.JobRecord(kind="sweep", name=name, space=space, run_id=run_id, tracking_uri=uri,
+                                           max_concurrent=1, storage=str(home / "ray")))
     return path, run_id
 
 
@@ -124,8 +124,8 @@ def test_resume_retry_failed_of_a_damaged_job_file_is_one_line_naming_it(tmp_pat
     err = _one_line(capsys)
     assert err.startswith(f"avlab: error: {path}: space: not a search space as avlab writes it (no 'path')"), err
     # A run's config with a value of the wrong type: the file and the field.
-    run_path = jobs.write(home, "ran", {"kind": "run", "config": {"train": {"epochs": "two"}},
-                                        "mlflow_run_id": run_id, "tracking_uri": f"sqlite:///{home / 'mlflow.db'}"})
+    run_path = jobs.write(home, jobs.JobRecord(kind="run", name="ran", config={"train": {"epochs": "two"}},
+                                               run_id=run_id, tracking_uri=f"sqlite:///{home / 'mlflow.db'}"))
     assert main(["--home", str(home), "resume", "ran", "--retry-failed"]) == 2
     assert _one_line(capsys).startswith(f"avlab: error: {run_path}: train.epochs: expected an integer")
     assert {k: v for k, v in _everything(home).items() if "ran" not in k} == before

@@ -144,11 +144,15 @@ def test_a_claims_sweep_is_found_by_what_it_runs_not_by_where_its_files_live(tmp
     home = tmp_path / "home"
     # An earlier sweep of the same content under another name (its name covered the file's path),
     # one of other content, and a file that is not a job file.
-    jobs.write(home, "reproduce-mem-tiny-s1-0ld00000", {"kind": "sweep", "space": spaces["a"].to_dict()})
-    jobs.write(home, "reproduce-mem-tiny-s1-c0000000", {"kind": "sweep", "space": spaces["c"].to_dict()})
+    def record(name: str, space) -> jobs.JobRecord:
+        return jobs.JobRecord(kind="sweep", name=name, run_id="0" * 32, tracking_uri="sqlite:///x.db",
+                              space=space.to_dict())
+
+    jobs.write(home, record("reproduce-mem-tiny-s1-0ld00000", spaces["a"]))
+    jobs.write(home, record("reproduce-mem-tiny-s1-c0000000", spaces["c"]))
     (home / "jobs" / "reproduce-mem-tiny-s1-junk.json").write_text("{not json")
     assert _same_sweeps(home, "reproduce-mem-tiny-s1-new00000", spaces["b"]) == ["reproduce-mem-tiny-s1-0ld00000"]
-    jobs.write(home, "reproduce-mem-tiny-s1-new00000", {"kind": "sweep", "space": spaces["b"].to_dict()})
+    jobs.write(home, record("reproduce-mem-tiny-s1-new00000", spaces["b"]))
     assert _same_sweeps(home, "reproduce-mem-tiny-s1-new00000", spaces["b"]) == [
         "reproduce-mem-tiny-s1-new00000", "reproduce-mem-tiny-s1-0ld00000"]
 

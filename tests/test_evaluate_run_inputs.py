@@ -30,6 +30,7 @@ def finished(tmp_path_factory):
     from orchestrator import tracking
     from orchestrator.config import dump_yaml, resolve
     from orchestrator.train import train_in_trial
+    from orchestrator.worker_spec import WorkerSpec
 
     home = tmp_path_factory.mktemp("home")
     cfg = resolve(None, preset="tiny", overrides=[*TINY_RUN, "tracking.run_name=tiny"])
@@ -37,8 +38,8 @@ def finished(tmp_path_factory):
     tracking.prepare_store(uri)
     run_id = tracking.create_run(tracking_uri=uri, home=home, experiment="avlab", run_name="tiny", params=cfg.flat(),
                                  tags={"kind": "run"}, config_yaml=dump_yaml(cfg))
-    train_in_trial({"config": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri, "init_checkpoint": "",
-                    "launch_time_s": 0.0, "import_time_s": 0.0}, str(home / "ray" / "tiny"), tune=False)
+    train_in_trial(WorkerSpec(cfg.to_dict(), run_id, uri, launch_time_s=0.0, import_time_s=0.0),
+                   str(home / "ray" / "tiny"), tune=False)
     tracking.end_run(uri, run_id, ok=True)
     return home, run_id
 

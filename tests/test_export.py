@@ -153,6 +153,7 @@ def test_a_concat_multissl_run_goes_through_the_real_loop_to_its_evaluation(tmp_
     from orchestrator import tracking
     from orchestrator.config import dump_yaml
     from orchestrator.train import train_in_trial
+    from orchestrator.worker_spec import WorkerSpec
 
     cfg = resolve({"method": {"name": "multissl", "combination": "concat"}}, preset="tiny", overrides=[
         "train.epochs=3", "train.batch_size=32", "data.paired_size=64", "data.unpaired_sound_size=0",
@@ -162,8 +163,8 @@ def test_a_concat_multissl_run_goes_through_the_real_loop_to_its_evaluation(tmp_
     tracking.prepare_store(uri)
     run_id = tracking.create_run(tracking_uri=uri, home=tmp_path, experiment="concat", run_name="concat",
                                  params=cfg.flat(), tags={}, config_yaml=dump_yaml(cfg))
-    train_in_trial({"config": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri, "init_checkpoint": "",
-                    "launch_time_s": 0.0, "import_time_s": 0.0}, str(tmp_path / "run"), tune=False)
+    train_in_trial(WorkerSpec(cfg.to_dict(), run_id, uri, launch_time_s=0.0, import_time_s=0.0),
+                   str(tmp_path / "run"), tune=False)
     run = MlflowClient(uri).get_run(run_id)
     assert "avlab.failed" not in run.data.tags, run.data.tags.get("avlab.failed")
     assert {"eval_time_s", "sound_h_linear_acc", "image_h_linear_acc"} <= set(run.data.metrics)

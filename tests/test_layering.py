@@ -71,18 +71,33 @@ def test_no_import_cycle_inside_the_orchestrator():
 # What drives jobs: the command line, the job service, sweeps and their trials, the launchers and
 # the commands' own modules. The training worker runs inside Ray on every node and needs none.
 DRIVER_MODULES = {"cli", "service", "sweep", "trial", "retry", "launch", "reproduce", "report", "claims", "stop",
-                  "submit", "ui", "evaluate_run", "optuna_store", "data_commands", "cluster_files", "metrics"}
+                  "submit", "ui", "evaluate_run", "optuna_store", "datasets", "cluster_files", "metrics"}
 
 
 def test_the_training_worker_imports_no_driver_module():
     graph = _orchestrator_imports()
     assert {f"orchestrator.{m}" for m in DRIVER_MODULES} <= graph.keys()
     reached = {m.removeprefix("orchestrator.") for m in _reachable(graph, "orchestrator.train")}
-    assert not reached & DRIVER_MODULES, sorted(reached & DRIVER_MODULES)
+    assert not reached & (DRIVER_MODULES | {"commands"}), sorted(reached & DRIVER_MODULES)
+    assert not [m for m in reached if m.startswith("commands.")], sorted(reached)
 
 
-def test_only_the_command_line_and_reproduce_import_the_job_service():
+def test_only_the_command_layer_and_reproduce_import_the_job_service():
     graph = _orchestrator_imports()
     importers = sorted(m for m, targets in graph.items() if "orchestrator.service" in targets)
-    assert importers == ["orchestrator.cli", "orchestrator.reproduce"], importers
-    assert not [m for m, targets in graph.items() if "orchestrator.cli" in targets]
+    assert importers == ["orchestrator.commands.resume", "orchestrator.commands.run", "orchestrator.commands.sweep",
+                         "orchestrator.reproduce"], importers
+
+
+def test_the_command_layer_is_imported_by_the_command_line_alone():
+    """One module per subcommand under orchestrator/commands/ (parser, call, printing); cli builds
+    the parser from them, and no library module reaches back up into them or into cli."""
+    graph = _orchestrator_imports()
+    commands = {m for m in graph if m.startswith("orchestrator.commands.")}
+    assert len(commands) >= 15, sorted(commands)
+    outside = sorted(m for m, targets in graph.items()
+                     if m not in commands and m != "orchestrator.cli" and targets & (commands | {"orchestrator.cli"}))
+    assert not outside, outside
+    from orchestrator.cli import COMMANDS
+
+    assert {m.__name__ for m in COMMANDS} == commands - {"orchestrator.commands.options"}

@@ -449,6 +449,7 @@ def test_a_run_resumes_after_an_upgrade_adds_an_option_and_refuses_another_confi
     from orchestrator.config import resolve
     from orchestrator.launch import init_ray
     from orchestrator.train import train_in_trial
+    from orchestrator.worker_spec import WorkerSpec
 
     if not ray.is_initialized():
         init_ray()  # a trial records its node: the local, loopback-only Ray of an avlab command
@@ -464,8 +465,7 @@ def test_a_run_resumes_after_an_upgrade_adds_an_option_and_refuses_another_confi
     run_dir = str(tmp_path / "run")
 
     def attempt(config) -> str:
-        train_in_trial({"config": config.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri,
-                        "init_checkpoint": ""}, run_dir, tune=False)
+        train_in_trial(WorkerSpec(config.to_dict(), run_id, uri), run_dir, tune=False)
         return capsys.readouterr().err  # the loop's progress lines go to stderr
 
     assert "epoch 1/1" in attempt(cfg) and not tracking.recorded_failure(client, run_id)

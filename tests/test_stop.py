@@ -6,6 +6,7 @@ files that name process ids 0, -1 or 1 are stopped inside a PID namespace of the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -34,8 +35,8 @@ def _job(home: Path, name: str, *, status: str = "RUNNING", driver: dict | None 
                                  tags={"kind": "run", "run_name": name}, config_yaml="")
     if status != "RUNNING":
         MlflowClient(uri).set_terminated(run_id, status=status)
-    jobs.write(home, name, {"kind": "run", "config": {}, "mlflow_run_id": run_id, "tracking_uri": uri,
-                            "address": None, "storage": str(home / "ray"), "driver": driver or {}})
+    jobs.write(home, jobs.JobRecord(kind="run", name=name, config={}, run_id=run_id, tracking_uri=uri,
+                                    storage=str(home / "ray"), driver=driver or {}))
     return run_id
 
 
@@ -138,7 +139,7 @@ def test_stop_refuses_process_ids_that_signal_groups_or_init_inside_a_pid_namesp
     assert "canary-alive" in lines, out.stdout + out.stderr
     for name in BAD_PIDS:
         at = lines.index(f"exit {name} 2")
-        assert lines[at - 1].startswith(f"avlab: error: {jobs.manifest_path(home, name)}: driver.pid must be"), lines
+        assert lines[at - 1].startswith(f"avlab: error: {jobs.job_path(home, name)}: driver.pid must be"), lines
 
 
 CLAIM = """
@@ -150,7 +151,7 @@ while not go.exists():
     time.sleep(0.001)
 try:
     with jobs.reserved(home, "dup", "run", "--name"):
-        jobs.write(home, "dup", {"kind": "run", "config": {}, "mlflow_run_id": str(os.getpid()), "tracking_uri": "sqlite:///x"})
+        jobs.write(home, jobs.JobRecord(kind="run", name="dup", config={}, run_id=str(os.getpid()), tracking_uri="sqlite:///x"))
     print("won", os.getpid())
 except Exception as exc:
     print("lost", exc)
@@ -168,7 +169,7 @@ def test_of_several_commands_claiming_one_name_at_once_exactly_one_gets_it(tmp_p
     winners = [value for kind, value in outcomes if kind == "won"]
     assert len(winners) == 1, outcomes
     assert all(v.startswith("--name: a run or sweep named 'dup' already exists") for k, v in outcomes if k == "lost"), outcomes
-    assert json.loads(jobs.manifest_path(tmp_path, "dup").read_text())["mlflow_run_id"] == winners[0]
+    assert json.loads(jobs.job_path(tmp_path, "dup").read_text())["mlflow_run_id"] == winners[0]
 
 
 def test_a_claim_is_withdrawn_when_the_command_fails_and_a_dead_commands_claim_does_not_block(tmp_path):
@@ -180,10 +181,10 @@ def test_a_claim_is_withdrawn_when_the_command_fails_and_a_dead_commands_claim_d
     assert not jobs.exists(tmp_path, "job")
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = {"pid": int(gone.stdout), "host": os.uname().nodename, "since": time.time() - 5, "started": time.time() - 5}
-    jobs.manifest_path(tmp_path, "job").write_text(json.dumps(
+    jobs.job_path(tmp_path, "job").write_text(json.dumps(
         {"format": jobs.FORMAT, "name": "job", "kind": "run", "reserved": True, "driver": dead}))
     with jobs.reserved(tmp_path, "job", "run", "--name"):
-        claim = json.loads(jobs.manifest_path(tmp_path, "job").read_text())
+        claim = json.loads(jobs.job_path(tmp_path, "job").read_text())
     assert claim["driver"]["pid"] == os.getpid()
 
 
@@ -208,7 +209,7 @@ def test_two_runs_given_one_name_at_once_one_finishes_and_the_other_exits_2(tmp_
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`avlab.run_name` = 'dup'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert jobs.read(home, "dup")["mlflow_run_id"] == runs[0].info.run_id
+    assert jobs.read(home, "dup").run_id == runs[0].info.run_id
 
 
 def test_a_copied_home_reads_and_settles_its_own_store(tmp_path, capsys, children):
@@ -218,23 +219,24 @@ def test_a_copied_home_reads_and_settles_its_own_store(tmp_path, capsys, childre
     original, copy = tmp_path / "original", tmp_path / "copy"
     run_id = _job(original, "job")
     (original / "jobs" / "old.json").write_text(json.dumps(
-        {**{k: v for k, v in json.loads(jobs.manifest_path(original, "job").read_text()).items() if k != "home"},
+        {**{k: v for k, v in json.loads(jobs.job_path(original, "job").read_text()).items() if k != "home"},
          "name": "old"}))
     shutil.copytree(original, copy)
     for name in ("job", "old"):
-        manifest = jobs.read(copy, name)
-        assert manifest["tracking_uri"] == f"sqlite:///{copy / 'mlflow.db'}"
-        assert manifest["storage"] == str(copy / "ray")
+        record = jobs.read(copy, name)
+        assert record.tracking_uri == f"sqlite:///{copy / 'mlflow.db'}"
+        assert record.storage == str(copy / "ray")
     assert main(["--home", str(copy), "stop", "job"]) == 0
     assert _status(copy, run_id) == "KILLED" and _status(original, run_id) == "RUNNING"
-    shared = {**json.loads(jobs.manifest_path(original, "job").read_text()),
+    shared = {**json.loads(jobs.job_path(original, "job").read_text()),
               "tracking_uri": "postgresql://db.example/mlflow", "storage": "s3://bucket/avlab"}
-    assert jobs.follow_home(shared, copy) == {**shared, "home": str(copy)}  # shared places stay where they are
+    record = jobs.JobRecord.from_json(shared, jobs.job_path(original, "job"))
+    assert jobs.follow_home(record, copy) == dataclasses.replace(record, home=str(copy))  # shared places stay
 
 
 def test_a_damaged_job_file_is_one_line_naming_it(tmp_path, capsys):
     _job(tmp_path, "job")
-    path = jobs.manifest_path(tmp_path, "job")
+    path = jobs.job_path(tmp_path, "job")
     path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "mlflow_run_id"}))
     for command in (["stop", "job"], ["resume", "job"], ["resume", "job", "--retry-failed"]):
         assert main(["--home", str(tmp_path), *command]) == 2
@@ -250,12 +252,12 @@ def test_a_job_file_of_another_store_is_one_line_and_signals_nothing(tmp_path, c
     if store_there:
         _job(home, "other")  # the store exists and holds some other run
     proc = children("avlab", "run")
-    jobs.write(home, "stray", {"kind": "run", "config": {}, "mlflow_run_id": "0123456789abcdef",
-                               "tracking_uri": f"sqlite:///{home / 'mlflow.db'}", "storage": str(home / "ray"),
-                               "driver": _entry(proc)})
+    jobs.write(home, jobs.JobRecord(kind="run", name="stray", config={}, run_id="0123456789abcdef",
+                                    tracking_uri=f"sqlite:///{home / 'mlflow.db'}", storage=str(home / "ray"),
+                                    driver=_entry(proc)))
     before = sorted(p.name for p in home.iterdir())
     assert main(["--home", str(home), "stop", "stray"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"avlab: error: {jobs.manifest_path(home, 'stray')}: its ") and "\n" not in err, err
+    assert err.startswith(f"avlab: error: {jobs.job_path(home, 'stray')}: its ") and "\n" not in err, err
     assert proc.poll() is None  # not signalled
     assert sorted(p.name for p in home.iterdir()) == before

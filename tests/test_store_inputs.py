@@ -139,8 +139,8 @@ def test_resume_names_the_job_file_whose_tracking_server_is_gone(tmp_path, capsy
     from orchestrator import jobs
 
     home, port = tmp_path / "home", faults.free_port()
-    path = jobs.write(home, "gone", {"kind": "run", "config": {}, "mlflow_run_id": "0" * 32,
-                                     "tracking_uri": f"http://127.0.0.1:{port}"})
+    path = jobs.write(home, jobs.JobRecord(kind="run", name="gone", config={}, run_id="0" * 32,
+                                           tracking_uri=f"http://127.0.0.1:{port}"))
     before = path.read_bytes()
     code, err = _one_error_line(capsys, ["resume", "gone", "--home", str(home)])
     assert code == 2 and err.startswith(f"avlab: error: {path}: no tracking server answers at 127.0.0.1:{port}"), err

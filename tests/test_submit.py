@@ -123,10 +123,10 @@ def test_unreachable_cluster_is_one_line_and_exit_1(tmp_path, capsys):
 
 
 def test_entrypoint_runs_the_sweep_on_the_cluster(tmp_path, monkeypatch):
-    import argparse
+    import dataclasses
 
-    args = argparse.Namespace(overrides=["train.epochs=1"], preset="tiny", max_concurrent=3, seeds=None,
-                              home=None, tracking_uri=None)
+    args = submit.Submission(search_space="search_spaces/memory_size_fig6.yaml", address="http://head:8265",
+                             overrides=("train.epochs=1",), preset="tiny", max_concurrent=3)
     monkeypatch.delenv(submit.JOB_PYTHON_ENV, raising=False)
     command = submit.entrypoint(args, "search_spaces/memory_size_fig6.yaml", "fig6")
     # Without --home the cluster's AVLAB_HOME decides, and its absence stops the job at once.
@@ -134,11 +134,11 @@ def test_entrypoint_runs_the_sweep_on_the_cluster(tmp_path, monkeypatch):
     assert command.endswith("exec python -m orchestrator.cli sweep search_spaces/memory_size_fig6.yaml "
                             "train.epochs=1 --name fig6 --address auto --preset tiny --max-concurrent 3")
     monkeypatch.setenv(submit.JOB_PYTHON_ENV, "/opt/venv/bin/python")
-    args.home, args.tracking_uri = str(tmp_path / "shared home"), "http://mlflow:5000"
+    args = dataclasses.replace(args, home=str(tmp_path / "shared home"), tracking_uri="http://mlflow:5000")
     command = submit.entrypoint(args, "submitted/x.yaml", "x")
     assert command.startswith("/opt/venv/bin/python -m orchestrator.cli sweep submitted/x.yaml")
     assert f"--home '{tmp_path / 'shared home'}' --tracking-uri http://mlflow:5000" in command
-    args.reuse_trials = True  # avlab submit --reuse-trials: the sweep on the cluster reuses trials too
+    args = dataclasses.replace(args, reuse_trials=True)  # avlab submit --reuse-trials: the cluster's sweep reuses too
     assert "--name x --address auto --preset tiny --max-concurrent 3 --reuse-trials --home " in submit.entrypoint(
         args, "submitted/x.yaml", "x")
 

@@ -524,9 +524,9 @@ def test_a_restored_sweep_runs_each_trial_with_its_own_configuration_whatever_th
     assert len({json.dumps(p, sort_keys=True) + str(s) for p, s in started}) == space.num_trials() == 12
     sorted_back = SearchSpace.from_dict(json.loads(json.dumps(space.to_dict(), sort_keys=True)))
     assert list(sorted_back.variants) == ["alpha", "mid", "zeta"]  # what an old job file gave back
-    jobs.write(tmp_path, "s", {"kind": "sweep", "space": space.to_dict(), "tracking_uri": "sqlite:///x.db",
-                               "parent_run_id": "0" * 32, "max_concurrent": 1})
-    kept = SearchSpace.from_dict(jobs.read(tmp_path, "s")["space"])
+    jobs.write(tmp_path, jobs.JobRecord(kind="sweep", name="s", space=space.to_dict(), tracking_uri="sqlite:///x.db",
+                                        run_id="0" * 32))
+    kept = SearchSpace.from_dict(jobs.read(tmp_path, "s").space)
     assert list(kept.variants) == ["zeta", "alpha", "mid"]  # job files now keep the order
     for restored in (sorted_back, kept):
         assert [trial_params(restored, c) for c in configs] == started

@@ -1,0 +1,42 @@
+"""What a driver hands to the training loop of a run or a trial: a ``WorkerSpec``, built by one
+function (``worker_spec``), sent to every worker and read there by ``orchestrator.train``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.checkpoint import resolve_init
+
+if TYPE_CHECKING:
+    from orchestrator.config import ExperimentConfig
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """One run's hand-off: plain values only, so that Ray can send it to any worker process.
+
+    ``config`` is the resolved experiment config as ``ExperimentConfig.to_dict`` writes it (the
+    worker parses it again, unchecked: the driver checked it); ``init_checkpoint`` the verified
+    checkpoint folder that ``train.init_from`` names ("" for none). Start-up timing: a Ray Train
+    launch gives its wall-clock start (``launched_at``), the worker measures the rest; a trial
+    that trains in its own process measured both itself (``launch_time_s``, ``import_time_s``)."""
+
+    config: dict[str, Any]
+    run_id: str
+    tracking_uri: str
+    init_checkpoint: str = ""
+    launched_at: float | None = None
+    launch_time_s: float | None = None
+    import_time_s: float | None = None
+
+
+def worker_spec(cfg: ExperimentConfig, *, run_id: str, tracking_uri: str, home: Path,
+                launched_at: float | None = None, launch_time_s: float | None = None,
+                import_time_s: float | None = None) -> WorkerSpec:
+    """The spec of ``cfg``'s MLflow run ``run_id``: ``train.init_from`` resolved here, once, in
+    ``home`` (ConfigError naming the field when it names no usable checkpoint)."""
+    init = str(resolve_init(cfg.train.init_from, home)) if cfg.train.init_from else ""
+    return WorkerSpec(config=cfg.to_dict(), run_id=run_id, tracking_uri=tracking_uri, init_checkpoint=init,
+                      launched_at=launched_at, launch_time_s=launch_time_s, import_time_s=import_time_s)
