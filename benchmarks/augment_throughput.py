@@ -113,7 +113,7 @@ def main() -> None:
     def step(batch):
         out = model(batch)
         opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        out.metrics["loss"].backward()
         opt.step()
 
     model.train()

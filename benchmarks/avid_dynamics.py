@@ -68,10 +68,10 @@ def train(lr: float, args: argparse.Namespace) -> dict[str, float]:
         for batch in loader:
             out = model(batch)
             opt.zero_grad()
-            out["loss"].backward()
+            out.metrics["loss"].backward()
             opt.step()
             model.after_step(batch, out)
-            losses.append(float(out["loss"]))
+            losses.append(float(out.metrics["loss"]))
             step += 1
             if step >= args.steps:
                 break
@@ -80,7 +80,7 @@ def train(lr: float, args: argparse.Namespace) -> dict[str, float]:
     tail = losses[-16:]
     return {
         "z_bar": float(model.z_bar), "loss_first": losses[0], "loss_end": sum(tail) / len(tail),
-        "cos_v": mean_pairwise_cos(out["_v"]), "cos_a": mean_pairwise_cos(out["_a"]),
+        "cos_v": mean_pairwise_cos(out.state["v"]), "cos_a": mean_pairwise_cos(out.state["a"]),
         "head_norm": float(h_v.norm(dim=1).mean()), "seconds": time.time() - t0,
         "epochs": step * cfg.train.batch_size / args.paired_size,
     }

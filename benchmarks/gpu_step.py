@@ -67,7 +67,7 @@ def run_variant(preset: str, b: int, device: torch.device, steps: int, bf16: boo
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = method(batch)["loss"]
+            loss = method(batch).metrics["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

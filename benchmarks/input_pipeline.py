@@ -123,7 +123,7 @@ def step_rates(sources: dict[str, Dataset], steps: int, rounds: int, n_items: in
                 batch = next(iters[name])
             out = method(batch)
             opt.zero_grad()
-            out["loss"].backward()
+            out.metrics["loss"].backward()
             opt.step()
             method.after_step(batch, out)
 

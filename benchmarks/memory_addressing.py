@@ -90,7 +90,7 @@ def timers(method: BMAMemory, batch: dict[str, torch.Tensor], lr: float) -> dict
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        method(batch)["loss"].backward()
+        method(batch).metrics["loss"].backward()
         opt.step()
 
     def memory() -> None:

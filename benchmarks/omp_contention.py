@@ -63,7 +63,7 @@ def step_worker(threads: int, steps: int) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step() -> None:
-        loss = model(batch)["loss"]
+        loss = model(batch).metrics["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -131,12 +131,11 @@ def main() -> None:
                     batch.update(augment.unpaired_views(key, {k: v[j] for k, v in pools[pool].items()}, epoch))
             out = method.training_step(batch)
             opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
+            out.metrics["loss"].backward()
             opt.step()
             method.after_step(batch, out)
-            for k, v in out.items():
-                if not k.startswith("_"):
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+            for k, v in out.metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
         diagnostics = method.on_epoch_end(epoch) or {}  # AVID+CMA: cma_positive_precision
         means = {k: round(v / steps, 4) for k, v in sums.items()}
         means.update({k: round(v, 3) for k, v in diagnostics.items()})

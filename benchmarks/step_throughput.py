@@ -127,7 +127,7 @@ def plain_worker(spec: dict) -> None:
             for key, it in unpaired.items():
                 raw = {k: v.to(device, non_blocking=True) for k, v in next(it).items()}
                 b.update(augment.unpaired_views(key, raw, 0))
-            loss = model(b)["loss"]
+            loss = model(b).metrics["loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

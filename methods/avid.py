@@ -16,9 +16,8 @@ the whole global batch after the scores were computed.
 
 State and side effects. ``training_step`` (= ``forward``) writes nothing: it reads the banks,
 draws negatives from a generator seeded by (``sampling_seed``, ``step``), and returns the losses
-plus, under keys starting with ``_``, what ``after_step`` needs: ``_v`` and ``_a`` (the detached
-(B, D) projections) and, on the first step only, ``_z_bar``. Those keys are not loss terms; a
-trainer must not average them. ``after_step`` gathers indices and projections from all workers,
+and, in the ``StepOutput``'s ``state``, what ``after_step`` needs: ``v`` and ``a`` (the detached
+(B, D) projections) and, on the first step only, ``z_bar``. ``after_step`` gathers indices and projections from all workers,
 applies the EMA, freezes Z̄ and counts the step; ``on_epoch_end`` refreshes the CMA positive sets
 and, when the pool's items carry class labels, returns ``cma_positive_precision``: the share of
 the new positives that share their instance's class (the paper's Fig. 4c, inside every run; a
@@ -43,7 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, DataInfo, FieldError, Method
+from methods.base import Batch, DataInfo, FieldError, Method, StepOutput
 from methods.cma import CMA_RULES, cma_positive_sets
 from methods import distributed
 from methods.distributed import world_size
@@ -335,7 +334,7 @@ class AVID(Method):
         terms = {"self": ("loss_self",), "cross": ("loss_cross",), "joint": ("loss_self", "loss_cross")}[cfg.variant]
         return ("loss", *terms, *(("loss_cma", "cma_positive_precision") if cfg.cma else ()))
 
-    def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def training_step(self, batch: Batch) -> StepOutput:
         cfg, tau = self.cfg, self.cfg.temperature
         index_B = batch["index"].long()
         v_BD = self.project(self.E_v(batch["image"]), self.head_v)
@@ -358,6 +357,7 @@ class AVID(Method):
                 terms["a2a_cma"] = (a_BD, self.bank_a[pos_BP], self.bank_a[neg_BK[:, :kn]])
 
             out: dict[str, torch.Tensor] = {}
+            state: dict[str, torch.Tensor] = {}  # for after_step, not metrics
             if bool(self.z_bar_ready):
                 z_bar = self.z_bar
             else:  # first step: estimate Z̄ here; after_step freezes it
@@ -367,7 +367,7 @@ class AVID(Method):
                 if world_size() > 1:
                     dist.all_reduce(z_bar)
                     z_bar = z_bar / world_size()
-                out["_z_bar"] = z_bar
+                state["z_bar"] = z_bar
 
         nce = {
             name: memory_nce(x, pos, neg, temperature=tau, z_bar=z_bar) for name, (x, pos, neg) in terms.items()
@@ -383,18 +383,19 @@ class AVID(Method):
             out["loss_cma"] = (nce["v2v_cma"] + nce["a2a_cma"]) / 2
             loss = loss + cfg.cma_weight * out["loss_cma"]
         out["loss"] = loss
-        out["_v"], out["_a"] = v_BD.detach(), a_BD.detach()
-        return out
+        state["v"], state["a"] = v_BD.detach(), a_BD.detach()
+        return StepOutput(out, state)
 
     @torch.no_grad()
-    def after_step(self, batch: Batch, outputs: dict[str, torch.Tensor]) -> None:
+    def after_step(self, batch: Batch, outputs: StepOutput) -> None:
         """Freeze Z̄ after the first step, write the global batch into the memory banks (EMA),
         count the step. Every worker applies the same update, so the banks stay identical."""
-        if "_z_bar" in outputs:
-            self.z_bar.fill_(float(outputs["_z_bar"]))
+        state = outputs.state
+        if "z_bar" in state:
+            self.z_bar.fill_(float(state["z_bar"]))
             self.z_bar_ready.fill_(True)
         index_G = distributed.all_gather(batch["index"].long().to(self.bank_v.device))
-        for bank, x_BD in ((self.bank_v, outputs["_v"]), (self.bank_a, outputs["_a"])):
+        for bank, x_BD in ((self.bank_v, state["v"]), (self.bank_a, state["a"])):
             x_GD = distributed.all_gather(x_BD.to(bank.dtype))
             # Indices within one global batch are distinct (sampling without replacement).
             bank.index_copy_(0, index_G, ema_memory(bank[index_G], x_GD, momentum=self.cfg.memory_momentum))

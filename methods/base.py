@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -75,6 +75,16 @@ class DataInfo:
     transfer_test_size: int = 0
 
 
+class StepOutput(NamedTuple):
+    """What one training step returns. ``metrics``: ``loss`` (the total that is back-propagated)
+    and every other scalar the step logs (its per-epoch mean, named in ``training_metrics``);
+    ``state``: tensors that ``after_step`` needs (a memory bank's new entries, say), never logged.
+    A named tuple: DistributedDataParallel finds the tensors in it as in a plain tuple."""
+
+    metrics: dict[str, torch.Tensor]
+    state: dict[str, torch.Tensor] | None = None
+
+
 class Method(nn.Module):
     """A pretraining method: losses from a batch, and frozen features for evaluation.
 
@@ -109,7 +119,7 @@ class Method(nn.Module):
     @classmethod
     def training_metrics(cls, cfg: Any) -> tuple[str, ...]:
         """Every name ``training_step`` may return as a metric under ``cfg`` (its per-epoch mean
-        is logged; keys starting with "_" are not metrics). Search spaces may optimise any of
+        is logged). Search spaces may optimise any of
         them; a test checks each method's steps against this list. Default: the total loss."""
         return ("loss",)
 
@@ -128,16 +138,16 @@ class Method(nn.Module):
         """Called once by the trainer after construction, before any checkpoint is loaded, with
         the run's total number of epochs (for methods whose schedule depends on it)."""
 
-    def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Return {"loss": total, <term>: value, ...}; every loss term a scalar tensor. Keys that
-        start with "_" carry tensors for ``after_step`` and are not averaged as metrics."""
+    def training_step(self, batch: Batch) -> StepOutput:
+        """``StepOutput({"loss": total, <term>: value, ...})``, every term a scalar tensor, and in
+        its ``state`` what ``after_step`` needs."""
         raise NotImplementedError
 
-    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:  # noqa: D102
+    def forward(self, batch: Batch) -> StepOutput:  # noqa: D102
         return self.training_step(batch)
 
     @torch.no_grad()
-    def after_step(self, batch: Batch, outputs: dict[str, torch.Tensor]) -> None:
+    def after_step(self, batch: Batch, outputs: StepOutput) -> None:
         """Explicit state updates after the optimiser step (memory banks, EMA). Default: none."""
 
     @torch.no_grad()

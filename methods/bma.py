@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, DataInfo, Method
+from methods.base import Batch, DataInfo, Method, StepOutput
 from methods.distributed import gather_with_grad
 from methods.encoders import PAPER_ENCODERS, SMALL_ENCODERS, TINY_ENCODERS, EncoderConfig, build_encoder
 from methods.heads import ProjectionHead
@@ -179,9 +179,9 @@ class BMAMemory(Method):
         z_vs = self.head_v(self.image_representation(self.E_v(x_v_aug)))
         return z_sv, z_vs
 
-    def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def training_step(self, batch: Batch) -> StepOutput:
         with self.memory.shared_keys():
-            return self._training_step(batch)
+            return StepOutput(self._training_step(batch))
 
     def _training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         tau = self.cfg.loss_temperature

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, DataInfo, Method
+from methods.base import Batch, DataInfo, Method, StepOutput
 from methods.encoders import EncoderConfig, build_encoder
 
 # Per avlab preset: this method's section, and what it changes in the other sections (data,
@@ -135,7 +135,7 @@ class L3(Method):
     def training_metrics(cls, cfg: L3Config) -> tuple[str, ...]:
         return ("loss", "l3_acc")  # l3_acc: the correspondence accuracy on the training pairs
 
-    def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def training_step(self, batch: Batch) -> StepOutput:
         x_v, x_s = batch["image"], batch["sound"]
         if x_v.shape[0] != x_s.shape[0]:
             raise ValueError(f"l3: images and sounds must pair up, got {x_v.shape[0]} and {x_s.shape[0]}")
@@ -148,7 +148,7 @@ class L3(Method):
         logits_B2 = self.correspondence_logits(f_v_Bc, f_s_Bc)
         loss = correspondence_loss(logits_B2, y_B)
         acc = (logits_B2.detach().argmax(dim=1) == y_B).float().mean()
-        return {"loss": loss, "l3_acc": acc}
+        return StepOutput({"loss": loss, "l3_acc": acc})
 
     @torch.no_grad()
     def embed(

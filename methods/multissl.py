@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, DataInfo, FieldError, Method
+from methods.base import Batch, DataInfo, FieldError, Method, StepOutput
 from methods.binaural_views import azimuth_feature, cut_slices, rolls_exactly, rotated_azimuth_features
 from methods.data.binaural import rotate_panorama
 from methods.encoders import PAPER_ENCODERS, TINY_ENCODERS, Encoder, EncoderConfig, build_encoder
@@ -458,10 +458,10 @@ class MultiSSL(Method):
             names.append("loss_distill")
         return tuple(names)
 
-    def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def training_step(self, batch: Batch) -> StepOutput:
         out: dict[str, torch.Tensor] = {}
         out["loss"] = self.strategy.step(self, batch, self.stage, out)
-        return out
+        return StepOutput(out)
 
     # -- evaluation --
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, DataInfo, FieldError, Method
+from methods.base import Batch, DataInfo, FieldError, Method, StepOutput
 from methods.encoders import PAPER_ENCODERS, SMALL_ENCODERS, TINY_ENCODERS, EncoderConfig, build_encoder
 
 # Per avlab preset: this method's section, and what it changes in the other sections (data,
@@ -81,10 +81,10 @@ class Supervised(Method):
     def training_metrics(cls, cfg: SupervisedConfig) -> tuple[str, ...]:
         return ("loss", "loss_image_ce", "loss_sound_ce")
 
-    def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def training_step(self, batch: Batch) -> StepOutput:
         loss_image = F.cross_entropy(self.classifier_v(self.E_v(batch["image"])), batch["label"])
         loss_sound = F.cross_entropy(self.classifier_s(self.E_s(batch["sound"])), batch["label"])
-        return {"loss": loss_image + loss_sound, "loss_image_ce": loss_image, "loss_sound_ce": loss_sound}
+        return StepOutput({"loss": loss_image + loss_sound, "loss_image_ce": loss_image, "loss_sound_ce": loss_sound})
 
     @torch.no_grad()
     def embed(

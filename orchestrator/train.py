@@ -331,14 +331,13 @@ class Attempt:
             with self.autocast:
                 out = model(batch)
             optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
+            out.metrics["loss"].backward()
             optimizer.step()
             self.scheduler.step()
             self.global_step += 1
             self.method.after_step(batch, out)
-            for k, v in out.items():
-                if not k.startswith("_"):  # "_"-keys carry tensors for after_step, not metrics
-                    sums[k] = sums.get(k, 0) + v.detach()
+            for k, v in out.metrics.items():
+                sums[k] = sums.get(k, 0) + v.detach()
         elapsed = time.perf_counter() - t0
         usage = self.usage.end()
         diagnostics = self.method.on_epoch_end(epoch) or {}

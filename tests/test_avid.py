@@ -102,10 +102,10 @@ def test_training_step_has_no_side_effects_and_after_step_applies_ema():
     assert set(own) == {"sampling_seed", "step", "bank_v", "bank_a", "z_bar", "z_bar_ready"}
     assert all(torch.equal(m.state_dict()[k], before[k]) for k in own)
     again = m(batch)
-    assert torch.equal(out["loss"], again["loss"])  # same draws, same Z̄: training_step is pure
+    assert torch.equal(out.metrics["loss"], again.metrics["loss"])  # same draws, same Z̄: training_step is pure
     m.after_step(batch, out)
     mom = m.cfg.memory_momentum
-    for bank, x in (("bank_v", out["_v"]), ("bank_a", out["_a"])):
+    for bank, x in (("bank_v", out.state["v"]), ("bank_a", out.state["a"])):
         old, new = before[bank], getattr(m, bank)
         touched = set(batch["index"].tolist())
         for i in range(N):
@@ -125,23 +125,23 @@ def test_z_bar_is_estimated_on_the_first_batch_then_frozen():
     b1 = make_batch(seed=1)
     neg = m.sample_negative_indices(b1["index"])
     out = m(b1)
-    v, a = out["_v"], out["_a"]
+    v, a = out.state["v"], out.state["a"]
     # Cross-AVID: negatives of v are audio memories, of a video memories; Z̄ = mean of exp(score).
     z1 = sum(math.exp(float(v[i] @ m.bank_a[j]) / tau) for i in range(8) for j in neg[i].tolist())
     z2 = sum(math.exp(float(a[i] @ m.bank_v[j]) / tau) for i in range(8) for j in neg[i].tolist())
     expected = (z1 + z2) / 2 / neg.numel()
-    assert math.isclose(float(out["_z_bar"]), expected, rel_tol=1e-5)
+    assert math.isclose(float(out.state["z_bar"]), expected, rel_tol=1e-5)
     # The first step's loss already uses it.
     i = b1["index"]
     ref = (memory_nce(v, m.bank_a[i], m.bank_a[neg], temperature=tau, z_bar=expected)
            + memory_nce(a, m.bank_v[i], m.bank_v[neg], temperature=tau, z_bar=expected)) / 2
-    assert torch.allclose(out["loss_cross"], ref, rtol=1e-5)
+    assert torch.allclose(out.metrics["loss_cross"], ref, rtol=1e-5)
     assert not bool(m.z_bar_ready)
     m.after_step(b1, out)
     assert bool(m.z_bar_ready) and math.isclose(float(m.z_bar), expected, rel_tol=1e-5)
     frozen = m.z_bar.clone()
     out2 = m(make_batch(seed=2))
-    assert "_z_bar" not in out2
+    assert "z_bar" not in out2.state
     m.after_step(make_batch(seed=2), out2)
     assert torch.equal(m.z_bar, frozen)
 
@@ -214,7 +214,8 @@ def test_positive_search_never_allocates_an_n_by_n_block():
 def test_cma_schedule_refreshes_positive_sets_every_e_epochs_from_s():
     m = make_model(**CMA, cma_start_epoch=2, cma_refresh_epochs=3)
     assert int(m.positives_epoch) == -1 and not m.cma_active
-    assert set(m(make_batch())) == {"loss", "loss_cross", "_z_bar", "_v", "_a"}
+    out = m(make_batch())
+    assert set(out.metrics) == {"loss", "loss_cross"} and set(out.state) == {"z_bar", "v", "a"}
     computed = {}
     for epoch in range(7):
         with torch.no_grad():  # stand-in for training moving the banks between epochs
@@ -224,7 +225,7 @@ def test_cma_schedule_refreshes_positive_sets_every_e_epochs_from_s():
         if int(m.positives_epoch) == epoch + 1:
             assert torch.equal(m.positives, cma_positive_sets(m.bank_v, m.bank_a, k=3, rule="agreement", chunk_size=7))
     assert computed == {1: -1, 2: 2, 3: 2, 4: 2, 5: 5, 6: 5, 7: 5}
-    assert m.cma_active and "loss_cma" in m(make_batch())
+    assert m.cma_active and "loss_cma" in m(make_batch()).metrics
 
 
 @pytest.mark.parametrize("reestimate", [False, True])
@@ -233,7 +234,7 @@ def test_z_bar_is_estimated_again_on_the_first_cma_step_only_with_cma_reestimate
     for step in range(3):  # Cross-AVID epochs 0 (steps 0, 1) and 1 (step 2): Z̄ from step 0 only
         b = make_batch(seed=step)
         out = m(b)
-        assert ("_z_bar" in out) == (step == 0)
+        assert ("z_bar" in out.state) == (step == 0)
         m.after_step(b, out)
         if step == 1:
             assert m.on_epoch_end(0) is None and bool(m.z_bar_ready)
@@ -244,22 +245,22 @@ def test_z_bar_is_estimated_again_on_the_first_cma_step_only_with_cma_reestimate
     neg = m.sample_negative_indices(b["index"])
     out = m(b)
     if not reestimate:
-        assert "_z_bar" not in out
+        assert "z_bar" not in out.state
         m.after_step(b, out)
         assert float(m.z_bar) == cross_z
         return
     # The mean of exp(score / tau) over the negatives of every term of this step (the two
     # cross-modal terms with K negatives, the two within-modal CMA terms with K_n).
-    v, a, tau = out["_v"].double(), out["_a"].double(), m.cfg.temperature
+    v, a, tau = out.state["v"].double(), out.state["a"].double(), m.cfg.temperature
     k, kn = m.cfg.num_negatives, m.cfg.cma_negatives
     means = [torch.exp(torch.einsum("bd,bkd->bk", x, bank.double()[neg[:, :n]]) / tau).mean()
              for x, bank, n in ((v, m.bank_a, k), (a, m.bank_v, k), (v, m.bank_v, kn), (a, m.bank_a, kn))]
     expected = float(torch.stack(means).mean())
-    assert math.isclose(float(out["_z_bar"]), expected, rel_tol=1e-5) and not math.isclose(expected, cross_z, rel_tol=1e-3)
+    assert math.isclose(float(out.state["z_bar"]), expected, rel_tol=1e-5) and not math.isclose(expected, cross_z, rel_tol=1e-3)
     m.after_step(b, out)
     assert math.isclose(float(m.z_bar), expected, rel_tol=1e-5) and bool(m.z_bar_ready)
     m.on_epoch_end(2)  # a later refresh of the positive sets keeps the new Z̄
-    assert bool(m.z_bar_ready) and "_z_bar" not in m(make_batch(seed=6))
+    assert bool(m.z_bar_ready) and "z_bar" not in m(make_batch(seed=6)).state
 
 
 @pytest.mark.parametrize("start, reestimate", [(0, True), (0, False), (2, True)])
@@ -285,13 +286,13 @@ def test_init_from_a_trained_run_gives_cma_the_copied_banks_positive_sets(tmp_pa
     ckpt.initialise_from(m, str(tmp_path), torch.device("cpu"))
     assert torch.equal(m.bank_v, source.bank_v) and float(m.z_bar) == float(source.z_bar)
     if start > 0:
-        assert not m.cma_active and "loss_cma" not in m(make_batch(seed=5))
+        assert not m.cma_active and "loss_cma" not in m(make_batch(seed=5)).metrics
         return
     expected = cma_positive_sets(source.bank_v, source.bank_a, k=m.cfg.cma_positives, rule=m.cfg.cma_rule,
                                  chunk_size=m.cfg.cma_chunk_size)
     assert m.cma_active and torch.equal(m.positives, expected) and not torch.equal(expected, random_positives)
     assert not torch.equal(expected, source.positives)
-    assert bool(m.z_bar_ready) != reestimate and ("_z_bar" in m(make_batch(seed=5))) == reestimate
+    assert bool(m.z_bar_ready) != reestimate and ("z_bar" in m(make_batch(seed=5)).state) == reestimate
 
 
 def test_cma_positive_precision_is_the_share_of_positives_of_their_instance_class():
@@ -345,9 +346,9 @@ def test_memory_state_survives_state_dict_round_trip():
     for step in range(2, 4):
         batch = make_batch(seed=step)
         out_a, out_b = a(batch), b(batch)
-        assert "loss_cma" in out_a
+        assert "loss_cma" in out_a.metrics
         for k in ("loss", "loss_cross", "loss_cma"):
-            assert torch.equal(out_a[k], out_b[k]), k
+            assert torch.equal(out_a.metrics[k], out_b.metrics[k]), k
         a.after_step(batch, out_a)
         b.after_step(batch, out_b)
     for k, v in a.state_dict().items():
@@ -374,9 +375,9 @@ def _ddp_worker(rank, world):
     for batch in _ddp_batches():
         shard = {k: v[rank * G // world : (rank + 1) * G // world] for k, v in batch.items()}
         out = ddp(shard)
-        out["loss"].backward()
+        out.metrics["loss"].backward()
         model.after_step(shard, out)
-        losses.append({k: v.detach() for k, v in out.items() if not k.startswith("_")})
+        losses.append({k: v.detach() for k, v in out.metrics.items()})
     return {"losses": losses, "state": model.state_dict()}
 
 
@@ -385,7 +386,7 @@ def test_two_ddp_workers_update_the_bank_like_one_worker_on_the_global_batch(ddp
     losses = []
     for batch in _ddp_batches():
         out = model(batch)
-        out["loss"].backward()
+        out.metrics["loss"].backward()
         model.after_step(batch, out)
         losses.append(out)
     ranks = ddp(_ddp_worker)
@@ -396,7 +397,7 @@ def test_two_ddp_workers_update_the_bank_like_one_worker_on_the_global_batch(ddp
     for step, ref in enumerate(losses):  # the workers' mean loss is the one-worker loss
         for k in ("loss", "loss_cross", "loss_cma"):
             mean = (ranks[0]["losses"][step][k] + ranks[1]["losses"][step][k]) / 2
-            assert torch.allclose(mean, ref[k].detach(), rtol=1e-9), (step, k)
+            assert torch.allclose(mean, ref.metrics[k].detach(), rtol=1e-9), (step, k)
 
 
 # --- training and interface -----------------------------------------------------------------
@@ -420,19 +421,19 @@ def test_each_variant_trains_a_few_steps(kw, terms):
         for batch in batches:
             out = m(batch)
             opt.zero_grad()
-            out["loss"].backward()
+            out.metrics["loss"].backward()
             assert all(p.grad is not None for p in m.parameters())
             opt.step()
             m.after_step(batch, out)
-            history.append(float(out["loss"].detach()))
-            expected = {"loss", "_v", "_a"} | (terms - {"loss_cma"} if epoch == 0 and m.cfg.cma else terms)
-            assert set(out) - {"_z_bar"} == expected
+            history.append(float(out.metrics["loss"].detach()))
+            expected = {"loss"} | (terms - {"loss_cma"} if epoch == 0 and m.cfg.cma else terms)
+            assert set(out.metrics) == expected and set(out.state) - {"z_bar"} == {"v", "a"}
         m.on_epoch_end(epoch)
     assert all(math.isfinite(x) for x in history)
     if "loss_cma" in terms:
-        assert torch.allclose(out["loss"], out["loss_cross"] + 0.5 * out["loss_cma"])
+        assert torch.allclose(out.metrics["loss"], out.metrics["loss_cross"] + 0.5 * out.metrics["loss_cma"])
     if terms == {"loss_self", "loss_cross"}:
-        assert torch.allclose(out["loss"], out["loss_self"] + out["loss_cross"])
+        assert torch.allclose(out.metrics["loss"], out.metrics["loss_self"] + out.metrics["loss_cross"])
 
 
 def test_embed_returns_encoder_features_and_unit_projections():
@@ -519,10 +520,10 @@ def _train_cross_avid(head_batchnorm: bool, output_batchnorm: bool = False,
         batch = {"image": aug.image(pool["image"][idx], u), "sound": aug.sound(pool["sound"][idx], u), "index": idx}
         out = m(batch)
         opt.zero_grad()
-        out["loss"].backward()
+        out.metrics["loss"].backward()
         opt.step()
         m.after_step(batch, out)
-        losses.append(out["loss"].item())
+        losses.append(out.metrics["loss"].item())
     m.eval()
     with torch.no_grad():
         z = m.embed(images=pool["image"], sounds=pool["sound"])

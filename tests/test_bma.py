@@ -40,7 +40,7 @@ def test_encoders_have_paper_shapes():
 def test_training_step_terms_and_gradients():
     torch.manual_seed(0)
     m = BMAMemory(BMAConfig(**TINY, memory_size=20, unpaired_weight=0.5), DataInfo())
-    out = m(make_batch())
+    out = m(make_batch()).metrics
     diagnostics = {"mem_read_ratio_v", "mem_read_ratio_s", "mem_slots_v", "mem_slots_s"}
     assert set(out) == {"loss", "loss_pair", "loss_unpair", "loss_unpair_sound", "loss_unpair_image", *diagnostics}
     assert not any(out[k].requires_grad for k in diagnostics)
@@ -53,10 +53,10 @@ def test_training_step_terms_and_gradients():
 
 def test_paired_only_and_unpaired_only():
     m = BMAMemory(BMAConfig(**TINY, memory_size=20), DataInfo())
-    assert {k for k in m(make_batch(unpaired=False)) if k.startswith("loss")} == {"loss", "loss_pair"}
+    assert {k for k in m(make_batch(unpaired=False)).metrics if k.startswith("loss")} == {"loss", "loss_pair"}
     m2 = BMAMemory(BMAConfig(**TINY, memory_size=20, paired_loss=False), DataInfo())
     b = make_batch()
-    out = m2({k: v for k, v in b.items() if k.startswith("u")})
+    out = m2({k: v for k, v in b.items() if k.startswith("u")}).metrics
     assert "loss_pair" not in out and torch.allclose(out["loss"], out["loss_unpair"])
 
 

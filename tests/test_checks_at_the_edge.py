@@ -285,7 +285,7 @@ def test_the_supervised_baseline_on_a_manifest_trains_on_its_labelled_split(tmp_
     method = build_method(cfg.method_name, cfg.method, data.info())
     pool = data.pool(cfg.method.pool)
     batch = {k: torch.stack([pool[i][k] for i in range(4)]) for k in ("image", "sound", "label")}
-    out = method.training_step(batch)
+    out = method.training_step(batch).metrics
     assert torch.isfinite(out["loss"]) and set(batch["label"].tolist()) == {0, 1}
     # Asked for explicitly, the unlabelled pairs are still refused.
     with pytest.raises(ConfigError, match=r"^method\.pool: .*method\.pool=train"):

@@ -37,7 +37,7 @@ def _worker(rank, world):
     model = convert_global_batchnorm(make_model())
     ddp = DDP(model, find_unused_parameters=True)
     shard = {k: v[rank * B // world : (rank + 1) * B // world].double() for k, v in global_batch().items()}
-    out = ddp(shard)
+    out = ddp(shard).metrics
     out["loss"].backward()
     return {"loss": {k: v.detach() for k, v in out.items()},
             "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
@@ -45,7 +45,7 @@ def _worker(rank, world):
 
 def test_two_workers_equal_one_worker_on_the_global_batch(ddp):
     model = make_model()
-    out = model({k: v.double() for k, v in global_batch().items()})
+    out = model({k: v.double() for k, v in global_batch().items()}).metrics
     out["loss"].backward()
     ref_grads = {n: p.grad for n, p in model.named_parameters()}
 

@@ -142,7 +142,7 @@ def test_loss_matches_a_hand_computation():
             p.copy_(torch.linspace(-0.5, 0.5, p.numel()).reshape(p.shape))
     batch = make_batch()
     torch.manual_seed(11)
-    out = m.training_step(batch)
+    out = m.training_step(batch).metrics
     torch.manual_seed(11)
     sound_idx, y = correspondence_pairs(8, negative_fraction=0.5)
 
@@ -198,7 +198,7 @@ def test_training_steps_reduce_loss_and_reach_both_encoders():
     batch = make_batch()
     losses = []
     for step in range(12):
-        out = m(batch)
+        out = m(batch).metrics
         assert set(out) == {"loss", "l3_acc"} and out["l3_acc"].dim() == 0
         assert 0.0 <= out["l3_acc"].item() <= 1.0
         opt.zero_grad()

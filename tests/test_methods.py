@@ -35,11 +35,11 @@ def test_every_method_trains_from_its_tiny_preset(name, overrides):
             if key in loaders:
                 batch.update(augment.unpaired_views(key, next(loaders[key]), 0))
         out = method(batch)
-        assert torch.isfinite(out["loss"]) and out["loss"].requires_grad
-        assert all(v.dim() == 0 for k, v in out.items() if not k.startswith("_"))  # loss terms are scalars
-        logged |= {k for k in out if not k.startswith("_")}
+        assert torch.isfinite(out.metrics["loss"]) and out.metrics["loss"].requires_grad
+        assert all(v.dim() == 0 for v in out.metrics.values())  # loss terms are scalars
+        logged |= set(out.metrics)
         opt.zero_grad()
-        out["loss"].backward()
+        out.metrics["loss"].backward()
         opt.step()
         method.after_step(batch, out)
     diagnostics = method.on_epoch_end(0) or {}

@@ -116,7 +116,7 @@ def test_gap_zero_err_is_the_error_of_answering_zero_and_the_head_beats_it_given
     for step in range(100):
         sound = ramp + 0.1 * torch.randn(b, 2, DATA.n_mels, t)
         state = torch.get_rng_state()
-        out = method({**batches[0], "sound": sound})
+        out = method({**batches[0], "sound": sound}).metrics
         torch.set_rng_state(state)
         _, _, gap = cut_slices(sound, cfg.gap_slice_frames)  # the slices the step drew
         assert out["gap_zero_err"].item() == pytest.approx(gap.abs().mean().item(), rel=1e-6)
@@ -146,10 +146,10 @@ def _train(method, opt, batches, epochs, start_epoch=0):
         for batch in batches[:2]:
             out = method(batch)
             opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
+            out.metrics["loss"].backward()
             opt.step()
             method.after_step(batch, out)
-            losses.append({k: float(v.detach()) for k, v in out.items()})
+            losses.append({k: float(v.detach()) for k, v in out.metrics.items()})
         method.on_epoch_end(epoch)
     return losses
 
@@ -369,7 +369,7 @@ def test_foreground_negatives_are_the_features_of_truly_rotated_panoramas(scenes
     batch = {k: v[..., :width] if k in ("image", "mask") else v for k, v in batches[0].items()}
     seen = []
     hook = method.heads.fa_v.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach()))
-    loss = method(batch)["loss_foreground"]
+    loss = method(batch).metrics["loss_foreground"]
     hook.remove()
     v_pos_BD, v_rot_BJD = seen  # what the method fed its projection head: aligned, then turned
     expected_BKD = _azimuth_loop(method.E_v, batch["image"] * batch["mask"], R)
