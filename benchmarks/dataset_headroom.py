@@ -2,7 +2,7 @@
 
 Self-supervised methods are judged by how much of the gap between a randomly initialised
 encoder and a supervised one they close under the linear probe (docs/spec.md §6). This script measures
-both ends on the default ``ProceduralConfig``:
+both ends on the default ``DataConfig``:
 
 (a) random-init ResNet-18 (width 16) image features and ResNet-10 (width 16, one channel) sound
     features, probed by standardised logistic regression fitted on ``train``, scored on ``test``;
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from methods.data import ProceduralAV, ProceduralConfig  # noqa: E402
+from methods.data import ProceduralAV, DataConfig  # noqa: E402
 from methods.encoders import EncoderConfig, build_encoder  # noqa: E402
 from methods.evaluate.linear_probe import linear_probe  # noqa: E402
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     t_start = time.perf_counter()
 
-    cfg = ProceduralConfig()
+    cfg = DataConfig()
     av = ProceduralAV(cfg)
     train, test = load_pool(av, "train"), load_pool(av, "test")
     # More labelled pairs from the same generator: a larger paired pool with the same seed
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         section = (
             f"\n## Procedural dataset headroom\n\n"
             f"{dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, `{command.strip()}`, "
-            f"{torch.get_num_threads()} CPU threads, {elapsed:.0f} s; default `ProceduralConfig` "
+            f"{torch.get_num_threads()} CPU threads, {elapsed:.0f} s; default `DataConfig` "
             f"(image {cfg.image_size}px, {cfg.n_mels} mel bins x {cfg.n_frames} frames). "
             f"Encoders: ResNet-18 (width 16) for images, ResNet-10 (width 16, 1 channel) for "
             f"sounds; {generation}.\n\n{table}\n"

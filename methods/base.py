@@ -111,7 +111,7 @@ class Method(nn.Module):
     @classmethod
     def data_defaults(cls, data: Any) -> dict[str, Any]:
         """Settings of the method's section whose default depends on the ``data`` section (a
-        ``ProceduralConfig``), applied where the config leaves them unset. A default here must be
+        ``DataConfig``), applied where the config leaves them unset. A default here must be
         the one value that can run on that data, so no configuration that ran before it changes.
         Default: none."""
         return {}

@@ -1,10 +1,10 @@
-"""Training checkpoints: one file of state plus a manifest that proves the file is whole.
+"""Training checkpoints: one file of state plus a checksum file that proves the file is whole.
 
 A checkpoint directory holds ``checkpoint.pt`` (everything a worker needs to continue: model,
 optimiser, LR schedule, method state, RNG states of every rank, epoch, step, data-sampler
 positions, MLflow run id) and ``checkpoint.json`` (format, epoch, size and SHA-256 of the state
-file). The manifest is written last, each file through a temporary name and ``os.replace``, so a
-directory without a manifest, or whose state file does not match it, is a half-written or
+file). The checksum file is written last, each file through a temporary name and ``os.replace``, so a
+directory without a checksum file, or whose state file does not match it, is a half-written or
 damaged checkpoint and is never loaded as a whole one.
 """
 
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import ray.train
 
 STATE_FILE = "checkpoint.pt"
-MANIFEST_FILE = "checkpoint.json"
+CHECKSUM_FILE = "checkpoint.json"
 FORMAT = 1
 DIR_PATTERN = re.compile(r"^checkpoint_epoch(\d+)$")
 
@@ -76,7 +76,7 @@ def _no_room(exc: BaseException) -> OSError | None:
 
 
 def save(directory: str | os.PathLike[str], state: dict[str, Any]) -> Path:
-    """Write ``state`` and its manifest into ``directory``; return the state file's path.
+    """Write ``state`` and its checksum file into ``directory``; return the state file's path.
 
     A write that fails removes what it wrote (and ``directory`` if it made it), so no half-written
     checkpoint stays behind; a full disk (or quota, or file-size limit) is a ``CheckpointError``
@@ -87,9 +87,9 @@ def save(directory: str | os.PathLike[str], state: dict[str, Any]) -> Path:
     path = directory / STATE_FILE
     try:
         _atomic_write_bytes(path, lambda f: torch.save(state, f))
-        manifest = {"format": FORMAT, "epoch": state.get("epoch"), "bytes": path.stat().st_size,
+        checksums = {"format": FORMAT, "epoch": state.get("epoch"), "bytes": path.stat().st_size,
                     "sha256": _sha256(path)}
-        _atomic_write_bytes(directory / MANIFEST_FILE, lambda f: f.write(json.dumps(manifest).encode()))
+        _atomic_write_bytes(directory / CHECKSUM_FILE, lambda f: f.write(json.dumps(checksums).encode()))
     except BaseException as exc:
         _remove_partial(directory, made)
         cause = _no_room(exc)
@@ -105,7 +105,7 @@ def _remove_partial(directory: Path, made: bool) -> None:
     if made:
         shutil.rmtree(directory, ignore_errors=True)
         return
-    for name in (STATE_FILE, MANIFEST_FILE, STATE_FILE + ".tmp", MANIFEST_FILE + ".tmp"):
+    for name in (STATE_FILE, CHECKSUM_FILE, STATE_FILE + ".tmp", CHECKSUM_FILE + ".tmp"):
         with contextlib.suppress(OSError):
             (directory / name).unlink()
 
@@ -113,23 +113,23 @@ def _remove_partial(directory: Path, made: bool) -> None:
 def load(directory: str | os.PathLike[str], *, map_location: Any = "cpu") -> dict[str, Any]:
     """Read a checkpoint directory, or raise ``CheckpointError`` naming the damaged file."""
     directory = Path(directory)
-    path, manifest_path = directory / STATE_FILE, directory / MANIFEST_FILE
+    path, checksum_path = directory / STATE_FILE, directory / CHECKSUM_FILE
     try:
-        manifest = json.loads(manifest_path.read_text())
+        checksums = json.loads(checksum_path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{manifest_path}: missing (the checkpoint was not completely written)") from None
+        raise CheckpointError(f"{checksum_path}: missing (the checkpoint was not completely written)") from None
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{manifest_path}: unreadable ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{manifest_path}: unknown checkpoint format {manifest!r}")
+        raise CheckpointError(f"{checksum_path}: unreadable ({exc})") from None
+    if not isinstance(checksums, dict) or checksums.get("format") != FORMAT:
+        raise CheckpointError(f"{checksum_path}: unknown checkpoint format {checksums!r}")
     try:
         size = path.stat().st_size
     except OSError:
         raise CheckpointError(f"{path}: missing") from None
-    if size != manifest.get("bytes"):
-        raise CheckpointError(f"{path}: truncated or changed ({size} bytes, the manifest says {manifest.get('bytes')})")
-    if _sha256(path) != manifest.get("sha256"):
-        raise CheckpointError(f"{path}: damaged (SHA-256 does not match its manifest)")
+    if size != checksums.get("bytes"):
+        raise CheckpointError(f"{path}: truncated or changed ({size} bytes, the checksum file says {checksums.get('bytes')})")
+    if _sha256(path) != checksums.get("sha256"):
+        raise CheckpointError(f"{path}: damaged (SHA-256 does not match its checksum file)")
     try:
         state = _load_weights_only(path, map_location)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing here
@@ -168,8 +168,8 @@ def _shape_problem(state: dict[str, Any]) -> str:
 
 def _load_weights_only(path: Path, map_location: Any) -> Any:
     """``torch.load`` with ``weights_only=True``: tensors, containers and numbers only, so a
-    checkpoint from elsewhere cannot run code when it is read (the manifest cannot vouch for
-    that: whoever writes the file writes its manifest)."""
+    checkpoint from elsewhere cannot run code when it is read (the checksum file cannot vouch for
+    that: whoever writes the file writes its checksum file)."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -58,8 +58,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Ray's "local" is a new local instance: avlab's own, on loopback, with this machine's
         # resource and memory checks (Ray's defaults would listen on every interface).
         args.address = None
-    if getattr(args, "ray_dashboard", False):
-        os.environ["AVLAB_RAY_DASHBOARD"] = "1"  # read where the local Ray starts (launch.init_ray)
     try:
         if command.WRITES_HOME:
             from orchestrator.tracking import resolve_home

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from methods.base import IDENTITY_NEUTRAL, DataInfo, FieldError
-from methods.data import ProceduralConfig, dataset_info
+from methods.data import DataConfig, dataset_info
 from methods.evaluate import EvalConfig
 from methods.registry import METHODS
 from orchestrator.errors import ConfigError  # noqa: F401 - also imported from here
@@ -148,7 +148,7 @@ class ExperimentConfig:
     method_name: str
     method: Any
     seed: int = 0
-    data: ProceduralConfig = field(default_factory=ProceduralConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -255,7 +255,7 @@ DEFAULT_METHOD = "bma"
 
 # Sections whose keys are the fields of a dataclass.
 _SECTIONS: dict[str, type] = {
-    "data": ProceduralConfig,
+    "data": DataConfig,
     "train": TrainConfig,
     "optim": OptimConfig,
     "eval": EvalConfig,

@@ -129,7 +129,7 @@ class TrialHost:
             if self.fs.get_file_info(final).type != pyarrow.fs.FileType.NotFound:
                 self.fs.delete_dir(final)  # the same epoch again after a restart
             self.fs.move(tmp, final)
-        else:  # object stores have no rename; the manifest, checked on load, vouches for the files
+        else:  # object stores have no rename; the checksum file, checked on load, vouches for the files
             self.fs.create_dir(final, recursive=True)
             pyarrow.fs.copy_files(local, final, destination_filesystem=self.fs)
         self._prune()

@@ -346,17 +346,20 @@ def build_trainer(
 
 
 def launch_run(
-    cfg: ExperimentConfig, *, name: str, run_id: str, tracking_uri: str, home: Path, address: str | None
+    cfg: ExperimentConfig, *, name: str, run_id: str, tracking_uri: str, home: Path, address: str | None,
+    storage: str, ray_dashboard: bool = False,
 ) -> dict[str, Any]:
-    init_ray(address)
+    """Train run ``name`` to its end on the local Ray or the cluster at ``address``, its
+    checkpoints under ``storage``; the run's final metrics."""
+    init_ray(address, dashboard=ray_dashboard)
     from orchestrator.runs import settle
 
     with watching_node("run", name, lambda: settle(tracking_uri, "run", run_id, status="FAILED")):
-        return _launch_run(cfg, name=name, run_id=run_id, tracking_uri=tracking_uri, home=home)
+        return _launch_run(cfg, name=name, run_id=run_id, tracking_uri=tracking_uri, home=home, storage=storage)
 
 
-def _launch_run(cfg: ExperimentConfig, *, name: str, run_id: str, tracking_uri: str, home: Path) -> dict[str, Any]:
-    storage = tracking.storage_root(home)
+def _launch_run(cfg: ExperimentConfig, *, name: str, run_id: str, tracking_uri: str, home: Path,
+                storage: str) -> dict[str, Any]:
     error = None
     if cfg.resources.workers == 1:
         _run_in_task(cfg, name=name, run_id=run_id, tracking_uri=tracking_uri,

@@ -60,6 +60,7 @@ class Request:
     address: str | None = None
     home: str | None = None
     tracking_uri: str | None = None
+    ray_dashboard: bool = False
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,8 @@ def _run_or_reuse(args: Request, name: str, space: Any, overrides: list[str], cl
     if existing is not None:
         print(f"[avlab] reproduce: reusing finished sweep {existing}", flush=True)
         return existing
-    common = {"home_arg": args.home, "tracking_uri": args.tracking_uri, "address": args.address}
+    common = {"home_arg": args.home, "tracking_uri": args.tracking_uri, "address": args.address,
+              "ray_dashboard": args.ray_dashboard}
     if same:
         print(f"[avlab] reproduce: continuing sweep {same[0]}", flush=True)
         service.resume(same[0], retry_failed=args.retry_failed, **common)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import secrets
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlflow.tracking import MlflowClient
@@ -77,7 +76,7 @@ def _proposal(space: SearchSpace, run) -> dict[str, Any]:
     return values
 
 
-def retry_tuner(space: SearchSpace, trainable: Any, runs: list, *, home: Path, name: str, max_concurrent: int) -> Any:
+def retry_tuner(space: SearchSpace, trainable: Any, runs: list, *, storage: str, name: str, max_concurrent: int) -> Any:
     """A Tuner over exactly the trials ``runs`` (failed, their failure cleared). The sweep's own
     Tune experiment counts them as ended, so they run in an experiment of their own, beside it;
     each finds its run (a grid trial by its config, a proposal by its values) and continues from
@@ -96,7 +95,7 @@ def retry_tuner(space: SearchSpace, trainable: Any, runs: list, *, home: Path, n
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(
             name=f"retry-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}",
-            storage_path=f"{tracking.experiment_path(home, name)}.retries", verbose=1,
+            storage_path=f"{tracking.experiment_path(storage, name)}.retries", verbose=1,
             failure_config=tune.FailureConfig(max_failures=space.first_config().train.max_failures),
         ),
     )

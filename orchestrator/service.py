@@ -6,7 +6,6 @@ call them."""
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ if TYPE_CHECKING:
 
 
 def start_run(cfg: ExperimentConfig, *, home_arg: str | Path | None = None, tracking_uri: str | None = None,
-              address: str | None = None) -> int:
+              address: str | None = None, ray_dashboard: bool = False) -> int:
     """Check, create and run one training run of ``cfg`` to its end; the exit code. Bad input is a
     ConfigError before anything is created; a failed run a RunFailed; Ctrl-C an Interrupted."""
     from orchestrator import jobs, tracking
@@ -80,9 +79,11 @@ def start_run(cfg: ExperimentConfig, *, home_arg: str | Path | None = None, trac
             },
             config_yaml=dump_yaml(cfg),
         )
+        storage = tracking.storage_root(home)
         jobs.write(home, jobs.JobRecord(kind="run", name=name, run_id=run_id, tracking_uri=uri, config=cfg.to_dict(),
-                                        address=address, storage=tracking.storage_root(home), driver=driver_entry()))
-    return _execute_run(cfg, name=name, run_id=run_id, uri=uri, home=home, address=address)
+                                        address=address, storage=storage, driver=driver_entry()))
+    return _execute_run(cfg, name=name, run_id=run_id, uri=uri, home=home, address=address, storage=storage,
+                        ray_dashboard=ray_dashboard)
 
 
 def _ui_hint(uri: str) -> str:
@@ -109,14 +110,16 @@ def _one_line_when_ray_stops(kind: str, name: str):
                         f"`avlab resume {name}` continues it from its last checkpoint") from None
 
 
-def _execute_run(cfg: ExperimentConfig, *, name: str, run_id: str, uri: str, home: Path, address: str | None) -> int:
+def _execute_run(cfg: ExperimentConfig, *, name: str, run_id: str, uri: str, home: Path, address: str | None,
+                 storage: str, ray_dashboard: bool) -> int:
     from orchestrator import tracking
     from orchestrator.launch import launch_run
 
     ok = interrupted = False
     try:
         with _one_line_when_ray_stops("run", name):
-            metrics = launch_run(cfg, name=name, run_id=run_id, tracking_uri=uri, home=home, address=address)
+            metrics = launch_run(cfg, name=name, run_id=run_id, tracking_uri=uri, home=home, address=address,
+                                 storage=storage, ray_dashboard=ray_dashboard)
         ok = True
     except KeyboardInterrupt:
         # Ctrl-C: stop Ray first (the run's task or workers end with their driver, so nothing logs
@@ -142,7 +145,7 @@ def _execute_run(cfg: ExperimentConfig, *, name: str, run_id: str, uri: str, hom
 
 
 def resume(name: str, *, home_arg: str | Path | None = None, tracking_uri: str | None = None,
-           address: str | None = None, retry_failed: bool = False) -> int:
+           address: str | None = None, retry_failed: bool = False, ray_dashboard: bool = False) -> int:
     """Continue a run or sweep whose driver stopped (killed, lost head node) where it stopped; with
     ``retry_failed``, train its failed trials (or the failed run) again. The exit code."""
     from mlflow.tracking import MlflowClient
@@ -196,11 +199,11 @@ def resume(name: str, *, home_arg: str | Path | None = None, tracking_uri: str |
     client.update_run(run_id, status="RUNNING")
     jobs.write(home, record.with_driver())  # `avlab stop` finds this process
     tracking.set_tags(client, run_id, {"resumed": str(int(run.data.tags.get("avlab.resumed", "0")) + 1)})
-    if record.storage:  # checkpoints and Tune state are where the job first put them
-        os.environ["AVLAB_STORAGE"] = record.storage
+    storage = record.storage or tracking.storage_root(home)  # checkpoints and Tune state stay where they were put
     print(f"[avlab] resuming {kind} {name} (MLflow run {run_id}, was {run.info.status})", flush=True)
     if kind == "run":
-        return _execute_run(job, name=name, run_id=run_id, uri=uri, home=home, address=address)
+        return _execute_run(job, name=name, run_id=run_id, uri=uri, home=home, address=address, storage=storage,
+                            ray_dashboard=ray_dashboard)
 
     from orchestrator.sweep import fit_sweep
 
@@ -208,7 +211,7 @@ def resume(name: str, *, home_arg: str | Path | None = None, tracking_uri: str |
     with _one_line_when_ray_stops("sweep", name):
         fit_sweep(job, name=name, home=home, tracking_uri=uri, address=address,
                   max_concurrent=record.max_concurrent, parent_id=run_id, restore=True,
-                  reuse_trials=record.reuse_trials)
+                  reuse_trials=record.reuse_trials, storage=storage, ray_dashboard=ray_dashboard)
     _finish_sweep(client, name, home, uri, time.perf_counter() - t0, job)
     return 0
 
@@ -246,7 +249,7 @@ def _check_sweep_resources(space) -> None:
 def start_sweep(search_space: str | Path, *, seeds: int | None = None, preset: str | None = None,
                 overrides: Sequence[str] = (), name: str | None = None, home_arg: str | Path | None = None,
                 tracking_uri: str | None = None, address: str | None = None, max_concurrent: int | None = None,
-                reuse_trials: bool = False) -> int:
+                reuse_trials: bool = False, ray_dashboard: bool = False) -> int:
     """Check, create and run the sweep of ``search_space`` to its end, then write its report; the
     exit code."""
     from orchestrator.search_space import load_search_space
@@ -292,7 +295,7 @@ def start_sweep(search_space: str | Path, *, seeds: int | None = None, preset: s
     t0 = time.perf_counter()
     with _one_line_when_ray_stops("sweep", name), jobs.reserved(home, name, "sweep", "--name"):
         run_sweep(space, name=name, home=home, tracking_uri=uri, address=address, max_concurrent=max_concurrent,
-                  reuse_trials=reuse)
+                  reuse_trials=reuse, ray_dashboard=ray_dashboard)
     _finish_sweep(client, name, home, uri, time.perf_counter() - t0, space)
     return 0
 

@@ -208,9 +208,11 @@ def run_sweep(
     address: str | None,
     max_concurrent: int,
     reuse_trials: bool = False,
+    ray_dashboard: bool = False,
 ) -> str:
     """Create the sweep's parent run and job file, then run the whole sweep; return the parent id.
     With ``reuse_trials``, a trial identical to a finished trial of another sweep takes its results."""
+    storage = tracking.storage_root(home)
     client = MlflowClient(tracking_uri)
     tracking.get_or_create_experiment(client, SWEEP_EXPERIMENT, home)
     parent_id = tracking.create_run(
@@ -237,10 +239,11 @@ def run_sweep(
     jobs.write(home, jobs.JobRecord(
         kind="sweep", name=name, run_id=parent_id, tracking_uri=tracking_uri, space=space.to_dict(),
         max_concurrent=max_concurrent, reuse_trials=reuse_trials, address=address,
-        storage=tracking.storage_root(home), driver=driver_entry(),
+        storage=storage, driver=driver_entry(),
     ))
-    fit_sweep(space, name=name, home=home, tracking_uri=tracking_uri, address=address,
-              max_concurrent=max_concurrent, parent_id=parent_id, restore=False, reuse_trials=reuse_trials)
+    fit_sweep(space, name=name, home=home, tracking_uri=tracking_uri, address=address, max_concurrent=max_concurrent,
+              parent_id=parent_id, restore=False, reuse_trials=reuse_trials, storage=storage,
+              ray_dashboard=ray_dashboard)
     return parent_id
 
 
@@ -306,8 +309,12 @@ def fit_sweep(
     parent_id: str,
     restore: bool,
     reuse_trials: bool = False,
+    storage: str | None = None,
+    ray_dashboard: bool = False,
 ) -> None:
-    """Run (or, with ``restore``, continue) the Tune experiment; settle the MLflow runs.
+    """Run (or, with ``restore``, continue) the Tune experiment; settle the MLflow runs. Its
+    checkpoints and Tune state go under ``storage`` (default ``tracking.storage_root(home)``;
+    a resumed sweep's is the one its job record names).
 
     Restoring keeps trial ids (``resume_errored``, not ``restart_errored``): finished trials are
     not run again, unfinished and errored ones continue from their checkpoints, and the search
@@ -317,7 +324,7 @@ def fit_sweep(
 
     from orchestrator.launch import init_ray, watching_node
     from orchestrator.runs import settle
-    from orchestrator.trial import run_trial
+    from orchestrator.trial import SweepContext, run_trial
 
     client = MlflowClient(tracking_uri)
     ok = interrupted = False
@@ -332,15 +339,15 @@ def fit_sweep(
         # (relative paths in a config, such as a manifest, mean what they mean to the driver)
         # instead of Tune's trial folder.
         os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-        init_ray(address)
-        sweep = {"name": name, "parent_run_id": parent_id, "tracking_uri": tracking_uri, "home": str(home),
-                 "storage": tracking.storage_root(home), "driver": secrets.token_hex(6),
-                 "reuse_trials": reuse_trials}
+        init_ray(address, dashboard=ray_dashboard)
+        storage = storage or tracking.storage_root(home)
+        sweep = SweepContext(name=name, parent_run_id=parent_id, tracking_uri=tracking_uri, home=str(home),
+                             storage=storage, driver=secrets.token_hex(6), reuse_trials=reuse_trials)
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, space=space, sweep=sweep),
             lambda config: trial_resources(space, config),
         )
-        tuner = _tuner(space, trainable, tracking.experiment_path(home, name), name=name, restore=restore,
+        tuner = _tuner(space, trainable, tracking.experiment_path(storage, name), name=name, restore=restore,
                        max_concurrent=max_concurrent)
         t0 = time.perf_counter()
         try:
@@ -361,7 +368,7 @@ def fit_sweep(
             print(f"[avlab] sweep {name}: retrying {len(retries)} failed trial{'s' * (len(retries) != 1)}", flush=True)
             try:
                 with watching_node("sweep", name, lambda: settle(tracking_uri, "sweep", parent_id, status="FAILED")):
-                    again = retry_tuner(space, trainable, retries, home=home, name=name,
+                    again = retry_tuner(space, trainable, retries, storage=storage, name=name,
                                          max_concurrent=max_concurrent).fit()
             except KeyboardInterrupt:
                 again = None

@@ -84,9 +84,9 @@ def storage_root(home: Path) -> str:
     return str(Path(chosen).expanduser().resolve())
 
 
-def experiment_path(home: Path, name: str) -> str:
-    """The Tune experiment folder (or URI) of sweep ``name``."""
-    return f"{storage_root(home)}/sweeps/{name}"
+def experiment_path(storage: str, name: str) -> str:
+    """The Tune experiment folder (or URI) of sweep ``name`` under the storage root ``storage``."""
+    return f"{storage}/sweeps/{name}"
 
 
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from mlflow.tracking import MlflowClient
 
 from methods.base import Batch, Method
-from methods.data import AVDataset, ProceduralConfig, build_dataset
+from methods.data import AVDataset, DataConfig, build_dataset
 from methods.distributed import convert_global_batchnorm
 from methods.evaluate import run_downstream
 from methods.evaluate.protocol import evaluate_splits
@@ -163,7 +163,7 @@ def run_loop(spec: WorkerSpec, make_host, *, entered: float) -> None:
 _WARM_DATA: dict[Any, Any] = {}
 
 
-def warm_dataset(data_cfg: ProceduralConfig) -> AVDataset:
+def warm_dataset(data_cfg: DataConfig) -> AVDataset:
     if data_cfg.manifest or not data_cfg.cache_in_memory:
         return build_dataset(data_cfg)
     if data_cfg not in _WARM_DATA:

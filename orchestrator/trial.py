@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,22 @@ from orchestrator.signals import quiet_worker_sigterm
 
 if TYPE_CHECKING:
     from orchestrator.search_space import SearchSpace
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial of a sweep is given by its driver: the sweep's name and parent run, its
+    store, its home and storage root (``storage/trials`` holds the trials' checkpoints), the id
+    of this driver process (a trial run started by another driver is not this one's), and
+    whether identical finished trials of other sweeps are reused."""
+
+    name: str
+    parent_run_id: str
+    tracking_uri: str
+    home: str
+    storage: str
+    driver: str
+    reuse_trials: bool = False
 
 
 # When this process ran its last trial: Tune reuses a trial's actor for the next trial, which then
@@ -47,7 +64,7 @@ def _launch_delay() -> float:
         return 0.0
 
 
-def run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, Any]) -> None:
+def run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: SweepContext) -> None:
     """The Tune trial: resolve the config, open (or find) the child run, train."""
     global _LAST_TRIAL_END
     started = time.perf_counter()
@@ -63,14 +80,14 @@ def run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, An
         _LAST_TRIAL_END = time.time()
 
 
-def _trial_run(client: MlflowClient, space: SearchSpace, sweep: dict[str, Any], cfg: Any, trial_id: str) -> list:
+def _trial_run(client: MlflowClient, space: SearchSpace, sweep: SweepContext, cfg: Any, trial_id: str) -> list:
     """The child run an earlier attempt or driver made for this trial ([] if none).
 
     A grid trial is one (configuration, seed): found by its config's identity even if a restarted
     driver gave it a new trial id. A proposal of a model-based search is found by its trial id."""
     exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
     key = f"tags.`avlab.trial_id` = '{trial_id}'" if space.uses_optuna else f"tags.`avlab.run_identity` = '{cfg.identity()}'"
-    parent = f"tags.`mlflow.parentRunId` = '{sweep['parent_run_id']}'"
+    parent = f"tags.`mlflow.parentRunId` = '{sweep.parent_run_id}'"
     found = client.search_runs([exp.experiment_id], f"{key} and {parent}", max_results=1)
     if not found and space.uses_optuna:
         # A proposal that Tune had not yet recorded when an earlier driver died is made again by
@@ -78,25 +95,25 @@ def _trial_run(client: MlflowClient, space: SearchSpace, sweep: dict[str, Any], 
         # (one left by an earlier driver, never one of this driver's trials).
         same = client.search_runs([exp.experiment_id], f"tags.`avlab.run_identity` = '{cfg.identity()}' and {parent}",
                                   max_results=100)
-        found = [r for r in same if r.data.tags.get(f"{tracking.TAG_PREFIX}driver") != sweep["driver"]][:1]
+        found = [r for r in same if r.data.tags.get(f"{tracking.TAG_PREFIX}driver") != sweep.driver][:1]
     return found
 
 
-def _new_trial_run(space: SearchSpace, sweep: dict[str, Any], cfg: Any, params: dict[str, Any], seed: int,
+def _new_trial_run(space: SearchSpace, sweep: SweepContext, cfg: Any, params: dict[str, Any], seed: int,
                    trial_id: str, launcher: str) -> str:
     """A new child run of the sweep's parent for this trial, with its config and varied values."""
     from orchestrator.config import dump_yaml
 
     label = point_label(params, tuple(space.grid))
     return tracking.create_run(
-        tracking_uri=sweep["tracking_uri"],
-        home=Path(sweep["home"]),
+        tracking_uri=sweep.tracking_uri,
+        home=Path(sweep.home),
         experiment=SWEEP_EXPERIMENT,
-        run_name=f"{sweep['name']}/{label}/seed{seed}",
+        run_name=f"{sweep.name}/{label}/seed{seed}",
         params={**cfg.flat(), **{f"varied.{k}": v for k, v in params.items()}},
         tags={
             "kind": "trial",
-            "sweep_name": sweep["name"],
+            "sweep_name": sweep.name,
             "trial_id": trial_id,
             "config_label": label,
             "method": cfg.method_name,
@@ -104,28 +121,28 @@ def _new_trial_run(space: SearchSpace, sweep: dict[str, Any], cfg: Any, params: 
             "run_identity": cfg.identity(),
             "seed": str(seed),
             "launcher": launcher,
-            "driver": sweep["driver"],  # which driver process started it
+            "driver": sweep.driver,  # which driver process started it
         },
         config_yaml=dump_yaml(cfg),
-        parent_run_id=sweep["parent_run_id"],
+        parent_run_id=sweep.parent_run_id,
     )
 
 
-def _trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, Any], started: float,
+def _trial(config: dict[str, Any], *, space: SearchSpace, sweep: SweepContext, started: float,
            launch_s: float) -> None:
     import ray.tune
 
     trial_id = ray.tune.get_context().get_trial_id()
     params, seed = trial_params(space, config)
     cfg = space.config_for(params, seed)
-    uri, home = sweep["tracking_uri"], Path(sweep["home"])
+    uri, home = sweep.tracking_uri, Path(sweep.home)
     client = MlflowClient(uri)
     found = _trial_run(client, space, sweep, cfg, trial_id)
     if found and found[0].info.status == "FINISHED" and "eval_time_s" in found[0].data.metrics:
         # Finished before the sweep's driver died, yet Tune had not recorded it: report, don't rerun.
         ray.tune.report(dict(found[0].data.metrics))
         return
-    if sweep.get("reuse_trials"):
+    if sweep.reuse_trials:
         if found and found[0].data.tags.get(f"{tracking.TAG_PREFIX}{tracking.REUSED_FROM_TAG}"):
             # An earlier attempt died while it copied another trial's results: start that again.
             client.delete_run(found[0].info.run_id)
@@ -138,7 +155,7 @@ def _trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, Any],
     launcher = "trial" if cfg.resources.workers == 1 else "ray-train"
     if found:
         run_id = found[0].info.run_id
-        tracking.set_tags(client, run_id, {"trial_id": trial_id, "launcher": launcher, "driver": sweep["driver"]})
+        tracking.set_tags(client, run_id, {"trial_id": trial_id, "launcher": launcher, "driver": sweep.driver})
     else:
         run_id = _new_trial_run(space, sweep, cfg, params, seed, trial_id, launcher)
     if tracking.recorded_failure(client, run_id):
@@ -147,8 +164,8 @@ def _trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, Any],
         tracking.end_run(uri, run_id, ok=False)
         return
     # Stable across restarts, so a restarted trial finds its checkpoints.
-    name = f"{sweep['name']}-{run_id}"
-    trials_path = f"{sweep.get('storage') or home / 'ray'}/trials"
+    name = f"{sweep.name}-{run_id}"
+    trials_path = f"{sweep.storage}/trials"
     ok = False
     try:
         if cfg.resources.workers == 1:
@@ -173,7 +190,7 @@ def _trial(config: dict[str, Any], *, space: SearchSpace, sweep: dict[str, Any],
         tracking.end_run(uri, run_id, ok=ok)
 
 
-def _identical_finished_trial(client: MlflowClient, cfg: Any, sweep: dict[str, Any]):
+def _identical_finished_trial(client: MlflowClient, cfg: Any, sweep: SweepContext):
     """The first finished trial of another sweep in the store with this trial's resolved config
     and seed (``cfg.identity()``), evaluated to the end, or None. Its numbers are this trial's:
     a trial's result is a function of its config and seed."""
@@ -185,12 +202,12 @@ def _identical_finished_trial(client: MlflowClient, cfg: Any, sweep: dict[str, A
         order_by=["attributes.start_time ASC"], max_results=100,
     )
     for run in same:
-        if run.data.tags.get("mlflow.parentRunId") != sweep["parent_run_id"] and tracking.is_whole_result(run):
+        if run.data.tags.get("mlflow.parentRunId") != sweep.parent_run_id and tracking.is_whole_result(run):
             return run
     return None
 
 
-def _take_results(client: MlflowClient, space: SearchSpace, sweep: dict[str, Any], cfg: Any, params: dict[str, Any],
+def _take_results(client: MlflowClient, space: SearchSpace, sweep: SweepContext, cfg: Any, params: dict[str, Any],
                   seed: int, trial_id: str, donor) -> dict[str, float]:
     """This trial's child run with ``donor``'s every metric, step by step, and a tag naming the run
     that holds the weights; no training. Returns the final metrics (Tune's report)."""
@@ -202,7 +219,7 @@ def _take_results(client: MlflowClient, space: SearchSpace, sweep: dict[str, Any
     tracking.set_tags(client, run_id, {tracking.REUSED_FROM_TAG: source, tracking.SOURCE_HASH_TAG: code,
                                        "reused_from_sweep": donor.data.tags.get("avlab.sweep_name", "")})
     tracking.copy_metric_histories(client, donor.info.run_id, run_id, donor.data.metrics)
-    tracking.end_run(sweep["tracking_uri"], run_id, ok=True)
+    tracking.end_run(sweep.tracking_uri, run_id, ok=True)
     same = "the same code" if code == tracking.source_hash() else f"code {code}, this code is {tracking.source_hash()}"
     print(f"[avlab] trial {point_label(params, tuple(space.grid))} seed {seed}: not trained again; the results of "
           f"the identical finished trial {donor.info.run_name} (MLflow run {source}; {same})", flush=True)

@@ -497,12 +497,12 @@ def _train_cross_avid(head_batchnorm: bool, output_batchnorm: bool = False,
     """Cross-AVID on 512 procedural pairs (light paired augmentation, Adam at lr 1e-3, the small
     preset's recipe at a test's size). Returns (last-16-step loss, trivial loss, mean pairwise
     cosine of the projections of the 512 images, of the 512 sounds, in eval mode)."""
-    from methods.data import ProceduralAV, ProceduralConfig
+    from methods.data import ProceduralAV, DataConfig
     from methods.data.batch_augment import PairedAugment, hashed_uniform
     from torch.utils.data import DataLoader
 
     torch.manual_seed(0)
-    av = ProceduralAV(ProceduralConfig(paired_size=512, unpaired_sound_size=0, unpaired_image_size=0,
+    av = ProceduralAV(DataConfig(paired_size=512, unpaired_sound_size=0, unpaired_image_size=0,
                                        image_size=16, n_mels=16, n_frames=32, train_size=1, test_size=1))
     pool = next(iter(DataLoader(av.pool("paired"), batch_size=512)))
     cfg = AVIDConfig(image_encoder=EncoderConfig("resnet18", 8), sound_encoder=EncoderConfig("resnet10", 8),

@@ -16,7 +16,7 @@ from methods.data import (
     POOLS,
     BinauralScenes,
     ProceduralAV,
-    ProceduralConfig,
+    DataConfig,
     Scene,
     SceneObject,
     binaural_render,
@@ -25,7 +25,7 @@ from methods.data import (
 )
 from methods.data.binaural import interaural_differences
 
-SMALL = ProceduralConfig(
+SMALL = DataConfig(
     binaural=True,
     paired_size=64,
     unpaired_sound_size=64,
@@ -330,7 +330,7 @@ def test_mono_dataset_ignores_the_binaural_fields() -> None:
             assert torch.equal(value, b.pool(pool)[3][key]), key
     assert a.pool("paired")[3]["image"].shape == (3, H, H)
     # A mono preset with large images needs no panorama as wide.
-    ProceduralConfig(image_size=224, sample_rate=16000, n_mels=150, n_frames=200)
+    DataConfig(image_size=224, sample_rate=16000, n_mels=150, n_frames=200)
 
 
 @pytest.mark.parametrize(
@@ -405,7 +405,7 @@ def test_each_class_glides_by_its_own_octaves_and_no_glide_leaves_every_scene_as
     assert [scenes.glide_octaves(k) for k in range(SMALL.num_classes)] == [0.0] * SMALL.num_classes
     # Without glides the scenes are those of a config without the field (digests fixed by the
     # default config's own items); with them, the sound changes and the image does not.
-    plain = BinauralScenes(ProceduralConfig(**{f.name: getattr(SMALL, f.name) for f in dataclasses.fields(SMALL)
+    plain = BinauralScenes(DataConfig(**{f.name: getattr(SMALL, f.name) for f in dataclasses.fields(SMALL)
                                                if f.name != "glide_octaves"}))
     a, b, c = plain.pool("paired")[5], scenes.pool("paired")[5], gliding.pool("paired")[5]
     assert _digest(a["sound"]) == _digest(b["sound"]) and _digest(a["image"]) == _digest(c["image"])

@@ -18,12 +18,12 @@ from methods.data import (
     POOLS,
     LogMel,
     ProceduralAV,
-    ProceduralConfig,
+    DataConfig,
     SpecAugment,
     simclr_image_augment,
 )
 
-SMALL = ProceduralConfig(
+SMALL = DataConfig(
     paired_size=256,
     unpaired_sound_size=256,
     unpaired_image_size=256,
@@ -232,12 +232,12 @@ def test_image_and_sound_share_instance_factors(av: ProceduralAV) -> None:
 )
 def test_config_errors_name_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=rf"^{field}: "):
-        ProceduralConfig(**{field: value})
+        DataConfig(**{field: value})
 
 
 def test_config_accepts_presets_and_empty_unpaired_pools() -> None:
-    ProceduralConfig(image_size=224, sample_rate=16000, n_mels=150, n_frames=200)
-    cfg = ProceduralConfig(unpaired_sound_size=0, unpaired_image_size=0, num_classes=2)
+    DataConfig(image_size=224, sample_rate=16000, n_mels=150, n_frames=200)
+    cfg = DataConfig(unpaired_sound_size=0, unpaired_image_size=0, num_classes=2)
     assert len(ProceduralAV(cfg).pool("unpaired_sound")) == 0
 
 

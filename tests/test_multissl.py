@@ -15,7 +15,7 @@ import torchvision
 from torch.utils.data import DataLoader
 
 from methods.binaural_views import azimuth_feature, cut_slices, rolls_exactly, rotated_azimuth_features
-from methods.data import ProceduralConfig, build_dataset
+from methods.data import DataConfig, build_dataset
 from methods.data.binaural import rotate_panorama
 from methods.encoders import EncoderConfig, WidthCircularConv2d, WidthCircularMaxPool2d, build_encoder
 from methods.losses import foreground_nce, huber, info_nce
@@ -23,7 +23,7 @@ from methods.multissl import COMBINATIONS, MultiSSL, MultiSSLConfig, PanoramaEnc
 from orchestrator.config import ConfigError, resolve
 
 TINY_ENC = {"image_encoder": PanoramaEncoderConfig("resnet18", 8), "sound_encoder": EncoderConfig("resnet10", 8)}
-DATA = ProceduralConfig(binaural=True, clip_seconds=4.0, n_frames=128, panorama_width=128, paired_size=32,
+DATA = DataConfig(binaural=True, clip_seconds=4.0, n_frames=128, panorama_width=128, paired_size=32,
                         unpaired_sound_size=0, unpaired_image_size=0, train_size=16, test_size=16,
                         transfer_train_size=0, transfer_test_size=0)
 

@@ -45,7 +45,7 @@ def test_checkpoint_round_trip_and_every_kind_of_damage(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=f"{path}: damaged"):
         ckpt.load(tmp_path / "c")
     path.write_bytes(data)
-    (tmp_path / "c" / ckpt.MANIFEST_FILE).unlink()  # the writer died before the manifest
+    (tmp_path / "c" / ckpt.CHECKSUM_FILE).unlink()  # the writer died before the checksum file
     with pytest.raises(ckpt.CheckpointError, match="checkpoint.json: missing"):
         ckpt.load(tmp_path / "c")
     ckpt.save(tmp_path / "d", {"model": {}, "epoch": 0})
@@ -233,7 +233,7 @@ def test_a_single_worker_run_killed_then_interrupted_is_restarted_and_resumed_fr
            "data.unpaired_image_size=192", "data.transfer_train_size=0", "data.transfer_test_size=0"]
     proc = faults.start(["run", "--home", str(home), "tracking.run_name=one", *one], log, tmp_path)
     run_dir = home / "ray" / "one"
-    faults.wait_for(lambda: (run_dir / "checkpoint_epoch00000" / ckpt.MANIFEST_FILE).exists(), timeout=300,
+    faults.wait_for(lambda: (run_dir / "checkpoint_epoch00000" / ckpt.CHECKSUM_FILE).exists(), timeout=300,
                     what="the first checkpoint", proc=proc, log=log)
     processes = faults.processes(proc.pid)
     assert not [cmd for cmd in processes.values() if cmd.startswith(("ray::RayTrainWorker", "ray::TrainController"))]

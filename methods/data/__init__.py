@@ -10,7 +10,7 @@ from methods.data.binaural import (
     binaural_render,
     rotate_panorama,
 )
-from methods.data.config import ProceduralConfig
+from methods.data.config import DataConfig
 from methods.data.logmel import LOGMEL_FLOOR, LOGMEL_MEAN, LOGMEL_STD, LogMel
 from methods.data.pools import CLASS_NAMES, POOLS, AVDataset
 from methods.data.procedural import ProceduralAV
@@ -25,7 +25,7 @@ __all__ = [
     "BinauralScenes",
     "LogMel",
     "ProceduralAV",
-    "ProceduralConfig",
+    "DataConfig",
     "Scene",
     "SceneObject",
     "SpecAugment",
@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 
-def build_dataset(cfg: ProceduralConfig) -> AVDataset:
+def build_dataset(cfg: DataConfig) -> AVDataset:
     """The dataset ``cfg`` describes: a real dataset's manifest when ``cfg.manifest`` is set
     (``methods.data.real.ManifestAV``), else binaural scenes when ``cfg.binaural``, else the
     procedural mono pairs. All three meet ``AVDataset``."""
@@ -48,7 +48,7 @@ def build_dataset(cfg: ProceduralConfig) -> AVDataset:
     return BinauralScenes(cfg) if cfg.binaural else ProceduralAV(cfg)
 
 
-def dataset_info(cfg: ProceduralConfig) -> DataInfo:
+def dataset_info(cfg: DataConfig) -> DataInfo:
     """``build_dataset(cfg).info()`` without rendering anything for the synthetic datasets (their
     info follows from the config); a manifest is read and validated."""
     if cfg.manifest:

@@ -46,7 +46,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from methods.data.config import ProceduralConfig
+from methods.data.config import DataConfig
 from methods.data.images import ImageRenderer, hsv, object_radius
 from methods.data.logmel import LogMel
 from methods.data.pools import CLASS_NAMES, POOL_DOMAIN, POOL_ID, SyntheticAV, check_pool
@@ -358,7 +358,7 @@ class BinauralScenes(SyntheticAV):
     pool_keys: ClassVar[dict[str, tuple[str, ...]]] = _KEYS
     label_tag: ClassVar[tuple[int, ...]] = (_BINAURAL_TAG,)  # class orders differ from ProceduralAV's
 
-    def __init__(self, cfg: ProceduralConfig) -> None:
+    def __init__(self, cfg: DataConfig) -> None:
         super().__init__(cfg)
         self.images = _PanoramaRenderer(cfg.image_size, cfg.panorama_width)
         self.sounds = SoundSynth(cfg.sample_rate, cfg.clip_samples, cfg.seed)

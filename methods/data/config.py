@@ -15,8 +15,9 @@ _MAX_CLIP_SAMPLES = 320_000  # bounds the noise banks (~20 clips of twice this l
 
 
 @dataclass(frozen=True)
-class ProceduralConfig:
-    """Sizes and shapes of the procedural dataset. Defaults are the CPU-sized ``tiny`` preset.
+class DataConfig:
+    """A run's data section: the procedural (or binaural) dataset's sizes and shapes, or a real
+    dataset's manifest with its feature settings. Defaults are the CPU-sized ``tiny`` preset.
 
     The paper preset uses ``image_size=224, sample_rate=16000, n_mels=150, n_frames=200``.
     ``cache_in_memory`` memoises generated samples per process: right for pools of a few

@@ -20,7 +20,7 @@ import torch
 import torchaudio
 from PIL import Image, UnidentifiedImageError
 
-from methods.data.config import ProceduralConfig
+from methods.data.config import DataConfig
 from methods.data.logmel import LogMel
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v")
@@ -44,7 +44,7 @@ class FeatureSettings:
     channels: int = 1
 
     @classmethod
-    def from_config(cls, cfg: ProceduralConfig) -> FeatureSettings:
+    def from_config(cls, cfg: DataConfig) -> FeatureSettings:
         return cls(image_size=cfg.image_size, sample_rate=cfg.sample_rate, clip_seconds=float(cfg.clip_seconds),
                    n_mels=cfg.n_mels, n_frames=cfg.n_frames, channels=2 if cfg.binaural else 1)
 

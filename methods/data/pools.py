@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from methods.base import DataInfo
 
 if TYPE_CHECKING:
-    from methods.data.config import ProceduralConfig
+    from methods.data.config import DataConfig
 
 POOLS: tuple[str, ...] = (
     "paired",
@@ -63,7 +63,7 @@ class AVDataset(Protocol):
     """What the orchestrator and the methods use of a dataset: ``ProceduralAV``,
     ``BinauralScenes`` and a manifest's ``ManifestAV`` all meet it."""
 
-    cfg: ProceduralConfig
+    cfg: DataConfig
 
     def pool(self, name: str) -> Dataset: ...
 
@@ -117,7 +117,7 @@ class SyntheticAV:
     pool_keys: ClassVar[dict[str, tuple[str, ...]]]  # what each pool's items carry
     label_tag: ClassVar[tuple[int, ...]] = ()  # extra entropy of the class order of the blocks
 
-    def __init__(self, cfg: ProceduralConfig) -> None:
+    def __init__(self, cfg: DataConfig) -> None:
         self.cfg = cfg
         self._pools: dict[str, ItemPool] = {}
         self._blocks: dict[tuple[str, int], list[int]] = {}  # memoised class order per block
@@ -137,7 +137,7 @@ class SyntheticAV:
         return self.info_for(self.cfg)
 
     @classmethod
-    def info_for(cls, c: ProceduralConfig) -> DataInfo:
+    def info_for(cls, c: DataConfig) -> DataInfo:
         """What a method needs to know about the data ``c`` describes (RGB images), without
         building the dataset."""
         return DataInfo(

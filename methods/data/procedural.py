@@ -36,7 +36,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from methods.data.config import ProceduralConfig
+from methods.data.config import DataConfig
 from methods.data.images import ImageRenderer
 from methods.data.logmel import LogMel
 from methods.data.pools import POOL_DOMAIN, POOL_ID, POOL_KEYS, SyntheticAV, check_pool
@@ -75,7 +75,7 @@ class ProceduralAV(SyntheticAV):
     sound_channels: ClassVar[int] = 1
     pool_keys: ClassVar[dict[str, tuple[str, ...]]] = POOL_KEYS
 
-    def __init__(self, cfg: ProceduralConfig) -> None:
+    def __init__(self, cfg: DataConfig) -> None:
         super().__init__(cfg)
         self.images = ImageRenderer(cfg.image_size)
         self.sounds = SoundSynth(cfg.sample_rate, cfg.clip_samples, cfg.seed)

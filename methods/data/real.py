@@ -19,7 +19,7 @@ from methods.data.cache import get_or_build_cache
 from methods.data.feature_cache import CachedPool, FeatureCache, cache_key
 from methods.data.decode import FeatureSettings
 from methods.data.manifest import Item, read_manifest
-from methods.data.config import ProceduralConfig
+from methods.data.config import DataConfig
 from methods.data.pools import POOLS
 
 # What each pool's items carry; labelled splits carry whichever modalities all their items have.
@@ -43,7 +43,7 @@ class EvalGroup:
 class ManifestAV:
     """Pools of a manifest CSV (``cfg.manifest``) with the feature settings of ``cfg``."""
 
-    def __init__(self, cfg: ProceduralConfig) -> None:
+    def __init__(self, cfg: DataConfig) -> None:
         if not cfg.manifest:
             raise ValueError("manifest: no manifest given (data.manifest is empty)")
         self.cfg = cfg

@@ -33,7 +33,7 @@ def main(args: argparse.Namespace) -> int:
         claims=tuple(i for i in args.items if "=" not in i), every=args.all,
         overrides=tuple(i for i in args.items if "=" in i), preset=args.preset, seeds=args.seeds, data=args.data,
         finished_only=args.finished_only, retry_failed=args.retry_failed, address=args.address, home=args.home,
-        tracking_uri=args.tracking_uri,
+        tracking_uri=args.tracking_uri, ray_dashboard=args.ray_dashboard,
     ))
     if verdicts is not None:
         counts = verdicts.counts

@@ -23,4 +23,4 @@ def main(args: argparse.Namespace) -> int:
     from orchestrator.service import resume
 
     return resume(args.name, home_arg=args.home, tracking_uri=args.tracking_uri, address=args.address,
-                  retry_failed=args.retry_failed)
+                  retry_failed=args.retry_failed, ray_dashboard=args.ray_dashboard)

@@ -28,4 +28,5 @@ def main(args: argparse.Namespace) -> int:
     from orchestrator.service import start_run
 
     cfg = resolve_run_config(args.items, preset=args.preset, workers=args.workers, gpu=args.gpu)  # ConfigError -> exit 2
-    return start_run(cfg, home_arg=args.home, tracking_uri=args.tracking_uri, address=args.address)
+    return start_run(cfg, home_arg=args.home, tracking_uri=args.tracking_uri, address=args.address,
+                     ray_dashboard=args.ray_dashboard)

@@ -29,4 +29,5 @@ def main(args: argparse.Namespace) -> int:
 
     return start_sweep(args.search_space, seeds=args.seeds, preset=args.preset, overrides=args.overrides,
                        name=args.name, home_arg=args.home, tracking_uri=args.tracking_uri, address=args.address,
-                       max_concurrent=args.max_concurrent, reuse_trials=args.reuse_trials)
+                       max_concurrent=args.max_concurrent, reuse_trials=args.reuse_trials,
+                       ray_dashboard=args.ray_dashboard)
