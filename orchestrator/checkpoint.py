@@ -189,6 +189,11 @@ def epoch_of(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def init_checkpoint(init_from: str, home: Path) -> str:
+    """The verified checkpoint folder that ``train.init_from`` names, as a string ("" for none)."""
+    return str(resolve_init(init_from, home)) if init_from else ""
+
+
 def resolve_init(value: str, home: Path) -> Path:
     """The checkpoint folder that ``train.init_from`` names, verified: the name of a run under
     ``<home>/ray`` (its newest usable checkpoint), a run's folder, a checkpoint folder, or its

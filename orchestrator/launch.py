@@ -11,7 +11,6 @@ import os
 import posixpath
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator import tracking
@@ -310,7 +309,7 @@ def build_trainer(
     run_id: str,
     tracking_uri: str,
     storage_path: str,
-    home: Path,
+    init_checkpoint: str,
     callbacks: list | None = None,
 ):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -321,7 +320,8 @@ def build_trainer(
     from orchestrator.worker_spec import worker_spec
 
     # Wall-clock time of the launch: the worker logs how long it took to get going.
-    spec = worker_spec(cfg, run_id=run_id, tracking_uri=tracking_uri, home=home, launched_at=time.time())
+    spec = worker_spec(cfg, run_id=run_id, tracking_uri=tracking_uri, init_checkpoint=init_checkpoint,
+                       launched_at=time.time())
     for key, value in RAY_TRAIN_ENV.items():
         os.environ.setdefault(key, value)
     res = cfg.resources
@@ -346,27 +346,29 @@ def build_trainer(
 
 
 def launch_run(
-    cfg: ExperimentConfig, *, name: str, run_id: str, tracking_uri: str, home: Path, address: str | None,
-    storage: str, ray_dashboard: bool = False,
+    cfg: ExperimentConfig, *, name: str, run_id: str, tracking_uri: str, address: str | None, storage: str,
+    init_checkpoint: str, ray_dashboard: bool = False,
 ) -> dict[str, Any]:
     """Train run ``name`` to its end on the local Ray or the cluster at ``address``, its
-    checkpoints under ``storage``; the run's final metrics."""
+    checkpoints under ``storage``, starting from ``init_checkpoint`` ("" for none); the run's
+    final metrics."""
     init_ray(address, dashboard=ray_dashboard)
     from orchestrator.runs import settle
 
     with watching_node("run", name, lambda: settle(tracking_uri, "run", run_id, status="FAILED")):
-        return _launch_run(cfg, name=name, run_id=run_id, tracking_uri=tracking_uri, home=home, storage=storage)
+        return _launch_run(cfg, name=name, run_id=run_id, tracking_uri=tracking_uri, storage=storage,
+                           init_checkpoint=init_checkpoint)
 
 
-def _launch_run(cfg: ExperimentConfig, *, name: str, run_id: str, tracking_uri: str, home: Path,
-                storage: str) -> dict[str, Any]:
+def _launch_run(cfg: ExperimentConfig, *, name: str, run_id: str, tracking_uri: str, storage: str,
+                init_checkpoint: str) -> dict[str, Any]:
     error = None
     if cfg.resources.workers == 1:
         _run_in_task(cfg, name=name, run_id=run_id, tracking_uri=tracking_uri,
-                     run_dir=posixpath.join(storage, name), home=home)
+                     run_dir=posixpath.join(storage, name), init_checkpoint=init_checkpoint)
     else:
         trainer = build_trainer(cfg, name=name, run_id=run_id, tracking_uri=tracking_uri, storage_path=storage,
-                                home=home)
+                                init_checkpoint=init_checkpoint)
         error = fit(trainer, cfg, "run", name).error
     from mlflow.tracking import MlflowClient
 
@@ -381,7 +383,7 @@ def _launch_run(cfg: ExperimentConfig, *, name: str, run_id: str, tracking_uri: 
 
 
 def _run_in_task(cfg: ExperimentConfig, *, name: str, run_id: str, tracking_uri: str, run_dir: str,
-                 home: Path) -> None:
+                 init_checkpoint: str) -> None:
     """A single-worker run: the training loop in one Ray task, in a placement group that holds its
     CPUs (and GPU share). A run whose worker cannot get them within ``worker_wait_s`` ends with
     the same line as a ``TorchTrainer`` whose worker group never started. Ray restarts the task
@@ -406,7 +408,8 @@ def _run_in_task(cfg: ExperimentConfig, *, name: str, run_id: str, tracking_uri:
             waited += step
             if wait and waited >= wait:
                 raise RunFailed(no_workers_line(cfg, "run", name))
-        spec = worker_spec(cfg, run_id=run_id, tracking_uri=tracking_uri, home=home, launched_at=time.time())
+        spec = worker_spec(cfg, run_id=run_id, tracking_uri=tracking_uri, init_checkpoint=init_checkpoint,
+                           launched_at=time.time())
         task = ray.remote(_train_task).options(
             name=f"avlab-run-{name}", num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
             max_retries=cfg.train.max_failures, retry_exceptions=True,

@@ -9,6 +9,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,35 +31,11 @@ def start_run(cfg: ExperimentConfig, *, home_arg: str | Path | None = None, trac
     uri = tracking.resolve_tracking_uri(home, tracking_uri)
     name = cfg.tracking.run_name or f"{cfg.method_name}-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     jobs.check_name(name, "tracking.run_name")
-    if address is None:
-        from orchestrator.footprint import check_fits, local_budget
-        from orchestrator.launch import check_local_resources
-
-        check_local_resources(cfg.resources)
-        budget, where = local_budget(cfg)
-        check_fits(cfg, per_worker_bytes=budget, where=where)  # a run that cannot fit stops here
-    else:
-        from orchestrator.launch import check_ray_address
-
-        check_ray_address(address)
-    if cfg.train.init_from:
-        from orchestrator.checkpoint import resolve_init
-
-        resolve_init(cfg.train.init_from, home)  # a bad path or run name stops here, exit 2
     if jobs.exists(home, name):
         # Ray Train would pick up that run's checkpoints under the same name.
         raise ConfigError(f"tracking.run_name: a run or sweep named {name!r} already exists in {home}; "
                           f"`avlab resume {name}` continues it, or choose another name")
-    if cfg.data.manifest and address is None:
-        # A local run decodes its dataset into the feature cache first, so an unusable file stops
-        # it with exit 2 before Ray, MLflow or training start; the workers then reuse the cache.
-        from methods.data.decode import DataError
-        from methods.data.real import ManifestAV
-
-        try:
-            ManifestAV(cfg.data).cache
-        except DataError as exc:
-            raise ConfigError(f"data.manifest: {str(exc).splitlines()[0]}") from None
+    checked = preflight(cfg, home=home, address=address)
     home.mkdir(parents=True, exist_ok=True)
     tracking.prepare_store(uri)
     print(f"[avlab] run {name}: method={cfg.method_name} preset={cfg.preset} "
@@ -82,8 +59,51 @@ def start_run(cfg: ExperimentConfig, *, home_arg: str | Path | None = None, trac
         storage = tracking.storage_root(home)
         jobs.write(home, jobs.JobRecord(kind="run", name=name, run_id=run_id, tracking_uri=uri, config=cfg.to_dict(),
                                         address=address, storage=storage, driver=driver_entry()))
-    return _execute_run(cfg, name=name, run_id=run_id, uri=uri, home=home, address=address, storage=storage,
-                        ray_dashboard=ray_dashboard)
+    return _execute_run(cfg, name=name, run_id=run_id, uri=uri, address=address, storage=storage,
+                        init_checkpoint=checked.init_checkpoint, ray_dashboard=ray_dashboard)
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What ``preflight`` found, for the launch to use instead of finding it again:
+    ``init_checkpoint``, the verified checkpoint folder ``train.init_from`` names ("" for none),
+    and for a local run the memory budget per worker the run was checked against."""
+
+    init_checkpoint: str
+    per_worker_bytes: int | None = None
+
+
+def preflight(cfg: ExperimentConfig, *, home: Path, address: str | None) -> Preflight:
+    """Everything a run is checked for before anything is created (ConfigError, exit 2): this
+    machine's CPUs, GPUs and memory for a local run (the Ray cluster answering otherwise), the
+    ``train.init_from`` checkpoint, and a real dataset's files, decoded into the feature cache
+    that the workers then read."""
+    from orchestrator.checkpoint import init_checkpoint
+
+    budget = None
+    if address is None:
+        from orchestrator.footprint import check_fits, local_budget
+        from orchestrator.launch import check_local_resources
+
+        check_local_resources(cfg.resources)
+        budget, where = local_budget(cfg)
+        check_fits(cfg, per_worker_bytes=budget, where=where)  # a run that cannot fit stops here
+    else:
+        from orchestrator.launch import check_ray_address
+
+        check_ray_address(address)
+    init = init_checkpoint(cfg.train.init_from, home)  # a bad path or run name stops here
+    if cfg.data.manifest and address is None:
+        # A local run decodes its dataset into the feature cache first, so an unusable file stops
+        # it with exit 2 before Ray, MLflow or training start; the workers then reuse the cache.
+        from methods.data.decode import DataError
+        from methods.data.real import ManifestAV
+
+        try:
+            ManifestAV(cfg.data).cache
+        except DataError as exc:
+            raise ConfigError(f"data.manifest: {str(exc).splitlines()[0]}") from None
+    return Preflight(init_checkpoint=init, per_worker_bytes=budget)
 
 
 def _ui_hint(uri: str) -> str:
@@ -110,16 +130,16 @@ def _one_line_when_ray_stops(kind: str, name: str):
                         f"`avlab resume {name}` continues it from its last checkpoint") from None
 
 
-def _execute_run(cfg: ExperimentConfig, *, name: str, run_id: str, uri: str, home: Path, address: str | None,
-                 storage: str, ray_dashboard: bool) -> int:
+def _execute_run(cfg: ExperimentConfig, *, name: str, run_id: str, uri: str, address: str | None, storage: str,
+                 init_checkpoint: str, ray_dashboard: bool) -> int:
     from orchestrator import tracking
     from orchestrator.launch import launch_run
 
     ok = interrupted = False
     try:
         with _one_line_when_ray_stops("run", name):
-            metrics = launch_run(cfg, name=name, run_id=run_id, tracking_uri=uri, home=home, address=address,
-                                 storage=storage, ray_dashboard=ray_dashboard)
+            metrics = launch_run(cfg, name=name, run_id=run_id, tracking_uri=uri, address=address, storage=storage,
+                                 init_checkpoint=init_checkpoint, ray_dashboard=ray_dashboard)
         ok = True
     except KeyboardInterrupt:
         # Ctrl-C: stop Ray first (the run's task or workers end with their driver, so nothing logs
@@ -192,6 +212,11 @@ def resume(name: str, *, home_arg: str | Path | None = None, tracking_uri: str |
             check_local_resources(job.resources)
         else:
             _check_sweep_resources(job)
+    init = ""
+    if kind == "run":  # its starting weights (for a run with no checkpoint yet), found before anything changes
+        from orchestrator.checkpoint import init_checkpoint
+
+        init = init_checkpoint(job.train.init_from, home)
     if retry:  # after the checks above: a job that cannot start keeps its failures as they were
         from orchestrator.retry import clear_for_retry
 
@@ -202,8 +227,8 @@ def resume(name: str, *, home_arg: str | Path | None = None, tracking_uri: str |
     storage = record.storage or tracking.storage_root(home)  # checkpoints and Tune state stay where they were put
     print(f"[avlab] resuming {kind} {name} (MLflow run {run_id}, was {run.info.status})", flush=True)
     if kind == "run":
-        return _execute_run(job, name=name, run_id=run_id, uri=uri, home=home, address=address, storage=storage,
-                            ray_dashboard=ray_dashboard)
+        return _execute_run(job, name=name, run_id=run_id, uri=uri, address=address, storage=storage,
+                            init_checkpoint=init, ray_dashboard=ray_dashboard)
 
     from orchestrator.sweep import fit_sweep
 

@@ -168,15 +168,18 @@ def _trial(config: dict[str, Any], *, space: SearchSpace, sweep: SweepContext, s
     trials_path = f"{sweep.storage}/trials"
     ok = False
     try:
+        from orchestrator.checkpoint import init_checkpoint
+
+        init = init_checkpoint(cfg.train.init_from, home)  # checked by the driver; found here, in this trial's home
         if cfg.resources.workers == 1:
-            _train_here(cfg, run_id=run_id, uri=uri, home=home, run_dir=f"{trials_path}/{name}", launch_s=launch_s)
+            _train_here(cfg, run_id=run_id, uri=uri, init=init, run_dir=f"{trials_path}/{name}", launch_s=launch_s)
         else:
             from ray.tune.integration.ray_train import TuneReportCallback
 
             from orchestrator.launch import build_trainer, fit
 
             trainer = build_trainer(cfg, name=name, run_id=run_id, tracking_uri=uri, storage_path=trials_path,
-                                    home=home, callbacks=[TuneReportCallback()])
+                                    init_checkpoint=init, callbacks=[TuneReportCallback()])
             fit(trainer, cfg, "trial", trial_id)
         if tracking.recorded_failure(client, run_id):
             return  # failed for good; the sweep reports the recorded line
@@ -226,7 +229,7 @@ def _take_results(client: MlflowClient, space: SearchSpace, sweep: SweepContext,
     return dict(donor.data.metrics)
 
 
-def _train_here(cfg, *, run_id: str, uri: str, home: Path, run_dir: str, launch_s: float) -> None:
+def _train_here(cfg, *, run_id: str, uri: str, init: str, run_dir: str, launch_s: float) -> None:
     """A single-worker trial: the training loop in this process (``orchestrator.hosts.TrialHost``)."""
     from orchestrator.worker_spec import worker_spec
 
@@ -234,6 +237,6 @@ def _train_here(cfg, *, run_id: str, uri: str, home: Path, run_dir: str, launch_
     warm = "orchestrator.train" in sys.modules
     from orchestrator.train import train_in_trial
 
-    spec = worker_spec(cfg, run_id=run_id, tracking_uri=uri, home=home, launch_time_s=launch_s,
+    spec = worker_spec(cfg, run_id=run_id, tracking_uri=uri, init_checkpoint=init, launch_time_s=launch_s,
                        import_time_s=0.0 if warm else time.perf_counter() - t0)
     train_in_trial(spec, run_dir)

@@ -4,10 +4,7 @@ function (``worker_spec``), sent to every worker and read there by ``orchestrato
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from orchestrator.checkpoint import resolve_init
 
 if TYPE_CHECKING:
     from orchestrator.config import ExperimentConfig
@@ -32,11 +29,10 @@ class WorkerSpec:
     import_time_s: float | None = None
 
 
-def worker_spec(cfg: ExperimentConfig, *, run_id: str, tracking_uri: str, home: Path,
+def worker_spec(cfg: ExperimentConfig, *, run_id: str, tracking_uri: str, init_checkpoint: str,
                 launched_at: float | None = None, launch_time_s: float | None = None,
                 import_time_s: float | None = None) -> WorkerSpec:
-    """The spec of ``cfg``'s MLflow run ``run_id``: ``train.init_from`` resolved here, once, in
-    ``home`` (ConfigError naming the field when it names no usable checkpoint)."""
-    init = str(resolve_init(cfg.train.init_from, home)) if cfg.train.init_from else ""
-    return WorkerSpec(config=cfg.to_dict(), run_id=run_id, tracking_uri=tracking_uri, init_checkpoint=init,
+    """The spec of ``cfg``'s MLflow run ``run_id``; ``init_checkpoint`` is what the driver's
+    checks found for ``train.init_from`` (``checkpoint.init_checkpoint``), not resolved again."""
+    return WorkerSpec(config=cfg.to_dict(), run_id=run_id, tracking_uri=tracking_uri, init_checkpoint=init_checkpoint,
                       launched_at=launched_at, launch_time_s=launch_time_s, import_time_s=import_time_s)
