@@ -26,7 +26,7 @@ import pytest
 from orchestrator import submit
 from orchestrator.cli import main
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import faults  # noqa: E402
 
 from conftest import ROOT
