@@ -17,11 +17,14 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.drivers import check_entry, is_here, is_live_driver
 from orchestrator.errors import ConfigError, RunFailed
 from orchestrator.jobs import JobRecord
+
+if TYPE_CHECKING:
+    from orchestrator.submit import SubmissionRecord
 from orchestrator.runs import settle
 
 STOP_TIMEOUT_S = 300.0
@@ -36,10 +39,10 @@ def _wait_gone(driver: dict[str, Any], timeout: float) -> bool:
     return not is_live_driver(driver)
 
 
-def _stop_submitted(home: Path, name: str, record: dict[str, Any], timeout: float) -> None:
+def _stop_submitted(home: Path, name: str, record: SubmissionRecord, timeout: float) -> str:
     from orchestrator import submit
 
-    address, job_id = record["address"], record["job_id"]
+    address, job_id = record.address, record.job_id
     client = submit._job_client(address)
     submit._job_call("stop Ray job", job_id, lambda: client.stop_job(job_id))
     deadline = time.monotonic() + timeout
@@ -47,8 +50,7 @@ def _stop_submitted(home: Path, name: str, record: dict[str, Any], timeout: floa
         status = str(getattr(s := submit._job_call("Ray job", job_id, lambda: client.get_job_status(job_id)), "value", s))
         if status in submit.TERMINAL:
             _settle_if_here(home, name)
-            print(f"[avlab] stopped {name}: Ray job {job_id} is {status}; `avlab resume {name}` continues it")
-            return
+            return f"[avlab] stopped {name}: Ray job {job_id} is {status}; `avlab resume {name}` continues it"
         time.sleep(1.0)
     raise RunFailed(f"stop: Ray job {job_id} at {address} did not stop within {timeout:.0f} s")
 

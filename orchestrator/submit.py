@@ -38,6 +38,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,26 +76,55 @@ def record_path(home: Path, name: str) -> Path:
     return home / "jobs" / KIND / f"{name}.json"
 
 
-def read_record(home: Path, name: str) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class SubmissionRecord:
+    """A submitted sweep: the dashboard it went to and its Ray job id (what ``logs``, ``status``
+    and ``stop`` need), and what was sent (the entrypoint, the search space, the home and store
+    passed on, the commit)."""
+
+    name: str
+    address: str
+    job_id: str
+    entrypoint: str = ""
+    search_space: str = ""
+    home: str | None = None
+    tracking_uri: str | None = None
+    git_commit: str = ""
+    submitted_at: str = ""
+
+    @classmethod
+    def from_json(cls, data: Any, path: Path) -> SubmissionRecord:
+        """The record a file holds; ConfigError naming ``path`` for anything else."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("kind") != KIND:
+            raise ConfigError(f"{path}: not an avlab submission record (format {FORMAT}, kind {KIND})")
+        wrong = [key for key in ("address", "job_id") if not isinstance(data.get(key), str)]
+        if wrong:
+            raise ConfigError(f"{path}: damaged avlab submission record ({', '.join(wrong)} missing or not a string)")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{"name": path.stem, **{k: v for k, v in data.items() if k in known}})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "kind": KIND, **dataclasses.asdict(self)}
+
+
+def read_record(home: Path, name: str) -> SubmissionRecord | None:
     """The record of a submitted sweep, or None if ``name`` was not submitted from this home."""
     path = record_path(home, name)
     if not path.exists():
         return None
     try:
-        record = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: unreadable ({exc})") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("kind") != KIND:
-        raise ConfigError(f"{path}: not an avlab submission record (format {FORMAT}, kind {KIND})")
-    return record
+    return SubmissionRecord.from_json(data, path)
 
 
-def _write_record(home: Path, name: str, record: dict[str, Any]) -> Path:
-    """Atomically, like orchestrator.jobs.write."""
-    path = record_path(home, name)
+def write_record(home: Path, record: SubmissionRecord) -> Path:
+    """Atomically, like ``orchestrator.jobs.write``."""
+    path = record_path(home, record.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"format": FORMAT, "name": name, "kind": KIND, **record}, indent=2, sort_keys=True))
+    tmp.write_text(json.dumps(record.to_json(), indent=2, sort_keys=True))
     os.replace(tmp, path)
     return path
 
@@ -144,7 +174,7 @@ def _find_job(home: Path, name: str, address: str | None) -> tuple[str, str]:
     """(dashboard address, job id) of a submitted sweep's name, or of a raw job id with --address."""
     record = read_record(home, name)
     if record is not None:
-        return address or record["address"], record["job_id"]
+        return address or record.address, record.job_id
     if address:
         return address, name
     raise ConfigError(f"NAME: no submitted sweep named {name!r} in {home / 'jobs' / KIND}; "
@@ -168,7 +198,7 @@ def job_status_lines(home: Path, name: str) -> list[str] | None:
     record = read_record(home, name)
     if record is None:
         return None
-    address, job_id = record["address"], record["job_id"]
+    address, job_id = record.address, record.job_id
     try:
         info = _job_call("Ray job", job_id, lambda: _job_client(address).get_job_info(job_id))
     except (ClusterError, ConfigError) as exc:
@@ -299,11 +329,11 @@ def submit(args: Submission) -> tuple[str, int, str]:
         job_id = _job_call("submitting sweep", name, lambda: client.submit_job(
             entrypoint=command, runtime_env=runtime_env, metadata=metadata
         ), unknown_is_bad_input=False)
-    _write_record(home, name, {
-        "address": address, "job_id": job_id, "entrypoint": command, "search_space": str(Path(args.search_space).resolve()),
-        "home": str(Path(args.home).expanduser().resolve()) if args.home else None, "tracking_uri": args.tracking_uri,
-        "git_commit": commit, "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    })
+    write_record(home, SubmissionRecord(
+        name=name, address=address, job_id=job_id, entrypoint=command, search_space=str(Path(args.search_space).resolve()),
+        home=str(Path(args.home).expanduser().resolve()) if args.home else None, tracking_uri=args.tracking_uri,
+        git_commit=commit, submitted_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    ))
     return name, space.num_trials(), job_id
 
 

@@ -90,7 +90,7 @@ def test_bad_name_override_or_existing_submission_exits_2_before_contacting_the_
     space = tmp_path / "ok.yaml"
     space.write_text("grid:\n  method.memory_size: [10]\n")
     home = tmp_path / "home"
-    submit._write_record(home, "taken", {"address": "http://127.0.0.1:1", "job_id": "raysubmit_x"})
+    submit.write_record(home, submit.SubmissionRecord("taken", address="http://127.0.0.1:1", job_id="raysubmit_x"))
     cases = [
         (["--name", "a/b"], "--name: 'a/b' is not a valid name"),
         (["method.memory_temperature=0"], "method.memory_temperature"),
@@ -117,7 +117,7 @@ def test_unreachable_cluster_is_one_line_and_exit_1(tmp_path, capsys):
         assert main(["logs", "raysubmit_x", "--address", dashboard.address, "--home", str(tmp_path)]) == 1
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "cannot reach the Ray dashboard" in err, err
-        submit._write_record(tmp_path, "gone", {"address": dashboard.address, "job_id": "raysubmit_x"})
+        submit.write_record(tmp_path, submit.SubmissionRecord("gone", address=dashboard.address, job_id="raysubmit_x"))
         lines = submit.job_status_lines(tmp_path, "gone")
     assert lines and "status unknown" in lines[0] and dashboard.contacts >= 2
 
@@ -342,10 +342,10 @@ def test_sweep_on_two_nodes_survives_losing_one(tmp_path):
         assert out.returncode == 0, out.stdout + out.stderr
         t_submit = time.monotonic()
         record = submit.read_record(home, name)
-        assert record["kind"] == "submitted" and record["address"] == cluster.address
-        assert record["job_id"] in out.stdout and f"avlab logs {name} --follow" in out.stdout
+        assert record.name == name and record.address == cluster.address
+        assert record.job_id in out.stdout and f"avlab logs {name} --follow" in out.stdout
         jobs = JobSubmissionClient(cluster.address)
-        job_id = record["job_id"]
+        job_id = record.job_id
 
         def job_status() -> str:
             status = str(jobs.get_job_status(job_id).value)
@@ -564,7 +564,7 @@ def test_avlab_stop_stops_a_submitted_sweep_through_the_job_api(tmp_path):
                               "--home", str(home)], env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stdout + out.stderr
         jobs = JobSubmissionClient(cluster.address)
-        job_id = submit.read_record(home, name)["job_id"]
+        job_id = submit.read_record(home, name).job_id
 
         def training() -> bool:
             try:
@@ -588,7 +588,8 @@ def test_avlab_stop_stops_a_submitted_sweep_through_the_job_api(tmp_path):
         client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
         out = subprocess.run([str(BIN / "avlab"), "stop", name, "--home", str(home)], env=env, capture_output=True,
                              text=True, timeout=300)
-        assert out.returncode == 0 and f"[avlab] stopped {name}: Ray job " in out.stdout, out.stdout + out.stderr
+        last = out.stdout.strip().splitlines()[-1]  # the one line that says what happened, nothing after it
+        assert out.returncode == 0 and last.startswith(f"[avlab] stopped {name}: Ray job "), out.stdout + out.stderr
         assert "is STOPPED" in out.stdout
         parent = client.search_runs([client.get_experiment_by_name("avlab-sweeps").experiment_id],
                                     f"tags.`avlab.sweep_name` = '{name}' and tags.`avlab.kind` = 'sweep'")[0]
