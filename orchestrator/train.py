@@ -399,8 +399,10 @@ class Attempt:
 
 # [multi-node] --------------------------------------------------------------------------------
 def _worker_nodes(world: int) -> list[str]:
-    """The Ray node id of every worker, in rank order (one collective across the workers)."""
-    node = ray.get_runtime_context().get_node_id()
+    """The Ray node id of every worker, in rank order (one collective across the workers). A loop
+    run outside Ray (a test, a notebook) is on no Ray node: it says ``local`` instead of asking
+    for a runtime context, which would start a Ray instance just to name it."""
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
     if world == 1:
         return [node]
     nodes: list[Any] = [None] * world

@@ -68,27 +68,37 @@ def ddp() -> Callable[..., list[Any]]:
 # --- the order of the test files -------------------------------------------------------------
 # `make test` hands whole files to two workers (`--dist loadfile --no-loadscope-reorder`), in
 # collection order. Started last, one long file leaves the other worker idle for minutes, so the
-# files go longest first, by the seconds each took in a measured run (tests/durations.json,
-# written by `pytest -n 2 --dist loadfile --store-durations`). A file not listed there goes last.
+# files go longest first, by the seconds their *selected* tests took in a measured run
+# (tests/durations.json, one entry per test, written by `--store-durations`): `make test` and
+# `make test-fast` (which leaves the slow tests out) each get the order of their own selection.
+# A test not listed there counts as 0 s.
 DURATIONS = Path(__file__).resolve().parent / "durations.json"
 _spent: dict[str, float] = defaultdict(float)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--store-durations", action="store_true",
-                     help=f"write each test file's measured seconds to {DURATIONS.name} (the files' order)")
+                     help=f"write each test's measured seconds to {DURATIONS.name} (the files' order)")
 
 
+@pytest.hookimpl(trylast=True)  # after `-m` and `-k` have deselected what will not run
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     seconds = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
-    items.sort(key=lambda item: -seconds.get(item.nodeid.split("::")[0], 0.0))  # stable within a file
+    per_file: dict[str, float] = defaultdict(float)
+    for item in items:
+        per_file[item.nodeid.split("::")[0]] += seconds.get(item.nodeid, 0.0)
+    items.sort(key=lambda item: -per_file[item.nodeid.split("::")[0]])  # stable within a file
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    _spent[report.nodeid.split("::")[0]] += report.duration  # setup, call and teardown
+    _spent[report.nodeid] += report.duration  # setup, call and teardown
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     # On the controller (the process without ``workerinput``), which sees every worker's reports.
+    # Tests that did not run this time (another selection) keep their earlier seconds.
     if session.config.getoption("store_durations") and not hasattr(session.config, "workerinput"):
-        DURATIONS.write_text(json.dumps({k: round(v, 1) for k, v in sorted(_spent.items())}, indent=1) + "\n")
+        seconds = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+        seconds = {k: v for k, v in seconds.items() if "::" in k}  # per-file entries of an older format
+        seconds.update({k: round(v, 2) for k, v in _spent.items()})
+        DURATIONS.write_text(json.dumps(dict(sorted(seconds.items())), indent=0) + "\n")
