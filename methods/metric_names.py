@@ -34,8 +34,9 @@ OPTIONAL_HEADLINE_METRICS = ("sound_h_spatial_acc", "image_h_spatial_acc", "retr
 
 
 def probe_names(name: str) -> tuple[str, ...]:
-    """``{name}_acc``, ``_precision``, ``_recall``, ``_f1``: what one classifier probe logs."""
-    return tuple(f"{name}_{stat}" for stat in PROBE_STATS)
+    """``{name}_acc``, ``_precision``, ``_recall``, ``_f1``: what one classifier probe logs, and
+    ``_iters``, its solver's iterations."""
+    return (*(f"{name}_{stat}" for stat in PROBE_STATS), f"{name}_iters")
 
 
 def rank_names(prefix: str, ks: int, *, clip: bool = False) -> tuple[str, ...]:
@@ -80,7 +81,7 @@ def metric_names(cfg: Any, *, prefix: str = "", modalities: Iterable[str] = MODA
                 names += [f"{name}_{chosen}" for chosen, on in (("linear_C", cfg.linear), ("knn_k", cfg.knn),
                                                                  ("svm_C", modality == "sound" and cfg.sound_svm)) if on]
             if spatial:
-                names += [f"{name}_spatial_{stat}" for stat in SPATIAL_STATS]
+                names += [*(f"{name}_spatial_{stat}" for stat in SPATIAL_STATS), f"{name}_spatial_iters"]
             if modality == "sound" and clip:
                 if cfg.linear:
                     names += probe_names(f"{name}_linear_clip")

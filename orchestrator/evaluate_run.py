@@ -221,7 +221,7 @@ def evaluate(client, uri: str, home: Path, name: str, *, data: str | None, overr
     import torch
 
     from methods.data import build_dataset, dataset_info
-    from orchestrator import tracking
+    from orchestrator import environment, tracking
     from orchestrator.config import ExperimentConfig, check_evaluation
     from orchestrator.export import has_encoders
     from orchestrator.runs import runs_named
@@ -270,6 +270,7 @@ def evaluate(client, uri: str, home: Path, name: str, *, data: str | None, overr
     ok = False
     try:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        environment.tag_run(client, child, device)
         metrics = evaluate_and_log(cfg, model.to(device), dataset, client, child, device,
                                    extra={"setup_time_s": time.perf_counter() - t0})
         ok = True

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
+from orchestrator import environment
 from orchestrator.errors import ConfigError
 from orchestrator.jobs import check_name
 from orchestrator.metrics import COST_METRICS
@@ -98,6 +99,8 @@ def build_report(client: MlflowClient, name: str) -> dict[str, Any]:
         "reused": sum(1 for r in runs if r.data.tags.get("avlab.reused_from")),
         # Which code made the numbers: trials per `avlab.source_hash` ("unrecorded" before the tag).
         "code_versions": code_versions(runs),
+        # One line when the trials ran in different environments (tag `avlab.env.id`), else None.
+        "environments": environment.summary(runs),
         # Set by `avlab reproduce` on the sweeps it decided claims with.
         "verdicts": parent.data.tags.get("avlab.verdicts"),
         "verdict_report": parent.data.tags.get("avlab.verdict_report"),
@@ -261,6 +264,8 @@ def to_markdown(report: dict[str, Any]) -> str:
                       "identical finished trials of other sweeps without training (tag `avlab.reused_from`)."]
     if report.get("code_versions"):
         lines += ["", code_line(report["code_versions"])]
+    if report.get("environments"):
+        lines += ["", report["environments"]]
     if report.get("verdicts"):
         lines += ["", f"Claims decided on this sweep (`avlab reproduce`): {report['verdicts']}; "
                       f"verdicts: {report['verdict_report']}"]
@@ -282,6 +287,7 @@ def to_table(report: dict[str, Any]) -> str:
     star = "on the Pareto front" if report.get("pareto") is not None else f"best {report['metric']}"
     title = f"{report['sweep']} ({report['search_space']}): mean ± 95 % CI over seeds, * = {star}"
     code = [code_line(report["code_versions"])] if report.get("code_versions") else []
+    code += [report["environments"]] if report.get("environments") else []
     return "\n".join([title, fmt(header), fmt(["-" * w for w in widths]), *map(fmt, body),
                       *verdict_lines(report), *code]) + "\n"
 

@@ -1,9 +1,11 @@
 """``avlab reproduce``: run the claims' sweeps (or reuse them), decide each claim, report verdicts.
 
 Claims that test the same search space at the same preset, seeds, overrides and data share one
-sweep, named ``reproduce-<space>-<preset>-s<seeds>-<hash>`` (the hash covers the whole resolved
-search space), so a second ``avlab reproduce`` finds it: a finished sweep is reused without
-training, an unfinished one is resumed like ``avlab resume`` would. A new claims sweep runs with
+sweep, named ``reproduce-<space>-<preset>-s<seeds>-<hash>`` (the hash covers the resolved search
+space, every trial's resolved configuration and the results version: ``sweep_digest``), so a
+second ``avlab reproduce`` finds it: a finished sweep is reused without training, an unfinished
+one is resumed like ``avlab resume`` would. After a change to a preset or to the numerics the
+hash is another: a new sweep, whose unchanged trials take their results from the old one. A new claims sweep runs with
 ``--reuse-trials`` (unless it has a scheduler): a trial identical to a finished trial of another
 claims sweep (the BMA default of Fig. 5, Fig. 6 and Table 1, for one) takes its results instead
 of training again. The verdicts go to
@@ -22,8 +24,10 @@ verdicts it decided (``avlab report`` shows them).
                  "detail": str,
                  "rows": [{"configuration": str, "mean": float | null, "ci95": float | null,
                            "values": [float], "paper": float | null}],
-                 "code": {str: int}}]}  # finished trials of the sweep per code version
-                                        # (tag avlab.source_hash; "unrecorded" before it)
+                 "code": {str: int},  # finished trials of the sweep per code version
+                                      # (tag avlab.source_hash; "unrecorded" before it)
+                 "environments": str | null}]}  # a line when its trials ran in more than one
+                                                # environment (tag avlab.env.id), else null
 """
 
 from __future__ import annotations
@@ -83,10 +87,22 @@ def _plans(args: Request) -> tuple[list[Claim], dict[str, tuple[Any, list[Claim]
     plans: dict[str, tuple[Any, list[Claim]]] = {}
     for claim in claims:
         space = load_search_space(claim.search_space, seeds=args.seeds).with_overrides(args.preset, overrides)
-        digest = hashlib.sha256(json.dumps(sweep_content(space), sort_keys=True, default=str).encode()).hexdigest()[:8]
-        name = f"reproduce-{claim.search_space.stem}-{space.preset}-s{len(space.seeds)}-{digest}"
+        name = f"reproduce-{claim.search_space.stem}-{space.preset}-s{len(space.seeds)}-{sweep_digest(space)}"
         plans.setdefault(name, (space, []))[1].append(claim)
     return claims, plans, overrides
+
+
+def sweep_digest(space: Any) -> str:
+    """What names a claims sweep: the resolved search space (``sweep_content``), the identity of
+    each of its trials' *resolved* configuration and the results version of this code
+    (``tracking.RESULTS_VERSION``). A change to a preset's contents, a method's defaults or the
+    numerics is another sweep, whose trials take the results of the unchanged ones of the old
+    sweep (``--reuse-trials``) and train the rest; the preset's name alone decides nothing."""
+    from orchestrator.tracking import RESULTS_VERSION
+
+    content = {"space": sweep_content(space), "trials": [t.config.identity() for t in space.trials()],
+               "results_version": RESULTS_VERSION}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def sweep_content(space: Any) -> dict[str, Any]:
@@ -95,24 +111,13 @@ def sweep_content(space: Any) -> dict[str, Any]:
     return {**space.to_dict(), "path": space.path.name}
 
 
-def _same_sweeps(home: Path, name: str, space: Any) -> list[str]:
-    """Sweeps in ``home`` that run what ``name`` would: ``name`` itself, then earlier reproduce
-    sweeps of the same content under another name (named before the name left the path out)."""
+def _same_sweeps(home: Path, name: str) -> list[str]:
+    """``[name]`` when the home holds that claims sweep, else ``[]``. Its name says what it runs
+    (``sweep_digest``): a sweep of another name is never taken whole, however alike its search
+    space reads, since a preset of the same name may have resolved to other trials."""
     from orchestrator import jobs
 
-    same = [name] if jobs.exists(home, name) else []
-    wanted = json.loads(json.dumps(sweep_content(space), default=str))  # as a job file holds it
-    prefix = name.rsplit("-", 1)[0] + "-"
-    for path in sorted((home / "jobs").glob(f"{prefix}*.json")):
-        if path.stem == name:
-            continue
-        try:
-            record = jobs.load(path)
-            if record.kind == "sweep" and {**record.space, "path": Path(record.space["path"]).name} == wanted:
-                same.append(path.stem)
-        except (ConfigError, KeyError, TypeError):
-            continue  # not a job file of ours: never reused
-    return same
+    return [name] if jobs.exists(home, name) else []
 
 
 def _finished(client, same: list[str]) -> str | None:
@@ -198,7 +203,7 @@ def _run_or_reuse(args: Request, name: str, space: Any, overrides: list[str], cl
     """Run the sweep ``name``, or reuse / continue one of the same content; the sweep's name."""
     from orchestrator import service
 
-    same = _same_sweeps(home, name, space)
+    same = _same_sweeps(home, name)
     existing = _finished(client, same)
     if existing is not None:
         print(f"[avlab] reproduce: reusing finished sweep {existing}", flush=True)
@@ -227,13 +232,15 @@ def seed_values(client, name: str, metric: str) -> dict[str, list[float]]:
     return out
 
 
-def sweep_code_versions(client, name: str) -> dict[str, int]:
-    """The finished trials of sweep ``name`` per code version (``report.code_versions``)."""
+def sweep_provenance(client, name: str) -> tuple[dict[str, int], str | None]:
+    """The finished trials of sweep ``name`` per code version (``report.code_versions``), and one
+    line when they ran in more than one environment (``environment.summary``)."""
+    from orchestrator import environment
     from orchestrator.report import _sweep, code_versions
     from orchestrator.runs import children as _children
 
-    return code_versions([r for r in _children(client, _sweep(client, name).info.run_id)
-                          if r.info.status == "FINISHED"])
+    finished = [r for r in _children(client, _sweep(client, name).info.run_id) if r.info.status == "FINISHED"]
+    return code_versions(finished), environment.summary(finished)
 
 
 def budget_line(space: Any) -> str:
@@ -286,6 +293,10 @@ def to_markdown(doc: dict[str, Any]) -> str:
     elif versions:
         lines += ["", "Code versions of the trials (tag `avlab.source_hash`, trials per version): " + "; ".join(
             f"{c['id']}: " + ", ".join(f"{code} ({n})" for code, n in c["code"].items()) for c in doc["claims"]) + "."]
+    mixed = [c for c in doc["claims"] if c.get("environments")]
+    if mixed:
+        lines += ["", "Rows computed in more than one environment (their last digits may differ for that alone):",
+                  *(f"- {c['id']}: {c['environments']}" for c in mixed)]
     if doc.get("pending"):
         lines += ["", f"Not decided (their sweeps have not finished): {', '.join(doc['pending'])}."]
     return "\n".join(lines) + "\n"
@@ -338,7 +349,7 @@ def reproduce(args: Request) -> Verdicts | None:
     for name, (space, group) in plans.items():
         if not args.finished_only:
             ran[name] = _run_or_reuse(args, name, space, overrides, client, home)
-        elif (existing := _finished(client, same := _same_sweeps(home, name, space))) is not None:
+        elif (existing := _finished(client, same := _same_sweeps(home, name))) is not None:
             ran[name] = existing
         else:
             pending += [c.id for c in group]
@@ -368,11 +379,12 @@ def reproduce(args: Request) -> Verdicts | None:
     entries = []
     for name, (space, group) in plans.items():
         values_by_metric: dict[str, dict[str, list[float]]] = {}
-        code = sweep_code_versions(client, name)
+        code, environments = sweep_provenance(client, name)
         for claim in group:
             if claim.metric not in values_by_metric:
                 values_by_metric[claim.metric] = seed_values(client, name, claim.metric)
-            entries.append({**_claim_entry(claim, name, space, values_by_metric[claim.metric]), "code": code})
+            entries.append({**_claim_entry(claim, name, space, values_by_metric[claim.metric]), "code": code,
+                            "environments": environments})
     entries.sort(key=lambda e: order[e["id"]])
     run_name = stamp = f"reproduce-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     for n in range(2, 1000):  # two commands in one second never share a report folder

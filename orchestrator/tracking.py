@@ -181,6 +181,15 @@ from orchestrator.store import empty_store_template, open_store, prepare_store  
 SOURCE_HASH_TAG = "source_hash"
 SOURCE_PACKAGES = ("methods", "orchestrator")
 
+# The version of the numbers avlab computes, tagged on every run (``avlab.results_version``). A
+# finished trial gives its results to an identical one (``--reuse-trials``, ``avlab reproduce``)
+# only when both carry this version: raise it with every change that moves a number of a trial
+# at a fixed configuration and seed on one machine (a solver's setting, a random draw, a loss);
+# tests/orchestrator/test_results_version.py holds reference numbers and fails until it is
+# raised. 1: runs made before the tag; 2: probes fitted to convergence (eval.linear_tol).
+RESULTS_VERSION = 2
+RESULTS_VERSION_TAG = "results_version"
+
 
 def tree_hash(root: Path) -> str:
     """The first 12 hex digits of a SHA-256 over every Python file of ``root``'s ``methods/`` and
@@ -244,6 +253,7 @@ def create_run(
     all_tags = {f"{TAG_PREFIX}{k}": str(v) for k, v in tags.items()}
     all_tags[f"{TAG_PREFIX}git_commit"] = git_commit()
     all_tags.setdefault(f"{TAG_PREFIX}{SOURCE_HASH_TAG}", source_hash())
+    all_tags.setdefault(f"{TAG_PREFIX}{RESULTS_VERSION_TAG}", str(RESULTS_VERSION))
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp_id, run_name=run_name, tags=all_tags)

@@ -36,6 +36,7 @@ from methods.evaluate.suite import quick_probe_config
 from methods.metric_names import HEADLINE_METRICS, OPTIONAL_HEADLINE_METRICS
 from methods.registry import build_method
 from orchestrator import checkpoint as ckpt
+from orchestrator import environment
 from orchestrator import export
 from orchestrator import system_metrics
 from orchestrator import tracking
@@ -225,6 +226,7 @@ class Attempt:
         nodes = self.nodes = _worker_nodes(self.world)
         if self.client is not None:
             tracking.tag_nodes(self.client, self.run_id, nodes)
+            environment.tag_run(self.client, self.run_id, self.device)  # where the numbers are computed
         self.usage = system_metrics.Usage(cfg.resources.cpus_per_worker, self.device, gpu=cfg.tracking.system_metrics)
         self.steps = len(self.loaders["main"])
         if cfg.train.max_steps_per_epoch:
@@ -491,6 +493,13 @@ def evaluate_and_log(
         transfer = evaluate_splits(method, data, dataclasses.replace(cfg.eval, protocol=protocol),
                                    train="transfer_train", test="transfer_test", device=device, prefix="transfer_")
         metrics.update(transfer.metrics)
+        result.unconverged += transfer.unconverged
+    if result.unconverged:
+        # Numbers of a half-fitted classifier: said on the console and tagged on the run.
+        names = ", ".join(result.unconverged)
+        say(f"warning: {len(result.unconverged)} probe(s) stopped at their max_iter before converging "
+            f"(raise eval.linear_max_iter / eval.svm_max_iter): {names}")
+        tracking.set_tags(client, run_id, {"probes_not_converged": names[:4000]})
     metrics.update(extra or {})
     metrics["eval_time_s"] = time.perf_counter() - t0
     for name, fig in figures.items():

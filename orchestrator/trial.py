@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlflow.tracking import MlflowClient
 
-from orchestrator import tracking
+from orchestrator import environment, tracking
 from orchestrator.runs import SWEEP_EXPERIMENT
 from orchestrator.search_space import point_label, trial_params
 from orchestrator.signals import quiet_worker_sigterm
@@ -147,7 +147,8 @@ def _trial(config: dict[str, Any], *, space: SearchSpace, sweep: SweepContext, s
             # An earlier attempt died while it copied another trial's results: start that again.
             client.delete_run(found[0].info.run_id)
             found = []
-        donor = None if found else _identical_finished_trial(client, cfg, sweep)
+        label = f"{point_label(params, tuple(space.grid))} seed {seed}"
+        donor = None if found else _identical_finished_trial(client, cfg, sweep, label)
         if donor is not None:
             ray.tune.report(_take_results(client, space, sweep, cfg, params, seed, trial_id, donor))
             return
@@ -193,10 +194,13 @@ def _trial(config: dict[str, Any], *, space: SearchSpace, sweep: SweepContext, s
         tracking.end_run(uri, run_id, ok=ok)
 
 
-def _identical_finished_trial(client: MlflowClient, cfg: Any, sweep: SweepContext):
+def _identical_finished_trial(client: MlflowClient, cfg: Any, sweep: SweepContext, label: str):
     """The first finished trial of another sweep in the store with this trial's resolved config
-    and seed (``cfg.identity()``), evaluated to the end, or None. Its numbers are this trial's:
-    a trial's result is a function of its config and seed."""
+    and seed (``cfg.identity()``), evaluated to the end, made by code of this results version
+    (``tracking.RESULTS_VERSION``) in this environment (``avlab.env.id``), or None. Its numbers
+    are this trial's: a trial's result is a function of its config and seed, given the code's
+    numerics and the machine's kernels. An identical trial refused for its version or its
+    environment is said, with the reason, and this trial trains."""
     exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
     same = client.search_runs(
         [exp.experiment_id],
@@ -204,9 +208,22 @@ def _identical_finished_trial(client: MlflowClient, cfg: Any, sweep: SweepContex
         "and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time ASC"], max_results=100,
     )
+    here = environment.describe()["id"]
+    refused = []
     for run in same:
-        if run.data.tags.get("mlflow.parentRunId") != sweep.parent_run_id and tracking.is_whole_result(run):
+        if run.data.tags.get("mlflow.parentRunId") == sweep.parent_run_id or not tracking.is_whole_result(run):
+            continue
+        version = run.data.tags.get(f"{tracking.TAG_PREFIX}{tracking.RESULTS_VERSION_TAG}", "1")
+        if version != str(tracking.RESULTS_VERSION):
+            refused.append(f"{run.info.run_name} has results version {version}, this code {tracking.RESULTS_VERSION}")
+        elif environment.of_run(run) != here:
+            refused.append(f"{run.info.run_name} was computed in environment {environment.of_run(run) or 'unrecorded'}, "
+                           f"this one is {here}")
+        else:
             return run
+    if refused:
+        print(f"[avlab] trial {label}: trains again, an identical finished trial is not reused: {refused[0]}"
+              + (f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""), flush=True)
     return None
 
 
@@ -219,8 +236,11 @@ def _take_results(client: MlflowClient, space: SearchSpace, sweep: SweepContext,
     # The numbers are the donor's, and so is the code that made them (unrecorded before the tag).
     code = donor.data.tags.get(f"{tracking.TAG_PREFIX}{tracking.SOURCE_HASH_TAG}", "unrecorded")
     # Tagged first: a restarted attempt that finds this run half-copied deletes it and starts again.
+    # So are the environment that computed them and the results version (equal to this code's).
+    provenance = {k.removeprefix(tracking.TAG_PREFIX): v for k, v in donor.data.tags.items()
+                  if k.startswith(f"{tracking.TAG_PREFIX}{environment.TAG}")}
     tracking.set_tags(client, run_id, {tracking.REUSED_FROM_TAG: source, tracking.SOURCE_HASH_TAG: code,
-                                       "reused_from_sweep": donor.data.tags.get("avlab.sweep_name", "")})
+                                       "reused_from_sweep": donor.data.tags.get("avlab.sweep_name", ""), **provenance})
     tracking.copy_metric_histories(client, donor.info.run_id, run_id, donor.data.metrics)
     tracking.end_run(sweep.tracking_uri, run_id, ok=True)
     same = "the same code" if code == tracking.source_hash() else f"code {code}, this code is {tracking.source_hash()}"

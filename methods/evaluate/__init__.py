@@ -23,6 +23,7 @@ from methods.evaluate.linear_probe import (
     linear_probe,
     linear_svm,
     predict_clips,
+    solver_report,
 )
 from methods.evaluate.plots import confusion_matrix_figure, save_figure
 from methods.evaluate.retrieval import first_hit_rank, retrieval_rank_k
@@ -44,6 +45,7 @@ __all__ = [
     "first_hit_rank",
     "fit_linear_svm",
     "fit_logistic_probe",
+    "solver_report",
     "frozen_eval_mode",
     "knn_accuracy",
     "knn_predict",

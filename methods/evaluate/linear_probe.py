@@ -6,10 +6,16 @@ precision / recall / F1 and the confusion matrix. Two classifiers, both on featu
 with the statistics of the train split only:
 
 - ``linear_probe``: multinomial logistic regression, the paper's linear layer trained to
-  convergence. It is convex: a fixed ``seed`` and the same features give the same numbers on
-  every machine.
+  convergence. It is convex, and its solver (L-BFGS) is run to a tight tolerance (``tol``,
+  1e-10 by default, against scikit-learn's 1e-4): stopped early, its predictions move with
+  last-bit changes of the features, which another CPU's SIMD kernels make (benchmarks/RESULTS.md,
+  "Probe convergence"); run to the optimum, they do not.
 - ``linear_svm``: one-vs-rest linear SVM (squared hinge, liblinear), the classic protocol for
-  sound classification on frozen audio features (AVID, L3).
+  sound classification on frozen audio features (AVID, L3); its solver's tolerance too is tight.
+
+Both report the solver's iterations and whether it converged (``ProbeResult.iterations``,
+``converged``): a probe that ran out of iterations says so instead of reporting a half-fitted
+classifier as a result.
 
 Per-clip averaging (docs/spec.md §6): a test split given as (N, K, D), K crops of each clip, is classified
 by averaging the per-crop class probabilities (logistic probe) or decision scores (SVM) over the
@@ -20,6 +26,8 @@ Legend: N samples (clips), K crops per clip, D feature size, C classes.
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -39,6 +47,7 @@ __all__ = [
     "linear_probe",
     "linear_svm",
     "predict_clips",
+    "solver_report",
 ]
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -59,6 +68,8 @@ class ProbeResult:
     recall: float
     f1: float
     confusion: np.ndarray
+    iterations: int = 0  # of the solver that fitted the classifier (0: fixed predictions, no solver)
+    converged: bool = True  # False: the solver stopped at max_iter (or its line search failed)
 
 
 def _to_numpy(x: ArrayLike) -> np.ndarray:
@@ -118,12 +129,19 @@ def _train_split(train_X: ArrayLike, train_y: ArrayLike, *, C: float) -> tuple[n
     return train_ND, train_N
 
 
-def fit_logistic_probe(
-    train_X: ArrayLike, train_y: ArrayLike, *, C: float = 1.0, max_iter: int = 1000, seed: int = 0
-) -> Pipeline:
-    """StandardScaler + L2 logistic regression (inverse strength ``C``, L-BFGS), fitted on train.
+LINEAR_TOL = 1e-10  # L-BFGS's gradient tolerance (scikit-learn's ``tol``) of the logistic probe
+LINEAR_MAX_ITER = 10000
+SVM_TOL = 1e-8  # liblinear's stopping tolerance of the SVM
+SVM_MAX_ITER = 100000
 
-    With two classes scikit-learn fits the equivalent binomial model.
+
+def fit_logistic_probe(
+    train_X: ArrayLike, train_y: ArrayLike, *, C: float = 1.0, max_iter: int = LINEAR_MAX_ITER,
+    tol: float = LINEAR_TOL, seed: int = 0,
+) -> Pipeline:
+    """StandardScaler + L2 logistic regression (inverse strength ``C``, L-BFGS to gradient
+    tolerance ``tol``), fitted on train. With two classes scikit-learn fits the equivalent
+    binomial model. ``solver_report(classifier)`` gives its iterations and convergence.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -132,13 +150,14 @@ def fit_logistic_probe(
     train_ND, train_N = _train_split(train_X, train_y, C=C)
     classifier = make_pipeline(
         StandardScaler(),
-        LogisticRegression(C=C, max_iter=max_iter, random_state=seed, solver="lbfgs"),
+        LogisticRegression(C=C, max_iter=max_iter, tol=tol, random_state=seed, solver="lbfgs"),
     )
-    return classifier.fit(train_ND, train_N)
+    return _fit(classifier, train_ND, train_N)
 
 
 def fit_linear_svm(
-    train_X: ArrayLike, train_y: ArrayLike, *, C: float = 1.0, max_iter: int = 10000, seed: int = 0
+    train_X: ArrayLike, train_y: ArrayLike, *, C: float = 1.0, max_iter: int = SVM_MAX_ITER,
+    tol: float = SVM_TOL, seed: int = 0,
 ) -> Pipeline:
     """StandardScaler + one-vs-rest linear SVM (L2 penalty, squared hinge), fitted on train.
 
@@ -152,9 +171,28 @@ def fit_linear_svm(
     train_ND, train_N = _train_split(train_X, train_y, C=C)
     classifier = make_pipeline(
         StandardScaler(),
-        LinearSVC(C=C, max_iter=max_iter, random_state=seed, multi_class="ovr"),
+        LinearSVC(C=C, max_iter=max_iter, tol=tol, random_state=seed, multi_class="ovr"),
     )
-    return classifier.fit(train_ND, train_N)
+    return _fit(classifier, train_ND, train_N)
+
+
+def _fit(classifier: Pipeline, train_ND: np.ndarray, train_N: np.ndarray) -> Pipeline:
+    """Fit, turning scikit-learn's ConvergenceWarning into ``solver_report``'s ``converged``."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        classifier.fit(train_ND, train_N)
+    classifier.avlab_converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    return classifier
+
+
+def solver_report(classifier: Pipeline) -> tuple[int, bool]:
+    """(iterations, converged) of a fitted probe's solver: the most iterations over its
+    sub-problems (one per class for the one-vs-rest SVM), and False when scikit-learn warned that
+    the solver did not converge."""
+    iterations = int(np.max(classifier[-1].n_iter_))
+    return iterations, bool(getattr(classifier, "avlab_converged", True))
 
 
 def _class_scores(classifier: Pipeline, X_MD: np.ndarray) -> np.ndarray:
@@ -201,7 +239,9 @@ def _score(
     pred_N = predict_clips(classifier, X)
     if num_classes is None:
         num_classes = int(max(_to_numpy(train_y).max(), test_N.max())) + 1
-    return classification_metrics(test_N, pred_N, num_classes=num_classes)
+    iterations, converged = solver_report(classifier)
+    return dataclasses.replace(classification_metrics(test_N, pred_N, num_classes=num_classes),
+                               iterations=iterations, converged=converged)
 
 
 def linear_probe(
@@ -211,7 +251,8 @@ def linear_probe(
     test_y: ArrayLike,
     *,
     C: float = 1.0,
-    max_iter: int = 1000,
+    max_iter: int = LINEAR_MAX_ITER,
+    tol: float = LINEAR_TOL,
     seed: int = 0,
     num_classes: int | None = None,
 ) -> ProbeResult:
@@ -226,7 +267,7 @@ def linear_probe(
         test_X: (N, D) features, or (N, K, D) crops whose probabilities are averaged per clip.
         num_classes: size of the confusion matrix (default: largest class id seen + 1).
     """
-    classifier = fit_logistic_probe(train_X, train_y, C=C, max_iter=max_iter, seed=seed)
+    classifier = fit_logistic_probe(train_X, train_y, C=C, max_iter=max_iter, tol=tol, seed=seed)
     return _score(classifier, test_X, test_y, train_y=train_y, num_classes=num_classes)
 
 
@@ -237,7 +278,8 @@ def linear_svm(
     test_y: ArrayLike,
     *,
     C: float = 1.0,
-    max_iter: int = 10000,
+    max_iter: int = SVM_MAX_ITER,
+    tol: float = SVM_TOL,
     seed: int = 0,
     num_classes: int | None = None,
 ) -> ProbeResult:
@@ -245,5 +287,5 @@ def linear_svm(
 
     Same contract as :func:`linear_probe`; (N, K, D) test crops average decision scores per clip.
     """
-    classifier = fit_linear_svm(train_X, train_y, C=C, max_iter=max_iter, seed=seed)
+    classifier = fit_linear_svm(train_X, train_y, C=C, max_iter=max_iter, tol=tol, seed=seed)
     return _score(classifier, test_X, test_y, train_y=train_y, num_classes=num_classes)

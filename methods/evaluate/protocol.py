@@ -71,8 +71,7 @@ def evaluate_splits(method: nn.Module, data: Any, cfg: EvalConfig, *, train: str
         else:
             part = run_downstream(method, train_set=group.train, test_set=group.test, cfg=sub, device=device,
                                   prefix=prefix, num_classes=num_classes)
-        result.metrics.update(part.metrics)
-        result.confusions.update(part.confusions)
+        result.add(part)
     return result
 
 
@@ -90,6 +89,7 @@ def _over_folds(method: nn.Module, group: _Group, cfg: EvalConfig, device, prefi
         for name, value in part.metrics.items():
             result.metrics[f"{name}_fold{k}"] = value
             per_fold.setdefault(name, []).append(value)
+        result.unconverged += [f"{name}_fold{k}" for name in part.unconverged]
         for name, confusion in part.confusions.items():
             result.confusions[name] = result.confusions[name] + confusion if name in result.confusions else confusion
     for name, values in per_fold.items():

@@ -53,12 +53,12 @@ class Selection:
     def linear_C(self, result: DownstreamResult, name: str, X: torch.Tensor) -> float:
         cfg, y, fit, val = self.cfg, self.train_y, self.fit, self.val
         return self._choose(result, f"{name}_linear_C", cfg.linear_C_grid, cfg.linear_C, lambda c: linear_probe(
-            X[fit], y[fit], X[val], y[val], C=c, max_iter=cfg.linear_max_iter, num_classes=self.num_classes).accuracy)
+            X[fit], y[fit], X[val], y[val], C=c, max_iter=cfg.linear_max_iter, tol=cfg.linear_tol, num_classes=self.num_classes).accuracy)
 
     def svm_C(self, result: DownstreamResult, name: str, X: torch.Tensor) -> float:
         cfg, y, fit, val = self.cfg, self.train_y, self.fit, self.val
         return self._choose(result, f"{name}_svm_C", cfg.svm_C_grid, cfg.svm_C, lambda c: linear_svm(
-            X[fit], y[fit], X[val], y[val], C=c, max_iter=cfg.svm_max_iter, num_classes=self.num_classes).accuracy)
+            X[fit], y[fit], X[val], y[val], C=c, max_iter=cfg.svm_max_iter, tol=cfg.svm_tol, num_classes=self.num_classes).accuracy)
 
     def knn_k(self, result: DownstreamResult, name: str, X: torch.Tensor) -> int:
         cfg, y, fit, val = self.cfg, self.train_y, self.fit, self.val

@@ -29,7 +29,11 @@ image tasks read ``{fam}_v`` and sound tasks ``{fam}_s``. Optional protocols, of
   the SVM, averaging crop scores equals scoring the mean crop feature). The metrics without
   ``_clip`` keep meaning one full-clip feature per test sound.
 
-Every probe (``*_linear``, ``*_svm``, ``*_clip``) also stores its confusion matrix under its name.
+Every probe (``*_linear``, ``*_svm``, ``*_clip``) also stores its confusion matrix under its name,
+and logs its solver's iterations (``*_linear_iters``, ``*_svm_iters``, ``*_spatial_iters``). The
+solvers run to ``linear_tol`` / ``svm_tol`` (tight by default: methods/evaluate/linear_probe.py
+says why); a probe whose solver stops at its ``max_iter`` first is listed in
+``DownstreamResult.unconverged``, which the run prints and tags.
 """
 
 from __future__ import annotations
@@ -54,7 +58,15 @@ from methods.evaluate.features import (
     extract_sound_crop_features,
 )
 from methods.evaluate.knn import knn_accuracy
-from methods.evaluate.linear_probe import ProbeResult, linear_probe, linear_svm
+from methods.evaluate.linear_probe import (
+    LINEAR_MAX_ITER,
+    LINEAR_TOL,
+    SVM_MAX_ITER,
+    SVM_TOL,
+    ProbeResult,
+    linear_probe,
+    linear_svm,
+)
 from methods.metric_names import FOREGROUND_PREFIX, PROBE_STATS, foreground_config, probes_foregrounds, rank_names
 from methods.evaluate.plots import confusion_matrix_figure
 from methods.evaluate.retrieval import retrieval_rank_k
@@ -80,7 +92,8 @@ class EvalConfig:
     features: tuple[str, ...] = ("h", "z")  # embed families to probe: subset of f, h, z
     linear: bool = True
     linear_C: float = 1.0  # inverse L2 strength of the logistic-regression probe
-    linear_max_iter: int = 1000
+    linear_max_iter: int = LINEAR_MAX_ITER
+    linear_tol: float = LINEAR_TOL  # L-BFGS gradient tolerance: tight, so last-bit changes move no prediction
     knn: bool = True
     knn_k: int = 20
     retrieval: bool = True
@@ -93,7 +106,8 @@ class EvalConfig:
     block_probes: bool = False
     sound_svm: bool = False  # one-vs-rest linear SVM on standardised sound features
     svm_C: float = 1.0  # inverse regularisation strength of the SVM
-    svm_max_iter: int = 10000
+    svm_max_iter: int = SVM_MAX_ITER
+    svm_tol: float = SVM_TOL  # liblinear's stopping tolerance
     # > 1: also classify each test sound by averaging over this many time crops of T // 2 frames
     # (the *_clip metrics of the linear probe and the SVM); 1: full clips only.
     sound_crops: int = 1
@@ -149,6 +163,13 @@ class EvalConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        for name, most in (("linear_max_iter", 10**6), ("svm_max_iter", 10**7)):
+            if getattr(self, name) > most:
+                raise ValueError(f"{name}: expected at most {most}, got {getattr(self, name)!r}")
+        for name in ("linear_tol", "svm_tol"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1e-16 <= value <= 1e-2:
+                raise ValueError(f"{name}: expected a number in [1e-16, 1e-2], got {value!r}")
         if isinstance(self.every_epochs, bool) or not isinstance(self.every_epochs, int) or self.every_epochs < 0:
             raise ValueError(f"every_epochs: expected an integer >= 0, got {self.every_epochs!r}")
         for name in ("linear_C", "svm_C"):
@@ -183,6 +204,13 @@ class DownstreamResult:
 
     metrics: dict[str, float] = field(default_factory=dict)
     confusions: dict[str, np.ndarray] = field(default_factory=dict)
+    unconverged: list[str] = field(default_factory=list)  # probes whose solver stopped at max_iter
+
+    def add(self, other: DownstreamResult) -> None:
+        """Take ``other``'s metrics, confusion matrices and unconverged probes."""
+        self.metrics.update(other.metrics)
+        self.confusions.update(other.confusions)
+        self.unconverged += [n for n in other.unconverged if n not in self.unconverged]
 
     def figures(self, class_names: Sequence[str]) -> dict[str, Figure]:
         """One confusion-matrix figure per entry of ``confusions``, keyed like it.
@@ -238,6 +266,13 @@ def _record(result: DownstreamResult, name: str, probe: ProbeResult) -> None:
     values = (probe.accuracy, probe.precision, probe.recall, probe.f1)
     result.metrics.update({f"{name}_{stat}": value for stat, value in zip(PROBE_STATS, values, strict=True)})
     result.confusions[name] = probe.confusion
+    _solver(result, name, probe)
+
+
+def _solver(result: DownstreamResult, name: str, probe: ProbeResult) -> None:
+    result.metrics[f"{name}_iters"] = float(probe.iterations)
+    if not probe.converged:
+        result.unconverged.append(name)
 
 
 def quick_probe_config(cfg: EvalConfig) -> EvalConfig:
@@ -287,8 +322,7 @@ def run_downstream(
         part = run_downstream(method, train_set=ForegroundImages(train_set), test_set=ForegroundImages(test_set),
                               cfg=foreground_config(cfg), device=device, prefix=f"{prefix}{FOREGROUND_PREFIX}",
                               num_classes=num_classes)
-        result.metrics.update(part.metrics)
-        result.confusions.update(part.confusions)
+        result.add(part)
     return result
 
 
@@ -379,6 +413,10 @@ class _Features:
         return (self.train or self.train_blocks).get("label")
 
 
+def _linear_kwargs(cfg: EvalConfig, num_classes: int) -> dict[str, float]:
+    return {"C": cfg.linear_C, "max_iter": cfg.linear_max_iter, "tol": cfg.linear_tol, "num_classes": num_classes}
+
+
 def _family_probes(result: DownstreamResult, method: nn.Module, cfg: EvalConfig, plan: _Plan, feats: _Features,
                    prefix: str, num_classes: int) -> None:
     """Linear probe, kNN, sound SVM, spatial probe and per-clip probes on each feature family."""
@@ -392,8 +430,8 @@ def _family_probes(result: DownstreamResult, method: nn.Module, cfg: EvalConfig,
             if test_X is None or train_X is None:
                 continue
             name = f"{prefix}{modality}_{fam}"
-            linear_kwargs = {"C": cfg.linear_C, "max_iter": cfg.linear_max_iter, "num_classes": num_classes}
-            svm_kwargs = {"C": cfg.svm_C, "max_iter": cfg.svm_max_iter, "num_classes": num_classes}
+            linear_kwargs = _linear_kwargs(cfg, num_classes)
+            svm_kwargs = {"C": cfg.svm_C, "max_iter": cfg.svm_max_iter, "tol": cfg.svm_tol, "num_classes": num_classes}
             if cfg.linear:
                 linear_kwargs["C"] = select.linear_C(result, name, train_X)
                 _record(result, f"{name}_linear",
@@ -408,9 +446,10 @@ def _family_probes(result: DownstreamResult, method: nn.Module, cfg: EvalConfig,
                         linear_svm(train_X, train_y, test_X, test_y, **svm_kwargs))
             if plan.spatial:
                 probe = linear_probe(train_X, train["sector"], test_X, test["sector"],
-                                     C=linear_kwargs["C"], max_iter=cfg.linear_max_iter)
+                                     C=linear_kwargs["C"], max_iter=cfg.linear_max_iter, tol=cfg.linear_tol)
                 result.metrics[f"{name}_spatial_acc"] = probe.accuracy
                 result.metrics[f"{name}_spatial_f1"] = probe.f1
+                _solver(result, f"{name}_spatial", probe)
             if modality == "sound" and plan.clip_probes:
                 test_NKD = _family_features(feats.test_crops, key=key, split="test_set", method=method)
                 train_NKD = _family_features(feats.train_crops, key=key, split="train_set", method=method)
@@ -428,7 +467,7 @@ def _family_probes(result: DownstreamResult, method: nn.Module, cfg: EvalConfig,
 def _block_probes(result: DownstreamResult, cfg: EvalConfig, plan: _Plan, feats: _Features, prefix: str,
                   num_classes: int) -> None:
     """A linear probe on each encoder block's pooled features (AVID Table 1)."""
-    linear_kwargs = {"C": cfg.linear_C, "max_iter": cfg.linear_max_iter, "num_classes": num_classes}
+    linear_kwargs = _linear_kwargs(cfg, num_classes)
     for modality, suffix in plan.modalities:
         for key in sorted(k for k in feats.test_blocks if k.endswith(f"_{suffix}")):
             block = key.removesuffix(f"_{suffix}")

@@ -129,32 +129,41 @@ def test_plateau_and_above():
     assert decide(_claim("above", row="x", value=0.5), {"x": [0.99]}).verdict == "inconclusive"
 
 
-def test_a_claims_sweep_is_found_by_what_it_runs_not_by_where_its_files_live(tmp_path):
-    from orchestrator import jobs
-    from orchestrator.reproduce import _same_sweeps, sweep_content
+def test_a_claims_sweep_is_named_by_the_trials_it_resolves_to_not_by_a_presets_name(tmp_path, monkeypatch):
+    """The name's hash covers the resolved search space (not where its file lives), every trial's
+    resolved configuration and the results version: a preset whose contents changed under the
+    same name, or code whose numbers changed, names another sweep; and only a sweep of that very
+    name is taken whole (an earlier one of the same search space is not)."""
+    from orchestrator import config, jobs, tracking
+    from orchestrator.reproduce import _same_sweeps, sweep_content, sweep_digest
 
     text = ("base:\n  preset: tiny\ngrid:\n  method.memory_size: [8, 16]\nseeds: 1\n"
             "metric: image_h_linear_acc\nmode: max\n")
-    spaces = {}
     for where, body in (("a", text), ("b", text), ("c", text.replace("seeds: 1", "seeds: 2"))):
         (tmp_path / where).mkdir()
         (tmp_path / where / "mem.yaml").write_text(body)
-        spaces[where] = load_search_space(tmp_path / where / "mem.yaml").with_overrides("tiny", [])
-    assert sweep_content(spaces["a"]) == sweep_content(spaces["b"]) != sweep_content(spaces["c"])
-    home = tmp_path / "home"
-    # An earlier sweep of the same content under another name (its name covered the file's path),
-    # one of other content, and a file that is not a job file.
-    def record(name: str, space) -> jobs.JobRecord:
-        return jobs.JobRecord(kind="sweep", name=name, run_id="0" * 32, tracking_uri="sqlite:///x.db",
-                              space=space.to_dict())
 
-    jobs.write(home, record("reproduce-mem-tiny-s1-0ld00000", spaces["a"]))
-    jobs.write(home, record("reproduce-mem-tiny-s1-c0000000", spaces["c"]))
-    (home / "jobs" / "reproduce-mem-tiny-s1-junk.json").write_text("{not json")
-    assert _same_sweeps(home, "reproduce-mem-tiny-s1-new00000", spaces["b"]) == ["reproduce-mem-tiny-s1-0ld00000"]
-    jobs.write(home, record("reproduce-mem-tiny-s1-new00000", spaces["b"]))
-    assert _same_sweeps(home, "reproduce-mem-tiny-s1-new00000", spaces["b"]) == [
-        "reproduce-mem-tiny-s1-new00000", "reproduce-mem-tiny-s1-0ld00000"]
+    def space(where: str):  # loaded afresh: a space resolves each trial once
+        return load_search_space(tmp_path / where / "mem.yaml").with_overrides("tiny", [])
+
+    assert sweep_content(space("a")) == sweep_content(space("b")) != sweep_content(space("c"))
+    digest = sweep_digest(space("a"))
+    assert digest == sweep_digest(space("b")) != sweep_digest(space("c"))
+    # The tiny preset's learning rate changed: the same search space, the same preset name.
+    tiny = {**config.PRESETS["tiny"], "optim": {**config.PRESETS["tiny"]["optim"], "lr": 0.002}}
+    with monkeypatch.context() as m:
+        m.setitem(config.PRESETS, "tiny", tiny)
+        assert sweep_content(space("a")) == sweep_content(space("b")) and sweep_digest(space("a")) != digest
+    with monkeypatch.context() as m:
+        m.setattr(tracking, "RESULTS_VERSION", tracking.RESULTS_VERSION + 1)
+        assert sweep_digest(space("a")) != digest
+    assert sweep_digest(space("a")) == digest
+
+    home = tmp_path / "home"
+    jobs.write(home, jobs.JobRecord(kind="sweep", name="reproduce-mem-tiny-s1-0ld00000", run_id="0" * 32,
+                                    tracking_uri="sqlite:///x.db", space=space("a").to_dict()))
+    assert _same_sweeps(home, f"reproduce-mem-tiny-s1-{digest}") == []
+    assert _same_sweeps(home, "reproduce-mem-tiny-s1-0ld00000") == ["reproduce-mem-tiny-s1-0ld00000"]
 
 
 def test_the_budget_lists_the_paired_volumes_a_grid_varies_not_the_first_trials_alone():

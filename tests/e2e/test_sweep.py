@@ -4,11 +4,13 @@ import json
 import os
 import signal
 import subprocess
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 import torch
 
+from orchestrator import environment
 from orchestrator.cli import main
 from orchestrator.search_space import load_search_space
 from orchestrator.sweep import _param_space, build_searcher
@@ -114,6 +116,9 @@ def test_small_sweep_parent_children_report_and_status(mem_sweep):
         assert all(m[k] >= 0 for k in ("launch_time_s", "import_time_s", "setup_time_s", "checkpoint_time_s"))
         assert m["trial_time_s"] > m["launch_time_s"] + m["setup_time_s"] + m["train_time_s"] + m["eval_time_s"]
         assert r.data.tags["avlab.launcher"] == "trial"  # one worker: trained in the trial's own process
+        # Where its numbers were computed: this machine's environment, the same for every trial.
+        assert r.data.tags["avlab.env.id"] == r.data.tags["avlab.env.history"] == environment.describe()["id"]
+        assert r.data.tags["avlab.env.torch"] == metadata.version("torch")
     # Tune reused the first trials' processes for the last ones: nothing imported there again.
     assert sum(r.data.metrics["import_time_s"] == 0 and r.data.metrics["launch_time_s"] == 0 for r in children) >= 1
 

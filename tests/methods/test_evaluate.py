@@ -43,6 +43,7 @@ from methods.evaluate import (
     retrieval_rank_k,
     run_downstream,
     save_figure,
+    solver_report,
 )
 from methods.metric_names import metric_names
 
@@ -320,10 +321,12 @@ def test_run_downstream_metrics_and_invariance() -> None:
     for modality in ("image", "sound"):
         for fam in ("f", "h", "z"):
             name = f"transfer_{modality}_{fam}"
-            expected |= {f"{name}_linear_{m}" for m in ("acc", "precision", "recall", "f1")}
+            expected |= {f"{name}_linear_{m}" for m in ("acc", "precision", "recall", "f1", "iters")}
             expected.add(f"{name}_knn_acc")
     assert set(result.metrics) == expected == set(metric_names(cfg, prefix="transfer_"))  # the declared names
-    assert all(-1.0 <= v <= 1.0 and isinstance(v, float) for v in result.metrics.values())
+    assert all(-1.0 <= v <= 1.0 and isinstance(v, float) for k, v in result.metrics.items() if not k.endswith("_iters"))
+    assert all(v >= 1 and v.is_integer() for k, v in result.metrics.items() if k.endswith("_iters"))
+    assert result.unconverged == []
     ranks = [result.metrics[f"transfer_retrieval_s2i_rank{k}"] for k in (1, 2, 3)]
     assert ranks == sorted(ranks)
     assert set(result.confusions) == {
@@ -342,7 +345,7 @@ def test_run_downstream_skips_missing_f_and_absent_modality() -> None:
     result = run_downstream(method, train_set=sound_only, test_set=sound_only, cfg=cfg)
     assert set(result.metrics) == {
         "sound_h_linear_acc", "sound_h_linear_precision", "sound_h_linear_recall",
-        "sound_h_linear_f1", "sound_h_knn_acc",
+        "sound_h_linear_f1", "sound_h_linear_iters", "sound_h_knn_acc",
     }
     # Declared: the sound names of both families (a method without f logs the h ones only).
     assert set(result.metrics) < set(metric_names(cfg, modalities=("sound",)))
@@ -478,7 +481,7 @@ def test_run_downstream_block_probes() -> None:
                             cfg=cfg, prefix="t_")
     for key, value in before.items():
         assert torch.equal(method.state_dict()[key], value), f"{key} changed"
-    stats = ("acc", "precision", "recall", "f1")
+    stats = ("acc", "precision", "recall", "f1", "iters")
     expected = {f"t_{m}_h_linear_{x}" for m in ("image", "sound") for x in stats}
     expected |= {
         f"t_{m}_block{k}_linear_{x}" for m in ("image", "sound") for k in range(1, 5) for x in stats
@@ -630,7 +633,7 @@ def test_run_downstream_svm_and_clip_metrics_match_hand_pipelines() -> None:
                      svm_C=0.5, sound_crops=3)
     result = run_downstream(method, train_set=train_set, test_set=test_set, cfg=cfg)
     _assert_unchanged(method, before)
-    stats = ("acc", "precision", "recall", "f1")
+    stats = ("acc", "precision", "recall", "f1", "iters")
     protocols = ("linear", "svm", "linear_clip", "svm_clip")
     expected = {f"sound_h_{p}_{x}" for p in protocols for x in stats}
     expected |= {f"image_h_linear_{x}" for x in stats}
@@ -917,3 +920,54 @@ def test_foreground_block_probes_on_binaural_scenes_log_what_is_declared() -> No
     assert not any("sound" in k or "spatial" in k or "retrieval" in k for k in fg)
     # block4 pooled is h, on the foregrounds as on the whole panoramas.
     assert result.metrics["fg_image_block4_linear_acc"] == result.metrics["fg_image_h_linear_acc"]
+
+
+def _random_init_like_features(rng: np.random.Generator, y: np.ndarray) -> np.ndarray:
+    """Features shaped like a random-init encoder's: ReLU outputs of a random projection of weak
+    class structure, half of them exactly zero, strongly correlated, float32 values."""
+    means = np.random.default_rng(2).standard_normal((10, 32)) * 0.3
+    W = np.random.default_rng(3).standard_normal((32, 128)) * np.logspace(0, -2, 32)[:, None] - 0.3
+    x = np.maximum((means[y] + rng.standard_normal((len(y), 32))) @ W, 0)
+    return x.astype(np.float32).astype(np.float64)
+
+
+def test_a_converged_probe_is_unmoved_by_last_bit_changes_of_its_features() -> None:
+    """Each feature times 1 + 1e-7 x N(0, 1) (what another CPU's SIMD kernels change in a float32)
+    leaves every prediction of the probe as fitted by default, which runs L-BFGS to a gradient
+    of 1e-10. At scikit-learn's default tolerance (1e-4) the same solver stops where the
+    perturbation moves its coefficients a hundred times more (and, on these features, flips a
+    test prediction: 0.305 or 0.310, benchmarks/RESULTS.md "Probe convergence")."""
+    rng = np.random.default_rng(2)
+    train_y, test_y = rng.integers(0, 10, 300), rng.integers(0, 10, 200)
+    train_X, test_X = _random_init_like_features(rng, train_y), _random_init_like_features(rng, test_y)
+    base = fit_logistic_probe(train_X, train_y)
+    iterations, converged = solver_report(base)
+    assert converged and iterations > 100
+    predicted, tight_shift = base.predict(test_X), 0.0
+    for _ in range(3):
+        a, b = 1 + rng.standard_normal(train_X.shape) * 1e-7, 1 + rng.standard_normal(test_X.shape) * 1e-7
+        moved = fit_logistic_probe(train_X * a, train_y)
+        assert np.array_equal(moved.predict(test_X * b), predicted)
+        tight_shift = max(tight_shift, float(np.abs(moved[-1].coef_ - base[-1].coef_).max()))
+    loose = [fit_logistic_probe(X, train_y, tol=1e-4, max_iter=1000)[-1].coef_ for X in (train_X, train_X * a)]
+    assert float(np.abs(loose[1] - loose[0]).max()) > 100 * tight_shift
+
+
+def test_a_probe_that_runs_out_of_iterations_says_so() -> None:
+    """A solver stopped at ``max_iter`` is reported (``converged`` False, its iterations) and the
+    suite lists the probe in ``unconverged``; at the default settings nothing is listed."""
+    rng = np.random.default_rng(2)
+    train_y, test_y = rng.integers(0, 10, 300), rng.integers(0, 10, 200)
+    train_X, test_X = _random_init_like_features(rng, train_y), _random_init_like_features(rng, test_y)
+    short = linear_probe(train_X, train_y, test_X, test_y, max_iter=3)
+    assert not short.converged and short.iterations == 3
+    svm = linear_svm(train_X, train_y, test_X, test_y, max_iter=2)
+    assert not svm.converged and svm.iterations == 2
+    method = _trained_looking_method()
+    cfg = EvalConfig(batch_size=8, features=("h",), knn=False, retrieval=False, linear_max_iter=1)
+    result = run_downstream(method, train_set=PairDataset(30, seed=1), test_set=PairDataset(12, seed=2), cfg=cfg)
+    assert result.unconverged == ["image_h_linear", "sound_h_linear"]
+    assert result.metrics["image_h_linear_iters"] == 1.0
+    ok = run_downstream(method, train_set=PairDataset(30, seed=1), test_set=PairDataset(12, seed=2),
+                        cfg=dataclasses.replace(cfg, linear_max_iter=10000))
+    assert ok.unconverged == [] and ok.metrics["image_h_linear_iters"] > 1

@@ -105,6 +105,9 @@ def test_a_final_checkpoint_that_does_not_load_is_refused_and_the_encoders_are_e
     (child,) = _evaluations(home, run_id)
     assert child.info.run_name == "tiny/eval-procedural-encoders" and child.info.status == "FINISHED"
     assert child.data.tags["avlab.weights"] == "exported encoders"
+    from orchestrator import environment
+
+    assert child.data.tags["avlab.env.id"] == environment.describe()["id"]  # evaluated here, in this environment
     assert child.data.params["weights"] == f"runs:/{run_id}/encoders"
     # The encoders' own features (f) only: none of the run's h / z / retrieval names.
     scores = {k for k in child.data.metrics if k.endswith(("_acc", "_f1", "_precision", "_recall"))}
