@@ -108,7 +108,11 @@ def test_the_reference_numbers_are_those_of_this_results_version():
     """A change that moves a reference number beyond last-bit noise (relative 1e-4) changes what
     trials compute: raise ``tracking.RESULTS_VERSION`` (so no finished trial of the old code is
     reused as this code's) and write the new numbers with AVLAB_WRITE_REFERENCE=1."""
-    numbers = _reference_numbers()
+    threads = torch.get_num_threads()
+    try:
+        numbers = _reference_numbers()
+    finally:
+        torch.set_num_threads(threads)
     if os.environ.get("AVLAB_WRITE_REFERENCE") == "1":
         REFERENCE.write_text(json.dumps({"results_version": tracking.RESULTS_VERSION, "numbers": numbers},
                                         indent=1) + "\n")
