@@ -19,15 +19,16 @@ demo: $(STAMP)
 	$(VENV)/bin/avlab sweep search_spaces/demo_learning.yaml --name demo-learning-$$(date +%Y%m%d-%H%M%S)
 
 # Two pytest workers (pytest-xdist), one test file each at a time, so module fixtures are built
-# once; the files go longest first by their seconds in tests/durations.json (refresh it with
-# `$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder --store-durations`).
+# once; the files go longest first by the seconds of their selected tests in tests/durations.json
+# (refresh it with `$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder --store-durations`).
 # TEST_WORKERS=0 runs the suite in this process. Times: benchmarks/RESULTS.md, "Test suite".
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-# For work in progress: the tests not marked slow (no fault injection, no multi-node cluster), on
-# the same two workers. `make test` stays the suite that CI runs.
+# For work in progress: every test that needs no Ray start (those not marked slow; the slow ones
+# start Ray, inject faults, run clusters), on the same two workers. `make test` stays the suite
+# that CI runs.
 test-fast: $(STAMP)
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
 

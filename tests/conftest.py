@@ -18,6 +18,12 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Under pytest-xdist each worker computes with one thread: two workers on two cores, each with
+# torch's default of one thread per core, run four threads that spin for two cores (a torch-heavy
+# test beside another took 3-9x its time alone). Subprocesses keep their own settings.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 AVLAB = str(Path(sys.executable).parent / "avlab")
 
 # The tiny preset cut to a run of seconds: one epoch of two steps, probes on 100 / 60 items, no

@@ -944,7 +944,7 @@ def test_a_converged_probe_is_unmoved_by_last_bit_changes_of_its_features() -> N
     iterations, converged = solver_report(base)
     assert converged and iterations > 100
     predicted, tight_shift = base.predict(test_X), 0.0
-    for _ in range(3):
+    for _ in range(2):
         a, b = 1 + rng.standard_normal(train_X.shape) * 1e-7, 1 + rng.standard_normal(test_X.shape) * 1e-7
         moved = fit_logistic_probe(train_X * a, train_y)
         assert np.array_equal(moved.predict(test_X * b), predicted)

@@ -25,11 +25,15 @@ def test_the_environment_names_the_kernels_and_libraries_and_its_id_follows_what
     for key in ("cpu", "cpu_capability", "numpy_simd", "blas", "onednn", "python", "torch", "numpy", "sklearn",
                 "torchaudio", "ray", "id"):
         assert here[key], key
-    assert here == _describe()  # the same in another process of this machine
-    # ATen's dispatch forced down to its portable kernels: another environment, said and hashed.
+    # Another process of this machine with ATen's dispatch forced down to its portable kernels:
+    # every other field the same, that one said and hashed into another id.
     forced = _describe(ATEN_CPU_CAPABILITY="default")
+    changed = {"cpu_capability", "overrides", "id"}
+    assert {k: v for k, v in forced.items() if k not in changed} == {k: v for k, v in here.items() if k not in changed}
     assert forced["cpu_capability"] == "DEFAULT" and forced["overrides"] == "ATEN_CPU_CAPABILITY=default"
     assert forced["id"] != here["id"] or here["cpu_capability"] == "DEFAULT"
+    assert environment.environment_id({k: v for k, v in forced.items() if k != "overrides"} | {
+        "cpu_capability": here["cpu_capability"]}) == here["id"]  # the id is a function of the fields
     # The CPU's model name and ray's and mlflow's versions are recorded, but change no number.
     assert environment.environment_id({**here, "cpu": "another", "ray": "0", "mlflow": "0"}) == here["id"]
     assert environment.environment_id({**here, "numpy": "0"}) != here["id"]
