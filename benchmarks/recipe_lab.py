@@ -6,8 +6,9 @@ renders the pools once (kept in a temporary file keyed by their sizes, so the ne
 at once), trains with Adam on batches drawn from them, applies the same device-side augmentations
 as avlab (``orchestrator.loaders.DeviceAugment``), and reports the linear probes on h, sound →
 image Rank-1 and the projections' mean pairwise cosine (1 = collapse) before and after, with the
-per-epoch losses. Nothing is appended to RESULTS.md: it is for exploring, and what it finds
-belongs in a preset and a sweep.
+per-epoch losses. Everything is scored on the validation split (``val``): a recipe is a choice,
+and choices are never made on the test split that runs report. Nothing is appended to RESULTS.md:
+it is for exploring, and what it finds belongs in a preset and a sweep.
 
     .venv/bin/python benchmarks/recipe_lab.py --pairs 16384 --epochs 4 --paired-augment light
     .venv/bin/python benchmarks/recipe_lab.py --method avid --override method.head_batchnorm=true
@@ -67,17 +68,17 @@ def probe(method, pools) -> dict[str, float]:
     z = {}
     for modality, key, arg in (("image", "v", "images"), ("sound", "s", "sounds")):
         feats = {}
-        for split in ("train", "test"):
+        for split in ("train", "val"):
             x = pools[split][modality]
             parts = [method.embed(**{arg: x[i : i + 256]}) for i in range(0, len(x), 256)]
             feats[split] = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        r = linear_probe(feats["train"][f"h_{key}"], pools["train"]["label"], feats["test"][f"h_{key}"],
-                         pools["test"]["label"])
+        r = linear_probe(feats["train"][f"h_{key}"], pools["train"]["label"], feats["val"][f"h_{key}"],
+                         pools["val"]["label"])
         res[f"{modality}_h_linear"] = round(r.accuracy, 3)
-        z[key] = feats["test"][f"z_{key}"]
+        z[key] = feats["val"][f"z_{key}"]
         res[f"{modality}_z_mean_cos"] = round(mean_pairwise_cosine(z[key]), 3)
     top = (F.normalize(z["s"], dim=1) @ F.normalize(z["v"], dim=1).T).argmax(1)
-    labels = pools["test"]["label"]
+    labels = pools["val"]["label"]
     res["retrieval_s2i_rank1"] = round((labels[top] == labels).float().mean().item(), 3)
     method.train()
     return res
@@ -107,7 +108,7 @@ def main() -> None:
         *args.override,
     ])
     t0 = time.perf_counter()
-    pools = rendered(cfg, ("paired", "unpaired_sound", "unpaired_image", "train", "test"))
+    pools = rendered(cfg, ("paired", "unpaired_sound", "unpaired_image", "train", "val"))
     print(f"pools ready in {time.perf_counter() - t0:.0f} s", flush=True)
     torch.manual_seed(args.seed)
     method = build_method(cfg.method_name, cfg.method, build_dataset(cfg.data).info())

@@ -71,6 +71,7 @@ class DataInfo:
     # pretrains on ``train``, its pool).
     train_size: int = 0
     test_size: int = 0
+    val_size: int = 0  # the validation split: choices are made on it, never on test
     transfer_train_size: int = 0
     transfer_test_size: int = 0
 

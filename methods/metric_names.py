@@ -19,6 +19,7 @@ SPATIAL_STATS = ("acc", "f1")  # of the azimuth-sector probe
 ENCODER_BLOCKS = ("block1", "block2", "block3", "block4")  # per-block probes (AVID Table 1)
 MODALITIES = ("image", "sound")
 TRANSFER_PREFIX = "transfer_"
+VALIDATION_PREFIX = "val_"  # scored on the validation split: what choices read (eval.val_metrics, the quick probe)
 FOREGROUND_PREFIX = "fg_"  # the image probes on each item's foreground alone (eval.foreground_probe)
 
 # What the report and the run summaries show first, in this order.

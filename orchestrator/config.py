@@ -213,6 +213,11 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # Input shapes of the tiny and small presets: 32x32 images, 2 s at 8 kHz as 40x64 log-mels.
 _TINY_DATA_SHAPES = {"image_size": 32, "sample_rate": 8000, "clip_seconds": 2.0, "n_mels": 40, "n_frames": 64}
 
+# Every preset draws its data with the run's seed (data.seed: -1; docs/reproducibility.md): the
+# spread over seeds is then the spread of method, data and test split together, and a sweep's
+# configurations of one seed share that seed's data, so comparisons stay paired.
+_DATA_SEED_POLICY = {"seed": -1}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Runs on two CPU cores in minutes: 32x32 images, 40x64 log-mels, width-16 encoders.
     "tiny": {
@@ -220,7 +225,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             **_TINY_DATA_SHAPES,
             # Many distinct pairs seen few times learn more here than few pairs seen many times.
             "paired_size": 8192, "unpaired_sound_size": 4096, "unpaired_image_size": 4096,
-            "train_size": 1000, "test_size": 500, "transfer_train_size": 500, "transfer_test_size": 500,
+            "train_size": 1000, "test_size": 500, "val_size": 500,
+            "transfer_train_size": 500, "transfer_test_size": 500, **_DATA_SEED_POLICY,
         },
         # Per-worker BatchNorm: on gloo the global-batch statistics cost ~40 % of the step here.
         "train": {"epochs": 4, "batch_size": 128, "sync_batchnorm": False},
@@ -233,7 +239,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {
             **_TINY_DATA_SHAPES,
             "paired_size": 16384, "unpaired_sound_size": 4096, "unpaired_image_size": 4096,
-            "train_size": 1000, "test_size": 500, "transfer_train_size": 500, "transfer_test_size": 500,
+            "train_size": 1000, "test_size": 500, "val_size": 500,
+            "transfer_train_size": 500, "transfer_test_size": 500, **_DATA_SEED_POLICY,
         },
         "train": {"epochs": 4, "batch_size": 128, "sync_batchnorm": False, "paired_augment": "light"},
         "optim": {"name": "adam", "lr": 1e-3},
@@ -243,7 +250,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {
             "image_size": 224, "sample_rate": 16000, "clip_seconds": 2.0, "n_mels": 150, "n_frames": 200,
             "paired_size": 6300, "unpaired_sound_size": 50000, "unpaired_image_size": 0,
-            "train_size": 1900, "test_size": 800, "transfer_train_size": 1000, "transfer_test_size": 1000,
+            "train_size": 1900, "test_size": 800, "val_size": 800,
+            "transfer_train_size": 1000, "transfer_test_size": 1000, **_DATA_SEED_POLICY,
             "cache_in_memory": False,
         },
         "train": {"epochs": 100, "batch_size": 256, "data_workers": 4},
@@ -370,6 +378,8 @@ def _build_experiment(raw: Mapping[str, Any], *, cross_field: bool = True) -> Ex
         raise ConfigError(f"seed: must be an integer >= 0 and < 2**32, got {kwargs['seed']}")
     for section, cls in _SECTIONS.items():
         kwargs[section] = build_dataclass(cls, raw.get(section) or {}, section)
+    if kwargs["data"].seed == -1:  # the data follows the run's seed: resolved here, so params and identity say which
+        kwargs["data"] = dataclasses.replace(kwargs["data"], seed=kwargs["seed"])
     defaults = {k: v for k, v in entry.method_cls.data_defaults(kwargs["data"]).items() if k not in method_raw}
     if defaults:  # written into the config, so its dict and identity carry the value it runs with
         kwargs["method"] = build_dataclass(entry.config_cls, {**method_raw, **defaults}, "method")
@@ -426,6 +436,14 @@ def _check_eval_splits(cfg: ExperimentConfig, info: Any) -> None:
                 raise ConfigError(f"data.manifest: {manifest}: its {split} split holds {size} row{'s' * (size != 1)}; "
                                   f"{why}: give it at least {need}")
             raise ConfigError(f"data.{split}_size: {size} item{'s' * (size != 1)}; {why}: use at least {need}")
+    # What reads the validation split: it must have one (the test split is never read in its place).
+    readers = [name for name, on in (("eval.val_metrics", ev.val_metrics),
+                                     ("eval.every_epochs", ev.every_epochs > 0 and cfg.train.epochs > 1)) if on]
+    if readers and info.val_size < 2:
+        where = (f"data.manifest: {manifest}: its val split holds {info.val_size} rows" if manifest
+                 else f"data.val_size: {info.val_size} items")
+        raise ConfigError(f"{where}; {readers[0]} scores the validation split (choices are never made on the "
+                          f"test split): give it at least 2" + ("" if manifest else ", e.g. data.val_size=500"))
 
 
 def _check_cross_field(cfg: ExperimentConfig) -> None:

@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import tempfile
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -138,7 +139,9 @@ def check_alias(alias: str) -> str:
 
 
 def _best_trial(client: MlflowClient, parent, trials: list):
-    """The finished trial with the best value of the sweep's metric."""
+    """The finished trial with the best value of the sweep's metric on the validation split
+    (``val_<metric>``) where every trial scored it; else, said on stderr, on the test split."""
+    from methods.metric_names import VALIDATION_PREFIX
     from orchestrator.runs import sweep_metric
 
     metric = sweep_metric(parent.data.params)
@@ -146,6 +149,12 @@ def _best_trial(client: MlflowClient, parent, trials: list):
     scored = [r for r in trials if metric in r.data.metrics]
     if not scored:
         raise ConfigError(f"export: no finished trial of {parent.info.run_name!r} logged {metric}")
+    held_out = metric if metric.startswith(VALIDATION_PREFIX) else f"{VALIDATION_PREFIX}{metric}"
+    if all(held_out in r.data.metrics for r in scored):
+        metric = held_out
+    else:
+        print(f"warning: --best chooses on {metric}, the test split: the trials scored no validation split "
+              f"(run them with eval.val_metrics=true to choose on {held_out})", file=sys.stderr)
     pick = max if mode == "max" else min
     return pick(scored, key=lambda r: r.data.metrics[metric])
 

@@ -147,7 +147,8 @@ def _cache_path(cfg: ExperimentConfig) -> Path | None:
         return None
     plain = cfg.to_dict()
     inputs = {"code": _code_fingerprint(), "method_name": cfg.method_name, "method": plain["method"],
-              "data": plain["data"], "batch_size": cfg.train.batch_size,
+              "data": {k: v for k, v in plain["data"].items() if k != "seed"},  # sizes, not which items
+              "batch_size": cfg.train.batch_size,
               "unpaired_batch_size": cfg.train.unpaired_batch_size, "precision": cfg.train.precision,
               "optim": cfg.optim.name, "workers": cfg.resources.workers}
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:32]

@@ -39,19 +39,22 @@ def training_metrics(cfg: ExperimentConfig) -> tuple[str, ...]:
 
 def epoch_metrics(cfg: ExperimentConfig) -> tuple[str, ...]:
     """Everything logged once per epoch (what an early-stopping scheduler can read)."""
-    from methods.metric_names import metric_names
+    from methods.metric_names import VALIDATION_PREFIX, metric_names
     from methods.evaluate.suite import quick_probe_config
 
-    probe = metric_names(quick_probe_config(cfg.eval)) if cfg.eval.every_epochs else ()
+    probe = metric_names(quick_probe_config(cfg.eval), prefix=VALIDATION_PREFIX) if cfg.eval.every_epochs else ()
     gpu = ("gpu_pct",) if cfg.resources.gpu and cfg.tracking.system_metrics else ()
     return (*training_metrics(cfg), *EPOCH_METRICS, *gpu, *probe)
 
 
 def downstream_metrics(cfg: ExperimentConfig) -> tuple[str, ...]:
-    """The evaluation after training, on the labelled split and on the transfer split."""
-    from methods.metric_names import TRANSFER_PREFIX, metric_names
+    """The evaluation after training, on the labelled split, on the transfer split and (with
+    ``eval.val_metrics``) on the validation split."""
+    from methods.evaluate.suite import held_out_config
+    from methods.metric_names import TRANSFER_PREFIX, VALIDATION_PREFIX, metric_names
 
-    return (*metric_names(cfg.eval), *metric_names(cfg.eval, prefix=TRANSFER_PREFIX))
+    val = metric_names(held_out_config(cfg.eval), prefix=VALIDATION_PREFIX) if cfg.eval.val_metrics else ()
+    return (*metric_names(cfg.eval), *metric_names(cfg.eval, prefix=TRANSFER_PREFIX), *val)
 
 
 def run_metrics(cfg: ExperimentConfig) -> frozenset[str]:

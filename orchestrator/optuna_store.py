@@ -62,7 +62,7 @@ def save_study(client: MlflowClient, home: Path, name: str, space: SearchSpace, 
     storage = optuna.storages.RDBStorage(url)
     if name in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
         optuna.delete_study(study_name=name, storage=storage)
-    objectives = space.all_objectives
+    objectives = [(space.chosen(m), d) for m, d in space.all_objectives]  # what the search read
     study = optuna.create_study(storage=storage, study_name=name,
                                 directions=["maximize" if d == "max" else "minimize" for _, d in objectives])
     study.set_user_attr("avlab.search_space", space.path.name)

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from methods.metric_names import DEFAULT_METRIC, HEADLINE_METRICS
+from methods.metric_names import DEFAULT_METRIC, HEADLINE_METRICS, VALIDATION_PREFIX
 from orchestrator.config import SEED_LIMIT, ConfigError, ExperimentConfig, parse_override, resolve
 from orchestrator.typed import as_float, first_line, read_yaml_mapping
 from orchestrator.metrics import run_metrics
@@ -79,10 +79,23 @@ class SearchSpace:
     plot: dict[str, Any] = field(default_factory=dict)
     # Several (metric, mode) pairs for a multi-objective search; empty: the one ``metric``.
     objectives: tuple[tuple[str, str], ...] = ()
+    # The prefix of the split a search or scheduler chooses on: "val_" (the validation split) for
+    # a space that selects; "" for a grid, which chooses nothing, and for a job file written before
+    # choices moved to the validation split (such a sweep resumes as it started).
+    choose_on: str = ""
 
     @property
     def uses_optuna(self) -> bool:
         return bool(self.search)
+
+    @property
+    def selects(self) -> bool:
+        """Whether the sweep makes choices while it runs: a model-based search, or a scheduler."""
+        return self.uses_optuna or self.scheduler is not None
+
+    def chosen(self, metric: str) -> str:
+        """The name a choice reads for ``metric``: its validation-split twin where the space selects."""
+        return metric if metric.startswith(self.choose_on) else f"{self.choose_on}{metric}"
 
     @property
     def all_objectives(self) -> tuple[tuple[str, str], ...]:
@@ -212,6 +225,15 @@ def load_search_space(path: str | Path, *, seeds: int | None = None) -> SearchSp
     preset = base.get("preset", "tiny")
     base_run = dict(base.get("config") or {})
     base_overrides = tuple(str(o) for o in base.get("overrides") or ())
+    selects = bool(raw.get("search")) or raw.get("scheduler") is not None
+    if selects:
+        # A search or a scheduler chooses: on the validation split, so its trials score it too.
+        if _resolve(p, base_run, preset, base_overrides, "base").eval.val_metrics is False and (
+                (base_run.get("eval") or {}).get("val_metrics") is False
+                or any(o.replace(" ", "").startswith("eval.val_metrics=") for o in base_overrides)):
+            raise ConfigError(f"{p.name}: base: eval.val_metrics: a search or a scheduler chooses on the validation "
+                              "split, so its trials must score it; drop eval.val_metrics=false")
+        base_overrides = (*base_overrides, "eval.val_metrics=true")
     base_cfg = _resolve(p, base_run, preset, base_overrides, "base")
 
     variants, variant_cfgs = _load_variants(p, raw.get("variants") or {}, base_run, preset, base_overrides)
@@ -269,7 +291,7 @@ def load_search_space(path: str | Path, *, seeds: int | None = None) -> SearchSp
         variants=variants,
         num_samples=num_samples, seeds=seed_list, metric=metric, mode=mode, scheduler=scheduler,
         resources=dict(resources), max_concurrent=max_concurrent, plot=dict(plot),
-        objectives=objectives if len(objectives) > 1 else (),
+        objectives=objectives if len(objectives) > 1 else (), choose_on=VALIDATION_PREFIX if selects else "",
     )
 
 

@@ -316,7 +316,9 @@ def start_sweep(search_space: str | Path, *, seeds: int | None = None, preset: s
     if find_sweep_run(client, name) is not None:
         raise ConfigError(f"--name: a sweep named {name!r} already exists; choose another name")
     print(f"[avlab] sweep {name}: {space.num_trials()} trials ({space.num_configurations()} configurations x "
-          f"{len(space.seeds)} seeds), metric {space.metric} ({space.mode}), max {max_concurrent} at once", flush=True)
+          f"{len(space.seeds)} seeds), metric {space.metric} ({space.mode})"
+          + (f", chosen on {space.chosen(space.metric)}" if space.selects else "")
+          + f", max {max_concurrent} at once", flush=True)
     t0 = time.perf_counter()
     with _one_line_when_ray_stops("sweep", name), jobs.reserved(home, name, "sweep", "--name"):
         run_sweep(space, name=name, home=home, tracking_uri=uri, address=address, max_concurrent=max_concurrent,

@@ -73,11 +73,12 @@ def build_searcher(space: SearchSpace, seed: int = 0):
             if all(m in result for m in (self.metric if isinstance(self.metric, list) else [self.metric])):
                 super().on_trial_result(trial_id, result)
 
+    # It chooses, so it reads each objective on the validation split (``space.chosen``).
     if space.objectives:  # several objectives: Optuna's multi-objective TPE
-        metrics, modes = [m for m, _ in space.objectives], [d for _, d in space.objectives]
+        metrics, modes = [space.chosen(m) for m, _ in space.objectives], [d for _, d in space.objectives]
         return FinalMetricOptunaSearch(metric=metrics, mode=modes, sampler=optuna.samplers.TPESampler(seed=seed))
     return FinalMetricOptunaSearch(
-        metric=space.metric, mode=space.mode, sampler=optuna.samplers.TPESampler(seed=seed)
+        metric=space.chosen(space.metric), mode=space.mode, sampler=optuna.samplers.TPESampler(seed=seed)
     )
 
 
@@ -98,7 +99,7 @@ def check_supported(space: SearchSpace, *, reuse_trials: bool = False) -> None:
             value = sched.get(key, 2)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (key == "reduction_factor" and value < 2):
                 raise ConfigError(f"{space.path.name}: scheduler.{key}: must be an integer >= {2 if key == 'reduction_factor' else 1}")
-        metric = sched.get("metric", scheduler_metric(space))
+        metric = space.chosen(sched.get("metric", scheduler_metric(space)))
         cfg = space.first_config()
         if cfg.eval.every_epochs < 1:
             raise ConfigError(f"{space.path.name}: scheduler: needs eval.every_epochs >= 1 in the base config, "
@@ -106,15 +107,18 @@ def check_supported(space: SearchSpace, *, reuse_trials: bool = False) -> None:
         from methods.metric_names import metric_names
         from methods.evaluate.suite import quick_probe_config
 
-        # What the quick probe measures while trials train (accuracies: higher is better).
-        probed = metric_names(quick_probe_config(cfg.eval))
+        # What the quick probe measures on the validation split while trials train (accuracies:
+        # higher is better); a space written before that read the test split and resumes so.
+        probed = metric_names(quick_probe_config(cfg.eval), prefix=space.choose_on)
         if metric not in probed:
             raise ConfigError(f"{space.path.name}: scheduler.metric: must be one of {', '.join(probed)}, "
                               "the metrics measured during pretraining")
 
 
 def scheduler_metric(space: SearchSpace) -> str:
-    return "sound_h_knn_acc" if space.metric.startswith("sound") else "image_h_knn_acc"
+    """The quick probe's accuracy of the metric's modality, on the split the space chooses on."""
+    plain = space.metric.removeprefix(space.choose_on)
+    return space.chosen("sound_h_knn_acc" if plain.startswith("sound") else "image_h_knn_acc")
 
 
 def build_scheduler(space: SearchSpace):
@@ -127,7 +131,7 @@ def build_scheduler(space: SearchSpace):
     epochs = space.first_config().train.epochs
     return ASHAScheduler(
         time_attr="training_iteration",
-        metric=sched.get("metric", scheduler_metric(space)),
+        metric=space.chosen(sched.get("metric", scheduler_metric(space))),
         mode=space.mode,
         max_t=epochs + 1,  # + the final evaluation report
         grace_period=sched.get("grace_period", 2),
@@ -195,6 +199,8 @@ def describe(space: SearchSpace) -> str:
              f"- varied: {', '.join(f'`{k}`' for k in dict.fromkeys(varied))}"]
     if space.variants:
         lines.append(f"- variants: {', '.join(space.variants)}")
+    if space.selects:
+        lines.append(f"- chosen on the validation split (`{space.chosen(space.metric)}`); the test split only reports")
     lines.append(f"- {space.num_trials()} trials, seeds {', '.join(map(str, space.seeds))}")
     return "\n".join(lines) + "\n"
 
@@ -224,6 +230,8 @@ def run_sweep(
             "search_space": space.path.name,
             "metric": space.metric,
             "mode": space.mode,
+            # What the search or scheduler chose on: the metric on the validation split ("" for a grid).
+            "chosen_on": space.chosen(space.metric) if space.selects else "",
             "seeds": list(space.seeds),
             "max_concurrent": max_concurrent,
             "num_trials": space.num_trials(),

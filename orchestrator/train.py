@@ -32,8 +32,8 @@ from methods.data import AVDataset, DataConfig, build_dataset
 from methods.distributed import convert_global_batchnorm
 from methods.evaluate import run_downstream
 from methods.evaluate.protocol import evaluate_splits
-from methods.evaluate.suite import quick_probe_config
-from methods.metric_names import HEADLINE_METRICS, OPTIONAL_HEADLINE_METRICS
+from methods.evaluate.suite import held_out_config, quick_probe_config
+from methods.metric_names import HEADLINE_METRICS, OPTIONAL_HEADLINE_METRICS, TRANSFER_PREFIX, VALIDATION_PREFIX
 from methods.registry import build_method
 from orchestrator import checkpoint as ckpt
 from orchestrator import environment
@@ -466,9 +466,10 @@ def _report_with_checkpoint(host: RayTrainHost | TrialHost, metrics, state, epoc
 
 
 def quick_knn(cfg: ExperimentConfig, method: Method, data: AVDataset, device: torch.device) -> dict[str, float]:
-    """Cosine-kNN accuracy on h during pretraining (for schedulers that stop weak trials early)."""
-    result = run_downstream(method, train_set=data.pool("train"), test_set=data.pool("test"),
-                            cfg=quick_probe_config(cfg.eval), device=device)
+    """Cosine-kNN accuracy on h during pretraining, on the validation split (for schedulers that
+    stop weak trials early: they choose, so they never read the test split)."""
+    result = run_downstream(method, train_set=data.pool("train"), test_set=data.pool("val"),
+                            cfg=quick_probe_config(cfg.eval), device=device, prefix=VALIDATION_PREFIX)
     return dict(result.metrics)
 
 
@@ -484,16 +485,22 @@ def evaluate_and_log(
     """Downstream evaluation on frozen features (docs/spec.md §6); logs metrics and confusion matrices,
     with ``extra`` (the run's cost) in the same batch."""
     t0 = time.perf_counter()
-    result = evaluate_splits(method, data, cfg.eval, device=device)
+    result = evaluate_splits(method, data, cfg.eval, device=device, val="val")
     metrics = dict(result.metrics)
     figures = result.figures(data.class_names)
     if len(data.pool("transfer_train")) > 0 and len(data.pool("transfer_test")) > 0:
-        # The transfer split has no folds: under `folds` it gets the validation protocol.
-        protocol = "validation" if cfg.eval.protocol == "folds" else cfg.eval.protocol
-        transfer = evaluate_splits(method, data, dataclasses.replace(cfg.eval, protocol=protocol),
-                                   train="transfer_train", test="transfer_test", device=device, prefix="transfer_")
+        # The transfer split has no folds (nor a validation split of its own): under `folds` it
+        # gets the validation protocol, on rows carved from transfer_train.
+        transfer = evaluate_splits(method, data, held_out_config(cfg.eval), train="transfer_train",
+                                   test="transfer_test", device=device, prefix=TRANSFER_PREFIX)
         metrics.update(transfer.metrics)
         result.unconverged += transfer.unconverged
+    if cfg.eval.val_metrics:
+        # The same probes scored on the validation split: what a choice reads (never the test numbers).
+        val = evaluate_splits(method, data, held_out_config(cfg.eval), test="val", device=device,
+                              prefix=VALIDATION_PREFIX, val="val")
+        metrics.update(val.metrics)
+        result.unconverged += val.unconverged
     if result.unconverged:
         # Numbers of a half-fitted classifier: said on the console and tagged on the run.
         names = ", ".join(result.unconverged)

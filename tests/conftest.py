@@ -26,12 +26,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 AVLAB = str(Path(sys.executable).parent / "avlab")
 
-# The tiny preset cut to a run of seconds: one epoch of two steps, probes on 100 / 60 items, no
-# transfer split. Tests add what their assertion needs (more epochs, a bigger pool) after it:
+# The tiny preset cut to a run of seconds: one epoch of two steps, probes on 100 / 60 items (and a
+# validation split of 60, what a search or the quick probe scores), no transfer split. Tests add what their assertion needs (more epochs, a bigger pool) after it:
 # a later override of the same key wins.
 TINY_RUN = [
     "train.epochs=1", "train.batch_size=64", "data.paired_size=128", "data.unpaired_sound_size=64",
-    "data.unpaired_image_size=64", "data.train_size=100", "data.test_size=60",
+    "data.unpaired_image_size=64", "data.train_size=100", "data.test_size=60", "data.val_size=60",
     "data.transfer_train_size=0", "data.transfer_test_size=0",
     "tracking.log_model=false",  # the MLflow models of the encoders: test_export checks them
 ]

@@ -76,6 +76,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "test": ("image", "mask", "sound", "label", "azimuth", "sector", "index"),
     "transfer_train": ("image", "mask", "sound", "label", "azimuth", "sector", "index"),
     "transfer_test": ("image", "mask", "sound", "label", "azimuth", "sector", "index"),
+    "val": ("image", "mask", "sound", "label", "azimuth", "sector", "index"),
 }
 
 HEAD_RADIUS_M = 0.0875
@@ -346,7 +347,7 @@ class _PanoramaRenderer:
 
 
 class BinauralScenes(SyntheticAV):
-    """Binaural procedural scenes: the seven pools of ProceduralAV (same sizes and domains)
+    """Binaural procedural scenes: the eight pools of ProceduralAV (same sizes and domains)
     with panoramic images, masks, two-channel log-mels and azimuth targets (module docstring).
 
     Items: ``image`` (3, H, W) and ``mask`` (1, H, W) float32, ``sound`` (2, n_mels, n_frames)

@@ -38,6 +38,14 @@ class DataConfig:
     n_frames; two channels when ``binaural``). The procedural pool sizes are then ignored;
     ``paired_fraction`` keeps that share of the pairs and ``unpaired_sound_count`` /
     ``unpaired_image_count`` that many unpaired items (-1 = all), chosen by ``seed``.
+    ``seed`` draws the dataset (the procedural classes' prototypes and every item; a manifest's
+    subsets); -1 follows the run's seed, what the presets do, so that the spread over a sweep's
+    seeds includes the data's and its test split's, while the configurations of one seed still
+    share their data (paired comparisons stay paired). ``val_size`` is the validation split,
+    labelled like test and disjoint from train and test: the split every choice is made on (probe
+    hyperparameters under ``eval.protocol: validation``, a sweep's selecting search and its
+    scheduler, recipe screening); 0 = none. A manifest's ``val`` rows are its validation split.
+
     ``skip_bad`` drops unusable files (listed once) instead of stopping; ``cache_workers``
     decoding processes build the cache (0 = one per CPU core).
     """
@@ -54,6 +62,7 @@ class DataConfig:
     unpaired_image_size: int = 2048
     train_size: int = 1000
     test_size: int = 500
+    val_size: int = neutral_field(0)
     transfer_train_size: int = 500
     transfer_test_size: int = 500
     cache_in_memory: bool = True
@@ -87,8 +96,8 @@ class DataConfig:
                     raise ValueError(f"{f.name}: must be a finite number, got {value!r}")
             elif isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{f.name}: must be an integer, got {value!r}")
-        if self.seed < 0:
-            raise ValueError(f"seed: must be >= 0, got {self.seed}")
+        if self.seed < -1:
+            raise ValueError(f"seed: must be >= 0, or -1 for the run's seed, got {self.seed}")
         for name in ("unpaired_sound_count", "unpaired_image_count"):
             if getattr(self, name) < -1:
                 raise ValueError(f"{name}: must be -1 (all) or a count >= 0, got {getattr(self, name)}")
@@ -123,7 +132,8 @@ class DataConfig:
         for name in POOLS:
             size = getattr(self, f"{name}_size")
             # 0 disables a pool: no unpaired data (no L_unpair) or no transfer evaluation.
-            minimum = 0 if name.startswith(("unpaired", "transfer")) else 1
+            # 0 val: no validation split (nothing can be chosen on one).
+            minimum = 0 if name.startswith(("unpaired", "transfer", "val")) else 1
             if not minimum <= size <= _MAX_POOL_SIZE:
                 raise ValueError(
                     f"{name}_size: must be in {minimum}..{_MAX_POOL_SIZE}, got {size}"

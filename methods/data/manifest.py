@@ -3,7 +3,8 @@ unpaired-image pools and the evaluation splits are all expressed in one place.
 
 Columns (``COLUMNS``; paths relative to the manifest's folder or absolute):
     id              unique item id
-    split           pretrain | train | test | transfer_train | transfer_test
+    split           pretrain | train | test | val | transfer_train | transfer_test (val: the
+                    validation split that choices are made on; optional)
     pair_id         clip id; two pretrain rows with the same pair_id (one with an image, one
                     with a sound) form one pair; empty for standalone rows
     source          where the item comes from (esc50, dcase2018, kinetics, acivw, folder, ...)
@@ -16,7 +17,7 @@ Columns (``COLUMNS``; paths relative to the manifest's folder or absolute):
     fold            optional integer (ESC-50 folds, DCASE fold files); empty if none
 
 ``layouts.index_layout`` turns a dataset as published into rows; ``write_manifest`` writes them;
-``read_manifest`` validates a file into a ``Manifest``, whose ``pools()`` are the seven pools of
+``read_manifest`` validates a file into a ``Manifest``, whose ``pools()`` are the eight pools of
 ``pools.POOLS`` as Items; ``check.check_manifest`` decodes every Item once and lists the broken
 files, so a run fails before training (or skips them) instead of in the middle of an epoch.
 """
@@ -42,7 +43,7 @@ COLUMNS: tuple[str, ...] = (
     "id", "split", "pair_id", "source", "label", "image", "image_time", "sound", "sound_offset",
     "sound_duration", "fold",
 )
-SPLITS: tuple[str, ...] = ("pretrain", "train", "test", "transfer_train", "transfer_test")
+SPLITS: tuple[str, ...] = ("pretrain", "train", "test", "val", "transfer_train", "transfer_test")
 
 
 @dataclass(frozen=True)
@@ -60,11 +61,11 @@ class Item:
     fold: int | None = None  # the row's fold (ESC-50, DCASE), for eval.protocol: folds
 
 
-LABELLED_SPLITS: tuple[str, ...] = ("train", "test", "transfer_train", "transfer_test")
+LABELLED_SPLITS: tuple[str, ...] = ("train", "test", "val", "transfer_train", "transfer_test")
 PATH_COLUMNS: tuple[str, ...] = ("image", "sound")
 # Each held-out split and the split its classifier is fitted on: a test label absent from the
 # fitting split can never be predicted, so the manifest is rejected rather than the score skewed.
-HELD_OUT: dict[str, str] = {"test": "train", "transfer_test": "transfer_train"}
+HELD_OUT: dict[str, str] = {"test": "train", "val": "train", "transfer_test": "transfer_train"}
 FIRST = 5  # how many offending names an error message lists
 
 
@@ -165,7 +166,7 @@ class Manifest:
         unpaired_image_count: int = -1,
         seed: int = 0,
     ) -> dict[str, list[Item]]:
-        """The seven pools of ``pools.POOLS``, each in manifest order.
+        """The eight pools of ``pools.POOLS``, each in manifest order.
 
         paired           pretrain Items with an image and a sound: rows with both, and the two
                          halves of a pair_id merged into one Item whose id is the pair_id.
@@ -174,7 +175,7 @@ class Manifest:
         unpaired_sound   pretrain rows with only a sound and no pair_id; ``unpaired_sound_count``
                          >= 0 keeps that many at random, -1 keeps all.
         unpaired_image   likewise for images.
-        train, test, transfer_train, transfer_test
+        train, test, val, transfer_train, transfer_test
                          every row of the split, label = class id.
 
         Subsets are a pure function of ``seed`` (each pool its own random stream) and keep

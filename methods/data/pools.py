@@ -1,4 +1,4 @@
-"""What the synthetic datasets share: the seven pools, the ten classes, the item pool that
+"""What the synthetic datasets share: the eight pools, the ten classes, the item pool that
 serves (and memoises) items, the base class of ``ProceduralAV`` and ``BinauralScenes``, and the
 ``AVDataset`` protocol that every dataset (a manifest's too) meets."""
 
@@ -23,6 +23,7 @@ POOLS: tuple[str, ...] = (
     "test",
     "transfer_train",
     "transfer_test",
+    "val",  # labelled like test, disjoint from train and test: what a choice is made on
 )
 # Stream ids: part of every sample's seed, so two pools never share a random stream.
 POOL_ID: dict[str, int] = {name: i + 1 for i, name in enumerate(POOLS)}
@@ -34,6 +35,7 @@ POOL_DOMAIN: dict[str, str] = {
     "test": "main",
     "transfer_train": "transfer",
     "transfer_test": "transfer",
+    "val": "main",
 }
 POOL_KEYS: dict[str, tuple[str, ...]] = {
     "paired": ("image", "sound", "label", "index"),
@@ -43,6 +45,7 @@ POOL_KEYS: dict[str, tuple[str, ...]] = {
     "test": ("image", "sound", "label", "index"),
     "transfer_train": ("image", "sound", "label", "index"),
     "transfer_test": ("image", "sound", "label", "index"),
+    "val": ("image", "sound", "label", "index"),
 }
 
 CLASS_NAMES: tuple[str, ...] = (
@@ -71,6 +74,13 @@ class AVDataset(Protocol):
 
     @property
     def class_names(self) -> list[str]: ...
+
+
+def check_seed(cfg: DataConfig) -> None:
+    """A dataset is drawn from a concrete seed: -1 (the run's seed) is resolved with the run's config."""
+    if cfg.seed < 0:
+        raise ValueError(f"seed: {cfg.seed} means the run's seed, which the run's config resolves; "
+                         "a dataset needs a seed >= 0")
 
 
 def check_pool(name: str) -> None:
@@ -109,7 +119,7 @@ class ItemPool(Dataset):
 
 
 class SyntheticAV:
-    """The base of the two synthetic datasets (``ProceduralAV``, ``BinauralScenes``): the seven
+    """The base of the two synthetic datasets (``ProceduralAV``, ``BinauralScenes``): the eight
     pools, each item a pure function of (cfg, pool, index) made by the subclass's
     ``_generate(pool, index, keys)``; balanced class labels; the ``DataInfo`` methods read."""
 
@@ -118,6 +128,7 @@ class SyntheticAV:
     label_tag: ClassVar[tuple[int, ...]] = ()  # extra entropy of the class order of the blocks
 
     def __init__(self, cfg: DataConfig) -> None:
+        check_seed(cfg)
         self.cfg = cfg
         self._pools: dict[str, ItemPool] = {}
         self._blocks: dict[tuple[str, int], list[int]] = {}  # memoised class order per block
@@ -153,6 +164,7 @@ class SyntheticAV:
             paired_masks="mask" in cls.pool_keys["paired"],
             train_size=c.train_size,
             test_size=c.test_size,
+            val_size=c.val_size,
             transfer_train_size=c.transfer_train_size,
             transfer_test_size=c.transfer_test_size,
         )

@@ -66,7 +66,7 @@ def _draw_latents(image_rng: np.random.Generator) -> dict[str, float]:
 
 
 class ProceduralAV(SyntheticAV):
-    """The procedural audio-visual dataset: seven pools over one generator (module docstring).
+    """The procedural audio-visual dataset: eight pools over one generator (module docstring).
 
     ``pool(name)[i]`` is a pure function of (cfg, name, i). The generator holds the coordinate
     grids, oscillator tables and the one log-mel module that every sample reuses.

@@ -20,7 +20,7 @@ from methods.data.feature_cache import CachedPool, FeatureCache, cache_key
 from methods.data.decode import FeatureSettings
 from methods.data.manifest import Item, read_manifest
 from methods.data.config import DataConfig
-from methods.data.pools import POOLS
+from methods.data.pools import POOLS, check_seed
 
 # What each pool's items carry; labelled splits carry whichever modalities all their items have.
 _POOL_KEYS = {
@@ -46,6 +46,7 @@ class ManifestAV:
     def __init__(self, cfg: DataConfig) -> None:
         if not cfg.manifest:
             raise ValueError("manifest: no manifest given (data.manifest is empty)")
+        check_seed(cfg)
         self.cfg = cfg
         self.manifest = read_manifest(cfg.manifest)
         self.settings = FeatureSettings.from_config(cfg)
@@ -124,5 +125,6 @@ class ManifestAV:
             unpaired_sound_size=len(self.items["unpaired_sound"]),
             unpaired_image_size=len(self.items["unpaired_image"]), paired_labelled=False,
             train_size=len(self.items["train"]), test_size=len(self.items["test"]),
+            val_size=len(self.items["val"]),
             transfer_train_size=len(self.items["transfer_train"]), transfer_test_size=len(self.items["transfer_test"]),
         )

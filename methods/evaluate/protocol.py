@@ -3,8 +3,9 @@
 ``evaluate_splits`` runs ``run_downstream`` the way ``cfg.protocol`` says:
 
 - ``fixed`` / ``validation``: fit on the training split, score on the test split (with
-  ``validation`` the suite picks each probe's hyperparameter on a validation split carved from
-  the training split: ``run_downstream`` does that);
+  ``validation`` the suite picks each probe's hyperparameter on the dataset's validation split,
+  or on one carved from the training split where the dataset has none: ``run_downstream`` does
+  that);
 - ``folds``: the labelled rows of both splits grouped by their fold 1..``cfg.folds``; each fold is
   held out once and the others are its training split; every metric is logged per fold
   (``<name>_fold<k>``) and as the mean over folds (``<name>``), the way ESC-50 results are
@@ -59,9 +60,13 @@ def check_folds(data: Any, cfg: EvalConfig, *, train: str = "train", test: str =
 
 
 def evaluate_splits(method: nn.Module, data: Any, cfg: EvalConfig, *, train: str = "train", test: str = "test",
-                    device: torch.device | str | None = None, prefix: str = "") -> DownstreamResult:
-    """The downstream metrics of ``train`` -> ``test`` under ``cfg.protocol`` (module docstring)."""
+                    device: torch.device | str | None = None, prefix: str = "",
+                    val: str | None = None) -> DownstreamResult:
+    """The downstream metrics of ``train`` -> ``test`` under ``cfg.protocol`` (module docstring);
+    ``val``: the split ``validation`` chooses the probes' hyperparameters on (used when it has
+    rows and the evaluation is one group), else rows carved from ``train``."""
     groups = _groups(data, train, test)
+    val_set = data.pool(val) if val is not None and len(groups) == 1 else None
     num_classes = max(len(data.class_names), 1)
     result = DownstreamResult()
     for group in groups:
@@ -70,7 +75,7 @@ def evaluate_splits(method: nn.Module, data: Any, cfg: EvalConfig, *, train: str
             part = _over_folds(method, group, sub, device, prefix, num_classes)
         else:
             part = run_downstream(method, train_set=group.train, test_set=group.test, cfg=sub, device=device,
-                                  prefix=prefix, num_classes=num_classes)
+                                  prefix=prefix, num_classes=num_classes, val_set=val_set)
         result.add(part)
     return result
 

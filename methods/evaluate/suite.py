@@ -130,6 +130,11 @@ class EvalConfig:
     # training split (selection as "validation" inside it); per-fold metrics end in _fold<k>, and
     # the plain names are the mean over the folds.
     protocol: str = "fixed"
+    # Also score every probe on the dataset's validation split (fitted on train, as on test),
+    # logged with the ``val_`` prefix: what a sweep that selects (an Optuna search, a scheduler)
+    # and recipe screening read, so that the test split only reports. Needs data.val_size > 0
+    # (or a manifest's val rows).
+    val_metrics: bool = neutral_field(False)
     folds: int = 5
     validation_fraction: float = 0.2
     linear_C_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)
@@ -154,7 +159,7 @@ class EvalConfig:
                 f"features: duplicate families in {list(self.features)}; list each once"
             )
         for name in ("linear", "knn", "retrieval", "block_probes", "sound_svm", "spatial_probe", "clip_retrieval",
-                     "foreground_probe"):
+                     "foreground_probe", "val_metrics"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         for name in (
@@ -275,12 +280,19 @@ def _solver(result: DownstreamResult, name: str, probe: ProbeResult) -> None:
         result.unconverged.append(name)
 
 
+def held_out_config(cfg: EvalConfig) -> EvalConfig:
+    """How a split without folds is evaluated (the transfer and validation splits): ``cfg``, with
+    the validation protocol in place of ``folds``."""
+    return dataclasses.replace(cfg, protocol="validation") if cfg.protocol == "folds" else cfg
+
+
 def quick_probe_config(cfg: EvalConfig) -> EvalConfig:
     """The cosine-kNN probe on h run every ``cfg.every_epochs`` epochs during pretraining (the
-    signal an early-stopping scheduler reads): ``cfg`` with the other protocols off."""
+    signal an early-stopping scheduler reads; scored on the validation split, ``val_`` names):
+    ``cfg`` with the other protocols off."""
     return dataclasses.replace(cfg, features=("h",), linear=False, knn=True, retrieval=False,
                                block_probes=False, sound_svm=False, sound_crops=1, protocol="fixed",
-                               foreground_probe=False)
+                               foreground_probe=False, val_metrics=False)
 
 
 def run_downstream(
@@ -292,6 +304,7 @@ def run_downstream(
     device: torch.device | str | None = None,
     prefix: str = "",
     num_classes: int | None = None,
+    val_set: Dataset | None = None,
 ) -> DownstreamResult:
     """Run the enabled protocols of ``cfg`` on frozen features and return flat metrics.
 
@@ -307,9 +320,12 @@ def run_downstream(
         device: where the method already lives; ``None`` means its parameters' device.
         prefix: prepended to every metric and confusion name, e.g. ``"transfer_"``.
         num_classes: confusion matrix size (default: largest class id seen + 1).
+        val_set: the dataset's validation split; under ``protocol: validation`` the probes'
+            hyperparameters are chosen on it (else on rows carved from ``train_set``).
     """
     plan = _Plan.of(method, train_set, test_set, cfg)
-    feats = _Features.extract(method, train_set, test_set, cfg, plan, device)
+    use_val = val_set is not None and len(val_set) > 0 and cfg.protocol == "validation"
+    feats = _Features.extract(method, train_set, test_set, cfg, plan, device, val_set if use_val else None)
     if num_classes is None:
         num_classes = int(max(int(y.max()) for y in (feats.test_y, feats.train_y) if y is not None)) + 1
     result = DownstreamResult()
@@ -321,7 +337,7 @@ def run_downstream(
     if plan.foreground:
         part = run_downstream(method, train_set=ForegroundImages(train_set), test_set=ForegroundImages(test_set),
                               cfg=foreground_config(cfg), device=device, prefix=f"{prefix}{FOREGROUND_PREFIX}",
-                              num_classes=num_classes)
+                              num_classes=num_classes, val_set=ForegroundImages(val_set) if use_val else None)
         result.add(part)
     return result
 
@@ -380,10 +396,11 @@ class _Features:
     train_blocks: dict[str, torch.Tensor]
     test_crops: dict[str, torch.Tensor]
     train_crops: dict[str, torch.Tensor]
+    val: dict[str, torch.Tensor]  # the validation split's, where the probes' hyperparameters are chosen on it
 
     @classmethod
     def extract(cls, method: nn.Module, train_set: Dataset, test_set: Dataset, cfg: EvalConfig, plan: _Plan,
-                device: torch.device | str | None) -> _Features:
+                device: torch.device | str | None, val_set: Dataset | None = None) -> _Features:
         def extract(
             fn: Callable[..., dict[str, torch.Tensor]], dataset: Dataset, run: bool, **kwargs: int
         ) -> dict[str, torch.Tensor]:
@@ -398,8 +415,10 @@ class _Features:
             train_blocks=extract(extract_block_features, train_set, cfg.block_probes),
             test_crops=extract(extract_sound_crop_features, test_set, plan.clip_probes, crops=cfg.sound_crops),
             train_crops=extract(extract_sound_crop_features, train_set, plan.clip_probes, crops=cfg.sound_crops),
+            val=extract(extract_features, val_set, val_set is not None and plan.family_probes),
         )
-        for split, f in (("test_set", feats.test), ("train_set", feats.train), ("train_set", feats.train_blocks)):
+        for split, f in (("test_set", feats.test), ("train_set", feats.train), ("train_set", feats.train_blocks),
+                         ("val_set", feats.val)):
             if f and "label" not in f:
                 raise ValueError(f"{split}: items carry no 'label'; downstream evaluation needs labels")
         return feats
@@ -421,7 +440,7 @@ def _family_probes(result: DownstreamResult, method: nn.Module, cfg: EvalConfig,
                    prefix: str, num_classes: int) -> None:
     """Linear probe, kNN, sound SVM, spatial probe and per-clip probes on each feature family."""
     test, train, test_y, train_y = feats.test, feats.train, feats.test_y, feats.train_y
-    select = Selection.of(cfg, train_y, num_classes)
+    select = Selection.of(cfg, train_y, num_classes, val_y=feats.val.get("label"))
     for modality, suffix in plan.modalities:
         for fam in cfg.features:
             key = f"{fam}_{suffix}"
@@ -429,19 +448,20 @@ def _family_probes(result: DownstreamResult, method: nn.Module, cfg: EvalConfig,
             train_X = _family_features(train, key=key, split="train_set", method=method)
             if test_X is None or train_X is None:
                 continue
+            val_X = _family_features(feats.val, key=key, split="val_set", method=method) if feats.val else None
             name = f"{prefix}{modality}_{fam}"
             linear_kwargs = _linear_kwargs(cfg, num_classes)
             svm_kwargs = {"C": cfg.svm_C, "max_iter": cfg.svm_max_iter, "tol": cfg.svm_tol, "num_classes": num_classes}
             if cfg.linear:
-                linear_kwargs["C"] = select.linear_C(result, name, train_X)
+                linear_kwargs["C"] = select.linear_C(result, name, train_X, val_X)
                 _record(result, f"{name}_linear",
                         linear_probe(train_X, train_y, test_X, test_y, **linear_kwargs))
             if cfg.knn:
                 result.metrics[f"{name}_knn_acc"] = knn_accuracy(
-                    train_X, train_y, test_X, test_y, k=select.knn_k(result, name, train_X)
+                    train_X, train_y, test_X, test_y, k=select.knn_k(result, name, train_X, val_X)
                 )
             if modality == "sound" and cfg.sound_svm:
-                svm_kwargs["C"] = select.svm_C(result, name, train_X)
+                svm_kwargs["C"] = select.svm_C(result, name, train_X, val_X)
                 _record(result, f"{name}_svm",
                         linear_svm(train_X, train_y, test_X, test_y, **svm_kwargs))
             if plan.spatial:

@@ -22,7 +22,7 @@ from orchestrator.metrics import COST_METRICS, TIMING_METRICS, USAGE_METRICS
 RUN = [
     "--preset", "tiny", "--workers", "2",
     "train.epochs=3", "train.batch_size=64", "data.paired_size=1024", "data.unpaired_sound_size=384",
-    "data.unpaired_image_size=384", "data.train_size=200", "data.test_size=100",
+    "data.unpaired_image_size=384", "data.train_size=200", "data.test_size=100", "data.val_size=100",
     "data.transfer_train_size=60", "data.transfer_test_size=60", "method.memory_size=50", "eval.every_epochs=1",
 ]
 TIMINGS = ("epoch_time_s", "pairs_per_s", *COST_METRICS, *TIMING_METRICS, *USAGE_METRICS)
@@ -180,8 +180,10 @@ def test_a_two_worker_run_logs_its_config_losses_probes_evaluation_and_checkpoin
     assert run.data.tags["avlab.method"] == "bma" and run.data.tags["avlab.preset"] == "tiny"
     for term in ("loss", "loss_pair", "loss_unpair_sound", "loss_unpair_image", "lr", "epoch_time_s", "cpu_pct"):
         assert [s for s, _ in _history(client, run, term)] == [0, 1, 2], term
-    # the quick kNN probe after epochs 0 and 1 (eval.every_epochs=1), then the final evaluation
-    assert [s for s, _ in _history(client, run, "image_h_knn_acc")] == [0, 1, 2]
+    # the quick kNN probe on the validation split after epochs 0 and 1 (eval.every_epochs=1), then
+    # the final evaluation on the test split
+    assert [s for s, _ in _history(client, run, "val_image_h_knn_acc")] == [0, 1]
+    assert [s for s, _ in _history(client, run, "image_h_knn_acc")] == [2]
     metrics = run.data.metrics
     assert metrics["train_cpu_pct"] > 0  # the epochs' CPU use, weighted by their length
     for key in ("image_h_linear_acc", "image_h_linear_f1", "image_h_knn_acc", "sound_h_linear_acc",

@@ -45,7 +45,9 @@ def test_asha_scheduler_reads_the_knn_accuracy_measured_while_training(tmp_path)
     space = load_search_space(ROOT / "search_spaces" / "temperatures.yaml")
     check_supported(space)
     sched = build_scheduler(space)
-    assert isinstance(sched, ASHAScheduler) and sched._metric == "image_h_knn_acc"
+    # It chooses, so it reads the quick probe on the validation split, and its trials score that split.
+    assert isinstance(sched, ASHAScheduler) and sched._metric == "val_image_h_knn_acc"
+    assert space.first_config().eval.val_metrics and space.choose_on == "val_"
     bad = tmp_path / "bad.yaml"
     bad.write_text("grid:\n  method.memory_size: [10]\nscheduler: {type: asha}\n")
     with pytest.raises(ConfigError, match="needs eval.every_epochs >= 1"):

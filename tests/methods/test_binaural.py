@@ -32,6 +32,7 @@ SMALL = DataConfig(
     unpaired_image_size=64,
     train_size=64,
     test_size=64,
+    val_size=64,
     transfer_train_size=64,
     transfer_test_size=64,
     cache_in_memory=False,
@@ -305,7 +306,7 @@ def test_pools_differ_and_domains_follow_the_pools(scenes: BinauralScenes) -> No
                     assert digest not in seen, f"{pool}[{i}].{key} repeats {seen[digest]}"
                     seen[digest] = (pool, i)
     domains = {pool: scenes.scene(pool, 0).domain for pool in POOLS}
-    assert domains == {"paired": "main", "train": "main", "test": "main",
+    assert domains == {"paired": "main", "train": "main", "test": "main", "val": "main",
                        "unpaired_sound": "other", "unpaired_image": "other",
                        "transfer_train": "transfer", "transfer_test": "transfer"}
 

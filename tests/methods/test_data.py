@@ -29,11 +29,12 @@ SMALL = DataConfig(
     unpaired_image_size=256,
     train_size=256,
     test_size=256,
+    val_size=256,
     transfer_train_size=256,
     transfer_test_size=256,
     cache_in_memory=False,
 )
-LABELLED = ("paired", "train", "test", "transfer_train", "transfer_test")
+LABELLED = ("paired", "train", "test", "val", "transfer_train", "transfer_test")
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +214,7 @@ def test_image_and_sound_share_instance_factors(av: ProceduralAV) -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("seed", -1),
+        ("seed", -2),
         ("image_size", 8),
         ("sample_rate", 100),
         ("clip_seconds", 0.0),
@@ -225,6 +226,7 @@ def test_image_and_sound_share_instance_factors(av: ProceduralAV) -> None:
         ("paired_size", 0),
         ("unpaired_sound_size", -1),
         ("test_size", 0),
+        ("val_size", -1),
         ("cache_in_memory", "yes"),
         ("image_size", 32.0),
         ("train_size", True),

@@ -795,6 +795,28 @@ def test_the_validation_protocol_chooses_on_the_training_split_only() -> None:
     assert {k: again.metrics[k] for k in chosen} == chosen
 
 
+def test_with_a_validation_split_the_validation_protocol_chooses_on_it_alone() -> None:
+    """Given the dataset's validation split, each probe's C / k is the grid value a hand loop picks
+    by fitting on every training row and scoring that split; the test labels play no part."""
+    method = _trained_looking_method()
+    cfg = EvalConfig(batch_size=8, features=("h",), retrieval=False, protocol="validation",
+                     linear_C_grid=(0.001, 1.0, 1000.0), knn_k_grid=(1, 3, 7))
+    train, val, test = PairDataset(30, seed=1), PairDataset(15, seed=3), PairDataset(12, seed=2)
+    result = run_downstream(method, train_set=train, test_set=test, cfg=cfg, val_set=val)
+    assert set(result.metrics) == set(metric_names(cfg))
+    tr, va = extract_features(method, train, batch_size=8), extract_features(method, val, batch_size=8)
+    for modality, s in (("image", "v"), ("sound", "s")):
+        X, y, vX, vy = tr[f"h_{s}"], tr["label"], va[f"h_{s}"], va["label"]
+        scores = [linear_probe(X, y, vX, vy, C=c, num_classes=3).accuracy for c in cfg.linear_C_grid]
+        assert result.metrics[f"{modality}_h_linear_C"] == cfg.linear_C_grid[scores.index(max(scores))]
+        scores = [knn_accuracy(X, y, vX, vy, k=k) for k in cfg.knn_k_grid]
+        assert result.metrics[f"{modality}_h_knn_k"] == cfg.knn_k_grid[scores.index(max(scores))]
+    test.labels = test.labels.flip(0)
+    again = run_downstream(method, train_set=train, test_set=test, cfg=cfg, val_set=val)
+    assert {k: v for k, v in again.metrics.items() if k.endswith(("_C", "_k"))} == \
+           {k: v for k, v in result.metrics.items() if k.endswith(("_C", "_k"))}
+
+
 def test_the_fold_protocol_holds_each_fold_out_once_and_reports_the_mean() -> None:
     import statistics
 

@@ -157,3 +157,30 @@ def test_an_option_added_at_its_neutral_value_keeps_every_identity():
     assert upgraded(dataclasses.field(default=False)).identity() != old.identity()
     # Everything else still sees the field: MLflow params, config.yaml, the workers' copy.
     assert upgraded(neutral_field(False)).to_dict()["method"]["new_option"] is False
+
+
+def test_every_preset_draws_its_data_with_the_run_seed_and_a_fixed_data_seed_stays_fixed():
+    """The data-seed policy (docs/spec.md §2): presets follow the run's seed, resolved into the config
+    (so params and identity say which data a run saw); an explicit data.seed is kept for every seed."""
+    for name in PRESETS:
+        for seed in (0, 3):
+            assert resolve(preset=name, overrides=[f"seed={seed}"]).data.seed == seed
+    fixed = [resolve(overrides=["data.seed=7", f"seed={s}"]) for s in (0, 3)]
+    assert [c.data.seed for c in fixed] == [7, 7]
+    cfg = resolve(overrides=["seed=5"])
+    assert ExperimentConfig.from_dict(cfg.to_dict()).data.seed == 5  # a worker's copy keeps the resolved seed
+
+
+def test_a_dataset_refuses_an_unresolved_data_seed():
+    from methods.data import DataConfig, build_dataset
+
+    with pytest.raises(ValueError, match=r"^seed: -1 means the run's seed"):
+        build_dataset(DataConfig(seed=-1))
+
+
+@pytest.mark.parametrize("overrides", [["eval.val_metrics=true", "data.val_size=0"],
+                                       ["eval.every_epochs=1", "train.epochs=3", "data.val_size=1"]])
+def test_what_reads_the_validation_split_needs_one(overrides):
+    with pytest.raises(ConfigError, match=r"^data.val_size: \d items; eval\.(val_metrics|every_epochs) scores the "
+                                          r"validation split"):
+        resolve(overrides=overrides)

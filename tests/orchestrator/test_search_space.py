@@ -164,7 +164,7 @@ def test_asha_may_stop_trials_on_any_metric_the_quick_probe_measures(tmp_path):
 
     base = "base:\n  config: {method: {name: multissl}, eval: {every_epochs: 1}}\ngrid:\n  optim.lr: [0.001]\n"
     check_supported(load_search_space(write(tmp_path, base + "scheduler: {type: asha, metric: sound_h_spatial_acc}\n")))
-    with pytest.raises(ConfigError, match=r"scheduler\.metric: must be one of image_h_knn_acc, .*sound_h_spatial_acc"):
+    with pytest.raises(ConfigError, match=r"scheduler\.metric: must be one of val_image_h_knn_acc, .*val_sound_h_spatial_acc"):
         check_supported(load_search_space(write(tmp_path, base + "scheduler: {type: asha, metric: sound_h_linear_acc}\n")))
 
 
@@ -197,3 +197,28 @@ def test_command_line_overrides_are_checked_and_never_silently_dropped(override,
 def test_missing_file():
     with pytest.raises(ConfigError, match=r"^search space: .*nope\.yaml not found"):
         load_search_space("nope.yaml")
+
+
+def test_a_space_that_selects_chooses_on_the_validation_split_and_a_grid_chooses_nothing(tmp_path):
+    """A search (or a scheduler) reads each objective's ``val_`` twin, and its trials score the
+    validation split; a grid's trials do not; the test split only reports in both. A job file
+    written before choices moved to the validation split resumes reading what it read."""
+    from orchestrator.search_space import SearchSpace
+    from orchestrator.sweep import build_searcher
+
+    search = load_search_space(write(tmp_path, "search:\n  method.loss_temperature: {type: loguniform, low: 0.02, "
+                                               "high: 1.0}\nmetric: sound_h_linear_acc\n"))
+    assert search.selects and search.chosen("sound_h_linear_acc") == "val_sound_h_linear_acc"
+    assert search.first_config().eval.val_metrics
+    assert build_searcher(search).metric == "val_sound_h_linear_acc"
+    grid = load_search_space(write(tmp_path, "grid:\n  method.memory_size: [10, 20]\n"))
+    assert not grid.selects and grid.chosen("image_h_linear_acc") == "image_h_linear_acc"
+    assert not grid.first_config().eval.val_metrics
+    with pytest.raises(ConfigError, match=r"^space\.yaml: base: eval\.val_metrics: a search or a scheduler chooses "
+                                          r"on the validation split"):
+        load_search_space(write(tmp_path, "base:\n  overrides: [eval.val_metrics=false]\nsearch:\n"
+                                          "  method.loss_temperature: {type: loguniform, low: 0.02, high: 1.0}\n"))
+    older = search.to_dict()
+    del older["choose_on"]
+    assert SearchSpace.from_dict(older).chosen("sound_h_linear_acc") == "sound_h_linear_acc"
+    assert SearchSpace.from_dict(search.to_dict()) == search
