@@ -16,13 +16,13 @@ from collections.abc import Sequence
 # The config (and with it torch, torchvision, scikit-learn) is imported by the commands that
 # need it, so `--help`, `status`, `report` and `ui` start in a fraction of the time.
 from orchestrator.commands import (check_cluster, data, evaluate, export, logs, metrics, report, reproduce, resume,
-                                   run, status, stop, submit, sweep, ui)
+                                   results, run, status, stop, submit, sweep, ui)
 from orchestrator.errors import ConfigError, Interrupted, RunFailed
 
 EXIT_BAD_INPUT = 2
 # In the order `avlab --help` lists them: first what a user needs first.
 COMMANDS = (run, sweep, resume, report, status, reproduce, ui, check_cluster, export, evaluate, stop, submit, logs,
-            metrics, data)
+            metrics, data, results)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,6 @@ import time
 
 _IMPORTED_AT = time.time()  # before the imports below: the worker's import time starts here
 
-import dataclasses
 import math
 import random
 import tempfile

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -176,7 +177,7 @@ def test_the_budget_lists_the_paired_volumes_a_grid_varies_not_the_first_trials_
 
 
 @pytest.mark.slow
-def test_reproduce_runs_a_claims_sweep_then_reuses_it_without_training(tmp_path, capsys):
+def test_reproduce_runs_a_claims_sweep_then_reuses_it_without_training_here_and_in_a_home_it_moves_to(tmp_path, capsys):
     space = tmp_path / "mem.yaml"
     space.write_text("base:\n  preset: tiny\ngrid:\n  method.memory_size: [8, 16]\nseeds: 1\n"
                      "metric: image_h_linear_acc\nmode: max\nresources: {workers: 1, cpus_per_worker: 1}\n"
@@ -243,6 +244,40 @@ def test_reproduce_runs_a_claims_sweep_then_reuses_it_without_training(tmp_path,
     assert [e["id"] for e in doc["claims"]] == ["mem_claim"] and doc["pending"] == ["pending_claim"]
     assert doc["claims"][0]["rows"] == docs[1]["claims"][0]["rows"]
     assert "Not decided (their sweeps have not finished): pending_claim." in (third / "verdicts.md").read_text()
+
+    # Moved to another home as a bundle: there the claim is decided without training (the trials
+    # are the imported ones), to the same rows, and `avlab report` prints the same report.
+    bundle, moved = tmp_path / "bundle", tmp_path / "moved"
+    out = subprocess.run([AVLAB, "--home", str(home), "results", "export", sweep, "--out", str(bundle)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and f"[avlab] exported {sweep}: 3 runs" in out.stdout, out.stderr[-2000:]
+    out = subprocess.run([AVLAB, "--home", str(moved), "results", "import", str(bundle)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and f"[avlab] imported {sweep}: 3 runs" in out.stdout, out.stderr[-2000:]
+    cmd[cmd.index("--home") + 1] = str(moved)
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=other, env=env, timeout=600)
+    assert again.returncode == 0 and f"reusing finished sweep {sweep}" in again.stdout, again.stderr[-3000:]
+    (moved_report,) = (moved / "reports" / "claims").iterdir()
+    doc = json.loads((moved_report / "verdicts.json").read_text())
+    assert doc["claims"][0]["rows"] == docs[1]["claims"][0]["rows"] and doc["claims"][0]["verdict"] == "inconclusive"
+    con = sqlite3.connect(moved / "mlflow.db")
+    kinds = [k for (k,) in con.execute("select value from tags where key = 'avlab.kind'")]
+    assert kinds.count("trial") == 2 and kinds.count("sweep") == 1  # nothing trained there
+    for form in ("markdown", "json"):
+        printed = [subprocess.run([AVLAB, "--home", str(h), "report", sweep, "--format", form], capture_output=True,
+                                  text=True, timeout=300) for h in (home, moved)]
+        assert all(r.returncode == 0 for r in printed)
+        if form == "json":  # what differs: the parent run's id in each store...
+            ids = [json.loads(r.stdout)["parent_run_id"] for r in printed]
+            printed[1].stdout = printed[1].stdout.replace(ids[1], ids[0])
+        # ... and the path of each home's latest verdicts
+        same = [re.sub(r"\S*/reports/claims/[^/]+/verdicts\.md", "VERDICTS", r.stdout) for r in printed]
+        assert same[0] == same[1] and same[0].count("VERDICTS") == 1, form
+    # Imported twice, the name is taken: refused before anything is written.
+    out = subprocess.run([AVLAB, "--home", str(moved), "results", "import", str(bundle)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and f"this home already has a job named {sweep!r}" in out.stderr
+    assert [k for (k,) in con.execute("select value from tags where key = 'avlab.kind'")].count("trial") == 2
 
 
 def test_an_undecided_claim_says_how_far_its_sweep_got(tmp_path):
