@@ -189,7 +189,8 @@ def import_bundle(home: Path, tracking_uri: str, src: Path) -> Moved:
         jobs.write(home, jobs.JobRecord(
             kind=record.kind, name=record.name, run_id=created[record.run_id], tracking_uri=tracking_uri,
             config=record.config, space=record.space, max_concurrent=record.max_concurrent,
-            reuse_trials=record.reuse_trials, storage=tracking.storage_root(home),
+            reuse_trials=record.reuse_trials, reuse_any_environment=record.reuse_any_environment,
+            storage=tracking.storage_root(home),
         ))
         if record.kind == "sweep":
             _rebuild_study(client, home, record, created[record.run_id])

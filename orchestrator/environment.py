@@ -162,6 +162,17 @@ def summary(runs: list[Any]) -> str | None:
             f"digits may differ for that alone): " + "; ".join(parts) + ".")
 
 
+def elsewhere(runs: list[Any], here: str) -> str | None:
+    """One line when some of ``runs`` were computed in an environment other than ``here`` (an
+    ``avlab.env.id``); None when every one ran in it."""
+    other = [r for r in runs if of_run(r) != here]
+    if not other:
+        return None
+    ids = sorted({of_run(r) or "unrecorded" for r in other})
+    return (f"{len(other)} of {len(runs)} trials were computed in environment {', '.join(ids)}, not in this one "
+            f"({here}): taken with --reuse-across-environments")
+
+
 if __name__ == "__main__":  # `python -m orchestrator.environment`: this machine's tags
     json.dump(describe(), sys.stdout, indent=1)
     print()

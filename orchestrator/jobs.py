@@ -45,6 +45,7 @@ class JobRecord:
     space: dict[str, Any] | None = None
     max_concurrent: int = 1
     reuse_trials: bool = False
+    reuse_any_environment: bool = False
     address: str | None = None
     storage: str | None = None
     home: str | None = None
@@ -72,6 +73,7 @@ class JobRecord:
             space=data.get("space") if kind == "sweep" else None,
             max_concurrent=data.get("max_concurrent", 1) if kind == "sweep" else 1,
             reuse_trials=bool(data.get("reuse_trials", False)),
+            reuse_any_environment=bool(data.get("reuse_any_environment", False)),  # absent in older files
             address=data.get("address"),
             storage=data.get("storage") if isinstance(data.get("storage"), str) else None,
             home=data.get("home") if isinstance(data.get("home"), str) else None,
@@ -86,6 +88,8 @@ class JobRecord:
         else:
             out.update(space=self.space, parent_run_id=self.run_id, max_concurrent=self.max_concurrent,
                        reuse_trials=self.reuse_trials)
+            if self.reuse_any_environment:  # written only when set: files stay as they were otherwise
+                out["reuse_any_environment"] = True
         out.update(tracking_uri=self.tracking_uri, address=self.address, storage=self.storage, driver=self.driver,
                    home=self.home)
         return out

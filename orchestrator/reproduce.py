@@ -26,8 +26,10 @@ verdicts it decided (``avlab report`` shows them).
                            "values": [float], "paper": float | null}],
                  "code": {str: int},  # finished trials of the sweep per code version
                                       # (tag avlab.source_hash; "unrecorded" before it)
-                 "environments": str | null}]}  # a line when its trials ran in more than one
-                                                # environment (tag avlab.env.id), else null
+                 "environments": str | null,  # a line when its trials ran in more than one
+                                              # environment (tag avlab.env.id), else null
+                 "elsewhere": str | null}]}  # a line when some were computed in an environment
+                                             # other than this one (--reuse-across-environments)
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class Request:
     data: str | None = None
     finished_only: bool = False
     retry_failed: bool = False
+    reuse_any_environment: bool = False  # decide from work computed in another environment too
     address: str | None = None
     home: str | None = None
     tracking_uri: str | None = None
@@ -216,7 +219,8 @@ def _run_or_reuse(args: Request, name: str, space: Any, overrides: list[str], cl
         return same[0]
     print(f"[avlab] reproduce: sweep {name} ({space.path.name})", flush=True)
     service.start_sweep(space.path, seeds=args.seeds, preset=args.preset, overrides=overrides, name=name,
-                        reuse_trials=space.scheduler is None, **common)
+                        reuse_trials=space.scheduler is None,
+                        reuse_any_environment=args.reuse_any_environment and space.scheduler is None, **common)
     return name
 
 
@@ -232,15 +236,36 @@ def seed_values(client, name: str, metric: str) -> dict[str, list[float]]:
     return out
 
 
-def sweep_provenance(client, name: str) -> tuple[dict[str, int], str | None]:
-    """The finished trials of sweep ``name`` per code version (``report.code_versions``), and one
-    line when they ran in more than one environment (``environment.summary``)."""
+def sweep_provenance(client, name: str) -> tuple[dict[str, int], str | None, str | None]:
+    """The finished trials of sweep ``name`` per code version (``report.code_versions``), one line
+    when they ran in more than one environment (``environment.summary``), and one when some were
+    computed in an environment other than this one (``environment.elsewhere``)."""
     from orchestrator import environment
     from orchestrator.report import _sweep, code_versions
     from orchestrator.runs import children as _children
 
     finished = [r for r in _children(client, _sweep(client, name).info.run_id) if r.info.status == "FINISHED"]
-    return code_versions(finished), environment.summary(finished)
+    here = environment.describe()["id"]
+    return code_versions(finished), environment.summary(finished), environment.elsewhere(finished, here)
+
+
+def _check_environments(client, home: Path, plans: dict[str, Any], args: Request) -> None:
+    """Without ``--reuse-across-environments``, a finished claims sweep computed (in part) in another
+    environment is refused, before anything runs: its verdict would be another machine's."""
+    if args.reuse_any_environment:
+        return
+    from orchestrator import environment
+
+    here = environment.describe()["id"]
+    for name in plans:
+        existing = _finished(client, _same_sweeps(home, name))
+        if existing is None:
+            continue
+        _, _, elsewhere = sweep_provenance(client, existing)
+        if elsewhere is not None:
+            raise ConfigError(f"--home: finished sweep {existing}: {elsewhere.split(':')[0]}; decide from it with "
+                              f"--reuse-across-environments (the verdicts say so), or use another --home to "
+                              f"compute it here ({here})")
 
 
 def budget_line(space: Any) -> str:
@@ -297,6 +322,10 @@ def to_markdown(doc: dict[str, Any]) -> str:
     if mixed:
         lines += ["", "Rows computed in more than one environment (their last digits may differ for that alone):",
                   *(f"- {c['id']}: {c['environments']}" for c in mixed)]
+    foreign = [c for c in doc["claims"] if c.get("elsewhere")]
+    if foreign:
+        lines += ["", "Decided from trials computed in another environment (--reuse-across-environments):",
+                  *(f"- {c['id']}: {c['elsewhere']}" for c in foreign)]
     if doc.get("pending"):
         lines += ["", f"Not decided (their sweeps have not finished): {', '.join(doc['pending'])}."]
     return "\n".join(lines) + "\n"
@@ -342,6 +371,7 @@ def reproduce(args: Request) -> Verdicts | None:
     home.mkdir(parents=True, exist_ok=True)
     tracking.prepare_store(uri)
     client = MlflowClient(uri)
+    _check_environments(client, home, plans, args)  # ConfigError -> exit 2, nothing run
     print(f"[avlab] reproduce: {len(claims)} claims over {len(plans)} sweeps", flush=True)
     ran: dict[str, str] = {}
     pending: list[str] = []  # with --finished-only: the claims whose sweeps have not finished
@@ -379,12 +409,12 @@ def reproduce(args: Request) -> Verdicts | None:
     entries = []
     for name, (space, group) in plans.items():
         values_by_metric: dict[str, dict[str, list[float]]] = {}
-        code, environments = sweep_provenance(client, name)
+        code, environments, elsewhere = sweep_provenance(client, name)
         for claim in group:
             if claim.metric not in values_by_metric:
                 values_by_metric[claim.metric] = seed_values(client, name, claim.metric)
             entries.append({**_claim_entry(claim, name, space, values_by_metric[claim.metric]), "code": code,
-                            "environments": environments})
+                            "environments": environments, "elsewhere": elsewhere})
     entries.sort(key=lambda e: order[e["id"]])
     run_name = stamp = f"reproduce-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     for n in range(2, 1000):  # two commands in one second never share a report folder

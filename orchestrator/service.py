@@ -236,7 +236,8 @@ def resume(name: str, *, home_arg: str | Path | None = None, tracking_uri: str |
     with _one_line_when_ray_stops("sweep", name):
         fit_sweep(job, name=name, home=home, tracking_uri=uri, address=address,
                   max_concurrent=record.max_concurrent, parent_id=run_id, restore=True,
-                  reuse_trials=record.reuse_trials, storage=storage, ray_dashboard=ray_dashboard)
+                  reuse_trials=record.reuse_trials, reuse_any_environment=record.reuse_any_environment,
+                  storage=storage, ray_dashboard=ray_dashboard)
     _finish_sweep(client, name, home, uri, time.perf_counter() - t0, job)
     return 0
 
@@ -274,14 +275,17 @@ def _check_sweep_resources(space) -> None:
 def start_sweep(search_space: str | Path, *, seeds: int | None = None, preset: str | None = None,
                 overrides: Sequence[str] = (), name: str | None = None, home_arg: str | Path | None = None,
                 tracking_uri: str | None = None, address: str | None = None, max_concurrent: int | None = None,
-                reuse_trials: bool = False, ray_dashboard: bool = False) -> int:
+                reuse_trials: bool = False, reuse_any_environment: bool = False,
+                ray_dashboard: bool = False) -> int:
     """Check, create and run the sweep of ``search_space`` to its end, then write its report; the
-    exit code."""
+    exit code. ``reuse_any_environment``: reused trials may come from another environment."""
     from orchestrator.search_space import load_search_space
     from orchestrator.sweep import check_supported
 
     space = load_search_space(search_space, seeds=seeds).with_overrides(preset, list(overrides))
     reuse = reuse_trials
+    if reuse_any_environment and not reuse:
+        raise ConfigError("--reuse-across-environments: it widens --reuse-trials; add --reuse-trials")
     check_supported(space, reuse_trials=reuse)
     if address is None:
         _check_sweep_resources(space)
@@ -322,7 +326,7 @@ def start_sweep(search_space: str | Path, *, seeds: int | None = None, preset: s
     t0 = time.perf_counter()
     with _one_line_when_ray_stops("sweep", name), jobs.reserved(home, name, "sweep", "--name"):
         run_sweep(space, name=name, home=home, tracking_uri=uri, address=address, max_concurrent=max_concurrent,
-                  reuse_trials=reuse, ray_dashboard=ray_dashboard)
+                  reuse_trials=reuse, reuse_any_environment=reuse_any_environment, ray_dashboard=ray_dashboard)
     _finish_sweep(client, name, home, uri, time.perf_counter() - t0, space)
     return 0
 

@@ -214,10 +214,12 @@ def run_sweep(
     address: str | None,
     max_concurrent: int,
     reuse_trials: bool = False,
+    reuse_any_environment: bool = False,
     ray_dashboard: bool = False,
 ) -> str:
     """Create the sweep's parent run and job file, then run the whole sweep; return the parent id.
-    With ``reuse_trials``, a trial identical to a finished trial of another sweep takes its results."""
+    With ``reuse_trials``, a trial identical to a finished trial of another sweep takes its results
+    (computed in any environment with ``reuse_any_environment``)."""
     storage = tracking.storage_root(home)
     client = MlflowClient(tracking_uri)
     tracking.get_or_create_experiment(client, SWEEP_EXPERIMENT, home)
@@ -246,11 +248,13 @@ def run_sweep(
     client.set_tag(parent_id, "mlflow.note.content", describe(space))
     jobs.write(home, jobs.JobRecord(
         kind="sweep", name=name, run_id=parent_id, tracking_uri=tracking_uri, space=space.to_dict(),
-        max_concurrent=max_concurrent, reuse_trials=reuse_trials, address=address,
+        max_concurrent=max_concurrent, reuse_trials=reuse_trials, reuse_any_environment=reuse_any_environment,
+        address=address,
         storage=storage, driver=driver_entry(),
     ))
     fit_sweep(space, name=name, home=home, tracking_uri=tracking_uri, address=address, max_concurrent=max_concurrent,
-              parent_id=parent_id, restore=False, reuse_trials=reuse_trials, storage=storage,
+              parent_id=parent_id, restore=False, reuse_trials=reuse_trials,
+              reuse_any_environment=reuse_any_environment, storage=storage,
               ray_dashboard=ray_dashboard)
     return parent_id
 
@@ -317,6 +321,7 @@ def fit_sweep(
     parent_id: str,
     restore: bool,
     reuse_trials: bool = False,
+    reuse_any_environment: bool = False,
     storage: str | None = None,
     ray_dashboard: bool = False,
 ) -> None:
@@ -350,7 +355,8 @@ def fit_sweep(
         init_ray(address, dashboard=ray_dashboard)
         storage = storage or tracking.storage_root(home)
         sweep = SweepContext(name=name, parent_run_id=parent_id, tracking_uri=tracking_uri, home=str(home),
-                             storage=storage, driver=secrets.token_hex(6), reuse_trials=reuse_trials)
+                             storage=storage, driver=secrets.token_hex(6), reuse_trials=reuse_trials,
+                             reuse_any_environment=reuse_any_environment)
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, space=space, sweep=sweep),
             lambda config: trial_resources(space, config),

@@ -33,7 +33,7 @@ class SweepContext:
     """What every trial of a sweep is given by its driver: the sweep's name and parent run, its
     store, its home and storage root (``storage/trials`` holds the trials' checkpoints), the id
     of this driver process (a trial run started by another driver is not this one's), and
-    whether identical finished trials of other sweeps are reused."""
+    whether identical finished trials of other sweeps are reused, and whether from any environment."""
 
     name: str
     parent_run_id: str
@@ -42,6 +42,7 @@ class SweepContext:
     storage: str
     driver: str
     reuse_trials: bool = False
+    reuse_any_environment: bool = False  # --reuse-across-environments: a donor's environment may differ
 
 
 # When this process ran its last trial: Tune reuses a trial's actor for the next trial, which then
@@ -200,7 +201,9 @@ def _identical_finished_trial(client: MlflowClient, cfg: Any, sweep: SweepContex
     (``tracking.RESULTS_VERSION``) in this environment (``avlab.env.id``), or None. Its numbers
     are this trial's: a trial's result is a function of its config and seed, given the code's
     numerics and the machine's kernels. An identical trial refused for its version or its
-    environment is said, with the reason, and this trial trains."""
+    environment is said, with the reason, and this trial trains; with
+    ``sweep.reuse_any_environment`` a trial of another environment is taken (its tags say where
+    it was computed)."""
     exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
     same = client.search_runs(
         [exp.experiment_id],
@@ -216,7 +219,7 @@ def _identical_finished_trial(client: MlflowClient, cfg: Any, sweep: SweepContex
         version = run.data.tags.get(f"{tracking.TAG_PREFIX}{tracking.RESULTS_VERSION_TAG}", "1")
         if version != str(tracking.RESULTS_VERSION):
             refused.append(f"{run.info.run_name} has results version {version}, this code {tracking.RESULTS_VERSION}")
-        elif environment.of_run(run) != here:
+        elif environment.of_run(run) != here and not sweep.reuse_any_environment:
             refused.append(f"{run.info.run_name} was computed in environment {environment.of_run(run) or 'unrecorded'}, "
                            f"this one is {here}")
         else:

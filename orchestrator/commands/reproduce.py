@@ -22,6 +22,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                            help="run nothing: decide the claims whose sweeps have finished, list the others")
     reproduce.add_argument("--retry-failed", action="store_true",
                            help="a claim's sweep that ended with failed trials trains them again (see `avlab resume`)")
+    reproduce.add_argument("--reuse-across-environments", action="store_true",
+                           help="decide from sweeps and trials computed in another environment too (tag "
+                                "avlab.env.id); the verdicts say which")
     add_job_flags(reproduce)
     reproduce.set_defaults(func=main)
 
@@ -32,7 +35,8 @@ def main(args: argparse.Namespace) -> int:
     verdicts = reproduce(Request(
         claims=tuple(i for i in args.items if "=" not in i), every=args.all,
         overrides=tuple(i for i in args.items if "=" in i), preset=args.preset, seeds=args.seeds, data=args.data,
-        finished_only=args.finished_only, retry_failed=args.retry_failed, address=args.address, home=args.home,
+        finished_only=args.finished_only, retry_failed=args.retry_failed,
+        reuse_any_environment=args.reuse_across_environments, address=args.address, home=args.home,
         tracking_uri=args.tracking_uri, ray_dashboard=args.ray_dashboard,
     ))
     if verdicts is not None:

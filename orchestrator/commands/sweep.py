@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     sweep.add_argument("--reuse-trials", action="store_true",
                        help="a trial whose resolved config and seed equal a finished trial of another sweep in "
                             "the store takes its results instead of training (tagged avlab.reused_from)")
+    sweep.add_argument("--reuse-across-environments", action="store_true",
+                       help="with --reuse-trials: also take trials computed in another environment (CPU "
+                            "dispatch, library versions; tag avlab.env.id), whose last digits may differ")
     add_job_flags(sweep)
     sweep.set_defaults(func=main)
 
@@ -30,4 +33,5 @@ def main(args: argparse.Namespace) -> int:
     return start_sweep(args.search_space, seeds=args.seeds, preset=args.preset, overrides=args.overrides,
                        name=args.name, home_arg=args.home, tracking_uri=args.tracking_uri, address=args.address,
                        max_concurrent=args.max_concurrent, reuse_trials=args.reuse_trials,
+                       reuse_any_environment=args.reuse_across_environments,
                        ray_dashboard=args.ray_dashboard)

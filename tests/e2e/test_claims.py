@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from conftest import AVLAB, TINY_RUN
 from orchestrator import tracking
@@ -273,6 +274,24 @@ def test_reproduce_runs_a_claims_sweep_then_reuses_it_without_training_here_and_
         # ... and the path of each home's latest verdicts
         same = [re.sub(r"\S*/reports/claims/[^/]+/verdicts\.md", "VERDICTS", r.stdout) for r in printed]
         assert same[0] == same[1] and same[0].count("VERDICTS") == 1, form
+    # Trials computed in another environment (their tags say so): reproduce refuses to decide from
+    # them, in one line before anything runs, unless told to, and then the verdicts say so.
+    client = MlflowClient(f"sqlite:///{moved / 'mlflow.db'}")
+    trials = client.search_runs([client.get_experiment_by_name("avlab-sweeps").experiment_id],
+                                "tags.`avlab.kind` = 'trial'")
+    for trial in trials:
+        client.set_tag(trial.info.run_id, "avlab.env.id", "0123456789abcdef")
+    refused = subprocess.run(cmd, capture_output=True, text=True, cwd=other, env=env, timeout=600)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr[-2000:]
+    assert (f"finished sweep {sweep}: 2 of 2 trials were computed in environment 0123456789abcdef, not in this one"
+            in refused.stderr and "--reuse-across-environments" in refused.stderr)
+    taken = subprocess.run([*cmd, "--reuse-across-environments"], capture_output=True, text=True, cwd=other,
+                           env=env, timeout=600)
+    assert taken.returncode == 0, taken.stderr[-2000:]
+    latest = max((moved / "reports" / "claims").iterdir())
+    entry = json.loads((latest / "verdicts.json").read_text())["claims"][0]
+    assert entry["elsewhere"].startswith("2 of 2 trials were computed in environment 0123456789abcdef")
+    assert "Decided from trials computed in another environment" in (latest / "verdicts.md").read_text()
     # Imported twice, the name is taken: refused before anything is written.
     out = subprocess.run([AVLAB, "--home", str(moved), "results", "import", str(bundle)],
                          capture_output=True, text=True, timeout=300)
@@ -282,8 +301,6 @@ def test_reproduce_runs_a_claims_sweep_then_reuses_it_without_training_here_and_
 
 def test_an_undecided_claim_says_how_far_its_sweep_got(tmp_path):
     """--finished-only's progress line: the finished trials of all the sweep runs, or not started."""
-    from mlflow.tracking import MlflowClient
-
     from orchestrator.reproduce import _progress
     from orchestrator.runs import SWEEP_EXPERIMENT
 
@@ -312,8 +329,6 @@ def test_an_undecided_claim_says_how_far_its_sweep_got(tmp_path):
 def test_trials_left_that_repeat_a_finished_or_an_earlier_trial_are_not_counted_to_train(tmp_path):
     """A trial left whose config and seed equal a finished, fully evaluated trial in the store, or a
     trial left in an earlier sweep, will be reused; one stopped early or never evaluated will not."""
-    from mlflow.tracking import MlflowClient
-
     from orchestrator.reproduce import trials_to_train
     from orchestrator.runs import SWEEP_EXPERIMENT
 

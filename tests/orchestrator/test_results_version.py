@@ -4,6 +4,7 @@ say when a change to the code moved a result (so that ``tracking.RESULTS_VERSION
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -55,6 +56,10 @@ def test_an_identical_trial_is_reused_only_with_this_results_version_and_environ
     client.delete_run(old)
     assert _identical_finished_trial(client, cfg, sweep, "base seed 3") is None
     assert f"elsewhere was computed in environment 0123456789, this one is {here}" in capsys.readouterr().out
+    # --reuse-across-environments: the other environment's trial is taken (never the old version's).
+    anywhere = dataclasses.replace(sweep, reuse_any_environment=True)
+    found = _identical_finished_trial(client, cfg, anywhere, "base seed 3")
+    assert found.info.run_name == "elsewhere" and environment.of_run(found) == "0123456789"
     # Another configuration (another seed) is never a candidate.
     assert _identical_finished_trial(client, resolve(None, preset="tiny", overrides=["seed=4"]), sweep, "x") is None
 
