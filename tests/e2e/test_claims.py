@@ -298,6 +298,24 @@ def test_reproduce_runs_a_claims_sweep_then_reuses_it_without_training_here_and_
     assert out.returncode == 2 and f"this home already has a job named {sweep!r}" in out.stderr
     assert [k for (k,) in con.execute("select value from tags where key = 'avlab.kind'")].count("trial") == 2
 
+    # What a claim's sweep resolves to changes (here its space's grid; a preset's change resolves
+    # the same way, to other trial configurations): reproduce in the same home runs another sweep,
+    # in which the unchanged trial takes the finished one's results and only the changed one
+    # trains; its output says which.
+    space.write_text(space.read_text().replace("[8, 16]", "[8, 32]"))
+    claim.write_text(claim.read_text().replace("=16", "=32"))
+    cmd[cmd.index("--home") + 1] = str(home)
+    cmd[cmd.index(str(other / claim.name))] = str(claim)
+    changed = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert "[avlab] reproduce: sweep reproduce-mem-tiny-s1-" in changed.stdout
+    assert "trial method.memory_size=8 seed 0: not trained again; the results of the identical finished " \
+           f"trial {sweep}/" in changed.stdout
+    assert "trial method.memory_size=32 seed 0: not trained again" not in changed.stdout
+    con = sqlite3.connect(home / "mlflow.db")
+    launchers = sorted(v for (v,) in con.execute("select value from tags where key = 'avlab.launcher'"))
+    assert launchers == ["reused", "trial", "trial", "trial"]  # two first trials, then one trained, one reused
+
 
 def test_an_undecided_claim_says_how_far_its_sweep_got(tmp_path):
     """--finished-only's progress line: the finished trials of all the sweep runs, or not started."""

@@ -92,6 +92,29 @@ def mem_sweep(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_a_trial_run_alone_with_an_extra_probe_measures_what_it_measured_in_the_sweep(tmp_path, mem_sweep):
+    """A trial's numbers are a function of its configuration and seed: run alone (`avlab run`, no
+    sweep, no Tune), with the sound SVM probe turned on besides, it logs every metric the trial
+    measured, bit for bit, and the SVM's on top. (The same trial in a sweep of other concurrency
+    and after a resume: test_a_single_worker_trial_whose_process_is_killed_...)."""
+    home, _ = mem_sweep
+    trial = trial_runs(home, "mem")[("method.memory_size=10", "1")]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out = subprocess.run([AVLAB, "run", "--home", str(tmp_path / "runs"), *MEM_RUN, "tracking.run_name=alone",
+                          "method.memory_size=10", "seed=1", "eval.sound_svm=true"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    (alone,) = client.search_runs([client.get_experiment_by_name("avlab").experiment_id])
+    shared, extra = measured(trial), measured(alone)
+    assert {k: extra[k] for k in shared} == shared
+    assert set(extra) - set(shared) >= {"sound_h_svm_acc", "sound_h_svm_iters"}
+    assert alone.data.tags["avlab.env.id"] == trial.data.tags["avlab.env.id"]
+
+
+@pytest.mark.slow
 def test_small_sweep_parent_children_report_and_status(mem_sweep):
     home, out = mem_sweep
     assert "| method.memory_size=10 " in out.stdout and "| method.memory_size=100" in out.stdout
