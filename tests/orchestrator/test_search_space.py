@@ -222,3 +222,10 @@ def test_a_space_that_selects_chooses_on_the_validation_split_and_a_grid_chooses
     del older["choose_on"]
     assert SearchSpace.from_dict(older).chosen("sound_h_linear_acc") == "sound_h_linear_acc"
     assert SearchSpace.from_dict(search.to_dict()) == search
+
+
+def test_each_trial_draws_the_data_of_its_seed_so_configurations_of_one_seed_share_it(tmp_path):
+    space = load_search_space(write(tmp_path, "grid:\n  method.memory_size: [10, 20]\nseeds: [0, 5]\n"))
+    assert {(t.params["method.memory_size"], t.seed, t.config.data.seed) for t in space.trials()} == {
+        (10, 0, 0), (20, 0, 0), (10, 5, 5), (20, 5, 5)}
+
