@@ -94,8 +94,17 @@ class SearchSpace:
         return self.uses_optuna or self.scheduler is not None
 
     def chosen(self, metric: str) -> str:
-        """The name a choice reads for ``metric``: its validation-split twin where the space selects."""
-        return metric if metric.startswith(self.choose_on) else f"{self.choose_on}{metric}"
+        """The name a choice reads for ``metric``: where the space selects, a probe's score on the
+        validation split (its ``val_`` twin); a cost or a training metric (``train_time_s``,
+        ``loss``) is the same on every split and is read as it is."""
+        if not self.choose_on or metric.startswith(self.choose_on):
+            return metric
+        from methods.evaluate.suite import quick_probe_config
+        from methods.metric_names import metric_names
+
+        cfg = self.first_config().eval
+        probes = {*metric_names(cfg), *metric_names(quick_probe_config(cfg))}
+        return f"{self.choose_on}{metric}" if metric in probes else metric
 
     @property
     def all_objectives(self) -> tuple[tuple[str, str], ...]:

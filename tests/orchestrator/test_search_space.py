@@ -209,6 +209,7 @@ def test_a_space_that_selects_chooses_on_the_validation_split_and_a_grid_chooses
     search = load_search_space(write(tmp_path, "search:\n  method.loss_temperature: {type: loguniform, low: 0.02, "
                                                "high: 1.0}\nmetric: sound_h_linear_acc\n"))
     assert search.selects and search.chosen("sound_h_linear_acc") == "val_sound_h_linear_acc"
+    assert search.chosen("train_time_s") == "train_time_s"  # a cost has no validation twin
     assert search.first_config().eval.val_metrics
     assert build_searcher(search).metric == "val_sound_h_linear_acc"
     grid = load_search_space(write(tmp_path, "grid:\n  method.memory_size: [10, 20]\n"))
