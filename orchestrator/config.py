@@ -315,7 +315,34 @@ def resolve(
     for key, value in parsed:
         _set_path(tree, key, value)
     tree["preset"] = name
+    data = tree.get("data") if isinstance(tree.get("data"), Mapping) else {}
+    _check_data_fields_act(bool(data.get("manifest")), {*flatten(run), *(key for key, _ in parsed)})
     return _build_experiment(tree)
+
+
+# Data fields that act on one kind of dataset only: set for the other, they would change nothing
+# while the run, a sweep's labels and a claim's rows said they did.
+PROCEDURAL_ONLY = ("paired_size", "unpaired_sound_size", "unpaired_image_size", "train_size", "test_size", "val_size",
+                   "transfer_train_size", "transfer_test_size", "num_classes")
+MANIFEST_ONLY = ("paired_fraction", "unpaired_sound_count", "unpaired_image_count", "cache_dir", "skip_bad",
+                 "cache_workers")
+
+
+def _check_data_fields_act(manifest: bool, explicit: set[str]) -> None:
+    """A data field set by the run file or an override must act on the data the run reads: the
+    embedded datasets' pool sizes do nothing to a manifest's pools (its rows are the pools), and
+    a manifest's fractions and counts do nothing to the embedded datasets."""
+    if manifest:
+        unused = [f for f in PROCEDURAL_ONLY if f"data.{f}" in explicit]
+        if unused:
+            raise ConfigError(f"data.{unused[0]}: sizes the embedded dataset's pools; with a manifest "
+                              f"(data.manifest) the pools are its rows: vary data.paired_fraction or "
+                              f"data.unpaired_sound_count / unpaired_image_count instead")
+    else:
+        unused = [f for f in MANIFEST_ONLY if f"data.{f}" in explicit]
+        if unused:
+            raise ConfigError(f"data.{unused[0]}: acts on a manifest's pools, and this run reads the embedded "
+                              f"dataset (no data.manifest): use the pool sizes (data.paired_size, ...) instead")
 
 
 def _chosen_method(run: Mapping[str, Any], parsed: list[tuple[str, Any]]) -> Any:
