@@ -1,8 +1,11 @@
 """The papers' claims as data, and the rules that decide them from a sweep's seeds.
 
-A claim file (``claims/*.yaml``) names the paper, the table or figure and its numbers, the search
-space whose sweep tests it, the metric, and the statement as a comparison of the sweep's
-configurations (by the labels ``avlab report`` shows) that a program can decide:
+A claim file (``claims/*.yaml``) names the paper, the table or figure and its numbers, the
+passage it encodes (``quote``: the paper's sentence, table cells or figure panel, verbatim), the
+search space whose sweep tests it, the metric, and the statement as a comparison of the sweep's
+configurations (by the labels ``avlab report`` shows) that a program can decide. ``kind`` is
+``paper`` (what the quoted passage says, no more) or ``sanity_check`` (avlab's own check that a
+method learns what it is built to learn, which no paper states; never attributed to one):
 
 - ``greater``: ``a`` > ``b``;
 - ``ordering``: ``rows`` from best to worst, every adjacent pair decided as ``greater``;
@@ -11,13 +14,23 @@ configurations (by the labels ``avlab report`` shows) that a program can decide:
 - ``peak``: ``at`` above both ends of ``rows`` (rows in the order of the varied value);
 - ``above``: ``row``'s mean above ``value`` (e.g. chance).
 
-Each comparison of two configurations is Welch's t-test over their seeds at 95 % (two-sided):
-significant and in the claimed direction **holds**, significant the other way **contradicted**,
-neither **inconclusive**; one seed on either side is always inconclusive. A plateau holds when
-the upper end of every gain's 95 % interval (Welch) is below ``delta`` and is contradicted when
-the lower end of one is above it; ``above`` uses the one-sample t interval. The effect size is
-the difference of means (for ``plateau`` the largest gain, for ``above`` the margin over
-``value``).
+The configurations of a claim share their seeds (and, the data following the run seed, each
+seed's data), so every comparison of two configurations is paired by seed: the paired t-test on
+the per-seed differences over the seeds both finished, two-sided at ALPHA = 0.05 (one common
+seed is always inconclusive). A rule that needs every one of its k comparisons (``ordering``,
+``argmax``, ``peak``, ``greater``) **holds** when each is significant in the claimed direction
+(an intersection-union test, each at ALPHA); it is **contradicted** when one comparison is
+significant the other way after Holm's correction over its k comparisons; otherwise it is
+**inconclusive**. A plateau holds when every gain's 95 % interval lies below ``delta`` and is
+contradicted when one gain is above it (Holm over the gains); ``above`` is the one-sample t-test
+against ``value``. Each verdict carries its effect (the deciding difference: the weakest pair of
+a holding or undecided claim, the strongest reversal of a contradicted one; for ``plateau`` the
+largest gain, for ``above`` the margin over ``value``) with its 95 % interval, the claim's p (the
+largest p of an intersection-union test, the Holm-adjusted p of a reversal) and the minimum
+detectable effect of its comparisons: the difference a paired test over these seeds would
+detect with 80 % power at the observed spread, i.e. how large an effect an "inconclusive" can
+hide. ``family_wise`` corrects the claims' p values across a table (Holm), beside each claim's
+own verdict.
 """
 
 from __future__ import annotations
@@ -44,7 +57,8 @@ RULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "peak": (("at", "rows"), ()),
     "above": (("row",), ("value",)),
 }
-_KEYS = ("claim", "paper", "where", "search_space", "metric", "rule", "paper_values")
+_KEYS = ("claim", "paper", "where", "quote", "kind", "search_space", "metric", "rule", "paper_values")
+KINDS = ("paper", "sanity_check")
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,8 @@ class Claim:
     rows: dict[str, Any]  # the rule's row fields: a label or a list of labels
     numbers: dict[str, float]  # the rule's numbers (delta, value)
     paper_values: dict[str, float] = field(default_factory=dict)  # configuration label -> the paper's number
+    quote: str = ""  # the paper's passage the claim encodes, verbatim
+    kind: str = "paper"  # paper | sanity_check (avlab's own, not the paper's)
 
     def labels(self) -> list[str]:
         """Every configuration the rule reads, in the order the rule names them."""
@@ -129,6 +145,11 @@ def load_claim(path: str | Path) -> Claim:
         if key not in _KEYS:
             raise ConfigError(f"{where}: {key}: unknown claim key; known keys: {', '.join(_KEYS)}")
     statement, paper, place = _text(raw, "claim", where), _text(raw, "paper", where), _text(raw, "where", where)
+    kind = raw.get("kind", "paper")
+    if kind not in KINDS:
+        raise ConfigError(f"{where}: kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+    # A paper's claim quotes the passage it encodes; a sanity check may quote what the paper does say.
+    quote = _text(raw, "quote", where) if kind == "paper" or "quote" in raw else ""
     space_path = _space_path(_text(raw, "search_space", where), p, where)
     space = load_search_space(space_path)
     metric = _text(raw, "metric", where)
@@ -173,9 +194,11 @@ def load_claim(path: str | Path) -> Claim:
         if label not in labels:
             raise ConfigError(f"{where}: paper_values: {label!r} is not a configuration of {space_path.name}")
         _number(value, f"{where}: paper_values.{label}")
+    if kind == "sanity_check" and paper_values:
+        raise ConfigError(f"{where}: paper_values: a sanity check is avlab's own; it quotes no paper's numbers")
     return Claim(id=p.stem, path=p, statement=statement, paper=paper, where=place, search_space=space_path,
                  metric=metric, rule=rule["type"], rows=rows, numbers=numbers,
-                 paper_values={k: float(v) for k, v in paper_values.items()})
+                 paper_values={k: float(v) for k, v in paper_values.items()}, quote=quote, kind=kind)
 
 
 def all_claims() -> list[Path]:
@@ -184,17 +207,71 @@ def all_claims() -> list[Path]:
 
 # --- deciding ----------------------------------------------------------------------------------
 
+ALPHA = 0.05  # every test's level, two-sided
+POWER = 0.8  # the power the minimum detectable effect is quoted at
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """``a`` - ``b`` over the seeds both finished, paired by seed: the mean difference, the
+    half-width of its 95 % interval, the two-sided p of the paired t-test, the seeds, and the
+    minimum detectable effect (two-sided at ALPHA, POWER, at the differences' observed spread)."""
+
+    a: str
+    b: str
+    diff: float
+    ci: float
+    p: float
+    n: int
+    mde: float
+
+
+def paired(a: dict[int, float], b: dict[int, float], alpha: float = ALPHA) -> tuple[float, float, float, int, float]:
+    """(mean difference, 1 - alpha half-width, two-sided p, seeds, MDE at ``alpha``) of the per-seed
+    differences a[s] - b[s] over the seeds in both (the paired t-test; one seed: inf, nan, inf)."""
+    seeds = sorted(set(a) & set(b))
+    d = [a[s] - b[s] for s in seeds]
+    if not d:
+        return math.nan, math.inf, math.nan, 0, math.inf
+    mean = statistics.fmean(d)
+    if len(d) < 2:
+        return mean, math.inf, math.nan, len(d), math.inf
+    se = statistics.stdev(d) / math.sqrt(len(d))
+    from scipy import stats  # a second to import: only when a claim is decided
+
+    df = len(d) - 1
+    q, q_power = float(stats.t.ppf(1 - alpha / 2, df)), float(stats.t.ppf(POWER, df))
+    if se == 0:  # every seed's difference the same: its sign is certain
+        return mean, 0.0, (0.0 if mean else 1.0), len(d), 0.0
+    return mean, q * se, float(2 * stats.t.sf(abs(mean / se), df)), len(d), (q + q_power) * se
+
+
+def holm(ps: list[float]) -> list[float]:
+    """Holm's step-down adjusted p values (nan counts as 1): reject where the adjusted p < alpha."""
+    order = sorted(range(len(ps)), key=lambda i: 1.0 if math.isnan(ps[i]) else ps[i])
+    adjusted, running = [1.0] * len(ps), 0.0
+    for rank, i in enumerate(order):
+        p = 1.0 if math.isnan(ps[i]) else ps[i]
+        running = max(running, min(1.0, (len(ps) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
 
 @dataclass(frozen=True)
 class Verdict:
     verdict: str  # holds | contradicted | inconclusive
-    effect: float  # difference of means (see the module docstring)
+    effect: float  # the deciding difference (see the module docstring)
     detail: str  # one line: the comparisons behind the verdict
+    ci: float = math.inf  # half-width of the effect's 95 % interval
+    mde: float = math.inf  # the largest of the comparisons' minimum detectable effects
+    p: float = math.nan  # the claim's p for its verdict (what the table's correction reads)
+    seeds: int = 0  # seeds the comparisons were paired over (the fewest of any comparison)
 
 
 def _welch(a: list[float], b: list[float]) -> tuple[float, float, float]:
     """(mean a - mean b, half-width of its 95 % Welch interval, two-sided p); inf / nan with
-    fewer than two seeds on a side."""
+    fewer than two seeds on a side. For configurations that do not share seeds (the report's
+    best configuration); a claim's configurations share them and are compared paired."""
     diff = statistics.fmean(a) - statistics.fmean(b)
     if len(a) < 2 or len(b) < 2:
         return diff, math.inf, math.nan
@@ -212,55 +289,119 @@ def _welch(a: list[float], b: list[float]) -> tuple[float, float, float]:
 def compare(a: list[float], b: list[float]) -> int:
     """+1 when a is significantly above b (Welch, 95 %), -1 when below, 0 when neither."""
     diff, _, p = _welch(a, b)
-    if not p < 0.05:
+    if not p < ALPHA:
         return 0
     return 1 if diff > 0 else -1
 
 
-def _pairs(values: dict[str, list[float]], pairs: list[tuple[str, str]]) -> Verdict:
-    """Every (a, b) claimed a > b: holds when all are significant, contradicted when one is
-    significant the other way."""
-    signs = [compare(values[a], values[b]) for a, b in pairs]
-    diffs = [statistics.fmean(values[a]) - statistics.fmean(values[b]) for a, b in pairs]
-    verdict = "contradicted" if -1 in signs else "holds" if all(s == 1 for s in signs) else "inconclusive"
-    words = {1: ">", -1: "<", 0: "~"}
-    detail = "; ".join(f"{a} {words[s]} {b} ({d:+.3f})" for (a, b), s, d in zip(pairs, signs, diffs))
-    return Verdict(verdict, min(diffs), detail)
+def _pairs(values: dict[str, dict[int, float]], pairs: list[tuple[str, str]], alpha: float = ALPHA) -> Verdict:
+    """Every (a, b) claimed a > b, each paired over the seeds both finished. Holds when every one
+    is significant in the claimed direction (an intersection-union test: each at ALPHA); is
+    contradicted when one is significant the other way after Holm's correction over the claim's
+    pairs (any one of k reversals would otherwise fire k times as often)."""
+    cs = [Comparison(a, b, *paired(values[a], values[b], alpha)) for a, b in pairs]
+    adjusted = holm([c.p for c in cs])
+    reversed_ = [(c, q) for c, q in zip(cs, adjusted) if c.diff < 0 and q < alpha]
+    if reversed_:
+        c, q = min(reversed_, key=lambda item: item[1])
+        verdict, p, deciding = "contradicted", q, c
+    else:
+        weakest = max(cs, key=lambda c: (1.0 if math.isnan(c.p) else c.p, -c.diff))
+        holds = all(c.diff > 0 and c.p < alpha for c in cs)
+        verdict, p, deciding = ("holds" if holds else "inconclusive"), weakest.p, weakest
+    def sign(c: Comparison, q: float) -> str:  # what each pair says under the rule above
+        return "<" if c.diff < 0 and q < alpha else ">" if c.diff > 0 and c.p < alpha else "~"
+    detail = "; ".join(f"{c.a} {sign(c, q)} {c.b} ({c.diff:+.3f} ± {c.ci:.3f}, p {c.p:.3g}, Holm {q:.3g}, "
+                       f"n {c.n})" for c, q in zip(cs, adjusted))
+    return Verdict(verdict, deciding.diff, detail, deciding.ci, max(c.mde for c in cs), p, min(c.n for c in cs))
 
 
-def decide(claim: Claim, values: dict[str, list[float]]) -> Verdict:
-    """The claim's verdict from each configuration's per-seed values of its metric. A
-    configuration without a finished seed makes the claim inconclusive."""
+def decide(claim: Claim, values: dict[str, dict[int, float]], alpha: float = ALPHA) -> Verdict:
+    """The claim's verdict from each configuration's per-seed values of its metric (label ->
+    seed -> value), every test at ``alpha`` (a sequential look's share of ALPHA: ``look_alpha``).
+    A configuration without a finished seed makes the claim inconclusive."""
     missing = [label for label in claim.labels() if not values.get(label)]
     if missing:
         return Verdict("inconclusive", math.nan, f"no finished seed for {', '.join(missing)}")
     r = claim.rows
     if claim.rule == "greater":
-        return _pairs(values, [(r["a"], r["b"])])
+        return _pairs(values, [(r["a"], r["b"])], alpha)
     if claim.rule == "ordering":
-        return _pairs(values, list(zip(r["rows"], r["rows"][1:])))
+        return _pairs(values, list(zip(r["rows"], r["rows"][1:])), alpha)
     if claim.rule == "argmax":
-        return _pairs(values, [(r["best"], other) for other in r["among"] if other != r["best"]])
+        return _pairs(values, [(r["best"], other) for other in r["among"] if other != r["best"]], alpha)
     if claim.rule == "peak":
-        return _pairs(values, [(r["at"], r["rows"][0]), (r["at"], r["rows"][-1])])
+        return _pairs(values, [(r["at"], r["rows"][0]), (r["at"], r["rows"][-1])], alpha)
     if claim.rule == "plateau":
-        delta, after = claim.numbers["delta"], r["after"]
-        later = r["rows"][r["rows"].index(after) + 1:] if after in r["rows"] else r["rows"]
-        gains = [(row, *_welch(values[row], values[after])[:2]) for row in later if row != after]
-        if not gains:
-            return Verdict("inconclusive", math.nan, f"no configuration after {after}")
-        verdict = ("contradicted" if any(g - ci > delta for _, g, ci in gains)
-                   else "holds" if all(g + ci < delta for _, g, ci in gains) else "inconclusive")
-        detail = "; ".join(f"{row} - {after} = {g:+.3f} ± {ci:.3f}" for row, g, ci in gains)
-        return Verdict(verdict, max(g for _, g, _ in gains), f"{detail} (delta {delta:g})")
-    # above
-    seeds, value = values[r["row"]], claim.numbers["value"]
-    mean = statistics.fmean(seeds)
-    if len(seeds) < 2:
-        return Verdict("inconclusive", mean - value, f"{r['row']} = {mean:.3f} on one seed (value {value:g})")
-    sem = statistics.stdev(seeds) / math.sqrt(len(seeds))
+        return _plateau(claim, values, alpha)
+    return _above(claim, values, alpha)
+
+
+def _plateau(claim: Claim, values: dict[str, dict[int, float]], alpha: float) -> Verdict:
+    """Beyond ``after`` no row gains ``delta``: holds when every paired gain's 1 - alpha interval
+    lies below delta (each at alpha: intersection-union); contradicted when one gain is above
+    delta with Holm's correction over the rows."""
+    delta, after = claim.numbers["delta"], claim.rows["after"]
+    rows = claim.rows["rows"]
+    later = [row for row in (rows[rows.index(after) + 1:] if after in rows else rows) if row != after]
+    if not later:
+        return Verdict("inconclusive", math.nan, f"no configuration after {after}")
+    gains = [Comparison(row, after, *paired(values[row], values[after], alpha)) for row in later]
     from scipy import stats
 
-    ci = float(stats.t.ppf(0.975, len(seeds) - 1) * sem)
-    verdict = "holds" if mean - ci > value else "contradicted" if mean + ci < value else "inconclusive"
-    return Verdict(verdict, mean - value, f"{r['row']} = {mean:.3f} ± {ci:.3f} against {value:g}")
+    def p_against(c: Comparison, above: bool) -> float:  # two-sided convention, as the pair rules
+        if c.n < 2 or not math.isfinite(c.ci):
+            return math.nan
+        if c.ci == 0:
+            return 0.0 if (c.diff > delta if above else c.diff < delta) else 1.0
+        se = c.ci / float(stats.t.ppf(1 - alpha / 2, c.n - 1))
+        t = (c.diff - delta) / se
+        return float(min(1.0, 2 * (stats.t.sf(t, c.n - 1) if above else stats.t.cdf(t, c.n - 1))))
+
+    over = holm([p_against(c, above=True) for c in gains])
+    under = [p_against(c, above=False) for c in gains]
+    detail = "; ".join(f"{c.a} - {after} = {c.diff:+.3f} ± {c.ci:.3f} (n {c.n})" for c in gains) + f" (delta {delta:g})"
+    largest = max(gains, key=lambda c: c.diff)
+    mde, n = max(c.mde for c in gains), min(c.n for c in gains)
+    if min(over) < alpha:
+        return Verdict("contradicted", largest.diff, detail, largest.ci, mde, min(over), n)
+    holds = all(not math.isnan(p) and p < alpha for p in under)
+    p = max(1.0 if math.isnan(p) else p for p in under)
+    return Verdict("holds" if holds else "inconclusive", largest.diff, detail, largest.ci, mde, p, n)
+
+
+def _above(claim: Claim, values: dict[str, dict[int, float]], alpha: float) -> Verdict:
+    """``row``'s mean above ``value``: the one-sample t-test, two-sided at alpha."""
+    row, value = claim.rows["row"], claim.numbers["value"]
+    seeds = list(values[row].values())
+    mean = statistics.fmean(seeds)
+    if len(seeds) < 2:
+        return Verdict("inconclusive", mean - value, f"{row} = {mean:.3f} on one seed (value {value:g})", seeds=1)
+    diff, ci, p, n, mde = paired(values[row], {s: value for s in values[row]}, alpha)
+    verdict = "inconclusive" if not p < alpha else "holds" if diff > 0 else "contradicted"
+    return Verdict(verdict, diff, f"{row} = {mean:.3f} ± {ci:.3f} against {value:g} (p {p:.3g}, n {n})",
+                   ci, mde, p, n)
+
+
+def family_wise(verdicts: list[Verdict], alpha: float = ALPHA) -> list[str]:
+    """Each claim's verdict with Holm's correction across the table: a holding or contradicted
+    claim whose p does not survive it becomes inconclusive."""
+    adjusted = holm([v.p if v.verdict != "inconclusive" else 1.0 for v in verdicts])
+    return [v.verdict if v.verdict == "inconclusive" or q < alpha else "inconclusive"
+            for v, q in zip(verdicts, adjusted)]
+
+
+def looks(start: int, most: int) -> list[int]:
+    """The seed counts at which ``--until-decided`` looks: ``start``, then ``start`` more each
+    round, up to ``most`` (the last look at ``most`` itself)."""
+    if not 2 <= start <= most:
+        raise ConfigError(f"--max-seeds: must be at least the starting seeds (--seeds {start}, at least 2), got {most}")
+    counts = list(range(start, most + 1, start))
+    return counts if counts[-1] == most else [*counts, most]
+
+
+def look_alpha(start: int, most: int) -> float:
+    """Each look's level under ``--until-decided``: ALPHA split evenly over the planned looks
+    (Bonferroni over looks), so that the chance of a false holds or contradicted over all of a
+    claim's looks stays at most ALPHA, however many it takes."""
+    return ALPHA / len(looks(start, most))

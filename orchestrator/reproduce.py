@@ -19,11 +19,17 @@ verdicts it decided (``avlab report`` shows them).
      "overrides": [str], "mlflow_run_id": str,
      "pending": [str],  # claim ids not decided: --finished-only and their sweeps unfinished
      "claims": [{"id": str, "claim": str, "paper": str, "where": str, "metric": str,
+                 "quote": str, "kind": "paper" | "sanity_check",
                  "rule": {"type": str, ...its fields}, "sweep": str, "budget": str,
                  "verdict": "holds" | "contradicted" | "inconclusive", "effect": float | null,
+                 "effect_ci95": float | null,  # half-width of the effect's 95 % interval
+                 "mde": float | null,  # minimum detectable effect (80 % power) at the observed spread
+                 "p": float | null,  # the claim's p for its verdict (orchestrator.claims)
+                 "paired_seeds": int,  # seeds its comparisons were paired over
+                 "family_verdict": str,  # the verdict with Holm's correction across this table
                  "detail": str,
                  "rows": [{"configuration": str, "mean": float | null, "ci95": float | null,
-                           "values": [float], "paper": float | null}],
+                           "values": [float], "seeds": [int], "paper": float | null}],
                  "code": {str: int},  # finished trials of the sweep per code version
                                       # (tag avlab.source_hash; "unrecorded" before it)
                  "environments": str | null,  # a line when its trials ran in more than one
@@ -34,6 +40,7 @@ verdicts it decided (``avlab report`` shows them).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -42,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.claims import Claim, all_claims, decide, load_claim
+from orchestrator.claims import ALPHA, Claim, Verdict, all_claims, decide, family_wise, load_claim, look_alpha, looks
 from orchestrator.errors import ConfigError
 
 CLAIMS_EXPERIMENT = "avlab-claims"
@@ -64,6 +71,8 @@ class Request:
     finished_only: bool = False
     retry_failed: bool = False
     reuse_any_environment: bool = False  # decide from work computed in another environment too
+    max_seeds: int | None = None  # --until-decided: add seeds in rounds up to this many
+    alpha: float = ALPHA  # each test's level (a sequential look's share under --until-decided)
     address: str | None = None
     home: str | None = None
     tracking_uri: str | None = None
@@ -77,6 +86,7 @@ class Verdicts:
     markdown: str
     counts: dict[str, int]
     report: Path
+    claims: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # verdicts.json's entries
 
 
 def _plans(args: Request) -> tuple[list[Claim], dict[str, tuple[Any, list[Claim]]], list[str]]:
@@ -224,15 +234,17 @@ def _run_or_reuse(args: Request, name: str, space: Any, overrides: list[str], cl
     return name
 
 
-def seed_values(client, name: str, metric: str) -> dict[str, list[float]]:
-    """Per configuration label, the metric of each finished trial of sweep ``name``."""
+def seed_values(client, name: str, metric: str) -> dict[str, dict[int, float]]:
+    """Per configuration label, the metric of each finished trial of sweep ``name`` by its seed
+    (what pairs the configurations' comparisons)."""
     from orchestrator.report import _sweep
     from orchestrator.runs import children as _children
 
-    out: dict[str, list[float]] = {}
+    out: dict[str, dict[int, float]] = {}
     for run in _children(client, _sweep(client, name).info.run_id):
         if run.info.status == "FINISHED" and metric in run.data.metrics:
-            out.setdefault(run.data.tags.get("avlab.config_label", "base"), []).append(run.data.metrics[metric])
+            seed = int(run.data.tags.get("avlab.seed", run.data.params.get("seed", "0")))
+            out.setdefault(run.data.tags.get("avlab.config_label", "base"), {})[seed] = run.data.metrics[metric]
     return out
 
 
@@ -281,37 +293,54 @@ def budget_line(space: Any) -> str:
             f"{values(lambda c: c.data.paired_size)} pairs, {seeds} seed{'s' * (seeds > 1)}")
 
 
-def _claim_entry(claim: Claim, sweep: str, space: Any, values: dict[str, list[float]]) -> dict[str, Any]:
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _claim_entry(claim: Claim, sweep: str, space: Any, values: dict[str, dict[int, float]],
+                 alpha: float = ALPHA) -> dict[str, Any]:
     from orchestrator.report import mean_ci95
 
-    verdict = decide(claim, values)
+    verdict = decide(claim, values, alpha)
     rows = []
     for label in claim.labels():
-        seeds = values.get(label, [])
+        by_seed = values.get(label, {})
+        seeds = [by_seed[s] for s in sorted(by_seed)]
         mean, ci = mean_ci95(seeds) if seeds else (None, None)
-        rows.append({"configuration": label, "mean": mean, "ci95": ci, "values": seeds,
+        rows.append({"configuration": label, "mean": mean, "ci95": ci, "values": seeds, "seeds": sorted(by_seed),
                      "paper": claim.paper_values.get(label)})
     budget = budget_line(space)
     return {"id": claim.id, "claim": claim.statement, "paper": claim.paper, "where": claim.where,
+            "quote": claim.quote, "kind": claim.kind,
             "metric": claim.metric, "rule": {"type": claim.rule, **claim.rows, **claim.numbers}, "sweep": sweep,
             "budget": budget, "verdict": verdict.verdict,
-            "effect": None if math.isnan(verdict.effect) else verdict.effect, "detail": verdict.detail, "rows": rows}
+            "effect": _finite(verdict.effect), "effect_ci95": _finite(verdict.ci), "mde": _finite(verdict.mde),
+            "p": _finite(verdict.p), "paired_seeds": verdict.seeds, "family_verdict": verdict.verdict,
+            "detail": verdict.detail, "rows": rows}
 
 
 def to_markdown(doc: dict[str, Any]) -> str:
     from orchestrator.report import code_line
 
     lines = [f"### Claims at the {doc['preset']} preset ({doc['name']})", "",
-             "| claim | paper's numbers | avlab mean ± 95 % CI | verdict | effect | seeds | budget |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| claim | paper's numbers | avlab mean ± 95 % CI | verdict | across the table | effect ± 95 % CI | "
+             "MDE | seeds | budget |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in doc["claims"]:
         paper = "; ".join(f"{r['configuration']} {r['paper']:.3f}" for r in c["rows"] if r["paper"] is not None)
         ours = "; ".join(f"{r['configuration']} {r['mean']:.3f} ± {r['ci95']:.3f}" if r["mean"] is not None
                          else f"{r['configuration']} –" for r in c["rows"])
-        seeds = min((len(r["values"]) for r in c["rows"]), default=0)
-        effect = "–" if c["effect"] is None else f"{c['effect']:+.3f}"
-        lines.append(f"| {c['id']}: {c['claim']} ({c['where']}) | {paper or '–'} | {ours} | **{c['verdict']}** | "
-                     f"{effect} | {seeds} | {c['budget']} |")
+        seeds = c.get("paired_seeds", 0)
+        effect = "–" if c["effect"] is None else f"{c['effect']:+.3f}" + (
+            f" ± {c['effect_ci95']:.3f}" if c.get("effect_ci95") is not None else "")
+        mde = "–" if c.get("mde") is None else f"{c['mde']:.3f}"
+        where = c["where"] if c.get("kind", "paper") == "paper" else "avlab's sanity check, not the paper's"
+        lines.append(f"| {c['id']}: {c['claim']} ({where}) | {paper or '–'} | {ours} | **{c['verdict']}** | "
+                     f"{c.get('family_verdict', '–')} | {effect} | {mde} | {seeds} | {c['budget']} |")
+    lines += ["", "Comparisons are paired by seed (paired t-test, two-sided, 5 %); a claim that needs every "
+              "comparison holds when each is significant its way, and is contradicted by a reversal significant "
+              "after Holm's correction over its comparisons; \"across the table\" applies Holm over the claims. "
+              "MDE: the difference these seeds would detect with 80 % power at the observed spread."]
     versions = {code for c in doc["claims"] for code in c.get("code", {})}
     if len(versions) == 1:
         lines += ["", code_line({versions.pop(): 1})]
@@ -322,6 +351,13 @@ def to_markdown(doc: dict[str, Any]) -> str:
     if mixed:
         lines += ["", "Rows computed in more than one environment (their last digits may differ for that alone):",
                   *(f"- {c['id']}: {c['environments']}" for c in mixed)]
+    if doc.get("sequential"):
+        seq = doc["sequential"]
+        lines += ["", f"Seeds added until decided: looks at {', '.join(map(str, seq['looks']))} seeds, each test at "
+                      f"p < {seq['alpha_per_look']:.4g} (5 % split over the {len(seq['looks'])} planned looks, "
+                      "Bonferroni), so a claim ends holds or contradicted falsely with at most 5 % chance."
+                  + (f" Still inconclusive at the budget: {', '.join(seq['undecided_at_budget'])}."
+                     if seq["undecided_at_budget"] else "")]
     foreign = [c for c in doc["claims"] if c.get("elsewhere")]
     if foreign:
         lines += ["", "Decided from trials computed in another environment (--reuse-across-environments):",
@@ -408,14 +444,74 @@ def reproduce(args: Request) -> Verdicts | None:
     plans = {ran[name]: plan for name, plan in plans.items() if name in ran}
     entries = []
     for name, (space, group) in plans.items():
-        values_by_metric: dict[str, dict[str, list[float]]] = {}
+        values_by_metric: dict[str, dict[str, dict[int, float]]] = {}
         code, environments, elsewhere = sweep_provenance(client, name)
         for claim in group:
             if claim.metric not in values_by_metric:
                 values_by_metric[claim.metric] = seed_values(client, name, claim.metric)
-            entries.append({**_claim_entry(claim, name, space, values_by_metric[claim.metric]), "code": code,
+            entries.append({**_claim_entry(claim, name, space, values_by_metric[claim.metric], args.alpha), "code": code,
                             "environments": environments, "elsewhere": elsewhere})
     entries.sort(key=lambda e: order[e["id"]])
+    return _publish(client, home, uri, args, claims, entries, pending, overrides, preset, [*plans])
+
+def until_decided(args: Request) -> Verdicts | None:
+    """``--until-decided``: decide the claims at ``args.seeds`` seeds (3 when not given), then run
+    the sweeps of the claims still inconclusive again with as many seeds more, round after round,
+    up to ``args.max_seeds``. Every look tests at ALPHA over the number of planned looks
+    (``claims.look_alpha``: Bonferroni over looks), so the chance that a claim ends holds or
+    contradicted falsely stays at most ALPHA however many looks it takes. Each round is a plain
+    ``reproduce`` with its own report (a round's sweep takes the trials of the seeds before it
+    from the last round's, ``--reuse-trials``; stopped, the command run again continues where it
+    was); the last report holds every claim as its last look decided it."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import tracking
+
+    if args.finished_only:
+        raise ConfigError("--until-decided: runs the sweeps it needs; not with --finished-only")
+    if args.max_seeds is None:
+        raise ConfigError("--until-decided: give --max-seeds K, the most seeds any claim may take")
+    start = args.seeds or 3
+    counts, alpha = looks(start, args.max_seeds), look_alpha(start, args.max_seeds)
+    claims, plans, overrides = _plans(dataclasses.replace(args, seeds=start))  # ConfigError -> exit 2 before anything
+    preset = next(iter(plans.values()))[0].preset
+    paths = {c.id: c.path for c in claims}
+    final: dict[str, dict[str, Any]] = {}
+    pending = [c.id for c in claims]
+    print(f"[avlab] reproduce: until decided: looks at {', '.join(map(str, counts))} seeds, each at p < {alpha:.4g} "
+          f"(5 % over {len(counts)} looks)", flush=True)
+    for n in counts:
+        print(f"[avlab] reproduce: {n} seeds for {len(pending)} claim(s): {', '.join(pending)}", flush=True)
+        round_args = dataclasses.replace(args, claims=tuple(str(paths[i]) for i in pending), every=False, seeds=n,
+                                         alpha=alpha, max_seeds=None)
+        verdicts = reproduce(round_args)
+        for entry in verdicts.claims if verdicts else []:
+            final[entry["id"]] = entry
+        pending = [i for i in pending if final.get(i, {}).get("verdict", "inconclusive") == "inconclusive"]
+        if not pending:
+            break
+    home = tracking.resolve_home(args.home)
+    uri = tracking.resolve_tracking_uri(home, args.tracking_uri)
+    entries = [final[c.id] for c in claims if c.id in final]
+    sequential = {"looks": counts, "alpha_per_look": alpha, "undecided_at_budget": pending}
+    if not entries:
+        return None
+    return _publish(MlflowClient(uri), home, uri, dataclasses.replace(args, alpha=alpha), claims, entries, [],
+                    overrides, preset, list(dict.fromkeys(e["sweep"] for e in entries)), sequential)
+
+
+def _publish(client, home: Path, uri: str, args: Request, claims: list[Claim], entries: list[dict[str, Any]],
+             pending: list[str], overrides: list[str], preset: str, sweeps: list[str],
+             sequential: dict[str, Any] | None = None) -> Verdicts:
+    """Correct the table's verdicts across its claims (Holm), write the verdicts (JSON, Markdown,
+    a figure each) to ``<home>/reports/claims/<name>/`` and an ``avlab-claims`` MLflow run, and
+    tag each of ``sweeps`` with what it decided."""
+    from orchestrator import tracking
+
+    # Holm across the table: each claim's verdict as the whole table's family of tests allows.
+    table = [Verdict(e["verdict"], math.nan, "", p=math.nan if e["p"] is None else e["p"]) for e in entries]
+    for entry, family in zip(entries, family_wise(table, args.alpha)):
+        entry["family_verdict"] = family
     run_name = stamp = f"reproduce-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     for n in range(2, 1000):  # two commands in one second never share a report folder
         if not (home / "reports" / "claims" / run_name).exists():
@@ -430,7 +526,8 @@ def reproduce(args: Request) -> Verdicts | None:
         config_yaml="\n---\n".join(c.path.read_text() for c in claims),
     )
     doc = {"format": FORMAT, "name": run_name, "preset": preset, "seeds": args.seeds, "data": args.data,
-           "overrides": overrides, "mlflow_run_id": run_id, "claims": entries, "pending": pending}
+           "overrides": overrides, "mlflow_run_id": run_id, "claims": entries, "pending": pending,
+           "sequential": sequential}
     out = home / "reports" / "claims" / run_name
     (out / "figures").mkdir(parents=True, exist_ok=True)
     (out / "verdicts.json").write_text(json.dumps(doc, indent=2, sort_keys=True))
@@ -447,8 +544,8 @@ def reproduce(args: Request) -> Verdicts | None:
     tracking.end_run(uri, run_id, ok=True)
     from orchestrator.runs import find_sweep_run
 
-    for name, (_, group) in plans.items():  # `avlab report NAME` links back to these verdicts
+    for name in sweeps:  # `avlab report NAME` links back to these verdicts
         decided = "; ".join(f"{e['id']}: {e['verdict']}" for e in entries if e["sweep"] == name)
         tracking.set_tags(client, find_sweep_run(client, name).info.run_id,
                           {"verdicts": decided, "verdict_run": run_id, "verdict_report": str(out / "verdicts.md")})
-    return Verdicts(markdown, counts, out / "verdicts.md")
+    return Verdicts(markdown, counts, out / "verdicts.md", entries)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import AVLAB, TINY_RUN
+from conftest import AVLAB, ROOT, TINY_RUN
 from orchestrator import tracking
 from orchestrator.claims import Claim, _welch, all_claims, decide, load_claim
 from orchestrator.cli import main
@@ -21,7 +21,8 @@ def test_every_claim_file_loads_against_its_search_space():
     claims = [load_claim(p) for p in all_claims()]
     assert len(claims) >= 18
     rules = {c.rule for c in claims}
-    assert rules == {"greater", "ordering", "argmax", "plateau", "peak", "above"}
+    # No paper states a strict ordering of more than two rows: "ordering" is for claims that do.
+    assert rules == {"greater", "argmax", "plateau", "peak", "above"}
     # Every ablation the README lists as a search space has at least one claim.
     spaces = {c.search_space.name for c in claims}
     for space in ("memory_size_fig6.yaml", "unpaired_volume_fig5.yaml", "paired_volume_table5.yaml",
@@ -32,9 +33,37 @@ def test_every_claim_file_loads_against_its_search_space():
         assert space in spaces, space
 
 
+def test_a_papers_claim_quotes_it_and_a_sanity_check_is_never_attributed_to_one():
+    claims = [load_claim(p) for p in all_claims()]
+    for claim in claims:
+        if claim.kind == "paper":
+            assert len(claim.quote) > 40, claim.id
+        else:
+            assert claim.kind == "sanity_check" and not claim.paper_values, claim.id
+            assert "sanity check" in claim.where, claim.id
+    assert sum(c.kind == "sanity_check" for c in claims) == 6
+
+
+PAPERS = ROOT.parent / "shared" / "papers"
+
+
+@pytest.mark.skipif(not PAPERS.is_dir(), reason=f"the papers' text is not at {PAPERS}")
+def test_every_quote_is_in_its_papers_text_verbatim():
+    """Each part of a quote (between "...") occurs in the text of the paper it names (for the
+    BMA-Memory paper, its main text or its supplement), whitespace aside."""
+    texts = {p.name[:3]: re.sub(r"\s+", " ", p.read_text().replace("\xa0", " ")) for p in PAPERS.glob("0*.txt")}
+    for claim in (load_claim(p) for p in all_claims()):
+        if not claim.quote:
+            continue
+        number = re.search(r"paper (\d{3})", claim.paper).group(1)
+        where = [texts[number], *([texts["000"]] if number == "001" else [])]
+        for part in filter(None, (re.sub(r"\s+", " ", x).strip() for x in claim.quote.split("..."))):
+            assert any(part in text for text in where), (claim.id, part)
+
+
 GOOD = {
     "claim": "more memory is better", "paper": "BMA-Memory", "where": "Fig. 6",
-    "search_space": "memory_size_fig6.yaml", "metric": "image_h_linear_acc",
+    "quote": "the performance improves as the memory grows", "search_space": "memory_size_fig6.yaml", "metric": "image_h_linear_acc",
     "rule": {"type": "greater", "a": "method.memory_size=500", "b": "method.memory_size=10"},
 }
 
@@ -55,6 +84,10 @@ GOOD = {
     ({"rule": {"type": "above", "row": "method.memory_size=500", "value": float("nan")}},
      r"bad\.yaml: rule\.value: expected a finite number"),
     ({"paper_values": {"method.memory_size=500": "high"}}, r"bad\.yaml: paper_values\.method\.memory_size=500: expected a finite"),
+    ({"quote": None}, r"bad\.yaml: quote: expected a non-empty string"),
+    ({"kind": "hunch"}, r"bad\.yaml: kind: expected one of paper, sanity_check, got 'hunch'"),
+    ({"kind": "sanity_check", "paper_values": {"method.memory_size=500": 0.5}},
+     r"bad\.yaml: paper_values: a sanity check is avlab's own"),
 ])
 def test_a_bad_claim_file_exits_2_naming_the_file_and_field(tmp_path, capsys, change, message):
     import re
@@ -88,28 +121,34 @@ def test_welch_matches_the_hand_computed_test():
     assert p == pytest.approx(0.02131, abs=1e-4)
 
 
+def _seeds(values: dict[str, list[float]]) -> dict[str, dict[int, float]]:
+    """Each configuration's values as seeds 0, 1, ... (what a sweep's trials give)."""
+    return {label: dict(enumerate(v)) for label, v in values.items()}
+
+
 HIGH, LOW, NOISY = [0.80, 0.82, 0.81], [0.50, 0.52, 0.51], [0.40, 0.90, 0.62]
 
 
 @pytest.mark.parametrize("values, verdict", [
     ({"a": HIGH, "b": LOW}, "holds"),  # a clear win
     ({"a": LOW, "b": HIGH}, "contradicted"),  # a clear loss
-    ({"a": NOISY, "b": [0.6, 0.5, 0.7]}, "inconclusive"),  # intervals overlap
+    ({"a": NOISY, "b": [0.6, 0.5, 0.7]}, "inconclusive"),  # the differences scatter
     ({"a": [0.9], "b": [0.1]}, "inconclusive"),  # one seed decides nothing
     ({"a": HIGH, "b": []}, "inconclusive"),  # a configuration never finished
 ])
 def test_greater(values, verdict):
-    v = decide(_claim("greater", a="a", b="b"), values)
+    v = decide(_claim("greater", a="a", b="b"), _seeds(values))
     assert v.verdict == verdict
     if verdict != "inconclusive":
         assert v.effect == pytest.approx(0.3 if verdict == "holds" else -0.3)
 
 
 def test_ordering_argmax_and_peak_decide_every_pair():
-    values = {"x": HIGH, "y": [0.65, 0.66, 0.64], "z": LOW}
+    values = _seeds({"x": HIGH, "y": [0.65, 0.66, 0.64], "z": LOW})
     assert decide(_claim("ordering", rows=["x", "y", "z"]), values).verdict == "holds"
     assert decide(_claim("ordering", rows=["x", "z", "y"]), values).verdict == "contradicted"
-    assert decide(_claim("ordering", rows=["x", "y", "z"]), {**values, "y": NOISY}).verdict == "inconclusive"
+    noisy = {**values, "y": dict(enumerate(NOISY))}
+    assert decide(_claim("ordering", rows=["x", "y", "z"]), noisy).verdict == "inconclusive"
     assert decide(_claim("argmax", best="x", among=["x", "y", "z"]), values).verdict == "holds"
     v = decide(_claim("argmax", best="y", among=["x", "y", "z"]), values)
     assert v.verdict == "contradicted" and v.effect == pytest.approx(0.65 - 0.81)
@@ -120,15 +159,86 @@ def test_ordering_argmax_and_peak_decide_every_pair():
 def test_plateau_and_above():
     flat = {"n10": LOW, "n500": HIGH, "n1000": [0.805, 0.815, 0.812], "n5000": [0.81, 0.815, 0.805]}
     rows = ["n10", "n500", "n1000", "n5000"]
-    assert decide(_claim("plateau", after="n500", rows=rows, delta=0.05), flat).verdict == "holds"
+    assert decide(_claim("plateau", after="n500", rows=rows, delta=0.05), _seeds(flat)).verdict == "holds"
     climbing = {**flat, "n5000": [0.95, 0.96, 0.94]}
-    v = decide(_claim("plateau", after="n500", rows=rows, delta=0.05), climbing)
+    v = decide(_claim("plateau", after="n500", rows=rows, delta=0.05), _seeds(climbing))
     assert v.verdict == "contradicted" and v.effect == pytest.approx(0.14)
-    assert decide(_claim("plateau", after="n500", rows=rows, delta=0.05), {**flat, "n5000": NOISY}).verdict == "inconclusive"
-    assert decide(_claim("above", row="x", value=0.5), {"x": HIGH}).verdict == "holds"
-    assert decide(_claim("above", row="x", value=0.9), {"x": HIGH}).verdict == "contradicted"
-    assert decide(_claim("above", row="x", value=0.6), {"x": NOISY}).verdict == "inconclusive"
-    assert decide(_claim("above", row="x", value=0.5), {"x": [0.99]}).verdict == "inconclusive"
+    noisy = _seeds({**flat, "n5000": NOISY})
+    assert decide(_claim("plateau", after="n500", rows=rows, delta=0.05), noisy).verdict == "inconclusive"
+    assert decide(_claim("above", row="x", value=0.5), _seeds({"x": HIGH})).verdict == "holds"
+    assert decide(_claim("above", row="x", value=0.9), _seeds({"x": HIGH})).verdict == "contradicted"
+    assert decide(_claim("above", row="x", value=0.6), _seeds({"x": NOISY})).verdict == "inconclusive"
+    assert decide(_claim("above", row="x", value=0.5), _seeds({"x": [0.99]})).verdict == "inconclusive"
+
+
+def test_a_difference_every_seed_shows_holds_paired_where_welch_sees_nothing():
+    """Seeds move both configurations together (their data, their initialisation): the paired test
+    sees a difference of 0.009-0.012 on every seed that Welch's, comparing the seeds' spread of
+    0.08, cannot."""
+    from scipy import stats
+
+    a = [0.50, 0.60, 0.70, 0.55]
+    b = [x - d for x, d in zip(a, [0.010, 0.012, 0.011, 0.009])]
+    assert _welch(a, b)[2] > 0.8
+    v = decide(_claim("greater", a="a", b="b"), _seeds({"a": a, "b": b}))
+    reference = stats.ttest_rel(a, b)
+    assert v.verdict == "holds" and v.p == pytest.approx(reference.pvalue, rel=1e-9)
+    d = [x - y for x, y in zip(a, b)]
+    se = stats.sem(d)
+    assert v.effect == pytest.approx(0.0105) and v.ci == pytest.approx(stats.t.ppf(0.975, 3) * se)
+    assert v.mde == pytest.approx((stats.t.ppf(0.975, 3) + stats.t.ppf(0.8, 3)) * se) and v.seeds == 4
+    # Only the seeds both finished are paired: a fifth seed of one side changes nothing.
+    uneven = {"a": {**dict(enumerate(a)), 4: 0.1}, "b": dict(enumerate(b))}
+    assert decide(_claim("greater", a="a", b="b"), uneven) == v
+
+
+def test_a_reversal_that_holm_removes_leaves_an_ordering_inconclusive():
+    """One reversal among three comparisons at p 0.024 (< 0.05, not < 0.05 / 3): alone it would
+    contradict the ordering; Holm's correction over the claim's three pairs leaves it undecided."""
+    from scipy import stats
+
+    b = [0.60, 0.62, 0.58, 0.61, 0.59]
+    c = [x + d for x, d in zip(b, [0.03, 0.005, 0.02, 0.035, 0.01])]  # c above b: reverses b > c
+    a = [x + d for x, d in zip(b, [0.05, -0.04, 0.02, -0.03, 0.01])]  # a ~ b
+    e = [x + d for x, d in zip(c, [-0.05, 0.04, -0.01, 0.03, -0.02])]  # c ~ e
+    p = stats.ttest_rel(b, c).pvalue
+    assert 0.05 / 3 < p < 0.05
+    v = decide(_claim("ordering", rows=["a", "b", "c", "e"]), _seeds({"a": a, "b": b, "c": c, "e": e}))
+    assert v.verdict == "inconclusive" and "b ~ c" in v.detail and f"Holm {min(1.0, 3 * p):.3g}" in v.detail
+    assert decide(_claim("greater", a="b", b="c"), _seeds({"b": b, "c": c})).verdict == "contradicted"  # alone
+
+
+def test_holm_and_the_family_wise_verdicts_against_hand_computed_cases():
+    from orchestrator.claims import Verdict, family_wise, holm
+
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.01, math.nan]) == pytest.approx([0.02, 1.0])
+    table = [Verdict("holds", 0.1, "", p=0.01), Verdict("contradicted", -0.1, "", p=0.02),
+             Verdict("holds", 0.1, "", p=0.045), Verdict("inconclusive", 0.0, "", p=0.3)]
+    # m = 4: 0.01 x 4 = 0.04 < 0.05; 0.02 x 3 = 0.06: stop. The rest stay or become inconclusive.
+    assert family_wise(table) == ["holds", "inconclusive", "inconclusive", "inconclusive"]
+
+
+def test_the_sequential_rule_keeps_false_verdicts_at_five_percent_over_its_looks():
+    """2 000 claims with no effect (two configurations of one distribution, paired by seed), looked
+    at with 3, 6 and 9 seeds: deciding every look at 5 % ends about one in ten holds or
+    contradicted; the rule --until-decided uses (5 % over the looks) stays at most 5 %."""
+    import numpy as np
+
+    from orchestrator.claims import look_alpha, looks
+
+    assert looks(3, 9) == [3, 6, 9] and looks(3, 10) == [3, 6, 9, 10] and looks(2, 2) == [2]
+    assert look_alpha(3, 9) == pytest.approx(0.05 / 3)
+    rng = np.random.default_rng(0)
+    claim = _claim("greater", a="a", b="b")
+    wrong = {"rule": 0, "naive": 0}
+    for _ in range(2000):
+        shared = rng.normal(0.5, 0.05, 9)  # what a seed gives both configurations (data, init)
+        a, b = shared + rng.normal(0, 0.01, 9), shared + rng.normal(0, 0.01, 9)
+        for name, alpha in (("rule", look_alpha(3, 9)), ("naive", 0.05)):
+            wrong[name] += any(decide(claim, _seeds({"a": list(a[:n]), "b": list(b[:n])}), alpha).verdict
+                               != "inconclusive" for n in looks(3, 9))
+    assert wrong["rule"] / 2000 <= 0.05 < 0.07 < wrong["naive"] / 2000
 
 
 def test_a_claims_sweep_is_named_by_the_trials_it_resolves_to_not_by_a_presets_name(tmp_path, monkeypatch):
@@ -184,8 +294,8 @@ def test_reproduce_runs_a_claims_sweep_then_reuses_it_without_training_here_and_
                      "metric: image_h_linear_acc\nmode: max\nresources: {workers: 1, cpus_per_worker: 1}\n"
                      "max_concurrent: 2\n")
     claim = tmp_path / "mem_claim.yaml"
-    claim.write_text("claim: a larger memory helps\npaper: BMA-Memory\nwhere: Fig. 6\nsearch_space: mem.yaml\n"
-                     "metric: image_h_linear_acc\nrule: {type: greater, a: method.memory_size=16, "
+    claim.write_text("claim: a larger memory helps\npaper: BMA-Memory\nwhere: Fig. 6\nquote: more memory helps\n"
+                     "search_space: mem.yaml\nmetric: image_h_linear_acc\nrule: {type: greater, a: method.memory_size=16, "
                      "b: method.memory_size=8}\npaper_values: {method.memory_size=16: 0.77}\n")
     home = tmp_path / "home"
     # Nothing run yet: --finished-only decides nothing and leaves no store behind.
@@ -315,6 +425,39 @@ def test_reproduce_runs_a_claims_sweep_then_reuses_it_without_training_here_and_
     con = sqlite3.connect(home / "mlflow.db")
     launchers = sorted(v for (v,) in con.execute("select value from tags where key = 'avlab.launcher'"))
     assert launchers == ["reused", "trial", "trial", "trial"]  # two first trials, then one trained, one reused
+
+
+@pytest.mark.slow
+def test_until_decided_adds_a_round_of_seeds_to_an_undecided_claim_then_stops_at_its_budget(tmp_path):
+    """Two seeds leave a claim undecided (a paired test on two seeds decides only a difference 25
+    times its spread, at 2.5 % per look): --until-decided runs its sweep again with three, whose
+    first two seeds' trials are the first round's, and stops there, its budget spent."""
+    (tmp_path / "mem.yaml").write_text("base:\n  preset: tiny\ngrid:\n  method.memory_size: [8, 16]\nseeds: 1\n"
+                                       "metric: image_h_linear_acc\nmode: max\n"
+                                       "resources: {workers: 1, cpus_per_worker: 1}\nmax_concurrent: 2\n")
+    claim = tmp_path / "mem_claim.yaml"
+    claim.write_text("claim: a larger memory helps\npaper: BMA-Memory (paper 001)\nwhere: Fig. 6\n"
+                     "quote: more memory helps\nsearch_space: mem.yaml\nmetric: image_h_linear_acc\n"
+                     "rule: {type: greater, a: method.memory_size=16, b: method.memory_size=8}\n")
+    home = tmp_path / "home"
+    cmd = [AVLAB, "--home", str(home), "reproduce", str(claim), "--until-decided", "--seeds", "2", "--max-seeds", "3",
+           *TINY_RUN]
+    env = {**__import__("os").environ, "RAY_AUTH_MODE": "disabled"}
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "until decided: looks at 2, 3 seeds, each at p < 0.025 (5 % over 2 looks)" in out.stdout
+    assert "[avlab] reproduce: 2 seeds for 1 claim(s): mem_claim" in out.stdout
+    assert "[avlab] reproduce: 3 seeds for 1 claim(s): mem_claim" in out.stdout
+    con = sqlite3.connect(home / "mlflow.db")
+    launchers = sorted(v for (v,) in con.execute("select value from tags where key = 'avlab.launcher'"))
+    assert launchers == ["reused"] * 4 + ["trial"] * 6  # 4 trials, then 6 of which 4 were the first round's
+    latest = max((home / "reports" / "claims").iterdir())
+    doc = json.loads((latest / "verdicts.json").read_text())
+    assert doc["sequential"]["looks"] == [2, 3] and doc["sequential"]["alpha_per_look"] == pytest.approx(0.025)
+    (entry,) = doc["claims"]
+    assert entry["paired_seeds"] == 3 and [len(r["values"]) for r in entry["rows"]] == [3, 3]
+    assert doc["sequential"]["undecided_at_budget"] == ([] if entry["verdict"] != "inconclusive" else ["mem_claim"])
+    assert "Seeds added until decided: looks at 2, 3 seeds" in (latest / "verdicts.md").read_text()
 
 
 def test_an_undecided_claim_says_how_far_its_sweep_got(tmp_path):

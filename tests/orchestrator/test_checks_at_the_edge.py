@@ -163,7 +163,7 @@ def test_check_cluster_finds_a_placeholder_after_a_hash_inside_quotes(tmp_path, 
 
 
 GOOD = {
-    "claim": "more memory is better", "paper": "BMA-Memory", "where": "Fig. 6",
+    "claim": "more memory is better", "paper": "BMA-Memory", "where": "Fig. 6", "quote": "more memory helps",
     "search_space": "memory_size_fig6.yaml", "metric": "image_h_linear_acc",
     "rule": {"type": "greater", "a": "method.memory_size=500", "b": "method.memory_size=10"},
 }
