@@ -102,6 +102,17 @@ def test_a_bad_claim_file_exits_2_naming_the_file_and_field(tmp_path, capsys, ch
     assert not (tmp_path / "home").exists()
 
 
+def test_a_claim_whose_sweep_sizes_the_embedded_pools_is_refused_on_a_manifest(tmp_path, capsys):
+    """On a manifest the embedded pools' sizes change nothing: a data-volume claim's four
+    configurations would be one configuration four times. Refused in one line, nothing created."""
+    home = tmp_path / "home"
+    claim = str(ROOT / "claims" / "bma_table5_unpaired_compensates_full.yaml")
+    assert main(["--home", str(home), "reproduce", claim, "--data", str(tmp_path / "m.csv"), "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "data.unpaired_image_size: sizes the embedded dataset's pools" in err
+    assert not home.exists()
+
+
 def test_reproduce_needs_claims_or_all(tmp_path, capsys):
     assert main(["--home", str(tmp_path), "reproduce"]) == 2
     assert "CLAIM: name claim files, or give --all" in capsys.readouterr().err
