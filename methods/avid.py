@@ -9,9 +9,10 @@ Self-AVID uses the same modality's memories, Cross-AVID the other modality's, Jo
 memory spaces (eq. 6-9).
 
 Numbers follow the authors' code where the paper leaves them open (docs/spec.md §3): Z̄ is the mean of
-exp(score) over the negatives of the very first batch (averaged over workers) and then frozen
+exp(score) over the negatives of the very first batch's v→a term (v→v for Self-AVID; averaged
+over workers), the first term the authors' one NCE criterion sees, and then frozen
 (``cma_reestimate_z``: estimated again on CMA's first step); each direction (v→a, a→v) carries
-weight ½; negatives never include the sample itself; memories are updated with the features of
+weight ½, and Joint-AVID's ¼ (the authors normalise the two coefficients to sum 1); negatives never include the sample itself; memories are updated with the features of
 the whole global batch after the scores were computed.
 
 State and side effects. ``training_step`` (= ``forward``) writes nothing: it reads the banks,
@@ -364,9 +365,10 @@ class AVID(Method):
             if bool(self.z_bar_ready):
                 z_bar = self.z_bar
             else:  # first step: estimate Z̄ here; after_step freezes it
-                z_bar = torch.stack(
-                    [mean_exp_score(x.detach(), neg, temperature=tau) for x, _, neg in terms.values()]
-                ).mean()
+                # As the authors' one NCE criterion does: from the first term it scores, v→a
+                # (v→v for Self-AVID), not a mean over the terms.
+                x, _, neg = terms["v2a" if "v2a" in terms else "v2v"]
+                z_bar = mean_exp_score(x.detach(), neg, temperature=tau)
                 if world_size() > 1:
                     dist.all_reduce(z_bar)
                     z_bar = z_bar / world_size()
@@ -382,6 +384,8 @@ class AVID(Method):
         if "v2a" in nce:
             out["loss_cross"] = (nce["v2a"] + nce["a2v"]) / 2
             loss = loss + out["loss_cross"]
+        if cfg.variant == "joint":  # the authors' coefficients sum to 1: each direction weighs ¼
+            loss = loss / 2
         if "v2v_cma" in nce:
             out["loss_cma"] = (nce["v2v_cma"] + nce["a2a_cma"]) / 2
             loss = loss + cfg.cma_weight * out["loss_cma"]
