@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, DataInfo, FieldError, Method, StepOutput
+from methods.base import Batch, DataInfo, FieldError, Method, StepOutput, neutral_field
 from methods.cma import CMA_RULES, cma_positive_sets
 from methods import distributed
 from methods.distributed import world_size
@@ -67,7 +67,9 @@ PRESETS = {
 }
 
 VARIANTS = ("self", "cross", "joint")
+CMA_CRITERIA = ("paper", "released")
 _SEED_STRIDE = 0x9E3779B97F4A7C15  # odd 64-bit constant: successive steps get unrelated seeds
+_POSITIVE_STREAM = 0x5851F42D4C957F2D  # offsets the positives' draws from the negatives' of a step
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,13 @@ class AVIDConfig:
     # 2.18 with the paper's head and 2.20 with the BatchNorm head, the paper's 2.2045).
     cma_reestimate_z: bool = False
     cma_chunk_size: int = 4096  # rows and columns per block of the positive-set search
+    # "paper": eq. 8-9 as the paper writes them (every sample's K_p positives in L_wMPD, the
+    # instance alone as the cross-modal positive). "released": the authors' released criterion
+    # (criterions/avid_cma.py of facebookresearch/AVID-CMA): every step draws
+    # cma_sampled_positives of the K_p (with replacement) per sample, which are L_wMPD's
+    # positives and join the instance as the cross-modal term's positives.
+    cma_criterion: str = neutral_field("paper")
+    cma_sampled_positives: int = neutral_field(8)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -130,6 +139,11 @@ class AVIDConfig:
             raise ValueError(f"variant: AVID+CMA builds on Cross-AVID (eq. 9); set variant=cross, got {self.variant!r}")
         if self.cma_weight < 0:
             raise ValueError(f"cma_weight: must be >= 0, got {self.cma_weight}")
+        if self.cma_criterion not in CMA_CRITERIA:
+            raise ValueError(f"cma_criterion: must be one of {', '.join(CMA_CRITERIA)}, got {self.cma_criterion!r}")
+        if self.cma_criterion == "released" and not 0 < self.cma_sampled_positives <= self.cma_positives:
+            raise ValueError(f"cma_sampled_positives: must be in 1..cma_positives={self.cma_positives}, "
+                             f"got {self.cma_sampled_positives}")
         for name in ("cma_positives", "cma_negatives", "cma_refresh_epochs", "cma_chunk_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
@@ -331,6 +345,18 @@ class AVID(Method):
         draws_BK = draws_GK[rank * b : (rank + 1) * b].to(index_B.device)
         return skip_excluded(draws_BK, excluded_BE)
 
+    def sample_positive_indices(self, index_B: torch.Tensor) -> torch.Tensor:
+        """``cma_criterion: released``: this step's (B, cma_sampled_positives) draw from each
+        sample's positive set, uniform with replacement, a function of (``sampling_seed``,
+        ``step``) like the negatives (another stream), drawn for the global batch and sliced."""
+        b, world, s = index_B.shape[0], world_size(), self.cfg.cma_sampled_positives
+        seed = (int(self.sampling_seed) + (int(self.step) + 1) * _SEED_STRIDE + _POSITIVE_STREAM) % 2**63
+        g = torch.Generator().manual_seed(seed)
+        draws_GS = torch.randint(0, self.cfg.cma_positives, (b * world, s), generator=g)
+        rank = distributed.rank()
+        draws_BS = draws_GS[rank * b : (rank + 1) * b].to(index_B.device)
+        return self.positives[index_B.long()].gather(1, draws_BS)
+
     # -- the Method interface --
 
     @classmethod
@@ -357,6 +383,11 @@ class AVID(Method):
                 terms["a2v"] = (a_BD, self.bank_v[index_B], self.bank_v[neg_BK[:, :k]])
             if self.cma_active:
                 pos_BP, kn = self.positives[index_B], cfg.cma_negatives
+                if cfg.cma_criterion == "released":  # this step's draw joins the instance cross-modally
+                    pos_BP = self.sample_positive_indices(index_B)
+                    both_BP = torch.cat([index_B[:, None], pos_BP], dim=1)
+                    terms["v2a"] = (v_BD, self.bank_a[both_BP], self.bank_a[neg_BK[:, :k]])
+                    terms["a2v"] = (a_BD, self.bank_v[both_BP], self.bank_v[neg_BK[:, :k]])
                 terms["v2v_cma"] = (v_BD, self.bank_v[pos_BP], self.bank_v[neg_BK[:, :kn]])
                 terms["a2a_cma"] = (a_BD, self.bank_a[pos_BP], self.bank_a[neg_BK[:, :kn]])
 

@@ -540,3 +540,53 @@ def test_cross_avid_does_not_collapse_with_the_small_presets_head():
     assert loss < trivial, (loss, trivial)
     _, _, cos_v0, cos_a0 = _train_cross_avid(head_batchnorm=False)
     assert min(cos_v0, cos_a0) > 0.9, (cos_v0, cos_a0)  # the collapsing recipe is caught
+
+
+def _released_criterion_loop(v, a, bank_v, bank_a, index, drawn, neg, z, tau, weight):
+    """The authors' released criterion (AVID_CMA with NCECriterion), written out per sample:
+    cross-modal positives are the instance and its drawn positives, within-modal positives the
+    drawn ones; P_m = e^s / (e^s + K Z), the positive term averaged over positives, the negative
+    term summed; each modality pair halved, the within-modal one weighed by lambda."""
+    def nce(x, pos, negs):
+        k = len(negs)
+        pm = [math.exp(float(x @ p) / tau) / (math.exp(float(x @ p) / tau) + k * z) for p in pos]
+        pn = [k * z / (math.exp(float(x @ q) / tau) + k * z) for q in negs]
+        return -sum(math.log(p) for p in pm) / len(pm) - sum(math.log(p) for p in pn)
+
+    b = len(index)
+    total = 0.0
+    for i in range(b):
+        own, ps = int(index[i]), [int(j) for j in drawn[i]]
+        total += (nce(v[i], [bank_a[j] for j in [own, *ps]], [bank_a[j] for j in neg[i]])
+                  + nce(a[i], [bank_v[j] for j in [own, *ps]], [bank_v[j] for j in neg[i]])) / 2
+        total += weight * (nce(v[i], [bank_v[j] for j in ps], [bank_v[j] for j in neg[i]])
+                           + nce(a[i], [bank_a[j] for j in ps], [bank_a[j] for j in neg[i]])) / 2
+    return total / b
+
+
+def test_the_released_cma_criterion_is_the_authors_formula():
+    """cma_criterion=released against an independent per-sample writing of the authors' criterion,
+    on the draws the model made: each step draws its own positives from every sample's set, with
+    replacement, and they are CMA positives of that sample."""
+    m = make_model(**{**CMA, "cma_negatives": 12}, cma_start_epoch=1, cma_refresh_epochs=1, cma_weight=0.7,
+                   num_negatives=12, cma_criterion="released", cma_sampled_positives=2)
+    for step in range(2):  # one Cross-AVID epoch of two steps, then CMA
+        b = make_batch(seed=step)
+        m.after_step(b, m(b))
+    m.on_epoch_end(0)
+    assert m.cma_active
+    b = make_batch(seed=7)
+    neg = m.sample_negative_indices(b["index"])
+    drawn = m.sample_positive_indices(b["index"])
+    assert drawn.shape == (8, 2)
+    assert all(int(j) in m.positives[int(i)].tolist() for i, row in zip(b["index"], drawn) for j in row)
+    bank_v, bank_a = m.bank_v.clone().double(), m.bank_a.clone().double()
+    out = m(b)
+    v, a = out.state["v"].double(), out.state["a"].double()
+    expected = _released_criterion_loop(v, a, bank_v, bank_a, b["index"], drawn, neg[:, :12], float(m.z_bar),
+                                        m.cfg.temperature, 0.7)
+    assert math.isclose(float(out.metrics["loss"].detach()), expected, rel_tol=1e-4)
+    m.after_step(b, out)
+    assert not torch.equal(m.sample_positive_indices(b["index"]), drawn)  # redrawn every step
+    with pytest.raises(ValueError, match=r"^cma_sampled_positives: must be in 1\.\.cma_positives=3"):
+        AVIDConfig(**{**TINY, **CMA, "cma_criterion": "released", "cma_sampled_positives": 4})
