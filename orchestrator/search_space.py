@@ -352,7 +352,10 @@ def _load_variants(
     for label, settings in variants.items():
         if not isinstance(settings, Mapping) or not settings:
             raise ConfigError(f"{p.name}: variants.{label}: expected a non-empty mapping of dotted paths to values")
-        cfgs.append(_resolve(p, run, preset, (*base, *(_override(k, v) for k, v in settings.items())), f"variants.{label}"))
+        values = dict(settings)
+        if any(_percent(v) is not None for v in values.values()):  # "N%" of the base's value, as in a grid
+            values = _absolute(p, values, run, preset, base)
+        cfgs.append(_resolve(p, run, preset, (*base, *(_override(k, v) for k, v in values.items())), f"variants.{label}"))
         out[str(label)] = dict(settings)
     return out, cfgs
 

@@ -293,7 +293,7 @@ def test_the_budget_lists_the_paired_volumes_a_grid_varies_not_the_first_trials_
     from orchestrator.reproduce import budget_line
 
     table5 = load_search_space(Path("search_spaces/paired_volume_table5.yaml"), seeds=3)
-    assert budget_line(table5.with_overrides("small", [])) == "small: 4 epochs, 3277 or 16384 pairs, 3 seeds"
+    assert budget_line(table5.with_overrides("small", [])) == "small: 4 or 20 epochs, 3277 or 16384 pairs, 3 seeds"
     fig6 = load_search_space(Path("search_spaces/memory_size_fig6.yaml"), seeds=1).with_overrides("small", [])
     assert budget_line(fig6) == f"small: 4 epochs, {fig6.first_config().data.paired_size} pairs, 1 seed"
 
