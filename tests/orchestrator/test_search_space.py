@@ -20,6 +20,7 @@ EXPECTED = {  # file: (configurations, trials)
     "avid_variants_table1": (3, 6),
     "cma_weight_fig3": (4, 8),
     "cma_positive_rule_fig4": (4, 8),
+    "cma_criterion": (4, 12),
     "method_comparison": (7, 7),
     "multissl_combinations": (9, 9),
     "multissl_tasks_small": (5, 15),
