@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -42,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # SQLAlchemy logs what it meets while closing a cursor that an interrupt cut short ("Error
+    # closing cursor" and a traceback) through Python's last-resort handler onto stderr; the
+    # interrupt itself is reported in one line, so its log records end here.
+    logging.getLogger("sqlalchemy").addHandler(logging.NullHandler())
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     command = args.command_module
@@ -131,7 +136,6 @@ def console() -> None:
     if "ray" not in sys.modules:
         sys.exit(code)
     import atexit
-    import logging
 
     atexit._run_exitfuncs()  # what a normal exit runs: Ray's and MLflow's handlers among them
     logging.shutdown()

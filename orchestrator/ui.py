@@ -113,6 +113,23 @@ def _raise_stop(signum, frame) -> None:
     raise _Stop
 
 
+def _start(command: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, bool]:
+    """The server process, and whether a Ctrl-C or SIGTERM came while it was being started. A stop
+    raised inside ``Popen`` (after the fork, before it returns) would leave the server running with
+    nobody holding it: during the start both signals are only noted, and acted on once the
+    server can be stopped."""
+    noted: list[int] = []
+    handlers = {sig: signal.signal(sig, lambda signum, frame: noted.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        # Its own session: Ctrl-C reaches avlab only, which then stops the server in order.
+        server = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return server, bool(noted)
+
+
 def _stop(server: subprocess.Popen) -> None:
     """SIGTERM to the server (it forwards it to its uvicorn process), then SIGKILL to its process
     group if it has not exited in time."""
@@ -158,10 +175,10 @@ def serve(store_uri: str, home: Path, host: str, port: int) -> int:
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     print(f"[avlab] starting the MLflow server on {store_uri}", flush=True)
     previous = signal.signal(signal.SIGTERM, _raise_stop)
-    # Its own session: Ctrl-C reaches avlab only, which then stops the server in order.
-    server = subprocess.Popen(server_command(store_uri, home, host, port), env=env,
-                              stdin=subprocess.DEVNULL, start_new_session=True)
+    server, stopped = _start(server_command(store_uri, home, host, port), env)
     try:
+        if stopped:
+            raise _Stop
         while not _answers(url):
             if server.poll() is not None:
                 print(f"avlab: error: the MLflow server exited with code {server.returncode} before it "
