@@ -183,6 +183,12 @@ def load_claim(path: str | Path) -> Claim:
             twice = next(item for item in items if items.count(item) > 1)
             raise ConfigError(f"{where}: rule.{key}: {twice!r} is listed twice; name each configuration once")
         rows[key] = list(value) if many else value
+        if kind == "paper":
+            for item in items:
+                if space.role(item):
+                    raise ConfigError(f"{where}: rule.{key}: {item!r} is a {space.role(item)} row of "
+                                      f"{space_path.name}, not the paper's algorithm; a claim attributed to the paper "
+                                      f"compares its algorithm (or make the claim kind: sanity_check)")
     _check_distinct(rule["type"], rows, where)
     numbers = {key: _number(rule.get(key), f"{where}: rule.{key}") for key in number_keys}
     if rule["type"] == "plateau" and numbers["delta"] <= 0:

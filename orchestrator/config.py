@@ -321,28 +321,38 @@ def resolve(
 
 
 # Data fields that act on one kind of dataset only: set for the other, they would change nothing
-# while the run, a sweep's labels and a claim's rows said they did.
+# while the run, a sweep's labels and a claim's rows said they did. data.paired_fraction and
+# data.unpaired_<kind>_per_pair act on both.
 PROCEDURAL_ONLY = ("paired_size", "unpaired_sound_size", "unpaired_image_size", "train_size", "test_size", "val_size",
                    "transfer_train_size", "transfer_test_size", "num_classes")
-MANIFEST_ONLY = ("paired_fraction", "unpaired_sound_count", "unpaired_image_count", "cache_dir", "skip_bad",
-                 "cache_workers")
+MANIFEST_ONLY = ("unpaired_sound_count", "unpaired_image_count", "cache_dir", "skip_bad", "cache_workers")
 
 
 def _check_data_fields_act(manifest: bool, explicit: set[str]) -> None:
     """A data field set by the run file or an override must act on the data the run reads: the
     embedded datasets' pool sizes do nothing to a manifest's pools (its rows are the pools), and
-    a manifest's fractions and counts do nothing to the embedded datasets."""
+    a manifest's counts do nothing to the embedded datasets. An unpaired multiple of the pairs
+    replaces the pool's size or count, so the two are not set together."""
     if manifest:
         unused = [f for f in PROCEDURAL_ONLY if f"data.{f}" in explicit]
         if unused:
             raise ConfigError(f"data.{unused[0]}: sizes the embedded dataset's pools; with a manifest "
                               f"(data.manifest) the pools are its rows: vary data.paired_fraction or "
-                              f"data.unpaired_sound_count / unpaired_image_count instead")
+                              f"data.unpaired_sound_per_pair / unpaired_image_per_pair (they act on both kinds "
+                              f"of data) instead")
     else:
         unused = [f for f in MANIFEST_ONLY if f"data.{f}" in explicit]
         if unused:
             raise ConfigError(f"data.{unused[0]}: acts on a manifest's pools, and this run reads the embedded "
-                              f"dataset (no data.manifest): use the pool sizes (data.paired_size, ...) instead")
+                              f"dataset (no data.manifest): use data.paired_fraction and "
+                              f"data.unpaired_sound_per_pair / unpaired_image_per_pair (they act on both kinds "
+                              f"of data) or the pool sizes (data.paired_size, ...) instead")
+    for kind in ("sound", "image"):
+        if f"data.unpaired_{kind}_per_pair" in explicit:
+            for other in (f"data.unpaired_{kind}_size", f"data.unpaired_{kind}_count"):
+                if other in explicit:
+                    raise ConfigError(f"data.unpaired_{kind}_per_pair: sizes the unpaired {kind} pool as a multiple "
+                                      f"of the pairs, and {other} is set too: set one of them")
 
 
 def _chosen_method(run: Mapping[str, Any], parsed: list[tuple[str, Any]]) -> Any:
@@ -506,14 +516,17 @@ def _check_cross_field(cfg: ExperimentConfig) -> None:
         for kind in ("sound", "image"):
             size = getattr(info, f"unpaired_{kind}_size")
             if 0 < size < unpaired_batch:
-                field_name = f"unpaired_{kind}_count" if cfg.data.manifest else f"unpaired_{kind}_size"
+                field_name = (f"unpaired_{kind}_per_pair" if getattr(cfg.data, f"unpaired_{kind}_per_pair") != -1
+                              else f"unpaired_{kind}_count" if cfg.data.manifest else f"unpaired_{kind}_size")
                 raise ConfigError(
                     f"data.{field_name}: the unpaired {kind} pool holds {size} items, fewer than one unpaired "
                     f"batch (train.unpaired_batch_size or train.batch_size = {unpaired_batch}); use 0 for none"
                 )
     if cfg.train.epochs > 0 and pool_size < cfg.train.batch_size:
         where = (f"data.manifest: {cfg.data.manifest}: its {pool} pool holds {pool_size} item{'s' * (pool_size != 1)}"
-                 if cfg.data.manifest else f"data.{pool}_size: {pool_size} items")
+                 if cfg.data.manifest else f"data.{pool}_size: {pool_size} items"
+                 + (f" (data.paired_fraction={cfg.data.paired_fraction})" if pool == "paired"
+                    and cfg.data.paired_fraction != 1 else ""))
         raise ConfigError(f"{where}, fewer than train.batch_size={cfg.train.batch_size}; "
                           "an epoch would have no full batch")
 

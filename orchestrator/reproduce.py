@@ -29,7 +29,8 @@ verdicts it decided (``avlab report`` shows them).
                  "family_verdict": str,  # the verdict with Holm's correction across this table
                  "detail": str,
                  "rows": [{"configuration": str, "mean": float | null, "ci95": float | null,
-                           "values": [float], "seeds": [int], "paper": float | null}],
+                           "values": [float], "seeds": [int], "paper": float | null,
+                           "role": str}],  # "" for the paper's algorithm, else one of ROLES
                  "code": {str: int},  # finished trials of the sweep per code version
                                       # (tag avlab.source_hash; "unrecorded" before it)
                  "environments": str | null,  # a line when its trials ran in more than one
@@ -290,7 +291,7 @@ def budget_line(space: Any) -> str:
 
     seeds = len(space.seeds)
     return (f"{space.preset}: {values(lambda c: c.train.epochs)} epochs, "
-            f"{values(lambda c: c.data.paired_size)} pairs, {seeds} seed{'s' * (seeds > 1)}")
+            f"{values(lambda c: c.data.pool_size('paired'))} pairs, {seeds} seed{'s' * (seeds > 1)}")
 
 
 def _finite(x: float) -> float | None:
@@ -308,7 +309,7 @@ def _claim_entry(claim: Claim, sweep: str, space: Any, values: dict[str, dict[in
         seeds = [by_seed[s] for s in sorted(by_seed)]
         mean, ci = mean_ci95(seeds) if seeds else (None, None)
         rows.append({"configuration": label, "mean": mean, "ci95": ci, "values": seeds, "seeds": sorted(by_seed),
-                     "paper": claim.paper_values.get(label)})
+                     "paper": claim.paper_values.get(label), "role": space.role(label)})
     budget = budget_line(space)
     return {"id": claim.id, "claim": claim.statement, "paper": claim.paper, "where": claim.where,
             "quote": claim.quote, "kind": claim.kind,
@@ -317,6 +318,11 @@ def _claim_entry(claim: Claim, sweep: str, space: Any, values: dict[str, dict[in
             "effect": _finite(verdict.effect), "effect_ci95": _finite(verdict.ci), "mde": _finite(verdict.mde),
             "p": _finite(verdict.p), "paired_seeds": verdict.seeds, "family_verdict": verdict.verdict,
             "detail": verdict.detail, "rows": rows}
+
+
+def _row_name(row: dict[str, Any]) -> str:
+    """A row's configuration, with its role where it is not the paper's algorithm."""
+    return row["configuration"] + (f" [{row['role']}]" if row.get("role") else "")
 
 
 def to_markdown(doc: dict[str, Any]) -> str:
@@ -328,8 +334,8 @@ def to_markdown(doc: dict[str, Any]) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in doc["claims"]:
         paper = "; ".join(f"{r['configuration']} {r['paper']:.3f}" for r in c["rows"] if r["paper"] is not None)
-        ours = "; ".join(f"{r['configuration']} {r['mean']:.3f} ± {r['ci95']:.3f}" if r["mean"] is not None
-                         else f"{r['configuration']} –" for r in c["rows"])
+        ours = "; ".join(f"{_row_name(r)} {r['mean']:.3f} ± {r['ci95']:.3f}" if r["mean"] is not None
+                         else f"{_row_name(r)} –" for r in c["rows"])
         seeds = c.get("paired_seeds", 0)
         effect = "–" if c["effect"] is None else f"{c['effect']:+.3f}" + (
             f" ± {c['effect_ci95']:.3f}" if c.get("effect_ci95") is not None else "")
@@ -383,7 +389,7 @@ def figure(entry: dict[str, Any]):
     if any(r["paper"] is not None for r in rows):
         ax.bar([x + 0.2 for x in xs], [r["paper"] if r["paper"] is not None else math.nan for r in rows],
                width=0.4, color="lightgray", edgecolor="black", label="paper")
-    ax.set_xticks(xs, labels=[r["configuration"].replace(",", "\n") for r in rows], rotation=20, ha="right",
+    ax.set_xticks(xs, labels=[_row_name(r).replace(",", "\n") for r in rows], rotation=20, ha="right",
                   fontsize=7)
     ax.set_ylabel(entry["metric"])
     ax.set_title(f"{entry['id']}: {entry['verdict']}", fontsize=9)

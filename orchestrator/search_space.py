@@ -29,9 +29,14 @@ from orchestrator.metrics import run_metrics
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 MODES = ("max", "min")
 SCHEDULERS = ("asha",)
+# What a variant is when it is not the paper's (or its authors' released) algorithm on the
+# paper's kind of data: avlab's change to an algorithm, data engineered so that a task has
+# something to learn, an evaluation added after the results were seen. A claim attributed to a
+# paper never compares such a row; reports print the role beside the row.
+ROLES = ("modified", "engineered positive control", "post-hoc diagnostic")
 _KEYS = (
-    "description", "base", "variants", "grid", "search", "num_samples", "seeds", "metric", "mode", "metrics",
-    "scheduler", "resources", "max_concurrent", "plot",
+    "description", "base", "variants", "roles", "grid", "search", "num_samples", "seeds", "metric", "mode",
+    "metrics", "scheduler", "resources", "max_concurrent", "plot",
 )
 
 
@@ -83,6 +88,12 @@ class SearchSpace:
     # a space that selects; "" for a grid, which chooses nothing, and for a job file written before
     # choices moved to the validation split (such a sweep resumes as it started).
     choose_on: str = ""
+    # Variant label -> its role (one of ROLES); a variant not listed is the paper's algorithm.
+    roles: dict[str, str] = field(default_factory=dict)
+
+    def role(self, label: str) -> str:
+        """The role of the configuration ``label`` (``point_label``): its variant's, or ""."""
+        return self.roles.get(label.split(",", 1)[0], "")
 
     @property
     def uses_optuna(self) -> bool:
@@ -101,7 +112,6 @@ class SearchSpace:
             return metric
         from methods.evaluate.suite import quick_probe_config
         from methods.metric_names import metric_names
-
         cfg = self.first_config().eval
         probes = {*metric_names(cfg), *metric_names(quick_probe_config(cfg))}
         return f"{self.choose_on}{metric}" if metric in probes else metric
@@ -129,6 +139,8 @@ class SearchSpace:
         """JSON-ready form that ``from_dict`` turns back into an equal search space."""
         out = dataclasses.asdict(self)
         out["path"] = str(self.path)
+        if not out["roles"]:  # as written before roles existed: the same space, the same claims sweep
+            del out["roles"]
         return out
 
     @classmethod
@@ -246,6 +258,7 @@ def load_search_space(path: str | Path, *, seeds: int | None = None) -> SearchSp
     base_cfg = _resolve(p, base_run, preset, base_overrides, "base")
 
     variants, variant_cfgs = _load_variants(p, raw.get("variants") or {}, base_run, preset, base_overrides)
+    roles = _load_roles(p, raw.get("roles") or {}, variants)
     grid = _load_grid(p, raw.get("grid") or {}, base_run, preset, base_overrides)
     search = _load_search(p, raw.get("search") or {}, base_run, preset, base_overrides)
     if "grid" in raw and not grid:
@@ -301,7 +314,20 @@ def load_search_space(path: str | Path, *, seeds: int | None = None) -> SearchSp
         num_samples=num_samples, seeds=seed_list, metric=metric, mode=mode, scheduler=scheduler,
         resources=dict(resources), max_concurrent=max_concurrent, plot=dict(plot),
         objectives=objectives if len(objectives) > 1 else (), choose_on=VALIDATION_PREFIX if selects else "",
+        roles=roles,
     )
+
+
+def _load_roles(p: Path, roles: Any, variants: Mapping[str, Any]) -> dict[str, str]:
+    if not isinstance(roles, Mapping):
+        raise ConfigError(f"{p.name}: roles: expected a mapping of variant labels to a role ({', '.join(ROLES)})")
+    for label, role in roles.items():
+        if label not in variants:
+            raise ConfigError(f"{p.name}: roles.{label}: not a variant of this space; its variants: "
+                              f"{', '.join(variants) or 'none'}")
+        if role not in ROLES:
+            raise ConfigError(f"{p.name}: roles.{label}: expected one of {', '.join(map(repr, ROLES))}, got {role!r}")
+    return {str(k): str(v) for k, v in roles.items()}
 
 
 def _load_objectives(p: Path, raw: Mapping[str, Any], logged: frozenset[str]) -> tuple[tuple[str, str], ...]:
@@ -524,7 +550,7 @@ def longest_first(space: SearchSpace) -> list[int]:
         cfg = space.config_for(space.grid_points()[index], space.seeds[0])
         from methods.registry import METHODS
 
-        pool = getattr(cfg.data, f"{METHODS[cfg.method_name].method_cls.pretraining_pool(cfg.method)}_size")
+        pool = cfg.data.pool_size(METHODS[cfg.method_name].method_cls.pretraining_pool(cfg.method))
         steps = max(pool // cfg.train.batch_size, 1)
         if cfg.train.max_steps_per_epoch:
             steps = min(steps, cfg.train.max_steps_per_epoch)

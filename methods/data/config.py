@@ -11,6 +11,7 @@ from methods.data.logmel import logmel_geometry
 from methods.data.pools import CLASS_NAMES, POOLS
 
 _MAX_POOL_SIZE = 10_000_000
+_MAX_PER_PAIR = 1000  # BMA-Memory's largest unpaired volume is 36 x its pairs
 _MAX_CLIP_SAMPLES = 320_000  # bounds the noise banks (~20 clips of twice this length)
 
 
@@ -36,8 +37,16 @@ class DataConfig:
     manifest, decoded once into a feature cache (``cache_dir``; empty = ``.avlab-cache`` next to
     the manifest) with the feature fields above (image_size, sample_rate, clip_seconds, n_mels,
     n_frames; two channels when ``binaural``). The procedural pool sizes are then ignored;
-    ``paired_fraction`` keeps that share of the pairs and ``unpaired_sound_count`` /
-    ``unpaired_image_count`` that many unpaired items (-1 = all), chosen by ``seed``.
+    ``unpaired_sound_count`` / ``unpaired_image_count`` keep that many unpaired items (-1 = all),
+    chosen by ``seed``.
+
+    Three fields size the pretraining pools of either kind of data, as the papers' data
+    ablations state them: ``paired_fraction`` keeps that share of the pairs (of ``paired_size``
+    embedded pairs, or of a manifest's pairs, at random), and ``unpaired_sound_per_pair`` /
+    ``unpaired_image_per_pair`` (-1 = off) make the unpaired pool that multiple of the dataset's
+    pairs, all of them, before ``paired_fraction`` (BMA-Memory's Fig. 5: 50k unpaired sounds
+    for 6.3k pairs is 7.9; Table 5 keeps one unpaired pool for both paired volumes). A multiple
+    replaces ``unpaired_*_size`` (embedded) or ``unpaired_*_count`` (manifest).
     ``seed`` draws the dataset (the procedural classes' prototypes and every item; a manifest's
     subsets); -1 follows the run's seed, what the presets do, so that the spread over a sweep's
     seeds includes the data's and its test split's, while the configurations of one seed still
@@ -75,6 +84,8 @@ class DataConfig:
     paired_fraction: float = 1.0
     unpaired_sound_count: int = -1
     unpaired_image_count: int = -1
+    unpaired_sound_per_pair: float = neutral_field(-1.0)
+    unpaired_image_per_pair: float = neutral_field(-1.0)
     cache_dir: str = ""
     skip_bad: bool = False
     cache_workers: int = 0
@@ -91,6 +102,11 @@ class DataConfig:
             elif f.name in ("cache_in_memory", "binaural", "skip_bad"):
                 if not isinstance(value, bool):
                     raise ValueError(f"{f.name}: must be true or false, got {value!r}")
+            elif f.name in ("unpaired_sound_per_pair", "unpaired_image_per_pair"):
+                if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                        or not (value == -1 or 0 <= value <= _MAX_PER_PAIR)):
+                    raise ValueError(f"{f.name}: must be a multiple of the pairs in 0..{_MAX_PER_PAIR}, "
+                                     f"or -1 for off, got {value!r}")
             elif f.name in ("clip_seconds", "glide_octaves"):
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                     raise ValueError(f"{f.name}: must be a finite number, got {value!r}")
@@ -130,13 +146,14 @@ class DataConfig:
                 f"num_classes: must be in 2..{len(CLASS_NAMES)}, got {self.num_classes}"
             )
         for name in POOLS:
-            size = getattr(self, f"{name}_size")
+            size = self.pool_size(name) if name.startswith("unpaired") else getattr(self, f"{name}_size")
             # 0 disables a pool: no unpaired data (no L_unpair) or no transfer evaluation.
             # 0 val: no validation split (nothing can be chosen on one).
             minimum = 0 if name.startswith(("unpaired", "transfer", "val")) else 1
             if not minimum <= size <= _MAX_POOL_SIZE:
+                field_name = f"{name}_per_pair" if getattr(self, f"{name}_per_pair", -1) != -1 else f"{name}_size"
                 raise ValueError(
-                    f"{name}_size: must be in {minimum}..{_MAX_POOL_SIZE}, got {size}"
+                    f"{field_name}: the {name} pool must hold {minimum}..{_MAX_POOL_SIZE} items, got {size}"
                 )
         # Multiples of 8 columns keep rotations by 360/R degrees, R in 2, 4, 8, whole columns.
         if self.panorama_width < 16 or self.panorama_width % 8:
@@ -160,6 +177,16 @@ class DataConfig:
         if self.glide_octaves and (not self.binaural or self.manifest):
             raise ValueError(f"glide_octaves: only the procedural binaural scenes glide (data.binaural=true, "
                              f"no manifest), got {self.glide_octaves}")
+
+    def pool_size(self, name: str) -> int:
+        """Items in the embedded dataset's pool ``name``: ``paired_fraction`` of the pairs, an
+        unpaired pool at its multiple of the pairs where one is set, else the ``<name>_size``."""
+        if name == "paired":
+            return max(1, math.floor(self.paired_fraction * self.paired_size + 0.5))
+        per_pair = getattr(self, f"{name}_per_pair", -1)
+        if per_pair != -1:
+            return math.floor(per_pair * self.paired_size + 0.5)
+        return getattr(self, f"{name}_size")
 
     @property
     def clip_samples(self) -> int:

@@ -164,6 +164,8 @@ class Manifest:
         paired_fraction: float = 1.0,
         unpaired_sound_count: int = -1,
         unpaired_image_count: int = -1,
+        unpaired_sound_per_pair: float = -1,
+        unpaired_image_per_pair: float = -1,
         seed: int = 0,
     ) -> dict[str, list[Item]]:
         """The eight pools of ``pools.POOLS``, each in manifest order.
@@ -174,7 +176,9 @@ class Manifest:
                          max(1, round(fraction × n)) Items (the papers' paired-data ablations).
         unpaired_sound   pretrain rows with only a sound and no pair_id; ``unpaired_sound_count``
                          >= 0 keeps that many at random, -1 keeps all.
-        unpaired_image   likewise for images.
+        unpaired_image   likewise for images. ``unpaired_<kind>_per_pair`` >= 0 keeps that multiple
+                         of the manifest's pairs (all of them, before ``paired_fraction``)
+                         instead of a count.
         train, test, val, transfer_train, transfer_test
                          every row of the split, label = class id.
 
@@ -185,11 +189,18 @@ class Manifest:
             raise ManifestError(f"{self.path}: paired_fraction must be in (0, 1], got {paired_fraction!r}")
         out = {name: [u.item for u in self._units if u.pool == name] for name in POOLS}
         n = len(out["paired"])
+        counts = {"unpaired_sound": unpaired_sound_count, "unpaired_image": unpaired_image_count}
+        for kind, per_pair in (("sound", unpaired_sound_per_pair), ("image", unpaired_image_per_pair)):
+            if per_pair != -1:
+                name = f"unpaired_{kind}"
+                counts[name] = math.floor(per_pair * n + 0.5)
+                if counts[name] > len(out[name]):
+                    raise ManifestError(
+                        f"{self.path}: data.{name}_per_pair={per_pair:g} asks for {counts[name]} {name} items "
+                        f"({per_pair:g} x {n} pairs) but the manifest has {len(out[name])}")
         if n:
             out["paired"] = _subset(out["paired"], max(1, math.floor(paired_fraction * n + 0.5)), seed, stream=1)
-        for stream, (name, count) in enumerate(
-            (("unpaired_sound", unpaired_sound_count), ("unpaired_image", unpaired_image_count)), start=2
-        ):
+        for stream, (name, count) in enumerate(counts.items(), start=2):
             if isinstance(count, bool) or not isinstance(count, int) or count < -1:
                 raise ManifestError(f"{self.path}: {name}_count must be an integer >= 0, or -1 for all; "
                                     f"got {count!r}")

@@ -137,7 +137,7 @@ class SyntheticAV:
         """The dataset of pool ``name`` (one of POOLS); created once and reused."""
         check_pool(name)
         if name not in self._pools:
-            self._pools[name] = ItemPool(self, name, getattr(self.cfg, f"{name}_size"), self.pool_keys[name])
+            self._pools[name] = ItemPool(self, name, self.cfg.pool_size(name), self.pool_keys[name])
         return self._pools[name]
 
     @property
@@ -158,9 +158,9 @@ class SyntheticAV:
             n_mels=c.n_mels,
             n_frames=c.n_frames,
             num_classes=c.num_classes,
-            paired_size=c.paired_size,
-            unpaired_sound_size=c.unpaired_sound_size,
-            unpaired_image_size=c.unpaired_image_size,
+            paired_size=c.pool_size("paired"),
+            unpaired_sound_size=c.pool_size("unpaired_sound"),
+            unpaired_image_size=c.pool_size("unpaired_image"),
             paired_masks="mask" in cls.pool_keys["paired"],
             train_size=c.train_size,
             test_size=c.test_size,

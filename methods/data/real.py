@@ -52,7 +52,8 @@ class ManifestAV:
         self.settings = FeatureSettings.from_config(cfg)
         self.items: dict[str, list[Item]] = self.manifest.pools(
             paired_fraction=cfg.paired_fraction, unpaired_sound_count=cfg.unpaired_sound_count,
-            unpaired_image_count=cfg.unpaired_image_count, seed=cfg.seed,
+            unpaired_image_count=cfg.unpaired_image_count, unpaired_sound_per_pair=cfg.unpaired_sound_per_pair,
+            unpaired_image_per_pair=cfg.unpaired_image_per_pair, seed=cfg.seed,
         )
         root = Path(cfg.cache_dir) if cfg.cache_dir else Path(self.manifest.path).parent / ".avlab-cache"
         self.cache_root = root

@@ -8,12 +8,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import AVLAB, ROOT, TINY_RUN
 from orchestrator import tracking
 from orchestrator.claims import Claim, _welch, all_claims, decide, load_claim
 from orchestrator.cli import main
+from orchestrator.config import ConfigError
 from orchestrator.search_space import load_search_space
 
 
@@ -41,7 +43,38 @@ def test_a_papers_claim_quotes_it_and_a_sanity_check_is_never_attributed_to_one(
         else:
             assert claim.kind == "sanity_check" and not claim.paper_values, claim.id
             assert "sanity check" in claim.where, claim.id
-    assert sum(c.kind == "sanity_check" for c in claims) == 6
+    assert sum(c.kind == "sanity_check" for c in claims) == 7
+
+
+def test_a_papers_claim_compares_the_papers_algorithm_never_a_labelled_modification(tmp_path):
+    """avlab's modifications are rows of their own, labelled in the search space (roles): a claim
+    attributed to a paper that names one is refused; its sanity checks may, and the verdicts
+    print the role beside the row. The post-hoc foreground probe decides no paper's claim."""
+    for claim in (load_claim(p) for p in all_claims()):
+        space = load_search_space(claim.search_space)
+        named = [x for v in claim.rows.values() for x in (v if isinstance(v, list) else [v])]
+        if claim.kind == "paper":
+            assert not any(space.role(x) for x in named), claim.id
+            assert not claim.metric.startswith("fg_"), claim.id
+    control = load_search_space(ROOT / "search_spaces" / "multissl_tasks_small.yaml")
+    assert control.role("temporal_gap_glides") == "engineered positive control" and control.role("temporal_gap") == ""
+    assert control.first_config().data.glide_octaves == 0  # the preset's scenes are the paper's kind
+    space = tmp_path / "space.yaml"  # beside the claim
+    space.write_text("base:\n  preset: tiny\nvariants:\n  plain: {method.memory_size: 8}\n"
+                     "  mine: {method.memory_size: 16}\nroles: {mine: modified}\nmetric: image_h_linear_acc\n")
+    claim = tmp_path / "c.yaml"
+    fields = {"claim": "c", "paper": "BMA-Memory (paper 001)", "where": "Fig. 6", "quote": "x" * 50,
+              "search_space": space.name, "metric": "image_h_linear_acc",
+              "rule": {"type": "greater", "a": "mine", "b": "plain"}}
+    claim.write_text(yaml.safe_dump(fields))
+    with pytest.raises(ConfigError, match=r"rule\.a: 'mine' is a modified row of space\.yaml, not the paper's algorithm"):
+        load_claim(claim)
+    del fields["quote"]
+    claim.write_text(yaml.safe_dump({**fields, "kind": "sanity_check", "where": "avlab's sanity check"}))
+    assert load_claim(claim).kind == "sanity_check"
+    space.write_text(space.read_text().replace("{mine: modified}", "{mine: improved}"))
+    with pytest.raises(ConfigError, match=r"roles\.mine: expected one of 'modified', 'engineered positive control'"):
+        load_search_space(space)
 
 
 PAPERS = ROOT.parent / "shared" / "papers"
@@ -90,10 +123,6 @@ GOOD = {
      r"bad\.yaml: paper_values: a sanity check is avlab's own"),
 ])
 def test_a_bad_claim_file_exits_2_naming_the_file_and_field(tmp_path, capsys, change, message):
-    import re
-
-    import yaml
-
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**GOOD, **change}))
     assert main(["--home", str(tmp_path / "home"), "reproduce", str(bad)]) == 2
@@ -102,14 +131,48 @@ def test_a_bad_claim_file_exits_2_naming_the_file_and_field(tmp_path, capsys, ch
     assert not (tmp_path / "home").exists()
 
 
-def test_a_claim_whose_sweep_sizes_the_embedded_pools_is_refused_on_a_manifest(tmp_path, capsys):
-    """On a manifest the embedded pools' sizes change nothing: a data-volume claim's four
-    configurations would be one configuration four times. Refused in one line, nothing created."""
+def _manifest(path: Path, pairs: int, sounds: int) -> Path:
+    """A manifest of ``pairs`` pairs, ``sounds`` unpaired sounds and labelled train / test rows
+    (read, never decoded: the files need not exist)."""
+    rows = ["id,split,pair_id,source,label,image,image_time,sound,sound_offset,sound_duration,fold"]
+    rows += [f"p{i},pretrain,,,,p{i}.png,,p{i}.wav,,," for i in range(pairs)]
+    rows += [f"s{i},pretrain,,,,,,s{i}.wav,,," for i in range(sounds)]
+    rows += [f"{split}{i},{split},,,{'ab'[i % 2]},{split}{i}.png,,{split}{i}.wav,,," for split in ("train", "test")
+             for i in range(8)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_a_data_volume_claims_configurations_read_different_pools_of_a_manifest(tmp_path, capsys):
+    """Table 5's fields (the share of the pairs, unpaired sounds as a multiple of the pairs) act
+    on a manifest as on the embedded data: its four configurations read four different pools. A
+    multiple the manifest cannot serve, and a field that acts on the embedded data only, are
+    refused in one line before anything is created."""
+    from methods.data import build_dataset
+
+    manifest = _manifest(tmp_path / "m.csv", pairs=40, sounds=20)
+    space = load_search_space(ROOT / "search_spaces" / "paired_volume_table5.yaml").with_overrides(
+        "tiny", [f"data.manifest={manifest}", "train.batch_size=4"])
+    infos = [build_dataset(space.config_for(p, 0).data).info() for p in space.grid_points()]
+    assert [(i.paired_size, i.unpaired_sound_size, i.unpaired_image_size) for i in infos] == [
+        (8, 0, 0), (8, 20, 0), (40, 0, 0), (40, 20, 0)]  # 20 % of 40 pairs; 0.5 x all 40 pairs
     home = tmp_path / "home"
-    claim = str(ROOT / "claims" / "bma_table5_unpaired_compensates_full.yaml")
-    assert main(["--home", str(home), "reproduce", claim, "--data", str(tmp_path / "m.csv"), "--preset", "tiny"]) == 2
+    fig5 = str(ROOT / "claims" / "bma_fig5_unpaired_volume_helps.yaml")  # 2 x 40 pairs: 80 sounds, of 20
+    assert main(["--home", str(home), "reproduce", fig5, "--data", str(manifest), "--preset", "tiny",
+                 "train.batch_size=4"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "data.unpaired_image_size: sizes the embedded dataset's pools" in err
+    assert len(err.splitlines()) == 1 and "data.unpaired_sound_per_pair=2 asks for 80 unpaired_sound items" in err
+    assert not home.exists()
+    sized = tmp_path / "sized.yaml"
+    sized.write_text("base:\n  preset: tiny\ngrid:\n  data.unpaired_sound_size: [0, 256]\nmetric: image_h_linear_acc\n")
+    claim = tmp_path / "c.yaml"
+    claim.write_text(yaml.safe_dump({"claim": "c", "paper": "p", "where": "avlab's sanity check", "kind": "sanity_check",
+                                     "search_space": sized.name, "metric": "image_h_linear_acc",
+                                     "rule": {"type": "greater", "a": "data.unpaired_sound_size=256",
+                                              "b": "data.unpaired_sound_size=0"}}))
+    assert main(["--home", str(home), "reproduce", str(claim), "--data", str(manifest), "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "data.unpaired_sound_size: sizes the embedded dataset's pools" in err
     assert not home.exists()
 
 

@@ -353,7 +353,13 @@ def test_pools(tmp_path: Path):
     assert few["unpaired_sound"] == [] and len(few["unpaired_image"]) == 2
     assert [i.id for i in few["unpaired_image"]] == sorted(i.id for i in few["unpaired_image"])
     assert few["paired"] == pools["paired"] and few["train"] == pools["train"]
+    # A multiple of all the manifest's pairs (11), before paired_fraction: 3/11 -> 3 sounds, 0 -> none.
+    per_pair = m.pools(paired_fraction=0.5, unpaired_sound_per_pair=3 / 11, unpaired_image_per_pair=0, seed=2)
+    assert len(per_pair["unpaired_sound"]) == 3 and per_pair["unpaired_image"] == []
+    assert len(per_pair["paired"]) == 6
     for kwargs, message in [({"paired_fraction": 0.0}, "paired_fraction must be in"),
+                            ({"unpaired_image_per_pair": 1}, "data.unpaired_image_per_pair=1 asks for 11 "
+                                                             "unpaired_image items (1 x 11 pairs) but the manifest has 4"),
                             ({"paired_fraction": 1.5}, "paired_fraction must be in"),
                             ({"unpaired_image_count": 5}, "unpaired_image_count=5 but the manifest has 4"),
                             ({"unpaired_sound_count": -2}, "unpaired_sound_count must be an integer >= 0")]:

@@ -188,15 +188,22 @@ def test_what_reads_the_validation_split_needs_one(overrides):
 
 def test_a_data_field_that_cannot_act_on_the_runs_data_is_refused(tmp_path):
     """The embedded datasets' pool sizes change nothing of a manifest's pools (its rows are the
-    pools), and a manifest's fractions and counts nothing of the embedded datasets: set for the
-    other kind of data, one line names the field, before anything reads the data."""
+    pools), and a manifest's counts nothing of the embedded datasets: set for the other kind of
+    data, one line names the field, before anything reads the data. The share of the pairs and
+    the unpaired multiples of them act on both; a multiple and a size of one pool conflict."""
     manifest = tmp_path / "m.csv"
     manifest.write_text("id,split,pair_id,source,label,image,image_time,sound,sound_offset,sound_duration,fold\n")
     with pytest.raises(ConfigError, match=r"^data\.unpaired_sound_size: sizes the embedded dataset's pools; with a "
-                                          r"manifest .* vary data\.paired_fraction"):
+                                          r"manifest .* vary data\.paired_fraction or data\.unpaired_sound_per_pair"):
         resolve(overrides=[f"data.manifest={manifest}", "data.unpaired_sound_size=0"])
-    with pytest.raises(ConfigError, match=r"^data\.paired_fraction: acts on a manifest's pools"):
-        resolve(overrides=["data.paired_fraction=0.5"])
+    with pytest.raises(ConfigError, match=r"^data\.unpaired_image_count: acts on a manifest's pools"):
+        resolve(overrides=["data.unpaired_image_count=5"])
+    with pytest.raises(ConfigError, match=r"^data\.unpaired_sound_per_pair: .* data\.unpaired_sound_size is set too"):
+        resolve(overrides=["data.unpaired_sound_per_pair=2", "data.unpaired_sound_size=5"])
+    with pytest.raises(ConfigError, match=r"^data\.unpaired_image_per_pair: must be a multiple of the pairs in 0\.\.1000"):
+        resolve(overrides=["data.unpaired_image_per_pair=-0.5"])
+    both = resolve(overrides=["data.paired_fraction=0.5", "data.unpaired_sound_per_pair=2"])  # act on the embedded
+    assert (both.data.pool_size("paired"), both.data.pool_size("unpaired_sound")) == (4096, 16384)
     with pytest.raises(ConfigError, match=r"^data\.train_size: sizes the embedded"):
         resolve({"data": {"manifest": str(manifest), "train_size": 10}})
     assert resolve(overrides=["data.unpaired_sound_size=0"]).data.unpaired_sound_size == 0  # the embedded data's

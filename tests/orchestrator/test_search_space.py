@@ -3,8 +3,9 @@ files fail with a message naming the problem."""
 
 
 import pytest
+import torch
 
-from orchestrator.config import ConfigError
+from orchestrator.config import ConfigError, resolve
 from orchestrator.metrics import run_metrics
 from orchestrator.search_space import load_search_space
 
@@ -23,7 +24,7 @@ EXPECTED = {  # file: (configurations, trials)
     "cma_criterion": (4, 12),
     "method_comparison": (7, 7),
     "multissl_combinations": (9, 9),
-    "multissl_tasks_small": (5, 15),
+    "multissl_tasks_small": (7, 21),
     "demo_learning": (2, 8),
 }
 
@@ -66,13 +67,34 @@ def test_seeds_override_and_variants_cross_the_grid(tmp_path):
     assert types.config_for(points[0], 0).method.paired_loss is False
 
 
-def test_a_share_of_the_presets_value_follows_the_preset():
+def test_a_share_of_the_presets_value_follows_the_preset(tmp_path):
     space = load_search_space(ROOT / "search_spaces" / "paired_volume_table5.yaml")
-    sizes = [space.config_for(p, 0).data.paired_size for p in space.grid_points()]
-    assert sizes == [1638, 1638, 8192, 8192]  # 20 % and 100 % of the tiny preset's 8192 pairs
+    shape = [(c.data.pool_size("paired"), c.train.epochs, c.data.pool_size("unpaired_sound"))
+             for c in (space.config_for(p, 0) for p in space.grid_points())]
+    # 20 % of the tiny preset's 8192 pairs at five times its 4 epochs: the same steps; one unpaired
+    # pool, half as many sounds as the dataset's pairs, for both volumes.
+    assert shape == [(1638, 20, 0), (1638, 20, 4096), (8192, 4, 0), (8192, 4, 4096)]
     small = space.with_overrides("small", [])
-    assert [small.config_for(p, 0).data.paired_size for p in small.grid_points()] == [3277, 3277, 16384, 16384]
-    assert small.grid_points()[0]["data.paired_size"] == "20%"  # the label names the share, at any preset
+    assert [(c.data.pool_size("paired"), c.data.pool_size("unpaired_sound"))
+            for c in (small.config_for(p, 0) for p in small.grid_points())] == [(3277, 0), (3277, 8192),
+                                                                                 (16384, 0), (16384, 8192)]
+    assert small.grid_points()[0]["train.epochs"] == "500%"  # the label names the share, at any preset
+    sized = load_search_space(write(tmp_path, "base:\n  preset: tiny\ngrid:\n  data.paired_size: ['20%', '100%']\n"))
+    assert [sized.config_for(p, 0).data.paired_size for p in sized.grid_points()] == [1638, 8192]
+
+
+def test_a_paired_fraction_draws_the_pairs_a_paired_size_of_that_share_draws():
+    from methods.data import build_dataset
+
+    by_share = build_dataset(resolve({}, preset="tiny", overrides=["data.paired_fraction=0.2", "seed=3"]).data)
+    by_size = build_dataset(resolve({}, preset="tiny", overrides=["data.paired_size=1638", "seed=3"]).data)
+    a, b = by_share.pool("paired"), by_size.pool("paired")
+    assert len(a) == len(b) == 1638
+    for i in (0, 817, 1637):
+        assert torch.equal(a[i]["image"], b[i]["image"]) and torch.equal(a[i]["sound"], b[i]["sound"])
+    many = resolve({}, preset="tiny", overrides=["data.unpaired_sound_per_pair=36", "data.paired_fraction=0.5"])
+    assert many.data.pool_size("unpaired_sound") == 36 * 8192  # a multiple of all the pairs
+    assert build_dataset(many.data).info().unpaired_sound_size == 36 * 8192
 
 
 def write(tmp_path, text):
