@@ -125,6 +125,20 @@ class Method(nn.Module):
         return ("loss",)
 
     @classmethod
+    def held_out_metrics(cls, cfg: Any) -> tuple[str, ...]:
+        """Every name ``held_out_scores`` returns under ``cfg``: the method's own task scored on
+        an evaluation split after training (logged with the split's prefix, like the probes).
+        Default: none."""
+        return ()
+
+    @torch.no_grad()
+    def held_out_scores(self, features: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The method's own task on a held-out split whose items pair an image with a sound,
+        from its frozen ``embed`` features (``extract_features``' keys, CPU tensors, item i's
+        image and sound from one clip). Default: none."""
+        return {}
+
+    @classmethod
     def check_data(cls, cfg: Any, data_info: DataInfo) -> None:
         """Reject a config the data cannot serve (``FieldError`` naming the field, e.g.
         ``method.num_negatives``), before any compute starts; e.g. more memory-bank negatives

@@ -135,6 +135,27 @@ class L3(Method):
     def training_metrics(cls, cfg: L3Config) -> tuple[str, ...]:
         return ("loss", "l3_acc")  # l3_acc: the correspondence accuracy on the training pairs
 
+    @classmethod
+    def held_out_metrics(cls, cfg: L3Config) -> tuple[str, ...]:
+        return ("l3_heldout_acc",)
+
+    @torch.no_grad()
+    def held_out_scores(self, features: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Correspondence accuracy on held-out clips (paper 003, Fig. 3: 64 % on its test set against
+        77 % on its training pairs): every clip's image with its own sound, and with the sound of
+        the clip half the split away (a fixed derangement), half and half as in training."""
+        f_v_Nc, f_s_Nc = features["f_v"], features["f_s"]
+        n = f_v_Nc.shape[0]
+        if n < 2:
+            return {}
+        device = next(self.fusion.parameters()).device
+        f_v_Nc, f_s_Nc = f_v_Nc.to(device), f_s_Nc.to(device)
+        other_N = torch.roll(torch.arange(n, device=device), n // 2)  # n // 2 >= 1: no clip keeps its sound
+        logits_2N2 = torch.cat([self.correspondence_logits(f_v_Nc, f_s_Nc),
+                                self.correspondence_logits(f_v_Nc, f_s_Nc[other_N])])
+        y_2N = torch.cat([torch.ones(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)]).to(device)
+        return {"l3_heldout_acc": (logits_2N2.argmax(dim=1) == y_2N).float().mean().item()}
+
     def training_step(self, batch: Batch) -> StepOutput:
         x_v, x_s = batch["image"], batch["sound"]
         if x_v.shape[0] != x_s.shape[0]:

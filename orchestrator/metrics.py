@@ -2,7 +2,8 @@
 
 - the evaluation suite: ``methods.metric_names.metric_names`` (after training, and the quick
   kNN probe every ``eval.every_epochs`` epochs);
-- the method: ``Method.training_metrics`` (its loss terms and training diagnostics);
+- the method: ``Method.training_metrics`` (its loss terms and training diagnostics) and
+  ``Method.held_out_metrics`` (its own task scored on the evaluation splits);
 - the training loop and the launchers (below): throughput, timings and cost.
 
 Search-space validation, the sweep's scheduler check, the report and the run summaries read
@@ -53,8 +54,13 @@ def downstream_metrics(cfg: ExperimentConfig) -> tuple[str, ...]:
     from methods.evaluate.suite import held_out_config
     from methods.metric_names import TRANSFER_PREFIX, VALIDATION_PREFIX, metric_names
 
+    from methods.registry import METHODS
+
+    own = METHODS[cfg.method_name].method_cls.held_out_metrics(cfg.method)  # the method's task, held out
+    prefixes = ("", TRANSFER_PREFIX, *((VALIDATION_PREFIX,) if cfg.eval.val_metrics else ()))
     val = metric_names(held_out_config(cfg.eval), prefix=VALIDATION_PREFIX) if cfg.eval.val_metrics else ()
-    return (*metric_names(cfg.eval), *metric_names(cfg.eval, prefix=TRANSFER_PREFIX), *val)
+    return (*metric_names(cfg.eval), *metric_names(cfg.eval, prefix=TRANSFER_PREFIX), *val,
+            *(f"{prefix}{name}" for prefix in prefixes for name in own))
 
 
 def run_metrics(cfg: ExperimentConfig) -> frozenset[str]:

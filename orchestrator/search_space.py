@@ -112,8 +112,12 @@ class SearchSpace:
             return metric
         from methods.evaluate.suite import quick_probe_config
         from methods.metric_names import metric_names
-        cfg = self.first_config().eval
-        probes = {*metric_names(cfg), *metric_names(quick_probe_config(cfg))}
+        from methods.registry import METHODS
+
+        first = self.first_config()
+        cfg = first.eval
+        probes = {*metric_names(cfg), *metric_names(quick_probe_config(cfg)),
+                  *METHODS[first.method_name].method_cls.held_out_metrics(first.method)}
         return f"{self.choose_on}{metric}" if metric in probes else metric
 
     @property

@@ -334,6 +334,8 @@ def run_downstream(
     if cfg.block_probes:
         _block_probes(result, cfg, plan, feats, prefix, num_classes)
     _retrieval(result, method, cfg, plan, feats, prefix)
+    if {"image", "sound"} <= plan.test_keys and hasattr(method, "held_out_scores"):  # the method's own task
+        result.metrics.update({f"{prefix}{k}": v for k, v in method.held_out_scores(feats.test).items()})
     if plan.foreground:
         part = run_downstream(method, train_set=ForegroundImages(train_set), test_set=ForegroundImages(test_set),
                               cfg=foreground_config(cfg), device=device, prefix=f"{prefix}{FOREGROUND_PREFIX}",

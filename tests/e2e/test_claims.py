@@ -43,7 +43,7 @@ def test_a_papers_claim_quotes_it_and_a_sanity_check_is_never_attributed_to_one(
         else:
             assert claim.kind == "sanity_check" and not claim.paper_values, claim.id
             assert "sanity check" in claim.where, claim.id
-    assert sum(c.kind == "sanity_check" for c in claims) == 7
+    assert sum(c.kind == "sanity_check" for c in claims) == 6
 
 
 def test_a_papers_claim_compares_the_papers_algorithm_never_a_labelled_modification(tmp_path):

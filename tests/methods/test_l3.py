@@ -226,3 +226,26 @@ def test_embed_keys_and_shapes():
     assert torch.allclose(e["z_s"].norm(dim=1), torch.ones(5))
     assert torch.allclose(e["z_v"], e["f_v"] / e["f_v"].norm(dim=1, keepdim=True))
     assert set(m.embed(sounds=batch["sound"])) == {"f_s", "h_s", "z_s"}
+
+
+def test_the_held_out_correspondence_scores_each_clip_with_its_sound_and_with_another_clips():
+    """The paper's held-out accuracy (64 % on its test set): each clip's image with its own sound
+    (label 1) and with the sound of the clip half the split away (label 0), by the fusion head,
+    against a loop over the clips; a head that says "same clip" to everything scores 0.5."""
+    torch.manual_seed(0)
+    m = L3(L3Config(**TINY), DataInfo()).eval()
+    batch = make_batch(b=7, seed=3)
+    feats = m.embed(images=batch["image"], sounds=batch["sound"])
+    correct = 0
+    for i in range(7):
+        for j, same in ((i, 1), ((i - 3) % 7, 0)):  # roll by 7 // 2: clip i meets clip i - 3's sound
+            assert j != i or same
+            logits = m.fusion(torch.cat([feats["f_v"][i], feats["f_s"][j]])[None])
+            correct += int(logits.argmax(dim=1).item() == same)
+    assert m.held_out_scores(feats) == {"l3_heldout_acc": pytest.approx(correct / 14)}
+    assert L3.held_out_metrics(L3Config(**TINY)) == ("l3_heldout_acc",)
+    with torch.no_grad():
+        m.fusion[2].weight.zero_()
+        m.fusion[2].bias.copy_(torch.tensor([0.0, 1.0]))  # always "same clip"
+    assert m.held_out_scores(feats)["l3_heldout_acc"] == 0.5
+    assert m.held_out_scores({"f_v": feats["f_v"][:1], "f_s": feats["f_s"][:1]}) == {}
