@@ -55,7 +55,7 @@ def table(client: MlflowClient, sweeps: list[str], reference: str, metrics: list
                 cells.append("–")
                 continue
             mean, ci = mean_ci95([by_seed[s] for s in sorted(by_seed)])
-            cell = f"{mean:.3f} ± {ci:.3f}" if math.isfinite(ci) else f"{mean:.3f}"
+            cell = f"{mean:.3f} ± {ci:.3f}" if len(by_seed) > 1 and math.isfinite(ci) else f"{mean:.3f}"
             if label != reference:
                 diff, half, p, n, _ = paired(by_seed, values[m].get(reference, {}))
                 if n >= 2:
