@@ -226,6 +226,11 @@ class Attempt:
         if self.client is not None:
             tracking.tag_nodes(self.client, self.run_id, nodes)
             environment.tag_run(self.client, self.run_id, self.device)  # where the numbers are computed
+            # The pools as read: a share of the pairs or a multiple of them (data.paired_fraction,
+            # data.unpaired_*_per_pair) or a manifest's rows size them, not the data.*_size params.
+            info = self.data.info()
+            tracking.set_tags(self.client, self.run_id, {f"pool.{name}": getattr(info, f"{name}_size")
+                                                         for name in ("paired", "unpaired_sound", "unpaired_image")})
         self.usage = system_metrics.Usage(cfg.resources.cpus_per_worker, self.device, gpu=cfg.tracking.system_metrics)
         self.steps = len(self.loaders["main"])
         if cfg.train.max_steps_per_epoch:

@@ -163,6 +163,7 @@ def test_bma_run_on_a_real_data_manifest_end_to_end(tmp_path):
         str(Path(sys.executable).parent / "avlab"), "run", "--preset", "tiny", "--home", str(home),
         f"data.manifest={manifest}", "data.cache_workers=1", "train.epochs=2", "train.batch_size=16",
         "method.memory_size=16", "tracking.run_name=real", "eval.protocol=folds", "eval.knn_k_grid=[1,3]",
+        "data.paired_fraction=0.5", "data.unpaired_sound_per_pair=0.25",  # act on a manifest as on the embedded data
     ]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
     log = out.stdout + out.stderr
@@ -181,6 +182,10 @@ def test_bma_run_on_a_real_data_manifest_end_to_end(tmp_path):
         assert metrics[f"{modality}_h_knn_k_fold3"] in (1, 3) and f"{modality}_h_linear_C_fold5" in metrics
     assert "retrieval_s2i_rank1" not in metrics
     assert runs[0].data.params["data.manifest"] == str(manifest)
+    # Half the 64 pairs, unpaired sounds a quarter of all the pairs: the pools as read are tagged.
+    tags = runs[0].data.tags
+    assert (tags["avlab.pool.paired"], tags["avlab.pool.unpaired_sound"], tags["avlab.pool.unpaired_image"]) == (
+        "32", "16", "0")
     # The cache was built once, next to the manifest, and reused by the evaluation.
     assert len([p for p in (tmp_path / ".avlab-cache").iterdir() if p.is_dir() and not p.name.startswith(".")]) == 1
 
