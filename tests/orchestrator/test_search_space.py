@@ -22,6 +22,7 @@ EXPECTED = {  # file: (configurations, trials)
     "cma_weight_fig3": (4, 8),
     "cma_positive_rule_fig4": (4, 8),
     "cma_criterion": (4, 12),
+    "cma_references": (3, 9),
     "method_comparison": (7, 7),
     "multissl_combinations": (9, 9),
     "multissl_tasks_small": (7, 21),
