@@ -215,6 +215,7 @@ def all_claims() -> list[Path]:
 
 ALPHA = 0.05  # every test's level, two-sided
 POWER = 0.8  # the power the minimum detectable effect is quoted at
+_SAME = 1e-9  # per-seed differences closer than this are equal (float rounding of the metrics)
 
 
 @dataclass(frozen=True)
@@ -234,7 +235,8 @@ class Comparison:
 
 def paired(a: dict[int, float], b: dict[int, float], alpha: float = ALPHA) -> tuple[float, float, float, int, float]:
     """(mean difference, 1 - alpha half-width, two-sided p, seeds, MDE at ``alpha``) of the per-seed
-    differences a[s] - b[s] over the seeds in both (the paired t-test; one seed: inf, nan, inf)."""
+    differences a[s] - b[s] over the seeds in both (the paired t-test; one seed: inf, nan, inf; differences
+    all equal: the exact sign-flip p)."""
     seeds = sorted(set(a) & set(b))
     d = [a[s] - b[s] for s in seeds]
     if not d:
@@ -247,8 +249,12 @@ def paired(a: dict[int, float], b: dict[int, float], alpha: float = ALPHA) -> tu
 
     df = len(d) - 1
     q, q_power = float(stats.t.ppf(1 - alpha / 2, df)), float(stats.t.ppf(POWER, df))
-    if se == 0:  # every seed's difference the same: its sign is certain
-        return mean, 0.0, (0.0 if mean else 1.0), len(d), 0.0
+    if max(d) - min(d) <= _SAME * max(1.0, abs(mean)):
+        # every seed's difference the same, up to rounding (a probe's accuracy is a multiple of
+        # 1/n_test): no spread for t to read (it would give p ~ 0 from rounding alone), so the exact
+        # sign-flip test decides, which on n seeds of one sign gives p = 2 / 2^n (two seeds: 0.5,
+        # never a decision; five: 0.0625; six: 0.031)
+        return mean, 0.0, (2.0 ** (1 - len(d)) if abs(mean) > _SAME else 1.0), len(d), 0.0
     return mean, q * se, float(2 * stats.t.sf(abs(mean / se), df)), len(d), (q + q_power) * se
 
 

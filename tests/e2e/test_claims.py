@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import AVLAB, ROOT, TINY_RUN
 from orchestrator import tracking
-from orchestrator.claims import Claim, _welch, all_claims, decide, load_claim
+from orchestrator.claims import Claim, _welch, all_claims, decide, load_claim, paired
 from orchestrator.cli import main
 from orchestrator.config import ConfigError
 from orchestrator.search_space import load_search_space
@@ -200,7 +200,7 @@ def _seeds(values: dict[str, list[float]]) -> dict[str, dict[int, float]]:
     return {label: dict(enumerate(v)) for label, v in values.items()}
 
 
-HIGH, LOW, NOISY = [0.80, 0.82, 0.81], [0.50, 0.52, 0.51], [0.40, 0.90, 0.62]
+HIGH, LOW, NOISY = [0.80, 0.82, 0.81], [0.50, 0.53, 0.50], [0.40, 0.90, 0.62]  # HIGH - LOW: 0.30, 0.29, 0.31
 
 
 @pytest.mark.parametrize("values, verdict", [
@@ -264,6 +264,21 @@ def test_a_difference_every_seed_shows_holds_paired_where_welch_sees_nothing():
     # Only the seeds both finished are paired: a fifth seed of one side changes nothing.
     uneven = {"a": {**dict(enumerate(a)), 4: 0.1}, "b": dict(enumerate(b))}
     assert decide(_claim("greater", a="a", b="b"), uneven) == v
+
+
+def test_the_same_difference_on_every_seed_is_decided_by_the_sign_flip_test_not_by_rounding():
+    """Probe accuracies are multiples of 1/n_test, so two seeds can differ by the same amount,
+    up to float rounding; the t statistic of such differences is rounding noise (p ~ 0). The exact
+    sign-flip test decides them: p = 2 / 2^n, so two seeds of one sign decide nothing (0.5), six do
+    (0.031)."""
+    two = _seeds({"a": [0.8, 0.7], "b": [0.6, 0.5]})  # 0.2 and 0.19999999999999996
+    diff, ci, p, n, mde = paired(two["a"], two["b"])
+    assert (diff, ci, p, n) == (pytest.approx(0.2), 0.0, 0.5, 2)
+    assert decide(_claim("greater", a="a", b="b"), two).verdict == "inconclusive"
+    six = _seeds({"a": [0.8 + 0.01 * i for i in range(6)], "b": [0.6 + 0.01 * i for i in range(6)]})
+    assert paired(six["a"], six["b"])[2] == pytest.approx(1 / 32)
+    assert decide(_claim("greater", a="a", b="b"), six).verdict == "holds"
+    assert paired(six["b"], six["b"])[2] == 1.0
 
 
 def test_a_reversal_that_holm_removes_leaves_an_ordering_inconclusive():
