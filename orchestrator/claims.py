@@ -253,8 +253,9 @@ def paired(a: dict[int, float], b: dict[int, float], alpha: float = ALPHA) -> tu
         # every seed's difference the same, up to rounding (a probe's accuracy is a multiple of
         # 1/n_test): no spread for t to read (it would give p ~ 0 from rounding alone), so the exact
         # sign-flip test decides, which on n seeds of one sign gives p = 2 / 2^n (two seeds: 0.5,
-        # never a decision; five: 0.0625; six: 0.031)
-        return mean, 0.0, (2.0 ** (1 - len(d)) if abs(mean) > _SAME else 1.0), len(d), 0.0
+        # never a decision; five: 0.0625; six: 0.031); the MDE is 0 where n seeds can decide, else inf
+        sign_flip = 2.0 ** (1 - len(d))
+        return mean, 0.0, (sign_flip if abs(mean) > _SAME else 1.0), len(d), (0.0 if sign_flip < alpha else math.inf)
     return mean, q * se, float(2 * stats.t.sf(abs(mean / se), df)), len(d), (q + q_power) * se
 
 
