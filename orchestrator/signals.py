@@ -17,6 +17,37 @@ def _interrupt(signum, frame) -> None:  # noqa: ARG001
     raise KeyboardInterrupt
 
 
+def _ask_again_when_swallowed(handler_name: str, exc_type: type[BaseException]) -> None:
+    """A ``sys.unraisablehook`` for a signal handler's exception that Python could not raise.
+
+    A handler runs wherever the main thread is. When that is a weakref callback, a ``__del__`` or
+    the garbage collector, Python cannot raise there: it prints "Exception ignored in ..." with
+    the handler's traceback and carries on as if no signal had come (a driver's SIGTERM would be
+    lost and its sweep would run to the end). The hook takes that one case: the signal is sent
+    again a moment later from another thread, so that the main thread handles it once out of the
+    callback (a signal sent from inside would be handled inside again); every other unraisable
+    exception goes to the hook before."""
+    import threading
+    import traceback
+
+    previous = sys.unraisablehook
+    if handler_name in getattr(previous, "avlab_signal_handlers", ()):
+        return
+
+    def hook(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, exc_type) and any(
+                frame.f_code.co_name == handler_name for frame, _ in traceback.walk_tb(unraisable.exc_traceback)):
+            again = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM))
+            again.daemon = True
+            again.start()
+            return
+        previous(unraisable)
+
+    hook.avlab_signal_handlers = (*getattr(previous, "avlab_signal_handlers", ()), handler_name)  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM (``avlab stop``, ``ray job stop``, a batch scheduler's cancel) handled like Ctrl-C
@@ -28,6 +59,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
         return
     _ACTIVE = True
+    _ask_again_when_swallowed(_interrupt.__name__, KeyboardInterrupt)
     try:
         yield
     finally:
@@ -67,31 +99,7 @@ def quiet_worker_sigterm() -> None:
     """In a Ray worker process of avlab's (a sweep trial, a run's task, a Ray Train worker).
 
     Ray stops a worker with SIGTERM, and its handler raises SystemExit wherever the worker's
-    main thread is. When that is a weakref callback, a ``__del__`` or the garbage collector,
-    Python cannot raise there: it prints "Exception ignored in ..." with the handler's traceback
-    (which Ray streams to the avlab command's terminal, at the end of a sweep that went well) and
-    carries on until Ray kills the process. This ``sys.unraisablehook`` takes that one case: the
-    exit is asked for again with a new SIGTERM, sent a moment later from another thread so that
-    the main thread handles it once out of the callback (a signal sent from inside would be
-    handled inside again); every other unraisable exception goes to the hook before."""
-    import threading
-
-    previous = sys.unraisablehook
-    if getattr(previous, "avlab_quiet_sigterm", False):
-        return
-
-    def hook(unraisable: Any) -> None:
-        import traceback
-
-        exc = unraisable.exc_value
-        if isinstance(exc, SystemExit) and any(
-                frame.f_code.co_name == "sigterm_handler" for frame, _ in traceback.walk_tb(unraisable.exc_traceback)):
-            again = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM))
-            again.daemon = True
-            again.start()
-            return
-        previous(unraisable)
-
-    hook.avlab_quiet_sigterm = True  # type: ignore[attr-defined]
-    sys.unraisablehook = hook
-
+    main thread is. When that is a weakref callback, a ``__del__`` or the garbage collector, the
+    exit would be lost and "Exception ignored in ..." streamed to the avlab command's terminal;
+    the exit is asked for again once out of the callback (``_ask_again_when_swallowed``)."""
+    _ask_again_when_swallowed("sigterm_handler", SystemExit)

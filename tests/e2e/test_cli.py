@@ -271,6 +271,17 @@ def test_a_deterministic_error_fails_the_run_once_with_one_line(tmp_path):
     assert run.data.tags["avlab.node_history"].count("|") == 1  # two attempts: the first, then the retry
 
 
+# A weakref callback that sends its process a SIGTERM: the handler runs inside the callback.
+CALLBACK_SENDS_SIGTERM = """
+class Thing:
+    pass
+
+def callback(ref):
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(10000):  # the handler runs here, inside the callback
+        pass
+"""
+
 # A Ray worker's SIGTERM handler (Ray's, by name and body) and a SIGTERM that lands while the main
 # thread runs a weakref callback, where Python cannot raise the handler's SystemExit.
 SIGTERM_IN_CALLBACK = """
@@ -284,15 +295,7 @@ signal.signal(signal.SIGTERM, sigterm_handler)
 if sys.argv[1] == "hook":
     from orchestrator.signals import quiet_worker_sigterm
     quiet_worker_sigterm()
-
-class Thing:
-    pass
-
-def callback(ref):
-    os.kill(os.getpid(), signal.SIGTERM)
-    for _ in range(10000):  # the handler runs here, inside the callback
-        pass
-
+""" + CALLBACK_SENDS_SIGTERM + """
 thing = Thing()
 ref = weakref.ref(thing, callback)
 del thing
@@ -315,6 +318,35 @@ def test_a_sigterm_inside_a_weakref_callback_exits_the_worker_without_a_tracebac
     else:
         assert out.returncode == 1, out.stdout + out.stderr
         assert "carried on" not in out.stdout and "Traceback" not in out.stderr and "Exception ignored" not in out.stderr, out.stderr
+
+
+# A driver inside sigterm_as_interrupt and a SIGTERM that lands while its main thread runs a weakref
+# callback, where Python cannot raise the handler's KeyboardInterrupt.
+DRIVER_SIGTERM_IN_CALLBACK = """
+import os, signal, sys, time, weakref
+from orchestrator.signals import sigterm_as_interrupt
+""" + CALLBACK_SENDS_SIGTERM + """
+try:
+    with sigterm_as_interrupt():
+        thing = Thing()
+        ref = weakref.ref(thing, callback)
+        del thing
+        time.sleep(3)  # the sweep's driver goes on waiting for its trials
+        print("carried on after the SIGTERM", flush=True)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+def test_a_drivers_sigterm_inside_a_weakref_callback_still_interrupts_the_job():
+    """Raised inside the callback, the KeyboardInterrupt would be printed as "Exception ignored"
+    and lost (a sweep stopped by SIGTERM ran to its end); avlab's hook has it raised again once
+    out of the callback, quietly."""
+    out = subprocess.run([sys.executable, "-c", DRIVER_SIGTERM_IN_CALLBACK], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip() == "interrupted", out.stdout + out.stderr
+    assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr, out.stderr
 
 
 def _niceness(pid: int) -> int | None:
