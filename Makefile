@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.avlab-installed
 
-.PHONY: demo test test-fast install baselines clean
+.PHONY: demo test test-fast install baselines docs docs-build clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,5 +36,14 @@ test-fast: $(STAMP)
 baselines: $(STAMP)
 	$(PY) benchmarks/downstream_baselines.py
 
+# The documentation site (mkdocs.yml, sources in docs/): built into site/ with every link
+# checked, then served on 127.0.0.1:8000 until Ctrl-C. The reference pages are generated from
+# the code: `$(PY) -m orchestrator.reference` rewrites them (a test fails when they are stale).
+docs: docs-build
+	$(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:8000
+
+docs-build: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) avlab-runs .pytest_cache
+	rm -rf $(VENV) avlab-runs .pytest_cache site

@@ -151,7 +151,7 @@ def main() -> None:
     import datetime as dt
     import platform
 
-    results.append(
+    results.record(
         f"Input pipeline for the training step (procedural data, {args.preset} preset)",
         f"{dt.date.today()}, {platform.machine()}, commit {results.commit()}, "
         f"`benchmarks/augment_throughput.py --preset {args.preset} --steps {args.steps} --rounds {args.rounds}` "

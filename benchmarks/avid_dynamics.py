@@ -42,6 +42,8 @@ from methods.registry import build_method  # noqa: E402
 from orchestrator.config import resolve  # noqa: E402
 from orchestrator.train import seed_everything  # noqa: E402
 
+import results  # noqa: E402  benchmarks/results.py, next to this script
+
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 
 
@@ -122,8 +124,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_append:
-        with RESULTS.open("a") as f:
-            f.write(f"\n### AVID dynamics ({args.variant})\n\n{text}\n")
+        results.record(f"AVID's training dynamics at the tiny preset, by learning rate ({args.variant})", text)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ from methods.data import ProceduralAV, DataConfig  # noqa: E402
 from methods.encoders import EncoderConfig, build_encoder  # noqa: E402
 from methods.evaluate.linear_probe import linear_probe  # noqa: E402
 
+import results  # noqa: E402  benchmarks/results.py, next to this script
+
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 
 
@@ -196,19 +198,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_append:
         command = "python benchmarks/dataset_headroom.py " + " ".join(argv or sys.argv[1:])
-        section = (
-            f"\n## Procedural dataset headroom\n\n"
+        results.record("Procedural data set headroom: random init against a supervised encoder", (
             f"{dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, `{command.strip()}`, "
             f"{torch.get_num_threads()} CPU threads, {elapsed:.0f} s; default `DataConfig` "
             f"(image {cfg.image_size}px, {cfg.n_mels} mel bins x {cfg.n_frames} frames). "
             f"Encoders: ResNet-18 (width 16) for images, ResNet-10 (width 16, 1 channel) for "
             f"sounds; {generation}.\n\n{table}\n"
-        )
-        if not RESULTS.exists():
-            RESULTS.write_text("# Benchmark results\n")
-        with RESULTS.open("a") as fh:
-            fh.write(section)
-        print(f"appended to {RESULTS.relative_to(ROOT)}")
+        ))
+        print(f"recorded in {RESULTS.relative_to(ROOT)}")
     return 0
 
 

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import results  # benchmarks/results.py, next to this script
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,17 +65,11 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    section = (
-        f"\n## Downstream baselines (procedural dataset, tiny preset)\n\n"
+    results.record("Baselines at the tiny preset (`make baselines`)", (
         f"{time.strftime('%Y-%m-%d')}, {platform.node()} ({platform.machine()}, CPU), commit {commit}, "
         f"`make baselines` ({args.workers} workers; supervised: 10 epochs on the labelled paired pool).\n"
         f"Chance is 0.100. h = representation (h^v for images, h^s for sounds).\n\n{table}\n"
-    )
-    results = ROOT / "benchmarks" / "RESULTS.md"
-    if not results.exists():
-        results.write_text("# Benchmark results\n")
-    with results.open("a") as f:
-        f.write(section)
+    ))
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_append:
-        results.append("BMA step on one GPU (paper preset)", text)
+        results.record("Training throughput on one GPU: the BMA step at the paper preset", text)
 
 
 if __name__ == "__main__":

@@ -186,7 +186,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_append:
-        results.append("Input pipeline for real data (feature cache)", text)
+        results.record("Input pipeline for real data (feature cache)", text)
 
 
 if __name__ == "__main__":

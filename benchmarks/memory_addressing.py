@@ -208,7 +208,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_append:
-        results.append("BMA memory addressing cost (tiny preset, CPU)", text)
+        results.record("BMA memory addressing cost (tiny preset, CPU)", text)
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ def main() -> None:
         f"on one batch of 128 pairs; each number a fresh process).", "", *rows])
     print(text)
     if not args.no_append:
-        results.append("A two-thread step beside a busy process: OpenMP's wait policy", text)
+        results.record("A two-thread step beside a busy process: OpenMP's wait policy", text)
 
 
 if __name__ == "__main__":

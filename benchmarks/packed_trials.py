@@ -81,7 +81,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_append:
-        results.append("Several small trials per GPU", text)
+        results.record("Training throughput of several small trials packed on one GPU", text)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ what a choice is made on; test metrics are reported beside them, never chosen on
 
     .venv/bin/python benchmarks/paired_rows.py cma-criterion avid-refs --home /path/to/home \\
         --reference cross_avid --metrics val_image_h_linear_acc,image_h_linear_acc
-    ... --record "AVID+CMA: which criterion"      # also appends the table to benchmarks/RESULTS.md
+    ... --record "AVID+CMA against Cross-AVID at the small preset: the paper's criterion, the released one and avlab's modification"
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from mlflow.tracking import MlflowClient
 from orchestrator.claims import paired
 from orchestrator.report import mean_ci95
 from orchestrator.reproduce import seed_values
+
+import results  # benchmarks/results.py, next to this script
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -79,10 +81,9 @@ def main() -> None:
     if args.record:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=RESULTS.parent).stdout.strip()
-        with RESULTS.open("a") as f:
-            f.write(f"\n## {args.record}\n\n{date.today()}, {platform.machine()}, commit {commit}, "
-                    f"`benchmarks/paired_rows.py {' '.join(args.sweeps)} --reference {args.reference} "
-                    f"--metrics {args.metrics}`\n\n{text}\n")
+        results.record(args.record, f"{date.today()}, {platform.machine()}, commit {commit}, "
+                       f"`benchmarks/paired_rows.py {' '.join(args.sweeps)} --reference {args.reference} "
+                       f"--metrics {args.metrics}`\n\n{text}\n")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ from methods.registry import build_method
 from orchestrator.config import resolve
 from orchestrator.train import seed_everything
 
+import results  # benchmarks/results.py, next to this script
+
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
@@ -78,8 +80,8 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.record:
-        with RESULTS.open("a") as f:
-            f.write(f"\n### Probe convergence ({time.strftime('%Y-%m-%d')})\n\n{text}\n")
+        results.record("Probe convergence: last-bit changes of the features against the probe's tolerance",
+                       f"{time.strftime('%Y-%m-%d')}, commit {results.commit()}: {text}")
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ def main() -> None:
                                f"alternating; commit {results.commit()}.")
     print(text)
     if not args.no_append:
-        results.append("Run overheads: system metrics and exported encoders (tiny preset)", text)
+        results.record("Run overheads: system metrics and exported encoders (tiny preset)", text)
 
 
 if __name__ == "__main__":

@@ -252,7 +252,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_append:
-        results.append("Training throughput: avlab against a plain PyTorch loop", text)
+        results.record("Training throughput: avlab against a plain PyTorch loop", text)
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_append:
-        results.append("Sweep efficiency (demo sweep)", text)
+        results.record("Sweep efficiency (demo sweep)", text)
 
 
 if __name__ == "__main__":

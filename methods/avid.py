@@ -57,8 +57,8 @@ PRESETS = {
     # K = 1024 negatives as in the paper (the tiny pool holds 8192 pairs); CMA refreshes its
     # positive sets every epoch of a short run.
     "tiny": {"method": {**TINY_ENCODERS, "cma_refresh_epochs": 1}},
-    # BatchNorm in the head: without it the projections collapse (RESULTS.md, "AVID collapse"); on
-    # its output too: without it they stay in a narrow cone (mean cosine 0.86; RESULTS.md, "AVID
+    # BatchNorm in the head: without it the projections collapse (benchmarks/RESULTS-history.md, "AVID collapse"); on
+    # its output too: without it they stay in a narrow cone (mean cosine 0.86; benchmarks/RESULTS-history.md, "AVID
     # at the small budget"). Z̄ kept from Cross-AVID when CMA starts, as the authors do (the
     # cma_reestimate_z modification is an option, off).
     "small": {"method": {**SMALL_ENCODERS, "cma_refresh_epochs": 1, "head_batchnorm": True,
@@ -90,7 +90,7 @@ class AVIDConfig:
     proj_hidden_dim: int = 512  # MLP of three FC layers with 512 hidden units (§3.3)
     # BatchNorm after each hidden layer of the head (SimCLR's head). The paper's and the authors'
     # heads have none; without it the projections of a fresh encoder share one direction and
-    # Adam collapses them (benchmarks/RESULTS.md, "AVID collapse").
+    # Adam collapses them (benchmarks/RESULTS-history.md, "AVID collapse").
     head_batchnorm: bool = False
     # A BatchNorm without affine parameters on the head's output, before the L2 normalisation
     # (as MoCo v3's projector): it removes the projections' common direction, so a batch cannot
@@ -109,7 +109,7 @@ class AVIDConfig:
     cma_start_epoch: int = 0  # S
     # Estimate Z̄ again on CMA's first step (S > 0), not keep Cross-AVID's as the authors do: a
     # modification (off in every preset: the authors' behaviour is the reproduction). It was
-    # chosen when L_wMPD undid Cross-AVID's image learning at the small preset (RESULTS.md,
+    # chosen when L_wMPD undid Cross-AVID's image learning at the small preset (benchmarks/RESULTS-history.md,
     # "AVID+CMA after a longer Cross-AVID"); why that happens is not known (the first step's Z̄ is
     # 2.18 with the paper's head and 2.20 with the BatchNorm head, the paper's 2.2045).
     cma_reestimate_z: bool = False

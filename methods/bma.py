@@ -29,14 +29,14 @@ PRESETS = {
     "tiny": {"method": TINY_ENCODERS},
     "small": {
         # τ_l 0.2 (paper 0.1): at this budget it spreads the projections (mean cosine 0.64 -> 0.31)
-        # and lifts image linear and Rank-1 on every seed (RESULTS.md, "BMA-Memory at the small budget").
+        # and lifts image linear and Rank-1 on every seed (benchmarks/RESULTS-history.md, "BMA-Memory at the small budget").
         "method": {**SMALL_ENCODERS, "loss_temperature": 0.2},
         # L_pair on 16384 pairs x 4 epochs does not memorise the pool, and the paired augmentation
         # only costs it (image linear 0.376 vs 0.294, same seed; RESULTS.md).
         "train": {"paired_augment": "none"},
         # Unpaired sounds only, as in the paper's experiments (Table 5: unpaired sounds, no unpaired
         # images). With both pools L_unpair costs every probe and a run takes ~24 min on 2 cores;
-        # with sounds only it takes ~10 (RESULTS.md, "Small preset with the small stem").
+        # with sounds only it takes ~10 (benchmarks/RESULTS-history.md, "Small preset with the small stem").
         "data": {"unpaired_image_size": 0},
     },
     "paper": {"method": PAPER_ENCODERS},

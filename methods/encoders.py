@@ -55,7 +55,7 @@ TINY_ENCODERS = {
 }
 # The small preset's: the tiny encoders with the small stem on the image side. At 32 px the
 # ImageNet stem leaves stage 4 at 1x1; with the small stem BMA-Memory's L_pair reaches image
-# linear 0.905 instead of 0.402 at the same budget (3 seeds; benchmarks/RESULTS.md, "The small
+# linear 0.905 instead of 0.402 at the same budget (3 seeds; benchmarks/RESULTS-history.md, "The small
 # stem at the small preset"). Sounds (40 x 64 log-mel) keep the ImageNet stem.
 SMALL_ENCODERS = {**TINY_ENCODERS, "image_encoder": {**TINY_ENCODERS["image_encoder"], "stem": "small"}}
 PAPER_ENCODERS = {

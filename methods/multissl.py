@@ -86,7 +86,7 @@ PRESETS = {
     "tiny": {"method": TINY_ENCODERS, "data": _BINAURAL_TINY_DATA, "eval": _BINAURAL_EVAL},
     # Binaural panoramas cannot take the light paired augmentation (a shift or flip turns the scene
     # against the ears). The scenes are the paper's kind, without class glides: data.glide_octaves
-    # (a course through the clip that the temporal gap can learn, benchmarks/RESULTS.md, "Multi-SSL's
+    # (a course through the clip that the temporal gap can learn, benchmarks/RESULTS-history.md, "Multi-SSL's
     # temporal gap with class glides") is avlab's engineered positive control, a labelled row of
     # search_spaces/multissl_tasks_small.yaml, never the preset's data.
     "small": {"method": TINY_ENCODERS, "data": {**_BINAURAL_TINY_DATA, "paired_size": 4096},

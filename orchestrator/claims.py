@@ -57,7 +57,18 @@ RULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "peak": (("at", "rows"), ()),
     "above": (("row",), ("value",)),
 }
-_KEYS = ("claim", "paper", "where", "quote", "kind", "search_space", "metric", "rule", "paper_values")
+# The keys of a claim file and what each holds (the docs' reference is generated from them).
+KEYS = {
+    "claim": "the statement, in one sentence",
+    "paper": "the paper it comes from",
+    "where": "the table, figure or section of the paper",
+    "quote": "the paper's passage the claim encodes, verbatim (required for kind: paper)",
+    "kind": "paper (what the quoted passage says, no more) or sanity_check (avlab's own check; default paper)",
+    "search_space": "the search space's file name (beside the claim or in search_spaces/) whose sweep tests it",
+    "metric": "the metric the rule compares, a name the sweep's runs log",
+    "rule": "the statement as a comparison of the sweep's configurations: {type, and the type's fields}",
+    "paper_values": "configuration label -> the paper's number, shown beside avlab's",
+}
 KINDS = ("paper", "sanity_check")
 
 
@@ -142,8 +153,8 @@ def load_claim(path: str | Path) -> Claim:
     raw = read_yaml_mapping(p, "claim")
     where = p.name
     for key in raw:
-        if key not in _KEYS:
-            raise ConfigError(f"{where}: {key}: unknown claim key; known keys: {', '.join(_KEYS)}")
+        if key not in KEYS:
+            raise ConfigError(f"{where}: {key}: unknown claim key; known keys: {', '.join(KEYS)}")
     statement, paper, place = _text(raw, "claim", where), _text(raw, "paper", where), _text(raw, "where", where)
     kind = raw.get("kind", "paper")
     if kind not in KINDS:

@@ -213,7 +213,7 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # Input shapes of the tiny and small presets: 32x32 images, 2 s at 8 kHz as 40x64 log-mels.
 _TINY_DATA_SHAPES = {"image_size": 32, "sample_rate": 8000, "clip_seconds": 2.0, "n_mels": 40, "n_frames": 64}
 
-# Every preset draws its data with the run's seed (data.seed: -1; docs/reproducibility.md): the
+# Every preset draws its data with the run's seed (data.seed: -1; docs/spec.md §8): the
 # spread over seeds is then the spread of method, data and test split together, and a sweep's
 # configurations of one seed share that seed's data, so comparisons stay paired.
 _DATA_SEED_POLICY = {"seed": -1}

@@ -34,10 +34,28 @@ SCHEDULERS = ("asha",)
 # something to learn, an evaluation added after the results were seen. A claim attributed to a
 # paper never compares such a row; reports print the role beside the row.
 ROLES = ("modified", "engineered positive control", "post-hoc diagnostic")
-_KEYS = (
-    "description", "base", "variants", "roles", "grid", "search", "num_samples", "seeds", "metric", "mode",
-    "metrics", "scheduler", "resources", "max_concurrent", "plot",
-)
+# The keys of a search-space file and what each holds (the docs' reference is generated from them).
+KEYS = {
+    "description": "one line on what the ablation asks (shown in reports)",
+    "base": "the run every trial starts from: `preset` (default tiny), `config` (run-file sections), `overrides` "
+            "(a list of key.path=value)",
+    "variants": "label -> settings (dotted paths and values): configurations that differ in several fields at once; "
+                "crossed with the grid",
+    "roles": "variant label -> its role when it is not the paper's algorithm: " + ", ".join(ROLES),
+    "grid": "dotted path -> list of values; every combination is a configuration (a value \"N%\" is N % of the "
+            "base's value at the preset the space runs at)",
+    "search": "dotted path -> a distribution for Optuna: {type: uniform|loguniform|int, low, high} or "
+              "{type: choice, values: [...]}",
+    "num_samples": "with a search: how many configurations Optuna proposes (default 1)",
+    "seeds": "a count (seeds 0..N-1) or a list of seeds; every configuration runs each (default 1)",
+    "metric": "the metric the sweep compares (and a search or scheduler optimises), a name a run logs",
+    "mode": "max or min",
+    "metrics": "several objectives for a multi-objective search: a list of {metric, mode}",
+    "scheduler": "{type: asha, ...}: stops weak trials early, on the validation split",
+    "resources": "per trial: workers (DDP), cpus_per_worker, gpu (true, false or a share of one GPU)",
+    "max_concurrent": "how many trials run at once (default 1)",
+    "plot": "x: the varied path the report plots the metric against; log_x: a log axis",
+}
 
 
 @dataclass(frozen=True)
@@ -238,8 +256,8 @@ def load_search_space(path: str | Path, *, seeds: int | None = None) -> SearchSp
     p = Path(path)
     raw = read_yaml_mapping(p, "search space")
     for key in raw:
-        if key not in _KEYS:
-            raise ConfigError(f"{p.name}: {key}: unknown search-space key; known keys: {', '.join(_KEYS)}")
+        if key not in KEYS:
+            raise ConfigError(f"{p.name}: {key}: unknown search-space key; known keys: {', '.join(KEYS)}")
 
     base = raw.get("base") or {}
     if not isinstance(base, Mapping):

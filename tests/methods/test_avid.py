@@ -533,7 +533,7 @@ def test_cross_avid_does_not_collapse_with_the_small_presets_head():
     hidden layers and on its output) are spread, in eval mode on the whole pool, and its loss is
     below the trivial value; the paper's head (no BatchNorm) on the same data and steps has
     collapsed every projection into a narrow cone, which is what this check exists to catch
-    (benchmarks/RESULTS.md, "AVID collapse" and "AVID at the small budget"). Measured: cos
+    (benchmarks/RESULTS-history.md, "AVID collapse" and "AVID at the small budget"). Measured: cos
     0.10 / 0.02 with both BatchNorms, 0.59 / 0.55 with the hidden layers' only, 0.95 / 0.96 without."""
     loss, trivial, cos_v, cos_a = _train_cross_avid(head_batchnorm=True, output_batchnorm=True)
     assert cos_v < 0.5 and cos_a < 0.5, (cos_v, cos_a)
