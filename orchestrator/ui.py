@@ -151,16 +151,122 @@ def _stop(server: subprocess.Popen) -> None:
 RUNS_VIEW = "workflowType=machine_learning"
 
 
+# How many sweeps get a link of their own when the UI starts (the most recent first).
+SWEEP_LINKS = 10
+# Varied parameters shown as columns of a sweep's view, at most.
+MAX_VARIED = 4
+# Parameters that differ between the trials of every sweep: not what it compared.
+_PER_TRIAL = ("seed", "data.seed")
+
+
+def varied_params(trials: list) -> list[str]:
+    """The config parameters whose values differ between ``trials`` (the seed aside), in name order."""
+    values: dict[str, set[str]] = {}
+    for run in trials:
+        for key, value in run.data.params.items():
+            values.setdefault(key, set()).add(value)
+    return sorted(k for k, v in values.items() if len(v) > 1 and k not in _PER_TRIAL)[:MAX_VARIED]
+
+
+def sweep_view(parent_id: str, metric: str, mode: str, varied: list[str], plot_x: str = "") -> dict:
+    """The MLflow experiment page's view state (search facets and UI state, as its share links
+    carry them) that opens a sweep on what it compared: its trials alone (the parent run's
+    children), ordered by the headline metric, with the configuration, the varied parameters,
+    the seed and the metric as columns; in the chart view, a first section with the metric
+    against the varied parameter (and per trial), then the other metrics, system metrics last."""
+    x = plot_x or (varied[0] if varied else "")
+    compared = "avlab-compared"
+    charts = [{"uuid": "avlab-metric-per-trial", "type": "BAR", "metricKey": metric, "runsCountToCompare": 100,
+               "metricSectionId": compared, "deleted": False, "isGenerated": False}]
+    if x:
+        charts.insert(0, {"uuid": "avlab-metric-against-x", "type": "SCATTER", "xaxis": {"key": x, "type": "PARAM"},
+                          "yaxis": {"key": metric, "type": "METRIC"}, "runsCountToCompare": 100,
+                          "metricSectionId": compared, "deleted": False, "isGenerated": False})
+    sections = [{"uuid": compared, "name": "What was compared", "display": True, "isReordered": False,
+                 "deleted": False, "isGenerated": False},
+                {"uuid": "avlab-model-metrics", "name": "Model metrics", "display": True, "isReordered": False,
+                 "deleted": False, "isGenerated": True},
+                {"uuid": "avlab-system-metrics", "name": "System metrics", "display": True, "isReordered": False,
+                 "deleted": False, "isGenerated": True}]
+    columns = ["tags.`avlab.config_label`", *(f"params.`{k}`" for k in varied), "params.`seed`", f"metrics.`{metric}`"]
+    return {
+        "searchFilter": f"tags.`mlflow.parentRunId` = '{parent_id}'",
+        "orderByKey": f"metrics.`{metric}`", "orderByAsc": mode == "min",
+        "startTime": "ALL", "lifecycleFilter": "Active", "modelVersionFilter": "All Runs", "datasetsFilter": [],
+        "selectedColumns": columns, "runsHiddenMode": "SHOW_ALL",
+        "compareRunCharts": charts, "compareRunSections": sections,
+        # Kept in this order; sections the UI finds later (avlab's system/node<i>/...) go after them.
+        "isAccordionReordered": True,
+        "hideEmptyCharts": True, "useGroupedValuesInCharts": True, "groupBy": None, "groupsExpanded": {},
+        "viewMaximized": False, "runListHidden": False, "columnOrder": [], "columnWidths": {},
+    }
+
+
+# MLflow's UI keeps a shared view of an experiment page in an experiment tag under this prefix, and
+# opens it from a link that names the tag's key (what its "Share" button writes and copies).
+SHARED_VIEW_TAG = "mlflow.sharedViewState."
+
+
+def share_view(client, experiment_id: str, view: dict) -> str:
+    """Store ``view`` as a shared view of the experiment (an experiment tag, keyed by the hash of
+    its content, so the same view is written once however often the UI starts); its key."""
+    import hashlib
+    import json
+
+    blob = json.dumps(view, separators=(",", ":"), sort_keys=True)
+    key = hashlib.sha256(blob.encode()).hexdigest()
+    tags = client.get_experiment(experiment_id).tags
+    if tags.get(SHARED_VIEW_TAG + key) != blob:
+        client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + key, blob)
+    return key
+
+
+def view_link(url: str, experiment_id: str, key: str, mode: str = "TABLE") -> str:
+    """The experiment's runs page opened on the shared view ``key``, as a table or as charts."""
+    return (f"{url}/#/experiments/{experiment_id}/runs?{RUNS_VIEW}&compareRunsMode={mode}"
+            f"&viewStateShareKey={key}")
+
+
 def experiment_links(store_uri: str, url: str) -> list[str]:
-    """One link per experiment of the store, opening on its runs."""
+    """One link per experiment of the store, opening on its runs, and for the most recent sweeps
+    a link each that opens on what the sweep compared (``sweep_view``, stored as a shared view of
+    the experiment), in the table and in charts."""
     from mlflow.tracking import MlflowClient
 
     try:
-        experiments = MlflowClient(store_uri).search_experiments()
+        client = MlflowClient(store_uri)
+        experiments = client.search_experiments()
     except Exception:  # noqa: BLE001 - a store the server can read but this client cannot: no links
         return []
-    return [f"{e.name}: {url}/#/experiments/{e.experiment_id}?{RUNS_VIEW}"
-            for e in sorted(experiments, key=lambda e: e.name) if e.name != "Default"]
+    lines = [f"{e.name}: {url}/#/experiments/{e.experiment_id}?{RUNS_VIEW}"
+             for e in sorted(experiments, key=lambda e: e.name) if e.name != "Default"]
+    ids = [e.experiment_id for e in experiments if e.name != "Default"]
+    if not ids:
+        return lines
+    try:
+        sweeps = client.search_runs(ids, "tags.`avlab.kind` = 'sweep'", order_by=["attributes.start_time DESC"],
+                                    max_results=SWEEP_LINKS + 1)
+    except Exception:  # noqa: BLE001 - as above
+        return lines
+    for sweep in sweeps[:SWEEP_LINKS]:
+        params = sweep.data.params
+        metric = params.get("metric") or ""
+        if not metric:
+            continue
+        name = sweep.data.tags.get("avlab.sweep_name", sweep.info.run_name)
+        trials = client.search_runs([sweep.info.experiment_id], f"tags.`mlflow.parentRunId` = '{sweep.info.run_id}'",
+                                    max_results=1000)
+        view = sweep_view(sweep.info.run_id, metric, params.get("mode", "max"), varied_params(trials),
+                          params.get("plot.x", ""))
+        try:
+            key = share_view(client, sweep.info.experiment_id, view)
+        except Exception:  # noqa: BLE001 - a store this client may read but not write: the plain links only
+            continue
+        lines.append(f"sweep {name}: {view_link(url, sweep.info.experiment_id, key)}")
+        lines.append(f"sweep {name}, charts: {view_link(url, sweep.info.experiment_id, key, 'CHART')}")
+    if len(sweeps) > SWEEP_LINKS:
+        lines.append("older sweeps: the avlab-sweeps link above lists them all (`avlab status NAME` for one)")
+    return lines
 
 
 def serve(store_uri: str, home: Path, host: str, port: int) -> int:

@@ -204,6 +204,33 @@ def test_ui_shows_the_sweep_its_trials_metrics_and_plots_in_a_browser(chromium, 
             expect(page.get_by_text("No single best on image_h_linear_acc", exact=False).first
                    ).to_be_visible(timeout=TIMEOUT_MS)
             page.screenshot(path=str(SCREENSHOT.with_name("mlflow-ui-parent.png")))
+
+            # The sweep's own link opens on what it compared: its trials alone (no parent row), with
+            # the varied parameter and the headline metric as columns, best first.
+            sweep_link = re.search(rf"sweep {SWEEP}: (\S+)", log_path.read_text()).group(1)
+            page.goto(sweep_link, timeout=60_000)
+            expect(page.get_by_text("2 matching runs")).to_be_visible(timeout=TIMEOUT_MS)
+            metric = page.locator(f'[role="gridcell"][col-id="metrics.`{METRICS[0]}`"]')
+            expect(metric).to_have_count(2, timeout=TIMEOUT_MS)
+            shown = [float(v) for v in metric.all_inner_texts()]
+            assert shown == sorted(shown, reverse=True), shown  # mode: max
+            sizes = page.locator('[role="gridcell"][col-id="params.`method.memory_size`"]')
+            assert sorted(t.strip() for t in sizes.all_inner_texts()) == ["16", "32"]
+            page.screenshot(path=str(SCREENSHOT.with_name("mlflow-ui-sweep-table.png")))
+
+            # Its charts lead with the metric against the varied parameter; system metrics come last.
+            page.goto(re.search(rf"sweep {SWEEP}, charts: (\S+)", log_path.read_text()).group(1), timeout=60_000)
+            compared = page.get_by_text("What was compared", exact=False).first
+            expect(compared).to_be_visible(timeout=TIMEOUT_MS)
+            expect(page.get_by_text(f"method.memory_size vs. {METRICS[0]}", exact=False).first).to_be_visible(
+                timeout=TIMEOUT_MS)
+            model = page.get_by_text("Model metrics", exact=False).first
+            expect(model).to_be_visible(timeout=TIMEOUT_MS)
+            assert compared.bounding_box()["y"] < model.bounding_box()["y"]
+            system = page.get_by_text(re.compile(r"^system/node0")).first
+            if system.count() and system.is_visible():
+                assert system.bounding_box()["y"] > model.bounding_box()["y"]
+            page.screenshot(path=str(SCREENSHOT.with_name("mlflow-ui-sweep-charts.png")))
         finally:
             if not SCREENSHOT.exists():  # a failed check: the page as it was
                 page.screenshot(path=str(SCREENSHOT))

@@ -68,3 +68,7 @@ def test_the_site_builds_strictly(tmp_path):
     built = {p.relative_to(tmp_path / "site").as_posix() for p in (tmp_path / "site").rglob("index.html")}
     for page in ("guide/first-run/index.html", "reference/config/index.html", "methods/bma-memory/index.html"):
         assert page in built, sorted(built)
+    # The equations are MathML (docs_hooks/mathml.py), not TeX waiting for a script from outside.
+    method = (tmp_path / "site" / "methods" / "bma-memory" / "index.html").read_text()
+    assert method.count("<math") > 10 and 'class="arithmatex"' not in method
+    assert "cdn." not in method and "fonts.googleapis" not in method
