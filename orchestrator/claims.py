@@ -301,8 +301,14 @@ def _welch(a: list[float], b: list[float]) -> tuple[float, float, float]:
         return diff, math.inf, math.nan
     va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
     se = math.sqrt(va + vb)
-    if se == 0:  # every seed equal on both sides: the sign is certain
-        return diff, 0.0, 0.0 if diff else 1.0
+    if max(a) - min(a) <= _SAME and max(b) - min(b) <= _SAME:
+        # Every seed equal on each side (probe accuracies are multiples of 1/n_test): Welch's
+        # standard error is 0 or float rounding, which would read as certainty on any number of
+        # seeds. The exact permutation test instead: all of one side above all of the other is the
+        # most extreme of the C(n_a + n_b, n_a) splits, p = 2 / C (2 + 2 seeds: 1/3; 4 + 4: 0.029).
+        if abs(diff) <= _SAME:
+            return diff, math.nan, 1.0
+        return diff, math.nan, min(1.0, 2.0 / math.comb(len(a) + len(b), len(a)))
     df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if va and vb else len(a) + len(b) - 2
     t = diff / se
     from scipy import stats  # a second to import: only when a claim is decided

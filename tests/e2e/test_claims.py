@@ -195,6 +195,20 @@ def test_welch_matches_the_hand_computed_test():
     assert p == pytest.approx(0.02131, abs=1e-4)
 
 
+def test_welch_on_seeds_equal_on_each_side_is_an_exact_permutation_test_not_certainty():
+    """Probe accuracies are multiples of 1/n_test: two configurations can score the same on every
+    seed. Welch's standard error is then 0 (or float rounding), which read as certainty; the
+    exact permutation test needs 4 + 4 seeds to decide (p = 2 / C(8, 4))."""
+    third = 1 / 3
+    assert _welch([0.4 + third - third] * 2, [0.3] * 2)[2] == pytest.approx(1 / 3)
+    assert _welch([0.4] * 3, [0.3] * 3)[2] == pytest.approx(0.1)
+    assert _welch([0.4] * 4, [0.3] * 4)[2] == pytest.approx(2 / 70)
+    assert _welch([0.3] * 3, [0.3 + 1e-12] * 3)[2] == 1.0
+    from orchestrator.claims import compare
+
+    assert compare([0.4] * 3, [0.3] * 3) == 0 and compare([0.4] * 4, [0.3] * 4) == 1
+
+
 def _seeds(values: dict[str, list[float]]) -> dict[str, dict[int, float]]:
     """Each configuration's values as seeds 0, 1, ... (what a sweep's trials give)."""
     return {label: dict(enumerate(v)) for label, v in values.items()}
