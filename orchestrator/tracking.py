@@ -173,6 +173,37 @@ def check_reachable(uri: str, field: str) -> None:
         except Exception as exc:  # noqa: BLE001 - SQLAlchemy knows no such dialect or driver
             raise ConfigError(f"{field}: SQLAlchemy cannot use the scheme {scheme!r} ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        if scheme.split("+", 1)[0] == "postgresql":
+            _check_database(uri, field)
+
+
+def _check_database(uri: str, field: str) -> None:
+    """A PostgreSQL store answers one connection within ``PROBE_TIMEOUT_S`` (the server is up, the
+    database exists, this user may log in: the password comes from the environment, PGPASSWORD or
+    ~/.pgpass, never from the URI). Else a ConfigError naming ``field`` and the database without
+    any password, with the server's reason in a few words."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": max(1, int(PROBE_TIMEOUT_S))},
+                                      poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect():
+            pass
+    except Exception as exc:  # noqa: BLE001 - every way of not connecting means the same here
+        cause = getattr(exc, "orig", None) or exc
+        text = " ".join(str(cause).split())
+        reason = next((r for r in ("connection refused", "timeout expired", "does not exist",
+                                   "password authentication failed", "no password supplied",
+                                   "could not translate host name") if r in text.lower()), type(cause).__name__)
+        raise ConfigError(f"{field}: cannot connect to the PostgreSQL store at {_where(uri)}{_database(uri)} "
+                          f"({reason}); start it, or check the URI and the credentials in the environment") from None
+    finally:
+        engine.dispose()
+
+
+def _database(uri: str) -> str:
+    path = urllib.parse.urlsplit(uri).path
+    return path if path not in ("", "/") else ""
 
 
 from orchestrator.store import empty_store_template, open_store, prepare_store  # noqa: E402,F401
@@ -400,7 +431,10 @@ def fail_fast() -> Iterator[None]:
 
 
 def _where(uri: str) -> str:
+    """The URI's user, host and port, never a password."""
     parts = urllib.parse.urlsplit(uri)
+    if parts.password is not None:
+        return parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return parts.netloc or uri
 
 
