@@ -153,12 +153,23 @@ def check_reachable(uri: str, field: str) -> None:
         from mlflow.utils.credentials import get_default_host_creds
         from mlflow.utils.rest_utils import http_request
 
+        creds = get_default_host_creds(uri.rstrip("/"))
         try:
-            http_request(get_default_host_creds(uri.rstrip("/")), "/health", "GET", max_retries=0,
-                         timeout=PROBE_TIMEOUT_S, raise_on_status=False)
+            http_request(creds, "/health", "GET", max_retries=0, timeout=PROBE_TIMEOUT_S, raise_on_status=False)
+            # /health needs no login; a search does, so a server behind MLflow's login refuses
+            # missing or wrong credentials here rather than at the first trial's first request.
+            reply = http_request(creds, "/api/2.0/mlflow/experiments/search", "GET", max_retries=0,
+                                 timeout=PROBE_TIMEOUT_S, raise_on_status=False, params={"max_results": 1})
         except Exception as exc:  # noqa: BLE001 - every way of not answering means the same here
             raise ConfigError(f"{field}: no tracking server answers at {_where(uri)} ({_reason(exc)}); "
                               f"start it, or check the URI") from None
+        if reply.status_code in (401, 403):
+            given = ("the credentials of MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+                     if os.environ.get("MLFLOW_TRACKING_USERNAME") or os.environ.get("MLFLOW_TRACKING_TOKEN")
+                     else "a request without credentials")
+            raise ConfigError(f"{field}: the tracking server at {_where(uri)} refused {given} "
+                              f"(HTTP {reply.status_code}); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                              f"(or MLFLOW_TRACKING_TOKEN) to a login of that server") from None
     elif scheme.split("+", 1)[0] in ("postgresql", "mysql", "mssql"):
         from sqlalchemy.engine import make_url
 

@@ -1,23 +1,30 @@
-"""`avlab ui`: the MLflow UI (tracking server) on the project's store.
+"""`avlab ui`: the MLflow UI and tracking server on the project's store.
 
-Runs ``mlflow server`` on ``<home>/mlflow.db``, bound to 127.0.0.1 unless ``--host`` says
-otherwise, and waits for it; Ctrl-C stops it (exit 0). Experiments that avlab creates keep their
-artifacts under ``<home>/mlartifacts/<experiment>`` as file:// URIs, which the server reads
-directly, so plots and reports open in the UI. Bad input (no store yet, a busy port, a host that
-cannot be bound) exits 2 with one line before the server starts.
+Runs ``mlflow server`` on ``<home>/mlflow.db`` (or the database ``--tracking-uri`` names, e.g. a
+lab's PostgreSQL), bound to 127.0.0.1 unless ``--host`` says otherwise, and waits for it; Ctrl-C
+stops it (exit 0). Experiments that avlab creates keep their artifacts under
+``<home>/mlartifacts/<experiment>`` as file:// URIs, which the server reads directly, so plots and
+reports open in the UI. A server that listens beyond loopback runs MLflow's basic-auth app: its
+admin comes from ``MLFLOW_AUTH_ADMIN_USERNAME`` / ``MLFLOW_AUTH_ADMIN_PASSWORD`` in the
+environment, and clients log in with ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``.
+Bad input (no store yet, a busy port, a host that cannot be bound, a login without its
+credentials) exits 2 with one line before the server starts.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 from orchestrator.errors import ConfigError
@@ -68,20 +75,55 @@ def is_loopback(addresses: list[str]) -> bool:
     return all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
 
 
+# MLflow's basic-auth app reads its first admin from these (and creates it on the first start);
+# avlab refuses to start a login without them rather than fall back on a file.
+ADMIN_ENV = ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD")
+MIN_PASSWORD = 12  # MLflow refuses to create a user with a shorter one
+
+
+def check_login(host: str, env: Mapping[str, str]) -> None:
+    """The admin credentials of a server with a login are in ``env``, non-empty; else a
+    ConfigError naming the variables (never their values)."""
+    missing = [name for name in ADMIN_ENV if not env.get(name)]
+    if missing:
+        why = (f"--host {host} listens beyond this machine, so the server runs with MLflow's login"
+               if host else "--login asks for MLflow's login")
+        raise ConfigError(f"{why}: set {' and '.join(missing)} in the environment (the server's admin, from a "
+                          f"secret; clients log in with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)"
+                          + (", or pass --no-login on a network you trust" if host else ""))
+    if len(env[ADMIN_ENV[1]]) < MIN_PASSWORD:
+        raise ConfigError(f"{ADMIN_ENV[1]}: MLflow's login takes passwords of at least {MIN_PASSWORD} characters; "
+                          f"this one has {len(env[ADMIN_ENV[1]])}")
+
+
+def login_config(store_uri: str, home: Path) -> str:
+    """The basic-auth app's settings (an ini file's text, without credentials): its users live in
+    the tracking database itself when that is a server database (their tables, ``users`` and
+    ``roles``, and their migration table are the app's own), else in ``<home>/basic_auth.db``.
+    Everyone logged in may read every experiment; what a user creates is theirs to change."""
+    database = store_uri if not store_uri.startswith("sqlite:") else f"sqlite:///{home / 'basic_auth.db'}"
+    return ("[mlflow]\n"
+            "default_permission = READ\n"
+            f"database_uri = {database.replace('%', '%%')}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+
+
 def url_for(host: str, port: int) -> str:
     """The address to open: a wildcard bind is reached on loopback; IPv6 literals need brackets."""
     shown = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     return f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
 
 
-def server_command(store_uri: str, home: Path, host: str, port: int) -> list[str]:
-    """``mlflow server`` on the avlab store.
+def server_command(store_uri: str, home: Path, host: str, port: int, *, workers: int = 1,
+                   login: bool = False) -> list[str]:
+    """``mlflow server`` on the avlab store (``login``: behind MLflow's basic-auth app).
 
     ``--serve-artifacts --artifacts-destination <home>/mlartifacts``: avlab's experiments carry
     file:// artifact locations that the server reads directly (plots, reports, config.yaml);
     anything created through the UI itself gets its artifacts in the home too, not in the
-    current directory. ``--workers 1``: one person browsing needs one process (each costs a
-    second of CPU and ~200 MB); ``--log-level warning`` keeps the access log off the terminal.
+    current directory. ``--workers 1`` by default: one person browsing needs one process (each
+    costs a second of CPU and ~200 MB; the trials of a cluster's sweep may want more);
+    ``--log-level warning`` keeps the access log off the terminal.
     """
     mlflow = Path(sys.executable).parent / "mlflow"
     launcher = [str(mlflow)] if mlflow.is_file() else [sys.executable, "-m", "mlflow"]
@@ -90,7 +132,8 @@ def server_command(store_uri: str, home: Path, host: str, port: int) -> list[str
         "--backend-store-uri", store_uri,
         "--serve-artifacts", "--artifacts-destination", (home / "mlartifacts").as_uri(),
         "--host", host, "--port", str(port),
-        "--workers", "1",
+        "--workers", str(workers),
+        *(["--app-name", "basic-auth"] if login else []),
         "--uvicorn-opts", "--log-level warning",
     ]
 
@@ -269,19 +312,32 @@ def experiment_links(store_uri: str, url: str) -> list[str]:
     return lines
 
 
-def serve(store_uri: str, home: Path, host: str, port: int) -> int:
+def serve(store_uri: str, home: Path, host: str, port: int, *, workers: int = 1, login: bool = False) -> int:
     """Run the MLflow server on ``store_uri`` at ``host:port`` until Ctrl-C or SIGTERM (exit code
-    0) or until it exits by itself (1); progress lines on stdout, errors on stderr."""
-    url = url_for(host, port)
+    0) or until it exits by itself (1); progress lines on stdout, errors on stderr. ``login``: with
+    MLflow's basic-auth app (``check_login`` first), its settings in a private temporary file."""
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)  # the server's store is --backend-store-uri
     # The GenAI job runner (a huey consumer with 5 workers) is of no use to avlab's runs, and a
     # local viewer has no reason to send usage data out; an explicit setting in the environment wins.
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    print(f"[avlab] starting the MLflow server on {store_uri}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="avlab-ui-") as private:
+        if login:
+            config = Path(private) / "basic_auth.ini"
+            config.write_text(login_config(store_uri, home))
+            env["MLFLOW_AUTH_CONFIG_PATH"] = str(config)
+            # The login form's CSRF key: one for this server's workers, unless the site gives one.
+            env.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", secrets.token_hex(32))
+        return _serve(store_uri, home, host, port, workers, login, env)
+
+
+def _serve(store_uri: str, home: Path, host: str, port: int, workers: int, login: bool, env: dict[str, str]) -> int:
+    url = url_for(host, port)
+    print(f"[avlab] starting the MLflow server on {store_uri}" + (" with MLflow's login" if login else ""),
+          flush=True)
     previous = signal.signal(signal.SIGTERM, _raise_stop)
-    server, stopped = _start(server_command(store_uri, home, host, port), env)
+    server, stopped = _start(server_command(store_uri, home, host, port, workers=workers, login=login), env)
     try:
         if stopped:
             raise _Stop

@@ -10,6 +10,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,12 +18,25 @@ from pathlib import Path
 import faults
 
 USER = "avlab"
+MISSING = "needs PostgreSQL's server binaries (Debian: apt-get install postgresql)"
 
 
 def binaries() -> dict[str, str] | None:
-    """initdb, pg_ctl and psql, or None where the server binaries are not installed."""
-    found = {name: shutil.which(name) for name in ("initdb", "pg_ctl", "psql")}
+    """initdb, pg_ctl, psql and pg_dump, or None where the server binaries are not installed. Debian
+    keeps the server's own tools off PATH, in /usr/lib/postgresql/VERSION/bin."""
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: p.parent.name)
+    path = os.pathsep.join([os.environ.get("PATH", ""), *(str(v) for v in reversed(versions))])
+    found = {name: shutil.which(name, path=path) for name in ("initdb", "pg_ctl", "psql", "pg_dump")}
     return found if all(found.values()) else None  # type: ignore[return-value]
+
+
+def dump(uri: str) -> str:
+    """The database's whole content as SQL (pg_dump), for looking for what must not be in it."""
+    parts = urllib.parse.urlsplit(uri)
+    out = subprocess.run([binaries()["pg_dump"], "-h", parts.hostname, "-p", str(parts.port), "-U", parts.username,
+                          "-d", parts.path.lstrip("/")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
 
 
 def _as_owner(owner: str | None, argv: list[str]) -> list[str]:

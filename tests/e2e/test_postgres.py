@@ -11,8 +11,7 @@ import pytest
 import postgres
 from conftest import AVLAB, ROOT, TINY_RUN
 
-pytestmark = pytest.mark.skipif(postgres.binaries() is None,
-                                reason="needs PostgreSQL's server binaries (Debian: apt-get install postgresql)")
+pytestmark = pytest.mark.skipif(postgres.binaries() is None, reason=postgres.MISSING)
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from orchestrator.cli import main
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import faults  # noqa: E402
+import postgres  # noqa: E402
 
 from conftest import ROOT
 BIN = Path(sys.executable).parent
@@ -498,12 +499,29 @@ def test_a_bad_worker_wait_exits_2_before_anything_starts(tmp_path, capsys, monk
     assert not (tmp_path / "home").exists()
 
 
+@pytest.fixture
+def tracking_db(request):
+    """None for the recipe's default store (SQLite in $AVLAB_HOME), else the URI of a database
+    on a throw-away PostgreSQL cluster."""
+    if request.param == "sqlite":
+        yield None
+        return
+    if postgres.binaries() is None:
+        pytest.skip(postgres.MISSING)
+    with postgres.cluster() as uri:
+        yield f"{uri}/mlflow"
+
+
 @pytest.mark.slow
-def test_the_slurm_recipe_starts_ray_on_two_nodes_and_runs_a_sweep(tmp_path):
+@pytest.mark.parametrize("tracking_db", ["sqlite", "postgresql"], indirect=True)
+def test_the_slurm_recipe_starts_ray_on_two_nodes_and_runs_a_sweep(tmp_path, tracking_db):
     """cluster-slurm.sbatch under a two-node simulation: `scontrol` names two nodes, `srun` runs
     its command here, and the extra `ray start` options give the two nodes on one machine their
     own ports (as two hosts would have). The head starts, the worker joins, the sweep runs with
-    `--address auto` into $AVLAB_HOME, and the job's Ray nodes are gone when the script ends."""
+    `--address auto` into $AVLAB_HOME, and the job's Ray nodes are gone when the script ends.
+    With AVLAB_TRACKING_DB, the head also runs the MLflow tracking server on that PostgreSQL
+    database, behind MLflow's login: the trial tracks through it with the job's credentials,
+    which reach no file, tag, parameter or log."""
     from mlflow.tracking import MlflowClient
 
     shims = tmp_path / "bin"
@@ -528,6 +546,11 @@ def test_the_slurm_recipe_starts_ray_on_two_nodes_and_runs_a_sweep(tmp_path):
            "AVLAB_RAY_WORKER_ARGS": f"--node-ip-address 127.0.0.1 --dashboard-agent-listen-port {agent_worker}",
            "TMPDIR": tempfile.mkdtemp(prefix="avs-", dir="/tmp")}
     env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    password = f"pw-{uuid.uuid4().hex}"
+    if tracking_db:
+        env.update(AVLAB_TRACKING_DB=tracking_db, AVLAB_TRACKING_PORT=str(faults.free_port()),
+                   AVLAB_TRACKING_WORKERS="1", MLFLOW_TRACKING_USERNAME="sweeper", MLFLOW_TRACKING_PASSWORD=password)
     try:
         out = subprocess.run(["bash", str(ROOT / "cluster-slurm.sbatch"), str(space), "--name", "slurm"], env=env,
                              cwd=tmp_path, capture_output=True, text=True, timeout=900)
@@ -535,9 +558,19 @@ def test_the_slurm_recipe_starts_ray_on_two_nodes_and_runs_a_sweep(tmp_path):
         assert out.returncode == 0, log[-5000:]
         assert "[avlab] Ray head on n1 (127.0.0.1:" in log and "[avlab] Ray worker on n2" in log
         assert "[avlab] sweep slurm finished" in log, log[-3000:]
-        client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+        client = MlflowClient(tracking_db or f"sqlite:///{home / 'mlflow.db'}")
         runs = _children(client, "slurm")
         assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        if tracking_db:
+            assert "[avlab] MLflow tracking server on n1 (http://127.0.0.1:" in log, log[-3000:]
+            assert not (home / "mlflow.db").exists()  # everything went to the database
+            assert "image_h_linear_acc" in runs[0].data.metrics
+            assert password not in log
+            leaks = [str(f) for f in [*home.rglob("*"), *tmp_path.glob("*.log")]
+                     if f.is_file() and password.encode() in f.read_bytes()]
+            assert not leaks, leaks
+            dump = postgres.dump(tracking_db)
+            assert password not in dump and "sweeper" in dump  # the login exists; only its hash is stored
         # The script stops the nodes it started.
         _wait(lambda: not _marked(tag), timeout=60, what="the job's Ray nodes to stop")
     finally:
