@@ -20,6 +20,7 @@ PLACEHOLDERS = (
     (re.compile(r"\bfs-X{8}\b"), "the id of your EFS file system"),
     (re.compile(r"\bami-X{8,}\b"), "a GPU AMI of your region"),
     (re.compile(r"\bREGISTRY/"), "your image registry"),
+    (re.compile(r"\bPOSTGRES_HOST\b"), "the host of your PostgreSQL server"),
 )
 
 

@@ -64,6 +64,22 @@ def test_ui_on_a_busy_port_or_without_a_store_exits_2_in_one_line(tmp_path, caps
     assert len(err.splitlines()) == 1 and err.startswith(f"avlab: error: --port: {port} is already in use"), err
 
 
+def test_ui_beyond_loopback_without_its_logins_admin_exits_2_in_one_line(tmp_path, capsys, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "mlflow.db").touch()
+    for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["ui", "--home", str(home), "--host", "0.0.0.0", "--port", str(faults.free_port())]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(
+        "avlab: error: --host 0.0.0.0 listens beyond this machine, so the server runs with MLflow's login: set "
+        "MLFLOW_AUTH_ADMIN_USERNAME and MLFLOW_AUTH_ADMIN_PASSWORD in the environment"), err
+    assert err.endswith("or pass --no-login on a network you trust"), err
+    assert main(["ui", "--home", str(home), "--workers", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "avlab: error: --workers: must be between 1 and 64, got 0"
+
+
 @pytest.fixture(scope="module")
 def chromium():
     """(Playwright's sync API, Debian's Chromium); Playwright's own browser download is not

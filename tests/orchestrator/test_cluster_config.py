@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
+import urllib.parse
 from pathlib import Path
 
 import jsonschema
@@ -182,7 +183,7 @@ def test_the_kuberay_manifest_has_a_cpu_head_gpu_workers_a_shared_home_and_no_cr
     from orchestrator.search_space import load_search_space
 
     docs = list(yaml.safe_load_all(KUBERAY_YAML.read_text()))
-    assert [(d["apiVersion"], d["kind"]) for d in docs] == [("ray.io/v1", "RayCluster"), ("ray.io/v1", "RayJob")]
+    assert [(d["apiVersion"], d["kind"]) for d in docs][:2] == [("ray.io/v1", "RayCluster"), ("ray.io/v1", "RayJob")]
     cluster, job = docs[0]["spec"], docs[1]["spec"]
     for spec in (cluster, job["rayClusterSpec"]):
         assert spec["rayVersion"] == ray.__version__
@@ -193,6 +194,10 @@ def test_the_kuberay_manifest_has_a_cpu_head_gpu_workers_a_shared_home_and_no_cr
             env = {e["name"]: e for e in container["env"]}
             assert env["AVLAB_HOME"]["value"] == "/mnt/avlab" and env["RAY_AUTH_MODE"]["value"] == "token"
             assert "value" not in env["RAY_AUTH_TOKEN"] and env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+            # Every trial tracks through the lab's tracking server, logged in from a secret.
+            assert env["MLFLOW_TRACKING_URI"]["value"] == "http://avlab-mlflow:5000"
+            for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                assert env[key]["valueFrom"]["secretKeyRef"]["name"] == "avlab-mlflow-login" and "value" not in env[key]
             assert {"name": "avlab-home", "mountPath": "/mnt/avlab"} in container["volumeMounts"]
             res = container["resources"]
             assert res["requests"] == res["limits"], name  # guaranteed QoS: not evicted first
@@ -200,6 +205,36 @@ def test_the_kuberay_manifest_has_a_cpu_head_gpu_workers_a_shared_home_and_no_cr
     words = job["entrypoint"].split()
     assert words[:2] == ["avlab", "sweep"] and "--address" in words and words[words.index("--address") + 1] == "auto"
     load_search_space(CLUSTER_YAML.parent / words[2])  # the search space it names exists and is valid
+
+
+def test_the_kuberay_tracking_server_runs_avlab_ui_with_a_login_on_postgresql_from_secrets():
+    """The Deployment and Service of the lab's MLflow server: the command is avlab's own (parsed
+    by its parser: a login, a PostgreSQL store without a password in it, the shared home), every
+    credential comes from a secret, and the Service the Ray pods name reaches it inside the
+    cluster only."""
+    from orchestrator.cli import build_parser
+
+    docs = {d["kind"]: d for d in yaml.safe_load_all(KUBERAY_YAML.read_text())}
+    deployment, service = docs["Deployment"], docs["Service"]
+    assert deployment["metadata"]["labels"] == service["metadata"]["labels"] == {"avlab.kind": "tracking"}
+    pod = deployment["spec"]["template"]
+    assert deployment["spec"]["selector"]["matchLabels"] == pod["metadata"]["labels"] == service["spec"]["selector"]
+    (container,) = pod["spec"]["containers"]
+    assert container["command"][:2] == ["avlab", "ui"]
+    args = build_parser().parse_args(container["command"][1:])
+    assert args.login is True and args.host == "0.0.0.0" and args.workers >= 2 and args.home == "/mnt/avlab"
+    store = urllib.parse.urlsplit(args.tracking_uri)
+    assert store.scheme == "postgresql" and store.password is None and store.path == "/mlflow"
+    env = {e["name"]: e for e in container["env"]}
+    for key in ("PGPASSWORD", "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+        assert "value" not in env[key] and env[key]["valueFrom"]["secretKeyRef"]["name"], key
+    allowed = env["MLFLOW_SERVER_ALLOWED_HOSTS"]["value"].split(",")
+    assert f"{service['metadata']['name']}:{args.port}" in allowed and f"127.0.0.1:{args.port}" in allowed
+    assert {"name": "avlab-home", "mountPath": "/mnt/avlab"} in container["volumeMounts"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": args.port}
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["ports"][0]["targetPort"] == args.port == container["ports"][0]["containerPort"]
+    assert f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}" == "http://avlab-mlflow:5000"
 
 
 def test_check_cluster_names_each_recipes_placeholders_and_passes_filled_copies(tmp_path, capsys):
@@ -216,6 +251,7 @@ def test_check_cluster_names_each_recipes_placeholders_and_passes_filled_copies(
         filled = tmp_path / path.name
         text = re.sub(r"fs-X{8}", "fs-0123abcd", path.read_text())
         text = re.sub(r"ami-X+", "ami-0123456789abcdef0", text).replace("REGISTRY/", "registry.example.org/")
+        text = text.replace("POSTGRES_HOST", "db.example.org")
         filled.write_text(text)
         assert main(["check-cluster", str(filled)]) == 0
     assert main(["check-cluster", str(SLURM_SCRIPT)]) == 0
@@ -247,6 +283,8 @@ def test_the_kuberay_manifest_against_kuberays_crd_schemas():
         return node
 
     for doc in yaml.safe_load_all(KUBERAY_YAML.read_text()):
+        if doc["apiVersion"] != "ray.io/v1":  # the tracking server's Deployment and Service are Kubernetes' own
+            continue
         crd = yaml.safe_load((Path(folder) / f"ray.io_{doc['kind'].lower()}s.yaml").read_text())
         (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
         schema = kube_to_jsonschema(copy.deepcopy(v1["schema"]["openAPIV3Schema"]))
