@@ -110,8 +110,11 @@ def _ui_hint(uri: str) -> str:
     """The command that shows ``uri``: ``avlab ui`` for a local store, the server itself otherwise."""
     if uri.startswith(("http://", "https://")):
         return uri
+    avlab = Path(sys.executable).parent / "avlab"
+    if not uri.startswith("sqlite:///"):  # a database of its own: the UI on it, wherever the home is
+        return f"{avlab} ui --tracking-uri {uri}"
     home = uri.removeprefix("sqlite:///").removesuffix("/mlflow.db")
-    return f"{Path(sys.executable).parent / 'avlab'} ui --home {home}"
+    return f"{avlab} ui --home {home}"
 
 
 @contextlib.contextmanager

@@ -424,16 +424,21 @@ def fail_fast() -> Iterator[None]:
     """MLflow's HTTP client without its retries (7, with back-off up to 2 minutes each) and with
     a short timeout, and urllib3's per-retry warnings silenced: the ``Outbox`` retries itself."""
     names = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-    urllib3_log = logging.getLogger("urllib3.connectionpool")
+    # urllib3 warns at each retry; MLflow's database store logs each failed query as an ERROR
+    # with its whole traceback (a screenful per epoch while a database is away).
+    quiet = {logging.getLogger("urllib3.connectionpool"): logging.ERROR,
+             logging.getLogger("mlflow.store.db.utils"): logging.CRITICAL}
     with _ENV_LOCK:
         saved = {k: os.environ.get(k) for k in names}
-        level = urllib3_log.level
+        levels = {log: log.level for log in quiet}
         os.environ.update(names)
-        urllib3_log.setLevel(logging.ERROR)
+        for log, level in quiet.items():
+            log.setLevel(level)
         try:
             yield
         finally:
-            urllib3_log.setLevel(level)
+            for log, level in levels.items():
+                log.setLevel(level)
             for key, value in saved.items():
                 if value is None:
                     os.environ.pop(key, None)
@@ -467,6 +472,7 @@ class Outbox:
         self._pending = [entry for entry in (pending if isinstance(pending, list) else []) if _valid_entry(entry)]
         self._down_since: float | None = None
         self._where = _where(client.tracking_uri)
+        self._what = "tracking server" if client.tracking_uri.startswith(("http://", "https://")) else "tracking database"
 
     @property
     def pending(self) -> list[dict[str, Any]]:
@@ -497,12 +503,12 @@ class Outbox:
             if self._down_since is None:
                 self._down_since = time.monotonic()
                 if self._announce:
-                    say(f"tracking server {self._where} unreachable ({_reason(exc)}); training goes on and its "
+                    say(f"{self._what} {self._where} unreachable ({_reason(exc)}); training goes on and its "
                         f"metrics are sent when it is back")
             return False
         if self._down_since is not None:
             if self._announce:
-                say(f"tracking server {self._where} is back after {time.monotonic() - self._down_since:.0f} s; "
+                say(f"{self._what} {self._where} is back after {time.monotonic() - self._down_since:.0f} s; "
                     f"{sent} held metric batch{'es' if sent != 1 else ''} sent")
             self._down_since = None
         return True
@@ -512,7 +518,7 @@ class Outbox:
         deadline = time.monotonic() + patience_s
         while not self.send():
             if time.monotonic() >= deadline:
-                raise TrackingUnavailable(f"tracking server {self._where} unreachable for {patience_s:.0f} s; "
+                raise TrackingUnavailable(f"{self._what} {self._where} unreachable for {patience_s:.0f} s; "
                                           f"{len(self._pending)} metric batches wait in the checkpoint")
             time.sleep(poll_s)
 
@@ -522,6 +528,13 @@ def _reason(exc: BaseException) -> str:
     server closed the connection" (a server stopped or restarted while it answered: no reply, a
     reset, a reply cut short), "not an HTTP reply", "HTTP 503". Never the request's URL."""
     text = str(exc)
+    # A database driver's own words (psycopg: "connection failed: connection to server at ...
+    # failed: Connection refused"; "server closed the connection unexpectedly").
+    for words in ("connection refused", "server closed the connection", "timeout expired", "could not translate host name",
+                  "the database system is starting up", "the database system is shutting down"):
+        if words in text.lower():
+            return {"server closed the connection": "the server closed the connection",
+                    "timeout expired": "timed out"}.get(words, words)
     closed = ("RemoteDisconnected", "Remote end closed connection", "Connection reset by peer",
               "ConnectionResetError", "ConnectionAbortedError", "BrokenPipeError", "Broken pipe",
               "IncompleteRead", "Connection broken")

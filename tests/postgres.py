@@ -43,36 +43,70 @@ def _as_owner(owner: str | None, argv: list[str]) -> list[str]:
     return ["runuser", "-u", owner, "--", *argv] if owner else argv
 
 
+class Cluster:
+    """A PostgreSQL cluster of its own: ``uri`` is ``postgresql://avlab@127.0.0.1:PORT`` (append
+    ``/DATABASE``); ``stop`` and ``start`` take it away and bring it back on the same data."""
+
+    def __init__(self) -> None:
+        tools = binaries()
+        assert tools, "no PostgreSQL server binaries"
+        self.tools, self.owner = tools, None
+        if os.geteuid() == 0:
+            self.owner = "postgres"
+            pwd.getpwnam(self.owner)  # KeyError: no such user
+        self.root = Path(tempfile.mkdtemp(prefix="avlab-pg-"))
+        self.data = self.root / "pgdata"
+        self.data.mkdir()
+        if self.owner:
+            shutil.chown(self.root, self.owner)
+            shutil.chown(self.data, self.owner)
+        self.port = faults.free_port()
+        self.uri = f"postgresql://{USER}@127.0.0.1:{self.port}"
+        out = self._run([tools["initdb"], "-D", str(self.data), "-U", USER, "-A", "trust", "--no-sync"])
+        assert out.returncode == 0, out.stderr[-2000:]
+
+    def _run(self, argv: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(_as_owner(self.owner, argv), capture_output=True, text=True, timeout=120)
+
+    def start(self) -> None:
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.data} -c fsync=off"
+        out = self._run([self.tools["pg_ctl"], "-D", str(self.data), "-o", options, "-l", str(self.data / "server.log"),
+                         "-w", "start"])
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+
+    def stop(self) -> None:
+        """Gone at once, as a crashed server is: open connections are cut, new ones refused."""
+        self._run([self.tools["pg_ctl"], "-D", str(self.data), "-m", "immediate", "-w", "stop"])
+
+    def create(self, name: str) -> str:
+        """A new database ``name``; its URI."""
+        made = subprocess.run([self.tools["psql"], "-h", "127.0.0.1", "-p", str(self.port), "-U", USER, "-d", "postgres",
+                               "-c", f"CREATE DATABASE {name}"], capture_output=True, text=True, timeout=60)
+        assert made.returncode == 0, made.stderr
+        return f"{self.uri}/{name}"
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextmanager
+def running() -> Iterator[Cluster]:
+    """A started ``Cluster``, stopped and removed afterwards. Its data lives in a folder of its own
+    under the system's temporary folder (pytest's are private to root, where the ``postgres`` user
+    cannot reach)."""
+    server = Cluster()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.remove()
+
+
 @contextmanager
 def cluster(databases: tuple[str, ...] = ("mlflow",)) -> Iterator[str]:
-    """A running cluster with ``databases``; yields ``postgresql://avlab@127.0.0.1:PORT``. Its data
-    lives in a folder of its own under the system's temporary folder (pytest's are private to
-    root, where the ``postgres`` user cannot reach), removed afterwards."""
-    tools = binaries()
-    assert tools, "no PostgreSQL server binaries"
-    owner = None
-    if os.geteuid() == 0:
-        owner = "postgres"
-        pwd.getpwnam(owner)  # KeyError: no such user
-    root = Path(tempfile.mkdtemp(prefix="avlab-pg-"))
-    data = root / "pgdata"
-    data.mkdir()
-    if owner:
-        shutil.chown(root, owner)
-        shutil.chown(data, owner)
-    port = faults.free_port()
-    run = lambda argv: subprocess.run(_as_owner(owner, argv), capture_output=True, text=True, timeout=120)  # noqa: E731
-    out = run([tools["initdb"], "-D", str(data), "-U", USER, "-A", "trust", "--no-sync"])
-    assert out.returncode == 0, out.stderr[-2000:]
-    options = f"-c listen_addresses=127.0.0.1 -p {port} -k {data} -c fsync=off"
-    out = run([tools["pg_ctl"], "-D", str(data), "-o", options, "-l", str(data / "server.log"), "-w", "start"])
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    try:
+    """A running cluster with ``databases``; yields ``postgresql://avlab@127.0.0.1:PORT``."""
+    with running() as server:
         for name in databases:
-            made = subprocess.run([tools["psql"], "-h", "127.0.0.1", "-p", str(port), "-U", USER, "-d", "postgres",
-                                   "-c", f"CREATE DATABASE {name}"], capture_output=True, text=True, timeout=60)
-            assert made.returncode == 0, made.stderr
-        yield f"postgresql://{USER}@127.0.0.1:{port}"
-    finally:
-        run([tools["pg_ctl"], "-D", str(data), "-m", "immediate", "-w", "stop"])
-        shutil.rmtree(root, ignore_errors=True)
+            server.create(name)
+        yield server.uri

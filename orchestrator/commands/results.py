@@ -13,12 +13,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     results = sub.add_parser("results", parents=[common],
                              help="move finished runs and sweeps to another home (export / import a bundle)")
     results_sub = results.add_subparsers(dest="results_command", required=True)
-    out = results_sub.add_parser("export", help="write finished runs and sweeps, with everything they logged, "
+    out = results_sub.add_parser("export", parents=[common], help="write finished runs and sweeps, with everything they logged, "
                                                 "into a new folder")
     out.add_argument("names", nargs="+", metavar="NAME", help="a run's or a sweep's name (its job name)")
     out.add_argument("--out", required=True, metavar="DIR", help="the bundle folder to create (new or empty)")
     out.set_defaults(func=main)
-    into = results_sub.add_parser("import", help="read a bundle into this home (--home), as if it had run here")
+    into = results_sub.add_parser("import", parents=[common], help="read a bundle into this home (--home), as if it had run here")
     into.add_argument("bundle", metavar="DIR", help="a folder written by `avlab results export`")
     into.set_defaults(func=main)
 

@@ -256,6 +256,12 @@ def _outage_mid_sweep(server: Server, proc: subprocess.Popen, log: Path) -> None
      "SSLError(SSLError(1, 'wrong version number')))", "SSLError"),
     ("API request to http://127.0.0.1:1/api/2.0/mlflow/runs/log-batch failed with exception oops",
      "oops"),
+    # What psycopg says through SQLAlchemy when a PostgreSQL store is away (tests/e2e/test_postgres.py).
+    ('(psycopg.OperationalError) connection failed: connection to server at "127.0.0.1", port 5432 failed: '
+     "Connection refused\n\tIs the server running on that host and accepting TCP/IP connections?",
+     "connection refused"),
+    ("(psycopg.OperationalError) consuming input failed: server closed the connection unexpectedly",
+     "the server closed the connection"),
 ])
 def test_the_reason_never_carries_the_request_url(text, reason):
     from orchestrator import tracking
