@@ -1,4 +1,4 @@
-"""What the sweep tests share: the trial runs of a sweep, what a run measured, a trial actor's SIGKILL."""
+"""What the sweep tests share: a sweep's trial runs, what a run measured, a trial actor's SIGKILL, a claim."""
 
 import os
 import signal
@@ -17,6 +17,19 @@ MEM_SPACE = (
 # Two epochs, so a trial killed in its second epoch has a checkpoint to resume from.
 # The encoders as MLflow models too: test_export_best_trial_registers_and_reloads_bit_for_bit.
 MEM_RUN = [o for o in TINY_RUN if not o.startswith(("train.epochs", "tracking.log_model"))] + ["train.epochs=2"]
+
+
+def write_mem_claim(folder: Path) -> Path:
+    """A cut-down claim beside its search space in ``folder`` (memory 16 beats 8, tiny preset, two
+    trials at a time, one seed unless ``--seeds``); the claim file's path."""
+    (folder / "mem.yaml").write_text("base:\n  preset: tiny\ngrid:\n  method.memory_size: [8, 16]\nseeds: 1\n"
+                                     "metric: image_h_linear_acc\nmode: max\n"
+                                     "resources: {workers: 1, cpus_per_worker: 1}\nmax_concurrent: 2\n")
+    claim = folder / "mem_claim.yaml"
+    claim.write_text("claim: a larger memory helps\npaper: BMA-Memory (paper 001)\nwhere: Fig. 6\n"
+                     "quote: more memory helps\nsearch_space: mem.yaml\nmetric: image_h_linear_acc\n"
+                     "rule: {type: greater, a: method.memory_size=16, b: method.memory_size=8}\n")
+    return claim
 
 
 def kill_the_trial_actor(proc, log: Path, ready, without: tuple[str, ...] = ()) -> tuple[int, str]:

@@ -12,6 +12,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import AVLAB, ROOT, TINY_RUN
+from sweeps import write_mem_claim
 from orchestrator import tracking
 from orchestrator.claims import Claim, _welch, all_claims, decide, load_claim, paired
 from orchestrator.cli import main
@@ -535,13 +536,7 @@ def test_until_decided_adds_a_round_of_seeds_to_an_undecided_claim_then_stops_at
     """Two seeds leave a claim undecided (a paired test on two seeds decides only a difference 25
     times its spread, at 2.5 % per look): --until-decided runs its sweep again with three, whose
     first two seeds' trials are the first round's, and stops there, its budget spent."""
-    (tmp_path / "mem.yaml").write_text("base:\n  preset: tiny\ngrid:\n  method.memory_size: [8, 16]\nseeds: 1\n"
-                                       "metric: image_h_linear_acc\nmode: max\n"
-                                       "resources: {workers: 1, cpus_per_worker: 1}\nmax_concurrent: 2\n")
-    claim = tmp_path / "mem_claim.yaml"
-    claim.write_text("claim: a larger memory helps\npaper: BMA-Memory (paper 001)\nwhere: Fig. 6\n"
-                     "quote: more memory helps\nsearch_space: mem.yaml\nmetric: image_h_linear_acc\n"
-                     "rule: {type: greater, a: method.memory_size=16, b: method.memory_size=8}\n")
+    claim = write_mem_claim(tmp_path)
     home = tmp_path / "home"
     cmd = [AVLAB, "--home", str(home), "reproduce", str(claim), "--until-decided", "--seeds", "2", "--max-seeds", "3",
            *TINY_RUN]

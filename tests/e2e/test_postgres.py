@@ -14,6 +14,7 @@ import pytest
 
 import postgres
 from conftest import AVLAB, ROOT, TINY_RUN
+from sweeps import write_mem_claim
 
 pytestmark = pytest.mark.skipif(postgres.binaries() is None, reason=postgres.MISSING)
 
@@ -218,13 +219,7 @@ def test_results_move_from_postgresql_to_a_sqlite_home_and_back_unchanged(killed
 
 @pytest.mark.slow
 def test_a_claim_reproduced_on_postgresql_is_decided_again_from_its_finished_trials(pg, tmp_path):
-    (tmp_path / "mem.yaml").write_text("base:\n  preset: tiny\ngrid:\n  method.memory_size: [8, 16]\nseeds: 1\n"
-                                       "metric: image_h_linear_acc\nmode: max\n"
-                                       "resources: {workers: 1, cpus_per_worker: 1}\nmax_concurrent: 2\n")
-    claim = tmp_path / "mem_claim.yaml"
-    claim.write_text("claim: a larger memory helps\npaper: BMA-Memory (paper 001)\nwhere: Fig. 6\n"
-                     "quote: more memory helps\nsearch_space: mem.yaml\nmetric: image_h_linear_acc\n"
-                     "rule: {type: greater, a: method.memory_size=16, b: method.memory_size=8}\n")
+    claim = write_mem_claim(tmp_path)
     uri = pg.create("claims")
     verdicts = []
     for _ in range(2):
