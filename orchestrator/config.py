@@ -122,7 +122,8 @@ class ResourcesConfig:
 class TrackingConfig:
     experiment: str = "avlab"  # MLflow experiment
     run_name: str = ""  # MLflow run name; empty = <method>-<preset>-<time>
-    # Each encoder also as an MLflow model (pt2, with its signature) beside encoders.safetensors.
+    # Each encoder also as an MLflow model (pt2, with its signature) beside encoders.safetensors;
+    # a sweep's trials leave it to `avlab export --best`, which makes it for the trial it registers.
     log_model: bool = True
     # MLflow system metrics (CPU, memory, GPU) per worker node, sampled every interval seconds.
     system_metrics: bool = True

@@ -9,7 +9,9 @@ them):
 - ``image_encoder/`` and ``sound_encoder/``: each encoder as an MLflow model (``mlflow.pytorch``
   flavour in its ``pt2`` format, a traced graph rather than a pickle, with its tensor signature),
   so the MLflow UI, ``mlflow.pyfunc.load_model`` and the model registry know them
-  (``tracking.log_model: false`` leaves them out: about 0.6 s per run on two cores).
+  (``tracking.log_model: false`` leaves them out). Tracing and saving them takes 1.5-2.5 s on two
+  cores, so a sweep's trials leave them for later: ``avlab export --best`` logs them for the trial
+  it registers (``log_models``, from ``encoders/``).
 
 ``avlab export RUN|SWEEP [--best] --out DIR`` copies ``encoders/`` of a run, of every finished
 trial of a sweep, or of the sweep's best trial; ``--best`` also registers that trial's two models
@@ -74,13 +76,9 @@ def _requirements() -> list[str]:
 
 
 def log_encoders(client: MlflowClient, run_id: str, cfg: ExperimentConfig, method: Method,
-                 data: AVDataset) -> float:
-    """Log the run's encoders (module docstring); return the seconds it took."""
-    import mlflow.pytorch
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
+                 data: AVDataset, *, models: bool = True) -> float:
+    """Log the run's encoders (module docstring), as MLflow models too when ``models`` and
+    ``tracking.log_model``; return the seconds it took."""
     from methods.export import exportable, save_encoders
 
     if not exportable(method):
@@ -93,20 +91,54 @@ def log_encoders(client: MlflowClient, run_id: str, cfg: ExperimentConfig, metho
         folder = save_encoders(method, Path(tmp) / ARTIFACT_DIR, config=cfg.to_dict(), input_shapes=shapes,
                                run_id=run_id)
         client.log_artifacts(run_id, str(folder), ARTIFACT_DIR)
-        for modality, name in MODEL_DIRS.items() if cfg.tracking.log_model else ():
-            encoder = getattr(method, {"image": "E_v", "sound": "E_s"}[modality])
-            signature = ModelSignature(
-                inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *shapes[modality]))]),
-                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, encoder.out_dim))]),
-            )
-            path = Path(tmp) / name
-            was_training = encoder.training
-            example = np.zeros((2, *shapes[modality]), dtype=np.float32)
-            mlflow.pytorch.save_model(encoder.eval(), str(path), signature=signature, input_example=example,
-                                      pip_requirements=_requirements())
-            encoder.train(was_training)
-            client.log_artifacts(run_id, str(path), name)
+        if models and cfg.tracking.log_model:
+            encoders = {"image": method.E_v, "sound": method.E_s}
+            _log_model_dirs(client, run_id, encoders, shapes, Path(tmp))
     return time.perf_counter() - t0
+
+
+def _log_model_dirs(client: MlflowClient, run_id: str, encoders: dict, shapes: dict, tmp: Path) -> None:
+    """Each encoder as an MLflow model (``pt2``, with its tensor signature) in ``MODEL_DIRS``."""
+    import mlflow.pytorch
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    for modality, name in MODEL_DIRS.items():
+        encoder = encoders[modality]
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *shapes[modality]))]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, encoder.out_dim))]),
+        )
+        path = tmp / name
+        was_training = encoder.training
+        example = np.zeros((2, *shapes[modality]), dtype=np.float32)
+        mlflow.pytorch.save_model(encoder.eval(), str(path), signature=signature, input_example=example,
+                                  pip_requirements=_requirements())
+        encoder.train(was_training)
+        client.log_artifacts(run_id, str(path), name)
+
+
+def has_models(client: MlflowClient, run_id: str) -> bool:
+    return set(MODEL_DIRS.values()) <= {a.path for a in client.list_artifacts(run_id)}
+
+
+def log_models(client: MlflowClient, run) -> bool:
+    """Log ``run``'s encoders as MLflow models from its ``encoders/`` (safetensors + JSON, no
+    pickle), unless it has them or its config says ``tracking.log_model: false``; whether it has
+    them afterwards."""
+    from methods.export import load_encoders
+
+    if has_models(client, run.info.run_id):
+        return True
+    if run.data.params.get("tracking.log_model", "True") != "True" or not has_encoders(client, run.info.run_id):
+        return False
+    with tempfile.TemporaryDirectory(prefix="avlab-export-") as tmp:
+        encoders = load_encoders(download(client, run.info.run_id, ARTIFACT_DIR, tmp))
+        shapes = {m: encoders.meta["encoders"][m]["input_shape"] for m in MODEL_DIRS}
+        _log_model_dirs(client, run.info.run_id, {"image": encoders.image, "sound": encoders.sound}, shapes,
+                        Path(tmp))
+    return True
 
 
 def has_encoders(client: MlflowClient, run_id: str) -> bool:
@@ -138,7 +170,7 @@ def check_alias(alias: str) -> str:
     return alias
 
 
-def _best_trial(client: MlflowClient, parent, trials: list):
+def best_trial(client: MlflowClient, parent, trials: list):
     """The finished trial with the best value of the sweep's metric on the validation split
     (``val_<metric>``) where every trial scored it; else, said on stderr, on the test split."""
     from methods.metric_names import VALIDATION_PREFIX
@@ -176,7 +208,7 @@ def export(client: MlflowClient, name: str, out: Path, *, best: bool = False, al
     if best:
         if parent is None:
             raise ConfigError(f"--best: {name!r} is a run, not a sweep")
-        runs = [_best_trial(client, parent, runs)]
+        runs = [best_trial(client, parent, runs)]
     from orchestrator.tracking import weights_run
 
     weights = {r.info.run_id: weights_run(client, r) for r in runs}  # a reused trial's are its source's
@@ -263,10 +295,13 @@ def register_best(client: MlflowClient, run, sweep: str, *, alias: str) -> dict[
 
 
 def _check_registrable(client: MlflowClient, run) -> None:
-    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
-    if not set(MODEL_DIRS.values()) <= logged:
+    """The run has its MLflow models, or can have them now (``log_models``)."""
+    if has_models(client, run.info.run_id):
+        return
+    if run.data.params.get("tracking.log_model", "True") != "True":
         raise ConfigError(f"--best: run {run.info.run_name} logged no MLflow models (tracking.log_model was "
                           "false); its encoders cannot be registered")
+    log_models(client, run)
 
 
 def load_registered(tracking_uri: str, sweep: str, *, alias: str = "best", device: str = "cpu") -> Encoders:

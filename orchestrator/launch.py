@@ -311,6 +311,7 @@ def build_trainer(
     storage_path: str,
     init_checkpoint: str,
     callbacks: list | None = None,
+    sweep_trial: bool = False,
 ):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
@@ -321,7 +322,7 @@ def build_trainer(
 
     # Wall-clock time of the launch: the worker logs how long it took to get going.
     spec = worker_spec(cfg, run_id=run_id, tracking_uri=tracking_uri, init_checkpoint=init_checkpoint,
-                       launched_at=time.time())
+                       launched_at=time.time(), sweep_trial=sweep_trial)
     for key, value in RAY_TRAIN_ENV.items():
         os.environ.setdefault(key, value)
     res = cfg.resources

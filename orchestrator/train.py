@@ -204,6 +204,7 @@ class Attempt:
         # Validated by the driver (or the trial) that sent it: the dataset is built once, below.
         cfg = self.cfg = ExperimentConfig.from_dict(spec.config, checked=True)
         self.run_id: str = spec.run_id
+        self.sweep_trial = spec.sweep_trial
         self.host, self.rank, self.world = host, host.rank, host.world
         torch.set_num_threads(cfg.resources.cpus_per_worker)
         seed_everything(cfg.seed * 1000 + self.rank)
@@ -392,7 +393,8 @@ class Attempt:
             self.outbox.flush()  # every epoch's metrics are in the store before the evaluation is looked up
             done = tracking.logged_evaluation(client, self.run_id)
             if not export.has_encoders(client, self.run_id):  # before the evaluation marks the run done
-                timing["export_time_s"] = export.log_encoders(client, self.run_id, self.cfg, self.method, self.data)
+                timing["export_time_s"] = export.log_encoders(client, self.run_id, self.cfg, self.method, self.data,
+                                                              models=not self.sweep_trial)
             if done is not None:  # evaluated before a restart: report it, don't repeat it
                 say("downstream evaluation already logged; not repeated")
                 final.update(done)
@@ -491,7 +493,6 @@ def evaluate_and_log(
     t0 = time.perf_counter()
     result = evaluate_splits(method, data, cfg.eval, device=device, val="val")
     metrics = dict(result.metrics)
-    figures = result.figures(data.class_names)
     if len(data.pool("transfer_train")) > 0 and len(data.pool("transfer_test")) > 0:
         # The transfer split has no folds (nor a validation split of its own): under `folds` it
         # gets the validation protocol, on rows carved from transfer_train.
@@ -513,8 +514,9 @@ def evaluate_and_log(
         tracking.set_tags(client, run_id, {"probes_not_converged": names[:4000]})
     metrics.update(extra or {})
     metrics["eval_time_s"] = time.perf_counter() - t0
-    for name, fig in figures.items():
-        client.log_figure(run_id, fig, f"plots/confusion_{name}.png")
+    with tempfile.TemporaryDirectory(prefix="avlab-plots-") as plots:
+        result.write_figures(data.class_names, plots)
+        client.log_artifacts(run_id, plots, "plots")
     # eval_time_s arrives with the metrics, last: a run that has it has finished its evaluation.
     tracking.log_metrics(client, run_id, metrics, step=max(cfg.train.epochs - 1, 0))
     summary = ", ".join(f"{k}={metrics[k]:.3f}" for k in (*HEADLINE_METRICS, *OPTIONAL_HEADLINE_METRICS) if k in metrics)

@@ -181,7 +181,7 @@ def _trial(config: dict[str, Any], *, space: SearchSpace, sweep: SweepContext, s
             from orchestrator.launch import build_trainer, fit
 
             trainer = build_trainer(cfg, name=name, run_id=run_id, tracking_uri=uri, storage_path=trials_path,
-                                    init_checkpoint=init, callbacks=[TuneReportCallback()])
+                                    init_checkpoint=init, callbacks=[TuneReportCallback()], sweep_trial=True)
             fit(trainer, cfg, "trial", trial_id)
         if tracking.recorded_failure(client, run_id):
             return  # failed for good; the sweep reports the recorded line
@@ -261,5 +261,5 @@ def _train_here(cfg, *, run_id: str, uri: str, init: str, run_dir: str, launch_s
     from orchestrator.train import train_in_trial
 
     spec = worker_spec(cfg, run_id=run_id, tracking_uri=uri, init_checkpoint=init, launch_time_s=launch_s,
-                       import_time_s=0.0 if warm else time.perf_counter() - t0)
+                       import_time_s=0.0 if warm else time.perf_counter() - t0, sweep_trial=True)
     train_in_trial(spec, run_dir)

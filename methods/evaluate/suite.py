@@ -42,6 +42,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -68,7 +69,7 @@ from methods.evaluate.linear_probe import (
     linear_svm,
 )
 from methods.metric_names import FOREGROUND_PREFIX, PROBE_STATS, foreground_config, probes_foregrounds, rank_names
-from methods.evaluate.plots import confusion_matrix_figure
+from methods.evaluate.plots import confusion_matrix_figure, write_confusion_pngs
 from methods.evaluate.retrieval import retrieval_rank_k
 from methods.evaluate.selection import Selection
 
@@ -217,13 +218,11 @@ class DownstreamResult:
         self.confusions.update(other.confusions)
         self.unconverged += [n for n in other.unconverged if n not in self.unconverged]
 
-    def figures(self, class_names: Sequence[str]) -> dict[str, Figure]:
-        """One confusion-matrix figure per entry of ``confusions``, keyed like it.
-
-        A matrix smaller than ``class_names`` (the highest class ids absent from both splits) is
-        padded with zeros so every row keeps its dataset name.
-        """
-        figs: dict[str, Figure] = {}
+    def padded_confusions(self, class_names: Sequence[str]) -> dict[str, np.ndarray]:
+        """``confusions``, each as large as ``class_names``: a matrix smaller than that (the
+        highest class ids absent from both splits) is padded with zeros so every row keeps its
+        dataset name."""
+        out: dict[str, np.ndarray] = {}
         for name, confusion_CC in self.confusions.items():
             C = confusion_CC.shape[0]
             if len(class_names) < C:
@@ -232,8 +231,19 @@ class DownstreamResult:
                 )
             padded = np.zeros((len(class_names), len(class_names)), dtype=confusion_CC.dtype)
             padded[:C, :C] = confusion_CC
-            figs[name] = confusion_matrix_figure(padded, class_names, title=name)
-        return figs
+            out[name] = padded
+        return out
+
+    def figures(self, class_names: Sequence[str]) -> dict[str, Figure]:
+        """One confusion-matrix figure per entry of ``confusions``, keyed like it (padded as
+        ``padded_confusions`` pads)."""
+        return {name: confusion_matrix_figure(m, class_names, title=name)
+                for name, m in self.padded_confusions(class_names).items()}
+
+    def write_figures(self, class_names: Sequence[str], folder: str | Path) -> list[Path]:
+        """The figures of ``figures`` as ``confusion_<name>.png`` files in ``folder``, drawn the
+        faster way (``write_confusion_pngs``)."""
+        return write_confusion_pngs(self.padded_confusions(class_names), class_names, folder)
 
 
 def mean_pairwise_cosine(z_ND: torch.Tensor) -> float:

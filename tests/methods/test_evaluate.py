@@ -401,6 +401,26 @@ def test_confusion_figure_saves_png(tmp_path) -> None:
         confusion_matrix_figure(np.eye(3), ["a", "b"], title="x")
 
 
+def test_the_confusion_pngs_of_one_evaluation_are_drawn_as_figures_of_their_own_would_be(tmp_path) -> None:
+    """One layout for the matrices of an evaluation, drawn once: every PNG has the pixels of the
+    same matrix drawn in a figure of its own."""
+    import matplotlib.image
+
+    from methods.evaluate.plots import write_confusion_pngs
+
+    rng = np.random.default_rng(0)
+    names = [f"class_{i}" for i in range(6)]
+    # The names an evaluation gives them (titles of one height, so one layout fits them all).
+    confusions = {name: rng.integers(0, 9, (6, 6)) for name in ("image_h_linear", "sound_h_linear", "image_z_linear")}
+    paths = write_confusion_pngs(confusions, names, tmp_path / "plots")
+    assert [p.name for p in paths] == [f"confusion_{name}.png" for name in confusions]
+    for (name, matrix), path in zip(confusions.items(), paths, strict=True):
+        alone = tmp_path / f"alone_{name}.png"
+        confusion_matrix_figure(matrix, names, title=name).savefig(alone)
+        np.testing.assert_array_equal(matplotlib.image.imread(path), matplotlib.image.imread(alone))
+    assert matplotlib.image.imread(paths[0]).tolist() != matplotlib.image.imread(paths[1]).tolist()
+
+
 # ---------------------------------------------------------------------------------------------
 # Per-block linear probes (AVID Table 1) on the stages of E_v / E_s.
 

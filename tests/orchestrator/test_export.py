@@ -170,3 +170,44 @@ def test_a_concat_multissl_run_goes_through_the_real_loop_to_its_evaluation(tmp_
     assert {"eval_time_s", "sound_h_linear_acc", "image_h_linear_acc"} <= set(run.data.metrics)
     assert run.data.metrics["epoch"] == 2 and run.data.metrics["export_time_s"] == 0.0
     assert "encoders not exported" in capsys.readouterr().out
+
+
+def test_a_sweep_trial_leaves_its_mlflow_models_to_later_and_they_come_from_its_safetensors(tmp_path):
+    """The one-worker loop of a sweep's trial logs ``encoders/`` and no MLflow model (tracing them
+    costs 1.5-2.5 s a trial); ``log_models`` makes them afterwards from ``encoders/`` alone, and the
+    pt2 model gives the features of the safetensors encoder. A run whose config says
+    ``tracking.log_model: false`` gets none."""
+    import mlflow.pyfunc
+    from mlflow.tracking import MlflowClient
+
+    from methods.export import load_encoders
+    from orchestrator import tracking
+    from orchestrator.config import dump_yaml
+    from orchestrator.export import ARTIFACT_DIR, download, has_models, log_models
+    from orchestrator.train import train_in_trial
+    from orchestrator.worker_spec import WorkerSpec
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.prepare_store(uri)
+    client = MlflowClient(uri)
+    runs = {}
+    for log_model in (True, False):
+        cfg = resolve(preset="tiny", overrides=[
+            "train.epochs=1", "train.batch_size=32", "data.paired_size=64", "data.unpaired_sound_size=0",
+            "data.unpaired_image_size=0", "data.train_size=40", "data.test_size=20", "data.val_size=20",
+            "data.transfer_train_size=0", "data.transfer_test_size=0", f"tracking.log_model={str(log_model).lower()}"])
+        run_id = tracking.create_run(tracking_uri=uri, home=tmp_path, experiment="trials", run_name=f"m{log_model}",
+                                     params=cfg.flat(), tags={}, config_yaml=dump_yaml(cfg))
+        train_in_trial(WorkerSpec(cfg.to_dict(), run_id, uri, launch_time_s=0.0, import_time_s=0.0, sweep_trial=True),
+                       str(tmp_path / f"run{log_model}"), tune=False)
+        assert not has_models(client, run_id) and "encoders" in {a.path for a in client.list_artifacts(run_id)}
+        runs[log_model] = client.get_run(run_id)
+    assert not log_models(client, runs[False]) and not has_models(client, runs[False].info.run_id)
+    run_id = runs[True].info.run_id
+    assert log_models(client, runs[True]) and has_models(client, run_id)
+    encoders = load_encoders(download(client, run_id, ARTIFACT_DIR, str(tmp_path / "dl")))
+    images = torch.rand(3, *encoders.meta["encoders"]["image"]["input_shape"])
+    with torch.no_grad():
+        own = encoders.image(images).numpy()
+    model = mlflow.pyfunc.load_model(str(download(client, run_id, "image_encoder", str(tmp_path / "model"))))
+    torch.testing.assert_close(torch.as_tensor(model.predict(images.numpy())), torch.as_tensor(own), rtol=1e-4, atol=1e-5)
