@@ -36,7 +36,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator import jobs, tracking
 from orchestrator.errors import ConfigError
 from orchestrator.export import download
-from orchestrator.runs import RUN_ID, find_sweep_run
+from orchestrator.runs import RUN_ID, find_sweep_run, search_all
 
 FORMAT = 1
 INDEX = "bundle.json"
@@ -111,8 +111,7 @@ def _tree(client: MlflowClient, root) -> list:
     out, frontier = [root], [root]
     while frontier:
         run = frontier.pop()
-        below = client.search_runs(experiments, f"tags.`mlflow.parentRunId` = '{run.info.run_id}'",
-                                   max_results=50000)
+        below = search_all(client, experiments, f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
         out += below
         frontier += below
     return out

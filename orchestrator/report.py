@@ -21,7 +21,7 @@ from orchestrator import environment
 from orchestrator.errors import ConfigError
 from orchestrator.jobs import check_name
 from orchestrator.metrics import COST_METRICS
-from orchestrator.runs import children, find_sweep_run, sweep_metric
+from orchestrator.runs import children, find_sweep_run, search_all, sweep_metric
 
 
 def _cell(metric: str, value: dict[str, float] | None, missing: str) -> str:
@@ -206,8 +206,7 @@ def _random_init(client: MlflowClient, runs: list, metric: str) -> dict[str, flo
     shared = {k: v for k, v in runs[0].data.params.items()
               if k.startswith(_REFERENCE_PREFIXES) and all(r.data.params.get(k) == v for r in runs)}
     ids = [e.experiment_id for e in client.search_experiments()]
-    found = client.search_runs(ids, "params.`train.epochs` = '0' and attributes.status = 'FINISHED'",
-                               max_results=5000)
+    found = search_all(client, ids, "params.`train.epochs` = '0' and attributes.status = 'FINISHED'")
     values = [r.data.metrics[metric] for r in found
               if metric in r.data.metrics and all(r.data.params.get(k) == v for k, v in shared.items())]
     return summary(metric, values) if values else None

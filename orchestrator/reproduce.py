@@ -166,11 +166,11 @@ def trials_to_train(client, sweeps: list[tuple[Any, list[Any]]]) -> list[tuple[i
     finished trial in the store, or a trial left in an earlier sweep of this list, has its resolved
     config and seed; a search by Optuna proposes its trials as it goes, so all of them train."""
     from orchestrator import tracking
-    from orchestrator.runs import SWEEP_EXPERIMENT
+    from orchestrator.runs import SWEEP_EXPERIMENT, search_all
 
     exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
-    runs = client.search_runs([exp.experiment_id], "tags.`avlab.kind` = 'trial' and attributes.status = 'FINISHED'",
-                              max_results=50000) if exp is not None else []
+    runs = search_all(client, [exp.experiment_id], "tags.`avlab.kind` = 'trial' and attributes.status = 'FINISHED'"
+                      ) if exp is not None else []
     done = {r.data.tags.get("avlab.run_identity") for r in runs if tracking.is_whole_result(r)}
     counts = []
     for space, finished in sweeps:

@@ -35,10 +35,27 @@ def sweep_metric(params: dict[str, str]) -> str:
     return params.get("metric") or DEFAULT_METRIC
 
 
+# Runs per request of ``search_all``: MLflow's stores answer at most 50 000 at once, and a smaller
+# page keeps each reply (and the server's work for it) bounded.
+PAGE = 5000
+
+
+def search_all(client: MlflowClient, experiment_ids: list[str], filter_string: str, **kwargs: Any) -> list:
+    """Every run that matches, page after page: a search capped at one page would lose the runs
+    past it without a word (a sweep of more trials, a store of more runs)."""
+    out, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, max_results=PAGE, page_token=token, **kwargs)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
 def children(client: MlflowClient, parent_id: str) -> list:
     """The trial runs of the sweep whose parent run is ``parent_id``."""
     exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
-    return client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000)
+    return search_all(client, [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")

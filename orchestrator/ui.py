@@ -276,6 +276,8 @@ def experiment_links(store_uri: str, url: str) -> list[str]:
     the experiment), in the table and in charts."""
     from mlflow.tracking import MlflowClient
 
+    from orchestrator.runs import children
+
     try:
         client = MlflowClient(store_uri)
         experiments = client.search_experiments()
@@ -297,8 +299,7 @@ def experiment_links(store_uri: str, url: str) -> list[str]:
         if not metric:
             continue
         name = sweep.data.tags.get("avlab.sweep_name", sweep.info.run_name)
-        trials = client.search_runs([sweep.info.experiment_id], f"tags.`mlflow.parentRunId` = '{sweep.info.run_id}'",
-                                    max_results=1000)
+        trials = children(client, sweep.info.run_id)
         view = sweep_view(sweep.info.run_id, metric, params.get("mode", "max"), varied_params(trials),
                           params.get("plot.x", ""))
         try:

@@ -205,3 +205,19 @@ def test_a_name_that_avlab_never_gives_a_sweep_is_one_line(store, capsys, comman
                                 "'_' and '-' (starting with a letter or digit, at most 128 characters)", err
     assert len(client.search_runs([client.get_experiment_by_name(SWEEP_EXPERIMENT).experiment_id])) == runs
     assert main([command, "real", "--home", str(home)]) == 0  # a real name still answers
+
+
+def test_a_sweep_of_more_trials_than_one_page_is_read_whole(store, monkeypatch):
+    """Searches read every page: with pages of 3 runs, a sweep of 7 trials reports 7 seeds, its
+    status lists 7 trials, and a store of 9 untrained runs gives random init 9 values."""
+    from orchestrator import runs
+    from orchestrator.report import status_lines
+
+    home, uri, client = store
+    _sweep(home, uri, "wide", {"16": [0.5 + 0.01 * i for i in range(7)]})
+    _sweep(home, uri, "untrained", {"16": [0.1] * 9}, epochs="0")
+    monkeypatch.setattr(runs, "PAGE", 3)
+    report = build_report(client, "wide")
+    assert report["rows"][0]["seeds"] == 7 and report["rows"][0]["metrics"][METRIC]["n"] == 7
+    assert report["random_init"]["n"] == 9
+    assert sum(line.startswith("  FINISHED") for line in status_lines(client, "wide")) == 7
