@@ -11,17 +11,18 @@ import json
 import math
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
-from scipy import stats
 
 from orchestrator import environment
 from orchestrator.errors import ConfigError
 from orchestrator.jobs import check_name
 from orchestrator.metrics import COST_METRICS
 from orchestrator.runs import children, find_sweep_run, search_all, sweep_metric
+
+if TYPE_CHECKING:  # imported where a plot is drawn: matplotlib and scipy.stats cost `avlab status` 1.4 s
+    from matplotlib.figure import Figure
 
 
 def _cell(metric: str, value: dict[str, float] | None, missing: str) -> str:
@@ -42,6 +43,8 @@ def mean_ci95(values: list[float]) -> tuple[float, float]:
     if len(values) < 2:
         return mean, 0.0
     sem = statistics.stdev(values) / math.sqrt(len(values))
+    from scipy import stats
+
     return mean, float(stats.t.ppf(0.975, len(values) - 1) * sem)
 
 
@@ -296,6 +299,8 @@ def plot_pareto(report: dict[str, Any]) -> Figure:
     drawn as a line through its points."""
     (y, y_mode), (x, x_mode) = [(o["metric"], o["mode"]) for o in report["objectives"][:2]]
     rows = [r for r in report["rows"] if x in r["metrics"] and y in r["metrics"]]
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
     ax.scatter([r["metrics"][x]["mean"] for r in rows], [r["metrics"][y]["mean"] for r in rows],
@@ -320,6 +325,8 @@ def plot(report: dict[str, Any], *, x: str | None = None, log_x: bool = False) -
         return plot_pareto(report)
     metric = report["metric"]
     rows = [r for r in report["rows"] if metric in r["metrics"]]
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
     values = [r["metrics"][metric] for r in rows]
