@@ -295,13 +295,11 @@ def register_best(client: MlflowClient, run, sweep: str, *, alias: str) -> dict[
 
 
 def _check_registrable(client: MlflowClient, run) -> None:
-    """The run has its MLflow models, or can have them now (``log_models``)."""
-    if has_models(client, run.info.run_id):
-        return
-    if run.data.params.get("tracking.log_model", "True") != "True":
+    """The run has its MLflow models, or has them now (``log_models``; the export checked its
+    ``encoders/`` first, so only ``tracking.log_model: false`` leaves it without)."""
+    if not log_models(client, run):
         raise ConfigError(f"--best: run {run.info.run_name} logged no MLflow models (tracking.log_model was "
                           "false); its encoders cannot be registered")
-    log_models(client, run)
 
 
 def load_registered(tracking_uri: str, sweep: str, *, alias: str = "best", device: str = "cpu") -> Encoders:
