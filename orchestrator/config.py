@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from methods.base import IDENTITY_NEUTRAL, DataInfo, FieldError
+from methods.base import IDENTITY_NEUTRAL, DataInfo, FieldError, neutral_field
 from methods.data import DataConfig, dataset_info
 from methods.evaluate import EvalConfig
 from methods.registry import METHODS
@@ -92,6 +92,9 @@ class TrainConfig:
             raise ValueError(f"max_failures: must be >= -1 (-1 = retry forever), got {self.max_failures}")
 
 
+PLACEMENTS = ("pack", "strict_pack", "spread", "strict_spread")
+
+
 @dataclass(frozen=True)
 class ResourcesConfig:
     workers: int = 1  # DDP training workers (Ray Train)
@@ -99,8 +102,15 @@ class ResourcesConfig:
     # trial: that share of one GPU, so several small trials of a sweep train on one GPU at once.
     gpu: bool | float = False
     cpus_per_worker: int = 1
+    # Where a multi-worker run's workers go (Ray Train's placement strategy): pack (Ray's default:
+    # as few nodes as fit, others when those are full, so a group can straddle two nodes that
+    # each have a trial on one GPU), strict_pack (all on one node; the run waits for one with
+    # room), spread, strict_spread (one worker per node).
+    placement: str = neutral_field("pack")
 
     def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement: one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
         if self.workers < 1:
             raise ValueError(f"workers: must be >= 1, got {self.workers}")
         if self.cpus_per_worker < 1:

@@ -50,6 +50,7 @@ class JobRecord:
     storage: str | None = None
     home: str | None = None
     driver: dict[str, Any] | None = None
+    dry_run_s: float | None = None  # a sweep's --dry-run seconds (``orchestrator.dry_run``)
 
     @classmethod
     def from_json(cls, data: Any, path: Path) -> JobRecord:
@@ -78,6 +79,7 @@ class JobRecord:
             storage=data.get("storage") if isinstance(data.get("storage"), str) else None,
             home=data.get("home") if isinstance(data.get("home"), str) else None,
             driver=data.get("driver"),
+            dry_run_s=_seconds(data.get("dry_run_s"), path) if kind == "sweep" else None,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -90,6 +92,8 @@ class JobRecord:
                        reuse_trials=self.reuse_trials)
             if self.reuse_any_environment:  # written only when set: files stay as they were otherwise
                 out["reuse_any_environment"] = True
+            if self.dry_run_s is not None:
+                out["dry_run_s"] = self.dry_run_s
         out.update(tracking_uri=self.tracking_uri, address=self.address, storage=self.storage, driver=self.driver,
                    home=self.home)
         return out
@@ -97,6 +101,14 @@ class JobRecord:
     def with_driver(self) -> JobRecord:
         """This record, driven by this process from now on (what `avlab stop` signals)."""
         return dataclasses.replace(self, driver=driver_entry())
+
+
+def _seconds(value: Any, path: Path) -> float | None:
+    if value is None:
+        return None
+    if type(value) not in (int, float) or not 0 <= value <= 86400:
+        raise ConfigError(f"{path}: damaged avlab job file (dry_run_s: {value!r} is not 0 to 86400 seconds)")
+    return float(value)
 
 
 def user_cache_dir() -> Path:

@@ -312,27 +312,33 @@ def build_trainer(
     init_checkpoint: str,
     callbacks: list | None = None,
     sweep_trial: bool = False,
+    dry_run_s: float | None = None,
 ):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
     from orchestrator.pg_cleanup import AvlabTorchTrainer
-    from orchestrator.train import train_loop_per_worker
     from orchestrator.worker_spec import worker_spec
 
     # Wall-clock time of the launch: the worker logs how long it took to get going.
     spec = worker_spec(cfg, run_id=run_id, tracking_uri=tracking_uri, init_checkpoint=init_checkpoint,
-                       launched_at=time.time(), sweep_trial=sweep_trial)
+                       launched_at=time.time(), sweep_trial=sweep_trial, dry_run_s=dry_run_s)
     for key, value in RAY_TRAIN_ENV.items():
         os.environ.setdefault(key, value)
     res = cfg.resources
+    if dry_run_s is None:
+        from orchestrator.train import train_loop_per_worker as loop
+    else:  # a dry run's workers train nothing, and import neither the loop nor the methods
+        from orchestrator.dry_run import loop_per_worker as loop
     return AvlabTorchTrainer(
-        train_loop_per_worker,
+        loop,
         train_loop_config={"spec": spec},
-        torch_config=TorchConfig(backend="nccl" if res.gpu else "gloo"),
+        # A dry run's workers hold GPUs they never touch (a simulated cluster has none): gloo.
+        torch_config=TorchConfig(backend="nccl" if res.gpu and dry_run_s is None else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=res.workers, use_gpu=bool(res.gpu),
             resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": res.gpu_share} if res.gpu else {})},
+            placement_strategy=res.placement.upper(),
         ),
         run_config=RunConfig(
             # A fixed name on a fixed storage path is what lets Ray Train find this run again.

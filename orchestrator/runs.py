@@ -113,7 +113,9 @@ def settle(tracking_uri: str, kind: str, run_id: str, *, status: str = "KILLED")
     trials = children(client, parent)
     for run in trials:
         if run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, status="FINISHED" if "eval_time_s" in run.data.metrics else "KILLED")
+            from orchestrator.tracking import ran_to_end
+
+            client.set_terminated(run.info.run_id, status="FINISHED" if ran_to_end(run) else "KILLED")
     if client.get_run(parent).info.status == "RUNNING":
         client.set_terminated(parent, status=status)
     ended = sum(r.info.status in ("FINISHED", "FAILED") for r in children(client, parent))

@@ -52,7 +52,8 @@ KEYS = {
     "mode": "max or min",
     "metrics": "several objectives for a multi-objective search: a list of {metric, mode}",
     "scheduler": "{type: asha, ...}: stops weak trials early, on the validation split",
-    "resources": "per trial: workers (DDP), cpus_per_worker, gpu (true, false or a share of one GPU)",
+    "resources": "per trial: workers (DDP), cpus_per_worker, gpu (true, false or a share of one GPU), placement "
+                 "(pack, strict_pack, spread, strict_spread)",
     "max_concurrent": "how many trials run at once (default 1)",
     "plot": "x: the varied path the report plots the metric against; log_x: a log axis",
 }
@@ -321,10 +322,10 @@ def load_search_space(path: str | Path, *, seeds: int | None = None) -> SearchSp
 
     resources = raw.get("resources") or {}
     if not isinstance(resources, Mapping):
-        raise ConfigError(f"{p.name}: resources: expected a mapping (workers, cpus_per_worker, gpu)")
+        raise ConfigError(f"{p.name}: resources: expected a mapping (workers, cpus_per_worker, gpu, placement)")
     for key, value in resources.items():
-        if key not in ("workers", "cpus_per_worker", "gpu"):
-            raise ConfigError(f"{p.name}: resources.{key}: unknown key; use workers, cpus_per_worker, gpu")
+        if key not in ("workers", "cpus_per_worker", "gpu", "placement"):
+            raise ConfigError(f"{p.name}: resources.{key}: unknown key; use workers, cpus_per_worker, gpu, placement")
     _resolve(p, base_run, preset, (*base_overrides, *(f"resources.{k}={v}" for k, v in resources.items())), "resources")
     max_concurrent = _positive_int(p, raw.get("max_concurrent", 1), "max_concurrent")
 

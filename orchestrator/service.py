@@ -240,12 +240,22 @@ def resume(name: str, *, home_arg: str | Path | None = None, tracking_uri: str |
         fit_sweep(job, name=name, home=home, tracking_uri=uri, address=address,
                   max_concurrent=record.max_concurrent, parent_id=run_id, restore=True,
                   reuse_trials=record.reuse_trials, reuse_any_environment=record.reuse_any_environment,
-                  storage=storage, ray_dashboard=ray_dashboard)
-    _finish_sweep(client, name, home, uri, time.perf_counter() - t0, job)
+                  storage=storage, ray_dashboard=ray_dashboard, dry_run_s=record.dry_run_s)
+    _finish_sweep(client, name, home, uri, time.perf_counter() - t0, job, dry_run=record.dry_run_s is not None)
     return 0
 
 
-def _finish_sweep(client, name: str, home: Path, uri: str, seconds: float, space) -> None:
+def _finish_sweep(client, name: str, home: Path, uri: str, seconds: float, space, *, dry_run: bool = False) -> None:
+    if dry_run:  # nothing trained: where the trials ran, checked against what they asked for
+        from orchestrator.dry_run import finish
+        from orchestrator.runs import find_sweep_run
+
+        found = finish(client, name, find_sweep_run(client, name).info.run_id)
+        print(f"[avlab] dry run {name} finished in {seconds:.0f} s; see it in MLflow: {_ui_hint(uri)}")
+        if found:
+            raise RunFailed(f"dry run {name}: the cluster did not place {len(found)} "
+                            f"worker{'s' * (len(found) != 1)} or trials as asked (above)")
+        return
     from orchestrator.optuna_store import save_study
     from orchestrator.report import build_report, to_markdown, write_report
 
@@ -279,9 +289,11 @@ def start_sweep(search_space: str | Path, *, seeds: int | None = None, preset: s
                 overrides: Sequence[str] = (), name: str | None = None, home_arg: str | Path | None = None,
                 tracking_uri: str | None = None, address: str | None = None, max_concurrent: int | None = None,
                 reuse_trials: bool = False, reuse_any_environment: bool = False,
-                ray_dashboard: bool = False) -> int:
+                ray_dashboard: bool = False, dry_run_s: float | None = None) -> int:
     """Check, create and run the sweep of ``search_space`` to its end, then write its report; the
-    exit code. ``reuse_any_environment``: reused trials may come from another environment."""
+    exit code. ``reuse_any_environment``: reused trials may come from another environment.
+    ``dry_run_s``: the trials train nothing, hold their resources that long and record where
+    they ran (``orchestrator.dry_run``); the end prints that instead of a report."""
     from orchestrator.search_space import load_search_space
     from orchestrator.sweep import check_supported
 
@@ -289,6 +301,11 @@ def start_sweep(search_space: str | Path, *, seeds: int | None = None, preset: s
     reuse = reuse_trials
     if reuse_any_environment and not reuse:
         raise ConfigError("--reuse-across-environments: it widens --reuse-trials; add --reuse-trials")
+    from orchestrator.dry_run import check_seconds
+
+    dry_run_s = check_seconds(dry_run_s)
+    if dry_run_s is not None and reuse:
+        raise ConfigError("--reuse-trials: a dry run trains nothing and takes nothing; drop one of them")
     check_supported(space, reuse_trials=reuse)
     if address is None:
         _check_sweep_resources(space)
@@ -306,7 +323,8 @@ def start_sweep(search_space: str | Path, *, seeds: int | None = None, preset: s
 
     home = tracking.resolve_home(home_arg)
     uri = tracking.resolve_tracking_uri(home, tracking_uri)
-    name = name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    dry = "-dry-run" if dry_run_s is not None else ""
+    name = name or f"{space.name}{dry}-{time.strftime('%Y%m%d-%H%M%S')}"
     jobs.check_name(name, "--name")
     from orchestrator.checkpoint import resolve_init
 
@@ -322,14 +340,15 @@ def start_sweep(search_space: str | Path, *, seeds: int | None = None, preset: s
     client = MlflowClient(uri)
     if find_sweep_run(client, name) is not None:
         raise ConfigError(f"--name: a sweep named {name!r} already exists; choose another name")
-    print(f"[avlab] sweep {name}: {space.num_trials()} trials ({space.num_configurations()} configurations x "
+    print(f"[avlab] {'dry run of ' if dry else ''}sweep {name}: {space.num_trials()} trials ({space.num_configurations()} configurations x "
           f"{len(space.seeds)} seeds), metric {space.metric} ({space.mode})"
           + (f", chosen on {space.chosen(space.metric)}" if space.selects else "")
           + f", max {max_concurrent} at once", flush=True)
     t0 = time.perf_counter()
     with _one_line_when_ray_stops("sweep", name), jobs.reserved(home, name, "sweep", "--name"):
         run_sweep(space, name=name, home=home, tracking_uri=uri, address=address, max_concurrent=max_concurrent,
-                  reuse_trials=reuse, reuse_any_environment=reuse_any_environment, ray_dashboard=ray_dashboard)
-    _finish_sweep(client, name, home, uri, time.perf_counter() - t0, space)
+                  reuse_trials=reuse, reuse_any_environment=reuse_any_environment, ray_dashboard=ray_dashboard,
+                  dry_run_s=dry_run_s)
+    _finish_sweep(client, name, home, uri, time.perf_counter() - t0, space, dry_run=dry_run_s is not None)
     return 0
 

@@ -235,6 +235,7 @@ class Submission:
     reuse_trials: bool = False
     home: str | None = None
     tracking_uri: str | None = None
+    dry_run_s: float | None = None  # --dry-run: the trials train nothing (``orchestrator.dry_run``)
 
 
 def _check_search_space(args: Submission):
@@ -244,6 +245,10 @@ def _check_search_space(args: Submission):
 
     space = load_search_space(args.search_space, seeds=args.seeds).with_overrides(args.preset, list(args.overrides))
     check_supported(space, reuse_trials=args.reuse_trials)
+    from orchestrator.dry_run import check_seconds
+
+    if check_seconds(args.dry_run_s) is not None and args.reuse_trials:
+        raise ConfigError("--reuse-trials: a dry run trains nothing and takes nothing; drop one of them")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent: must be >= 1, got {args.max_concurrent}")
     # train.init_from names a run in the cluster's home, which only the sweep there can check.
@@ -281,6 +286,8 @@ def entrypoint(args: Submission, space_path: str, name: str) -> str:
             cmd += [flag, str(value)]
     if args.reuse_trials:
         cmd.append("--reuse-trials")
+    if args.dry_run_s is not None:
+        cmd += ["--dry-run", f"{args.dry_run_s:g}"]
     if args.home:
         cmd += ["--home", str(Path(args.home).expanduser().resolve())]
     if args.tracking_uri:
@@ -305,7 +312,8 @@ def submit(args: Submission) -> tuple[str, int, str]:
     home = tracking.resolve_home(args.home)
     if args.tracking_uri:
         tracking.check_tracking_uri(args.tracking_uri, "--tracking-uri")
-    name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    dry = "-dry-run" if args.dry_run_s is not None else ""
+    name = args.name or f"{space.name}{dry}-{time.strftime('%Y%m%d-%H%M%S')}"
     jobs.check_name(name, "--name")
     if read_record(home, name) is not None or jobs.exists(home, name):
         raise ConfigError(f"--name: a run, sweep or submission named {name!r} already exists in {home}; "

@@ -165,7 +165,7 @@ def _close_trial_runs(client: MlflowClient, parent_id: str, results) -> list[str
             if status == "RUNNING":
                 client.set_terminated(run.info.run_id, status="FAILED")
             continue
-        if "eval_time_s" in run.data.metrics:
+        if tracking.ran_to_end(run):
             client.set_terminated(run.info.run_id, status="FINISHED")
         else:
             client.set_tag(run.info.run_id, "avlab.stopped_early", "true")
@@ -184,7 +184,7 @@ def _interrupted(client: MlflowClient, parent_id: str, name: str, expected: int)
     for run in children(client, parent_id):
         if run.info.status == "FINISHED" or run.data.tags.get(f"{tracking.TAG_PREFIX}{tracking.FAILED_TAG}"):
             continue
-        client.set_terminated(run.info.run_id, status="FINISHED" if "eval_time_s" in run.data.metrics else "KILLED")
+        client.set_terminated(run.info.run_id, status="FINISHED" if tracking.ran_to_end(run) else "KILLED")
     ended = sum(r.info.status in ("FINISHED", "FAILED") for r in children(client, parent_id))
     return Interrupted(f"sweep {name} interrupted with {ended} of {expected} trials ended; `avlab resume {name}` continues it")
 
@@ -216,10 +216,12 @@ def run_sweep(
     reuse_trials: bool = False,
     reuse_any_environment: bool = False,
     ray_dashboard: bool = False,
+    dry_run_s: float | None = None,
 ) -> str:
     """Create the sweep's parent run and job file, then run the whole sweep; return the parent id.
     With ``reuse_trials``, a trial identical to a finished trial of another sweep takes its results
-    (computed in any environment with ``reuse_any_environment``)."""
+    (computed in any environment with ``reuse_any_environment``). With ``dry_run_s``, the trials
+    train nothing and record where they ran (``orchestrator.dry_run``)."""
     storage = tracking.storage_root(home)
     client = MlflowClient(tracking_uri)
     tracking.get_or_create_experiment(client, SWEEP_EXPERIMENT, home)
@@ -242,20 +244,20 @@ def run_sweep(
             "plot.x": space.plot.get("x", ""),
             "plot.log_x": bool(space.plot.get("log_x", False)),
         },
-        tags={"kind": "sweep", "sweep_name": name, "search_space": space.name},
+        tags={"kind": "sweep", "sweep_name": name, "search_space": space.name,
+              **({"dry_run": "true"} if dry_run_s is not None else {})},
         config_yaml=space.path.read_text(),
     )
     client.set_tag(parent_id, "mlflow.note.content", describe(space))
     jobs.write(home, jobs.JobRecord(
         kind="sweep", name=name, run_id=parent_id, tracking_uri=tracking_uri, space=space.to_dict(),
         max_concurrent=max_concurrent, reuse_trials=reuse_trials, reuse_any_environment=reuse_any_environment,
-        address=address,
-        storage=storage, driver=driver_entry(),
+        address=address, storage=storage, driver=driver_entry(), dry_run_s=dry_run_s,
     ))
     fit_sweep(space, name=name, home=home, tracking_uri=tracking_uri, address=address, max_concurrent=max_concurrent,
               parent_id=parent_id, restore=False, reuse_trials=reuse_trials,
               reuse_any_environment=reuse_any_environment, storage=storage,
-              ray_dashboard=ray_dashboard)
+              ray_dashboard=ray_dashboard, dry_run_s=dry_run_s)
     return parent_id
 
 
@@ -324,6 +326,7 @@ def fit_sweep(
     reuse_any_environment: bool = False,
     storage: str | None = None,
     ray_dashboard: bool = False,
+    dry_run_s: float | None = None,
 ) -> None:
     """Run (or, with ``restore``, continue) the Tune experiment; settle the MLflow runs. Its
     checkpoints and Tune state go under ``storage`` (default ``tracking.storage_root(home)``;
@@ -356,7 +359,7 @@ def fit_sweep(
         storage = storage or tracking.storage_root(home)
         sweep = SweepContext(name=name, parent_run_id=parent_id, tracking_uri=tracking_uri, home=str(home),
                              storage=storage, driver=secrets.token_hex(6), reuse_trials=reuse_trials,
-                             reuse_any_environment=reuse_any_environment)
+                             reuse_any_environment=reuse_any_environment, dry_run_s=dry_run_s)
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, space=space, sweep=sweep),
             lambda config: trial_resources(space, config),

@@ -374,8 +374,15 @@ REUSED_FROM_TAG = "reused_from"
 
 def is_whole_result(run) -> bool:
     """A finished trial's run holds a whole result another trial may take: it was evaluated to the
-    end (``eval_time_s``) and not stopped early by a scheduler."""
-    return "eval_time_s" in run.data.metrics and run.data.tags.get(f"{TAG_PREFIX}stopped_early") != "true"
+    end (``eval_time_s``), not stopped early by a scheduler, and not a dry run's."""
+    return ("eval_time_s" in run.data.metrics and run.data.tags.get(f"{TAG_PREFIX}stopped_early") != "true"
+            and f"{TAG_PREFIX}dry_run" not in run.data.tags)
+
+
+def ran_to_end(run) -> bool:
+    """A trial's run went through to its end: evaluated (``eval_time_s``), or a dry run's trial
+    that recorded its placement to the end (``orchestrator.dry_run``)."""
+    return "eval_time_s" in run.data.metrics or run.data.tags.get(f"{TAG_PREFIX}dry_run") == "done"
 
 
 def copy_metric_histories(client: MlflowClient, source_id: str, run_id: str, keys) -> None:

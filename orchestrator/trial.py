@@ -33,7 +33,8 @@ class SweepContext:
     """What every trial of a sweep is given by its driver: the sweep's name and parent run, its
     store, its home and storage root (``storage/trials`` holds the trials' checkpoints), the id
     of this driver process (a trial run started by another driver is not this one's), and
-    whether identical finished trials of other sweeps are reused, and whether from any environment."""
+    whether identical finished trials of other sweeps are reused, and whether from any environment;
+    for a dry run (``orchestrator.dry_run``), how long each trial holds its resources."""
 
     name: str
     parent_run_id: str
@@ -43,6 +44,7 @@ class SweepContext:
     driver: str
     reuse_trials: bool = False
     reuse_any_environment: bool = False  # --reuse-across-environments: a donor's environment may differ
+    dry_run_s: float | None = None  # --dry-run: trials train nothing, they record where they ran
 
 
 # When this process ran its last trial: Tune reuses a trial's actor for the next trial, which then
@@ -123,6 +125,7 @@ def _new_trial_run(space: SearchSpace, sweep: SweepContext, cfg: Any, params: di
             "seed": str(seed),
             "launcher": launcher,
             "driver": sweep.driver,  # which driver process started it
+            **({"dry_run": "true"} if sweep.dry_run_s is not None else {}),
         },
         config_yaml=dump_yaml(cfg),
         parent_run_id=sweep.parent_run_id,
@@ -139,11 +142,11 @@ def _trial(config: dict[str, Any], *, space: SearchSpace, sweep: SweepContext, s
     uri, home = sweep.tracking_uri, Path(sweep.home)
     client = MlflowClient(uri)
     found = _trial_run(client, space, sweep, cfg, trial_id)
-    if found and found[0].info.status == "FINISHED" and "eval_time_s" in found[0].data.metrics:
+    if found and found[0].info.status == "FINISHED" and tracking.ran_to_end(found[0]):
         # Finished before the sweep's driver died, yet Tune had not recorded it: report, don't rerun.
         ray.tune.report(dict(found[0].data.metrics))
         return
-    if sweep.reuse_trials:
+    if sweep.reuse_trials and sweep.dry_run_s is None:
         if found and found[0].data.tags.get(f"{tracking.TAG_PREFIX}{tracking.REUSED_FROM_TAG}"):
             # An earlier attempt died while it copied another trial's results: start that again.
             client.delete_run(found[0].info.run_id)
@@ -174,14 +177,16 @@ def _trial(config: dict[str, Any], *, space: SearchSpace, sweep: SweepContext, s
 
         init = init_checkpoint(cfg.train.init_from, home)  # checked by the driver; found here, in this trial's home
         if cfg.resources.workers == 1:
-            _train_here(cfg, run_id=run_id, uri=uri, init=init, run_dir=f"{trials_path}/{name}", launch_s=launch_s)
+            _train_here(cfg, run_id=run_id, uri=uri, init=init, run_dir=f"{trials_path}/{name}", launch_s=launch_s,
+                        dry_run_s=sweep.dry_run_s)
         else:
             from ray.tune.integration.ray_train import TuneReportCallback
 
             from orchestrator.launch import build_trainer, fit
 
             trainer = build_trainer(cfg, name=name, run_id=run_id, tracking_uri=uri, storage_path=trials_path,
-                                    init_checkpoint=init, callbacks=[TuneReportCallback()], sweep_trial=True)
+                                    init_checkpoint=init, callbacks=[TuneReportCallback()], sweep_trial=True,
+                                    dry_run_s=sweep.dry_run_s)
             fit(trainer, cfg, "trial", trial_id)
         if tracking.recorded_failure(client, run_id):
             return  # failed for good; the sweep reports the recorded line
@@ -252,10 +257,16 @@ def _take_results(client: MlflowClient, space: SearchSpace, sweep: SweepContext,
     return dict(donor.data.metrics)
 
 
-def _train_here(cfg, *, run_id: str, uri: str, init: str, run_dir: str, launch_s: float) -> None:
+def _train_here(cfg, *, run_id: str, uri: str, init: str, run_dir: str, launch_s: float,
+                dry_run_s: float | None = None) -> None:
     """A single-worker trial: the training loop in this process (``orchestrator.hosts.TrialHost``)."""
     from orchestrator.worker_spec import worker_spec
 
+    if dry_run_s is not None:  # trains nothing (``orchestrator.dry_run``)
+        from orchestrator.dry_run import in_trial
+
+        in_trial(worker_spec(cfg, run_id=run_id, tracking_uri=uri, init_checkpoint=init, dry_run_s=dry_run_s), run_dir)
+        return
     t0 = time.perf_counter()
     warm = "orchestrator.train" in sys.modules
     from orchestrator.train import train_in_trial

@@ -20,7 +20,8 @@ class WorkerSpec:
     launch gives its wall-clock start (``launched_at``), the worker measures the rest; a trial
     that trains in its own process measured both itself (``launch_time_s``, ``import_time_s``).
     ``sweep_trial``: a trial of a sweep, which leaves its MLflow models to the sweep's end
-    (``orchestrator.export``)."""
+    (``orchestrator.export``). ``dry_run_s``: not None for a trial of ``avlab sweep --dry-run``,
+    which trains nothing and holds its resources that many seconds (``orchestrator.dry_run``)."""
 
     config: dict[str, Any]
     run_id: str
@@ -30,13 +31,15 @@ class WorkerSpec:
     launch_time_s: float | None = None
     import_time_s: float | None = None
     sweep_trial: bool = False
+    dry_run_s: float | None = None
 
 
 def worker_spec(cfg: ExperimentConfig, *, run_id: str, tracking_uri: str, init_checkpoint: str,
                 launched_at: float | None = None, launch_time_s: float | None = None,
-                import_time_s: float | None = None, sweep_trial: bool = False) -> WorkerSpec:
+                import_time_s: float | None = None, sweep_trial: bool = False,
+                dry_run_s: float | None = None) -> WorkerSpec:
     """The spec of ``cfg``'s MLflow run ``run_id``; ``init_checkpoint`` is what the driver's
     checks found for ``train.init_from`` (``checkpoint.init_checkpoint``), not resolved again."""
     return WorkerSpec(config=cfg.to_dict(), run_id=run_id, tracking_uri=tracking_uri, init_checkpoint=init_checkpoint,
                       launched_at=launched_at, launch_time_s=launch_time_s, import_time_s=import_time_s,
-                      sweep_trial=sweep_trial)
+                      sweep_trial=sweep_trial, dry_run_s=dry_run_s)

@@ -23,6 +23,13 @@ def main(args: argparse.Namespace) -> int:
     from orchestrator.report import build_report, to_markdown, to_table, write_report
 
     _, client = tracking.open_home_store(args.home, args.tracking_uri)
+    from orchestrator.runs import find_sweep_run
+
+    parent = find_sweep_run(client, args.name)
+    if parent is not None and parent.data.tags.get("avlab.dry_run"):  # nothing trained: where it ran
+        from orchestrator.dry_run import finish
+
+        return 1 if finish(client, args.name, parent.info.run_id) else 0
     report = build_report(client, args.name)
     if args.out:
         paths = write_report(client, args.name, Path(args.out))

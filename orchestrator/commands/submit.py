@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     submit.add_argument("--seeds", type=int, help="seeds per configuration (default: the search space's)")
     submit.add_argument("--reuse-trials", action="store_true",
                         help="as avlab sweep --reuse-trials: identical finished trials are not trained again")
+    submit.add_argument("--dry-run", type=float, metavar="SECONDS",
+                        help="as avlab sweep --dry-run: the trials train nothing and record where they ran")
     submit.set_defaults(func=cluster_errors_exit_1(main))
 
 
@@ -30,7 +32,7 @@ def main(args: argparse.Namespace) -> int:
     name, trials, job_id = submit(Submission(
         search_space=args.search_space, address=args.address, overrides=tuple(args.overrides), name=args.name,
         preset=args.preset, max_concurrent=args.max_concurrent, seeds=args.seeds, reuse_trials=args.reuse_trials,
-        home=args.home, tracking_uri=args.tracking_uri,
+        home=args.home, tracking_uri=args.tracking_uri, dry_run_s=args.dry_run,
     ))
     address = args.address.rstrip("/")
     print(f"[avlab] submitted sweep {name} ({trials} trials) to {address} as Ray job {job_id}")

@@ -23,6 +23,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     sweep.add_argument("--reuse-across-environments", action="store_true",
                        help="with --reuse-trials: also take trials computed in another environment (CPU "
                             "dispatch, library versions; tag avlab.env.id), whose last digits may differ")
+    sweep.add_argument("--dry-run", type=float, metavar="SECONDS",
+                       help="train nothing: each trial holds its resources SECONDS and records where its workers "
+                            "ran (node, GPU ids, DDP rank); the end checks that against what the trials asked for "
+                            "(a placement check of a cluster before it spends GPU hours)")
     add_job_flags(sweep)
     sweep.set_defaults(func=main)
 
@@ -34,4 +38,4 @@ def main(args: argparse.Namespace) -> int:
                        name=args.name, home_arg=args.home, tracking_uri=args.tracking_uri, address=args.address,
                        max_concurrent=args.max_concurrent, reuse_trials=args.reuse_trials,
                        reuse_any_environment=args.reuse_across_environments,
-                       ray_dashboard=args.ray_dashboard)
+                       ray_dashboard=args.ray_dashboard, dry_run_s=args.dry_run)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from orchestrator.cli import main
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import faults  # noqa: E402
 import postgres  # noqa: E402
+from raycluster import MARK, LocalCluster, kill_marked, marked, tails, wait  # noqa: E402
 
 from conftest import ROOT
 BIN = Path(sys.executable).parent
@@ -96,6 +96,7 @@ def test_bad_name_override_or_existing_submission_exits_2_before_contacting_the_
         (["--name", "a/b"], "--name: 'a/b' is not a valid name"),
         (["method.memory_temperature=0"], "method.memory_temperature"),
         (["--max-concurrent", "0"], "--max-concurrent: must be >= 1"),
+        (["--dry-run", "inf"], "--dry-run: seconds each trial holds its resources"),
         (["--name", "taken"], "--name: a run, sweep or submission named 'taken' already exists"),
     ]
     with FakeDashboard() as dashboard:
@@ -142,6 +143,8 @@ def test_entrypoint_runs_the_sweep_on_the_cluster(tmp_path, monkeypatch):
     args = dataclasses.replace(args, reuse_trials=True)  # avlab submit --reuse-trials: the cluster's sweep reuses too
     assert "--name x --address auto --preset tiny --max-concurrent 3 --reuse-trials --home " in submit.entrypoint(
         args, "submitted/x.yaml", "x")
+    args = dataclasses.replace(args, reuse_trials=False, dry_run_s=30.0)  # avlab submit --dry-run 30
+    assert "--max-concurrent 3 --dry-run 30 --home " in submit.entrypoint(args, "submitted/x.yaml", "x")
 
 
 def test_a_search_space_from_elsewhere_travels_in_a_copy_of_the_project(tmp_path):
@@ -160,136 +163,6 @@ def test_a_search_space_from_elsewhere_travels_in_a_copy_of_the_project(tmp_path
 
 # ---------------------------------------------------------------------------------------------
 # Two nodes on one machine
-
-MARK = "AVLAB_TEST_NODE"  # in the environment of every process of a node (Ray passes it on)
-
-
-def _marked(value: str) -> list[int]:
-    """Processes whose environment carries MARK=value: one node and everything it started."""
-    needle = f"{MARK}={value}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
-def _kill_marked(value: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while pids := _marked(value):
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"processes of node {value} survive SIGKILL: {pids}")
-        time.sleep(0.2)
-
-
-def _wait(condition, *, timeout: float, what: str, every: float = 1.0, explain=None) -> None:
-    """faults.wait_for at a gentler pace: each poll here is an HTTP or MLflow query. On a timeout,
-    ``explain()`` (if given) adds what there is to see, e.g. the tails of the cluster's logs."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}" + (f"\n{explain()}" if explain else ""))
-        time.sleep(every)
-
-
-def _tails(folder: Path, pattern: str = "*.log", chars: int = 3000) -> str:
-    """The last ``chars`` characters of every file in ``folder`` matching ``pattern``."""
-    return "\n".join(f"--- {path.name}\n{path.read_text(errors='replace')[-chars:]}" for path in sorted(folder.glob(pattern)))
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-class LocalCluster:
-    """`ray start --head` (node_a, dashboard) and `ray start --address` (node_b), 1 CPU each.
-
-    Each node gets its own --temp-dir (short, for Unix socket paths): sharing one makes both
-    runtime-env agents own the same working_dir copy, and the one on the node that finishes
-    first deletes it under the other's running job driver. Every fixed default port (GCS,
-    dashboard, dashboard agent, Ray client) is set, so another Ray on this machine is left alone;
-    stopping kills only the processes carrying this cluster's marker (no `ray stop`, which would
-    stop every Ray instance of the user)."""
-
-    def __init__(self, logs: Path, *, nodes: tuple[str, ...] = ("a", "b"), auth: dict[str, str] | None = None):
-        self.logs = logs
-        self.names = nodes
-        self.auth = auth or {"RAY_AUTH_MODE": "disabled"}
-        self.tag = uuid.uuid4().hex[:8]
-        self.temp = Path(tempfile.mkdtemp(prefix="avr-", dir="/tmp"))
-        self.gcs, self.dashboard, agent_a, agent_b, client = faults.free_ports(5)
-        self.address = f"http://127.0.0.1:{self.dashboard}"
-        common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
-        self.nodes = {
-            "a": ["--head", "--port", str(self.gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port",
-                  str(self.dashboard), "--include-dashboard=true", "--ray-client-server-port", str(client),
-                  "--dashboard-agent-listen-port", str(agent_a), "--resources", '{"node_a": 1}'],
-            "b": ["--address", f"127.0.0.1:{self.gcs}", "--dashboard-agent-listen-port", str(agent_b),
-                  "--resources", '{"node_b": 1}'],
-        }
-        self.agents = {"a": agent_a, "b": agent_b}
-        self.common = common
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def env(self, node: str) -> dict[str, str]:
-        # RAY_ADDRESS: Ray's own helpers in workers (Train's placement-group cleaner) otherwise
-        # look for "the" local cluster and find two when another Ray runs on this machine.
-        return {**faults.env(), **self.auth, "RAY_ADDRESS": f"127.0.0.1:{self.gcs}", MARK: f"{self.tag}-{node}"}
-
-    def start(self) -> None:
-        for node in self.names:
-            (self.temp / node).mkdir()
-            log = (self.logs / f"ray-node-{node}.log").open("w")
-            self.procs[node] = subprocess.Popen(
-                [str(BIN / "ray"), "start", *self.nodes[node], *self.common, "--temp-dir", str(self.temp / node)],
-                env=self.env(node), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-            faults.wait_for(lambda: _port_open(self.agents[node]), timeout=180, proc=self.procs[node],
-                            log=self.logs / f"ray-node-{node}.log", what=f"node {node}'s dashboard agent")
-        if len(self.names) > 1:
-            _wait(lambda: len(self.node_ids()) == len(self.names), timeout=120, what="every node alive")
-
-    def node_ids(self) -> dict[str, str]:
-        """{"a": node id, "b": node id} of the nodes alive now."""
-        from ray.util.state import list_nodes
-
-        out = {}
-        for n in list_nodes(address=self.address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False):
-            for node in ("a", "b"):
-                if f"node_{node}" in (n.resources_total or {}):
-                    out[node] = n.node_id
-        return out
-
-    def actor_nodes(self, class_name: str) -> list[str]:
-        from ray.util.state import list_actors
-
-        # Ray names an actor class by its qualified name (Tune's function trainables are
-        # `wrap_function.<locals>.ImplicitFunc`), so match the last component.
-        return [a.node_id for a in list_actors(address=self.address, filters=[("state", "=", "ALIVE")])
-                if a.class_name.rsplit(".", 1)[-1] == class_name]
-
-    def kill(self, node: str) -> None:
-        """The node is gone: its raylet, agents and workers, all at once (SIGKILL)."""
-        _kill_marked(f"{self.tag}-{node}")
-
-    def stop(self) -> None:
-        for node in reversed(self.names):
-            _kill_marked(f"{self.tag}-{node}")
-        for proc in self.procs.values():
-            proc.wait(timeout=30)
-        shutil.rmtree(self.temp, ignore_errors=True)
-
 
 SPACE = """\
 base:
@@ -354,7 +227,7 @@ def test_sweep_on_two_nodes_survives_losing_one(tmp_path):
             return status
 
         # The sweep's own job file exists once its parent run (and mlflow.db) does.
-        _wait(lambda: job_status() and (home / "jobs" / f"{name}.json").exists(), timeout=300,
+        wait(lambda: job_status() and (home / "jobs" / f"{name}.json").exists(), timeout=300,
               what="the sweep to start on the cluster")
         client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
         on_b: dict = {}
@@ -380,14 +253,14 @@ def test_sweep_on_two_nodes_survives_losing_one(tmp_path):
             # Node b's trial has written its first checkpoint (what a restart resumes from).
             return any((home / "ray" / "trials").glob(f"*-{on_b['run'].info.run_id}/checkpoint_epoch*"))
 
-        _wait(both_nodes_training, timeout=600, what="a trial on each node, node b's past its first epoch")
+        wait(both_nodes_training, timeout=600, what="a trial on each node, node b's past its first epoch")
         times["until_both_training_s"] = time.monotonic() - t_submit
         # Single-worker trials train in Tune's trial actors, wherever their CPU is: one per node.
         # The state API answers from the dashboard's view of the cluster, which can lag the
         # trials' own reports: collect what it lists while the trials train, then ask until it
         # has listed a trial actor on each node.
         try:
-            _wait(lambda: actor_nodes_seen() >= set(nodes.values()), timeout=60, what="trial actors")
+            wait(lambda: actor_nodes_seen() >= set(nodes.values()), timeout=60, what="trial actors")
         except AssertionError:
             raise AssertionError(f"trial actors listed on {sorted(seen_actors)}, nodes {nodes}") from None
         t_kill = time.monotonic()
@@ -572,9 +445,9 @@ def test_the_slurm_recipe_starts_ray_on_two_nodes_and_runs_a_sweep(tmp_path, tra
             dump = postgres.dump(tracking_db)
             assert password not in dump and "sweeper" in dump  # the login exists; only its hash is stored
         # The script stops the nodes it started.
-        _wait(lambda: not _marked(tag), timeout=60, what="the job's Ray nodes to stop")
+        wait(lambda: not marked(tag), timeout=60, what="the job's Ray nodes to stop")
     finally:
-        _kill_marked(tag)
+        kill_marked(tag)
         shutil.rmtree(env["TMPDIR"], ignore_errors=True)
 
 
@@ -613,9 +486,9 @@ def test_avlab_stop_stops_a_submitted_sweep_through_the_job_api(tmp_path):
         def job_logs() -> str:
             logs = subprocess.run([str(BIN / "avlab"), "logs", name, "--home", str(home)], env=env,
                                   capture_output=True, text=True, timeout=120)
-            return f"{_tails(tmp_path)}\n--- avlab logs {name}\n{(logs.stdout + logs.stderr)[-6000:]}"
+            return f"{tails(tmp_path)}\n--- avlab logs {name}\n{(logs.stdout + logs.stderr)[-6000:]}"
 
-        _wait(training, timeout=600, what="a trial of the submitted sweep past its first epoch", explain=job_logs)
+        wait(training, timeout=600, what="a trial of the submitted sweep past its first epoch", explain=job_logs)
         # Only now: the job's driver has made the store. An MLflow client opened on a home whose
         # store does not exist yet creates and migrates it itself, racing the driver's migration.
         client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
