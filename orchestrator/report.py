@@ -68,7 +68,7 @@ def build_report(client: MlflowClient, name: str) -> dict[str, Any]:
     objectives = objectives_of(parent.data.params)
     metrics = list(dict.fromkeys([metric, *(m for m, _ in objectives), *HEADLINE_METRICS]))
     groups: dict[str, list] = {}
-    for run in children(client, parent.info.run_id):
+    for run in children(client, parent.info.run_id, params=("varied.", *_REFERENCE_PREFIXES)):
         if run.info.status == "FINISHED":
             groups.setdefault(run.data.tags.get("avlab.config_label", "base"), []).append(run)
     logged = {m for runs in groups.values() for r in runs for m in r.data.metrics}
@@ -385,7 +385,7 @@ def status_lines(client: MlflowClient, name: str) -> list[str]:
     parent = _sweep(client, name)
     metric = sweep_metric(parent.data.params)
     mode = parent.data.params.get("mode", "max")
-    trials = children(client, parent.info.run_id)
+    trials = children(client, parent.info.run_id, params=())
     lines = [f"sweep {name}: {parent.info.status}, {len(trials)} of {parent.data.params.get('num_trials', '?')} trials started"]
     best = None
     for run in sorted(trials, key=lambda r: r.info.start_time or 0):

@@ -242,7 +242,7 @@ def seed_values(client, name: str, metric: str) -> dict[str, dict[int, float]]:
     from orchestrator.runs import children as _children
 
     out: dict[str, dict[int, float]] = {}
-    for run in _children(client, _sweep(client, name).info.run_id):
+    for run in _children(client, _sweep(client, name).info.run_id, params=("seed",)):
         if run.info.status == "FINISHED" and metric in run.data.metrics:
             seed = int(run.data.tags.get("avlab.seed", run.data.params.get("seed", "0")))
             out.setdefault(run.data.tags.get("avlab.config_label", "base"), {})[seed] = run.data.metrics[metric]
@@ -257,7 +257,7 @@ def sweep_provenance(client, name: str) -> tuple[dict[str, int], str | None, str
     from orchestrator.report import _sweep, code_versions
     from orchestrator.runs import children as _children
 
-    finished = [r for r in _children(client, _sweep(client, name).info.run_id) if r.info.status == "FINISHED"]
+    finished = [r for r in _children(client, _sweep(client, name).info.run_id, params=()) if r.info.status == "FINISHED"]
     here = environment.describe()["id"]
     return code_versions(finished), environment.summary(finished), environment.elsewhere(finished, here)
 

@@ -52,10 +52,59 @@ def search_all(client: MlflowClient, experiment_ids: list[str], filter_string: s
             return out
 
 
-def children(client: MlflowClient, parent_id: str) -> list:
-    """The trial runs of the sweep whose parent run is ``parent_id``."""
+def children(client: MlflowClient, parent_id: str, *, params: tuple[str, ...] | None = None) -> list:
+    """The trial runs of the sweep whose parent run is ``parent_id``.
+
+    ``params``: None for every parameter of each run; a tuple of prefixes for only the
+    parameters that start with one of them (``()``: none), what a read-only command asks for.
+    On a database store (SQLite, PostgreSQL) such a read selects the runs' rows, tags, latest
+    metrics and those parameters in four queries (``_children_from_tables``): MLflow's search
+    loads each run whole, about 100 parameters a trial, which made `avlab status` of a
+    1 000-trial sweep take 11 s (benchmarks/RESULTS.md, "Store scale")."""
     exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
+    if params is not None:
+        store = getattr(getattr(client, "_tracking_client", None), "store", None)
+        if hasattr(store, "ManagedSessionMaker"):
+            return _children_from_tables(store, exp.experiment_id, parent_id, params)
     return search_all(client, [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def _children_from_tables(store: Any, experiment_id: str, parent_id: str, params: tuple[str, ...]) -> list:
+    """``children`` read from MLflow's own tables through its SQLAlchemy models: the active
+    runs of ``experiment_id`` tagged with the parent, as MLflow ``Run`` entities with every tag,
+    every latest metric (the same values a search returns) and the parameters under ``params``."""
+    from mlflow.entities import Metric, Param, Run, RunData, RunInfo, RunTag
+    from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlParam, SqlRun, SqlTag
+    from sqlalchemy import or_
+
+    with store.ManagedSessionMaker() as session:
+        ids = (session.query(SqlTag.run_uuid)
+               .filter(SqlTag.key == "mlflow.parentRunId", SqlTag.value == parent_id).subquery())
+        rows = (session.query(SqlRun.run_uuid, SqlRun.experiment_id, SqlRun.user_id, SqlRun.status,
+                              SqlRun.start_time, SqlRun.end_time, SqlRun.lifecycle_stage, SqlRun.artifact_uri,
+                              SqlRun.name)
+                .filter(SqlRun.run_uuid.in_(session.query(ids.c.run_uuid)),
+                        SqlRun.experiment_id == int(experiment_id), SqlRun.lifecycle_stage == "active")
+                .order_by(SqlRun.start_time.desc(), SqlRun.run_uuid).all())
+        mine = session.query(SqlRun.run_uuid).filter(SqlRun.run_uuid.in_(session.query(ids.c.run_uuid)))
+        tags: dict[str, list] = {}
+        for run, key, value in session.query(SqlTag.run_uuid, SqlTag.key, SqlTag.value).filter(SqlTag.run_uuid.in_(mine)):
+            tags.setdefault(run, []).append(RunTag(key, value))
+        metrics: dict[str, list] = {}
+        for run, key, value, ts, step, nan in session.query(
+                SqlLatestMetric.run_uuid, SqlLatestMetric.key, SqlLatestMetric.value, SqlLatestMetric.timestamp,
+                SqlLatestMetric.step, SqlLatestMetric.is_nan).filter(SqlLatestMetric.run_uuid.in_(mine)):
+            metrics.setdefault(run, []).append(Metric(key, float("nan") if nan else value, ts, step))
+        values: dict[str, list] = {}
+        if params:
+            query = session.query(SqlParam.run_uuid, SqlParam.key, SqlParam.value).filter(
+                SqlParam.run_uuid.in_(mine), or_(*(SqlParam.key.startswith(p, autoescape=True) for p in params)))
+            for run, key, value in query:
+                values.setdefault(run, []).append(Param(key, value))
+    return [Run(RunInfo(run_id=r[0], experiment_id=str(r[1]), user_id=r[2], status=r[3], start_time=r[4], end_time=r[5],
+                        lifecycle_stage=r[6], artifact_uri=r[7], run_name=r[8]),
+                RunData(metrics=metrics.get(r[0], []), params=values.get(r[0], []), tags=tags.get(r[0], [])))
+            for r in rows]
 
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")

@@ -23,10 +23,10 @@ def main(args: argparse.Namespace) -> int:
     from orchestrator.report import build_report, to_markdown, to_table, write_report
 
     _, client = tracking.open_home_store(args.home, args.tracking_uri)
-    from orchestrator.runs import find_sweep_run
+    from orchestrator.report import _sweep
 
-    parent = find_sweep_run(client, args.name)
-    if parent is not None and parent.data.tags.get("avlab.dry_run"):  # nothing trained: where it ran
+    parent = _sweep(client, args.name)  # ConfigError for a name no sweep has
+    if parent.data.tags.get("avlab.dry_run"):  # nothing trained: where it ran
         from orchestrator.dry_run import finish
 
         return 1 if finish(client, args.name, parent.info.run_id) else 0

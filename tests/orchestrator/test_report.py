@@ -221,3 +221,49 @@ def test_a_sweep_of_more_trials_than_one_page_is_read_whole(store, monkeypatch):
     assert report["rows"][0]["seeds"] == 7 and report["rows"][0]["metrics"][METRIC]["n"] == 7
     assert report["random_init"]["n"] == 9
     assert sum(line.startswith("  FINISHED") for line in status_lines(client, "wide")) == 7
+
+
+def test_a_read_of_some_parameters_returns_what_mlflows_search_returns(store):
+    """`children(..., params=...)` reads MLflow's tables itself (status and report of big sweeps):
+    the same runs, in the same order, with the same info, tags and latest metrics (NaN, several
+    steps) as MLflow's search, and only the parameters asked for; deleted runs and other sweeps'
+    runs left out; a store without tables (a tracking server) gets the search."""
+    import math
+
+    from mlflow.entities import Metric
+
+    from orchestrator.runs import children
+
+    _, uri, client = store
+    exp = tracking.get_or_create_experiment(client, SWEEP_EXPERIMENT, store[0])
+    parent = client.create_run(exp, run_name="s").info.run_id
+    other = client.create_run(exp, run_name="t").info.run_id
+    ids = []
+    for i in range(4):
+        run = client.create_run(exp, run_name=f"s/{i}", tags={"mlflow.parentRunId": parent, "avlab.seed": str(i)})
+        rid = run.info.run_id
+        client.log_batch(rid, metrics=[Metric(METRIC, 0.1 * i, 1000 + i, 0), Metric(METRIC, 0.2 * i, 2000, 1),
+                                       Metric("loss", float("nan"), 3000, 0)])
+        for key, value in {**DATA, "varied.method.memory_size": str(8 * i), "seed": str(i), "train.epochs": "3"}.items():
+            client.log_param(rid, key, value)
+        if i == 3:
+            client.set_terminated(rid, "FINISHED")
+        ids.append(rid)
+    client.delete_run(ids[1])
+    client.create_run(exp, run_name="t/0", tags={"mlflow.parentRunId": other})
+    full = children(client, parent)
+    for prefixes in [(), ("varied.",), ("data.", "seed")]:
+        light = children(client, parent, params=prefixes)
+        assert [r.info.run_id for r in light] == [r.info.run_id for r in full] == [ids[3], ids[2], ids[0]]
+        for a, b in zip(light, full):
+            assert a.info.to_proto() == b.info.to_proto()
+            assert a.data.tags == b.data.tags
+            assert a.data.metrics.keys() == b.data.metrics.keys()
+            assert all(math.isnan(v) and math.isnan(b.data.metrics[k]) or v == b.data.metrics[k]
+                       for k, v in a.data.metrics.items())
+            assert a.data.params == ({k: v for k, v in b.data.params.items() if k.startswith(prefixes)} if prefixes else {})
+    assert children(client, parent, params=("varied.",))[0].data.metrics[METRIC] == pytest.approx(0.6)  # the last step
+    # Through a tracking server the search answers (no tables to read here).
+    from mlflow.store.tracking.rest_store import RestStore
+
+    assert not hasattr(RestStore, "ManagedSessionMaker")
