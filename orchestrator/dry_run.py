@@ -265,12 +265,13 @@ def read_trials(client: MlflowClient, parent_id: str) -> list[DryTrial]:
     from orchestrator.runs import children
 
     out = []
-    for run in children(client, parent_id):
+    for run in children(client, parent_id, params=("resources.",)):
         params = run.data.params
         gpu = params.get("resources.gpu", "False")
         share = 1.0 if gpu == "True" else 0.0 if gpu == "False" else float(gpu)
         attempts = _recorded(client, run.info.run_id)
-        out.append(DryTrial(label=run.info.run_name.split("/", 1)[-1].replace("/", " "), workers=int(params.get("resources.workers", 1)),
+        label = run.info.run_name.split("/", 1)[-1].replace("/", " ")
+        out.append(DryTrial(label=label, workers=int(params.get("resources.workers", 1)),
                             cpus_per_worker=int(params.get("resources.cpus_per_worker", 1)), gpu_share=share,
                             attempts=attempts, status=run.info.status))
     return sorted(out, key=lambda t: t.label)
@@ -308,7 +309,8 @@ def finish(client: MlflowClient, name: str, parent_id: str) -> list[str]:
     nodes = {w["node"] for t in trials for a in t.attempts for w in a["workers"]}
     summary = (f"[avlab] dry run {name}: {len(trials)} trials on {len(nodes)} node{'s' * (len(nodes) != 1)}"
                + (f", {restarted} restarted elsewhere or again" if restarted else "")
-               + "".join(f", up to {n} trials of {share:g} GPU on one GPU at once" for share, n in sorted(packed.items())))
+               + "".join(f", up to {n} trials of {share:g} GPU on one GPU at once"
+                         for share, n in sorted(packed.items())))
     print(summary)
     if split:  # not a problem (Ray's pack strategy allows it), but DDP over a network is slower
         print(f"[avlab] dry run {name}: the workers of {', '.join(split)} straddled nodes; resources.placement="

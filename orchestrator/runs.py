@@ -88,7 +88,8 @@ def _children_from_tables(store: Any, experiment_id: str, parent_id: str, params
                 .order_by(SqlRun.start_time.desc(), SqlRun.run_uuid).all())
         mine = session.query(SqlRun.run_uuid).filter(SqlRun.run_uuid.in_(session.query(ids.c.run_uuid)))
         tags: dict[str, list] = {}
-        for run, key, value in session.query(SqlTag.run_uuid, SqlTag.key, SqlTag.value).filter(SqlTag.run_uuid.in_(mine)):
+        for run, key, value in (session.query(SqlTag.run_uuid, SqlTag.key, SqlTag.value)
+                                .filter(SqlTag.run_uuid.in_(mine))):
             tags.setdefault(run, []).append(RunTag(key, value))
         metrics: dict[str, list] = {}
         for run, key, value, ts, step, nan in session.query(

@@ -253,8 +253,8 @@ def _finish_sweep(client, name: str, home: Path, uri: str, seconds: float, space
         found = finish(client, name, find_sweep_run(client, name).info.run_id)
         print(f"[avlab] dry run {name} finished in {seconds:.0f} s; see it in MLflow: {_ui_hint(uri)}")
         if found:
-            raise RunFailed(f"dry run {name}: the cluster did not place {len(found)} "
-                            f"worker{'s' * (len(found) != 1)} or trials as asked (above)")
+            raise RunFailed(f"dry run {name}: {len(found)} placement problem{'s' * (len(found) != 1)}: the "
+                            "cluster did not place the trials as they asked (listed above)")
         return
     from orchestrator.optuna_store import save_study
     from orchestrator.report import build_report, to_markdown, write_report
@@ -340,8 +340,9 @@ def start_sweep(search_space: str | Path, *, seeds: int | None = None, preset: s
     client = MlflowClient(uri)
     if find_sweep_run(client, name) is not None:
         raise ConfigError(f"--name: a sweep named {name!r} already exists; choose another name")
-    print(f"[avlab] {'dry run of ' if dry else ''}sweep {name}: {space.num_trials()} trials ({space.num_configurations()} configurations x "
-          f"{len(space.seeds)} seeds), metric {space.metric} ({space.mode})"
+    print(f"[avlab] {'dry run of ' if dry else ''}sweep {name}: {space.num_trials()} trials "
+          f"({space.num_configurations()} configurations x {len(space.seeds)} seeds), "
+          f"metric {space.metric} ({space.mode})"
           + (f", chosen on {space.chosen(space.metric)}" if space.selects else "")
           + f", max {max_concurrent} at once", flush=True)
     t0 = time.perf_counter()

@@ -25,7 +25,6 @@ from orchestrator.jobs import JobRecord
 
 if TYPE_CHECKING:
     from orchestrator.submit import SubmissionRecord
-from orchestrator.runs import settle
 
 STOP_TIMEOUT_S = 300.0
 
@@ -65,6 +64,8 @@ def _settle_if_here(home: Path, name: str) -> None:
         return
     record = jobs.read(home, name)
     try:
+        from orchestrator.runs import settle  # MLflow's client: imported where a store is read
+
         settle(record.tracking_uri, record.kind, record.run_id)
     except Exception as exc:  # noqa: BLE001 - a store only the cluster reaches: the driver settled it or `resume` will
         print(f"[avlab] the MLflow store of {name} is not reachable from here ({type(exc).__name__}); "
@@ -125,6 +126,8 @@ def stop(home: Path, name: str, timeout: float | None) -> str:
                             f"{timeout:.0f} s; `kill -9 {driver['pid']}`, then `avlab stop {name}` again "
                             "settles its runs")
     try:
+        from orchestrator.runs import settle
+
         ended, total = settle(record.tracking_uri, kind, record.run_id)
     except Exception as exc:  # noqa: BLE001 - a store away: the runs are settled when the job resumes
         return (f"[avlab] {kind} {name} {'stopped' if running else 'was not running'}; its MLflow store does not "

@@ -82,7 +82,8 @@ def test_a_dry_run_places_ddp_and_fractional_trials_as_declared_and_moves_a_lost
                 # Past a checkpoint that Ray Train registered (what a restarted group is given),
                 # not only one on disk: its snapshot of the run's checkpoints is written then.
                 if (run.info.run_name.split("/")[1].startswith("ddp8") and node in (nodes["b"], nodes["c"])
-                        and any((home / "ray" / "trials").glob(f"*-{run.info.run_id}/checkpoint_manager_snapshot.json"))):
+                        and any((home / "ray" / "trials").glob(
+                            f"*-{run.info.run_id}/checkpoint_manager_snapshot.json"))):
                     victim.update(run=run.info.run_id, node=node)
                     return True
             return False
