@@ -68,7 +68,9 @@ def build_report(client: MlflowClient, name: str) -> dict[str, Any]:
     objectives = objectives_of(parent.data.params)
     metrics = list(dict.fromkeys([metric, *(m for m, _ in objectives), *HEADLINE_METRICS]))
     groups: dict[str, list] = {}
-    for run in children(client, parent.info.run_id, params=("varied.", *_REFERENCE_PREFIXES)):
+    wanted = (*metrics, *OPTIONAL_HEADLINE_METRICS, *COST_METRICS)  # what a row can show
+    for run in children(client, parent.info.run_id, params=("varied.", *_REFERENCE_PREFIXES),
+                        metrics=tuple(dict.fromkeys(wanted))):
         if run.info.status == "FINISHED":
             groups.setdefault(run.data.tags.get("avlab.config_label", "base"), []).append(run)
     logged = {m for runs in groups.values() for r in runs for m in r.data.metrics}
@@ -381,11 +383,16 @@ def write_report(client: MlflowClient, name: str, out_dir: Path) -> dict[str, Pa
     return paths
 
 
+# The tags of a trial that ``status_lines`` shows.
+STATUS_TAGS = ("avlab.config_label", "avlab.seed", "avlab.reused_from", "avlab.reused_from_sweep", "avlab.failed",
+               "avlab.retried_failure")
+
+
 def status_lines(client: MlflowClient, name: str) -> list[str]:
     parent = _sweep(client, name)
     metric = sweep_metric(parent.data.params)
     mode = parent.data.params.get("mode", "max")
-    trials = children(client, parent.info.run_id, params=())
+    trials = children(client, parent.info.run_id, params=(), metrics=(metric,), tags=STATUS_TAGS)
     lines = [f"sweep {name}: {parent.info.status}, {len(trials)} of {parent.data.params.get('num_trials', '?')} trials started"]
     best = None
     for run in sorted(trials, key=lambda r: r.info.start_time or 0):

@@ -52,27 +52,31 @@ def search_all(client: MlflowClient, experiment_ids: list[str], filter_string: s
             return out
 
 
-def children(client: MlflowClient, parent_id: str, *, params: tuple[str, ...] | None = None) -> list:
+def children(client: MlflowClient, parent_id: str, *, params: tuple[str, ...] | None = None,
+             tags: tuple[str, ...] | None = None, metrics: tuple[str, ...] | None = None) -> list:
     """The trial runs of the sweep whose parent run is ``parent_id``.
 
-    ``params``: None for every parameter of each run; a tuple of prefixes for only the
-    parameters that start with one of them (``()``: none), what a read-only command asks for.
-    On a database store (SQLite, PostgreSQL) such a read selects the runs' rows, tags, latest
-    metrics and those parameters in four queries (``_children_from_tables``): MLflow's search
-    loads each run whole, about 100 parameters a trial, which made `avlab status` of a
-    1 000-trial sweep take 11 s (benchmarks/RESULTS.md, "Store scale")."""
+    What a read-only command needs of each run can be named: ``params``, prefixes of the
+    parameters (``()``: none); ``tags`` and ``metrics``, their keys (``mlflow.*`` tags always
+    come). None is all of them. On a database store (SQLite, PostgreSQL) such a read selects
+    the runs' rows and the named tags, latest metrics and parameters in four queries
+    (``_children_from_tables``): MLflow's search loads each run whole, about 100 parameters, 30
+    tags and 60 metrics a trial, which made `avlab status` of a 1 000-trial sweep take 11 s
+    (benchmarks/RESULTS.md, "Store scale"). Elsewhere (a tracking server) the search answers,
+    with everything."""
     exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
-    if params is not None:
+    if (params, tags, metrics) != (None, None, None):
         store = getattr(getattr(client, "_tracking_client", None), "store", None)
         if hasattr(store, "ManagedSessionMaker"):
-            return _children_from_tables(store, exp.experiment_id, parent_id, params)
+            return _children_from_tables(store, exp.experiment_id, parent_id, params, tags, metrics)
     return search_all(client, [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
-def _children_from_tables(store: Any, experiment_id: str, parent_id: str, params: tuple[str, ...]) -> list:
+def _children_from_tables(store: Any, experiment_id: str, parent_id: str, params: tuple[str, ...] | None,
+                          tags: tuple[str, ...] | None, metrics: tuple[str, ...] | None) -> list:
     """``children`` read from MLflow's own tables through its SQLAlchemy models: the active
-    runs of ``experiment_id`` tagged with the parent, as MLflow ``Run`` entities with every tag,
-    every latest metric (the same values a search returns) and the parameters under ``params``."""
+    runs of ``experiment_id`` tagged with the parent, as MLflow ``Run`` entities with the tags,
+    latest metrics (the values a search returns) and parameters asked for."""
     from mlflow.entities import Metric, Param, Run, RunData, RunInfo, RunTag
     from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlParam, SqlRun, SqlTag
     from sqlalchemy import or_
@@ -87,24 +91,31 @@ def _children_from_tables(store: Any, experiment_id: str, parent_id: str, params
                         SqlRun.experiment_id == int(experiment_id), SqlRun.lifecycle_stage == "active")
                 .order_by(SqlRun.start_time.desc(), SqlRun.run_uuid).all())
         mine = session.query(SqlRun.run_uuid).filter(SqlRun.run_uuid.in_(session.query(ids.c.run_uuid)))
-        tags: dict[str, list] = {}
-        for run, key, value in (session.query(SqlTag.run_uuid, SqlTag.key, SqlTag.value)
-                                .filter(SqlTag.run_uuid.in_(mine))):
-            tags.setdefault(run, []).append(RunTag(key, value))
-        metrics: dict[str, list] = {}
-        for run, key, value, ts, step, nan in session.query(
-                SqlLatestMetric.run_uuid, SqlLatestMetric.key, SqlLatestMetric.value, SqlLatestMetric.timestamp,
-                SqlLatestMetric.step, SqlLatestMetric.is_nan).filter(SqlLatestMetric.run_uuid.in_(mine)):
-            metrics.setdefault(run, []).append(Metric(key, float("nan") if nan else value, ts, step))
+        found_tags: dict[str, list] = {}
+        query = session.query(SqlTag.run_uuid, SqlTag.key, SqlTag.value).filter(SqlTag.run_uuid.in_(mine))
+        if tags is not None:
+            query = query.filter(or_(SqlTag.key.in_(tags), SqlTag.key.startswith("mlflow.", autoescape=True)))
+        for run, key, value in query:
+            found_tags.setdefault(run, []).append(RunTag(key, value))
+        found_metrics: dict[str, list] = {}
+        query = session.query(SqlLatestMetric.run_uuid, SqlLatestMetric.key, SqlLatestMetric.value,
+                              SqlLatestMetric.timestamp, SqlLatestMetric.step, SqlLatestMetric.is_nan
+                              ).filter(SqlLatestMetric.run_uuid.in_(mine))
+        if metrics is not None:
+            query = query.filter(SqlLatestMetric.key.in_(metrics))
+        for run, key, value, ts, step, nan in query:
+            found_metrics.setdefault(run, []).append(Metric(key, float("nan") if nan else value, ts, step))
         values: dict[str, list] = {}
-        if params:
-            query = session.query(SqlParam.run_uuid, SqlParam.key, SqlParam.value).filter(
-                SqlParam.run_uuid.in_(mine), or_(*(SqlParam.key.startswith(p, autoescape=True) for p in params)))
+        if params is None or params:
+            query = session.query(SqlParam.run_uuid, SqlParam.key, SqlParam.value).filter(SqlParam.run_uuid.in_(mine))
+            if params is not None:
+                query = query.filter(or_(*(SqlParam.key.startswith(p, autoescape=True) for p in params)))
             for run, key, value in query:
                 values.setdefault(run, []).append(Param(key, value))
     return [Run(RunInfo(run_id=r[0], experiment_id=str(r[1]), user_id=r[2], status=r[3], start_time=r[4], end_time=r[5],
                         lifecycle_stage=r[6], artifact_uri=r[7], run_name=r[8]),
-                RunData(metrics=metrics.get(r[0], []), params=values.get(r[0], []), tags=tags.get(r[0], [])))
+                RunData(metrics=found_metrics.get(r[0], []), params=values.get(r[0], []),
+                        tags=found_tags.get(r[0], [])))
             for r in rows]
 
 

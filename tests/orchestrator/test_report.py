@@ -223,7 +223,7 @@ def test_a_sweep_of_more_trials_than_one_page_is_read_whole(store, monkeypatch):
     assert sum(line.startswith("  FINISHED") for line in status_lines(client, "wide")) == 7
 
 
-def test_a_read_of_some_parameters_returns_what_mlflows_search_returns(store):
+def test_a_read_of_some_fields_returns_what_mlflows_search_returns(store):
     """`children(..., params=...)` reads MLflow's tables itself (status and report of big sweeps):
     the same runs, in the same order, with the same info, tags and latest metrics (NaN, several
     steps) as MLflow's search, and only the parameters asked for; deleted runs and other sweeps'
@@ -263,6 +263,12 @@ def test_a_read_of_some_parameters_returns_what_mlflows_search_returns(store):
                        for k, v in a.data.metrics.items())
             assert a.data.params == ({k: v for k, v in b.data.params.items() if k.startswith(prefixes)} if prefixes else {})
     assert children(client, parent, params=("varied.",))[0].data.metrics[METRIC] == pytest.approx(0.6)  # the last step
+    # Only the tags and metrics asked for (and MLflow's own tags), e.g. what `avlab status` shows.
+    (some,) = [r for r in children(client, parent, params=(), tags=("avlab.seed",), metrics=(METRIC,))
+               if r.info.run_id == ids[3]]
+    assert some.data.metrics == {METRIC: pytest.approx(0.6)} and some.data.params == {}
+    assert some.data.tags == {k: v for k, v in full[0].data.tags.items() if k == "avlab.seed" or k.startswith("mlflow.")}
+    assert "avlab.seed" in some.data.tags and "mlflow.parentRunId" in some.data.tags
     # Through a tracking server the search answers (no tables to read here).
     from mlflow.store.tracking.rest_store import RestStore
 
