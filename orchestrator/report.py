@@ -19,9 +19,9 @@ from orchestrator import environment
 from orchestrator.errors import ConfigError
 from orchestrator.jobs import check_name
 from orchestrator.metrics import COST_METRICS
-from orchestrator.runs import children, find_sweep_run, search_all, sweep_metric
+from orchestrator.runs import children, find_sweep_run, search_all, shared_params, sweep_metric
 
-if TYPE_CHECKING:  # imported where a plot is drawn: matplotlib and scipy.stats cost `avlab status` 1.4 s
+if TYPE_CHECKING:  # imported where a plot is drawn: matplotlib (with scipy.stats) cost `avlab status` 1.4 s
     from matplotlib.figure import Figure
 
 
@@ -43,9 +43,9 @@ def mean_ci95(values: list[float]) -> tuple[float, float]:
     if len(values) < 2:
         return mean, 0.0
     sem = statistics.stdev(values) / math.sqrt(len(values))
-    from scipy import stats
+    from orchestrator.claims import t_quantile
 
-    return mean, float(stats.t.ppf(0.975, len(values) - 1) * sem)
+    return mean, t_quantile(0.975, len(values) - 1) * sem
 
 
 def _sweep(client: MlflowClient, name: str):
@@ -69,8 +69,7 @@ def build_report(client: MlflowClient, name: str) -> dict[str, Any]:
     metrics = list(dict.fromkeys([metric, *(m for m, _ in objectives), *HEADLINE_METRICS]))
     groups: dict[str, list] = {}
     wanted = (*metrics, *OPTIONAL_HEADLINE_METRICS, *COST_METRICS)  # what a row can show
-    for run in children(client, parent.info.run_id, params=("varied.", *_REFERENCE_PREFIXES),
-                        metrics=tuple(dict.fromkeys(wanted))):
+    for run in children(client, parent.info.run_id, params=("varied.",), metrics=tuple(dict.fromkeys(wanted))):
         if run.info.status == "FINISHED":
             groups.setdefault(run.data.tags.get("avlab.config_label", "base"), []).append(run)
     logged = {m for runs in groups.values() for r in runs for m in r.data.metrics}
@@ -88,6 +87,8 @@ def build_report(client: MlflowClient, name: str) -> dict[str, Any]:
         rows.append(row)
     rows.sort(key=lambda r: _sort_key(r["varied"]))
     runs = [r for group in groups.values() for r in group]
+    # The data, evaluation and encoder settings every finished trial shares (none: no trial finished).
+    shared = shared_params(client, parent.info.run_id, _REFERENCE_PREFIXES) if runs else None
     return {
         "sweep": name,
         "parent_run_id": parent.info.run_id,
@@ -98,8 +99,8 @@ def build_report(client: MlflowClient, name: str) -> dict[str, Any]:
         **_best(seeds, mode),
         "objectives": [{"metric": m, "mode": d} for m, d in objectives],
         "pareto": pareto_front(rows, objectives) if len(objectives) > 1 else None,
-        "chance": _chance(runs, metric),
-        "random_init": _random_init(client, runs, metric),
+        "chance": _chance(shared, metric),
+        "random_init": _random_init(client, shared, metric),
         # Trials that took an identical finished trial's results (`avlab sweep --reuse-trials`).
         "reused": sum(1 for r in runs if r.data.tags.get("avlab.reused_from")),
         # Which code made the numbers: trials per `avlab.source_hash` ("unrecorded" before the tag).
@@ -183,16 +184,15 @@ def _best(seeds: dict[str, list[float]], mode: str) -> dict[str, Any]:
     return {"best": top if clear else None, "best_mean": top}
 
 
-def _chance(runs: list, metric: str) -> float | None:
+def _chance(shared: dict[str, str] | None, metric: str) -> float | None:
     """Guessing's score on the metric, for the procedural data (a manifest's classes are not
-    known to the report)."""
+    known to the report); ``shared``: the settings every finished trial shares (``shared_params``)."""
     from methods.metric_names import chance_level
 
-    params = runs[0].data.params if runs else {}
-    if not runs or params.get("data.manifest") not in (None, "", "None"):
+    if shared is None or shared.get("data.manifest") not in (None, "", "None"):
         return None
     try:
-        classes, sectors = int(params["data.num_classes"]), int(params["data.azimuth_sectors"])
+        classes, sectors = int(shared["data.num_classes"]), int(shared["data.azimuth_sectors"])
     except (KeyError, ValueError):
         return None
     return chance_level(metric, num_classes=classes, sectors=sectors)
@@ -202,14 +202,12 @@ def _chance(runs: list, metric: str) -> float | None:
 _REFERENCE_PREFIXES = ("data.", "eval.", "method.image_encoder.", "method.sound_encoder.")
 
 
-def _random_init(client: MlflowClient, runs: list, metric: str) -> dict[str, float] | None:
+def _random_init(client: MlflowClient, shared: dict[str, str] | None, metric: str) -> dict[str, float] | None:
     """The metric of the store's finished untrained runs (``train.epochs=0``) whose data,
-    evaluation and encoder settings are those every run of the sweep shares; None when the store
-    has none."""
-    if not runs:
+    evaluation and encoder settings are ``shared``, those every finished trial of the sweep
+    shares; None when the store has none (or the sweep no finished trial)."""
+    if shared is None:
         return None
-    shared = {k: v for k, v in runs[0].data.params.items()
-              if k.startswith(_REFERENCE_PREFIXES) and all(r.data.params.get(k) == v for r in runs)}
     ids = [e.experiment_id for e in client.search_experiments()]
     found = search_all(client, ids, "params.`train.epochs` = '0' and attributes.status = 'FINISHED'")
     values = [r.data.metrics[metric] for r in found

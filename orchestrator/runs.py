@@ -72,6 +72,36 @@ def children(client: MlflowClient, parent_id: str, *, params: tuple[str, ...] | 
     return search_all(client, [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
+def shared_params(client: MlflowClient, parent_id: str, prefixes: tuple[str, ...]) -> dict[str, str]:
+    """The parameters under ``prefixes`` that every finished trial of the sweep has, with the same
+    value in all of them. On a database store one grouped query answers (a report of a
+    5 000-trial sweep read 330 000 parameter rows for this otherwise); elsewhere the trials are
+    read whole."""
+    exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    if not hasattr(store, "ManagedSessionMaker"):
+        runs = [r for r in children(client, parent_id) if r.info.status == "FINISHED"]
+        if not runs:
+            return {}
+        return {k: v for k, v in runs[0].data.params.items()
+                if k.startswith(prefixes) and all(r.data.params.get(k) == v for r in runs)}
+    from mlflow.store.tracking.dbmodels.models import SqlParam, SqlRun, SqlTag
+    from sqlalchemy import func, or_
+
+    with store.ManagedSessionMaker() as session:
+        ids = session.query(SqlTag.run_uuid).filter(SqlTag.key == "mlflow.parentRunId", SqlTag.value == parent_id)
+        finished = session.query(SqlRun.run_uuid).filter(
+            SqlRun.run_uuid.in_(ids), SqlRun.experiment_id == int(exp.experiment_id),
+            SqlRun.lifecycle_stage == "active", SqlRun.status == "FINISHED")
+        count = finished.count()
+        rows = (session.query(SqlParam.key, func.min(SqlParam.value))
+                .filter(SqlParam.run_uuid.in_(finished),
+                        or_(*(SqlParam.key.startswith(p, autoescape=True) for p in prefixes)))
+                .group_by(SqlParam.key)
+                .having(func.count(func.distinct(SqlParam.value)) == 1, func.count() == count).all())
+    return dict(rows) if count else {}
+
+
 def _children_from_tables(store: Any, experiment_id: str, parent_id: str, params: tuple[str, ...] | None,
                           tags: tuple[str, ...] | None, metrics: tuple[str, ...] | None) -> list:
     """``children`` read from MLflow's own tables through its SQLAlchemy models: the active

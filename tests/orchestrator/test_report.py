@@ -273,3 +273,39 @@ def test_a_read_of_some_fields_returns_what_mlflows_search_returns(store):
     from mlflow.store.tracking.rest_store import RestStore
 
     assert not hasattr(RestStore, "ManagedSessionMaker")
+
+
+def test_the_settings_every_finished_trial_shares_are_found_by_one_query(store):
+    """`shared_params` (chance and the random-init reference of a report): the parameters with one
+    value in every finished trial, as a read of the whole runs computes them; a key one trial
+    lacks, a value that differs, unfinished and deleted trials and other sweeps are told apart."""
+    from orchestrator import runs as runs_module
+
+    _, _, client = store
+    exp = tracking.get_or_create_experiment(client, SWEEP_EXPERIMENT, store[0])
+    parent, other = (client.create_run(exp, run_name=n).info.run_id for n in ("s", "t"))
+    ids = []
+    for i in range(4):
+        rid = client.create_run(exp, run_name=f"s/{i}", tags={"mlflow.parentRunId": parent}).info.run_id
+        values = {**DATA, "data.seed": str(i % 2), "eval.only_some": "x", "method.memory_size": "8"}
+        if i == 2:
+            del values["eval.only_some"]
+        for key, value in values.items():
+            client.log_param(rid, key, value)
+        client.set_terminated(rid, "FINISHED" if i < 3 else "KILLED")
+        ids.append(rid)
+    late = client.create_run(exp, run_name="s/4", tags={"mlflow.parentRunId": parent}).info.run_id
+    client.log_param(late, "data.num_classes", "99")
+    client.set_terminated(late, "FINISHED")
+    client.delete_run(late)  # deleted: not a trial any more
+    stray = client.create_run(exp, run_name="t/0", tags={"mlflow.parentRunId": other}).info.run_id
+    client.log_param(stray, "data.num_classes", "7")
+    client.set_terminated(stray, "FINISHED")
+    prefixes = ("data.", "eval.", "method.image_encoder.")
+    expected = {k: v for k, v in DATA.items() if k != "data.seed"}  # seed differs, eval.only_some not in trial 2
+    assert runs_module.shared_params(client, parent, prefixes) == expected
+    # The same answer from whole runs (the path of a store without tables).
+    finished = [r for r in runs_module.children(client, parent) if r.info.status == "FINISHED"]
+    assert {k: v for k, v in finished[0].data.params.items()
+            if k.startswith(prefixes) and all(r.data.params.get(k) == v for r in finished)} == expected
+    assert runs_module.shared_params(client, client.create_run(exp).info.run_id, prefixes) == {}
